@@ -1,0 +1,148 @@
+use thiserror::Error;
+
+use crate::money::Currency;
+
+/// A value that failed validation: which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("{field}: {reason}")]
+pub struct ValidationError {
+    /// The field that is invalid, as the client named it (`lines[2].quantity`).
+    pub field: String,
+    /// Why it is invalid, in words a client can act on.
+    pub reason: String,
+}
+
+impl ValidationError {
+    /// A validation error for `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error, with its field placed under `parent` (`lines[2]` + `quantity`).
+    #[must_use]
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() {
+            parent.to_owned()
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        self
+    }
+}
+
+/// The business rule a command broke. Each variant names exactly one rule.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DomainError {
+    /// A field of the command is invalid.
+    #[error("invalid input: {0}")]
+    Invalid(#[from] ValidationError),
+
+    /// The product is already registered under this SKU.
+    #[error("product is already registered")]
+    ProductAlreadyRegistered,
+    /// The product has not been registered.
+    #[error("product is not registered")]
+    ProductNotRegistered,
+    /// The product is discontinued and accepts no more changes of stock or price.
+    #[error("product is discontinued")]
+    ProductDiscontinued,
+    /// Reserving would take stock below zero.
+    #[error("insufficient stock: requested {requested}, available {available}")]
+    InsufficientStock {
+        /// Units requested.
+        requested: u64,
+        /// Units on hand and not reserved.
+        available: u64,
+    },
+    /// The order already holds a reservation of a different quantity for this product.
+    #[error("order {order_id} already reserved {reserved} units, not {requested}")]
+    ReservationConflict {
+        /// The order holding the reservation.
+        order_id: String,
+        /// Units it holds.
+        reserved: u64,
+        /// Units now requested.
+        requested: u64,
+    },
+
+    /// The customer is already registered under this id.
+    #[error("customer is already registered")]
+    CustomerAlreadyRegistered,
+    /// The customer has not been registered.
+    #[error("customer is not registered")]
+    CustomerNotRegistered,
+
+    /// An order with this id has already been placed.
+    #[error("order has already been placed")]
+    OrderAlreadyPlaced,
+    /// No order with this id has been placed.
+    #[error("order has not been placed")]
+    OrderNotPlaced,
+    /// A money amount is in a different currency than the one it must match.
+    #[error("currency mismatch: expected {expected}, got {actual}")]
+    CurrencyMismatch {
+        /// The currency required.
+        expected: Currency,
+        /// The currency given.
+        actual: Currency,
+    },
+    /// The payment would take the amount paid above the order's total.
+    #[error("overpayment: outstanding {outstanding_minor}, attempted {attempted_minor}")]
+    Overpayment {
+        /// Minor units still to pay.
+        outstanding_minor: i64,
+        /// Minor units the payment carried.
+        attempted_minor: i64,
+    },
+    /// A payment with this reference has already been recorded for the order.
+    #[error("payment {payment_ref} has already been recorded")]
+    PaymentAlreadyRecorded {
+        /// The payment reference.
+        payment_ref: String,
+    },
+    /// The order cannot ship before it is fully paid.
+    #[error("order is not paid")]
+    OrderNotPaid,
+    /// The order has already shipped.
+    #[error("order has already shipped")]
+    OrderAlreadyShipped,
+    /// The order has been cancelled.
+    #[error("order is cancelled")]
+    OrderCancelled,
+}
+
+impl DomainError {
+    /// The stable, machine-readable name of the rule that was broken (`insufficient_stock`).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "invalid_input",
+            Self::ProductAlreadyRegistered => "product_already_registered",
+            Self::ProductNotRegistered => "product_not_registered",
+            Self::ProductDiscontinued => "product_discontinued",
+            Self::InsufficientStock { .. } => "insufficient_stock",
+            Self::ReservationConflict { .. } => "reservation_conflict",
+            Self::CustomerAlreadyRegistered => "customer_already_registered",
+            Self::CustomerNotRegistered => "customer_not_registered",
+            Self::OrderAlreadyPlaced => "order_already_placed",
+            Self::OrderNotPlaced => "order_not_placed",
+            Self::CurrencyMismatch { .. } => "currency_mismatch",
+            Self::Overpayment { .. } => "overpayment",
+            Self::PaymentAlreadyRecorded { .. } => "payment_already_recorded",
+            Self::OrderNotPaid => "order_not_paid",
+            Self::OrderAlreadyShipped => "order_already_shipped",
+            Self::OrderCancelled => "order_cancelled",
+        }
+    }
+
+    /// True when the command addressed a stream that does not exist yet.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Self::ProductNotRegistered | Self::CustomerNotRegistered | Self::OrderNotPlaced
+        )
+    }
+}

@@ -1,0 +1,23 @@
+//! Everything of Keel that touches Kafka: settings, topic admin, the Java-compatible
+//! partitioner, the producer, partition readers and the partition gate.
+//!
+//! Nothing here depends on a particular broker: the same code runs against Apache Kafka,
+//! Redpanda or the embedded broker by changing `KEEL_KAFKA_BROKERS`. Kafka transactions
+//! and consumer-group offsets are not used for correctness.
+
+mod admin;
+mod error;
+pub mod gate;
+mod partitioner;
+mod producer;
+mod reader;
+mod settings;
+pub mod telemetry;
+
+pub use admin::ensure_topics;
+pub use error::KafkaError;
+pub use gate::{PartitionGate, Rejection};
+pub use partitioner::{murmur2, partition_for};
+pub use producer::{LogProducer, record_headers};
+pub use reader::{LogEntry, PartitionReader};
+pub use settings::KafkaSettings;

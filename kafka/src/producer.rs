@@ -1,0 +1,114 @@
+use keel_schemas::{LogRecord, headers};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::{KafkaError, KafkaSettings};
+
+/// An idempotent, `acks=all` producer that appends a record to a partition chosen by the
+/// caller and returns the record's offset.
+///
+/// Idempotence keeps retries from duplicating or reordering records within a partition;
+/// duplicates that still reach the log (a retry after a timeout) are skipped by the gate.
+#[derive(Clone)]
+pub struct LogProducer {
+    inner: FutureProducer,
+    timeout: std::time::Duration,
+}
+
+impl LogProducer {
+    /// Connects a producer with Keel's settings.
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
+        let mut config = settings.client_config();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("compression.type", "none")
+            .set(
+                "message.timeout.ms",
+                settings.timeout.as_millis().to_string(),
+            );
+        let inner = config
+            .create()
+            .map_err(KafkaError::client("creating the producer"))?;
+        Ok(Self {
+            inner,
+            timeout: settings.timeout,
+        })
+    }
+
+    /// Appends one record to `topic`/`partition` and returns its offset once the broker
+    /// has acknowledged it.
+    pub async fn append(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<i64, KafkaError> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (key, value) in headers {
+            owned = owned.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(payload)
+            .headers(owned);
+        let delivery = self
+            .inner
+            .send(record, Timeout::After(self.timeout))
+            .await
+            .map_err(|(source, _)| KafkaError::Client {
+                context: format!("appending to {topic}/{partition}"),
+                source,
+            })?;
+        Ok(delivery.offset)
+    }
+
+    /// Appends a Keel record with its standard headers.
+    pub async fn append_record(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        record: &LogRecord,
+        traceparent: Option<&str>,
+    ) -> Result<i64, KafkaError> {
+        let headers = record_headers(record, traceparent);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.append(topic, partition, key, &record.encode(), &headers)
+            .await
+    }
+
+    /// Waits until every record sent so far is acknowledged or failed.
+    pub fn flush(&self) -> Result<(), KafkaError> {
+        self.inner
+            .flush(Timeout::After(self.timeout))
+            .map_err(KafkaError::client("flushing the producer"))
+    }
+}
+
+/// The headers Keel writes with a record, so tools can route it without parsing it.
+pub fn record_headers(
+    record: &LogRecord,
+    traceparent: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut list = vec![
+        (headers::CONTENT_TYPE, "application/json".to_owned()),
+        (headers::KIND, record.kind().to_owned()),
+    ];
+    if let LogRecord::Commit(commit) = record {
+        list.push((headers::STREAM_TYPE, commit.stream.stream_type.clone()));
+        list.push((headers::EVENT_TYPES, commit.event_types_header()));
+    }
+    if let Some(tp) = traceparent {
+        list.push((headers::TRACEPARENT, tp.to_owned()));
+    }
+    list
+}

@@ -1,0 +1,166 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::{KafkaError, KafkaSettings};
+
+/// One record as read from a partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The record's offset.
+    pub offset: i64,
+    /// The record key (the aggregate id for commits).
+    pub key: Option<Vec<u8>>,
+    /// The record's bytes; empty for a record without a value.
+    pub payload: Vec<u8>,
+    /// The headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The broker's timestamp, in milliseconds since the epoch, if any.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl LogEntry {
+    /// The first header named `name`, as UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+/// Reads one partition from a given offset: to the high watermark, then follows it.
+///
+/// The partition is assigned directly, with an explicit offset: no consumer group, no
+/// committed offsets. The reader's caller owns its position ([`PartitionReader::next_offset`]).
+pub struct PartitionReader {
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    partition: i32,
+    next_offset: i64,
+    timeout: Duration,
+}
+
+impl PartitionReader {
+    /// Opens a reader of `topic`/`partition` whose first record will be at `from_offset`
+    /// (or the first one after it, if that offset is gone).
+    pub fn open(
+        settings: &KafkaSettings,
+        topic: &str,
+        partition: i32,
+        from_offset: i64,
+    ) -> Result<Self, KafkaError> {
+        let mut config = settings.client_config();
+        config
+            .set("group.id", "keel-partition-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_uncommitted")
+            .set("fetch.wait.max.ms", "20")
+            .set("enable.partition.eof", "false");
+        let consumer: StreamConsumer = config
+            .create()
+            .map_err(KafkaError::client("creating a partition reader"))?;
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(from_offset))
+            .map_err(KafkaError::client(format!("assigning {topic}/{partition}")))?;
+        consumer
+            .assign(&assignment)
+            .map_err(KafkaError::client(format!("assigning {topic}/{partition}")))?;
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            topic: topic.to_owned(),
+            partition,
+            next_offset: from_offset,
+            timeout: settings.timeout,
+        })
+    }
+
+    /// The offset of the next record this reader will return.
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    /// The partition's high watermark: the offset the next appended record will get.
+    pub async fn high_watermark(&self) -> Result<i64, KafkaError> {
+        let consumer = Arc::clone(&self.consumer);
+        let (topic, partition, timeout) = (self.topic.clone(), self.partition, self.timeout);
+        let (_, high) = tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic, partition, timeout)
+        })
+        .await
+        .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
+        .map_err(KafkaError::client(format!(
+            "reading the watermarks of {}/{}",
+            self.topic, self.partition
+        )))?;
+        Ok(high)
+    }
+
+    /// Reads every record from the current position up to the high watermark as it is now.
+    pub async fn read_to_end(&mut self) -> Result<Vec<LogEntry>, KafkaError> {
+        let end = self.high_watermark().await?;
+        let mut entries = Vec::new();
+        while self.next_offset < end {
+            let entry = tokio::time::timeout(self.timeout, self.next())
+                .await
+                .map_err(|_| {
+                    KafkaError::Timeout(format!(
+                        "reading {}/{} at offset {} towards {end}",
+                        self.topic, self.partition, self.next_offset
+                    ))
+                })??;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// Waits for the next record of the partition.
+    pub async fn next(&mut self) -> Result<LogEntry, KafkaError> {
+        loop {
+            let message = self
+                .consumer
+                .recv()
+                .await
+                .map_err(KafkaError::client(format!(
+                    "reading {}/{}",
+                    self.topic, self.partition
+                )))?;
+            if message.offset() < self.next_offset {
+                continue;
+            }
+            let entry = LogEntry {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers: message
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|header| {
+                                (
+                                    header.key.to_owned(),
+                                    header.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                timestamp_ms: message.timestamp().to_millis(),
+            };
+            self.next_offset = entry.offset + 1;
+            return Ok(entry);
+        }
+    }
+}

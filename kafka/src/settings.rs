@@ -1,0 +1,203 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+use crate::KafkaError;
+
+/// Prefix of environment variables passed through to the Kafka client: `KEEL_KAFKA_SASL_MECHANISM`
+/// becomes `sasl.mechanism`, `KEEL_KAFKA_SECURITY_PROTOCOL` becomes `security.protocol`.
+const PASSTHROUGH: &str = "KEEL_KAFKA_";
+
+/// How Keel reaches Kafka and names its topics.
+#[derive(Clone)]
+pub struct KafkaSettings {
+    /// `KEEL_KAFKA_BROKERS`: bootstrap servers (default `127.0.0.1:9092`).
+    pub brokers: String,
+    /// `KEEL_TOPIC_PREFIX`: topics are `<prefix>.<aggregate>.events` (default `keel`).
+    pub topic_prefix: String,
+    /// `KEEL_PARTITIONS`: partitions of each topic (default 8).
+    pub partitions: i32,
+    /// `KEEL_REPLICATION_FACTOR`: replicas of each topic (default 1).
+    pub replication_factor: i32,
+    /// `KEEL_KAFKA_TIMEOUT_MS`: how long one produce or admin call may take (default 30 s).
+    pub timeout: Duration,
+    /// Further client properties from `KEEL_KAFKA_*` (SASL, TLS…), passed through as they are.
+    pub client: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Passed-through properties can hold passwords: print their names only.
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("timeout", &self.timeout)
+            .field("client", &self.client.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: "keel".into(),
+            partitions: 8,
+            replication_factor: 1,
+            timeout: Duration::from_secs(30),
+            client: BTreeMap::new(),
+        }
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    name: &str,
+    value: String,
+    check: impl Fn(&T) -> bool,
+    hint: &str,
+) -> Result<T, KafkaError> {
+    value
+        .parse()
+        .ok()
+        .filter(|v| check(v))
+        .ok_or_else(|| KafkaError::Setting {
+            name: name.into(),
+            reason: format!("{value:?} is not {hint}"),
+        })
+}
+
+impl KafkaSettings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, KafkaError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the settings from `vars`, as from the environment.
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, KafkaError> {
+        let mut settings = Self::default();
+        for (name, value) in vars {
+            match name.as_str() {
+                "KEEL_KAFKA_BROKERS" => {
+                    if value.trim().is_empty() {
+                        return Err(KafkaError::Setting {
+                            name,
+                            reason: "must name at least one broker".into(),
+                        });
+                    }
+                    settings.brokers = value;
+                }
+                "KEEL_TOPIC_PREFIX" => {
+                    let valid = !value.is_empty()
+                        && value.len() <= 200
+                        && value
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+                    if !valid {
+                        return Err(KafkaError::Setting {
+                            name,
+                            reason: format!(
+                                "{value:?} may hold only letters, digits, '.', '_' and '-'"
+                            ),
+                        });
+                    }
+                    settings.topic_prefix = value;
+                }
+                "KEEL_PARTITIONS" => {
+                    settings.partitions = parse(
+                        &name,
+                        value,
+                        |n: &i32| (1..=10_000).contains(n),
+                        "a partition count from 1 to 10000",
+                    )?;
+                }
+                "KEEL_REPLICATION_FACTOR" => {
+                    settings.replication_factor = parse(
+                        &name,
+                        value,
+                        |n: &i32| *n >= 1,
+                        "a replication factor of at least 1",
+                    )?;
+                }
+                "KEEL_KAFKA_TIMEOUT_MS" => {
+                    let ms: u64 = parse(
+                        &name,
+                        value,
+                        |n: &u64| *n >= 100,
+                        "a number of milliseconds, at least 100",
+                    )?;
+                    settings.timeout = Duration::from_millis(ms);
+                }
+                _ => {
+                    if let Some(property) = name.strip_prefix(PASSTHROUGH) {
+                        let property = property.to_ascii_lowercase().replace('_', ".");
+                        settings.client.insert(property, value);
+                    }
+                }
+            }
+        }
+        Ok(settings)
+    }
+
+    /// The topic of an aggregate type: `<prefix>.<aggregate>.events`.
+    pub fn topic(&self, stream_type: &str) -> String {
+        format!("{}.{stream_type}.events", self.topic_prefix)
+    }
+
+    /// A client configuration with the brokers and every passed-through property.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.client {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_run_the_embedded_stack() {
+        let s = KafkaSettings::from_vars(vec![]).unwrap();
+        assert_eq!(s.brokers, "127.0.0.1:9092");
+        assert_eq!(s.partitions, 8);
+        assert_eq!(s.topic("order"), "keel.order.events");
+    }
+
+    #[test]
+    fn reads_and_validates_the_environment() {
+        let s = KafkaSettings::from_vars(vars(&[
+            ("KEEL_KAFKA_BROKERS", "k1:9092,k2:9092"),
+            ("KEEL_TOPIC_PREFIX", "shop-test"),
+            ("KEEL_PARTITIONS", "3"),
+            ("KEEL_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KEEL_KAFKA_SASL_PASSWORD", "hunter2"),
+        ]))
+        .unwrap();
+        assert_eq!(s.topic("product"), "shop-test.product.events");
+        assert_eq!(s.partitions, 3);
+        assert_eq!(s.client["security.protocol"], "SASL_SSL");
+        assert!(!format!("{s:?}").contains("hunter2"), "secrets never print");
+        for bad in [
+            ("KEEL_PARTITIONS", "0"),
+            ("KEEL_PARTITIONS", "x"),
+            ("KEEL_TOPIC_PREFIX", "a b"),
+            ("KEEL_KAFKA_BROKERS", " "),
+        ] {
+            let err = KafkaSettings::from_vars(vars(&[bad])).unwrap_err();
+            assert!(err.to_string().contains(bad.0), "{err}");
+        }
+    }
+}

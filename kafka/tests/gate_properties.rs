@@ -1,0 +1,248 @@
+//! Property tests of the partition gate: random interleavings of several writers with
+//! stale views and epochs, duplicate deliveries and retries.
+
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
+use std::collections::{BTreeMap, HashSet};
+
+use keel_kafka::gate::PartitionGate;
+use keel_schemas::{
+    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
+};
+use proptest::prelude::*;
+use serde_json::json;
+use uuid::Uuid;
+
+const WRITERS: usize = 3;
+const STREAMS: usize = 4;
+
+#[derive(Clone, Debug)]
+enum Action {
+    /// The writer reads the log to its end.
+    Refresh(usize),
+    /// The writer takes the partition with the next epoch of the log as it last read it.
+    Fence(usize),
+    /// The writer appends a commit of `events` events for a stream, against its view.
+    Commit {
+        writer: usize,
+        stream: usize,
+        events: u64,
+    },
+    /// The broker or a producer retry delivers an earlier record again.
+    Duplicate(usize),
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        2 => (0..WRITERS).prop_map(Action::Refresh),
+        1 => (0..WRITERS).prop_map(Action::Fence),
+        6 => (0..WRITERS, 0..STREAMS, 1..3u64)
+            .prop_map(|(writer, stream, events)| Action::Commit { writer, stream, events }),
+        1 => any::<usize>().prop_map(Action::Duplicate),
+    ]
+}
+
+fn stream(n: usize) -> StreamRef {
+    StreamRef {
+        stream_type: "order".into(),
+        id: format!("o-{n}"),
+    }
+}
+
+fn commit(writer: &Writer, stream: StreamRef, expected_version: u64, events: u64) -> LogRecord {
+    LogRecord::Commit(
+        CommitRecord {
+            commit_id: Uuid::now_v7(),
+            stream,
+            expected_version,
+            events: (1..=events)
+                .map(|i| EventEnvelope {
+                    event_id: Uuid::now_v7(),
+                    version: expected_version + i,
+                    event_type: "OrderShipped".into(),
+                    schema_version: 1,
+                    payload: json!({}),
+                })
+                .collect(),
+            command: CommandMeta {
+                id: Uuid::now_v7(),
+                command_type: "ShipOrder".into(),
+                idempotency_key: None,
+                actor: "test".into(),
+                correlation_id: "c".into(),
+                causation_id: None,
+                request_digest: None,
+            },
+            writer: writer.clone(),
+            recorded_at: Timestamp::now(),
+            prev_hash: None,
+            hash: String::new(),
+        }
+        .sealed(),
+    )
+}
+
+/// A writer as the design has it: its view of the log comes only from reading it.
+struct SimWriter {
+    name: String,
+    view: PartitionGate,
+    read: usize,
+    epoch: Option<u64>,
+}
+
+impl SimWriter {
+    fn catch_up(&mut self, log: &[LogRecord]) {
+        for record in &log[self.read..] {
+            let _ = self.view.admit(record);
+        }
+        self.read = log.len();
+    }
+}
+
+/// Runs the actions and returns the log they produced.
+fn simulate(actions: &[Action]) -> Vec<LogRecord> {
+    let mut log: Vec<LogRecord> = Vec::new();
+    let mut writers: Vec<SimWriter> = (0..WRITERS)
+        .map(|i| SimWriter {
+            name: format!("w{i}"),
+            view: PartitionGate::new(),
+            read: 0,
+            epoch: None,
+        })
+        .collect();
+    for action in actions {
+        match *action {
+            Action::Refresh(w) => writers[w].catch_up(&log),
+            Action::Fence(w) => {
+                let writer = &mut writers[w];
+                let epoch = writer.view.highest_epoch() + 1;
+                writer.epoch = Some(epoch);
+                log.push(LogRecord::Fence(FenceRecord {
+                    writer: Writer {
+                        instance: writer.name.clone(),
+                        epoch,
+                    },
+                    recorded_at: Timestamp::now(),
+                }));
+            }
+            Action::Commit {
+                writer: w,
+                stream: s,
+                events,
+            } => {
+                let writer = &writers[w];
+                if let Some(epoch) = writer.epoch {
+                    let me = Writer {
+                        instance: writer.name.clone(),
+                        epoch,
+                    };
+                    let expected = writer.view.stream_version(&stream(s));
+                    log.push(commit(&me, stream(s), expected, events));
+                }
+            }
+            Action::Duplicate(i) => {
+                if !log.is_empty() {
+                    let record = log[i % log.len()].clone();
+                    log.push(record);
+                }
+            }
+        }
+    }
+    log
+}
+
+/// What one reader accepts: the indices of the records that count.
+fn accepted_by_one_reader(log: &[LogRecord]) -> Vec<usize> {
+    let mut gate = PartitionGate::new();
+    (0..log.len())
+        .filter(|&i| gate.admit(&log[i]).is_ok())
+        .collect()
+}
+
+/// A reader that stops at `cut`, keeps its state, and resumes later.
+fn accepted_by_resuming_reader(log: &[LogRecord], cut: usize) -> Vec<usize> {
+    let cut = cut % (log.len() + 1);
+    let mut gate = PartitionGate::new();
+    let mut accepted: Vec<usize> = (0..cut).filter(|&i| gate.admit(&log[i]).is_ok()).collect();
+    let mut resumed = gate.clone();
+    accepted.extend((cut..log.len()).filter(|&i| resumed.admit(&log[i]).is_ok()));
+    accepted
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    #[test]
+    fn the_gate_keeps_streams_single_writer(
+        actions in proptest::collection::vec(action(), 1..120),
+        cut in any::<usize>(),
+    ) {
+        let log = simulate(&actions);
+        let accepted = accepted_by_one_reader(&log);
+
+        // Every reader gets the same accepted sequence.
+        prop_assert_eq!(&accepted_by_resuming_reader(&log, cut), &accepted);
+
+        // No two accepted commits share a stream version, and versions run 1, 2, 3…
+        let mut seen = HashSet::new();
+        let mut next: BTreeMap<StreamRef, u64> = BTreeMap::new();
+        let mut owner: Option<Writer> = None;
+        let mut commit_ids = HashSet::new();
+        for &i in &accepted {
+            match &log[i] {
+                LogRecord::Fence(f) => {
+                    if let Some(previous) = &owner {
+                        prop_assert!(f.writer.epoch > previous.epoch, "epochs only rise");
+                    }
+                    owner = Some(f.writer.clone());
+                }
+                LogRecord::Commit(c) => {
+                    // Only the owner of the latest accepted fence has commits accepted.
+                    prop_assert_eq!(Some(&c.writer), owner.as_ref());
+                    // A duplicate delivery of an accepted commit never counts twice.
+                    prop_assert!(commit_ids.insert(c.commit_id), "commit accepted twice");
+                    let expected = next.entry(c.stream.clone()).or_insert(1);
+                    for e in &c.events {
+                        prop_assert!(seen.insert((c.stream.clone(), e.version)), "version accepted twice");
+                        prop_assert_eq!(e.version, *expected);
+                        *expected += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_zombie_writer_after_a_newer_fence_is_skipped() {
+    let old = Writer {
+        instance: "old".into(),
+        epoch: 1,
+    };
+    let new = Writer {
+        instance: "new".into(),
+        epoch: 2,
+    };
+    let fence = |w: &Writer| {
+        LogRecord::Fence(FenceRecord {
+            writer: w.clone(),
+            recorded_at: Timestamp::now(),
+        })
+    };
+    let mut gate = PartitionGate::new();
+    assert!(gate.admit(&fence(&old)).is_ok());
+    assert!(gate.admit(&commit(&old, stream(0), 0, 1)).is_ok());
+    assert!(gate.admit(&fence(&new)).is_ok());
+    assert!(
+        gate.admit(&commit(&old, stream(0), 1, 1)).is_err(),
+        "zombie commit"
+    );
+    assert!(gate.admit(&fence(&old)).is_err(), "stale fence");
+    assert!(
+        gate.admit(&commit(&new, stream(0), 0, 1)).is_err(),
+        "version conflict"
+    );
+    assert!(gate.admit(&commit(&new, stream(0), 1, 2)).is_ok());
+    assert_eq!(gate.stream_version(&stream(0)), 3);
+    assert_eq!((gate.accepted(), gate.rejected()), (4, 3));
+}

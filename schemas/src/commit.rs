@@ -1,0 +1,359 @@
+//! The records of the log: commits and fences.
+
+use std::fmt;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::{EventEnvelope, SchemaError, canonical_json};
+
+/// Names of the Kafka headers Keel writes, so tools can route records without parsing them.
+pub mod headers {
+    /// Always `application/json`.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// `commit` or `fence`.
+    pub const KIND: &str = "keel-kind";
+    /// The stream type of a commit (`order`).
+    pub const STREAM_TYPE: &str = "keel-stream-type";
+    /// The event types of a commit, comma-separated in order.
+    pub const EVENT_TYPES: &str = "keel-event-types";
+    /// The W3C trace context of the request that wrote the record.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// A point in time with millisecond precision, written as `2026-11-21T12:00:00.123Z`.
+///
+/// Keel truncates to milliseconds when it records a time, so the text form round-trips
+/// exactly and commit hashes recompute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(DateTime<Utc>);
+
+impl Timestamp {
+    /// The current time, truncated to milliseconds.
+    pub fn now() -> Self {
+        Self::from(Utc::now())
+    }
+
+    /// The time as a `chrono` value.
+    pub fn as_datetime(&self) -> DateTime<Utc> {
+        self.0
+    }
+}
+
+impl From<DateTime<Utc>> for Timestamp {
+    fn from(t: DateTime<Utc>) -> Self {
+        Self(t.trunc_subsecs(3))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.format("%Y-%m-%dT%H:%M:%S%.3fZ"))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| Self(t.with_timezone(&Utc)))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A stream: its type (the aggregate) and id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StreamRef {
+    /// The aggregate type, e.g. `order`.
+    #[serde(rename = "type")]
+    pub stream_type: String,
+    /// The aggregate id, also the record key.
+    pub id: String,
+}
+
+impl fmt::Display for StreamRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.stream_type, self.id)
+    }
+}
+
+/// A writer: a command-api instance and the epoch of its ownership of a partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Writer {
+    /// The instance's name, unique per process start.
+    pub instance: String,
+    /// The epoch of the fence that made it the partition's owner.
+    pub epoch: u64,
+}
+
+/// The command that produced a commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandMeta {
+    /// The command's id.
+    pub id: Uuid,
+    /// The command's type, e.g. `ShipOrder`.
+    #[serde(rename = "type")]
+    pub command_type: String,
+    /// The client's idempotency key, if it sent one.
+    pub idempotency_key: Option<String>,
+    /// Who sent it.
+    pub actor: String,
+    /// Ties together everything one request caused.
+    pub correlation_id: String,
+    /// The id of the message that caused this command, if any.
+    pub causation_id: Option<String>,
+    /// SHA-256 (hex) of the request (command and body) that carried the idempotency key,
+    /// so a retry with the same key and another body is told apart, also after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_digest: Option<String>,
+}
+
+/// One accepted command: every event it produced, atomically, in one record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    /// UUID v7 of the commit.
+    pub commit_id: Uuid,
+    /// The stream the events belong to.
+    pub stream: StreamRef,
+    /// The stream's version before this commit (0 for a new stream).
+    pub expected_version: u64,
+    /// The events, versions `expected_version + 1` onwards.
+    pub events: Vec<EventEnvelope>,
+    /// The command that produced them.
+    pub command: CommandMeta,
+    /// Who wrote the commit.
+    pub writer: Writer,
+    /// When the writer decided the command.
+    pub recorded_at: Timestamp,
+    /// The hash of the stream's previous commit, `None` for its first.
+    pub prev_hash: Option<String>,
+    /// SHA-256 (hex) of the canonical record without this field; see [`commit_hash_of_value`].
+    pub hash: String,
+}
+
+/// A writer's claim on a partition, valid when its epoch is higher than any before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    /// The new owner and its epoch.
+    pub writer: Writer,
+    /// When it was written.
+    pub recorded_at: Timestamp,
+}
+
+/// A record of a Keel topic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every record is a commit: boxing would cost an allocation each"
+)]
+pub enum LogRecord {
+    /// An accepted command's events.
+    Commit(CommitRecord),
+    /// A partition owner's fence.
+    Fence(FenceRecord),
+}
+
+impl LogRecord {
+    /// Decodes a record from its bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SchemaError> {
+        serde_json::from_slice(bytes).map_err(SchemaError::Record)
+    }
+
+    /// The record's bytes as written to the log.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising these plain data types cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// `commit` or `fence`, the value of the `keel-kind` header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LogRecord::Commit(_) => "commit",
+            LogRecord::Fence(_) => "fence",
+        }
+    }
+
+    /// The writer of the record.
+    pub fn writer(&self) -> &Writer {
+        match self {
+            LogRecord::Commit(c) => &c.writer,
+            LogRecord::Fence(f) => &f.writer,
+        }
+    }
+}
+
+/// Fields left out of the hashed form: the hash itself, and the signature made over it.
+const UNHASHED: [&str; 2] = ["hash", "signature"];
+
+/// The hash of a commit given as the JSON object read from the log (including `kind`):
+/// hex SHA-256 of [`canonical_json`] of the object without `hash` and `signature`.
+///
+/// The hashed form includes `prev_hash`, so each hash covers the stream's whole chain.
+/// Verifiers call this on the raw JSON, so fields added by newer writers stay covered.
+pub fn commit_hash_of_value(record: &Value) -> String {
+    let mut record = record.clone();
+    if let Value::Object(map) = &mut record {
+        for field in UNHASHED {
+            map.remove(field);
+        }
+    }
+    hex::encode(Sha256::digest(canonical_json(&record)))
+}
+
+impl CommitRecord {
+    /// Sets `hash` to the hash of the rest of the record, and returns the sealed record.
+    #[must_use]
+    pub fn sealed(mut self) -> Self {
+        self.hash = self.compute_hash();
+        self
+    }
+
+    /// Recomputes the hash of this record from its content.
+    pub fn compute_hash(&self) -> String {
+        let value = serde_json::to_value(LogRecord::Commit(self.clone())).unwrap_or(Value::Null);
+        commit_hash_of_value(&value)
+    }
+
+    /// True when `hash` matches the content.
+    pub fn hash_is_valid(&self) -> bool {
+        self.hash == self.compute_hash()
+    }
+
+    /// The stream's version after this commit.
+    pub fn next_version(&self) -> u64 {
+        self.expected_version + self.events.len() as u64
+    }
+
+    /// The event types, comma-separated: the value of the `keel-event-types` header.
+    pub fn event_types_header(&self) -> String {
+        self.events
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn commit(prev_hash: Option<String>, expected_version: u64) -> CommitRecord {
+        CommitRecord {
+            commit_id: Uuid::now_v7(),
+            stream: StreamRef {
+                stream_type: "order".into(),
+                id: "o-42".into(),
+            },
+            expected_version,
+            events: vec![EventEnvelope {
+                event_id: Uuid::now_v7(),
+                version: expected_version + 1,
+                event_type: "OrderShipped".into(),
+                schema_version: 1,
+                payload: json!({"carrier": "DHL", "tracking": "JD01"}),
+            }],
+            command: CommandMeta {
+                id: Uuid::now_v7(),
+                command_type: "ShipOrder".into(),
+                idempotency_key: Some("k-1".into()),
+                actor: "alice".into(),
+                correlation_id: "corr-1".into(),
+                causation_id: None,
+                request_digest: None,
+            },
+            writer: Writer {
+                instance: "cmd-7f3a".into(),
+                epoch: 12,
+            },
+            recorded_at: Timestamp::now(),
+            prev_hash,
+            hash: String::new(),
+        }
+        .sealed()
+    }
+
+    #[test]
+    fn records_round_trip_and_hashes_recompute() {
+        let first = commit(None, 0);
+        let record = LogRecord::Commit(first.clone());
+        let bytes = record.encode();
+        let back = LogRecord::decode(&bytes).unwrap();
+        assert_eq!(back, record);
+        let LogRecord::Commit(back) = back else {
+            panic!("not a commit")
+        };
+        assert!(back.hash_is_valid());
+        let raw: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(raw["kind"], "commit");
+        assert_eq!(commit_hash_of_value(&raw), first.hash);
+    }
+
+    #[test]
+    fn the_hash_chain_links_and_detects_tampering() {
+        let first = commit(None, 0);
+        let second = commit(Some(first.hash.clone()), 1);
+        assert_eq!(second.prev_hash.as_deref(), Some(first.hash.as_str()));
+        let mut tampered = second.clone();
+        tampered.events[0].payload = json!({"carrier": "UPS", "tracking": "JD01"});
+        assert!(!tampered.hash_is_valid());
+        let mut relinked = second.clone();
+        relinked.prev_hash = Some("0".repeat(64));
+        assert!(
+            !relinked.hash_is_valid(),
+            "prev_hash is covered by the hash"
+        );
+    }
+
+    #[test]
+    fn fences_round_trip() {
+        let fence = LogRecord::Fence(FenceRecord {
+            writer: Writer {
+                instance: "cmd-1".into(),
+                epoch: 3,
+            },
+            recorded_at: Timestamp::now(),
+        });
+        let raw: Value = serde_json::from_slice(&fence.encode()).unwrap();
+        assert_eq!(raw["kind"], "fence");
+        assert_eq!(raw["writer"]["epoch"], 3);
+        assert_eq!(LogRecord::decode(&fence.encode()).unwrap(), fence);
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        for bad in [
+            &b"not json"[..],
+            b"{}",
+            br#"{"kind":"party"}"#,
+            br#"{"kind":"fence"}"#,
+        ] {
+            assert!(matches!(
+                LogRecord::decode(bad),
+                Err(SchemaError::Record(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn timestamps_are_written_with_milliseconds() {
+        let t: Timestamp = serde_json::from_str(r#""2026-11-21T12:00:00.123Z""#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&t).unwrap(),
+            r#""2026-11-21T12:00:00.123Z""#
+        );
+        assert_eq!(Timestamp::now().to_string().len(), 24);
+    }
+}

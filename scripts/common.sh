@@ -1,0 +1,79 @@
+# Shared by scripts/up.sh and scripts/test.sh: install and start what Keel needs.
+# Every step checks first and does nothing when the thing is already there.
+
+set -euo pipefail
+
+# The broker: nisshi, a Kafka-compatible broker in Rust (Apache-2.0), pinned.
+NISSHI_VERSION=0.8.1
+PG_HOST=127.0.0.1
+PG_PORT=5432
+export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Debian packages: a C toolchain, zlib and OpenSSL headers for librdkafka's vendored
+# build; PostgreSQL for the views and the broker's durable log.
+ensure_packages() {
+    local wanted=(build-essential pkg-config zlib1g-dev libssl-dev postgresql postgresql-client curl)
+    local missing=()
+    for p in "${wanted[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "installing Debian packages: ${missing[*]}"
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+pg_ok() { psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; }
+
+# A PostgreSQL server on 127.0.0.1:5432 that lets user postgres in without a password.
+ensure_postgres() {
+    pg_ok && return 0
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$version" ]; then
+        version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+        say "creating PostgreSQL $version cluster"
+        as_root pg_createcluster "$version" main
+    fi
+    if ! pg_isready -h "$PG_HOST" -p "$PG_PORT" -q; then
+        say "starting PostgreSQL $version"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+        for _ in $(seq 1 60); do pg_isready -h "$PG_HOST" -p "$PG_PORT" -q && break; sleep 0.5; done
+    fi
+    if ! pg_ok; then
+        # A fresh Debian cluster asks local TCP clients for a password: trust loopback, as
+        # a development machine does. Production databases are configured by their owners.
+        say "allowing passwordless loopback connections to PostgreSQL (development set-up)"
+        local hba="/etc/postgresql/$version/main/pg_hba.conf"
+        as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+        sleep 1
+    fi
+    pg_ok || { echo "PostgreSQL is not reachable at $PG_HOST:$PG_PORT as user postgres" >&2; exit 1; }
+}
+
+# nisshi $NISSHI_VERSION in ~/.cargo/bin. Its dependencies declare rustc 1.96 while the
+# code builds with 1.95, so the rust-version check is skipped.
+ensure_broker() {
+    if [ -x "$HOME/.cargo/bin/nisshi" ] && "$HOME/.cargo/bin/nisshi" --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
+        return 0
+    fi
+    say "installing the broker: nisshi $NISSHI_VERSION (one-off, about 20 minutes on 2 cores)"
+    cargo install --locked --ignore-rust-version nisshi --version "$NISSHI_VERSION"
+}
+
+ensure_database() {
+    local db=$1
+    psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atqc \
+        "select 1 from pg_database where datname = '$db'" | grep -q 1 ||
+        psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -qc "create database \"$db\"" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

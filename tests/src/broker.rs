@@ -1,0 +1,110 @@
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use keel_kafka::KafkaSettings;
+use tokio::process::{Child, Command};
+
+/// The broker binary: `KEEL_BROKER_BIN`, else `nisshi` from `~/.cargo/bin` or the `PATH`.
+pub fn broker_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("KEEL_BROKER_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let candidates = std::iter::once(home.join(".cargo/bin/nisshi")).chain(
+        std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("nisshi"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+    );
+    for candidate in candidates {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("no broker binary: run `make test` (it installs nisshi) or set KEEL_BROKER_BIN")
+}
+
+/// A Kafka-compatible broker of this test's own, with memory storage, on a free port.
+/// Stopped when dropped.
+pub struct Broker {
+    child: Child,
+    port: u16,
+}
+
+impl Broker {
+    /// Starts a broker and waits until it answers metadata requests.
+    pub async fn start() -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::env::var_os("TEST_LOG").is_some();
+        let child = Command::new(broker_binary()?)
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://nisshi/"])
+            .args(["--cluster-id", &format!("keel-test-{port}")])
+            .env_remove("STORAGE_ENGINE")
+            .env_remove("LISTENER_URL")
+            .env_remove("ADVERTISED_LISTENER_URL")
+            .env("RUST_LOG", if log { "info" } else { "error" })
+            .stdin(Stdio::null())
+            .stdout(if log { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the broker")?;
+        let mut broker = Self { child, port };
+        broker.wait_ready().await?;
+        Ok(broker)
+    }
+
+    /// `host:port` for `KEEL_KAFKA_BROKERS`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Settings for this broker with a topic prefix of the test's own.
+    pub fn settings(&self, prefix: &str, partitions: i32) -> KafkaSettings {
+        KafkaSettings {
+            brokers: self.bootstrap(),
+            topic_prefix: prefix.to_owned(),
+            partitions,
+            timeout: Duration::from_secs(20),
+            ..KafkaSettings::default()
+        }
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the broker exited during start-up: {status}");
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the broker did not listen on port {} within 30 s",
+                    self.port
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}

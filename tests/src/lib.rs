@@ -1,0 +1,11 @@
+//! Helpers for Keel's end-to-end tests: a real Kafka-compatible broker started per test
+//! on a free port, and random topic prefixes so tests never share names.
+
+mod broker;
+
+pub use broker::{Broker, broker_binary};
+
+/// A topic prefix no other test uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!("t-{test}-{}", uuid::Uuid::new_v4().simple())
+}

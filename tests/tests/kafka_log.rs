@@ -1,0 +1,295 @@
+//! The Kafka layer against a real broker: topics, producer, partition reader, the gate.
+
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
+use std::time::Duration;
+
+use keel_kafka::{
+    KafkaError, LogProducer, PartitionGate, PartitionReader, ensure_topics, partition_for,
+};
+use keel_schemas::{
+    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
+    headers,
+};
+use keel_tests::{Broker, unique_prefix};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use serde_json::json;
+use uuid::Uuid;
+
+fn commit(writer: &Writer, id: &str, expected_version: u64) -> LogRecord {
+    LogRecord::Commit(
+        CommitRecord {
+            commit_id: Uuid::now_v7(),
+            stream: StreamRef {
+                stream_type: "order".into(),
+                id: id.into(),
+            },
+            expected_version,
+            events: vec![EventEnvelope {
+                event_id: Uuid::now_v7(),
+                version: expected_version + 1,
+                event_type: "OrderCancelled".into(),
+                schema_version: 1,
+                payload: json!({"reason": "test"}),
+            }],
+            command: CommandMeta {
+                id: Uuid::now_v7(),
+                command_type: "CancelOrder".into(),
+                idempotency_key: None,
+                actor: "test".into(),
+                correlation_id: "corr".into(),
+                causation_id: None,
+                request_digest: None,
+            },
+            writer: writer.clone(),
+            recorded_at: Timestamp::now(),
+            prev_hash: None,
+            hash: String::new(),
+        }
+        .sealed(),
+    )
+}
+
+fn fence(instance: &str, epoch: u64) -> LogRecord {
+    LogRecord::Fence(FenceRecord {
+        writer: Writer {
+            instance: instance.into(),
+            epoch,
+        },
+        recorded_at: Timestamp::now(),
+    })
+}
+
+#[tokio::test]
+async fn topics_are_created_once_and_checked() {
+    let broker = Broker::start().await.unwrap();
+    let settings = broker.settings(&unique_prefix("topics"), 4);
+    let created = ensure_topics(&settings, &["order", "product"])
+        .await
+        .unwrap();
+    assert_eq!(
+        created,
+        vec![settings.topic("order"), settings.topic("product")]
+    );
+    // Safe to run again.
+    ensure_topics(&settings, &["order", "product"])
+        .await
+        .unwrap();
+    // An existing topic with another partition count is an error, not a silent mismatch.
+    let mut other = settings.clone();
+    other.partitions = 3;
+    match ensure_topics(&other, &["order"]).await {
+        Err(KafkaError::PartitionCountMismatch {
+            expected: 3,
+            actual: 4,
+            ..
+        }) => {}
+        other => panic!("expected a partition count mismatch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn appended_records_come_back_in_order_with_their_headers() {
+    let broker = Broker::start().await.unwrap();
+    let settings = broker.settings(&unique_prefix("order"), 2);
+    let topic = ensure_topics(&settings, &["order"])
+        .await
+        .unwrap()
+        .remove(0);
+    let producer = LogProducer::new(&settings).unwrap();
+    let writer = Writer {
+        instance: "w1".into(),
+        epoch: 1,
+    };
+    let first = fence("w1", 1);
+    let mut offsets = vec![
+        producer
+            .append_record(&topic, 1, "", &first, None)
+            .await
+            .unwrap(),
+    ];
+    let mut records = vec![first];
+    for v in 0..20 {
+        let record = commit(&writer, "o-1", v);
+        let tp = format!("00-{:032x}-{:016x}-01", v + 1, v + 1);
+        offsets.push(
+            producer
+                .append_record(&topic, 1, "o-1", &record, Some(&tp))
+                .await
+                .unwrap(),
+        );
+        records.push(record);
+    }
+    assert_eq!(
+        offsets,
+        (0..21).collect::<Vec<i64>>(),
+        "offsets are dense and in order"
+    );
+
+    let mut reader = PartitionReader::open(&settings, &topic, 1, 0).unwrap();
+    assert_eq!(reader.high_watermark().await.unwrap(), 21);
+    let entries = reader.read_to_end().await.unwrap();
+    assert_eq!(entries.len(), 21);
+    for (i, (entry, record)) in entries.iter().zip(&records).enumerate() {
+        assert_eq!(entry.offset, i as i64);
+        assert_eq!(&LogRecord::decode(&entry.payload).unwrap(), record);
+        assert_eq!(
+            entry.header(headers::CONTENT_TYPE),
+            Some("application/json")
+        );
+        assert_eq!(entry.header(headers::KIND), Some(record.kind()));
+        if i > 0 {
+            assert_eq!(entry.key.as_deref(), Some(&b"o-1"[..]));
+            assert_eq!(entry.header(headers::STREAM_TYPE), Some("order"));
+            assert_eq!(entry.header(headers::EVENT_TYPES), Some("OrderCancelled"));
+            let names: Vec<&str> = entry.headers.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(
+                names,
+                [
+                    "content-type",
+                    "keel-kind",
+                    "keel-stream-type",
+                    "keel-event-types",
+                    "traceparent"
+                ]
+            );
+            assert_eq!(
+                entry.header(headers::TRACEPARENT),
+                Some(format!("00-{i:032x}-{i:016x}-01").as_str())
+            );
+        }
+    }
+    // Nothing was written to the other partition.
+    let mut other = PartitionReader::open(&settings, &topic, 0, 0).unwrap();
+    assert!(other.read_to_end().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_reader_resumes_from_an_offset_and_follows_the_partition() {
+    let broker = Broker::start().await.unwrap();
+    let settings = broker.settings(&unique_prefix("resume"), 1);
+    let topic = ensure_topics(&settings, &["order"])
+        .await
+        .unwrap()
+        .remove(0);
+    let producer = LogProducer::new(&settings).unwrap();
+    for i in 0..10 {
+        producer
+            .append(&topic, 0, "k", format!("r{i}").as_bytes(), &[])
+            .await
+            .unwrap();
+    }
+    let mut reader = PartitionReader::open(&settings, &topic, 0, 6).unwrap();
+    let tail: Vec<(i64, Vec<u8>)> = reader
+        .read_to_end()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.offset, e.payload))
+        .collect();
+    assert_eq!(
+        tail,
+        (6..10)
+            .map(|i| (i, format!("r{i}").into_bytes()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(reader.next_offset(), 10);
+
+    // Following: a record appended later arrives.
+    let follow = tokio::spawn(async move { reader.next().await.map(|e| (e.offset, e.payload)) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    producer
+        .append(&topic, 0, "k", b"later", &[])
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(20), follow)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next, (10, b"later".to_vec()));
+}
+
+#[tokio::test]
+async fn our_partitioner_agrees_with_librdkafkas_java_compatible_one() {
+    let broker = Broker::start().await.unwrap();
+    let settings = broker.settings(&unique_prefix("partitioner"), 8);
+    let topic = ensure_topics(&settings, &["order"])
+        .await
+        .unwrap()
+        .remove(0);
+    let producer: FutureProducer = settings
+        .client_config()
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    for i in 0..40 {
+        let key = format!("o-{i}");
+        let delivered = producer
+            .send(
+                FutureRecord::to(&topic).key(&key).payload("x"),
+                Timeout::After(Duration::from_secs(20)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            delivered.partition,
+            partition_for(key.as_bytes(), 8),
+            "key {key}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_gate_on_a_real_partition_skips_a_zombie_and_a_stale_fence() {
+    let broker = Broker::start().await.unwrap();
+    let settings = broker.settings(&unique_prefix("gate"), 1);
+    let topic = ensure_topics(&settings, &["order"])
+        .await
+        .unwrap()
+        .remove(0);
+    // Two producers, as two command-api instances would have.
+    let first = LogProducer::new(&settings).unwrap();
+    let second = LogProducer::new(&settings).unwrap();
+    let a = Writer {
+        instance: "a".into(),
+        epoch: 1,
+    };
+    let b = Writer {
+        instance: "b".into(),
+        epoch: 2,
+    };
+
+    let append = |p: &LogProducer, r: LogRecord| {
+        let (p, topic) = (p.clone(), topic.clone());
+        async move { p.append_record(&topic, 0, "o-1", &r, None).await.unwrap() }
+    };
+    append(&first, fence("a", 1)).await; // 0: a owns the partition
+    append(&first, commit(&a, "o-1", 0)).await; // 1: accepted, o-1 at v1
+    append(&second, fence("b", 2)).await; // 2: b takes over
+    append(&first, commit(&a, "o-1", 1)).await; // 3: zombie a: skipped
+    append(&first, fence("a", 2)).await; // 4: stale fence (epoch not above 2): skipped
+    append(&second, commit(&b, "o-1", 1)).await; // 5: accepted, o-1 at v2
+    append(&second, commit(&b, "o-1", 1)).await; // 6: duplicate version: skipped
+
+    let mut reader = PartitionReader::open(&settings, &topic, 0, 0).unwrap();
+    let mut gate = PartitionGate::new();
+    let verdicts: Vec<bool> = reader
+        .read_to_end()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| gate.admit(&LogRecord::decode(&e.payload).unwrap()).is_ok())
+        .collect();
+    assert_eq!(verdicts, [true, true, true, false, false, true, false]);
+    assert_eq!(gate.owner(), Some(&b));
+    assert_eq!(
+        gate.stream_version(&StreamRef {
+            stream_type: "order".into(),
+            id: "o-1".into()
+        }),
+        2
+    );
+    assert_eq!((gate.accepted(), gate.rejected()), (4, 3));
+}
