@@ -1,10 +1,16 @@
 //! Keel's command API: commands in, commit records out.
 //!
-//! This crate holds the service's start-up: settings, topic creation and the HTTP
-//! listener with its health route. The command routes and the partition owners build on it.
+//! Each partition of each topic has one owner task ([`owner`]) that decides commands
+//! against state read from the log, appends one commit record per command, and
+//! acknowledges only after reading the commit back through the partition gate.
 
+pub mod commands;
+pub mod error;
+pub mod owner;
+pub mod routes;
 mod settings;
 mod startup;
 
+pub use routes::app;
 pub use settings::Settings;
-pub use startup::{Application, app};
+pub use startup::Application;

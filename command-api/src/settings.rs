@@ -1,4 +1,5 @@
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
 use keel_kafka::KafkaSettings;
@@ -6,8 +7,12 @@ use keel_kafka::KafkaSettings;
 /// The command API's settings, from `KEEL_*` environment variables.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// `KEEL_COMMAND_ADDR`: where to listen (default `127.0.0.1:8080`).
+    /// `KEEL_COMMAND_ADDR`: where to listen (default `127.0.0.1:8080`; port 0 picks one).
     pub addr: SocketAddr,
+    /// `KEEL_INSTANCE`: this instance's name in fences and commits (default `cmd-<random>`).
+    pub instance: String,
+    /// `KEEL_REQUEST_TIMEOUT_MS`: how long a command may wait to be read back (default 10 s).
+    pub request_timeout: Duration,
     /// Kafka settings (`KEEL_KAFKA_BROKERS`, `KEEL_TOPIC_PREFIX`, `KEEL_PARTITIONS`…).
     pub kafka: KafkaSettings,
 }
@@ -15,11 +20,22 @@ pub struct Settings {
 impl Settings {
     /// Reads the settings from the environment.
     pub fn load() -> anyhow::Result<Self> {
-        let addr = std::env::var("KEEL_COMMAND_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let addr = var("KEEL_COMMAND_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into());
+        let timeout_ms: u64 = match var("KEEL_REQUEST_TIMEOUT_MS") {
+            Some(v) => v.parse().with_context(|| {
+                format!("KEEL_REQUEST_TIMEOUT_MS {v:?} is not a number of milliseconds")
+            })?,
+            None => 10_000,
+        };
+        let instance = var("KEEL_INSTANCE")
+            .unwrap_or_else(|| format!("cmd-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
         Ok(Self {
             addr: addr
                 .parse()
                 .with_context(|| format!("KEEL_COMMAND_ADDR {addr:?} is not a socket address"))?,
+            instance,
+            request_timeout: Duration::from_millis(timeout_ms),
             kafka: KafkaSettings::from_env().context("reading the Kafka settings")?,
         })
     }

@@ -1,33 +1,88 @@
+use std::sync::Arc;
+
 use anyhow::Context;
-use axum::Router;
-use axum::routing::get;
-use keel_kafka::ensure_topics;
+use keel_domain::Aggregate;
+use keel_domain::customer::Customer;
+use keel_domain::order::Order;
+use keel_domain::product::Product;
+use keel_kafka::{LogProducer, ensure_topics};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::info;
 
 use crate::Settings;
+use crate::owner::{CommandRequest, PartitionOwner, StatusCell};
+use crate::routes::{AppState, Owners, app};
 
-/// The HTTP routes.
-pub fn app() -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" }))
-}
+/// Commands that may wait for one partition's owner before new ones get a 503.
+const QUEUE_PER_PARTITION: usize = 4096;
 
-/// A built command API: topics ensured, listener bound.
+/// A built command API: topics ensured, partition owners started, listener bound.
 pub struct Application {
     listener: TcpListener,
+    state: AppState,
+    tasks: JoinSet<()>,
+}
+
+fn spawn_owners<A: Aggregate + Send + Sync + 'static>(
+    settings: &Settings,
+    producer: &LogProducer,
+    tasks: &mut JoinSet<()>,
+    statuses: &mut Vec<StatusCell>,
+) -> anyhow::Result<Vec<mpsc::Sender<CommandRequest<A>>>>
+where
+    A::Command: Send,
+    A::Event: Send,
+{
+    let topic = settings.kafka.topic(A::TYPE);
+    let mut senders = Vec::new();
+    for partition in 0..settings.kafka.partitions {
+        let (owner, status) = PartitionOwner::<A>::new(
+            &settings.kafka,
+            producer.clone(),
+            &topic,
+            partition,
+            &settings.instance,
+        )
+        .with_context(|| format!("opening {topic}/{partition}"))?;
+        let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
+        tasks.spawn(owner.run(rx));
+        senders.push(tx);
+        statuses.push(status);
+    }
+    Ok(senders)
 }
 
 impl Application {
-    /// Ensures the topics exist and binds the listener.
+    /// Ensures the topics, starts one owner per partition, and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let topics = ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
             .await
             .context("ensuring the topics")?;
-        info!(?topics, "topics ready");
+        info!(?topics, instance = %settings.instance, "topics ready");
+        let producer = LogProducer::new(&settings.kafka).context("creating the producer")?;
+        let mut tasks = JoinSet::new();
+        let mut statuses = Vec::new();
+        let owners = Owners {
+            products: spawn_owners::<Product>(&settings, &producer, &mut tasks, &mut statuses)?,
+            customers: spawn_owners::<Customer>(&settings, &producer, &mut tasks, &mut statuses)?,
+            orders: spawn_owners::<Order>(&settings, &producer, &mut tasks, &mut statuses)?,
+        };
         let listener = TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("binding {}", settings.addr))?;
-        Ok(Self { listener })
+        let state = AppState {
+            owners: Arc::new(owners),
+            statuses: Arc::new(statuses),
+            partitions: settings.kafka.partitions,
+            request_timeout: settings.request_timeout,
+        };
+        Ok(Self {
+            listener,
+            state,
+            tasks,
+        })
     }
 
     /// The address the listener is bound to (useful with port 0).
@@ -35,12 +90,19 @@ impl Application {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves until Ctrl-C or SIGTERM, then finishes in-flight requests.
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+    /// Serves until Ctrl-C or SIGTERM; then stops accepting, lets in-flight commands
+    /// finish, and stops the partition owners.
+    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
         info!(addr = %self.local_addr()?, "command API listening");
-        axum::serve(self.listener, app())
+        let router = app(self.state.clone());
+        drop(self.state);
+        axum::serve(self.listener, router)
             .with_graceful_shutdown(keel_kafka::telemetry::shutdown_signal())
             .await
-            .context("serving HTTP")
+            .context("serving HTTP")?;
+        // The router, and with it every sender, is gone: the owners finish and return.
+        while self.tasks.join_next().await.is_some() {}
+        info!("stopped");
+        Ok(())
     }
 }

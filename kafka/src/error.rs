@@ -32,6 +32,9 @@ pub enum KafkaError {
         /// Partitions found.
         actual: i32,
     },
+    /// A record was not sent.
+    #[error("not sent: {0}")]
+    NotSent(String),
     /// The broker did not answer in time.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -86,6 +86,65 @@ impl LogProducer {
             .await
     }
 
+    /// Appends several Keel records to one partition, in order, and returns each one's
+    /// offset or error. The records are enqueued together so they travel in as few
+    /// requests as the client can make (a group commit); after the first record that
+    /// cannot be enqueued, the rest are not sent and fail too.
+    pub async fn append_records(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: &[(&str, &LogRecord, Option<&str>)],
+    ) -> Vec<Result<i64, KafkaError>> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        let mut failed: Option<String> = None;
+        for (key, record, traceparent) in records {
+            if let Some(reason) = &failed {
+                deliveries.push(Err(KafkaError::NotSent(reason.clone())));
+                continue;
+            }
+            let headers = record_headers(record, *traceparent);
+            let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+            for (name, value) in &headers {
+                owned = owned.insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let payload = record.encode();
+            let future_record = FutureRecord::to(topic)
+                .partition(partition)
+                .key(*key)
+                .payload(&payload)
+                .headers(owned);
+            match self.inner.send_result(future_record) {
+                Ok(delivery) => deliveries.push(Ok(delivery)),
+                Err((source, _)) => {
+                    failed = Some(format!("an earlier record of the batch failed: {source}"));
+                    deliveries.push(Err(KafkaError::Client {
+                        context: format!("enqueuing for {topic}/{partition}"),
+                        source,
+                    }));
+                }
+            }
+        }
+        let mut offsets = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            offsets.push(match delivery {
+                Err(e) => Err(e),
+                Ok(future) => match future.await {
+                    Ok(Ok(delivered)) => Ok(delivered.offset),
+                    Ok(Err((source, _))) => Err(KafkaError::Client {
+                        context: format!("appending to {topic}/{partition}"),
+                        source,
+                    }),
+                    Err(_) => Err(KafkaError::NotSent("the producer was dropped".into())),
+                },
+            });
+        }
+        offsets
+    }
+
     /// Waits until every record sent so far is acknowledged or failed.
     pub fn flush(&self) -> Result<(), KafkaError> {
         self.inner

@@ -20,5 +20,5 @@ pub use commit::{
 };
 pub use envelope::{EventEnvelope, decode_event, decode_event_with, encode_event};
 pub use error::SchemaError;
-pub use token::{ConsistencyToken, MAX_TOKEN_LEN, Position, TokenError};
+pub use token::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, MAX_TOKEN_LEN, Position, TokenError};
 pub use upcast::{Upcaster, Upcasters};

@@ -10,6 +10,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use thiserror::Error;
 
 const PREFIX: &str = "v1.";
+/// The HTTP header that carries a consistency token, on command responses and queries.
+pub const CONSISTENCY_TOKEN_HEADER: &str = "keel-consistency-token";
 /// Longest token accepted, in characters.
 pub const MAX_TOKEN_LEN: usize = 4096;
 

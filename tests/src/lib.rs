@@ -2,8 +2,12 @@
 //! on a free port, and random topic prefixes so tests never share names.
 
 mod broker;
+mod log;
+mod stack;
 
 pub use broker::{Broker, broker_binary};
+pub use log::{AcceptedCommit, read_accepted};
+pub use stack::{CommandApi, CommandApiConfig, workspace_binary};
 
 /// A topic prefix no other test uses.
 pub fn unique_prefix(test: &str) -> String {

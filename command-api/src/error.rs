@@ -1,0 +1,149 @@
+//! One error type for the API, rendered as RFC 9457 problem+json.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use keel_domain::{DomainError, ValidationError};
+use serde_json::{Value, json};
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECS: u32 = 1;
+
+/// Everything a request can fail with, each mapped to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed (bad JSON, a bad header).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: no such collection, command or stream.
+    #[error("{detail}")]
+    NotFound {
+        /// What was not found.
+        detail: String,
+        /// The domain rule, when a command addressed a stream that does not exist.
+        rule: Option<&'static str>,
+    },
+    /// 409: a domain rule was broken.
+    #[error("{0}")]
+    Conflict(DomainError),
+    /// 412: `If-Match` named another version.
+    #[error("the stream is at version {actual}, not {expected}")]
+    VersionMismatch {
+        /// The version the client expected.
+        expected: u64,
+        /// The stream's version.
+        actual: u64,
+    },
+    /// 413: the body is too large.
+    #[error("the body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// 415: the body is not JSON.
+    #[error("commands must be sent as application/json")]
+    UnsupportedMediaType,
+    /// 422: fields are invalid.
+    #[error("{} invalid field(s)", .0.len())]
+    Invalid(Vec<ValidationError>),
+    /// 422: the idempotency key was used before with another request.
+    #[error("the Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    /// 503: try again later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: a fault of ours; the detail goes to the log, the client gets a request id.
+    #[error("internal error {request_id}")]
+    Internal {
+        /// Ties the response to the log line.
+        request_id: String,
+    },
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::Invalid(v) => ApiError::Invalid(vec![v]),
+            e if e.is_not_found() => ApiError::NotFound {
+                detail: e.to_string(),
+                rule: Some(e.rule()),
+            },
+            e => ApiError::Conflict(e),
+        }
+    }
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Invalid(_) | ApiError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn slug(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad-request",
+            ApiError::NotFound { .. } => "not-found",
+            ApiError::Conflict(_) => "domain-rule-broken",
+            ApiError::VersionMismatch { .. } => "version-mismatch",
+            ApiError::TooLarge(_) => "body-too-large",
+            ApiError::UnsupportedMediaType => "unsupported-media-type",
+            ApiError::Invalid(_) => "invalid-fields",
+            ApiError::IdempotencyKeyReused => "idempotency-key-reused",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal { .. } => "internal",
+        }
+    }
+
+    /// The problem document (RFC 9457).
+    pub fn problem(&self) -> Value {
+        let status = self.status();
+        let mut problem = json!({
+            "type": format!("/problems/{}", self.slug()),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": self.to_string(),
+        });
+        match self {
+            ApiError::Conflict(e) => problem["rule"] = json!(e.rule()),
+            ApiError::NotFound {
+                rule: Some(rule), ..
+            } => problem["rule"] = json!(rule),
+            ApiError::VersionMismatch { expected, actual } => {
+                problem["expected_version"] = json!(expected);
+                problem["current_version"] = json!(actual);
+            }
+            ApiError::Invalid(errors) => {
+                problem["errors"] = errors
+                    .iter()
+                    .map(|e| json!({"field": e.field, "reason": e.reason}))
+                    .collect();
+            }
+            ApiError::Internal { request_id } => problem["request_id"] = json!(request_id),
+            _ => {}
+        }
+        problem
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.problem())).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if matches!(self, ApiError::Unavailable(_)) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}

@@ -1,0 +1,189 @@
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use keel_domain::Aggregate;
+use keel_kafka::partition_for;
+use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, canonical_json};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{AppState, MAX_BODY_BYTES};
+use crate::commands::{self, ParsedCommand};
+use crate::error::ApiError;
+use crate::owner::{CommandRequest, Outcome, RequestMeta};
+
+/// `POST /v1/{collection}/{id}/{command}`.
+#[instrument(skip(state, headers, body), fields(collection = %collection, id = %id, command = %command))]
+pub(super) async fn handle(
+    State(state): State<AppState>,
+    Path((collection, id, command)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let spec = commands::find(&collection, &command)?;
+    commands::validate_id(&collection, &id)?;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(MAX_BODY_BYTES)
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    })?;
+    let json = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        if !is_json(&headers) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        serde_json::from_slice::<Value>(&body)
+            .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?
+    };
+    let parsed = commands::parse(spec, &json)?;
+
+    let idempotency_key = header_text(&headers, "idempotency-key")?;
+    if let Some(key) = &idempotency_key
+        && (key.is_empty() || key.len() > 255)
+    {
+        return Err(ApiError::BadRequest(
+            "Idempotency-Key must have 1 to 255 characters".into(),
+        ));
+    }
+    let request_digest = idempotency_key.as_ref().map(|_| {
+        let mut hasher = Sha256::new();
+        hasher.update(spec.command_type.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(id.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(canonical_json(&json));
+        hex::encode(hasher.finalize())
+    });
+    let meta = RequestMeta {
+        command_type: spec.command_type,
+        idempotency_key,
+        request_digest,
+        if_match: if_match(&headers)?,
+        actor: header_text(&headers, "keel-actor")?.unwrap_or_else(|| "anonymous".into()),
+        correlation_id: header_text(&headers, "x-correlation-id")?
+            .unwrap_or_else(|| Uuid::now_v7().to_string()),
+        causation_id: header_text(&headers, "x-causation-id")?,
+        traceparent: header_text(&headers, "traceparent")?,
+    };
+    let outcome = match parsed {
+        ParsedCommand::Product(c) => dispatch(&state, &state.owners.products, id, c, meta).await,
+        ParsedCommand::Customer(c) => dispatch(&state, &state.owners.customers, id, c, meta).await,
+        ParsedCommand::Order(c) => dispatch(&state, &state.owners.orders, id, c, meta).await,
+    }?;
+    Ok(respond(outcome))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::BadRequest(format!("header {name} must be visible ASCII")))
+        })
+        .transpose()
+}
+
+/// `If-Match: "<version>"` (quotes optional; a weak `W/` tag is refused).
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = header_text(headers, "if-match")? else {
+        return Ok(None);
+    };
+    let tag = value.trim();
+    let bare = tag
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(tag);
+    bare.parse().map(Some).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "If-Match must be a stream version in quotes, like \"3\"; got {value:?}"
+        ))
+    })
+}
+
+async fn dispatch<A: Aggregate>(
+    state: &AppState,
+    owners: &[mpsc::Sender<CommandRequest<A>>],
+    stream_id: String,
+    command: A::Command,
+    meta: RequestMeta,
+) -> Result<Outcome, ApiError> {
+    let partition = partition_for(stream_id.as_bytes(), state.partitions) as usize;
+    let owner = owners
+        .get(partition)
+        .ok_or_else(|| ApiError::Unavailable("no owner for this partition".into()))?;
+    let (reply, answer) = oneshot::channel();
+    owner
+        .try_send(CommandRequest {
+            stream_id,
+            command,
+            meta,
+            reply,
+        })
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                ApiError::Unavailable("too many commands waiting; retry".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => ApiError::Unavailable("shutting down".into()),
+        })?;
+    match tokio::time::timeout(state.request_timeout, answer).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(ApiError::Unavailable(
+            "the partition's owner stopped; retry with the same Idempotency-Key".into(),
+        )),
+        Err(_) => Err(ApiError::Unavailable(
+            "the command was not confirmed in time; retry with the same Idempotency-Key".into(),
+        )),
+    }
+}
+
+fn respond(outcome: Outcome) -> Response {
+    let token = outcome
+        .position
+        .clone()
+        .map(|p| ConsistencyToken::at(p).encode());
+    let status = if outcome.created && !outcome.events.is_empty() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = json!({
+        "stream": outcome.stream,
+        "version": outcome.version,
+        "events": outcome.events,
+        "consistency_token": token,
+    });
+    let mut response = (status, axum::Json(body)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", outcome.version)) {
+        headers.insert(header::ETAG, etag);
+    }
+    if let Some(token) = token.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        headers.insert(CONSISTENCY_TOKEN_HEADER, token);
+    }
+    if outcome.replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}

@@ -1,0 +1,56 @@
+//! The HTTP routes.
+
+mod command;
+mod health;
+pub mod openapi;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use keel_domain::customer::Customer;
+use keel_domain::order::Order;
+use keel_domain::product::Product;
+use tokio::sync::mpsc;
+
+use crate::owner::{CommandRequest, StatusCell};
+
+/// Largest command body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The channels to every partition owner, indexed by partition.
+#[derive(Clone, Debug, Default)]
+pub struct Owners {
+    /// Owners of the product topic's partitions.
+    pub products: Vec<mpsc::Sender<CommandRequest<Product>>>,
+    /// Owners of the customer topic's partitions.
+    pub customers: Vec<mpsc::Sender<CommandRequest<Customer>>>,
+    /// Owners of the order topic's partitions.
+    pub orders: Vec<mpsc::Sender<CommandRequest<Order>>>,
+}
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The partition owners.
+    pub owners: Arc<Owners>,
+    /// Their statuses, for readiness.
+    pub statuses: Arc<Vec<StatusCell>>,
+    /// Partitions per topic.
+    pub partitions: i32,
+    /// How long a request waits for its command to be read back.
+    pub request_timeout: Duration,
+}
+
+/// The command API's routes.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/{collection}/{id}/{command}", post(command::handle))
+        .route("/healthz", get(health::alive))
+        .route("/readyz", get(health::ready))
+        .route("/openapi.json", get(openapi::serve))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
