@@ -64,8 +64,13 @@ impl PartitionReader {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_uncommitted")
-            .set("fetch.wait.max.ms", "20")
             .set("enable.partition.eof", "false");
+        // Readers follow the head of the log: a command is acknowledged only once its
+        // commit is read back, so the fetch wait is a floor under command latency.
+        // `KEEL_KAFKA_FETCH_WAIT_MAX_MS` overrides it.
+        if !settings.client.contains_key("fetch.wait.max.ms") {
+            config.set("fetch.wait.max.ms", "5");
+        }
         let consumer: StreamConsumer = config
             .create()
             .map_err(KafkaError::client("creating a partition reader"))?;

@@ -4,7 +4,8 @@
 //! ```sh
 //! cargo run --release -p keel-tests --bin broker-bench -- 127.0.0.1:9092 1000000 200
 //! ```
-//! Arguments: brokers, records (default 1,000,000), record size in bytes (default 200).
+//! Arguments: brokers, records (default 1,000,000), record size in bytes (default 200),
+//! and `produce` to skip the consume phase.
 //! Prints one line per phase with records/s.
 
 use std::time::{Duration, Instant};
@@ -75,6 +76,9 @@ fn main() -> anyhow::Result<()> {
         records as f64 / produce.as_secs_f64()
     );
 
+    if args.get(4).is_some_and(|a| a == "produce") {
+        return Ok(());
+    }
     let consumer: BaseConsumer = settings
         .client_config()
         .set("group.id", "broker-bench")
