@@ -77,30 +77,45 @@ impl PartitionGate {
     /// Applies the gate to the next record of the partition: `Ok` if it counts (and the
     /// state moves on), the reason if it is skipped (and the state stays as it was).
     pub fn admit(&mut self, record: &LogRecord) -> Result<(), Rejection> {
-        let verdict = match record {
-            LogRecord::Fence(fence) => self.admit_fence(&fence.writer),
-            LogRecord::Commit(commit) => self.admit_commit(commit),
-        };
+        let verdict = self.verdict(record);
         match verdict {
-            Ok(()) => self.accepted += 1,
+            Ok(()) => {
+                self.accepted += 1;
+                match record {
+                    LogRecord::Fence(fence) => {
+                        self.highest_epoch = fence.writer.epoch;
+                        self.owner = Some(fence.writer.clone());
+                    }
+                    LogRecord::Commit(commit) => {
+                        self.versions
+                            .insert(commit.stream.clone(), commit.next_version());
+                    }
+                }
+            }
             Err(_) => self.rejected += 1,
         }
         verdict
     }
 
-    fn admit_fence(&mut self, writer: &Writer) -> Result<(), Rejection> {
+    /// What [`PartitionGate::admit`] would decide for `record`, without moving on.
+    pub fn verdict(&self, record: &LogRecord) -> Result<(), Rejection> {
+        match record {
+            LogRecord::Fence(fence) => self.fence_verdict(&fence.writer),
+            LogRecord::Commit(commit) => self.commit_verdict(commit),
+        }
+    }
+
+    fn fence_verdict(&self, writer: &Writer) -> Result<(), Rejection> {
         if self.owner.is_some() && writer.epoch <= self.highest_epoch {
             return Err(Rejection::StaleFence {
                 epoch: writer.epoch,
                 highest: self.highest_epoch,
             });
         }
-        self.highest_epoch = writer.epoch;
-        self.owner = Some(writer.clone());
         Ok(())
     }
 
-    fn admit_commit(&mut self, commit: &CommitRecord) -> Result<(), Rejection> {
+    fn commit_verdict(&self, commit: &CommitRecord) -> Result<(), Rejection> {
         if self.owner.as_ref() != Some(&commit.writer) {
             return Err(Rejection::NotOwner {
                 writer: commit.writer.clone(),
@@ -127,9 +142,25 @@ impl PartitionGate {
                 expected: commit.expected_version,
             });
         }
-        self.versions
-            .insert(commit.stream.clone(), commit.next_version());
         Ok(())
+    }
+
+    /// A gate resumed from a saved state: the owner and highest epoch, every stream's
+    /// version, and the counts, as [`PartitionGate::owner`] and the others reported them.
+    pub fn restore(
+        owner: Option<Writer>,
+        highest_epoch: u64,
+        versions: impl IntoIterator<Item = (StreamRef, u64)>,
+        accepted: u64,
+        rejected: u64,
+    ) -> Self {
+        Self {
+            owner,
+            highest_epoch,
+            versions: versions.into_iter().collect(),
+            accepted,
+            rejected,
+        }
     }
 
     /// The partition's owner at this point of the log.

@@ -36,6 +36,103 @@ impl LogEntry {
     }
 }
 
+fn entry_of<M: Message>(message: &M) -> LogEntry {
+    LogEntry {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers: message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|header| {
+                        (
+                            header.key.to_owned(),
+                            header.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        timestamp_ms: message.timestamp().to_millis(),
+    }
+}
+
+/// Creates a consumer for readers: no group membership, no committed offsets.
+fn reader_consumer(settings: &KafkaSettings) -> Result<StreamConsumer, KafkaError> {
+    let mut config = settings.client_config();
+    config
+        .set("group.id", "keel-partition-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_uncommitted")
+        .set("enable.partition.eof", "false");
+    // Readers follow the head of the log: a command is acknowledged only once its
+    // commit is read back, so the fetch wait is a floor under command latency.
+    // `KEEL_KAFKA_FETCH_WAIT_MAX_MS` overrides it.
+    if !settings.client.contains_key("fetch.wait.max.ms") {
+        config.set("fetch.wait.max.ms", "5");
+    }
+    config
+        .create()
+        .map_err(KafkaError::client("creating a log reader"))
+}
+
+/// Reads several partitions, each from its own offset, in one consumer: what a projection
+/// uses. Records of one partition arrive in order; partitions interleave.
+pub struct LogReader {
+    consumer: StreamConsumer,
+}
+
+impl LogReader {
+    /// Opens a reader of every `(topic, partition, next offset)` given.
+    pub fn open(
+        settings: &KafkaSettings,
+        assignment: &[(String, i32, i64)],
+    ) -> Result<Self, KafkaError> {
+        let consumer = reader_consumer(settings)?;
+        let mut list = TopicPartitionList::new();
+        for (topic, partition, offset) in assignment {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                .map_err(KafkaError::client(format!("assigning {topic}/{partition}")))?;
+        }
+        consumer
+            .assign(&list)
+            .map_err(KafkaError::client("assigning partitions"))?;
+        Ok(Self { consumer })
+    }
+
+    /// Waits up to `wait` for a first record, then takes what else is ready, up to `max`
+    /// records or `linger` after the first. Empty when nothing arrived in `wait`.
+    pub async fn next_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+        linger: Duration,
+    ) -> Result<Vec<LogEntry>, KafkaError> {
+        let mut batch = Vec::new();
+        let first = match tokio::time::timeout(wait, self.consumer.recv()).await {
+            Err(_) => return Ok(batch),
+            Ok(message) => message.map_err(KafkaError::client("reading"))?,
+        };
+        batch.push(entry_of(&first));
+        drop(first);
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(message) => {
+                    batch.push(entry_of(&message.map_err(KafkaError::client("reading"))?))
+                }
+            }
+        }
+        Ok(batch)
+    }
+}
+
 /// Reads one partition from a given offset: to the high watermark, then follows it.
 ///
 /// The partition is assigned directly, with an explicit offset: no consumer group, no
@@ -57,23 +154,7 @@ impl PartitionReader {
         partition: i32,
         from_offset: i64,
     ) -> Result<Self, KafkaError> {
-        let mut config = settings.client_config();
-        config
-            .set("group.id", "keel-partition-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_uncommitted")
-            .set("enable.partition.eof", "false");
-        // Readers follow the head of the log: a command is acknowledged only once its
-        // commit is read back, so the fetch wait is a floor under command latency.
-        // `KEEL_KAFKA_FETCH_WAIT_MAX_MS` overrides it.
-        if !settings.client.contains_key("fetch.wait.max.ms") {
-            config.set("fetch.wait.max.ms", "5");
-        }
-        let consumer: StreamConsumer = config
-            .create()
-            .map_err(KafkaError::client("creating a partition reader"))?;
+        let consumer = reader_consumer(settings)?;
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(topic, partition, Offset::Offset(from_offset))

@@ -1,0 +1,52 @@
+use std::str::FromStr;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+use tracing::info;
+
+/// Connects to the database of `url`, creating it when missing, and runs the projector's
+/// migrations.
+pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    let options =
+        PgConnectOptions::from_str(url).context("KEEL_DATABASE_URL is not a PostgreSQL URL")?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let mut admin = PgConnection::connect_with(&options.clone().database("postgres"))
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}:{}",
+                options.get_host(),
+                options.get_port()
+            )
+        })?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut admin)
+        .await?;
+    if exists.is_none() {
+        let created = sqlx::raw_sql(&format!(
+            "CREATE DATABASE \"{}\"",
+            name.replace('"', "\"\"")
+        ))
+        .execute(&mut admin)
+        .await;
+        match created {
+            Ok(_) => info!(database = %name, "created the database"),
+            // Another process created it first.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e).with_context(|| format!("creating database {name}")),
+        }
+    }
+    admin.close().await.ok();
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("connecting to database {name}"))?;
+    sqlx::migrate!("./migrations")
+        .run(&pool)
+        .await
+        .context("running the projector's migrations")?;
+    Ok(pool)
+}

@@ -1,0 +1,42 @@
+use std::time::Duration;
+
+use anyhow::Context;
+use keel_kafka::KafkaSettings;
+
+/// The projector's settings, from `KEEL_*` environment variables.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `KEEL_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/keel`); the
+    /// database is created when missing.
+    pub database_url: String,
+    /// `KEEL_BATCH_SIZE`: most records applied in one transaction (default 1000).
+    pub batch_size: usize,
+    /// `KEEL_BATCH_LINGER_MS`: how long a batch waits for more records after its first (default 20).
+    pub linger: Duration,
+    /// Kafka settings.
+    pub kafka: KafkaSettings,
+}
+
+/// The default database URL, shared with the query API.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/keel";
+
+impl Settings {
+    /// Reads the settings from the environment.
+    pub fn load() -> anyhow::Result<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let number = |name: &str, default: u64| -> anyhow::Result<u64> {
+            var(name).map_or(Ok(default), |v| {
+                v.parse()
+                    .with_context(|| format!("{name} {v:?} is not a number"))
+            })
+        };
+        let batch_size = number("KEEL_BATCH_SIZE", 1000)?;
+        anyhow::ensure!(batch_size >= 1, "KEEL_BATCH_SIZE must be at least 1");
+        Ok(Self {
+            database_url: var("KEEL_DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            batch_size: batch_size as usize,
+            linger: Duration::from_millis(number("KEEL_BATCH_LINGER_MS", 20)?),
+            kafka: KafkaSettings::from_env().context("reading the Kafka settings")?,
+        })
+    }
+}

@@ -1,0 +1,189 @@
+use std::collections::{BTreeMap, HashMap};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keel_domain::customer::CustomerEvent;
+use keel_domain::order::OrderEvent;
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
+
+/// Customers: profile, number of orders, and lifetime value (payments minus refunds, per
+/// currency). Reads the customer and the order topics; orders may arrive before the
+/// customer's registration, so a row can exist with no profile yet.
+pub struct Customers;
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+struct Row {
+    customer_id: String,
+    email: Option<String>,
+    name: Option<String>,
+    order_count: i64,
+    lifetime_value: Value,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl Row {
+    fn new(customer_id: &str, at: DateTime<Utc>) -> Self {
+        Self {
+            customer_id: customer_id.to_owned(),
+            email: None,
+            name: None,
+            order_count: 0,
+            lifetime_value: Value::Object(Default::default()),
+            updated_at: at,
+            version: 0,
+        }
+    }
+
+    fn add_value(&mut self, currency: &str, minor: i64) {
+        let mut values: BTreeMap<String, i64> =
+            serde_json::from_value(self.lifetime_value.clone()).unwrap_or_default();
+        *values.entry(currency.to_owned()).or_default() += minor;
+        self.lifetime_value = serde_json::to_value(values).unwrap_or(Value::Null);
+    }
+}
+
+#[async_trait]
+impl Projection for Customers {
+    fn name(&self) -> &'static str {
+        "customers"
+    }
+    fn version(&self) -> i32 {
+        1
+    }
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["customer", "order"]
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        &["customers", "customer_orders"]
+    }
+
+    async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error> {
+        let (t, o) = (
+            table("customers", generation),
+            table("customer_orders", generation),
+        );
+        execute_script(db, &format!(
+            "CREATE TABLE IF NOT EXISTS {t} (customer_id text PRIMARY KEY, email text, name text,
+                order_count bigint NOT NULL, lifetime_value jsonb NOT NULL, updated_at timestamptz NOT NULL,
+                version bigint NOT NULL);
+             CREATE TABLE IF NOT EXISTS {o} (order_id text PRIMARY KEY, customer_id text NOT NULL);"
+        ))
+        .await
+    }
+
+    async fn apply(
+        &self,
+        db: &mut PgConnection,
+        generation: i32,
+        events: &[ProjectedEvent],
+    ) -> Result<(), sqlx::Error> {
+        let (t, o) = (
+            table("customers", generation),
+            table("customer_orders", generation),
+        );
+        // Which customer each order belongs to: placed in this batch, or known already.
+        let mut owner_of: HashMap<String, String> = HashMap::new();
+        let mut new_links: Vec<(String, String)> = Vec::new();
+        let mut lookup: Vec<String> = Vec::new();
+        for e in events {
+            match &e.event {
+                AnyEvent::Order(OrderEvent::OrderPlaced { customer_id, .. }) => {
+                    owner_of.insert(e.stream_id().to_owned(), customer_id.to_string());
+                    new_links.push((e.stream_id().to_owned(), customer_id.to_string()));
+                }
+                AnyEvent::Order(_) if !owner_of.contains_key(e.stream_id()) => {
+                    lookup.push(e.stream_id().to_owned())
+                }
+                _ => {}
+            }
+        }
+        if !lookup.is_empty() {
+            let known: Vec<(String, String)> = sqlx::query_as(&format!(
+                "SELECT order_id, customer_id FROM {o} WHERE order_id = ANY($1)"
+            ))
+            .bind(&lookup)
+            .fetch_all(&mut *db)
+            .await?;
+            owner_of.extend(known);
+        }
+        let customer_of = |e: &ProjectedEvent| -> Option<String> {
+            match &e.event {
+                AnyEvent::Customer(_) => Some(e.stream_id().to_owned()),
+                AnyEvent::Order(_) => owner_of.get(e.stream_id()).cloned(),
+                AnyEvent::Product(_) => None,
+            }
+        };
+        let ids: Vec<String> = events.iter().filter_map(&customer_of).collect();
+        let mut rows: HashMap<String, Row> =
+            sqlx::query_as::<_, Row>(&format!("SELECT * FROM {t} WHERE customer_id = ANY($1)"))
+                .bind(&ids)
+                .fetch_all(&mut *db)
+                .await?
+                .into_iter()
+                .map(|r| (r.customer_id.clone(), r))
+                .collect();
+        let mut touched = Vec::new();
+        for e in events {
+            let Some(id) = customer_of(e) else { continue };
+            let at = e.recorded_at();
+            let row = rows.entry(id.clone()).or_insert_with(|| Row::new(&id, at));
+            match &e.event {
+                AnyEvent::Customer(CustomerEvent::CustomerRegistered { email, name }) => {
+                    row.email = Some(email.to_string());
+                    row.name = Some(name.to_string());
+                    row.version = e.version();
+                }
+                AnyEvent::Customer(CustomerEvent::CustomerEmailChanged { email }) => {
+                    row.email = Some(email.to_string());
+                    row.version = e.version();
+                }
+                AnyEvent::Order(OrderEvent::OrderPlaced { .. }) => row.order_count += 1,
+                AnyEvent::Order(OrderEvent::PaymentRecorded { amount, .. }) => {
+                    row.add_value(amount.currency().as_str(), amount.amount_minor());
+                }
+                AnyEvent::Order(OrderEvent::RefundIssued { amount }) => {
+                    row.add_value(amount.currency().as_str(), -amount.amount_minor());
+                }
+                _ => continue,
+            }
+            row.updated_at = at;
+            touched.push(id);
+        }
+        if !new_links.is_empty() {
+            sqlx::query(&format!(
+                "INSERT INTO {o} SELECT * FROM UNNEST($1::text[], $2::text[])"
+            ))
+            .bind(new_links.iter().map(|l| l.0.clone()).collect::<Vec<_>>())
+            .bind(new_links.iter().map(|l| l.1.clone()).collect::<Vec<_>>())
+            .execute(&mut *db)
+            .await?;
+        }
+        touched.sort();
+        touched.dedup();
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<&Row> = touched.iter().filter_map(|id| rows.get(id)).collect();
+        sqlx::query(&format!(
+            "INSERT INTO {t} SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[],
+                $6::timestamptz[], $7::bigint[])
+             ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name,
+                order_count = EXCLUDED.order_count, lifetime_value = EXCLUDED.lifetime_value,
+                updated_at = EXCLUDED.updated_at, version = EXCLUDED.version"
+        ))
+        .bind(rows.iter().map(|r| r.customer_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.email.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.name.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.order_count).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.lifetime_value.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+}

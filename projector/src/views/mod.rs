@@ -1,0 +1,31 @@
+//! The shop's read models.
+
+mod audit_log;
+mod customers;
+mod daily_sales;
+mod flagged_payments;
+mod orders;
+mod products;
+
+use std::sync::Arc;
+
+pub use audit_log::AuditLog;
+pub use customers::Customers;
+pub use daily_sales::DailySales;
+pub use flagged_payments::{FLAG_THRESHOLD_MINOR, FlaggedPayments};
+pub use orders::Orders;
+pub use products::Products;
+
+use crate::projection::Projection;
+
+/// Every projection of the shop.
+pub fn all() -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(Orders),
+        Arc::new(Products),
+        Arc::new(Customers),
+        Arc::new(DailySales),
+        Arc::new(FlaggedPayments),
+        Arc::new(AuditLog),
+    ]
+}

@@ -1,0 +1,172 @@
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keel_domain::order::{OrderEvent, OrderStatus};
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
+
+/// Orders: summary, status, totals, amount paid, lines, timestamps, version.
+pub struct Orders;
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+struct Row {
+    order_id: String,
+    customer_id: String,
+    status: String,
+    currency: String,
+    total_minor: i64,
+    paid_minor: i64,
+    refunded_minor: i64,
+    item_count: i64,
+    lines: Value,
+    carrier: Option<String>,
+    tracking: Option<String>,
+    placed_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+#[async_trait]
+impl Projection for Orders {
+    fn name(&self) -> &'static str {
+        "orders"
+    }
+    fn version(&self) -> i32 {
+        1
+    }
+    fn stream_types(&self) -> &'static [&'static str] {
+        &["order"]
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        &["orders"]
+    }
+
+    async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error> {
+        let t = table("orders", generation);
+        execute_script(db, &format!(
+            r#"CREATE TABLE IF NOT EXISTS {t} (
+                order_id text PRIMARY KEY, customer_id text NOT NULL, status text NOT NULL,
+                currency text NOT NULL, total_minor bigint NOT NULL, paid_minor bigint NOT NULL,
+                refunded_minor bigint NOT NULL, item_count bigint NOT NULL, lines jsonb NOT NULL,
+                carrier text, tracking text, placed_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
+                version bigint NOT NULL);
+            CREATE INDEX IF NOT EXISTS {t}_customer ON {t} (customer_id, order_id);
+            CREATE INDEX IF NOT EXISTS {t}_status ON {t} (status, order_id);"#
+        ))
+        .await
+    }
+
+    async fn apply(
+        &self,
+        db: &mut PgConnection,
+        generation: i32,
+        events: &[ProjectedEvent],
+    ) -> Result<(), sqlx::Error> {
+        let t = table("orders", generation);
+        let ids: Vec<String> = events.iter().map(|e| e.stream_id().to_owned()).collect();
+        let mut rows: HashMap<String, Row> =
+            sqlx::query_as::<_, Row>(&format!("SELECT * FROM {t} WHERE order_id = ANY($1)"))
+                .bind(&ids)
+                .fetch_all(&mut *db)
+                .await?
+                .into_iter()
+                .map(|r| (r.order_id.clone(), r))
+                .collect();
+        let mut touched = Vec::new();
+        for e in events {
+            let AnyEvent::Order(event) = &e.event else {
+                continue;
+            };
+            let id = e.stream_id();
+            let at = e.recorded_at();
+            if let OrderEvent::OrderPlaced {
+                customer_id,
+                lines,
+                total,
+            } = event
+            {
+                rows.insert(
+                    id.to_owned(),
+                    Row {
+                        order_id: id.to_owned(),
+                        customer_id: customer_id.to_string(),
+                        status: OrderStatus::Placed.as_str().to_owned(),
+                        currency: total.currency().to_string(),
+                        total_minor: total.amount_minor(),
+                        paid_minor: 0,
+                        refunded_minor: 0,
+                        item_count: lines.iter().map(|l| l.quantity.get() as i64).sum(),
+                        lines: serde_json::to_value(lines).unwrap_or(Value::Null),
+                        carrier: None,
+                        tracking: None,
+                        placed_at: at,
+                        updated_at: at,
+                        version: e.version(),
+                    },
+                );
+            } else if let Some(row) = rows.get_mut(id) {
+                match event {
+                    OrderEvent::OrderPlaced { .. } => {}
+                    OrderEvent::PaymentRecorded { amount, .. } => {
+                        row.paid_minor += amount.amount_minor()
+                    }
+                    OrderEvent::OrderPaid { .. } => {
+                        row.status = OrderStatus::Paid.as_str().to_owned()
+                    }
+                    OrderEvent::OrderShipped { carrier, tracking } => {
+                        row.status = OrderStatus::Shipped.as_str().to_owned();
+                        row.carrier = Some(carrier.to_string());
+                        row.tracking = Some(tracking.to_string());
+                    }
+                    OrderEvent::OrderCancelled { .. } => {
+                        row.status = OrderStatus::Cancelled.as_str().to_owned()
+                    }
+                    OrderEvent::RefundIssued { amount } => {
+                        row.refunded_minor += amount.amount_minor()
+                    }
+                }
+                row.updated_at = at;
+                row.version = e.version();
+            } else {
+                continue;
+            }
+            touched.push(id.to_owned());
+        }
+        touched.sort();
+        touched.dedup();
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<&Row> = touched.iter().filter_map(|id| rows.get(id)).collect();
+        sqlx::query(&format!(
+            r#"INSERT INTO {t} SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                $6::bigint[], $7::bigint[], $8::bigint[], $9::jsonb[], $10::text[], $11::text[], $12::timestamptz[],
+                $13::timestamptz[], $14::bigint[])
+            ON CONFLICT (order_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, status = EXCLUDED.status,
+                currency = EXCLUDED.currency, total_minor = EXCLUDED.total_minor, paid_minor = EXCLUDED.paid_minor,
+                refunded_minor = EXCLUDED.refunded_minor, item_count = EXCLUDED.item_count, lines = EXCLUDED.lines,
+                carrier = EXCLUDED.carrier, tracking = EXCLUDED.tracking, placed_at = EXCLUDED.placed_at,
+                updated_at = EXCLUDED.updated_at, version = EXCLUDED.version"#
+        ))
+        .bind(rows.iter().map(|r| r.order_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.customer_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.currency.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.total_minor).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.paid_minor).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.refunded_minor).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.item_count).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.lines.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.carrier.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tracking.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.placed_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+}
