@@ -105,12 +105,12 @@ impl ApiError {
     /// The problem document (RFC 9457).
     pub fn problem(&self) -> Value {
         let status = self.status();
-        let mut problem = json!({
-            "type": format!("/problems/{}", self.slug()),
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": self.to_string(),
-        });
+        let mut problem = keel_schemas::problem(
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error"),
+            self.slug(),
+            &self.to_string(),
+        );
         match self {
             ApiError::Conflict(e) => problem["rule"] = json!(e.rule()),
             ApiError::NotFound {
@@ -139,7 +139,7 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
+            HeaderValue::from_static(keel_schemas::PROBLEM_JSON),
         );
         if matches!(self, ApiError::Unavailable(_)) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));

@@ -10,6 +10,7 @@ mod canonical;
 mod commit;
 mod envelope;
 mod error;
+mod problem;
 mod token;
 mod upcast;
 
@@ -20,5 +21,6 @@ pub use commit::{
 };
 pub use envelope::{EventEnvelope, decode_event, decode_event_with, encode_event};
 pub use error::SchemaError;
+pub use problem::{PROBLEM_JSON, problem};
 pub use token::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, MAX_TOKEN_LEN, Position, TokenError};
 pub use upcast::{Upcaster, Upcasters};

@@ -1,0 +1,141 @@
+//! Read-your-writes: waiting until a projection has passed a consistency token.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use keel_schemas::{ConsistencyToken, Position};
+use projector::runner::NOTIFY_CHANNEL;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::error::ApiError;
+
+/// Default wait for a token, and the most a client may ask for.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+/// The longest `Keel-Consistency-Timeout` accepted.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Bumps a counter each time the projector commits a batch (its `NOTIFY`), and once a
+/// second regardless, so a lost notification delays a waiting query by a second at most.
+pub fn spawn_listener(pool: PgPool) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        loop {
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "cannot LISTEN; polling instead");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tx.send_modify(|n| *n += 1);
+                    continue;
+                }
+            };
+            if listener.listen(NOTIFY_CHANNEL).await.is_err() {
+                continue;
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(1), listener.recv()).await {
+                    Ok(Ok(_)) | Err(_) => tx.send_modify(|n| *n += 1),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "LISTEN connection lost; reconnecting");
+                        break;
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// The stream type a topic `<prefix>.<type>.events` holds.
+fn stream_type_of(topic: &str) -> Option<&str> {
+    topic.strip_suffix(".events")?.rsplit('.').next()
+}
+
+/// Where the live generation of `projection` has read to: next offset per partition.
+pub async fn checkpoints(
+    pool: &PgPool,
+    projection: &str,
+) -> Result<HashMap<(String, i32), i64>, ApiError> {
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT c.topic, c.partition, c.next_offset FROM keel_checkpoints c
+         JOIN keel_projections p ON p.name = c.projection AND p.generation = c.generation
+         WHERE c.projection = $1",
+    )
+    .bind(projection)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+}
+
+/// The positions a projection has read, as a token (the last offset read per partition).
+pub fn position_token(read: &HashMap<(String, i32), i64>) -> Option<String> {
+    let mut token = ConsistencyToken::default();
+    for ((topic, partition), next) in read {
+        if *next > 0 {
+            token.include(Position {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: next - 1,
+            });
+        }
+    }
+    (!token.is_empty()).then(|| token.encode())
+}
+
+/// Waits until `projection` (reading `stream_types`) has passed every position of `token`
+/// on its topics, woken by the projector's notifications; 503 when `wait` runs out.
+/// Returns the projection's checkpoints as last read.
+pub async fn wait_for(
+    pool: &PgPool,
+    mut changes: watch::Receiver<u64>,
+    projection: &str,
+    stream_types: &[&str],
+    token: Option<&ConsistencyToken>,
+    wait: Duration,
+) -> Result<HashMap<(String, i32), i64>, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        changes.mark_unchanged();
+        let read = checkpoints(pool, projection).await?;
+        let passed = token.is_none_or(|token| {
+            token.positions().all(|p| {
+                let relevant = stream_type_of(&p.topic).is_some_and(|t| stream_types.contains(&t));
+                !relevant
+                    || read
+                        .get(&(p.topic.clone(), p.partition))
+                        .is_some_and(|next| *next > p.offset)
+            })
+        });
+        if passed {
+            return Ok(read);
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => {
+                return Err(ApiError::Unavailable(format!(
+                    "the {projection} view has not reached the consistency token within {} ms; retry",
+                    wait.as_millis()
+                )));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_name_their_stream_type() {
+        assert_eq!(stream_type_of("keel.order.events"), Some("order"));
+        assert_eq!(stream_type_of("a.b.c.product.events"), Some("product"));
+        assert_eq!(stream_type_of("weird"), None);
+    }
+}

@@ -1,0 +1,106 @@
+//! The query API's errors, rendered as RFC 9457 problem+json.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tracing::error;
+
+/// Everything a query can fail with, each mapped to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: a malformed parameter, header or cursor.
+    #[error("{detail}")]
+    BadRequest {
+        /// What is wrong.
+        detail: String,
+        /// The parameter or header at fault.
+        field: Option<String>,
+    },
+    /// 404: no such resource.
+    #[error("{0}")]
+    NotFound(String),
+    /// 503: not ready, or the view has not caught up with the consistency token in time.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: a fault of ours; the detail goes to the log, the client gets a request id.
+    #[error("internal error {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming the parameter at fault.
+    pub fn bad(field: &str, detail: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            detail: detail.into(),
+            field: Some(field.to_owned()),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn slug(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } => "bad-request",
+            ApiError::NotFound(_) => "not-found",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            // The view does not exist yet: the projector has not created it.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
+                ApiError::Unavailable(
+                    "this view is not built yet: is the projector running?".into(),
+                )
+            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                ApiError::Unavailable("the database is not reachable".into())
+            }
+            _ => {
+                let request_id = uuid::Uuid::now_v7().to_string();
+                error!(%request_id, error = %e, "query failed");
+                ApiError::Internal(request_id)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut body = keel_schemas::problem(
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error"),
+            self.slug(),
+            &self.to_string(),
+        );
+        match &self {
+            ApiError::BadRequest {
+                field: Some(field), ..
+            } => body["field"] = json!(field),
+            ApiError::Internal(request_id) => body["request_id"] = json!(request_id),
+            _ => {}
+        }
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(keel_schemas::PROBLEM_JSON),
+        );
+        if matches!(self, ApiError::Unavailable(_)) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+        }
+        response
+    }
+}

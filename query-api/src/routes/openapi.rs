@@ -1,0 +1,149 @@
+//! The OpenAPI document of the query API; `query-api/openapi.json` is the checked-in copy,
+//! compared by a test, and every path in it is checked to be routed.
+
+use axum::Json;
+use serde_json::{Value, json};
+
+fn get(summary: &str, params: Value, cacheable: bool) -> Value {
+    let mut responses = json!({
+        "200": {"description": "the view, as of the position in Keel-Projection-Position",
+                "headers": {"ETag": {"schema": {"type": "string"}},
+                            "Keel-Projection-Position": {"schema": {"type": "string"},
+                                "description": "how far the view has read, as a consistency token"}},
+                "content": {"application/json": {"schema": {"type": "object"}}}},
+        "400": {"description": "a malformed parameter, cursor or consistency token",
+                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+        "404": {"description": "no such resource",
+                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+        "503": {"description": "the view did not reach the consistency token in time, or is not built yet; retry after Retry-After",
+                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    });
+    if cacheable {
+        responses["304"] = json!({"description": "If-None-Match matched the ETag"});
+    }
+    let mut parameters = params.as_array().cloned().unwrap_or_default();
+    for header in [
+        json!({"name": "Keel-Consistency-Token", "in": "header", "schema": {"type": "string"},
+               "description": "wait until the view has passed this token (from a command response)"}),
+        json!({"name": "Keel-Consistency-Timeout", "in": "header", "schema": {"type": "integer", "maximum": 30000},
+               "description": "how long to wait for the token, in milliseconds (default 5000)"}),
+        json!({"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}),
+    ] {
+        parameters.push(header);
+    }
+    json!({"get": {"summary": summary, "parameters": parameters, "responses": responses}})
+}
+
+fn path_param(name: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
+}
+
+fn query_param(name: &str, description: &str) -> Value {
+    json!({"name": name, "in": "query", "schema": {"type": "string"}, "description": description})
+}
+
+/// The OpenAPI 3.1 document of the query API.
+pub fn document() -> Value {
+    let page = || {
+        vec![
+            query_param("limit", "page size: default 50, capped at 500"),
+            query_param("cursor", "next_cursor of the previous page"),
+        ]
+    };
+    let mut orders = vec![
+        query_param("customer_id", "only this customer's orders"),
+        query_param("status", "placed, paid, shipped or cancelled"),
+    ];
+    orders.extend(page());
+    let mut products = vec![query_param("status", "active or discontinued")];
+    products.extend(page());
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Keel query API", "version": env!("CARGO_PKG_VERSION")},
+        "paths": {
+            "/v1/orders": get("orders, by order id", json!(orders), true),
+            "/v1/orders/{id}": get("one order", json!([path_param("id")]), true),
+            "/v1/products": get("the catalogue, by SKU", json!(products), true),
+            "/v1/products/{sku}": get("one product", json!([path_param("sku")]), true),
+            "/v1/customers/{id}": get("one customer", json!([path_param("id")]), true),
+            "/v1/reports/daily-sales": get("sales per day and currency", json!([
+                query_param("from", "first day, YYYY-MM-DD"), query_param("to", "last day, YYYY-MM-DD"),
+                query_param("currency", "only this currency")]), true),
+            "/v1/reports/flagged-payments": get("payments of 10,000.00 or more", json!(page()), true),
+            "/v1/projections": {"get": {"summary": "each projection's generation, state, events, dead letters and checkpoints",
+                                        "responses": {"200": {"description": "the projections"}}}},
+            "/healthz": {"get": {"responses": {"200": {"description": "the process is alive"}}}},
+            "/readyz": {"get": {"responses": {"200": {"description": "the database answers and the views exist"},
+                                              "503": {"description": "not ready"}}}},
+            "/openapi.json": {"get": {"responses": {"200": {"description": "this document"}}}}
+        },
+        "components": {"schemas": {"Problem": {"type": "object", "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+            "detail": {"type": "string"}, "field": {"type": "string"}, "request_id": {"type": "string"}}}}}
+    })
+}
+
+/// `GET /openapi.json`.
+pub(super) async fn serve() -> Json<Value> {
+    Json(document())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use sqlx::postgres::PgPoolOptions;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::routes::{AppState, app};
+
+    /// The checked-in document is the generated one. `KEEL_UPDATE_OPENAPI=1 cargo test`
+    /// rewrites it after a deliberate change.
+    #[test]
+    fn the_checked_in_document_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+        let generated = serde_json::to_string_pretty(&document()).unwrap() + "\n";
+        if std::env::var_os("KEEL_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "query-api/openapi.json is out of date: run KEEL_UPDATE_OPENAPI=1 cargo test -p query-api"
+        );
+    }
+
+    /// Every documented path is routed: with no database behind it, a routed path answers
+    /// anything but the fallback's 404.
+    #[tokio::test]
+    async fn every_documented_path_is_routed() {
+        let pool = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(300))
+            .connect_lazy("postgres://keel@127.0.0.1:1/none")
+            .unwrap();
+        let state = AppState::new(pool);
+        let doc = document();
+        for path in doc["paths"].as_object().unwrap().keys() {
+            let uri = path.replace("{id}", "x-1").replace("{sku}", "X-1");
+            let request = Request::builder().uri(&uri).body(Body::empty()).unwrap();
+            let response = app(state.clone()).oneshot(request).await.unwrap();
+            assert_ne!(
+                response.status(),
+                StatusCode::NOT_FOUND,
+                "GET {uri} is not routed"
+            );
+        }
+        let request = Request::builder()
+            .uri("/v1/nothing")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            app(state).oneshot(request).await.unwrap().status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+}

@@ -1,0 +1,236 @@
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use chrono::NaiveDate;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{AppState, decode_cursor, limit, page, serve};
+use crate::error::ApiError;
+
+fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query.map(|Query(q)| q).map_err(|e| ApiError::BadRequest {
+        detail: e.body_text(),
+        field: None,
+    })
+}
+
+fn text(v: &Value, field: &str) -> String {
+    v[field].as_str().unwrap_or_default().to_owned()
+}
+
+async fn one(state: &AppState, sql: &str, id: &str, what: &str) -> Result<Value, ApiError> {
+    sqlx::query_scalar::<_, Value>(sql)
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no {what} {id:?}")))
+}
+
+/// `GET /v1/orders/{id}`.
+pub(super) async fn order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    serve(
+        &state,
+        &headers,
+        "orders",
+        one(
+            &state,
+            "SELECT to_jsonb(o) FROM orders o WHERE order_id = $1",
+            &id,
+            "order",
+        ),
+    )
+    .await
+}
+
+/// `GET /v1/products/{sku}`.
+pub(super) async fn product(
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    serve(
+        &state,
+        &headers,
+        "products",
+        one(
+            &state,
+            "SELECT to_jsonb(p) - 'reservations' FROM products p WHERE sku = $1",
+            &sku,
+            "product",
+        ),
+    )
+    .await
+}
+
+/// `GET /v1/customers/{id}`.
+pub(super) async fn customer(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    serve(
+        &state,
+        &headers,
+        "customers",
+        one(
+            &state,
+            "SELECT to_jsonb(c) FROM customers c WHERE customer_id = $1",
+            &id,
+            "customer",
+        ),
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OrderFilter {
+    customer_id: Option<String>,
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/orders?customer_id=&status=&limit=&cursor=`, ordered by order id.
+pub(super) async fn list_orders(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<OrderFilter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = params(query)?;
+    let limit = limit(q.limit.as_deref())?;
+    let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
+    let rows = async {
+        let rows: Vec<Value> = sqlx::query_scalar(
+            "SELECT to_jsonb(o) FROM orders o
+             WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR order_id > $3)
+             ORDER BY order_id LIMIT $4",
+        )
+        .bind(&q.customer_id)
+        .bind(&q.status)
+        .bind(&after)
+        .bind(limit + 1)
+        .fetch_all(&state.pool)
+        .await?;
+        Ok(page(rows, limit, |r| vec![text(r, "order_id")]))
+    };
+    serve(&state, &headers, "orders", rows).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ProductFilter {
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/products?status=&limit=&cursor=`, ordered by SKU.
+pub(super) async fn list_products(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ProductFilter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = params(query)?;
+    let limit = limit(q.limit.as_deref())?;
+    let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
+    let rows = async {
+        let rows: Vec<Value> = sqlx::query_scalar(
+            "SELECT to_jsonb(p) - 'reservations' FROM products p
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR sku > $2)
+             ORDER BY sku LIMIT $3",
+        )
+        .bind(&q.status)
+        .bind(&after)
+        .bind(limit + 1)
+        .fetch_all(&state.pool)
+        .await?;
+        Ok(page(rows, limit, |r| vec![text(r, "sku")]))
+    };
+    serve(&state, &headers, "products", rows).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SalesFilter {
+    from: Option<String>,
+    to: Option<String>,
+    currency: Option<String>,
+}
+
+/// `GET /v1/reports/daily-sales?from=&to=&currency=` (dates as YYYY-MM-DD, inclusive).
+pub(super) async fn daily_sales(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<SalesFilter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = params(query)?;
+    let date = |field: &str, v: &Option<String>| -> Result<Option<NaiveDate>, ApiError> {
+        v.as_deref()
+            .map(|d| {
+                NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                    .map_err(|_| ApiError::bad(field, "must be a date like 2026-11-21"))
+            })
+            .transpose()
+    };
+    let (from, to) = (date("from", &q.from)?, date("to", &q.to)?);
+    let rows = async {
+        let rows: Vec<Value> = sqlx::query_scalar(
+            "SELECT to_jsonb(d) FROM daily_sales d
+             WHERE ($1::date IS NULL OR day >= $1) AND ($2::date IS NULL OR day <= $2)
+               AND ($3::text IS NULL OR currency = $3)
+             ORDER BY day, currency",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(&q.currency)
+        .fetch_all(&state.pool)
+        .await?;
+        Ok(serde_json::json!({ "items": rows }))
+    };
+    serve(&state, &headers, "daily_sales", rows).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PageOnly {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/reports/flagged-payments?limit=&cursor=`: payments of 10,000.00 or more.
+pub(super) async fn flagged_payments(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<PageOnly>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = params(query)?;
+    let limit = limit(q.limit.as_deref())?;
+    let after = decode_cursor(q.cursor.as_deref(), 2)?;
+    let rows = async {
+        let (order, payment) = after
+            .map(|k| (Some(k[0].clone()), Some(k[1].clone())))
+            .unwrap_or_default();
+        let rows: Vec<Value> = sqlx::query_scalar(
+            "SELECT to_jsonb(f) FROM flagged_payments f
+             WHERE $1::text IS NULL OR (order_id, payment_ref) > ($1, $2)
+             ORDER BY order_id, payment_ref LIMIT $3",
+        )
+        .bind(order)
+        .bind(payment)
+        .bind(limit + 1)
+        .fetch_all(&state.pool)
+        .await?;
+        Ok(page(rows, limit, |r| {
+            vec![text(r, "order_id"), text(r, "payment_ref")]
+        }))
+    };
+    serve(&state, &headers, "flagged_payments", rows).await
+}
