@@ -2,7 +2,8 @@
 # `make up`: the whole system on one machine, in the foreground. Ctrl-C stops what it started.
 #   PostgreSQL on 127.0.0.1:5432 (started if it is not running)
 #   the broker on 127.0.0.1:9092, its log kept durably in PostgreSQL database keel_log
-#   the topics, the command API on 127.0.0.1:8080 and the query API on 127.0.0.1:8081
+#   the topics, the command API on 127.0.0.1:8080, the projector (views in database keel)
+#   and the query API on 127.0.0.1:8081
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 
@@ -43,6 +44,11 @@ fi
 
 say "ensuring the topics"
 "$bin/projector" topics
+
+export KEEL_DATABASE_URL="${KEEL_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/keel}"
+say "starting the projector (log: .keel/logs/projector.log)"
+"$bin/projector" run >.keel/logs/projector.log 2>&1 &
+pids+=($!)
 
 for svc in command-api:8080 query-api:8081; do
     name=${svc%%:*} port=${svc##*:}

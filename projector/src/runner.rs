@@ -435,7 +435,8 @@ impl Runner {
             sqlx::query(
                 r#"INSERT INTO keel_dead_letters (projection, generation, topic, partition, "offset", error, key, payload, skipped)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                   ON CONFLICT (projection, generation, topic, partition, "offset") DO NOTHING"#,
+                   ON CONFLICT (projection, generation, topic, partition, "offset")
+                   DO UPDATE SET error = EXCLUDED.error, skipped = EXCLUDED.skipped"#,
             )
             .bind(name)
             .bind(generation)

@@ -21,19 +21,134 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     if !path.is_file() {
         bail!(
-            "{} is not built: run `cargo build -p {name}` (make test does)",
+            "{} is not built: run `cargo build --workspace --bins` (make test does)",
             path.display()
         );
     }
     Ok(path)
 }
 
-/// A running command-api process. Killed when dropped.
-pub struct CommandApi {
+/// A running Keel binary. Killed when dropped.
+pub struct Service {
     child: Child,
-    /// Where it listens.
-    pub addr: SocketAddr,
+    /// Where it listens, for the HTTP services.
+    pub addr: Option<SocketAddr>,
 }
+
+impl Service {
+    /// Starts `binary` with `args` and `env`; when `listening` is given, waits for the log
+    /// line with that message and reads the address from its `addr` field.
+    pub async fn start(
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        listening: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new(workspace_binary(binary)?);
+        command
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = oneshot::channel();
+        let echo = std::env::var_os("TEST_LOG").is_some();
+        let (name, wanted) = (binary.to_owned(), listening.map(str::to_owned));
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if echo {
+                    eprintln!("[{name}] {line}");
+                }
+                if let Some(wanted) = &wanted
+                    && line.contains(wanted.as_str())
+                {
+                    let addr = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| {
+                            v["addr"]
+                                .as_str()
+                                .and_then(|a| a.parse::<SocketAddr>().ok())
+                        });
+                    if let (Some(tx), Some(addr)) = (tx.take(), addr) {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let addr = match listening {
+            None => None,
+            Some(_) => match tokio::time::timeout(Duration::from_secs(60), rx).await {
+                Ok(Ok(addr)) => Some(addr),
+                _ => bail!(
+                    "{binary} did not start listening within 60 s (set TEST_LOG=info to see its log)"
+                ),
+            },
+        };
+        Ok(Self { child, addr })
+    }
+
+    /// `http://addr<path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.addr.map(|a| a.to_string()).unwrap_or_default()
+        )
+    }
+
+    /// Waits until `GET /readyz` answers 200.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = client.get(self.url("/readyz")).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} was not ready within 60 s", self.url(""));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the process with SIGTERM (a graceful shutdown) and waits for it to exit.
+    pub async fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    }
+
+    /// Kills the process with SIGKILL: no shutdown at all.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait(mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
+    }
+}
+
+/// The command API is a [`Service`].
+pub type CommandApi = Service;
 
 /// How a command-api process is configured.
 #[derive(Clone, Debug)]
@@ -58,97 +173,88 @@ impl CommandApiConfig {
             instance: instance.to_owned(),
         }
     }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("KEEL_KAFKA_BROKERS", self.brokers.clone()),
+            ("KEEL_TOPIC_PREFIX", self.prefix.clone()),
+            ("KEEL_PARTITIONS", self.partitions.to_string()),
+        ]
+    }
 }
 
-impl CommandApi {
-    /// Starts command-api on a free port and waits until it has started listening.
-    pub async fn start(config: &CommandApiConfig) -> anyhow::Result<Self> {
-        let mut child = Command::new(workspace_binary("command-api")?)
-            .env("KEEL_COMMAND_ADDR", "127.0.0.1:0")
-            .env("KEEL_KAFKA_BROKERS", &config.brokers)
-            .env("KEEL_TOPIC_PREFIX", &config.prefix)
-            .env("KEEL_PARTITIONS", config.partitions.to_string())
-            .env("KEEL_INSTANCE", &config.instance)
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting command-api")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, rx) = oneshot::channel();
-        let echo = std::env::var_os("TEST_LOG").is_some();
-        let instance = config.instance.clone();
-        tokio::spawn(async move {
-            let mut tx = Some(tx);
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if echo {
-                    eprintln!("[{instance}] {line}");
-                }
-                if line.contains("command API listening") {
-                    let addr = serde_json::from_str::<serde_json::Value>(&line)
-                        .ok()
-                        .and_then(|v| {
-                            v["addr"]
-                                .as_str()
-                                .and_then(|a| a.parse::<SocketAddr>().ok())
-                        });
-                    if let (Some(tx), Some(addr)) = (tx.take(), addr) {
-                        let _ = tx.send(addr);
-                    }
-                }
-            }
-        });
-        let addr = match tokio::time::timeout(Duration::from_secs(60), rx).await {
-            Ok(Ok(addr)) => addr,
-            _ => bail!(
-                "command-api did not start listening within 60 s (set TEST_LOG=info to see its log)"
-            ),
-        };
-        Ok(Self { child, addr })
+impl Service {
+    /// Starts command-api on a free port and waits until it listens.
+    pub async fn command_api(config: &CommandApiConfig) -> anyhow::Result<Self> {
+        let mut env = config.env();
+        env.push(("KEEL_COMMAND_ADDR", "127.0.0.1:0".into()));
+        env.push(("KEEL_INSTANCE", config.instance.clone()));
+        Self::start("command-api", &[], &env, Some("command API listening")).await
     }
 
     /// Starts command-api and waits until `/readyz` says it owns every partition.
-    pub async fn start_ready(config: &CommandApiConfig) -> anyhow::Result<Self> {
-        let api = Self::start(config).await?;
+    pub async fn command_api_ready(config: &CommandApiConfig) -> anyhow::Result<Self> {
+        let api = Self::command_api(config).await?;
         api.wait_ready().await?;
         Ok(api)
     }
 
-    /// `http://addr`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+    /// Starts `projector run` with `args` against `database_url`.
+    pub async fn projector(
+        config: &CommandApiConfig,
+        database_url: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut env = config.env();
+        env.push(("KEEL_DATABASE_URL", database_url.to_owned()));
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        Self::start("projector", &all, &env, None).await
     }
 
-    /// Waits until `/readyz` answers 200.
-    pub async fn wait_ready(&self) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = client.get(self.url("/readyz")).send().await
-                && r.status().is_success()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("command-api was not ready within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Starts query-api on a free port against `database_url`.
+    pub async fn query_api(database_url: &str) -> anyhow::Result<Self> {
+        let env = [
+            ("KEEL_QUERY_ADDR", "127.0.0.1:0".to_owned()),
+            ("KEEL_DATABASE_URL", database_url.to_owned()),
+        ];
+        Self::start("query-api", &[], &env, Some("query API listening")).await
+    }
+}
+
+/// A PostgreSQL database of the test's own, dropped when the test ends.
+pub struct TestDatabase {
+    /// Its name.
+    pub name: String,
+}
+
+impl TestDatabase {
+    /// A fresh name; the projector creates the database on first use.
+    pub fn new(test: &str) -> Self {
+        Self {
+            name: format!(
+                "keel_t_{test}_{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            ),
         }
     }
 
-    /// Stops the process with SIGTERM (a graceful shutdown) and waits for it to exit.
-    pub async fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    /// Its URL on the local server.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }

@@ -56,7 +56,7 @@ fn problem_type(reply: &Reply) -> &str {
 async fn stack(name: &str, partitions: i32) -> (Broker, CommandApiConfig, CommandApi) {
     let broker = Broker::start().await.unwrap();
     let config = CommandApiConfig::new(&broker, &unique_prefix(name), partitions, "cmd-a");
-    let api = CommandApi::start_ready(&config).await.unwrap();
+    let api = CommandApi::command_api_ready(&config).await.unwrap();
     (broker, config, api)
 }
 
@@ -532,7 +532,7 @@ async fn restart_continues_streams_and_replays_idempotent_retries() {
         "graceful shutdown exits 0"
     );
 
-    let api = CommandApi::start_ready(&CommandApiConfig {
+    let api = CommandApi::command_api_ready(&CommandApiConfig {
         instance: "cmd-b".into(),
         ..config.clone()
     })
@@ -580,7 +580,7 @@ async fn a_newer_instance_fences_the_old_one_and_no_command_is_acknowledged_twic
     }
     // A second process on the same topics takes every partition with a newer epoch; the
     // first one is not told and keeps running: a zombie.
-    let new = CommandApi::start_ready(&CommandApiConfig {
+    let new = CommandApi::command_api_ready(&CommandApiConfig {
         instance: "cmd-new".into(),
         ..config.clone()
     })

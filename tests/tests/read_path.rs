@@ -1,0 +1,466 @@
+//! The read path end to end: command API, broker, projector, PostgreSQL, query API.
+
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_kafka::{LogProducer, partition_for};
+use keel_schemas::ConsistencyToken;
+use keel_tests::{Broker, CommandApiConfig, Service, TestDatabase, unique_prefix};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+struct Stack {
+    broker: Broker,
+    config: CommandApiConfig,
+    db: TestDatabase,
+    command: Service,
+    projector: Option<Service>,
+    query: Service,
+}
+
+impl Stack {
+    async fn start(name: &str, partitions: i32) -> Self {
+        let broker = Broker::start().await.unwrap();
+        let config = CommandApiConfig::new(&broker, &unique_prefix(name), partitions, "cmd-a");
+        let db = TestDatabase::new(name);
+        let command = Service::command_api_ready(&config).await.unwrap();
+        let projector = Some(Service::projector(&config, &db.url(), &[]).await.unwrap());
+        let query = Service::query_api(&db.url()).await.unwrap();
+        query.wait_ready().await.unwrap();
+        Self {
+            broker,
+            config,
+            db,
+            command,
+            projector,
+            query,
+        }
+    }
+
+    async fn pool(&self) -> PgPool {
+        PgPool::connect(&self.db.url()).await.unwrap()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value, Option<ConsistencyToken>) {
+        let r = reqwest::Client::new()
+            .post(self.command.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        let token = body["consistency_token"]
+            .as_str()
+            .map(|t| t.parse().unwrap());
+        (status, body, token)
+    }
+
+    async fn get(&self, path: &str, token: Option<&ConsistencyToken>) -> (StatusCode, Value) {
+        let mut request = reqwest::Client::new().get(self.query.url(path));
+        if let Some(token) = token {
+            request = request
+                .header("keel-consistency-token", token.encode())
+                .header("keel-consistency-timeout", "30000");
+        }
+        let r = request.send().await.unwrap();
+        (r.status(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn eur(n: i64) -> Value {
+    json!({"amount_minor": n, "currency": "EUR"})
+}
+
+#[tokio::test]
+async fn a_query_with_the_commands_token_reads_its_write_every_time() {
+    let stack = Stack::start("ryw", 4).await;
+    let (status, _, _) = stack
+        .post(
+            "/v1/products/RYW-1/register",
+            json!({"name": "R", "price": eur(100)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    for i in 1..=200u64 {
+        let (status, body, token) = stack
+            .post("/v1/products/RYW-1/restock", json!({"quantity": 1}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, product) = stack.get("/v1/products/RYW-1", token.as_ref()).await;
+        assert_eq!(status, StatusCode::OK, "{product}");
+        assert_eq!(
+            product["on_hand"], i,
+            "restock {i} is visible on the first read"
+        );
+        assert_eq!(product["version"], i + 1);
+    }
+}
+
+#[tokio::test]
+async fn orders_survive_projector_kills_exactly_once() {
+    let mut stack = Stack::start("exactly-once", 4).await;
+    let first = stack.projector.take().unwrap();
+    let stack_ref = &stack;
+    const ORDERS: usize = 5000;
+    let placing = async move {
+        let client = reqwest::Client::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let (mut orders, mut items, mut revenue) = (0i64, 0i64, 0i64);
+        let mut token = ConsistencyToken::default();
+        for i in 0..ORDERS {
+            let quantity = (i % 7 + 1) as i64;
+            let price = (i % 13 + 1) as i64 * 100;
+            orders += 1;
+            items += quantity;
+            revenue += quantity * price;
+            let body = json!({"customer_id": format!("c-{}", i % 50),
+                              "lines": [{"sku": "SKU-1", "quantity": quantity, "unit_price": eur(price)}]});
+            let (client, url) = (
+                client.clone(),
+                stack_ref.command.url(&format!("/v1/orders/eo-{i}/place")),
+            );
+            tasks.spawn(async move {
+                client
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap()
+            });
+            while tasks.len() >= 32 {
+                let body = tasks.join_next().await.unwrap().unwrap();
+                token = token.merge(&body["consistency_token"].as_str().unwrap().parse().unwrap());
+            }
+        }
+        while let Some(body) = tasks.join_next().await {
+            token = token.merge(
+                &body.unwrap()["consistency_token"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+            );
+        }
+        (orders, items, revenue, token)
+    };
+    let killing = async {
+        // Five SIGKILLs at moments spread over the load, each followed by a restart.
+        let mut seed = u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos(),
+        ) | 1;
+        let mut running = first;
+        for _ in 0..5 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            tokio::time::sleep(Duration::from_millis(300 + seed % 900)).await;
+            running.kill().await.unwrap();
+            running = Service::projector(&stack_ref.config, &stack_ref.db.url(), &[])
+                .await
+                .unwrap();
+        }
+        running
+    };
+    let ((orders, items, revenue, token), last) = tokio::join!(placing, killing);
+    stack.projector = Some(last);
+
+    let (status, sales) = stack.get("/v1/reports/daily-sales", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{sales}");
+    let sum = |field: &str| -> i64 {
+        sales["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d[field].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (sum("orders_placed"), sum("items"), sum("revenue_minor")),
+        (orders, items, revenue)
+    );
+
+    let pool = stack.pool().await;
+    // Every projection has caught up with the token before the counts are taken.
+    stack.get("/v1/orders/eo-0", Some(&token)).await;
+    let waited = Instant::now();
+    let (rows, audit, distinct) = loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM audit_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if audit >= ORDERS as i64 || waited.elapsed() > Duration::from_secs(60) {
+            break (rows, audit, distinct);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(rows, ORDERS as i64, "orders has exactly one row per order");
+    assert_eq!(
+        (audit, distinct),
+        (ORDERS as i64, ORDERS as i64),
+        "audit_log has exactly one row per event"
+    );
+}
+
+#[tokio::test]
+async fn a_poison_record_stops_the_projection_or_is_skipped_and_counted() {
+    let mut stack = Stack::start("poison", 2).await;
+    let body = json!({"customer_id": "c-1", "lines": [{"sku": "S", "quantity": 1, "unit_price": eur(100)}]});
+    let (_, _, first) = stack.post("/v1/orders/p-1/place", body.clone()).await;
+    stack.get("/v1/orders/p-1", first.as_ref()).await;
+
+    // A valid Kafka record that is not JSON, in the partition of p-1 and p-2.
+    let settings = stack
+        .broker
+        .settings(&stack.config.prefix, stack.config.partitions);
+    let topic = settings.topic("order");
+    let partition = partition_for(b"p-1", stack.config.partitions);
+    let producer = LogProducer::new(&settings).unwrap();
+    let poison = producer
+        .append(&topic, partition, "p-1", b"{not json", &[])
+        .await
+        .unwrap();
+    let second = (2..)
+        .map(|i| format!("p-{i}"))
+        .find(|id| partition_for(id.as_bytes(), stack.config.partitions) == partition)
+        .unwrap();
+    let (_, _, after) = stack
+        .post(&format!("/v1/orders/{second}/place"), body.clone())
+        .await;
+
+    // Stop (the default): the dead letter names the offset; nothing after it is applied.
+    let pool = stack.pool().await;
+    let waited = Instant::now();
+    let state = loop {
+        let state: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT state, error FROM keel_projections WHERE name = 'orders'")
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        if state.as_ref().is_some_and(|s| s.0 == "stopped")
+            || waited.elapsed() > Duration::from_secs(30)
+        {
+            break state.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state.0, "stopped");
+    assert!(
+        state
+            .1
+            .as_deref()
+            .unwrap()
+            .contains(&format!("offset {poison}")),
+        "{state:?}"
+    );
+    let dead: (i64, String, Vec<u8>, bool) = sqlx::query_as(
+        r#"SELECT "offset", error, payload, skipped FROM keel_dead_letters WHERE projection = 'orders'"#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (dead.0, dead.2.as_slice(), dead.3),
+        (poison, &b"{not json"[..], false)
+    );
+    let (status, _) = stack.get(&format!("/v1/orders/{second}"), None).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "nothing after the poison record is applied"
+    );
+    let (_, projections) = stack.get("/v1/projections", None).await;
+    let orders = projections["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "orders")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (orders["state"].as_str(), orders["dead_letters"].as_i64()),
+        (Some("stopped"), Some(1))
+    );
+
+    // Skip: it goes on, and counts the dead letter as skipped.
+    stack.projector.take().unwrap().kill().await.unwrap();
+    stack.projector = Some(
+        Service::projector(&stack.config, &stack.db.url(), &["--on-error", "skip"])
+            .await
+            .unwrap(),
+    );
+    let (status, order) = stack
+        .get(&format!("/v1/orders/{second}"), after.as_ref())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    let skipped: bool =
+        sqlx::query_scalar("SELECT skipped FROM keel_dead_letters WHERE projection = 'orders'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(skipped);
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM keel_projections WHERE name = 'orders'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "running");
+}
+
+#[tokio::test]
+async fn the_whole_stack_through_http_with_pagination_over_a_thousand_orders() {
+    let stack = Stack::start("e2e", 4).await;
+    let (s, _, _) = stack
+        .post(
+            "/v1/products/MUG-1/register",
+            json!({"name": "Mug", "price": eur(1299)}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    stack
+        .post(
+            "/v1/customers/c-1/register",
+            json!({"email": "ada@example.com", "name": "Ada"}),
+        )
+        .await;
+    let stack = Arc::new(stack);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let stack = stack.clone();
+        tasks.spawn(async move {
+            let body = json!({"customer_id": "c-1", "lines": [{"sku": "MUG-1", "quantity": 1, "unit_price": eur(1299)}]});
+            stack.post(&format!("/v1/orders/o-{i:04}/place"), body).await.2.unwrap()
+        });
+        while tasks.len() >= 32 {
+            tasks.join_next().await;
+        }
+    }
+    let mut token = ConsistencyToken::default();
+    while let Some(t) = tasks.join_next().await {
+        token = token.merge(&t.unwrap());
+    }
+    // A big payment is flagged; the order is paid and shipped.
+    let (_, _, t) = stack
+        .post(
+            "/v1/orders/big-1/place",
+            json!({"customer_id": "c-1",
+        "lines": [{"sku": "MUG-1", "quantity": 1000, "unit_price": eur(1299)}]}),
+        )
+        .await;
+    token = token.merge(&t.unwrap());
+    let (s, paid, t) = stack
+        .post(
+            "/v1/orders/big-1/pay",
+            json!({"amount": eur(1_299_000), "payment_ref": "wire-1"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{paid}");
+    token = token.merge(&t.unwrap());
+    let (_, _, t) = stack
+        .post(
+            "/v1/orders/big-1/ship",
+            json!({"carrier": "DHL", "tracking": "JD01"}),
+        )
+        .await;
+    token = token.merge(&t.unwrap());
+
+    let (s, order) = stack.get("/v1/orders/big-1", Some(&token)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (
+            order["status"].as_str(),
+            order["paid_minor"].as_i64(),
+            order["tracking"].as_str()
+        ),
+        (Some("shipped"), Some(1_299_000), Some("JD01"))
+    );
+    let (_, customer) = stack.get("/v1/customers/c-1", Some(&token)).await;
+    assert_eq!(
+        (customer["order_count"].as_i64(), customer["email"].as_str()),
+        (Some(1001), Some("ada@example.com"))
+    );
+    assert_eq!(customer["lifetime_value"]["EUR"], 1_299_000);
+    let (_, flagged) = stack
+        .get("/v1/reports/flagged-payments", Some(&token))
+        .await;
+    assert_eq!(flagged["items"][0]["payment_ref"], "wire-1");
+    let (_, product) = stack.get("/v1/products/MUG-1", Some(&token)).await;
+    assert_eq!(product["price_minor"], 1299);
+
+    // Walk the 1,000 placed orders, 37 at a time: no gaps, no repeats.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => "/v1/orders?status=placed&limit=37".to_owned(),
+            Some(c) => format!("/v1/orders?status=placed&limit=37&cursor={c}"),
+        };
+        let (s, page) = stack.get(&path, Some(&token)).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["order_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..1000).map(|i| format!("o-{i:04}")).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(seen.iter().collect::<BTreeSet<_>>().len(), 1000);
+
+    // Limits are capped, bad parameters are 400, ETags give 304.
+    let (_, page) = stack.get("/v1/orders?limit=100000", None).await;
+    assert_eq!(page["limit"], 500);
+    let (s, problem) = stack.get("/v1/orders?cursor=nonsense", None).await;
+    assert_eq!(
+        (s, problem["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("cursor"))
+    );
+    let (s, _) = stack.get("/v1/orders?colour=red", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let r = reqwest::get(stack.query.url("/v1/orders/big-1"))
+        .await
+        .unwrap();
+    let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(r.headers().contains_key("keel-projection-position"));
+    let r = reqwest::Client::new()
+        .get(stack.query.url("/v1/orders/big-1"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+
+    // Every projection runs, with no dead letter.
+    let (_, projections) = stack.get("/v1/projections", None).await;
+    let all = projections["projections"].as_array().unwrap();
+    assert_eq!(all.len(), 6);
+    assert!(
+        all.iter()
+            .all(|p| p["state"] == "running" && p["dead_letters"] == 0),
+        "{projections}"
+    );
+}
