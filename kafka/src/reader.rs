@@ -61,7 +61,11 @@ fn entry_of<M: Message>(message: &M) -> LogEntry {
 }
 
 /// Creates a consumer for readers: no group membership, no committed offsets.
-fn reader_consumer(settings: &KafkaSettings) -> Result<StreamConsumer, KafkaError> {
+/// `fetch_wait_ms` is the default fetch wait, unless `KEEL_KAFKA_FETCH_WAIT_MAX_MS` sets one.
+fn reader_consumer(
+    settings: &KafkaSettings,
+    fetch_wait_ms: u32,
+) -> Result<StreamConsumer, KafkaError> {
     let mut config = settings.client_config();
     config
         .set("group.id", "keel-partition-reader")
@@ -70,11 +74,8 @@ fn reader_consumer(settings: &KafkaSettings) -> Result<StreamConsumer, KafkaErro
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_uncommitted")
         .set("enable.partition.eof", "false");
-    // Readers follow the head of the log: a command is acknowledged only once its
-    // commit is read back, so the fetch wait is a floor under command latency.
-    // `KEEL_KAFKA_FETCH_WAIT_MAX_MS` overrides it.
     if !settings.client.contains_key("fetch.wait.max.ms") {
-        config.set("fetch.wait.max.ms", "5");
+        config.set("fetch.wait.max.ms", fetch_wait_ms.to_string());
     }
     config
         .create()
@@ -89,11 +90,14 @@ pub struct LogReader {
 
 impl LogReader {
     /// Opens a reader of every `(topic, partition, next offset)` given.
+    ///
+    /// Tuned for throughput: a fetch waits up to 100 ms for data (brokers answer as soon as
+    /// data arrives), so idle partitions cost the broker little.
     pub fn open(
         settings: &KafkaSettings,
         assignment: &[(String, i32, i64)],
     ) -> Result<Self, KafkaError> {
-        let consumer = reader_consumer(settings)?;
+        let consumer = reader_consumer(settings, 100)?;
         let mut list = TopicPartitionList::new();
         for (topic, partition, offset) in assignment {
             list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
@@ -154,7 +158,10 @@ impl PartitionReader {
         partition: i32,
         from_offset: i64,
     ) -> Result<Self, KafkaError> {
-        let consumer = reader_consumer(settings)?;
+        // Tuned for latency: a command is acknowledged only once its commit is read back,
+        // so this fetch wait is a floor under command latency on brokers that do not
+        // answer a waiting fetch as soon as data arrives.
+        let consumer = reader_consumer(settings, 5)?;
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(topic, partition, Offset::Offset(from_offset))
@@ -224,27 +231,7 @@ impl PartitionReader {
             if message.offset() < self.next_offset {
                 continue;
             }
-            let entry = LogEntry {
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                offset: message.offset(),
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                headers: message
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|header| {
-                                (
-                                    header.key.to_owned(),
-                                    header.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                timestamp_ms: message.timestamp().to_millis(),
-            };
+            let entry = entry_of(&message);
             self.next_offset = entry.offset + 1;
             return Ok(entry);
         }
