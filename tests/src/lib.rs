@@ -1,6 +1,7 @@
 //! Helpers for Keel's end-to-end tests: a real Kafka-compatible broker started per test
 //! on a free port, and random topic prefixes so tests never share names.
 
+pub mod bench;
 mod broker;
 mod log;
 mod stack;

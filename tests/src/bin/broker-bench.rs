@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_kafka::{KafkaSettings, ensure_topics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
+use keel_tests::bench;
+use rdkafka::producer::Producer;
 
 const PARTITIONS: i32 = 8;
 
@@ -41,32 +39,12 @@ fn main() -> anyhow::Result<()> {
         .block_on(ensure_topics(&settings, &["bench"]))?
         .remove(0);
 
-    let producer: BaseProducer = settings
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "500000")
-        .create()?;
+    let producer = bench::bare_producer(&settings)?;
     let payload = vec![b'x'; size];
     let started = Instant::now();
     for i in 0..records {
         let partition = (i % PARTITIONS as usize) as i32;
-        let key = i.to_string();
-        loop {
-            let record = BaseRecord::to(&topic)
-                .partition(partition)
-                .key(&key)
-                .payload(&payload);
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    producer.poll(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(e).context("producing"),
-            }
-        }
-        producer.poll(Duration::ZERO);
+        bench::send(&producer, &topic, partition, &i.to_string(), &payload)?;
     }
     producer.flush(Duration::from_secs(600))?;
     let produce = started.elapsed();
@@ -79,26 +57,8 @@ fn main() -> anyhow::Result<()> {
     if args.get(4).is_some_and(|a| a == "produce") {
         return Ok(());
     }
-    let consumer: BaseConsumer = settings
-        .client_config()
-        .set("group.id", "broker-bench")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        assignment.add_partition_offset(&topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
-    let started = Instant::now();
-    let mut seen = 0;
-    while seen < records {
-        match consumer.poll(Duration::from_secs(30)) {
-            Some(Ok(_)) => seen += 1,
-            Some(Err(e)) => return Err(e).context("consuming"),
-            None => anyhow::bail!("no record for 30 s after {seen} of {records}"),
-        }
-    }
-    let consume = started.elapsed();
+    let consume =
+        Duration::from_secs_f64(bench::drain(&settings, &topic, PARTITIONS, records as i64)?);
     println!(
         "consume: {records} records in {:.2} s = {:.0} records/s",
         consume.as_secs_f64(),

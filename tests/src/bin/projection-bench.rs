@@ -20,10 +20,8 @@ use keel_kafka::{KafkaSettings, ensure_topics, partition_for};
 use keel_schemas::{
     CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
 };
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
+use keel_tests::bench;
+use rdkafka::producer::Producer;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -53,28 +51,9 @@ fn main() -> anyhow::Result<()> {
         .remove(0);
 
     // The log: a fence per partition, then one OrderPlaced commit per order.
-    let producer: BaseProducer = settings
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "500000")
-        .create()?;
-    let send = |partition: i32, key: &str, payload: &[u8]| -> anyhow::Result<()> {
-        loop {
-            match producer.send(
-                BaseRecord::to(&topic)
-                    .partition(partition)
-                    .key(key)
-                    .payload(payload),
-            ) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    producer.poll(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(e).context("producing"),
-            }
-        }
+    let producer = bench::bare_producer(&settings)?;
+    let send = |partition: i32, key: &str, payload: &[u8]| {
+        bench::send(&producer, &topic, partition, key, payload)
     };
     let writer = Writer {
         instance: "bench".into(),
@@ -135,27 +114,7 @@ fn main() -> anyhow::Result<()> {
     let total = events as i64 + i64::from(PARTITIONS);
 
     // B_consume.
-    let consumer: BaseConsumer = settings
-        .client_config()
-        .set("group.id", "pbench")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        assignment.add_partition_offset(&topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
-    let started = Instant::now();
-    let mut seen = 0;
-    while seen < total {
-        match consumer.poll(Duration::from_secs(30)) {
-            Some(Ok(_)) => seen += 1,
-            Some(Err(e)) => return Err(e).context("consuming"),
-            None => anyhow::bail!("no record for 30 s after {seen}"),
-        }
-    }
-    let consume = started.elapsed().as_secs_f64();
-    drop(consumer);
+    let consume = bench::drain(&settings, &topic, PARTITIONS, total)?;
 
     // B_upsert and Keel, each in a database of its own.
     let base = std::env::var("KEEL_BENCH_POSTGRES")
