@@ -37,18 +37,57 @@ pub fn broker_binary() -> anyhow::Result<PathBuf> {
 pub struct Broker {
     child: Child,
     port: u16,
+    storage: String,
 }
 
 impl Broker {
-    /// Starts a broker and waits until it answers metadata requests.
+    /// Starts a broker with memory storage and waits until it listens.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with("memory://nisshi/").await
+    }
+
+    /// Starts a broker whose log is kept in the PostgreSQL database at `database_url`
+    /// (`postgres://…?sslmode=disable`), so it survives a restart.
+    pub async fn start_durable(database_url: &str) -> anyhow::Result<Self> {
+        Self::start_with(database_url).await
+    }
+
+    async fn start_with(storage: &str) -> anyhow::Result<Self> {
         let port = free_port()?;
+        let mut broker = Self {
+            child: Self::spawn(port, storage)?,
+            port,
+            storage: storage.to_owned(),
+        };
+        broker.wait_ready().await?;
+        Ok(broker)
+    }
+
+    /// Kills the broker with SIGKILL and starts it again on the same port and storage.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        self.child = Self::spawn(self.port, &self.storage)?;
+        self.wait_ready().await
+    }
+
+    /// Kills the broker with SIGKILL.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        Ok(self.child.kill().await?)
+    }
+
+    /// Starts the broker again after [`Broker::kill`].
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.child = Self::spawn(self.port, &self.storage)?;
+        self.wait_ready().await
+    }
+
+    fn spawn(port: u16, storage: &str) -> anyhow::Result<Child> {
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::env::var_os("TEST_LOG").is_some();
-        let child = Command::new(broker_binary()?)
+        Command::new(broker_binary()?)
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://nisshi/"])
+            .args(["--storage-engine", storage])
             .args(["--cluster-id", &format!("keel-test-{port}")])
             .env_remove("STORAGE_ENGINE")
             .env_remove("LISTENER_URL")
@@ -59,10 +98,7 @@ impl Broker {
             .stderr(if log { Stdio::inherit() } else { Stdio::null() })
             .kill_on_drop(true)
             .spawn()
-            .context("starting the broker")?;
-        let mut broker = Self { child, port };
-        broker.wait_ready().await?;
-        Ok(broker)
+            .context("starting the broker")
     }
 
     /// `host:port` for `KEEL_KAFKA_BROKERS`.

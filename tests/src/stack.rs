@@ -161,6 +161,8 @@ pub struct CommandApiConfig {
     pub partitions: i32,
     /// Instance name.
     pub instance: String,
+    /// More environment variables for the process.
+    pub extra_env: Vec<(&'static str, String)>,
 }
 
 impl CommandApiConfig {
@@ -171,15 +173,18 @@ impl CommandApiConfig {
             prefix: prefix.to_owned(),
             partitions,
             instance: instance.to_owned(),
+            extra_env: Vec::new(),
         }
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut env = vec![
             ("KEEL_KAFKA_BROKERS", self.brokers.clone()),
             ("KEEL_TOPIC_PREFIX", self.prefix.clone()),
             ("KEEL_PARTITIONS", self.partitions.to_string()),
-        ]
+        ];
+        env.extend(self.extra_env.iter().cloned());
+        env
     }
 }
 

@@ -657,3 +657,62 @@ async fn a_newer_instance_fences_the_old_one_and_no_command_is_acknowledged_twic
         "the fenced instance is not ready"
     );
 }
+
+#[tokio::test]
+async fn a_broker_outage_is_answered_503_and_the_partition_resumes_from_the_log() {
+    // A broker that keeps its log in PostgreSQL, so it can be killed and started again.
+    let db = keel_tests::TestDatabase::new("outage");
+    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let mut broker = Broker::start_durable(&format!("{}?sslmode=disable", db.url()))
+        .await
+        .unwrap();
+    let mut config = CommandApiConfig::new(&broker, &unique_prefix("outage"), 1, "cmd-a");
+    config.extra_env = vec![
+        ("KEEL_REQUEST_TIMEOUT_MS", "4000".into()),
+        ("KEEL_KAFKA_TIMEOUT_MS", "2000".into()),
+    ];
+    let api = CommandApi::command_api_ready(&config).await.unwrap();
+    let r = post(
+        &api,
+        "/v1/products/OUT-1/register",
+        json!({"name": "Out", "price": eur(100)}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+
+    broker.kill().await.unwrap();
+    let r = post(&api, "/v1/products/OUT-1/restock", json!({"quantity": 1})).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+
+    broker.start_again().await.unwrap();
+    let started = std::time::Instant::now();
+    let version = loop {
+        let r = post(&api, "/v1/products/OUT-1/restock", json!({"quantity": 1})).await;
+        if r.status == StatusCode::OK {
+            break r.body["version"].as_u64().unwrap();
+        }
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the partition did not resume: {:?}",
+            r.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+
+    // Whatever the outage left in the log, the state was rebuilt from it: the versions
+    // run on without a gap and the chain holds.
+    let settings = broker.settings(&config.prefix, config.partitions);
+    let (commits, _) = read_accepted(&settings, &settings.topic("product"))
+        .await
+        .unwrap();
+    assert_eq!(commits.last().unwrap().commit.next_version(), version);
+    assert_chains(&commits);
+}
