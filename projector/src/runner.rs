@@ -143,8 +143,9 @@ impl Runner {
             match self.apply_batch(&mut states, &batch, generation).await {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Stopped) => return Ok(()),
-                Err(e) if is_apply_error(&e) && batch.len() > 1 => {
+                Err(e) if is_apply_error(&e) => {
                     // Find the record that cannot be applied: one record per transaction.
+                    // (A batch of one is tried once more alone, then dead-lettered.)
                     warn!(error = %format!("{e:#}"), "a batch failed to apply; retrying record by record");
                     states = self.load(generation).await?;
                     for entry in &batch {
@@ -169,19 +170,6 @@ impl Runner {
                             }
                             Err(e) => return Err(e),
                         }
-                    }
-                }
-                Err(e) if is_apply_error(&e) => {
-                    states = self.load(generation).await?;
-                    let dead = DeadLetter {
-                        entry: batch[0].clone(),
-                        error: format!("{e:#}"),
-                    };
-                    if let Flow::Stopped = self
-                        .dead_letter_alone(&mut states, dead, generation)
-                        .await?
-                    {
-                        return Ok(());
                     }
                 }
                 Err(e) => return Err(e),
