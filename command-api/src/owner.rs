@@ -21,8 +21,8 @@ use std::time::Duration;
 use keel_domain::Aggregate;
 use keel_kafka::{KafkaError, LogEntry, LogProducer, PartitionGate, PartitionReader};
 use keel_schemas::{
-    CommandMeta, CommitRecord, FenceRecord, LogRecord, Position, StreamRef, Timestamp, Writer,
-    decode_event, encode_event,
+    CommandMeta, CommitRecord, FenceRecord, LogRecord, Position, SigningKey, StreamRef, Timestamp,
+    Writer, decode_event, encode_event,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -209,6 +209,7 @@ pub struct PartitionOwner<A: Aggregate> {
     status: StatusCell,
     timeout: Duration,
     undecodable: u64,
+    signing_key: Arc<SigningKey>,
 }
 
 impl<A: Aggregate> PartitionOwner<A>
@@ -222,6 +223,7 @@ where
         topic: &str,
         partition: i32,
         instance: &str,
+        signing_key: Arc<SigningKey>,
     ) -> Result<(Self, StatusCell), KafkaError> {
         let status = StatusCell::new(topic, partition);
         let owner = Self {
@@ -237,6 +239,7 @@ where
             status: status.clone(),
             timeout: kafka.timeout,
             undecodable: 0,
+            signing_key,
         };
         Ok((owner, status))
     }
@@ -567,8 +570,9 @@ where
                 recorded_at: Timestamp::now(),
                 prev_hash: last_hash,
                 hash: String::new(),
+                signature: None,
             }
-            .sealed();
+            .sealed_and_signed(&self.signing_key);
             let next = events.iter().fold(state, |s, e| s.evolve(e));
             overlay.insert(
                 request.stream_id.clone(),

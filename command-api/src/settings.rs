@@ -1,8 +1,14 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use keel_kafka::KafkaSettings;
+
+/// Where the signing key is kept when `KEEL_SIGNING_KEY_FILE` is not set.
+pub(crate) const DEFAULT_SIGNING_KEY_FILE: &str = ".keel/signing.key";
+/// Where the trusted public keys are kept when `KEEL_TRUSTED_KEYS_FILE` is not set.
+pub(crate) const DEFAULT_TRUSTED_KEYS_FILE: &str = ".keel/trusted.keys";
 
 /// The command API's settings, from `KEEL_*` environment variables.
 #[derive(Clone, Debug)]
@@ -13,6 +19,13 @@ pub struct Settings {
     pub instance: String,
     /// `KEEL_REQUEST_TIMEOUT_MS`: how long a command may wait to be read back (default 10 s).
     pub request_timeout: Duration,
+    /// `KEEL_SIGNING_KEY_FILE`: the Ed25519 key commits are signed with (default
+    /// `.keel/signing.key`). When the file does not exist, a key is generated into it and
+    /// its public key appended to the trusted keys file: right for the embedded default;
+    /// in production, provision the file.
+    pub signing_key_file: PathBuf,
+    /// `KEEL_TRUSTED_KEYS_FILE`: the public keys verifiers accept (default `.keel/trusted.keys`).
+    pub trusted_keys_file: PathBuf,
     /// Kafka settings (`KEEL_KAFKA_BROKERS`, `KEEL_TOPIC_PREFIX`, `KEEL_PARTITIONS`…).
     pub kafka: KafkaSettings,
 }
@@ -36,6 +49,12 @@ impl Settings {
                 .with_context(|| format!("KEEL_COMMAND_ADDR {addr:?} is not a socket address"))?,
             instance,
             request_timeout: Duration::from_millis(timeout_ms),
+            signing_key_file: var("KEEL_SIGNING_KEY_FILE")
+                .unwrap_or_else(|| DEFAULT_SIGNING_KEY_FILE.into())
+                .into(),
+            trusted_keys_file: var("KEEL_TRUSTED_KEYS_FILE")
+                .unwrap_or_else(|| DEFAULT_TRUSTED_KEYS_FILE.into())
+                .into(),
             kafka: KafkaSettings::from_env().context("reading the Kafka settings")?,
         })
     }

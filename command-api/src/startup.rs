@@ -6,10 +6,11 @@ use keel_domain::customer::Customer;
 use keel_domain::order::Order;
 use keel_domain::product::Product;
 use keel_kafka::{LogProducer, ensure_topics};
+use keel_schemas::SigningKey;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::Settings;
 use crate::owner::{CommandRequest, PartitionOwner, StatusCell};
@@ -30,6 +31,7 @@ fn spawn_owners<A: Aggregate + Send + Sync + 'static>(
     producer: &LogProducer,
     tasks: &mut JoinSet<()>,
     statuses: &mut Vec<StatusCell>,
+    signing_key: &Arc<SigningKey>,
 ) -> anyhow::Result<Vec<mpsc::Sender<CommandRequest<A>>>>
 where
     A::Command: Send,
@@ -44,6 +46,7 @@ where
             &topic,
             partition,
             &settings.instance,
+            Arc::clone(signing_key),
         )
         .with_context(|| format!("opening {topic}/{partition}"))?;
         let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
@@ -61,13 +64,44 @@ impl Application {
             .await
             .context("ensuring the topics")?;
         info!(?topics, instance = %settings.instance, "topics ready");
+        let (signing_key, generated) =
+            SigningKey::read_or_generate(&settings.signing_key_file, &settings.trusted_keys_file)
+                .context("reading the signing key (KEEL_SIGNING_KEY_FILE)")?;
+        if generated {
+            warn!(
+                key_id = signing_key.key_id(),
+                path = %settings.signing_key_file.display(),
+                trusted = %settings.trusted_keys_file.display(),
+                "no signing key was found: generated one and added its public key to the trusted keys"
+            );
+        }
+        info!(key_id = signing_key.key_id(), "signing commits");
+        let signing_key = Arc::new(signing_key);
         let producer = LogProducer::new(&settings.kafka).context("creating the producer")?;
         let mut tasks = JoinSet::new();
         let mut statuses = Vec::new();
         let owners = Owners {
-            products: spawn_owners::<Product>(&settings, &producer, &mut tasks, &mut statuses)?,
-            customers: spawn_owners::<Customer>(&settings, &producer, &mut tasks, &mut statuses)?,
-            orders: spawn_owners::<Order>(&settings, &producer, &mut tasks, &mut statuses)?,
+            products: spawn_owners::<Product>(
+                &settings,
+                &producer,
+                &mut tasks,
+                &mut statuses,
+                &signing_key,
+            )?,
+            customers: spawn_owners::<Customer>(
+                &settings,
+                &producer,
+                &mut tasks,
+                &mut statuses,
+                &signing_key,
+            )?,
+            orders: spawn_owners::<Order>(
+                &settings,
+                &producer,
+                &mut tasks,
+                &mut statuses,
+                &signing_key,
+            )?,
         };
         let listener = TcpListener::bind(settings.addr)
             .await

@@ -54,7 +54,8 @@ impl DomainEvent for CustomerEvent {
 }
 
 /// A customer: not yet registered, or registered with a profile.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum Customer {
     /// No customer with this id exists.
     #[default]

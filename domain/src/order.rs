@@ -146,7 +146,7 @@ impl OrderStatus {
 }
 
 /// A placed order's state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct OrderState {
     /// The customer.
     pub customer_id: CustomerId,
@@ -165,7 +165,8 @@ pub struct OrderState {
 }
 
 /// An order: not yet placed, or placed with its state.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum Order {
     /// No order with this id exists.
     #[default]

@@ -101,7 +101,7 @@ impl DomainEvent for ProductEvent {
 }
 
 /// A registered product's state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ProductState {
     /// Display name.
     pub name: Text,
@@ -128,7 +128,8 @@ impl ProductState {
 }
 
 /// A product: not yet registered, or registered with its state.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum Product {
     /// No product with this SKU exists.
     #[default]

@@ -85,7 +85,9 @@ fn reader_consumer(
 /// Reads several partitions, each from its own offset, in one consumer: what a projection
 /// uses. Records of one partition arrive in order; partitions interleave.
 pub struct LogReader {
-    consumer: StreamConsumer,
+    consumer: Arc<StreamConsumer>,
+    partitions: Vec<(String, i32)>,
+    timeout: Duration,
 }
 
 impl LogReader {
@@ -106,7 +108,32 @@ impl LogReader {
         consumer
             .assign(&list)
             .map_err(KafkaError::client("assigning partitions"))?;
-        Ok(Self { consumer })
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            partitions: assignment.iter().map(|(t, p, _)| (t.clone(), *p)).collect(),
+            timeout: settings.timeout,
+        })
+    }
+
+    /// The high watermark of every partition read: where the log ends now.
+    pub async fn high_watermarks(&self) -> Result<Vec<((String, i32), i64)>, KafkaError> {
+        let consumer = Arc::clone(&self.consumer);
+        let (partitions, timeout) = (self.partitions.clone(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .map(|(topic, partition)| {
+                    consumer
+                        .fetch_watermarks(&topic, partition, timeout)
+                        .map(|(_, high)| ((topic.clone(), partition), high))
+                        .map_err(KafkaError::client(format!(
+                            "reading the watermarks of {topic}/{partition}"
+                        )))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
     }
 
     /// Waits up to `wait` for a first record, then takes what else is ready, up to `max`

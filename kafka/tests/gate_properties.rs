@@ -77,6 +77,7 @@ fn commit(writer: &Writer, stream: StreamRef, expected_version: u64, events: u64
             recorded_at: Timestamp::now(),
             prev_hash: None,
             hash: String::new(),
+            signature: None,
         }
         .sealed(),
     )

@@ -8,9 +8,11 @@
 /// The database: connection, creation, migrations.
 pub mod db;
 pub mod projection;
+pub mod rebuild;
 pub mod runner;
 mod settings;
 pub mod status;
+pub mod verify;
 pub mod views;
 
 pub use settings::{DEFAULT_DATABASE_URL, Settings};

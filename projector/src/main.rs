@@ -1,4 +1,4 @@
-//! Keel's projector binary: `run`, `status`, `topics`.
+//! Keel's projector binary: `run`, `rebuild`, `verify`, `export`, `status`, `topics`.
 
 use std::io::Write;
 use std::time::Duration;
@@ -6,8 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keel_kafka::{KafkaSettings, PartitionReader, ensure_topics};
+use keel_schemas::TrustedKeys;
+use projector::rebuild::{Progress, RebuildOptions};
 use projector::runner::{OnError, RunOptions, Runner};
-use projector::{Settings, db, status, views};
+use projector::{Settings, db, status, verify, views};
 use tokio::task::JoinSet;
 
 /// Runs Keel's projections into PostgreSQL and inspects the log.
@@ -34,6 +36,45 @@ enum Command {
         #[arg(long, value_enum, default_value = "stop")]
         on_error: OnError,
     },
+    /// Rebuilds projections blue/green: builds the next generation beside the live one from
+    /// offset 0, with progress, then swaps it in atomically while queries keep being served.
+    /// Interrupted (Ctrl-C, crash), it leaves the live view untouched; run it again to
+    /// resume from the new generation's checkpoints.
+    Rebuild {
+        /// The projections to rebuild, one after the other.
+        #[arg(value_name = "PROJECTION", required_unless_present = "all")]
+        projections: Vec<String>,
+        /// Rebuild every projection.
+        #[arg(long, conflicts_with = "projections")]
+        all: bool,
+        /// Keep the old generation's tables after the swap.
+        #[arg(long)]
+        keep_old: bool,
+        /// What to do with a record that cannot be decoded or applied.
+        #[arg(long, value_enum, default_value = "stop")]
+        on_error: OnError,
+    },
+    /// Re-reads the topics through the partition gate and checks every stream: versions
+    /// contiguous from 1, hashes, the prev_hash chain, signatures (KEEL_TRUSTED_KEYS_FILE),
+    /// and that the topics hold every commit the audit log has seen. Exits 1 on a violation.
+    Verify {
+        /// Check one stream only, as <type>/<id> (e.g. order/o-42).
+        #[arg(long, value_name = "TYPE/ID")]
+        stream: Option<String>,
+        /// Print JSON instead of a report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes a stream's commit records as JSON Lines, exactly as they are in the log, with
+    /// their positions and the gate's verdicts: for auditors.
+    Export {
+        /// The stream, as <type>/<id> (e.g. order/o-42).
+        #[arg(long, value_name = "TYPE/ID")]
+        stream: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
     /// Prints each projection's generation, state, checkpoints, lag per partition, dead
     /// letters and events/s (sampled over one second).
     Status {
@@ -48,28 +89,47 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    keel_kafka::telemetry::init("projector=info,keel_kafka=info");
     let cli = Cli::parse();
+    // `run` is a service and logs its work; the other commands are tools that print theirs.
+    keel_kafka::telemetry::init(match cli.command {
+        Command::Run { .. } => "projector=info,keel_kafka=info",
+        _ => "projector=warn,keel_kafka=warn",
+    });
     let settings = Settings::load()?;
     match cli.command {
         Command::Run {
             projections,
             on_error,
         } => run(&settings, &projections, on_error).await,
+        Command::Rebuild {
+            projections,
+            all,
+            keep_old,
+            on_error,
+        } => rebuild(&settings, &projections, all, keep_old, on_error).await,
+        Command::Verify { stream, json } => verify(&settings, stream.as_deref(), json).await,
+        Command::Export { stream, output } => export(&settings, &stream, output.as_deref()).await,
         Command::Status { json } => print_status(&settings, json).await,
         Command::Topics => topics(&settings.kafka).await,
     }
 }
 
-async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow::Result<()> {
+/// Fails on a name that is not a projection's.
+fn check_names(names: &[String]) -> anyhow::Result<()> {
     let all = views::all();
-    for name in only {
+    for name in names {
         anyhow::ensure!(
             all.iter().any(|p| p.name() == name),
             "no projection named {name:?}; the projections are: {}",
             all.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
         );
     }
+    Ok(())
+}
+
+async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow::Result<()> {
+    check_names(only)?;
+    let all = views::all();
     ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
         .await
         .context("ensuring the topics")?;
@@ -106,6 +166,139 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
             },
         }
     }
+}
+
+async fn rebuild(
+    settings: &Settings,
+    only: &[String],
+    all: bool,
+    keep_old: bool,
+    on_error: OnError,
+) -> anyhow::Result<()> {
+    check_names(only)?;
+    ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
+        .await
+        .context("ensuring the topics")?;
+    let pool = db::connect(&settings.database_url).await?;
+    let options = RunOptions {
+        on_error,
+        batch_size: settings.batch_size,
+        linger: settings.linger,
+    };
+    let chosen: Vec<_> = views::all()
+        .into_iter()
+        .filter(|p| all || only.iter().any(|n| n == p.name()))
+        .collect();
+    let rebuild_options = RebuildOptions {
+        keep_old,
+        wait_for_lock: false,
+        progress: Progress::Terminal,
+    };
+    let work = async {
+        for projection in chosen {
+            let runner = Runner::new(
+                projection,
+                pool.clone(),
+                settings.kafka.clone(),
+                options.clone(),
+            );
+            projector::rebuild::rebuild(&runner, &rebuild_options).await?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        done = work => done,
+        _ = keel_kafka::telemetry::shutdown_signal() => {
+            anyhow::bail!(
+                "interrupted: the live views are untouched; run the same command again to resume \
+                 from the new generation's checkpoints"
+            )
+        }
+    }
+}
+
+async fn verify(settings: &Settings, stream: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let stream = stream.map(verify::parse_stream).transpose()?;
+    let trusted = if settings.trusted_keys_file.exists() {
+        TrustedKeys::read(&settings.trusted_keys_file)?
+    } else {
+        eprintln!(
+            "warning: no trusted keys file at {} (KEEL_TRUSTED_KEYS_FILE): no signature can verify",
+            settings.trusted_keys_file.display()
+        );
+        TrustedKeys::default()
+    };
+    let pool = match db::connect(&settings.database_url).await {
+        Ok(pool) => Some(pool),
+        Err(e) => {
+            eprintln!("warning: the audit log is not compared with the topics: {e:#}");
+            None
+        }
+    };
+    let report = verify::verify(&settings.kafka, &trusted, stream.as_ref(), pool.as_ref()).await?;
+    let mut out = String::new();
+    if json {
+        out = serde_json::to_string_pretty(&report)? + "\n";
+    } else {
+        for f in &report.findings {
+            let label = match f.kind {
+                verify::FindingKind::Violation => "VIOLATION",
+                verify::FindingKind::Zombie => "zombie write",
+            };
+            let at = f.offset.map_or(String::new(), |o| format!(" offset {o}"));
+            let stream = f
+                .stream
+                .as_deref()
+                .map_or(String::new(), |s| format!(" {s}"));
+            let version = f.version.map_or(String::new(), |v| format!(" version {v}"));
+            out.push_str(&format!(
+                "{label}{stream}{version} at {}/{}{at}: {}\n",
+                f.topic, f.partition, f.detail
+            ));
+        }
+        let zombies = report.findings.len() - report.violations();
+        out.push_str(&format!(
+            "verified {} records: {} commits of {} streams checked; {} zombie writes skipped by the gate; \
+             audit log {}; {} violations\n",
+            report.records,
+            report.commits,
+            report.streams,
+            zombies,
+            if report.audit_log_compared { "compared" } else { "not compared" },
+            report.violations()
+        ));
+    }
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("writing to stdout")?;
+    if report.violations() > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn export(
+    settings: &Settings,
+    stream: &str,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let stream = verify::parse_stream(stream)?;
+    let mut out: Box<dyn Write> = match output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let count = verify::export(&settings.kafka, &stream, |line| {
+        serde_json::to_writer(&mut out, &line)?;
+        out.write_all(b"\n")?;
+        Ok(())
+    })
+    .await?;
+    out.flush()?;
+    anyhow::ensure!(count > 0, "the log holds no commit of {stream}");
+    eprintln!("exported {count} records of {stream}");
+    Ok(())
 }
 
 async fn print_status(settings: &Settings, json: bool) -> anyhow::Result<()> {

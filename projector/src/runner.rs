@@ -54,17 +54,35 @@ struct DeadLetter {
     error: String,
 }
 
-enum Flow {
+/// What a batch left the projection doing.
+pub(crate) enum Flow {
+    /// Go on.
     Continue,
+    /// A dead letter stopped it.
     Stopped,
 }
 
+/// Where an [`Applier`] writes, and what it reports to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The live generation: reports to `keel_projections`, notifies waiting queries, and
+    /// fails with [`GenerationChanged`] once a rebuild has swapped another generation in.
+    Live,
+    /// A generation being rebuilt: reports to `keel_rebuilds`; nobody reads it yet.
+    Rebuild,
+}
+
+/// The live generation is no longer the one this runner applies: a rebuild swapped in.
+#[derive(Debug, thiserror::Error)]
+#[error("generation {0} is no longer live: a rebuild swapped another generation in")]
+pub(crate) struct GenerationChanged(pub(crate) i32);
+
 /// Runs one projection until it stops on a dead letter (in `stop` mode) or the process ends.
 pub struct Runner {
-    projection: Arc<dyn Projection>,
-    pool: PgPool,
-    kafka: KafkaSettings,
-    options: RunOptions,
+    pub(crate) projection: Arc<dyn Projection>,
+    pub(crate) pool: PgPool,
+    pub(crate) kafka: KafkaSettings,
+    pub(crate) options: RunOptions,
 }
 
 impl Runner {
@@ -84,20 +102,22 @@ impl Runner {
     }
 
     /// Prepares the live generation (tables and views), then applies the log as it comes.
-    /// Transient errors (broker or database down) are retried from the last checkpoint.
+    /// When the projection's code version differs from the live generation's, first
+    /// rebuilds it blue/green (the old generation keeps serving, frozen, until the swap).
+    /// Follows a generation swapped in by `projector rebuild`. Transient errors (broker or
+    /// database down) are retried from the last checkpoint.
     #[instrument(name = "projection", skip_all, fields(projection = self.projection.name()))]
     pub async fn run(&self) -> anyhow::Result<()> {
-        let generation = loop {
-            match prepare(&self.pool, self.projection.as_ref()).await {
-                Ok(generation) => break generation,
+        // One runner per projection: a second projector process stands by until the first ends.
+        let mut lock = loop {
+            match self.pool.acquire().await {
+                Ok(c) => break c.detach(),
                 Err(e) => {
-                    error!(error = %format!("{e:#}"), "preparing the projection failed; retrying");
+                    error!(error = %e, "connecting to the database failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         };
-        // One runner per projection: a second projector process stands by until the first ends.
-        let mut lock = self.pool.acquire().await?.detach();
         loop {
             let locked: bool =
                 sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('keel-run:' || $1))")
@@ -110,10 +130,39 @@ impl Runner {
             info!("another projector runs this projection; standing by");
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        info!(generation, "running");
         loop {
-            match self.run_generation(generation).await {
+            let live = match prepare(&self.pool, self.projection.as_ref()).await {
+                Ok(live) => live,
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "preparing the projection failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if live.code_version != self.projection.version() {
+                info!(
+                    generation = live.generation,
+                    stored = live.code_version,
+                    code = self.projection.version(),
+                    "the projection's code version changed: rebuilding it blue/green"
+                );
+                let options = crate::rebuild::RebuildOptions {
+                    keep_old: false,
+                    wait_for_lock: true,
+                    progress: crate::rebuild::Progress::Log,
+                };
+                if let Err(e) = crate::rebuild::rebuild(self, &options).await {
+                    error!(error = %format!("{e:#}"), "the automatic rebuild failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                continue;
+            }
+            info!(generation = live.generation, "running");
+            match self.run_live(live.generation).await {
                 Ok(()) => return Ok(()),
+                Err(e) if e.downcast_ref::<GenerationChanged>().is_some() => {
+                    info!("{e}; following the new generation");
+                }
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "restarting from the last checkpoint");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -122,13 +171,9 @@ impl Runner {
         }
     }
 
-    async fn run_generation(&self, generation: i32) -> anyhow::Result<()> {
-        let mut states = self.load(generation).await?;
-        let assignment: Vec<(String, i32, i64)> = states
-            .iter()
-            .map(|((topic, partition), s)| (topic.clone(), *partition, s.next_offset))
-            .collect();
-        let reader = LogReader::open(&self.kafka, &assignment)?;
+    async fn run_live(&self, generation: i32) -> anyhow::Result<()> {
+        let mut applier = Applier::load(self, generation, Mode::Live).await?;
+        let reader = LogReader::open(&self.kafka, &applier.assignment())?;
         loop {
             let batch = reader
                 .next_batch(
@@ -137,57 +182,130 @@ impl Runner {
                     self.options.linger,
                 )
                 .await?;
-            if batch.is_empty() {
-                continue;
-            }
-            match self.apply_batch(&mut states, &batch, generation).await {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Stopped) => return Ok(()),
-                Err(e) if is_apply_error(&e) => {
-                    // Find the record that cannot be applied: one record per transaction.
-                    // (A batch of one is tried once more alone, then dead-lettered.)
-                    warn!(error = %format!("{e:#}"), "a batch failed to apply; retrying record by record");
-                    states = self.load(generation).await?;
-                    for entry in &batch {
-                        match self
-                            .apply_batch(&mut states, std::slice::from_ref(entry), generation)
-                            .await
-                        {
-                            Ok(Flow::Continue) => {}
-                            Ok(Flow::Stopped) => return Ok(()),
-                            Err(e) if is_apply_error(&e) => {
-                                states = self.load(generation).await?;
-                                let dead = DeadLetter {
-                                    entry: entry.clone(),
-                                    error: format!("{e:#}"),
-                                };
-                                if let Flow::Stopped = self
-                                    .dead_letter_alone(&mut states, dead, generation)
-                                    .await?
-                                {
-                                    return Ok(());
-                                }
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
-                Err(e) => return Err(e),
+            if let Flow::Stopped = applier.apply(&batch).await? {
+                return Ok(());
             }
         }
     }
+}
 
+/// Applies batches of records to one generation of a projection, through the gate, each
+/// in a transaction that also advances the generation's checkpoints.
+pub(crate) struct Applier<'r> {
+    runner: &'r Runner,
+    generation: i32,
+    mode: Mode,
+    states: HashMap<(String, i32), PartitionState>,
+    events: u64,
+}
+
+impl<'r> Applier<'r> {
     /// Loads the checkpoints and the gate state of every partition the projection reads.
-    async fn load(
-        &self,
+    pub(crate) async fn load(
+        runner: &'r Runner,
         generation: i32,
-    ) -> anyhow::Result<HashMap<(String, i32), PartitionState>> {
-        let name = self.projection.name();
+        mode: Mode,
+    ) -> anyhow::Result<Self> {
+        let mut applier = Self {
+            runner,
+            generation,
+            mode,
+            states: HashMap::new(),
+            events: 0,
+        };
+        applier.states = applier.load_states().await?;
+        Ok(applier)
+    }
+
+    /// Where to start reading each partition.
+    pub(crate) fn assignment(&self) -> Vec<(String, i32, i64)> {
+        let mut assignment: Vec<(String, i32, i64)> = self
+            .states
+            .iter()
+            .map(|((topic, partition), s)| (topic.clone(), *partition, s.next_offset))
+            .collect();
+        assignment.sort();
+        assignment
+    }
+
+    /// The next offset of a partition.
+    pub(crate) fn next_offset(&self, topic: &str, partition: i32) -> i64 {
+        self.states
+            .get(&(topic.to_owned(), partition))
+            .map_or(0, |s| s.next_offset)
+    }
+
+    /// Events applied by this applier.
+    pub(crate) fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Records read so far over every partition.
+    pub(crate) fn records_done(&self) -> i64 {
+        self.states.values().map(|s| s.next_offset).sum()
+    }
+
+    /// Applies a batch. A batch that fails to apply is retried record by record, and the
+    /// record that cannot be applied becomes a dead letter.
+    pub(crate) async fn apply(&mut self, batch: &[LogEntry]) -> anyhow::Result<Flow> {
+        if batch.is_empty() {
+            return Ok(Flow::Continue);
+        }
+        match self.apply_batch(batch).await {
+            Err(e) if is_apply_error(&e) => {
+                // A generation dropped by a swap fails to apply too: that is no dead letter.
+                self.ensure_live().await?;
+                warn!(error = %format!("{e:#}"), "a batch failed to apply; retrying record by record");
+                self.states = self.load_states().await?;
+                for entry in batch {
+                    match self.apply_batch(std::slice::from_ref(entry)).await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Stopped) => return Ok(Flow::Stopped),
+                        Err(e) if is_apply_error(&e) => {
+                            self.ensure_live().await?;
+                            self.states = self.load_states().await?;
+                            let dead = DeadLetter {
+                                entry: entry.clone(),
+                                error: format!("{e:#}"),
+                            };
+                            if let Flow::Stopped = self.dead_letter_alone(dead).await? {
+                                return Ok(Flow::Stopped);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Flow::Continue)
+            }
+            other => other,
+        }
+    }
+
+    /// In live mode, fails with [`GenerationChanged`] when the generation is no longer live.
+    async fn ensure_live(&self) -> anyhow::Result<()> {
+        if self.mode == Mode::Rebuild {
+            return Ok(());
+        }
+        let live: Option<i32> =
+            sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
+                .bind(self.runner.projection.name())
+                .fetch_optional(&self.runner.pool)
+                .await?;
+        if live == Some(self.generation) {
+            Ok(())
+        } else {
+            Err(GenerationChanged(self.generation).into())
+        }
+    }
+
+    async fn load_states(&self) -> anyhow::Result<HashMap<(String, i32), PartitionState>> {
+        let (generation, runner) = (self.generation, self.runner);
+        let name = runner.projection.name();
         let mut states = HashMap::new();
-        for stream_type in self.projection.stream_types() {
-            for partition in 0..self.kafka.partitions {
+        for stream_type in runner.projection.stream_types() {
+            for partition in 0..runner.kafka.partitions {
                 states.insert(
-                    (self.kafka.topic(stream_type), partition),
+                    (runner.kafka.topic(stream_type), partition),
                     PartitionState {
                         next_offset: 0,
                         gate: PartitionGate::new(),
@@ -204,7 +322,7 @@ impl Runner {
         )
         .bind(name)
         .bind(generation)
-        .fetch_all(&self.pool)
+        .fetch_all(&runner.pool)
         .await?;
         let streams: Vec<(String, i32, String, String, i64)> = sqlx::query_as(
             "SELECT topic, partition, stream_type, stream_id, version FROM keel_gate_streams
@@ -212,7 +330,7 @@ impl Runner {
         )
         .bind(name)
         .bind(generation)
-        .fetch_all(&self.pool)
+        .fetch_all(&runner.pool)
         .await?;
         let mut versions: HashMap<(String, i32), Vec<(StreamRef, u64)>> = HashMap::new();
         for (topic, partition, stream_type, id, version) in streams {
@@ -246,17 +364,13 @@ impl Runner {
 
     /// Decodes the entries through the gate and applies them in one transaction that also
     /// advances the checkpoints.
-    async fn apply_batch(
-        &self,
-        states: &mut HashMap<(String, i32), PartitionState>,
-        entries: &[LogEntry],
-        generation: i32,
-    ) -> anyhow::Result<Flow> {
+    async fn apply_batch(&mut self, entries: &[LogEntry]) -> anyhow::Result<Flow> {
+        let on_error = self.runner.options.on_error;
         let mut events = Vec::new();
         let mut dead = Vec::new();
         let mut stopped = false;
         for entry in entries {
-            let Some(state) = states.get_mut(&(entry.topic.clone(), entry.partition)) else {
+            let Some(state) = self.states.get_mut(&(entry.topic.clone(), entry.partition)) else {
                 continue;
             };
             if entry.offset < state.next_offset {
@@ -275,7 +389,7 @@ impl Runner {
                         entry: entry.clone(),
                         error,
                     });
-                    if self.options.on_error == OnError::Stop {
+                    if on_error == OnError::Stop {
                         stopped = true;
                         break;
                     }
@@ -283,18 +397,16 @@ impl Runner {
                 }
             }
         }
-        let mut tx = self.pool.begin().await?;
-        self.projection
-            .apply(&mut tx, generation, &events)
+        let mut tx = self.runner.pool.begin().await?;
+        self.runner
+            .projection
+            .apply(&mut tx, self.generation, &events)
             .await
             .map_err(ApplyError)?;
-        self.save(&mut tx, states, &dead, events.len(), stopped, generation)
-            .await?;
+        self.save(&mut tx, &dead, events.len(), stopped).await?;
         tx.commit().await?;
-        for state in states.values_mut() {
-            state.touched = false;
-            state.touched_streams.clear();
-        }
+        self.events += events.len() as u64;
+        self.clear_touched();
         Ok(if stopped {
             Flow::Stopped
         } else {
@@ -302,37 +414,32 @@ impl Runner {
         })
     }
 
+    fn clear_touched(&mut self) {
+        for state in self.states.values_mut() {
+            state.touched = false;
+            state.touched_streams.clear();
+        }
+    }
+
     /// Records a record that failed to apply on its own, in a transaction of its own.
-    async fn dead_letter_alone(
-        &self,
-        states: &mut HashMap<(String, i32), PartitionState>,
-        dead: DeadLetter,
-        generation: i32,
-    ) -> anyhow::Result<Flow> {
+    async fn dead_letter_alone(&mut self, dead: DeadLetter) -> anyhow::Result<Flow> {
         warn!(topic = %dead.entry.topic, partition = dead.entry.partition, offset = dead.entry.offset,
               error = %dead.error, "dead letter");
-        let stopped = self.options.on_error == OnError::Stop;
-        if let Some(state) = states.get_mut(&(dead.entry.topic.clone(), dead.entry.partition)) {
+        let stopped = self.runner.options.on_error == OnError::Stop;
+        if let Some(state) = self
+            .states
+            .get_mut(&(dead.entry.topic.clone(), dead.entry.partition))
+        {
             state.touched = true;
             if !stopped {
                 pass_over(&dead.entry, state);
             }
         }
-        let mut tx = self.pool.begin().await?;
-        self.save(
-            &mut tx,
-            states,
-            std::slice::from_ref(&dead),
-            0,
-            stopped,
-            generation,
-        )
-        .await?;
+        let mut tx = self.runner.pool.begin().await?;
+        self.save(&mut tx, std::slice::from_ref(&dead), 0, stopped)
+            .await?;
         tx.commit().await?;
-        for state in states.values_mut() {
-            state.touched = false;
-            state.touched_streams.clear();
-        }
+        self.clear_touched();
         Ok(if stopped {
             Flow::Stopped
         } else {
@@ -340,34 +447,32 @@ impl Runner {
         })
     }
 
-    /// Writes checkpoints, gate state, dead letters and the projection's row; notifies on commit.
+    /// Writes checkpoints, gate state, dead letters and the progress row; in live mode
+    /// also notifies on commit.
     ///
     /// Boxed: a `Send` future over `&mut PgConnection` has to be checked where its lifetimes
     /// are concrete (rust-lang/rust#102211).
     fn save<'a>(
         &'a self,
         tx: &'a mut sqlx::PgConnection,
-        states: &'a HashMap<(String, i32), PartitionState>,
         dead: &'a [DeadLetter],
         events: usize,
         stopped: bool,
-        generation: i32,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(self.save_inner(tx, states, dead, events, stopped, generation))
+        Box::pin(self.save_inner(tx, dead, events, stopped))
     }
 
     async fn save_inner(
         &self,
         tx: &mut sqlx::PgConnection,
-        states: &HashMap<(String, i32), PartitionState>,
         dead: &[DeadLetter],
         events: usize,
         stopped: bool,
-        generation: i32,
     ) -> anyhow::Result<()> {
-        let name = self.projection.name();
+        let name = self.runner.projection.name();
+        let generation = self.generation;
         let touched: Vec<(&(String, i32), &PartitionState)> =
-            states.iter().filter(|(_, s)| s.touched).collect();
+            self.states.iter().filter(|(_, s)| s.touched).collect();
         let mut g = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for ((topic, partition), state) in &touched {
             for stream in &state.touched_streams {
@@ -448,21 +553,50 @@ impl Runner {
             ),
             _ => ("running", None),
         };
-        sqlx::query(
-            "UPDATE keel_projections SET events = events + $2, state = $3, error = $4, updated_at = now()
-             WHERE name = $1",
-        )
-        .bind(name)
-        .bind(events as i64)
-        .bind(state)
-        .bind(error)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(NOTIFY_CHANNEL)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        match self.mode {
+            Mode::Live => {
+                // Also the check that this generation is still live: a swap that committed
+                // first makes this match nothing (and one that waits sees this batch first).
+                let updated = sqlx::query(
+                    "UPDATE keel_projections SET events = events + $2, state = $3, error = $4, updated_at = now()
+                     WHERE name = $1 AND generation = $5",
+                )
+                .bind(name)
+                .bind(events as i64)
+                .bind(state)
+                .bind(error)
+                .bind(generation)
+                .execute(&mut *tx)
+                .await?;
+                if updated.rows_affected() == 0 {
+                    return Err(GenerationChanged(generation).into());
+                }
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(NOTIFY_CHANNEL)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Mode::Rebuild => {
+                let updated = sqlx::query(
+                    "UPDATE keel_rebuilds SET events = events + $2, state = $3, error = $4, records_done = $5,
+                        updated_at = now()
+                     WHERE projection = $1 AND generation = $6",
+                )
+                .bind(name)
+                .bind(events as i64)
+                .bind(if stopped { "stopped" } else { "building" })
+                .bind(error)
+                .bind(self.records_done())
+                .bind(generation)
+                .execute(&mut *tx)
+                .await?;
+                anyhow::ensure!(
+                    updated.rows_affected() == 1,
+                    "the rebuild of generation {generation} is no longer recorded; it was cancelled or finished elsewhere"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -529,16 +663,26 @@ fn decode(entry: &LogEntry, state: &mut PartitionState) -> Result<Vec<ProjectedE
     Ok(events)
 }
 
+/// The live generation of a projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Live {
+    /// Its number.
+    pub generation: i32,
+    /// The code version its tables were built with.
+    pub code_version: i32,
+}
+
 /// Makes sure the projection has a live generation with its tables and views; returns it.
 pub fn prepare<'a>(
     pool: &'a PgPool,
     projection: &'a dyn Projection,
-) -> BoxFuture<'a, anyhow::Result<i32>> {
+) -> BoxFuture<'a, anyhow::Result<Live>> {
     Box::pin(prepare_inner(pool, projection))
 }
 
-async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Result<i32> {
+async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Result<Live> {
     let mut tx = pool.begin().await?;
+    // Serialises with a rebuild's swap, which takes the same lock.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(projection.name())
         .execute(&mut *tx)
@@ -548,17 +692,11 @@ async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Re
             .bind(projection.name())
             .fetch_optional(&mut *tx)
             .await?;
-    let generation = match row {
-        Some((generation, code_version)) => {
-            if code_version != projection.version() {
-                warn!(
-                    stored = code_version,
-                    code = projection.version(),
-                    "the projection's code version changed; its tables keep the old version until rebuilt"
-                );
-            }
-            generation
-        }
+    let live = match row {
+        Some((generation, code_version)) => Live {
+            generation,
+            code_version,
+        },
         None => {
             sqlx::query(
                 "INSERT INTO keel_projections (name, generation, code_version) VALUES ($1, 1, $2)",
@@ -567,9 +705,13 @@ async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Re
             .bind(projection.version())
             .execute(&mut *tx)
             .await?;
-            1
+            Live {
+                generation: 1,
+                code_version: projection.version(),
+            }
         }
     };
+    let generation = live.generation;
     projection
         .create(&mut tx, generation)
         .await
@@ -579,9 +721,20 @@ async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Re
                 projection.name()
             )
         })?;
+    point_views(&mut tx, projection, generation).await?;
+    tx.commit().await?;
+    Ok(live)
+}
+
+/// Points the projection's views at the tables of `generation`.
+pub(crate) async fn point_views(
+    tx: &mut sqlx::PgConnection,
+    projection: &dyn Projection,
+    generation: i32,
+) -> anyhow::Result<()> {
     for t in projection.tables() {
         execute_script(
-            &mut tx,
+            tx,
             &format!(
                 "DROP VIEW IF EXISTS {t}; CREATE VIEW {t} AS SELECT * FROM {}",
                 table(t, generation)
@@ -589,6 +742,5 @@ async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Re
         )
         .await?;
     }
-    tx.commit().await?;
-    Ok(generation)
+    Ok(())
 }

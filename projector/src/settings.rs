@@ -13,6 +13,9 @@ pub struct Settings {
     pub batch_size: usize,
     /// `KEEL_BATCH_LINGER_MS`: how long a batch waits for more records after its first (default 20).
     pub linger: Duration,
+    /// `KEEL_TRUSTED_KEYS_FILE`: the public keys `verify` accepts commit signatures from
+    /// (default `.keel/trusted.keys`, where the embedded default's command API puts its key).
+    pub trusted_keys_file: std::path::PathBuf,
     /// Kafka settings.
     pub kafka: KafkaSettings,
 }
@@ -36,6 +39,9 @@ impl Settings {
             database_url: var("KEEL_DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
             batch_size: batch_size as usize,
             linger: Duration::from_millis(number("KEEL_BATCH_LINGER_MS", 20)?),
+            trusted_keys_file: var("KEEL_TRUSTED_KEYS_FILE")
+                .unwrap_or_else(|| ".keel/trusted.keys".into())
+                .into(),
             kafka: KafkaSettings::from_env().context("reading the Kafka settings")?,
         })
     }

@@ -23,6 +23,38 @@ pub struct PartitionStatus {
     pub rejected: i64,
 }
 
+/// A rebuild in progress.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct RebuildStatus {
+    /// The projection rebuilt.
+    #[serde(skip)]
+    pub projection: String,
+    /// The generation being built.
+    pub generation: i32,
+    /// The code version it is built with.
+    pub code_version: i32,
+    /// `building`, or `stopped` on a dead letter.
+    pub state: String,
+    /// Why it stopped, if it did.
+    pub error: Option<String>,
+    /// Events applied to the new generation.
+    pub events: i64,
+    /// Records read, over every partition.
+    pub records_done: i64,
+    /// Records in the topics when last measured.
+    pub records_total: i64,
+    /// Events applied per second by the running rebuild.
+    pub events_per_second: Option<f64>,
+    /// Seconds left, estimated.
+    pub eta_seconds: Option<f64>,
+    /// Who runs it (`host:pid`).
+    pub owner: String,
+    /// When it started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// When it last made progress.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// One projection.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProjectionStatus {
@@ -46,6 +78,8 @@ pub struct ProjectionStatus {
     pub updated_at: chrono::DateTime<chrono::Utc>,
     /// Its partitions.
     pub partitions: Vec<PartitionStatus>,
+    /// The rebuild in progress, if any.
+    pub rebuild: Option<RebuildStatus>,
 }
 
 /// Reads every projection's status from the database; with `kafka`, also each partition's
@@ -78,6 +112,16 @@ pub async fn read(
     )
     .fetch_all(pool)
     .await?;
+    let mut rebuilds: HashMap<String, RebuildStatus> = sqlx::query_as::<_, RebuildStatus>(
+        "SELECT projection, generation, code_version, state, error, events, records_done, records_total,
+            events_per_second, eta_seconds, owner, started_at, updated_at
+         FROM keel_rebuilds",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| (r.projection.clone(), r))
+    .collect();
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();
     if let Some(kafka) = kafka {
         let mut wanted: Vec<(String, i32)> =
@@ -108,6 +152,7 @@ pub async fn read(
                         }
                     })
                     .collect();
+                let rebuild = rebuilds.remove(&name);
                 let lag = kafka.map(|_| partitions.iter().filter_map(|p| p.lag).sum());
                 ProjectionStatus {
                     name,
@@ -119,6 +164,7 @@ pub async fn read(
                     dead_letters,
                     lag,
                     updated_at,
+                    rebuild,
                     partitions,
                 }
             },

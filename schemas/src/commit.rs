@@ -8,7 +8,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::{EventEnvelope, SchemaError, canonical_json};
+use crate::{EventEnvelope, SchemaError, Signature, SigningKey, canonical_json};
 
 /// Names of the Kafka headers Keel writes, so tools can route records without parsing them.
 pub mod headers {
@@ -138,6 +138,9 @@ pub struct CommitRecord {
     pub prev_hash: Option<String>,
     /// SHA-256 (hex) of the canonical record without this field; see [`commit_hash_of_value`].
     pub hash: String,
+    /// The writer's Ed25519 signature over `hash`; not part of the hashed form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
 }
 
 /// A writer's claim on a partition, valid when its epoch is higher than any before it.
@@ -218,6 +221,14 @@ impl CommitRecord {
         self
     }
 
+    /// Seals the record and signs its hash with `key`.
+    #[must_use]
+    pub fn sealed_and_signed(self, key: &SigningKey) -> Self {
+        let mut sealed = self.sealed();
+        sealed.signature = Some(key.sign(&sealed.hash));
+        sealed
+    }
+
     /// Recomputes the hash of this record from its content.
     pub fn compute_hash(&self) -> String {
         let value = serde_json::to_value(LogRecord::Commit(self.clone())).unwrap_or(Value::Null);
@@ -281,6 +292,7 @@ mod tests {
             recorded_at: Timestamp::now(),
             prev_hash,
             hash: String::new(),
+            signature: None,
         }
         .sealed()
     }

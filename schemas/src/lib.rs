@@ -11,6 +11,7 @@ mod commit;
 mod envelope;
 mod error;
 mod problem;
+mod signing;
 mod token;
 mod upcast;
 
@@ -22,5 +23,6 @@ pub use commit::{
 pub use envelope::{EventEnvelope, decode_event, decode_event_with, encode_event};
 pub use error::SchemaError;
 pub use problem::{PROBLEM_JSON, problem};
+pub use signing::{KeyError, Signature, SignatureCheck, SigningKey, TrustedKeys, key_id_of};
 pub use token::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, MAX_TOKEN_LEN, Position, TokenError};
 pub use upcast::{Upcaster, Upcasters};

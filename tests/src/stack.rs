@@ -163,6 +163,8 @@ pub struct CommandApiConfig {
     pub instance: String,
     /// More environment variables for the process.
     pub extra_env: Vec<(&'static str, String)>,
+    /// Where the signing key and the trusted keys are kept (the test's own).
+    pub keys_dir: std::path::PathBuf,
 }
 
 impl CommandApiConfig {
@@ -174,6 +176,7 @@ impl CommandApiConfig {
             partitions,
             instance: instance.to_owned(),
             extra_env: Vec::new(),
+            keys_dir: std::env::temp_dir().join(format!("keel-keys-{prefix}")),
         }
     }
 
@@ -182,6 +185,14 @@ impl CommandApiConfig {
             ("KEEL_KAFKA_BROKERS", self.brokers.clone()),
             ("KEEL_TOPIC_PREFIX", self.prefix.clone()),
             ("KEEL_PARTITIONS", self.partitions.to_string()),
+            (
+                "KEEL_SIGNING_KEY_FILE",
+                self.keys_dir.join("signing.key").display().to_string(),
+            ),
+            (
+                "KEEL_TRUSTED_KEYS_FILE",
+                self.keys_dir.join("trusted.keys").display().to_string(),
+            ),
         ];
         env.extend(self.extra_env.iter().cloned());
         env

@@ -46,6 +46,7 @@ fn commit(writer: &Writer, id: &str, expected_version: u64) -> LogRecord {
             recorded_at: Timestamp::now(),
             prev_hash: None,
             hash: String::new(),
+            signature: None,
         }
         .sealed(),
     )

@@ -15,7 +15,8 @@ impl Projection for AuditLog {
         "audit_log"
     }
     fn version(&self) -> i32 {
-        1
+        // 2: the commit's signature (key id and value) is kept with each event.
+        2
     }
     fn stream_types(&self) -> &'static [&'static str] {
         &keel_domain::STREAM_TYPES
@@ -34,7 +35,7 @@ impl Projection for AuditLog {
                 event_id uuid NOT NULL, commit_id uuid NOT NULL, command_id uuid NOT NULL, command_type text NOT NULL,
                 actor text NOT NULL, idempotency_key text, correlation_id text NOT NULL, causation_id text,
                 recorded_at timestamptz NOT NULL, writer_instance text NOT NULL, writer_epoch bigint NOT NULL,
-                prev_hash text, hash text NOT NULL,
+                prev_hash text, hash text NOT NULL, signature_key_id text, signature text,
                 PRIMARY KEY (topic, partition, "offset", index));
             CREATE INDEX IF NOT EXISTS {t}_stream ON {t} (stream_type, stream_id, version);
             CREATE INDEX IF NOT EXISTS {t}_recorded ON {t} (recorded_at);
@@ -77,6 +78,8 @@ impl Projection for AuditLog {
         let mut writer_epoch = Vec::with_capacity(n);
         let mut prev_hash: Vec<Option<String>> = Vec::with_capacity(n);
         let mut hash = Vec::with_capacity(n);
+        let mut signature_key_id: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut signature: Vec<Option<String>> = Vec::with_capacity(n);
         for e in events {
             let c = &e.commit;
             let env = e.envelope();
@@ -103,15 +106,19 @@ impl Projection for AuditLog {
             writer_epoch.push(c.writer.epoch as i64);
             prev_hash.push(c.prev_hash.clone());
             hash.push(c.hash.clone());
+            signature_key_id.push(c.signature.as_ref().map(|s| s.key_id.clone()));
+            signature.push(c.signature.as_ref().map(|s| s.value.clone()));
         }
         let t = table("audit_log", generation);
         sqlx::query(&format!(
             r#"INSERT INTO {t} (topic, partition, "offset", index, stream_type, stream_id, version, event_type,
                 schema_version, payload, event_id, commit_id, command_id, command_type, actor, idempotency_key,
-                correlation_id, causation_id, recorded_at, writer_instance, writer_epoch, prev_hash, hash)
+                correlation_id, causation_id, recorded_at, writer_instance, writer_epoch, prev_hash, hash,
+                signature_key_id, signature)
             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::int[], $5::text[], $6::text[], $7::bigint[],
                 $8::text[], $9::int[], $10::jsonb[], $11::uuid[], $12::uuid[], $13::uuid[], $14::text[], $15::text[],
-                $16::text[], $17::text[], $18::text[], $19::timestamptz[], $20::text[], $21::bigint[], $22::text[], $23::text[])"#
+                $16::text[], $17::text[], $18::text[], $19::timestamptz[], $20::text[], $21::bigint[], $22::text[], $23::text[],
+                $24::text[], $25::text[])"#
         ))
         .bind(topic)
         .bind(partition)
@@ -136,6 +143,8 @@ impl Projection for AuditLog {
         .bind(writer_epoch)
         .bind(prev_hash)
         .bind(hash)
+        .bind(signature_key_id)
+        .bind(signature)
         .execute(db)
         .await?;
         Ok(())

@@ -1,5 +1,6 @@
 //! The HTTP routes.
 
+mod audit;
 mod health;
 pub mod openapi;
 mod projections;
@@ -71,6 +72,12 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/reports/daily-sales", get(views::daily_sales))
         .route("/v1/reports/flagged-payments", get(views::flagged_payments))
         .route("/v1/projections", get(projections::list))
+        .route("/v1/audit/streams/{type}/{id}", get(audit::stream_history))
+        .route(
+            "/v1/audit/streams/{type}/{id}/state",
+            get(audit::stream_state),
+        )
+        .route("/v1/audit/events", get(audit::search))
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/openapi.json", get(openapi::serve))

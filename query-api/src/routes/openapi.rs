@@ -57,6 +57,26 @@ pub fn document() -> Value {
     orders.extend(page());
     let mut products = vec![query_param("status", "active or discontinued")];
     products.extend(page());
+    let stream = || vec![path_param("type"), path_param("id")];
+    let mut history = stream();
+    history.extend(page());
+    let mut search = vec![
+        query_param("stream_type", "product, customer or order"),
+        query_param("event_type", "e.g. OrderPlaced"),
+        query_param("actor", "who sent the command"),
+        query_param("from", "recorded at or after, RFC 3339"),
+        query_param("to", "recorded before, RFC 3339"),
+    ];
+    search.extend(page());
+    let mut as_of = stream();
+    as_of.push(query_param(
+        "version",
+        "the state after this version (from 1)",
+    ));
+    as_of.push(query_param(
+        "at",
+        "the state as it was at this RFC 3339 time; neither: the current state",
+    ));
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Keel query API", "version": env!("CARGO_PKG_VERSION")},
@@ -70,7 +90,13 @@ pub fn document() -> Value {
                 query_param("from", "first day, YYYY-MM-DD"), query_param("to", "last day, YYYY-MM-DD"),
                 query_param("currency", "only this currency")]), true),
             "/v1/reports/flagged-payments": get("payments of 10,000.00 or more", json!(page()), true),
-            "/v1/projections": {"get": {"summary": "each projection's generation, state, events, dead letters and checkpoints",
+            "/v1/audit/streams/{type}/{id}": get(
+                "a stream's history in version order: events, actors, command, correlation and causation ids, \
+                 times, positions, hashes and signatures", json!(history), true),
+            "/v1/audit/streams/{type}/{id}/state": get(
+                "a stream's state as of a version or a time, folded with the domain's own evolve", json!(as_of), true),
+            "/v1/audit/events": get("search the audit log, in recorded order", json!(search), true),
+            "/v1/projections": {"get": {"summary": "each projection's generation, state, events, dead letters, checkpoints and rebuild in progress",
                                         "responses": {"200": {"description": "the projections"}}}},
             "/healthz": {"get": {"responses": {"200": {"description": "the process is alive"}}}},
             "/readyz": {"get": {"responses": {"200": {"description": "the database answers and the views exist"},
@@ -128,7 +154,10 @@ mod tests {
         let state = AppState::new(pool);
         let doc = document();
         for path in doc["paths"].as_object().unwrap().keys() {
-            let uri = path.replace("{id}", "x-1").replace("{sku}", "X-1");
+            let uri = path
+                .replace("{type}", "order")
+                .replace("{id}", "x-1")
+                .replace("{sku}", "X-1");
             let request = Request::builder().uri(&uri).body(Body::empty()).unwrap();
             let response = app(state.clone()).oneshot(request).await.unwrap();
             assert_ne!(

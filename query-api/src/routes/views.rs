@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::{AppState, decode_cursor, limit, page, serve};
 use crate::error::ApiError;
 
-fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(super) fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     query.map(|Query(q)| q).map_err(|e| ApiError::BadRequest {
         detail: e.body_text(),
         field: None,

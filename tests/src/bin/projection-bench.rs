@@ -97,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             recorded_at: Timestamp::now(),
             prev_hash: None,
             hash: String::new(),
+            signature: None,
         }
         .sealed();
         send(

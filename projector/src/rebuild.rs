@@ -1,0 +1,502 @@
+//! Blue/green rebuilds: the next generation of a projection is built beside the live one,
+//! from offset 0 of its topics with its own checkpoints, then swapped in atomically.
+//!
+//! The swap takes the projection's row in `keel_projections` `FOR UPDATE`, which makes
+//! the live runner's next batch wait. Under that lock, the new generation is caught up at
+//! least to the live generation's checkpoints (so no reader sees older data after the swap
+//! than before it), the views are pointed at the new tables, and the row names the new
+//! generation; all in one transaction. The live runner's waiting batch then finds its
+//! generation gone, rolls back, and follows the new one from its checkpoints.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use tracing::info;
+
+use crate::projection::{Projection, table};
+use crate::runner::{Applier, Flow, Mode, Runner, point_views, prepare};
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// How long the swap may keep catching up under its lock before it lets go and retries.
+const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
+
+/// How a rebuild shows its progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A progress bar on standard error when it is a terminal, plain lines otherwise.
+    Terminal,
+    /// Log lines (what `projector run` uses for its automatic rebuilds).
+    Log,
+}
+
+/// How a rebuild runs.
+#[derive(Clone, Debug)]
+pub struct RebuildOptions {
+    /// Keep the old generation's tables after the swap.
+    pub keep_old: bool,
+    /// Wait for another rebuild of the projection to finish instead of refusing.
+    pub wait_for_lock: bool,
+    /// How progress is shown.
+    pub progress: Progress,
+}
+
+/// What a finished rebuild did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RebuildReport {
+    /// The projection.
+    pub projection: String,
+    /// The generation swapped in.
+    pub generation: i32,
+    /// The generation it replaced.
+    pub previous: i32,
+    /// Whether it resumed an interrupted rebuild.
+    pub resumed: bool,
+    /// Events applied by this run.
+    pub events: u64,
+    /// Records read by this run.
+    pub records: i64,
+    /// How long this run took.
+    pub seconds: f64,
+    /// Events per second over this run.
+    pub events_per_second: f64,
+    /// How long the swap held the projection's lock, in milliseconds.
+    pub swap_lock_ms: f64,
+    /// Whether the old generation's tables were kept.
+    pub kept_old: bool,
+}
+
+/// Rebuilds `runner`'s projection into its next generation and swaps it in.
+pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Result<RebuildReport> {
+    let projection = runner.projection.as_ref();
+    let name = projection.name();
+    let live = prepare(&runner.pool, projection).await?;
+
+    // One rebuild per projection: a session lock held for the whole rebuild, released when
+    // this connection closes (also on a crash).
+    let mut lock = runner.pool.acquire().await?.detach();
+    loop {
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('keel-rebuild:' || $1))")
+                .bind(name)
+                .fetch_one(&mut lock)
+                .await?;
+        if locked {
+            break;
+        }
+        if !options.wait_for_lock {
+            let row: Option<(i32, i64, i64, String, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT generation, records_done, records_total, owner, started_at FROM keel_rebuilds
+                 WHERE projection = $1",
+            )
+            .bind(name)
+            .fetch_optional(&runner.pool)
+            .await?;
+            match row {
+                Some((generation, done, total, owner, started)) => bail!(
+                    "a rebuild of {name} is already running (generation {generation}, {done} of {total} records, \
+                     started {} by {owner}); wait for it to finish",
+                    started.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+                None => bail!("a rebuild of {name} is already running; wait for it to finish"),
+            }
+        }
+        info!(
+            projection = name,
+            "another rebuild of this projection runs; waiting"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    let (generation, resumed) = start_or_resume(runner, live.generation).await?;
+    let mut applier = Applier::load(runner, generation, Mode::Rebuild).await?;
+    let reader = keel_kafka::LogReader::open(&runner.kafka, &applier.assignment())?;
+    let started = Instant::now();
+    let first_done = applier.records_done();
+    let mut view = ProgressView::new(options.progress, name, generation, resumed, first_done);
+    let mut last_tick: Option<Instant> = None;
+    let tick = match options.progress {
+        Progress::Terminal => Duration::from_millis(500),
+        Progress::Log => Duration::from_secs(5),
+    };
+    let stopped = || {
+        anyhow::anyhow!(
+            "the rebuild of {name} generation {generation} stopped on a dead letter (see `projector status`); \
+             the live view is untouched. Fix the cause, or rerun with --on-error skip"
+        )
+    };
+    let swapped = loop {
+        let batch = reader
+            .next_batch(
+                runner.options.batch_size,
+                Duration::from_millis(200),
+                runner.options.linger,
+            )
+            .await?;
+        if let Flow::Stopped = applier.apply(&batch).await? {
+            view.abandon();
+            return Err(stopped());
+        }
+        if !batch.is_empty() && last_tick.is_some_and(|t| t.elapsed() < tick) {
+            continue;
+        }
+        last_tick = Some(Instant::now());
+        let ends = reader.high_watermarks().await?;
+        let total: i64 = ends.iter().map(|(_, end)| end).sum();
+        let done = applier.records_done();
+        let elapsed = started.elapsed().as_secs_f64().max(0.001);
+        let rate = applier.events() as f64 / elapsed;
+        let records_rate = (done - first_done) as f64 / elapsed;
+        let eta = (records_rate > 0.0).then(|| (total - done).max(0) as f64 / records_rate);
+        sqlx::query(
+            "UPDATE keel_rebuilds SET records_total = $2, events_per_second = $3, eta_seconds = $4,
+                updated_at = now() WHERE projection = $1",
+        )
+        .bind(name)
+        .bind(total)
+        .bind(rate)
+        .bind(eta)
+        .execute(&runner.pool)
+        .await?;
+        view.show(done, total, rate, eta);
+        let caught_up = ends
+            .iter()
+            .all(|((topic, partition), end)| applier.next_offset(topic, *partition) >= *end);
+        if caught_up {
+            view.note("caught up with the head; swapping");
+            match swap(runner, &mut applier, &reader, generation).await? {
+                Swap::Done { previous, held } => break (previous, held),
+                Swap::Stopped => {
+                    view.abandon();
+                    return Err(stopped());
+                }
+                Swap::Retry => view.note("the log moved on during the swap; catching up again"),
+            }
+        }
+    };
+    let (previous, held) = swapped;
+    if !options.keep_old {
+        discard(runner, previous)
+            .await
+            .with_context(|| format!("dropping generation {previous} of {name}"))?;
+    }
+    drop(lock);
+    let seconds = started.elapsed().as_secs_f64();
+    let report = RebuildReport {
+        projection: name.to_owned(),
+        generation,
+        previous,
+        resumed,
+        events: applier.events(),
+        records: applier.records_done() - first_done,
+        seconds,
+        events_per_second: applier.events() as f64 / seconds.max(0.001),
+        swap_lock_ms: held.as_secs_f64() * 1000.0,
+        kept_old: options.keep_old,
+    };
+    view.finish(&report);
+    Ok(report)
+}
+
+/// The generation to build: the one an interrupted rebuild of today's code left, resumed
+/// from its checkpoints, or a fresh one after the live generation.
+async fn start_or_resume(runner: &Runner, live: i32) -> anyhow::Result<(i32, bool)> {
+    let projection = runner.projection.as_ref();
+    let name = projection.name();
+    let owner = format!(
+        "{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+        std::process::id()
+    );
+    let existing: Option<(i32, i32)> =
+        sqlx::query_as("SELECT generation, code_version FROM keel_rebuilds WHERE projection = $1")
+            .bind(name)
+            .fetch_optional(&runner.pool)
+            .await?;
+    if let Some((generation, code_version)) = existing {
+        if code_version == projection.version() && generation > live {
+            sqlx::query(
+                "UPDATE keel_rebuilds SET owner = $2, state = 'building', error = NULL, updated_at = now()
+                 WHERE projection = $1",
+            )
+            .bind(name)
+            .bind(&owner)
+            .execute(&runner.pool)
+            .await?;
+            info!(
+                projection = name,
+                generation, "resuming the rebuild from its checkpoints"
+            );
+            return Ok((generation, true));
+        }
+        if generation != live {
+            discard(runner, generation).await?;
+        }
+    }
+    let generation = live + 1;
+    // Whatever an earlier attempt left of this generation goes first.
+    discard(runner, generation).await?;
+    let mut tx = runner.pool.begin().await?;
+    create_tables(&mut tx, projection, generation).await?;
+    sqlx::query(
+        "INSERT INTO keel_rebuilds (projection, generation, code_version, owner) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (projection) DO UPDATE SET generation = EXCLUDED.generation,
+            code_version = EXCLUDED.code_version, owner = EXCLUDED.owner, state = 'building', error = NULL,
+            events = 0, records_done = 0, records_total = 0, events_per_second = NULL, eta_seconds = NULL,
+            started_at = now(), updated_at = now()",
+    )
+    .bind(name)
+    .bind(generation)
+    .bind(projection.version())
+    .bind(&owner)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    info!(projection = name, generation, "rebuilding from offset 0");
+    Ok((generation, false))
+}
+
+fn create_tables<'a>(
+    tx: &'a mut sqlx::PgConnection,
+    projection: &'a dyn Projection,
+    generation: i32,
+) -> BoxFuture<'a, anyhow::Result<()>> {
+    Box::pin(async move {
+        projection
+            .create(tx, generation)
+            .await
+            .with_context(|| format!("creating generation {generation} of {}", projection.name()))
+    })
+}
+
+/// Drops a generation that is not live: its tables and its bookkeeping.
+async fn discard(runner: &Runner, generation: i32) -> anyhow::Result<()> {
+    let projection = runner.projection.as_ref();
+    let name = projection.name();
+    let mut tx = runner.pool.begin().await?;
+    let live: Option<i32> =
+        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR SHARE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    anyhow::ensure!(
+        live != Some(generation),
+        "refusing to drop generation {generation} of {name}: it is live"
+    );
+    for t in projection.tables() {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(t, generation)))
+            .execute(&mut *tx)
+            .await?;
+    }
+    for bookkeeping in ["keel_checkpoints", "keel_gate_streams", "keel_dead_letters"] {
+        sqlx::query(&format!(
+            "DELETE FROM {bookkeeping} WHERE projection = $1 AND generation = $2"
+        ))
+        .bind(name)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DELETE FROM keel_rebuilds WHERE projection = $1 AND generation = $2")
+        .bind(name)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+enum Swap {
+    Done { previous: i32, held: Duration },
+    Stopped,
+    Retry,
+}
+
+/// Swaps `generation` in; see the module's documentation.
+async fn swap(
+    runner: &Runner,
+    applier: &mut Applier<'_>,
+    reader: &keel_kafka::LogReader,
+    generation: i32,
+) -> anyhow::Result<Swap> {
+    let projection = runner.projection.as_ref();
+    let name = projection.name();
+    let mut tx = runner.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    let previous: i32 =
+        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
+    let locked_at = Instant::now();
+    let live_checkpoints: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT topic, partition, next_offset FROM keel_checkpoints WHERE projection = $1 AND generation = $2",
+    )
+    .bind(name)
+    .bind(previous)
+    .fetch_all(&mut *tx)
+    .await?;
+    // The live runner is held at its next batch: catch up with where it stopped.
+    while live_checkpoints
+        .iter()
+        .any(|(topic, partition, next)| applier.next_offset(topic, *partition) < *next)
+    {
+        if locked_at.elapsed() > SWAP_CATCH_UP_LIMIT {
+            tx.rollback().await?;
+            return Ok(Swap::Retry);
+        }
+        let batch = reader
+            .next_batch(
+                runner.options.batch_size,
+                Duration::from_millis(100),
+                Duration::ZERO,
+            )
+            .await?;
+        if let Flow::Stopped = applier.apply(&batch).await? {
+            tx.rollback().await?;
+            return Ok(Swap::Stopped);
+        }
+    }
+    point_views(&mut tx, projection, generation).await?;
+    let events: i64 = sqlx::query_scalar("SELECT events FROM keel_rebuilds WHERE projection = $1")
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE keel_projections SET generation = $2, code_version = $3, events = $4, state = 'running',
+            error = NULL, updated_at = now() WHERE name = $1",
+    )
+    .bind(name)
+    .bind(generation)
+    .bind(projection.version())
+    .bind(events)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM keel_rebuilds WHERE projection = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::runner::NOTIFY_CHANNEL)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let held = locked_at.elapsed();
+    info!(
+        projection = name,
+        generation,
+        previous,
+        lock_ms = held.as_secs_f64() * 1000.0,
+        "swapped in"
+    );
+    Ok(Swap::Done { previous, held })
+}
+
+/// Shows a rebuild's progress: a bar on a terminal, lines otherwise.
+struct ProgressView {
+    mode: Progress,
+    bar: Option<ProgressBar>,
+    label: String,
+    last_line: Option<Instant>,
+}
+
+impl ProgressView {
+    fn new(mode: Progress, name: &str, generation: i32, resumed: bool, done: i64) -> Self {
+        let label = format!("{name} generation {generation}");
+        let bar = (mode == Progress::Terminal && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {human_pos}/{human_len} records ({percent}%) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(label.clone());
+            bar.set_position(done as u64);
+            bar
+        });
+        let view = Self {
+            mode,
+            bar,
+            label,
+            last_line: None,
+        };
+        view.note(if resumed {
+            "resuming from its checkpoints"
+        } else {
+            "rebuilding from offset 0"
+        });
+        view
+    }
+
+    fn show(&mut self, done: i64, total: i64, rate: f64, eta: Option<f64>) {
+        let eta = eta.map_or("?".to_owned(), |s| format!("{}s", s.ceil() as u64));
+        let msg = format!("{} events/s, ETA {eta}", rate.round() as u64);
+        if let Some(bar) = &self.bar {
+            bar.set_length(total.max(done) as u64);
+            bar.set_position(done as u64);
+            bar.set_message(msg);
+            return;
+        }
+        if self
+            .last_line
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        self.last_line = Some(Instant::now());
+        let percent = if total > 0 {
+            done as f64 * 100.0 / total as f64
+        } else {
+            100.0
+        };
+        let line = format!(
+            "{}: {done}/{total} records ({percent:.1}%), {msg}",
+            self.label
+        );
+        match self.mode {
+            Progress::Terminal => eprintln!("{line}"),
+            Progress::Log => info!("{line}"),
+        }
+    }
+
+    fn note(&self, what: &str) {
+        match (&self.bar, self.mode) {
+            (Some(bar), _) => bar.println(format!("{}: {what}", self.label)),
+            (None, Progress::Terminal) => eprintln!("{}: {what}", self.label),
+            (None, Progress::Log) => info!("{}: {what}", self.label),
+        }
+    }
+
+    fn abandon(&self) {
+        if let Some(bar) = &self.bar {
+            bar.abandon();
+        }
+    }
+
+    fn finish(&self, report: &RebuildReport) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+        self.note(&format!(
+            "swapped in: {} events from {} records in {:.1}s ({} events/s); the swap held the lock for {:.1} ms; \
+             generation {} {}",
+            report.events,
+            report.records,
+            report.seconds,
+            report.events_per_second.round() as u64,
+            report.swap_lock_ms,
+            report.previous,
+            if report.kept_old { "kept" } else { "dropped" }
+        ));
+    }
+}

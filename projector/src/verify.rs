@@ -1,0 +1,437 @@
+//! `projector verify` and `projector export`: the log checked, and handed to auditors.
+//!
+//! Verification re-reads the topics from offset 0 through the partition gate, as every
+//! reader does, and checks per stream: versions contiguous from 1, every hash recomputes
+//! from the record as written, every `prev_hash` links to the stream's previous commit,
+//! every signature verifies with a trusted key, and the topic still holds every commit the
+//! audit log in PostgreSQL has seen. Records the gate rejects because their writer did not
+//! own the partition (zombie writes) are reported as such: no reader ever applied them.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use keel_kafka::{KafkaSettings, LogEntry, LogReader, PartitionGate, Rejection, partition_for};
+use keel_schemas::{
+    CommitRecord, LogRecord, SignatureCheck, StreamRef, TrustedKeys, commit_hash_of_value,
+};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// What kind of finding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// The log does not hold: the chain, a version, a hash or a signature is wrong.
+    Violation,
+    /// A record the gate skipped because its writer did not own the partition: a zombie
+    /// writer's append, never applied by any reader. Not corruption.
+    Zombie,
+}
+
+/// One thing verification found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    /// Violation or zombie write.
+    pub kind: FindingKind,
+    /// The stream, when the record names one.
+    pub stream: Option<String>,
+    /// The stream version concerned, when known.
+    pub version: Option<u64>,
+    /// Where the record is.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset (`None` for a commit the log has lost).
+    pub offset: Option<i64>,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// What `verify` found over the topics it read.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VerifyReport {
+    /// Records read.
+    pub records: u64,
+    /// Commits the gate accepted (and that were checked).
+    pub commits: u64,
+    /// Streams checked.
+    pub streams: u64,
+    /// Whether the audit log in PostgreSQL was compared with the topics.
+    pub audit_log_compared: bool,
+    /// Violations and zombie writes, in log order per partition.
+    pub findings: Vec<Finding>,
+}
+
+impl VerifyReport {
+    /// The violations found.
+    pub fn violations(&self) -> usize {
+        self.findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::Violation)
+            .count()
+    }
+}
+
+/// What verification remembers of a stream: its last accepted commit.
+struct Tip {
+    version: u64,
+    hash: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// Parses `type/id`.
+pub fn parse_stream(text: &str) -> anyhow::Result<StreamRef> {
+    let (stream_type, id) = text
+        .split_once('/')
+        .filter(|(t, id)| !t.is_empty() && !id.is_empty())
+        .with_context(|| {
+            format!("{text:?} is not a stream: expected <type>/<id>, e.g. order/o-42")
+        })?;
+    anyhow::ensure!(
+        keel_domain::STREAM_TYPES.contains(&stream_type),
+        "no stream type {stream_type:?}; the types are: {}",
+        keel_domain::STREAM_TYPES.join(", ")
+    );
+    Ok(StreamRef {
+        stream_type: stream_type.to_owned(),
+        id: id.to_owned(),
+    })
+}
+
+/// Reads every partition of `topic` (or only `partitions`) from offset 0 to its end as
+/// it is now, calling `each` with every record in log order per partition.
+async fn read_topic(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partitions: &[i32],
+    mut each: impl FnMut(&LogEntry),
+) -> anyhow::Result<()> {
+    let assignment: Vec<(String, i32, i64)> = partitions
+        .iter()
+        .map(|p| (topic.to_owned(), *p, 0))
+        .collect();
+    let reader = LogReader::open(kafka, &assignment)?;
+    let ends: HashMap<(String, i32), i64> = reader.high_watermarks().await?.into_iter().collect();
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    let unfinished = |next: &HashMap<(String, i32), i64>| {
+        ends.iter()
+            .any(|(k, end)| next.get(k).copied().unwrap_or(0) < *end)
+    };
+    let mut idle = Duration::ZERO;
+    while unfinished(&next) {
+        let batch = reader
+            .next_batch(
+                10_000,
+                Duration::from_millis(500),
+                Duration::from_millis(10),
+            )
+            .await?;
+        if batch.is_empty() {
+            idle += Duration::from_millis(500);
+            anyhow::ensure!(
+                idle < kafka.timeout,
+                "reading {topic}: no record arrived for {}s before the partitions' ends",
+                idle.as_secs()
+            );
+            continue;
+        }
+        idle = Duration::ZERO;
+        for entry in &batch {
+            let key = (entry.topic.clone(), entry.partition);
+            if entry.offset >= ends.get(&key).copied().unwrap_or(0) {
+                continue;
+            }
+            next.insert(key, entry.offset + 1);
+            each(entry);
+        }
+    }
+    Ok(())
+}
+
+/// Verifies the topics (or one stream); compares with the audit log when `pool` is given.
+pub async fn verify(
+    kafka: &KafkaSettings,
+    trusted: &TrustedKeys,
+    only: Option<&StreamRef>,
+    pool: Option<&PgPool>,
+) -> anyhow::Result<VerifyReport> {
+    let mut report = VerifyReport::default();
+    let mut tips: HashMap<StreamRef, Tip> = HashMap::new();
+    let stream_types: Vec<&str> = match only {
+        Some(s) => vec![s.stream_type.as_str()],
+        None => keel_domain::STREAM_TYPES.to_vec(),
+    };
+    for stream_type in &stream_types {
+        let topic = kafka.topic(stream_type);
+        let partitions: Vec<i32> = match only {
+            Some(s) => vec![partition_for(s.id.as_bytes(), kafka.partitions)],
+            None => (0..kafka.partitions).collect(),
+        };
+        let mut gates: HashMap<i32, PartitionGate> = HashMap::new();
+        read_topic(kafka, &topic, &partitions, |entry| {
+            report.records += 1;
+            let gate = gates.entry(entry.partition).or_default();
+            check_record(entry, gate, trusted, only, &mut tips, &mut report);
+        })
+        .await?;
+    }
+    report.streams = tips.len() as u64;
+    if let Some(pool) = pool {
+        report.audit_log_compared = compare_with_audit_log(pool, only, &tips, &mut report).await?;
+    }
+    Ok(report)
+}
+
+fn check_record(
+    entry: &LogEntry,
+    gate: &mut PartitionGate,
+    trusted: &TrustedKeys,
+    only: Option<&StreamRef>,
+    tips: &mut HashMap<StreamRef, Tip>,
+    report: &mut VerifyReport,
+) {
+    let finding = |kind, stream: Option<&StreamRef>, version, detail: String| Finding {
+        kind,
+        stream: stream.map(ToString::to_string),
+        version,
+        topic: entry.topic.clone(),
+        partition: entry.partition,
+        offset: Some(entry.offset),
+        detail,
+    };
+    let raw: Value = match serde_json::from_slice(&entry.payload) {
+        Ok(v) => v,
+        Err(e) => {
+            if only.is_none() {
+                report.findings.push(finding(
+                    FindingKind::Violation,
+                    None,
+                    None,
+                    format!("the record is not JSON: {e}"),
+                ));
+            }
+            return;
+        }
+    };
+    let record: LogRecord = match serde_json::from_value(raw.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            if only.is_none() {
+                report.findings.push(finding(
+                    FindingKind::Violation,
+                    None,
+                    None,
+                    format!("the record is not a Keel record: {e}"),
+                ));
+            }
+            return;
+        }
+    };
+    let owner = gate.owner().cloned();
+    let verdict = gate.admit(&record);
+    let LogRecord::Commit(commit) = &record else {
+        if let Err(rejection) = verdict
+            && only.is_none()
+        {
+            report.findings.push(finding(
+                FindingKind::Zombie,
+                None,
+                None,
+                format!("fence skipped by the gate: {rejection}"),
+            ));
+        }
+        return;
+    };
+    if only.is_some_and(|s| *s != commit.stream) {
+        return;
+    }
+    let stream = Some(&commit.stream);
+    let first = commit.expected_version + 1;
+    if let Err(rejection) = verdict {
+        let by_owner = owner.as_ref() == Some(&commit.writer);
+        let (kind, detail) = match (&rejection, by_owner) {
+            (Rejection::NotOwner { .. } | Rejection::StaleFence { .. }, _) | (_, false) => (
+                FindingKind::Zombie,
+                format!("zombie write, skipped by the gate and applied by no reader: {rejection}"),
+            ),
+            _ => (
+                FindingKind::Violation,
+                format!("version out of sequence (a skipped or repeated version): {rejection}"),
+            ),
+        };
+        report
+            .findings
+            .push(finding(kind, stream, Some(first), detail));
+        return;
+    }
+    report.commits += 1;
+    let last_version = commit.next_version();
+    let mut problems = Vec::new();
+    let recomputed = commit_hash_of_value(&raw);
+    if recomputed != commit.hash {
+        problems.push(format!(
+            "the hash does not recompute: the record says {}, its content hashes to {recomputed}",
+            short(&commit.hash)
+        ));
+    }
+    let previous = tips.get(&commit.stream).map(|t| t.hash.clone());
+    if commit.prev_hash != previous {
+        problems.push(format!(
+            "prev_hash {} does not link to the previous commit's hash {}",
+            commit.prev_hash.as_deref().map_or("null".into(), short),
+            previous
+                .as_deref()
+                .map_or("null (first commit)".into(), short)
+        ));
+    }
+    match trusted.check(&commit.hash, commit.signature.as_ref()) {
+        SignatureCheck::Valid => {}
+        SignatureCheck::Missing => problems.push("the commit is not signed".into()),
+        SignatureCheck::UnknownKey(id) => {
+            problems.push(format!("signed with key {id}, which is not a trusted key"))
+        }
+        SignatureCheck::Invalid(why) => problems.push(why),
+    }
+    for detail in problems {
+        report
+            .findings
+            .push(finding(FindingKind::Violation, stream, Some(first), detail));
+    }
+    tips.insert(
+        commit.stream.clone(),
+        Tip {
+            version: last_version,
+            hash: commit.hash.clone(),
+            topic: entry.topic.clone(),
+            partition: entry.partition,
+            offset: entry.offset,
+        },
+    );
+}
+
+fn short(hash: &str) -> String {
+    hash.chars().take(12).collect()
+}
+
+/// Reports every stream whose topic ends before what the audit log has seen, or whose
+/// last commit the audit log holds with another hash. False when there is no audit log.
+async fn compare_with_audit_log(
+    pool: &PgPool,
+    only: Option<&StreamRef>,
+    tips: &HashMap<StreamRef, Tip>,
+    report: &mut VerifyReport,
+) -> anyhow::Result<bool> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('audit_log') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(false);
+    }
+    type Row = (String, String, String, i32, i64, i64, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        r#"SELECT DISTINCT ON (stream_type, stream_id) stream_type, stream_id, topic, partition, "offset",
+                version, hash
+           FROM audit_log
+           WHERE ($1::text IS NULL OR (stream_type = $1 AND stream_id = $2))
+           ORDER BY stream_type, stream_id, version DESC"#,
+    )
+    .bind(only.map(|s| s.stream_type.clone()))
+    .bind(only.map(|s| s.id.clone()))
+    .fetch_all(pool)
+    .await?;
+    for (stream_type, id, topic, partition, offset, version, hash) in rows {
+        let stream = StreamRef { stream_type, id };
+        let version = version as u64;
+        let tip = tips.get(&stream);
+        let lost = match tip {
+            None => Some(format!(
+                "the topic has lost this stream: the audit log holds it up to version {version} \
+                 (offset {offset}), the topic holds no commit of it"
+            )),
+            Some(t) if t.version < version => Some(format!(
+                "the topic has lost commits the audit log holds: the audit log has version {version} \
+                 (offset {offset}), the topic ends at version {} (offset {})",
+                t.version, t.offset
+            )),
+            Some(t) if t.version == version && t.hash != hash => Some(format!(
+                "the audit log holds version {version} with hash {}, the topic with {}",
+                short(&hash),
+                short(&t.hash)
+            )),
+            _ => None,
+        };
+        if let Some(detail) = lost {
+            report.findings.push(Finding {
+                kind: FindingKind::Violation,
+                stream: Some(stream.to_string()),
+                version: Some(version),
+                topic: tip.map_or(topic, |t| t.topic.clone()),
+                partition: tip.map_or(partition, |t| t.partition),
+                offset: None,
+                detail,
+            });
+        }
+    }
+    Ok(true)
+}
+
+/// One line of `projector export`: a record of the stream as it is in the log, with its
+/// position and the gate's verdict.
+#[derive(Debug, Serialize)]
+pub struct ExportLine {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The offset.
+    pub offset: i64,
+    /// Whether the partition gate accepted it (readers apply only accepted commits).
+    pub accepted: bool,
+    /// Why the gate skipped it, if it did.
+    pub rejection: Option<String>,
+    /// The record exactly as written (its hash recomputes from this object).
+    pub record: Value,
+}
+
+/// Every commit record of `stream`, in log order, with the gate's verdicts.
+pub async fn export(
+    kafka: &KafkaSettings,
+    stream: &StreamRef,
+    mut each: impl FnMut(ExportLine) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let topic = kafka.topic(&stream.stream_type);
+    let partition = partition_for(stream.id.as_bytes(), kafka.partitions);
+    let mut gate = PartitionGate::new();
+    let mut lines = Vec::new();
+    read_topic(kafka, &topic, &[partition], |entry| {
+        let Ok(raw) = serde_json::from_slice::<Value>(&entry.payload) else {
+            return;
+        };
+        let Ok(record) = serde_json::from_value::<LogRecord>(raw.clone()) else {
+            return;
+        };
+        let verdict = gate.admit(&record);
+        if let LogRecord::Commit(CommitRecord { stream: s, .. }) = &record
+            && s == stream
+        {
+            lines.push(ExportLine {
+                topic: entry.topic.clone(),
+                partition: entry.partition,
+                offset: entry.offset,
+                accepted: verdict.is_ok(),
+                rejection: verdict.err().map(|r| r.to_string()),
+                record: raw,
+            });
+        }
+    })
+    .await?;
+    let count = lines.len() as u64;
+    for line in lines {
+        each(line)?;
+    }
+    Ok(count)
+}
