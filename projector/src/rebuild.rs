@@ -25,6 +25,10 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 /// How long the swap may keep catching up under its lock before it lets go and retries.
 const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
 
+/// How many records the new generation may still be behind the head when the swap
+/// starts: the swap catches up the rest while it holds the lock.
+const SWAP_DISTANCE: i64 = 100;
+
 /// How a rebuild shows its progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Progress {
@@ -141,7 +145,10 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
             view.abandon();
             return Err(stopped());
         }
-        if !batch.is_empty() && last_tick.is_some_and(|t| t.elapsed() < tick) {
+        // Full batches mean the head is far: measure only once per tick. Short ones mean
+        // it is near: measure each time, so the swap starts as close to the head as it can.
+        let full = batch.len() >= runner.options.batch_size;
+        if full && last_tick.is_some_and(|t| t.elapsed() < tick) {
             continue;
         }
         last_tick = Some(Instant::now());
@@ -163,10 +170,12 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         .execute(&runner.pool)
         .await?;
         view.show(done, total, rate, eta);
-        let caught_up = ends
+        // Close enough to the head under load: the swap catches up the rest under its lock.
+        let behind: i64 = ends
             .iter()
-            .all(|((topic, partition), end)| applier.next_offset(topic, *partition) >= *end);
-        if caught_up {
+            .map(|((topic, partition), end)| (end - applier.next_offset(topic, *partition)).max(0))
+            .sum();
+        if behind <= SWAP_DISTANCE.min(runner.options.batch_size as i64) {
             view.note("caught up with the head; swapping");
             match swap(runner, &mut applier, &reader, generation).await? {
                 Swap::Done { previous, held } => break (previous, held),

@@ -8,7 +8,9 @@ mod stack;
 
 pub use broker::{Broker, broker_binary};
 pub use log::{AcceptedCommit, read_accepted};
-pub use stack::{CommandApi, CommandApiConfig, Service, TestDatabase, workspace_binary};
+pub use stack::{
+    CommandApi, CommandApiConfig, Service, Stack, TestDatabase, eur, workspace_binary,
+};
 
 /// A topic prefix no other test uses.
 pub fn unique_prefix(test: &str) -> String {

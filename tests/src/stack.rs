@@ -274,3 +274,141 @@ impl Drop for TestDatabase {
             .status();
     }
 }
+
+/// A whole Keel: broker, command API, projector, query API and a database of the test's own.
+pub struct Stack {
+    /// The broker.
+    pub broker: Broker,
+    /// The command API's configuration (topics, keys).
+    pub config: CommandApiConfig,
+    /// The views' database.
+    pub db: TestDatabase,
+    /// The command API.
+    pub command: Service,
+    /// `projector run`, when running.
+    pub projector: Option<Service>,
+    /// The query API.
+    pub query: Service,
+}
+
+impl Stack {
+    /// Starts every part, each ready.
+    pub async fn start(name: &str, partitions: i32) -> Self {
+        Self::try_start(name, partitions)
+            .await
+            .unwrap_or_else(|e| panic!("starting the stack: {e:#}"))
+    }
+
+    async fn try_start(name: &str, partitions: i32) -> anyhow::Result<Self> {
+        let broker = Broker::start().await?;
+        let config =
+            CommandApiConfig::new(&broker, &crate::unique_prefix(name), partitions, "cmd-a");
+        let db = TestDatabase::new(name);
+        let command = Service::command_api_ready(&config).await?;
+        let projector = Some(Service::projector(&config, &db.url(), &[]).await?);
+        let query = Service::query_api(&db.url()).await?;
+        query.wait_ready().await?;
+        Ok(Self {
+            broker,
+            config,
+            db,
+            command,
+            projector,
+            query,
+        })
+    }
+
+    /// A pool on the views' database.
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&self.db.url())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.db.name))
+    }
+
+    /// POSTs a command: its status, body and consistency token.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (
+        reqwest::StatusCode,
+        serde_json::Value,
+        Option<keel_schemas::ConsistencyToken>,
+    ) {
+        let r = reqwest::Client::new()
+            .post(self.command.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        let token = body["consistency_token"]
+            .as_str()
+            .and_then(|t| t.parse().ok());
+        (status, body, token)
+    }
+
+    /// GETs a query, waiting up to 30 s for `token` when given.
+    pub async fn get(
+        &self,
+        path: &str,
+        token: Option<&keel_schemas::ConsistencyToken>,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let mut request = reqwest::Client::new().get(self.query.url(path));
+        if let Some(token) = token {
+            request = request
+                .header("keel-consistency-token", token.encode())
+                .header("keel-consistency-timeout", "30000");
+        }
+        let r = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        (r.status(), r.json().await.unwrap_or_default())
+    }
+
+    /// Starts a projector command (`rebuild orders`, …) as a process of its own, with
+    /// `extra` environment variables.
+    pub async fn projector_process(
+        &self,
+        args: &[&str],
+        extra: &[(&'static str, String)],
+    ) -> anyhow::Result<Service> {
+        let mut env = self.projector_env();
+        env.extend_from_slice(extra);
+        Service::start("projector", args, &env, None).await
+    }
+
+    /// Runs a projector command to its end: exit status, standard output, standard error.
+    pub async fn projector_command(
+        &self,
+        args: &[&str],
+        extra: &[(&'static str, String)],
+    ) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
+        let output = Command::new(workspace_binary("projector")?)
+            .args(args)
+            .envs(self.projector_env())
+            .envs(extra.iter().cloned())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        Ok((
+            output.status,
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    fn projector_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.config.env();
+        env.push(("KEEL_DATABASE_URL", self.db.url()));
+        env
+    }
+}
+
+/// Euros, as the API writes money.
+pub fn eur(minor: i64) -> serde_json::Value {
+    serde_json::json!({"amount_minor": minor, "currency": "EUR"})
+}

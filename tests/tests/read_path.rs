@@ -8,73 +8,9 @@ use std::time::{Duration, Instant};
 
 use keel_kafka::{LogProducer, partition_for};
 use keel_schemas::ConsistencyToken;
-use keel_tests::{Broker, CommandApiConfig, Service, TestDatabase, unique_prefix};
+use keel_tests::{Service, Stack, eur};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use sqlx::PgPool;
-
-struct Stack {
-    broker: Broker,
-    config: CommandApiConfig,
-    db: TestDatabase,
-    command: Service,
-    projector: Option<Service>,
-    query: Service,
-}
-
-impl Stack {
-    async fn start(name: &str, partitions: i32) -> Self {
-        let broker = Broker::start().await.unwrap();
-        let config = CommandApiConfig::new(&broker, &unique_prefix(name), partitions, "cmd-a");
-        let db = TestDatabase::new(name);
-        let command = Service::command_api_ready(&config).await.unwrap();
-        let projector = Some(Service::projector(&config, &db.url(), &[]).await.unwrap());
-        let query = Service::query_api(&db.url()).await.unwrap();
-        query.wait_ready().await.unwrap();
-        Self {
-            broker,
-            config,
-            db,
-            command,
-            projector,
-            query,
-        }
-    }
-
-    async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.db.url()).await.unwrap()
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value, Option<ConsistencyToken>) {
-        let r = reqwest::Client::new()
-            .post(self.command.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let body: Value = r.json().await.unwrap();
-        let token = body["consistency_token"]
-            .as_str()
-            .map(|t| t.parse().unwrap());
-        (status, body, token)
-    }
-
-    async fn get(&self, path: &str, token: Option<&ConsistencyToken>) -> (StatusCode, Value) {
-        let mut request = reqwest::Client::new().get(self.query.url(path));
-        if let Some(token) = token {
-            request = request
-                .header("keel-consistency-token", token.encode())
-                .header("keel-consistency-timeout", "30000");
-        }
-        let r = request.send().await.unwrap();
-        (r.status(), r.json().await.unwrap_or(Value::Null))
-    }
-}
-
-fn eur(n: i64) -> Value {
-    json!({"amount_minor": n, "currency": "EUR"})
-}
 
 #[tokio::test]
 async fn a_query_with_the_commands_token_reads_its_write_every_time() {
