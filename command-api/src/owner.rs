@@ -290,10 +290,14 @@ where
             instance: self.instance.clone(),
             epoch: self.gate.highest_epoch() + 1,
         };
-        let fence = LogRecord::Fence(FenceRecord {
-            writer: writer.clone(),
-            recorded_at: Timestamp::now(),
-        });
+        let fence = LogRecord::Fence(
+            FenceRecord {
+                writer: writer.clone(),
+                recorded_at: Timestamp::now(),
+                signature: None,
+            }
+            .signed(&self.signing_key),
+        );
         let offset = self
             .producer
             .append_record(&self.topic, self.partition, "", &fence, None)

@@ -124,6 +124,7 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
                         epoch,
                     },
                     recorded_at: Timestamp::now(),
+                    signature: None,
                 }));
             }
             Action::Commit {
@@ -228,6 +229,7 @@ fn a_zombie_writer_after_a_newer_fence_is_skipped() {
         LogRecord::Fence(FenceRecord {
             writer: w.clone(),
             recorded_at: Timestamp::now(),
+            signature: None,
         })
     };
     let mut gate = PartitionGate::new();

@@ -53,6 +53,9 @@ enum Command {
         /// What to do with a record that cannot be decoded or applied.
         #[arg(long, value_enum, default_value = "stop")]
         on_error: OnError,
+        /// Print each finished rebuild's report as a JSON line on standard output.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-reads the topics through the partition gate and checks every stream: versions
     /// contiguous from 1, hashes, the prev_hash chain, signatures (KEEL_TRUSTED_KEYS_FILE),
@@ -106,7 +109,8 @@ async fn main() -> anyhow::Result<()> {
             all,
             keep_old,
             on_error,
-        } => rebuild(&settings, &projections, all, keep_old, on_error).await,
+            json,
+        } => rebuild(&settings, &projections, all, keep_old, on_error, json).await,
         Command::Verify { stream, json } => verify(&settings, stream.as_deref(), json).await,
         Command::Export { stream, output } => export(&settings, &stream, output.as_deref()).await,
         Command::Status { json } => print_status(&settings, json).await,
@@ -174,6 +178,7 @@ async fn rebuild(
     all: bool,
     keep_old: bool,
     on_error: OnError,
+    json: bool,
 ) -> anyhow::Result<()> {
     check_names(only)?;
     ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
@@ -202,7 +207,10 @@ async fn rebuild(
                 settings.kafka.clone(),
                 options.clone(),
             );
-            projector::rebuild::rebuild(&runner, &rebuild_options).await?;
+            let report = projector::rebuild::rebuild(&runner, &rebuild_options).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
         }
         anyhow::Ok(())
     };
@@ -327,6 +335,23 @@ async fn print_status(settings: &Settings, json: bool) -> anyhow::Result<()> {
             ));
             if let Some(error) = &p.error {
                 out.push_str(&format!("  stopped: {error}\n"));
+            }
+            if let Some(r) = &p.rebuild {
+                out.push_str(&format!(
+                    "  rebuild of generation {} (code v{}): {}, {}/{} records, {} events/s, ETA {} (by {}, started {})\n",
+                    r.generation,
+                    r.code_version,
+                    r.state,
+                    r.records_done,
+                    r.records_total,
+                    r.events_per_second.map_or("?".into(), |e| format!("{e:.0}")),
+                    r.eta_seconds.map_or("?".into(), |e| format!("{e:.0}s")),
+                    r.owner,
+                    r.started_at.format("%Y-%m-%d %H:%M:%S UTC")
+                ));
+                if let Some(error) = &r.error {
+                    out.push_str(&format!("    stopped: {error}\n"));
+                }
             }
             for part in &p.partitions {
                 out.push_str(&format!(

@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::projection::{Projection, table};
 use crate::runner::{Applier, Flow, Mode, Runner, point_views, prepare};
@@ -78,7 +78,6 @@ pub struct RebuildReport {
 pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Result<RebuildReport> {
     let projection = runner.projection.as_ref();
     let name = projection.name();
-    let live = prepare(&runner.pool, projection).await?;
 
     // One rebuild per projection: a session lock held for the whole rebuild, released when
     // this connection closes (also on a crash).
@@ -116,6 +115,8 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
+    // Read under the lock: a rebuild that finished while this one waited moved it on.
+    let live = prepare(&runner.pool, projection).await?;
     let (generation, resumed) = start_or_resume(runner, live.generation).await?;
     let mut applier = Applier::load(runner, generation, Mode::Rebuild).await?;
     let reader = keel_kafka::LogReader::open(&runner.kafka, &applier.assignment())?;
@@ -169,13 +170,16 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         .bind(eta)
         .execute(&runner.pool)
         .await?;
-        view.show(done, total, rate, eta);
+        view.show(done, total, applier.events(), rate, eta);
         // Close enough to the head under load: the swap catches up the rest under its lock.
         let behind: i64 = ends
             .iter()
             .map(|((topic, partition), end)| (end - applier.next_offset(topic, *partition)).max(0))
             .sum();
-        if behind <= SWAP_DISTANCE.min(runner.options.batch_size as i64) {
+        // Under heavy writes the distance never gets that small: then start when the
+        // rest is a quarter of a second of this rebuild's own pace.
+        let distance = SWAP_DISTANCE.max((records_rate / 4.0) as i64);
+        if behind <= distance.min(runner.options.batch_size as i64) {
             view.note("caught up with the head; swapping");
             match swap(runner, &mut applier, &reader, generation).await? {
                 Swap::Done { previous, held } => break (previous, held),
@@ -188,10 +192,11 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         }
     };
     let (previous, held) = swapped;
-    if !options.keep_old {
-        discard(runner, previous)
-            .await
-            .with_context(|| format!("dropping generation {previous} of {name}"))?;
+    if !options.keep_old
+        && let Err(e) = discard(runner, previous).await
+    {
+        // The swap stands; the next rebuild drops what is left of the old generation.
+        warn!(error = %format!("{e:#}"), previous, "dropping the old generation failed");
     }
     drop(lock);
     let seconds = started.elapsed().as_secs_f64();
@@ -247,8 +252,20 @@ async fn start_or_resume(runner: &Runner, live: i32) -> anyhow::Result<(i32, boo
         }
     }
     let generation = live + 1;
-    // Whatever an earlier attempt left of this generation goes first.
+    // Whatever an earlier attempt left of this generation goes first, and so do the
+    // generations an interrupted clean-up left behind (never kept ones: those are older
+    // than the live generation and were kept on purpose with --keep-old).
     discard(runner, generation).await?;
+    let leftovers: Vec<i32> = sqlx::query_scalar(
+        "SELECT DISTINCT generation FROM keel_checkpoints WHERE projection = $1 AND generation > $2",
+    )
+    .bind(name)
+    .bind(generation)
+    .fetch_all(&runner.pool)
+    .await?;
+    for old in leftovers {
+        discard(runner, old).await?;
+    }
     let mut tx = runner.pool.begin().await?;
     create_tables(&mut tx, projection, generation).await?;
     sqlx::query(
@@ -373,7 +390,23 @@ async fn swap(
             return Ok(Swap::Stopped);
         }
     }
-    point_views(&mut tx, projection, generation).await?;
+    // Re-pointing the views waits for reads in flight; bounded, so a long read delays the
+    // swap instead of queueing every new read behind it.
+    sqlx::query("SET LOCAL lock_timeout = '2s'")
+        .execute(&mut *tx)
+        .await?;
+    if let Err(e) = point_views(&mut tx, projection, generation).await {
+        let timed_out = e
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|e| e.as_database_error())
+            .and_then(|e| e.code())
+            .is_some_and(|code| code == "55P03");
+        tx.rollback().await?;
+        if timed_out {
+            return Ok(Swap::Retry);
+        }
+        return Err(e);
+    }
     let events: i64 = sqlx::query_scalar("SELECT events FROM keel_rebuilds WHERE projection = $1")
         .bind(name)
         .fetch_one(&mut *tx)
@@ -447,9 +480,12 @@ impl ProgressView {
         view
     }
 
-    fn show(&mut self, done: i64, total: i64, rate: f64, eta: Option<f64>) {
+    fn show(&mut self, done: i64, total: i64, events: u64, rate: f64, eta: Option<f64>) {
         let eta = eta.map_or("?".to_owned(), |s| format!("{}s", s.ceil() as u64));
-        let msg = format!("{} events/s, ETA {eta}", rate.round() as u64);
+        let msg = format!(
+            "{events} events, {} events/s, ETA {eta}",
+            rate.round() as u64
+        );
         if let Some(bar) = &self.bar {
             bar.set_length(total.max(done) as u64);
             bar.set_position(done as u64);

@@ -139,7 +139,17 @@ impl Runner {
                     continue;
                 }
             };
-            if live.code_version != self.projection.version() {
+            if live.code_version > self.projection.version() {
+                // A newer build rebuilt this projection: this older one must not undo it.
+                error!(
+                    live = live.code_version,
+                    code = self.projection.version(),
+                    "the live generation was built by newer code than this projector's; standing by"
+                );
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                continue;
+            }
+            if live.code_version < self.projection.version() {
                 info!(
                     generation = live.generation,
                     stored = live.code_version,

@@ -161,6 +161,12 @@ pub async fn verify(
 ) -> anyhow::Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut tips: HashMap<StreamRef, Tip> = HashMap::new();
+    // What the audit log has seen, taken before the topics are read: everything in it is
+    // then below the ends the reading goes to, so commits written meanwhile are no finding.
+    let seen = match pool {
+        Some(pool) => audit_log_tips(pool, only).await?,
+        None => None,
+    };
     let stream_types: Vec<&str> = match only {
         Some(s) => vec![s.stream_type.as_str()],
         None => keel_domain::STREAM_TYPES.to_vec(),
@@ -180,8 +186,9 @@ pub async fn verify(
         .await?;
     }
     report.streams = tips.len() as u64;
-    if let Some(pool) = pool {
-        report.audit_log_compared = compare_with_audit_log(pool, only, &tips, &mut report).await?;
+    if let Some(seen) = seen {
+        compare_with_audit_log(seen, &tips, &mut report);
+        report.audit_log_compared = true;
     }
     Ok(report)
 }
@@ -233,18 +240,44 @@ fn check_record(
     };
     let owner = gate.owner().cloned();
     let verdict = gate.admit(&record);
-    let LogRecord::Commit(commit) = &record else {
-        if let Err(rejection) = verdict
-            && only.is_none()
-        {
-            report.findings.push(finding(
-                FindingKind::Zombie,
-                None,
-                None,
-                format!("fence skipped by the gate: {rejection}"),
-            ));
+    let commit = match &record {
+        LogRecord::Commit(commit) => commit,
+        LogRecord::Fence(fence) => {
+            match verdict {
+                Err(rejection) if only.is_none() => report.findings.push(finding(
+                    FindingKind::Zombie,
+                    None,
+                    None,
+                    format!("fence skipped by the gate: {rejection}"),
+                )),
+                Err(_) => {}
+                // A fence decides who may write: one nobody trusted signed is a takeover.
+                Ok(()) => {
+                    let problem = match trusted
+                        .check(&commit_hash_of_value(&raw), fence.signature.as_ref())
+                    {
+                        SignatureCheck::Valid => None,
+                        SignatureCheck::Missing => Some("is not signed".to_owned()),
+                        SignatureCheck::UnknownKey(id) => Some(format!(
+                            "is signed with key {id}, which is not a trusted key"
+                        )),
+                        SignatureCheck::Invalid(why) => Some(format!("does not verify: {why}")),
+                    };
+                    if let Some(problem) = problem {
+                        report.findings.push(finding(
+                            FindingKind::Violation,
+                            None,
+                            None,
+                            format!(
+                                "the fence that made {} (epoch {}) the partition's owner {problem}",
+                                fence.writer.instance, fence.writer.epoch
+                            ),
+                        ));
+                    }
+                }
+            }
+            return;
         }
-        return;
     };
     if only.is_some_and(|s| *s != commit.stream) {
         return;
@@ -317,22 +350,20 @@ fn short(hash: &str) -> String {
     hash.chars().take(12).collect()
 }
 
-/// Reports every stream whose topic ends before what the audit log has seen, or whose
-/// last commit the audit log holds with another hash. False when there is no audit log.
-async fn compare_with_audit_log(
+type AuditTip = (String, String, String, i32, i64, i64, String);
+
+/// Each stream's last commit as the audit log holds it; `None` when there is no audit log.
+async fn audit_log_tips(
     pool: &PgPool,
     only: Option<&StreamRef>,
-    tips: &HashMap<StreamRef, Tip>,
-    report: &mut VerifyReport,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<Vec<AuditTip>>> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('audit_log') IS NOT NULL")
         .fetch_one(pool)
         .await?;
     if !exists {
-        return Ok(false);
+        return Ok(None);
     }
-    type Row = (String, String, String, i32, i64, i64, String);
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows = sqlx::query_as(
         r#"SELECT DISTINCT ON (stream_type, stream_id) stream_type, stream_id, topic, partition, "offset",
                 version, hash
            FROM audit_log
@@ -343,7 +374,17 @@ async fn compare_with_audit_log(
     .bind(only.map(|s| s.id.clone()))
     .fetch_all(pool)
     .await?;
-    for (stream_type, id, topic, partition, offset, version, hash) in rows {
+    Ok(Some(rows))
+}
+
+/// Reports every stream whose topic ends before what the audit log has seen, or whose
+/// last commit the audit log holds with another hash.
+fn compare_with_audit_log(
+    seen: Vec<AuditTip>,
+    tips: &HashMap<StreamRef, Tip>,
+    report: &mut VerifyReport,
+) {
+    for (stream_type, id, topic, partition, offset, version, hash) in seen {
         let stream = StreamRef { stream_type, id };
         let version = version as u64;
         let tip = tips.get(&stream);
@@ -376,7 +417,6 @@ async fn compare_with_audit_log(
             });
         }
     }
-    Ok(true)
 }
 
 /// One line of `projector export`: a record of the stream as it is in the log, with its

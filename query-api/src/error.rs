@@ -64,6 +64,13 @@ impl From<sqlx::Error> for ApiError {
                     "this view is not built yet: is the projector running?".into(),
                 )
             }
+            // A NUL byte in a path or query parameter: PostgreSQL cannot hold it in text.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("22021") => {
+                ApiError::BadRequest {
+                    detail: "a parameter holds a character that cannot be stored (NUL)".into(),
+                    field: None,
+                }
+            }
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 ApiError::Unavailable("the database is not reachable".into())
             }

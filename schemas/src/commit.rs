@@ -150,6 +150,27 @@ pub struct FenceRecord {
     pub writer: Writer,
     /// When it was written.
     pub recorded_at: Timestamp,
+    /// The writer's Ed25519 signature over [`FenceRecord::digest`], so a fence cannot be
+    /// forged by someone who can only write to the broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
+}
+
+impl FenceRecord {
+    /// What a fence's signature signs: the hex SHA-256 of the canonical fence record
+    /// (with `kind`) without its signature.
+    pub fn digest(&self) -> String {
+        let value = serde_json::to_value(LogRecord::Fence(self.clone())).unwrap_or(Value::Null);
+        commit_hash_of_value(&value)
+    }
+
+    /// Signs the fence with `key`.
+    #[must_use]
+    pub fn signed(mut self, key: &SigningKey) -> Self {
+        self.signature = None;
+        self.signature = Some(key.sign(&self.digest()));
+        self
+    }
 }
 
 /// A record of a Keel topic.
@@ -337,6 +358,7 @@ mod tests {
                 epoch: 3,
             },
             recorded_at: Timestamp::now(),
+            signature: None,
         });
         let raw: Value = serde_json::from_slice(&fence.encode()).unwrap();
         assert_eq!(raw["kind"], "fence");

@@ -385,6 +385,39 @@ async fn verify_tells_forgeries_from_zombie_writes_and_export_hands_out_the_reco
         "{report}"
     );
 
+    // A fence appended straight to the topic, signed with a key nobody trusts: it would
+    // take the partition, so verify reports it.
+    let mut usurper = owner_of(&stack, &topic, partition_of("o-5")).await;
+    usurper.instance = "cmd-usurper".into();
+    usurper.epoch += 1;
+    let fence = keel_schemas::FenceRecord {
+        writer: usurper,
+        recorded_at: keel_schemas::Timestamp::now(),
+        signature: None,
+    }
+    .signed(&stranger);
+    let fence_offset = producer
+        .append_record(
+            &topic,
+            partition_of("o-5"),
+            "",
+            &LogRecord::Fence(fence),
+            None,
+        )
+        .await
+        .unwrap();
+    let (clean, report) = verify(&stack, &[]).await;
+    assert!(!clean);
+    let fence_line = report
+        .lines()
+        .find(|l| l.contains("cmd-usurper"))
+        .unwrap_or_else(|| panic!("the forged fence is reported: {report}"));
+    assert!(
+        fence_line.starts_with("VIOLATION")
+            && fence_line.contains(&format!("offset {fence_offset}")),
+        "{fence_line}"
+    );
+
     // Export: the stream's records as written, with the gate's verdicts.
     let (status, lines, stderr) = stack
         .projector_command(&["export", "--stream", "order/o-2"], &[])

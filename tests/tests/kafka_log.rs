@@ -59,6 +59,7 @@ fn fence(instance: &str, epoch: u64) -> LogRecord {
             epoch,
         },
         recorded_at: Timestamp::now(),
+        signature: None,
     })
 }
 
