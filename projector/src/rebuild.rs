@@ -9,6 +9,7 @@
 //! generation gone, rolls back, and follows the new one from its checkpoints.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -28,6 +29,11 @@ const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
 /// How many records the new generation may still be behind the head when the swap
 /// starts: the swap catches up the rest while it holds the lock.
 const SWAP_DISTANCE: i64 = 100;
+
+/// How often progress is measured, recorded in `keel_rebuilds` and shown.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the distance to the head is measured.
+const NEAR_HEAD_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How a rebuild shows its progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,15 +125,35 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
     let live = prepare(&runner.pool, projection).await?;
     let (generation, resumed) = start_or_resume(runner, live.generation).await?;
     let mut applier = Applier::load(runner, generation, Mode::Rebuild).await?;
-    let reader = keel_kafka::LogReader::open(&runner.kafka, &applier.assignment())?;
+    let reader = Arc::new(keel_kafka::LogReader::open(
+        &runner.kafka,
+        &applier.assignment(),
+    )?);
+    // Where the log ends, measured beside the work: asking the broker takes a round trip
+    // per partition, which the apply loop must not wait for.
+    let (ends_tx, mut ends_rx) = tokio::sync::watch::channel(None);
+    let watcher = {
+        let reader = Arc::clone(&reader);
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let ends = reader.high_watermarks().await;
+                let failed = ends.is_err();
+                if ends_tx.send(Some(ends.map_err(|e| e.to_string()))).is_err() {
+                    return;
+                }
+                let pause = if failed {
+                    Duration::from_secs(1)
+                } else {
+                    NEAR_HEAD_INTERVAL
+                };
+                tokio::time::sleep(pause).await;
+            }
+        }))
+    };
     let started = Instant::now();
     let first_done = applier.records_done();
     let mut view = ProgressView::new(options.progress, name, generation, resumed, first_done);
-    let mut last_tick: Option<Instant> = None;
-    let tick = match options.progress {
-        Progress::Terminal => Duration::from_millis(500),
-        Progress::Log => Duration::from_secs(5),
-    };
+    let mut last_progress: Option<Instant> = None;
     let stopped = || {
         anyhow::anyhow!(
             "the rebuild of {name} generation {generation} stopped on a dead letter (see `projector status`); \
@@ -146,31 +172,37 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
             view.abandon();
             return Err(stopped());
         }
-        // Full batches mean the head is far: measure only once per tick. Short ones mean
-        // it is near: measure each time, so the swap starts as close to the head as it can.
-        let full = batch.len() >= runner.options.batch_size;
-        if full && last_tick.is_some_and(|t| t.elapsed() < tick) {
+        // A fresh measure of the head, when there is one; an empty batch waits for it.
+        if batch.is_empty() {
+            ends_rx.changed().await?;
+        } else if !ends_rx.has_changed()? {
             continue;
         }
-        last_tick = Some(Instant::now());
-        let ends = reader.high_watermarks().await?;
+        let ends = match ends_rx.borrow_and_update().clone() {
+            Some(Ok(ends)) => ends,
+            Some(Err(e)) => anyhow::bail!("reading where the log ends: {e}"),
+            None => continue,
+        };
         let total: i64 = ends.iter().map(|(_, end)| end).sum();
         let done = applier.records_done();
         let elapsed = started.elapsed().as_secs_f64().max(0.001);
         let rate = applier.events() as f64 / elapsed;
         let records_rate = (done - first_done) as f64 / elapsed;
-        let eta = (records_rate > 0.0).then(|| (total - done).max(0) as f64 / records_rate);
-        sqlx::query(
-            "UPDATE keel_rebuilds SET records_total = $2, events_per_second = $3, eta_seconds = $4,
-                updated_at = now() WHERE projection = $1",
-        )
-        .bind(name)
-        .bind(total)
-        .bind(rate)
-        .bind(eta)
-        .execute(&runner.pool)
-        .await?;
-        view.show(done, total, applier.events(), rate, eta);
+        if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
+            last_progress = Some(Instant::now());
+            let eta = (records_rate > 0.0).then(|| (total - done).max(0) as f64 / records_rate);
+            sqlx::query(
+                "UPDATE keel_rebuilds SET records_total = $2, events_per_second = $3, eta_seconds = $4,
+                    updated_at = now() WHERE projection = $1",
+            )
+            .bind(name)
+            .bind(total)
+            .bind(rate)
+            .bind(eta)
+            .execute(&runner.pool)
+            .await?;
+            view.show(done, total, applier.events(), rate, eta);
+        }
         // Close enough to the head under load: the swap catches up the rest under its lock.
         let behind: i64 = ends
             .iter()
@@ -192,6 +224,7 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         }
     };
     let (previous, held) = swapped;
+    drop(watcher);
     if !options.keep_old
         && let Err(e) = discard(runner, previous).await
     {
@@ -440,6 +473,15 @@ async fn swap(
         "swapped in"
     );
     Ok(Swap::Done { previous, held })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Shows a rebuild's progress: a bar on a terminal, lines otherwise.
