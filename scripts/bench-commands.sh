@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Commands/s one command-api instance accepts, beside a bare rdkafka producer into the
-# same broker (nisshi, memory storage), in the same run. Release build; each round
+# same broker (nisshi, memory storage) and B_http (an axum handler that parses the same
+# bodies and does nothing else, driven by the same client), in the same run. Release build; each round
 # starts a fresh broker so rounds do not see each other's logs.
 #   scripts/bench-commands.sh [rounds=3] [clients=64] [seconds=10]
 cd "$(dirname "$0")/.."
@@ -21,5 +22,6 @@ for round in $(seq 1 "$rounds"); do
     echo "round $round: $("$bin/command-load" "http://127.0.0.1:$http" "$clients" "$seconds" 1000)"
     kill "$api"; wait "$api" 2>/dev/null
     echo "round $round: bare $("$bin/broker-bench" "127.0.0.1:$port" 200000 700 produce)"
+    echo "round $round: $("$bin/command-load" baseline "$clients" "$seconds" 1000)"
     kill "$broker"; wait "$broker" 2>/dev/null
 done

@@ -6,6 +6,11 @@
 //! Arguments: base URL, concurrent clients (64), seconds (10), products (1,000). The
 //! products are registered first; then every client restocks random ones, one request
 //! at a time, for the given time.
+//!
+//! With `baseline` for the URL it drives **B_http** instead: an axum handler in this
+//! process that parses the same JSON bodies and answers 200 doing nothing else, with the
+//! same client at the same concurrency. The ratio of the two is what command handling
+//! costs beyond HTTP and JSON.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,10 +21,15 @@ use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let base = args
+    let mut base = args
         .get(1)
         .cloned()
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let label = if base == "baseline" {
+        "B_http"
+    } else {
+        "commands"
+    };
     let clients: usize = args
         .get(2)
         .map_or(Ok(64), |s| s.parse())
@@ -37,6 +47,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        if base == "baseline" {
+            base = format!("http://{}", baseline_http().await?);
+        }
         let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
         let sku = |i: usize| format!("LOAD-{run}-{i}");
         // Register the products, 64 at a time.
@@ -91,7 +104,7 @@ fn main() -> anyhow::Result<()> {
         latencies.sort();
         let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
         println!(
-            "commands: {} accepted in {elapsed:.1} s = {:.0}/s with {clients} clients; p50 {:.1} ms, p99 {:.1} ms; {errors} errors",
+            "{label}: {} accepted in {elapsed:.1} s = {:.0}/s with {clients} clients; p50 {:.1} ms, p99 {:.1} ms; {errors} errors",
             latencies.len(),
             latencies.len() as f64 / elapsed,
             pct(0.50).as_secs_f64() * 1000.0,
@@ -99,4 +112,37 @@ fn main() -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+/// B_http: parses a command body as the command API would and answers 200.
+async fn baseline_http() -> anyhow::Result<std::net::SocketAddr> {
+    use axum::Json;
+    use axum::extract::Path;
+    use axum::http::StatusCode;
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code, reason = "parsed like a command body, then dropped")]
+    struct Body {
+        quantity: Option<u64>,
+        name: Option<String>,
+        price: Option<serde_json::Value>,
+    }
+    async fn handle(
+        Path((_sku, _action)): Path<(String, String)>,
+        Json(body): Json<Body>,
+    ) -> (StatusCode, Json<serde_json::Value>) {
+        let ok = body.quantity.is_some() || body.name.is_some();
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        (status, Json(json!({"ok": ok})))
+    }
+    let app = axum::Router::new().route("/v1/products/{sku}/{action}", axum::routing::post(handle));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
 }
