@@ -19,7 +19,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::projection::{Projection, table};
-use crate::runner::{Applier, Flow, Mode, Runner, point_views, prepare};
+use crate::runner::{AbortOnDrop, Applier, Flow, Mode, Runner, point_views, prepare};
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -473,15 +473,6 @@ async fn swap(
         "swapped in"
     );
     Ok(Swap::Done { previous, held })
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Shows a rebuild's progress: a bar on a terminal, lines otherwise.

@@ -184,18 +184,39 @@ impl Runner {
     async fn run_live(&self, generation: i32) -> anyhow::Result<()> {
         let mut applier = Applier::load(self, generation, Mode::Live).await?;
         let reader = LogReader::open(&self.kafka, &applier.assignment())?;
+        // The next batch is read while this one is applied: the broker and PostgreSQL
+        // work at the same time instead of in turn.
+        let (tx, mut batches) = tokio::sync::mpsc::channel(1);
+        let (size, linger) = (self.options.batch_size, self.options.linger);
+        let prefetch = tokio::spawn(async move {
+            loop {
+                let batch = reader
+                    .next_batch(size, Duration::from_millis(500), linger)
+                    .await;
+                let failed = batch.is_err();
+                if tx.send(batch).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let _stop_prefetch = AbortOnDrop(prefetch);
         loop {
-            let batch = reader
-                .next_batch(
-                    self.options.batch_size,
-                    Duration::from_millis(500),
-                    self.options.linger,
-                )
-                .await?;
-            if let Flow::Stopped = applier.apply(&batch).await? {
+            let Some(batch) = batches.recv().await else {
+                anyhow::bail!("the log reader stopped");
+            };
+            if let Flow::Stopped = applier.apply(&batch?).await? {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -644,8 +665,7 @@ fn decode(entry: &LogEntry, state: &mut PartitionState) -> Result<Vec<ProjectedE
         let _ = state.gate.admit(&record);
         return Ok(Vec::new());
     };
-    let commit = Arc::new(commit.clone());
-    let mut events = Vec::with_capacity(commit.events.len());
+    let mut decoded = Vec::with_capacity(commit.events.len());
     for (index, envelope) in commit.events.iter().enumerate() {
         let event = match commit.stream.stream_type.as_str() {
             t if t == Product::TYPE => decode_event::<Product>(envelope).map(AnyEvent::Product),
@@ -659,18 +679,27 @@ fn decode(entry: &LogEntry, state: &mut PartitionState) -> Result<Vec<ProjectedE
                 index, commit.stream, envelope.version
             )
         })?;
-        events.push(ProjectedEvent {
+        decoded.push(event);
+    }
+    let _ = state.gate.admit(&record);
+    // The record moves into the events' shared commit: no copy of it.
+    let LogRecord::Commit(commit) = record else {
+        return Ok(Vec::new());
+    };
+    state.touched_streams.insert(commit.stream.clone());
+    let commit = Arc::new(commit);
+    Ok(decoded
+        .into_iter()
+        .enumerate()
+        .map(|(index, event)| ProjectedEvent {
             topic: entry.topic.clone(),
             partition: entry.partition,
             offset: entry.offset,
             index,
             commit: Arc::clone(&commit),
             event,
-        });
-    }
-    let _ = state.gate.admit(&record);
-    state.touched_streams.insert(commit.stream.clone());
-    Ok(events)
+        })
+        .collect())
 }
 
 /// The live generation of a projection.

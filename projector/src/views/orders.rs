@@ -66,15 +66,31 @@ impl Projection for Orders {
         events: &[ProjectedEvent],
     ) -> Result<(), sqlx::Error> {
         let t = table("orders", generation);
-        let ids: Vec<String> = events.iter().map(|e| e.stream_id().to_owned()).collect();
-        let mut rows: HashMap<String, Row> =
+        // Only orders placed before this batch need their rows read: an order placed in it
+        // starts from its OrderPlaced event (which is every order during a catch-up).
+        let mut placed_here = std::collections::HashSet::new();
+        let mut ids: Vec<String> = Vec::new();
+        for e in events {
+            let id = e.stream_id();
+            if let AnyEvent::Order(OrderEvent::OrderPlaced { .. }) = &e.event {
+                placed_here.insert(id);
+            } else if !placed_here.contains(id) {
+                ids.push(id.to_owned());
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        let mut rows: HashMap<String, Row> = if ids.is_empty() {
+            HashMap::new()
+        } else {
             sqlx::query_as::<_, Row>(&format!("SELECT * FROM {t} WHERE order_id = ANY($1)"))
                 .bind(&ids)
                 .fetch_all(&mut *db)
                 .await?
                 .into_iter()
                 .map(|r| (r.order_id.clone(), r))
-                .collect();
+                .collect()
+        };
         let mut touched = Vec::new();
         for e in events {
             let AnyEvent::Order(event) = &e.event else {
