@@ -1,6 +1,7 @@
 //! Read-your-writes: waiting until a projection has passed a consistency token.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_schemas::{ConsistencyToken, Position};
@@ -73,6 +74,40 @@ pub async fn checkpoints(
     Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
 }
 
+/// Each projection's checkpoints as last read, with the notification count they were read
+/// at: reused until the projector commits again, so a read without a token costs no
+/// extra query. A cached position is never ahead of the view, so it is a correct lower
+/// bound for `Keel-Projection-Position`.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointCache(Arc<Mutex<HashMap<String, (u64, Checkpoints)>>>);
+
+/// Next offset per partition.
+pub type Checkpoints = Arc<HashMap<(String, i32), i64>>;
+
+impl CheckpointCache {
+    async fn read(
+        &self,
+        pool: &PgPool,
+        projection: &str,
+        seq: u64,
+    ) -> Result<Checkpoints, ApiError> {
+        if let Some((at, read)) = self
+            .0
+            .lock()
+            .map_err(|_| ApiError::Internal("cache poisoned".into()))?
+            .get(projection)
+            && *at == seq
+        {
+            return Ok(Arc::clone(read));
+        }
+        let read = Arc::new(checkpoints(pool, projection).await?);
+        if let Ok(mut cache) = self.0.lock() {
+            cache.insert(projection.to_owned(), (seq, Arc::clone(&read)));
+        }
+        Ok(read)
+    }
+}
+
 /// The positions a projection has read, as a token (the last offset read per partition).
 pub fn position_token(read: &HashMap<(String, i32), i64>) -> Option<String> {
     let mut token = ConsistencyToken::default();
@@ -93,16 +128,17 @@ pub fn position_token(read: &HashMap<(String, i32), i64>) -> Option<String> {
 /// Returns the projection's checkpoints as last read.
 pub async fn wait_for(
     pool: &PgPool,
+    cache: &CheckpointCache,
     mut changes: watch::Receiver<u64>,
     projection: &str,
     stream_types: &[&str],
     token: Option<&ConsistencyToken>,
     wait: Duration,
-) -> Result<HashMap<(String, i32), i64>, ApiError> {
+) -> Result<Checkpoints, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        changes.mark_unchanged();
-        let read = checkpoints(pool, projection).await?;
+        let seq = *changes.borrow_and_update();
+        let read = cache.read(pool, projection, seq).await?;
         let passed = token.is_none_or(|token| {
             token.positions().all(|p| {
                 let relevant = stream_type_of(&p.topic).is_some_and(|t| stream_types.contains(&t));

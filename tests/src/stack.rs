@@ -13,11 +13,16 @@ use crate::Broker;
 /// Path of a binary of this workspace, built beside the test binaries.
 pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test binary")?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
+    // target/<profile>/deps/<test> -> target/<profile>/<name>; a binary of this crate
+    // (a benchmark) is in target/<profile> itself.
+    let parent = exe
         .parent()
-        .and_then(|deps| deps.parent())
         .context("the test binary has no parent directory")?;
+    let dir = if parent.ends_with("deps") {
+        parent.parent().context("deps has no parent directory")?
+    } else {
+        parent
+    };
     let path = dir.join(name);
     if !path.is_file() {
         bail!(

@@ -43,6 +43,8 @@ pub struct AppState {
     pub changes: watch::Receiver<u64>,
     /// The stream types each projection reads.
     pub projections: Arc<HashMap<&'static str, &'static [&'static str]>>,
+    /// Checkpoints as last read, until the projector commits again.
+    pub checkpoints: consistency::CheckpointCache,
 }
 
 impl AppState {
@@ -57,6 +59,7 @@ impl AppState {
             pool,
             changes,
             projections: Arc::new(projections),
+            checkpoints: consistency::CheckpointCache::default(),
         }
     }
 }
@@ -132,6 +135,7 @@ where
     let stream_types = state.projections.get(projection).copied().unwrap_or(&[]);
     let read = consistency::wait_for(
         &state.pool,
+        &state.checkpoints,
         state.changes.clone(),
         projection,
         stream_types,
