@@ -224,7 +224,7 @@ fn check_record(
             return;
         }
     };
-    let record: LogRecord = match serde_json::from_value(raw.clone()) {
+    let record = match LogRecord::decode(&entry.payload) {
         Ok(r) => r,
         Err(e) => {
             if only.is_none() {
@@ -448,15 +448,14 @@ pub async fn export(
     let mut gate = PartitionGate::new();
     let mut lines = Vec::new();
     read_topic(kafka, &topic, &[partition], |entry| {
-        let Ok(raw) = serde_json::from_slice::<Value>(&entry.payload) else {
-            return;
-        };
-        let Ok(record) = serde_json::from_value::<LogRecord>(raw.clone()) else {
+        let Ok(record) = LogRecord::decode(&entry.payload) else {
             return;
         };
         let verdict = gate.admit(&record);
+        // The record as written, not as re-encoded: its hash recomputes from exactly this.
         if let LogRecord::Commit(CommitRecord { stream: s, .. }) = &record
             && s == stream
+            && let Ok(raw) = serde_json::from_slice::<Value>(&entry.payload)
         {
             lines.push(ExportLine {
                 topic: entry.topic.clone(),

@@ -76,3 +76,11 @@ pub fn drain(
     }
     Ok(started.elapsed().as_secs_f64())
 }
+
+/// The `p` quantile (0 to 1) of latencies sorted in ascending order; zero when empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}

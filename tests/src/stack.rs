@@ -354,6 +354,48 @@ impl Stack {
         (status, body, token)
     }
 
+    /// POSTs every `(path, body)` with `in_flight` requests at a time; each must answer
+    /// `expected`. Returns the merge of their consistency tokens.
+    pub async fn post_many(
+        &self,
+        requests: impl IntoIterator<Item = (String, serde_json::Value)>,
+        in_flight: usize,
+        expected: reqwest::StatusCode,
+    ) -> keel_schemas::ConsistencyToken {
+        let client = reqwest::Client::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut token = keel_schemas::ConsistencyToken::default();
+        let token_of = |done: Result<keel_schemas::ConsistencyToken, tokio::task::JoinError>| {
+            done.unwrap_or_else(|e| panic!("a request task failed: {e}"))
+        };
+        for (path, body) in requests {
+            let (client, url) = (client.clone(), self.command.url(&path));
+            tasks.spawn(async move {
+                let r = client
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+                assert_eq!(r.status(), expected, "POST {path}");
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                body["consistency_token"]
+                    .as_str()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_else(|| panic!("POST {path}: no consistency token in {body}"))
+            });
+            while tasks.len() >= in_flight {
+                if let Some(done) = tasks.join_next().await {
+                    token = token.merge(&token_of(done));
+                }
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            token = token.merge(&token_of(done));
+        }
+        token
+    }
+
     /// GETs a query, waiting up to 30 s for `token` when given.
     pub async fn get(
         &self,

@@ -15,33 +15,14 @@ use sqlx::PgPool;
 
 /// Places orders `ids` with 32 in flight; returns the merged consistency token.
 async fn place_orders(stack: &Stack, ids: std::ops::Range<usize>) -> ConsistencyToken {
-    let client = reqwest::Client::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut token = ConsistencyToken::default();
-    for i in ids {
-        let body = json!({"customer_id": format!("c-{}", i % 40),
-                          "lines": [{"sku": "SKU-1", "quantity": i % 5 + 1, "unit_price": eur(100 + (i % 9) as i64)}]});
-        let (client, url) = (
-            client.clone(),
-            stack.command.url(&format!("/v1/orders/ro-{i}/place")),
-        );
-        tasks.spawn(async move {
-            let r = client.post(url).json(&body).send().await.unwrap();
-            assert_eq!(r.status(), StatusCode::CREATED);
-            r.json::<Value>().await.unwrap()["consistency_token"]
-                .as_str()
-                .unwrap()
-                .parse::<ConsistencyToken>()
-                .unwrap()
-        });
-        while tasks.len() >= 32 {
-            token = token.merge(&tasks.join_next().await.unwrap().unwrap());
-        }
-    }
-    while let Some(t) = tasks.join_next().await {
-        token = token.merge(&t.unwrap());
-    }
-    token
+    let requests = ids.map(|i| {
+        (
+            format!("/v1/orders/ro-{i}/place"),
+            json!({"customer_id": format!("c-{}", i % 40),
+                   "lines": [{"sku": "SKU-1", "quantity": i % 5 + 1, "unit_price": eur(100 + (i % 9) as i64)}]}),
+        )
+    });
+    stack.post_many(requests, 32, StatusCode::CREATED).await
 }
 
 /// Every row of the views `orders` and `daily_sales`, in key order.

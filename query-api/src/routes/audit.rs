@@ -23,7 +23,7 @@ use crate::error::ApiError;
 const AUDIT_LOG: &str = "audit_log";
 
 /// The columns of an audit entry, as the API shows them. The signature is read through
-/// `to_jsonb` so a generation built before signatures existed still answers.
+/// `to_jsonb` (of [`ENTRIES`]) so a generation built before signatures existed still answers.
 const ENTRY: &str = r#"jsonb_build_object(
     'stream_type', stream_type, 'stream_id', stream_id, 'version', version,
     'event_type', event_type, 'schema_version', schema_version, 'payload', payload,
@@ -33,9 +33,12 @@ const ENTRY: &str = r#"jsonb_build_object(
     'writer', jsonb_build_object('instance', writer_instance, 'epoch', writer_epoch),
     'topic', topic, 'partition', partition, 'offset', "offset", 'index', index,
     'prev_hash', prev_hash, 'hash', hash,
-    'signature', CASE WHEN to_jsonb(a)->>'signature' IS NULL THEN NULL
-                 ELSE jsonb_build_object('key_id', to_jsonb(a)->'signature_key_id',
-                                         'value', to_jsonb(a)->'signature') END)"#;
+    'signature', CASE WHEN j.doc->>'signature' IS NULL THEN NULL
+                 ELSE jsonb_build_object('key_id', j.doc->'signature_key_id',
+                                         'value', j.doc->'signature') END)"#;
+
+/// What [`ENTRY`] reads from: each audit row, and that row as JSON once.
+const ENTRIES: &str = "audit_log a CROSS JOIN LATERAL to_jsonb(a) AS j(doc)";
 
 fn stream_type(value: &str) -> Result<&'static str, ApiError> {
     keel_domain::STREAM_TYPES
@@ -86,7 +89,7 @@ pub(super) async fn stream_history(
         .map_err(|_| ApiError::bad("cursor", "is not a cursor this API returned"))?;
     let body = async {
         let rows: Vec<Value> = sqlx::query_scalar(&format!(
-            "SELECT {ENTRY} FROM audit_log a
+            "SELECT {ENTRY} FROM {ENTRIES}
              WHERE stream_type = $1 AND stream_id = $2 AND ($3::bigint IS NULL OR version > $3)
              ORDER BY version LIMIT $4"
         ))
@@ -152,7 +155,7 @@ pub(super) async fn search(
         .transpose()?;
     let body = async {
         let rows: Vec<Value> = sqlx::query_scalar(&format!(
-            "SELECT {ENTRY} FROM audit_log a
+            "SELECT {ENTRY} FROM {ENTRIES}
              WHERE ($1::text IS NULL OR stream_type = $1) AND ($2::text IS NULL OR event_type = $2)
                AND ($3::text IS NULL OR actor = $3)
                AND ($4::timestamptz IS NULL OR recorded_at >= $4) AND ($5::timestamptz IS NULL OR recorded_at < $5)

@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed().as_secs_f64();
         latencies.sort();
-        let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+        let pct = |p: f64| keel_tests::bench::percentile(&latencies, p);
         println!(
             "{label}: {} accepted in {elapsed:.1} s = {:.0}/s with {clients} clients; p50 {:.1} ms, p99 {:.1} ms; {errors} errors",
             latencies.len(),

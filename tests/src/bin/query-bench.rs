@@ -16,16 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use keel_schemas::ConsistencyToken;
+use keel_tests::bench::percentile;
 use keel_tests::{Stack, eur};
 use serde_json::{Value, json};
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default()
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -44,30 +37,16 @@ async fn run(orders: usize) -> anyhow::Result<()> {
     let stack = Stack::start("query-bench", 8).await;
     let client = reqwest::Client::new();
     let started = Instant::now();
-    let mut token = ConsistencyToken::default();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..orders {
-        let (client, url) = (
-            client.clone(),
-            stack.command.url(&format!("/v1/orders/q-{i}/place")),
-        );
-        tasks.spawn(async move {
-            let body = json!({"customer_id": format!("c-{}", i % 100),
-                              "lines": [{"sku": "SKU-1", "quantity": 1, "unit_price": eur(500)}]});
-            let r: Value = client.post(url).json(&body).send().await?.json().await?;
-            let token: ConsistencyToken = r["consistency_token"]
-                .as_str()
-                .context("no token")?
-                .parse()?;
-            anyhow::Ok(token)
-        });
-        while tasks.len() >= 64 {
-            token = token.merge(&tasks.join_next().await.context("no task")???);
-        }
-    }
-    while let Some(t) = tasks.join_next().await {
-        token = token.merge(&t??);
-    }
+    let requests = (0..orders).map(|i| {
+        (
+            format!("/v1/orders/q-{i}/place"),
+            json!({"customer_id": format!("c-{}", i % 100),
+                   "lines": [{"sku": "SKU-1", "quantity": 1, "unit_price": eur(500)}]}),
+        )
+    });
+    let token = stack
+        .post_many(requests, 64, reqwest::StatusCode::CREATED)
+        .await;
     let (status, _) = stack.get("/v1/orders/q-0", Some(&token)).await;
     anyhow::ensure!(status.is_success(), "the view did not catch up");
     println!(
