@@ -19,9 +19,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::projection::{Projection, table};
-use crate::runner::{AbortOnDrop, Applier, Flow, Mode, Runner, point_views, prepare};
-
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+use crate::runner::{AbortOnDrop, Applier, BoxFuture, Flow, Mode, Runner, point_views, prepare};
 
 /// How long the swap may keep catching up under its lock before it lets go and retries.
 const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);

@@ -17,7 +17,8 @@ use tracing::{error, info, instrument, warn};
 
 use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
 
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// What a projection does with a record it cannot decode or apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
