@@ -1,5 +1,5 @@
 # The two commands. Both install what is missing and are safe to run twice.
-.PHONY: up test lint
+.PHONY: up test lint bench
 
 ## Bring the whole system up in the foreground (Ctrl-C stops it).
 up:
@@ -12,3 +12,8 @@ test:
 ## Formatting and lints, as CI checks them.
 lint:
 	./scripts/lint.sh
+
+## Every benchmark beside its baselines (release build, about 10 minutes); writes
+## BENCHMARKS.md and docs/bench/.
+bench:
+	./scripts/bench.sh

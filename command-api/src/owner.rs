@@ -216,32 +216,33 @@ impl<A: Aggregate> PartitionOwner<A>
 where
     A::Command: Send,
 {
-    /// An owner of `topic`/`partition` that will fence it as `instance`.
+    /// An owner of the partition `reader` reads (from offset 0) that will fence it as
+    /// `instance`.
     pub fn new(
         kafka: &keel_kafka::KafkaSettings,
         producer: LogProducer,
-        topic: &str,
-        partition: i32,
+        reader: PartitionReader,
         instance: &str,
         signing_key: Arc<SigningKey>,
-    ) -> Result<(Self, StatusCell), KafkaError> {
-        let status = StatusCell::new(topic, partition);
+    ) -> (Self, StatusCell) {
+        let (topic, partition) = (reader.topic().to_owned(), reader.partition());
+        let status = StatusCell::new(&topic, partition);
         let owner = Self {
-            topic: topic.to_owned(),
+            topic,
             partition,
             instance: instance.to_owned(),
             writer: None,
             gate: PartitionGate::new(),
             streams: HashMap::new(),
             keys: HashMap::new(),
-            reader: PartitionReader::open(kafka, topic, partition, 0)?,
+            reader,
             producer,
             status: status.clone(),
             timeout: kafka.timeout,
             undecodable: 0,
             signing_key,
         };
-        Ok((owner, status))
+        (owner, status)
     }
 
     /// Takes the partition, then serves commands from `requests` until the channel closes.

@@ -5,7 +5,7 @@ use keel_domain::Aggregate;
 use keel_domain::customer::Customer;
 use keel_domain::order::Order;
 use keel_domain::product::Product;
-use keel_kafka::{LogProducer, ensure_topics};
+use keel_kafka::{LogProducer, PartitionReader, ensure_topics};
 use keel_schemas::SigningKey;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -29,6 +29,7 @@ pub struct Application {
 fn spawn_owners<A: Aggregate + Send + Sync + 'static>(
     settings: &Settings,
     producer: &LogProducer,
+    readers: &mut impl Iterator<Item = PartitionReader>,
     tasks: &mut JoinSet<()>,
     statuses: &mut Vec<StatusCell>,
     signing_key: &Arc<SigningKey>,
@@ -40,15 +41,20 @@ where
     let topic = settings.kafka.topic(A::TYPE);
     let mut senders = Vec::new();
     for partition in 0..settings.kafka.partitions {
+        let reader = readers
+            .next()
+            .with_context(|| format!("no reader for {topic}/{partition}"))?;
+        anyhow::ensure!(
+            reader.topic() == topic && reader.partition() == partition,
+            "readers out of order"
+        );
         let (owner, status) = PartitionOwner::<A>::new(
             &settings.kafka,
             producer.clone(),
-            &topic,
-            partition,
+            reader,
             &settings.instance,
             Arc::clone(signing_key),
-        )
-        .with_context(|| format!("opening {topic}/{partition}"))?;
+        );
         let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
         tasks.spawn(owner.run(rx));
         senders.push(tx);
@@ -78,12 +84,23 @@ impl Application {
         info!(key_id = signing_key.key_id(), "signing commits");
         let signing_key = Arc::new(signing_key);
         let producer = LogProducer::new(&settings.kafka).context("creating the producer")?;
+        // One consumer reads every partition this instance owns, each into its own queue:
+        // one fetch request serves them all, however many partitions there are.
+        let kafka = &settings.kafka;
+        let partitions: Vec<(String, i32, i64)> = [Product::TYPE, Customer::TYPE, Order::TYPE]
+            .iter()
+            .flat_map(|t| (0..kafka.partitions).map(move |p| (kafka.topic(t), p, 0)))
+            .collect();
+        let mut readers = PartitionReader::open_many(&settings.kafka, &partitions)
+            .context("opening the partition readers")?
+            .into_iter();
         let mut tasks = JoinSet::new();
         let mut statuses = Vec::new();
         let owners = Owners {
             products: spawn_owners::<Product>(
                 &settings,
                 &producer,
+                &mut readers,
                 &mut tasks,
                 &mut statuses,
                 &signing_key,
@@ -91,6 +108,7 @@ impl Application {
             customers: spawn_owners::<Customer>(
                 &settings,
                 &producer,
+                &mut readers,
                 &mut tasks,
                 &mut statuses,
                 &signing_key,
@@ -98,6 +116,7 @@ impl Application {
             orders: spawn_owners::<Order>(
                 &settings,
                 &producer,
+                &mut readers,
                 &mut tasks,
                 &mut statuses,
                 &signing_key,

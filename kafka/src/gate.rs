@@ -178,6 +178,11 @@ impl PartitionGate {
         self.versions.get(stream).copied().unwrap_or(0)
     }
 
+    /// Every stream's version at this point of the log (streams with an accepted commit).
+    pub fn stream_versions(&self) -> impl Iterator<Item = (&StreamRef, u64)> {
+        self.versions.iter().map(|(s, v)| (s, *v))
+    }
+
     /// Records that counted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted

@@ -1,9 +1,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{Consumer, DefaultConsumerContext, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
+use tracing::{error, warn};
 
 use crate::{KafkaError, KafkaSettings};
 
@@ -168,12 +170,26 @@ impl LogReader {
 ///
 /// The partition is assigned directly, with an explicit offset: no consumer group, no
 /// committed offsets. The reader's caller owns its position ([`PartitionReader::next_offset`]).
+/// Readers opened together ([`PartitionReader::open_many`]) share one consumer: one
+/// connection and one fetch request serve all their partitions, each of which still
+/// gets its records in its own queue.
 pub struct PartitionReader {
     consumer: Arc<StreamConsumer>,
+    queue: StreamPartitionQueue<DefaultConsumerContext>,
+    _driver: Arc<AbortOnDrop>,
     topic: String,
     partition: i32,
     next_offset: i64,
     timeout: Duration,
+}
+
+/// Aborts the task serving a shared consumer's own queue once its last reader is gone.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl PartitionReader {
@@ -185,24 +201,80 @@ impl PartitionReader {
         partition: i32,
         from_offset: i64,
     ) -> Result<Self, KafkaError> {
+        let mut readers = Self::open_many(settings, &[(topic.to_owned(), partition, from_offset)])?;
+        readers
+            .pop()
+            .ok_or_else(|| KafkaError::Timeout("no reader was opened".into()))
+    }
+
+    /// Opens one reader per `(topic, partition, first offset)`, all sharing one consumer,
+    /// in the order given. Must be called within a Tokio runtime.
+    pub fn open_many(
+        settings: &KafkaSettings,
+        partitions: &[(String, i32, i64)],
+    ) -> Result<Vec<Self>, KafkaError> {
         // Tuned for latency: a command is acknowledged only once its commit is read back,
         // so this fetch wait is a floor under command latency on brokers that do not
         // answer a waiting fetch as soon as data arrives.
-        let consumer = reader_consumer(settings, 5)?;
+        let consumer = Arc::new(reader_consumer(settings, 5)?);
+        // Each partition's records go to its own queue, split off before the assignment so
+        // none lands in the consumer's own queue.
+        let mut queues = Vec::with_capacity(partitions.len());
         let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(topic, partition, Offset::Offset(from_offset))
-            .map_err(KafkaError::client(format!("assigning {topic}/{partition}")))?;
+        for (topic, partition, from_offset) in partitions {
+            let queue = consumer
+                .split_partition_queue(topic, *partition)
+                .ok_or_else(|| KafkaError::Timeout(format!("{topic}/{partition} has no queue")))?;
+            queues.push(queue);
+            assignment
+                .add_partition_offset(topic, *partition, Offset::Offset(*from_offset))
+                .map_err(KafkaError::client(format!("assigning {topic}/{partition}")))?;
+        }
         consumer
             .assign(&assignment)
-            .map_err(KafkaError::client(format!("assigning {topic}/{partition}")))?;
-        Ok(Self {
-            consumer: Arc::new(consumer),
-            topic: topic.to_owned(),
-            partition,
-            next_offset: from_offset,
-            timeout: settings.timeout,
-        })
+            .map_err(KafkaError::client("assigning partitions"))?;
+        // The consumer's own queue carries errors and client events only; it must still
+        // be served.
+        let served = Arc::clone(&consumer);
+        let driver = Arc::new(AbortOnDrop(tokio::spawn(async move {
+            loop {
+                match served.recv().await {
+                    Ok(message) => error!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "a record arrived in the consumer's own queue, not its partition's"
+                    ),
+                    Err(e) => {
+                        warn!(error = %e, "log reader");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })));
+        Ok(partitions
+            .iter()
+            .zip(queues)
+            .map(|((topic, partition, from_offset), queue)| Self {
+                consumer: Arc::clone(&consumer),
+                queue,
+                _driver: Arc::clone(&driver),
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset: *from_offset,
+                timeout: settings.timeout,
+            })
+            .collect())
+    }
+
+    /// The topic read.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The partition read.
+    pub fn partition(&self) -> i32 {
+        self.partition
     }
 
     /// The offset of the next record this reader will return.
@@ -247,14 +319,10 @@ impl PartitionReader {
     /// Waits for the next record of the partition.
     pub async fn next(&mut self) -> Result<LogEntry, KafkaError> {
         loop {
-            let message = self
-                .consumer
-                .recv()
-                .await
-                .map_err(KafkaError::client(format!(
-                    "reading {}/{}",
-                    self.topic, self.partition
-                )))?;
+            let message = self.queue.recv().await.map_err(KafkaError::client(format!(
+                "reading {}/{}",
+                self.topic, self.partition
+            )))?;
             if message.offset() < self.next_offset {
                 continue;
             }

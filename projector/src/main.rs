@@ -142,6 +142,7 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
         on_error,
         batch_size: settings.batch_size,
         linger: settings.linger,
+        snapshot_every: settings.snapshot_every,
     };
     let mut tasks = JoinSet::new();
     for projection in all
@@ -189,6 +190,7 @@ async fn rebuild(
         on_error,
         batch_size: settings.batch_size,
         linger: settings.linger,
+        snapshot_every: settings.snapshot_every,
     };
     let chosen: Vec<_> = views::all()
         .into_iter()

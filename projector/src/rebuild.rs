@@ -349,7 +349,12 @@ async fn discard(runner: &Runner, generation: i32) -> anyhow::Result<()> {
             .execute(&mut *tx)
             .await?;
     }
-    for bookkeeping in ["keel_checkpoints", "keel_gate_streams", "keel_dead_letters"] {
+    for bookkeeping in [
+        "keel_checkpoints",
+        "keel_gate_streams",
+        "keel_gate_versions",
+        "keel_dead_letters",
+    ] {
         sqlx::query(&format!(
             "DELETE FROM {bookkeeping} WHERE projection = $1 AND generation = $2"
         ))

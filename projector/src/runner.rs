@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub batch_size: usize,
     /// How long a batch waits for more records after its first.
     pub linger: Duration,
+    /// Batch rows of a partition's gate state between two snapshots of it.
+    pub snapshot_every: u32,
 }
 
 /// The channel the projector notifies after each batch; the payload is the projection's name.
@@ -48,6 +50,25 @@ struct PartitionState {
     gate: PartitionGate,
     touched_streams: HashSet<StreamRef>,
     touched: bool,
+    /// Rows of `keel_gate_versions` since the partition's last snapshot.
+    deltas: u32,
+}
+
+impl PartitionState {
+    /// Whether the next save of this partition's stream versions is a snapshot: after
+    /// `every` batch rows, the next batch writes the partition's whole state as one row
+    /// and deletes the rows before it.
+    fn snapshot_due(&self, every: u32) -> bool {
+        self.deltas + 1 >= every
+    }
+}
+
+/// Stream versions as a `keel_gate_versions` row holds them.
+fn encode_versions<'a>(versions: impl Iterator<Item = (&'a StreamRef, u64)>) -> Vec<u8> {
+    let rows: Vec<(&str, &str, u64)> = versions
+        .map(|(s, v)| (s.stream_type.as_str(), s.id.as_str(), v))
+        .collect();
+    serde_json::to_vec(&rows).unwrap_or_default()
 }
 
 struct DeadLetter {
@@ -343,6 +364,7 @@ impl<'r> Applier<'r> {
                         gate: PartitionGate::new(),
                         touched_streams: HashSet::new(),
                         touched: false,
+                        deltas: 0,
                     },
                 );
             }
@@ -364,12 +386,42 @@ impl<'r> Applier<'r> {
         .bind(generation)
         .fetch_all(&runner.pool)
         .await?;
-        let mut versions: HashMap<(String, i32), Vec<(StreamRef, u64)>> = HashMap::new();
+        let mut versions: HashMap<(String, i32), HashMap<StreamRef, u64>> = HashMap::new();
         for (topic, partition, stream_type, id, version) in streams {
             versions
                 .entry((topic, partition))
                 .or_default()
-                .push((StreamRef { stream_type, id }, version as u64));
+                .insert(StreamRef { stream_type, id }, version as u64);
+        }
+        // Then the batch and snapshot rows, in log order per partition.
+        let rows: Vec<(String, i32, bool, Vec<u8>)> = sqlx::query_as(
+            "SELECT topic, partition, snapshot, versions FROM keel_gate_versions
+             WHERE projection = $1 AND generation = $2 ORDER BY topic, partition, next_offset",
+        )
+        .bind(name)
+        .bind(generation)
+        .fetch_all(&runner.pool)
+        .await?;
+        let mut deltas: HashMap<(String, i32), u32> = HashMap::new();
+        for (topic, partition, snapshot, bytes) in rows {
+            let decoded: Vec<(String, String, u64)> =
+                serde_json::from_slice(&bytes).with_context(|| {
+                    format!("reading the gate's stream versions of {topic}/{partition}")
+                })?;
+            let key = (topic, partition);
+            let map = versions.entry(key.clone()).or_default();
+            let count = deltas.entry(key).or_default();
+            if snapshot {
+                map.clear();
+                *count = 0;
+            } else {
+                *count += 1;
+            }
+            map.extend(
+                decoded
+                    .into_iter()
+                    .map(|(stream_type, id, v)| (StreamRef { stream_type, id }, v)),
+            );
         }
         for (topic, partition, next_offset, instance, epoch, highest, accepted, rejected) in
             checkpoints
@@ -383,6 +435,7 @@ impl<'r> Applier<'r> {
                 epoch: epoch as u64,
             });
             state.next_offset = next_offset;
+            state.deltas = deltas.get(&key).copied().unwrap_or_default();
             state.gate = PartitionGate::restore(
                 owner,
                 highest as u64,
@@ -447,7 +500,15 @@ impl<'r> Applier<'r> {
     }
 
     fn clear_touched(&mut self) {
+        let every = self.runner.options.snapshot_every;
         for state in self.states.values_mut() {
+            if !state.touched_streams.is_empty() {
+                state.deltas = if state.snapshot_due(every) {
+                    0
+                } else {
+                    state.deltas + 1
+                };
+            }
             state.touched = false;
             state.touched_streams.clear();
         }
@@ -505,30 +566,53 @@ impl<'r> Applier<'r> {
         let generation = self.generation;
         let touched: Vec<(&(String, i32), &PartitionState)> =
             self.states.iter().filter(|(_, s)| s.touched).collect();
-        let mut g = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // The streams each partition's batch moved, as one row per partition; or, when due,
+        // the partition's whole state as a snapshot that replaces the rows before it.
+        let mut rows = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for ((topic, partition), state) in &touched {
-            for stream in &state.touched_streams {
-                g.0.push(topic.clone());
-                g.1.push(*partition);
-                g.2.push(stream.stream_type.clone());
-                g.3.push(stream.id.clone());
-                g.4.push(state.gate.stream_version(stream) as i64);
+            if state.touched_streams.is_empty() {
+                continue;
             }
+            let snapshot = state.snapshot_due(self.runner.options.snapshot_every);
+            let versions = if snapshot {
+                for table in ["keel_gate_versions", "keel_gate_streams"] {
+                    sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE projection = $1 AND generation = $2 AND topic = $3 AND partition = $4"
+                    ))
+                    .bind(name)
+                    .bind(generation)
+                    .bind(topic)
+                    .bind(partition)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                encode_versions(state.gate.stream_versions())
+            } else {
+                encode_versions(
+                    state
+                        .touched_streams
+                        .iter()
+                        .map(|s| (s, state.gate.stream_version(s))),
+                )
+            };
+            rows.0.push(topic.clone());
+            rows.1.push(*partition);
+            rows.2.push(state.next_offset);
+            rows.3.push(snapshot);
+            rows.4.push(versions);
         }
-        if !g.0.is_empty() {
+        if !rows.0.is_empty() {
             sqlx::query(
-                "INSERT INTO keel_gate_streams (projection, generation, topic, partition, stream_type, stream_id, version)
-                 SELECT $1, $2, * FROM UNNEST($3::text[], $4::int[], $5::text[], $6::text[], $7::bigint[])
-                 ON CONFLICT (projection, generation, topic, partition, stream_type, stream_id)
-                 DO UPDATE SET version = EXCLUDED.version",
+                "INSERT INTO keel_gate_versions (projection, generation, topic, partition, next_offset, snapshot, versions)
+                 SELECT $1, $2, * FROM UNNEST($3::text[], $4::int[], $5::bigint[], $6::bool[], $7::bytea[])",
             )
             .bind(name)
             .bind(generation)
-            .bind(g.0)
-            .bind(g.1)
-            .bind(g.2)
-            .bind(g.3)
-            .bind(g.4)
+            .bind(rows.0)
+            .bind(rows.1)
+            .bind(rows.2)
+            .bind(rows.3)
+            .bind(rows.4)
             .execute(&mut *tx)
             .await?;
         }

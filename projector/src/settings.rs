@@ -13,6 +13,9 @@ pub struct Settings {
     pub batch_size: usize,
     /// `KEEL_BATCH_LINGER_MS`: how long a batch waits for more records after its first (default 20).
     pub linger: Duration,
+    /// `KEEL_GATE_SNAPSHOT_EVERY`: batches between two snapshots of a partition's gate
+    /// state (default 256); the batches in between write only the streams they moved.
+    pub snapshot_every: u32,
     /// `KEEL_TRUSTED_KEYS_FILE`: the public keys `verify` accepts commit signatures from
     /// (default `.keel/trusted.keys`, where the embedded default's command API puts its key).
     pub trusted_keys_file: std::path::PathBuf,
@@ -35,10 +38,16 @@ impl Settings {
         };
         let batch_size = number("KEEL_BATCH_SIZE", 1000)?;
         anyhow::ensure!(batch_size >= 1, "KEEL_BATCH_SIZE must be at least 1");
+        let snapshot_every = number("KEEL_GATE_SNAPSHOT_EVERY", 256)?;
+        anyhow::ensure!(
+            (1..=u64::from(u32::MAX)).contains(&snapshot_every),
+            "KEEL_GATE_SNAPSHOT_EVERY must be at least 1"
+        );
         Ok(Self {
             database_url: var("KEEL_DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
             batch_size: batch_size as usize,
             linger: Duration::from_millis(number("KEEL_BATCH_LINGER_MS", 20)?),
+            snapshot_every: snapshot_every as u32,
             trusted_keys_file: var("KEEL_TRUSTED_KEYS_FILE")
                 .unwrap_or_else(|| ".keel/trusted.keys".into())
                 .into(),

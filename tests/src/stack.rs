@@ -105,6 +105,16 @@ impl Service {
         Ok(Self { child, addr })
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// True once the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|s| s.is_some())
+    }
+
     /// `http://addr<path>`.
     pub fn url(&self, path: &str) -> String {
         format!(
@@ -185,7 +195,8 @@ impl CommandApiConfig {
         }
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
+    /// The environment a Keel process of this configuration gets.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![
             ("KEEL_KAFKA_BROKERS", self.brokers.clone()),
             ("KEEL_TOPIC_PREFIX", self.prefix.clone()),

@@ -400,3 +400,83 @@ async fn the_whole_stack_through_http_with_pagination_over_a_thousand_orders() {
         "{projections}"
     );
 }
+
+#[tokio::test]
+async fn the_gates_stream_versions_survive_restarts_through_snapshots() {
+    // Small batches and a snapshot every second batch row: restarts restore the gate from
+    // snapshots and the batch rows after them, many times over.
+    let mut stack = Stack::start("gate-snapshots", 2).await;
+    stack.projector.take().unwrap().kill().await.unwrap();
+    let mut config = stack.config.clone();
+    config.extra_env.extend([
+        ("KEEL_GATE_SNAPSHOT_EVERY", "2".to_owned()),
+        ("KEEL_BATCH_SIZE", "5".to_owned()),
+    ]);
+    let url = stack.db.url();
+    let start = || Service::projector(&config, &url, &[]);
+    const ORDERS: usize = 30;
+    let mut projector = start().await.unwrap();
+    let token = stack
+        .post_many(
+            (0..ORDERS).map(|i| {
+                (
+                    format!("/v1/orders/gs-{i}/place"),
+                    json!({"customer_id": "c-1", "lines": [{"sku": "S", "quantity": 1, "unit_price": eur(1000)}]}),
+                )
+            }),
+            8,
+            StatusCode::CREATED,
+        )
+        .await;
+    stack.get("/v1/orders/gs-0", Some(&token)).await;
+    // Three rounds of a payment per order, the projector killed and restarted after each:
+    // a gate restored without a stream's version would skip its next payment.
+    for round in 0..3 {
+        projector.kill().await.unwrap();
+        projector = start().await.unwrap();
+        let token = stack
+            .post_many(
+                (0..ORDERS).map(|i| {
+                    (
+                        format!("/v1/orders/gs-{i}/pay"),
+                        json!({"amount": eur(100), "payment_ref": format!("r{round}")}),
+                    )
+                }),
+                8,
+                StatusCode::OK,
+            )
+            .await;
+        let (status, _) = stack.get("/v1/orders/gs-0", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let pool = stack.pool().await;
+    let paid: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT order_id, paid_minor, version FROM orders ORDER BY order_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(paid.len(), ORDERS);
+    for (id, paid, version) in &paid {
+        assert_eq!((*paid, *version), (300, 4), "order {id}");
+    }
+    let rejected: i64 = sqlx::query_scalar("SELECT sum(rejected)::bigint FROM keel_checkpoints")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected, 0, "no valid commit was skipped");
+    let (snapshots, most): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE snapshot), max(n)::bigint FROM keel_gate_versions,
+            LATERAL (SELECT count(*) AS n FROM keel_gate_versions v WHERE v.projection = keel_gate_versions.projection
+               AND v.generation = keel_gate_versions.generation AND v.topic = keel_gate_versions.topic
+               AND v.partition = keel_gate_versions.partition) c",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(snapshots > 0, "snapshots were written");
+    assert!(
+        most <= 2,
+        "rows before a snapshot are deleted: {most} rows for one partition"
+    );
+    projector.kill().await.unwrap();
+}

@@ -122,14 +122,15 @@ fn consistency(headers: &HeaderMap) -> Result<(Option<ConsistencyToken>, Duratio
 
 /// Serves a read of `projection`: waits for the request's consistency token, runs `query`,
 /// and answers with an `ETag` (304 on a matching `If-None-Match`) and the view's position.
-async fn serve<F>(
+async fn serve<F, T>(
     state: &AppState,
     headers: &HeaderMap,
     projection: &str,
     query: F,
 ) -> Result<Response, ApiError>
 where
-    F: std::future::Future<Output = Result<Value, ApiError>>,
+    F: std::future::Future<Output = Result<T, ApiError>>,
+    T: serde::Serialize,
 {
     let (token, wait) = consistency(headers)?;
     let stream_types = state.projections.get(projection).copied().unwrap_or(&[]);
@@ -208,6 +209,37 @@ fn decode_cursor(cursor: Option<&str>, parts: usize) -> Result<Option<Vec<String
         .filter(|key| key.len() == parts)
         .map(Some)
         .ok_or_else(|| ApiError::bad("cursor", "is not a cursor this API returned"))
+}
+
+/// A page of rows as PostgreSQL wrote their JSON, passed through without parsing.
+#[derive(serde::Serialize)]
+struct RawPage {
+    items: Vec<Box<serde_json::value::RawValue>>,
+    next_cursor: Option<String>,
+    limit: i64,
+}
+
+/// A page of `(sort key, row JSON)` rows: `items`, and `next_cursor` when more rows may
+/// follow (the query asks for `limit + 1`).
+fn raw_page(mut rows: Vec<(Vec<String>, String)>, limit: i64) -> Result<RawPage, ApiError> {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| {
+            rows.last()
+                .map(|(key, _)| encode_cursor(&key.iter().map(String::as_str).collect::<Vec<_>>()))
+        })
+        .flatten();
+    let items = rows
+        .into_iter()
+        .map(|(_, json)| serde_json::value::RawValue::from_string(json))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::Internal(format!("a view row is not JSON: {e}")))?;
+    Ok(RawPage {
+        items,
+        next_cursor,
+        limit,
+    })
 }
 
 /// A page of rows: `items`, and `next_cursor` when more rows may follow.

@@ -4,9 +4,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::NaiveDate;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
-use super::{AppState, decode_cursor, limit, page, serve};
+use super::{AppState, decode_cursor, limit, raw_page, serve};
 use crate::error::ApiError;
 
 pub(super) fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -16,16 +16,16 @@ pub(super) fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Ap
     })
 }
 
-fn text(v: &Value, field: &str) -> String {
-    v[field].as_str().unwrap_or_default().to_owned()
-}
-
-async fn one(state: &AppState, sql: &str, id: &str, what: &str) -> Result<Value, ApiError> {
-    sqlx::query_scalar::<_, Value>(sql)
+/// One row by key, as the JSON text PostgreSQL makes of it (`sql` selects `…::text`),
+/// passed through without parsing.
+async fn one(state: &AppState, sql: &str, id: &str, what: &str) -> Result<Box<RawValue>, ApiError> {
+    let json = sqlx::query_scalar::<_, String>(sql)
         .bind(id)
         .fetch_optional(&state.pool)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no {what} {id:?}")))
+        .ok_or_else(|| ApiError::NotFound(format!("no {what} {id:?}")))?;
+    RawValue::from_string(json)
+        .map_err(|e| ApiError::Internal(format!("a view row is not JSON: {e}")))
 }
 
 /// `GET /v1/orders/{id}`.
@@ -40,7 +40,7 @@ pub(super) async fn order(
         "orders",
         one(
             &state,
-            "SELECT to_jsonb(o) FROM orders o WHERE order_id = $1",
+            "SELECT to_jsonb(o)::text FROM orders o WHERE order_id = $1",
             &id,
             "order",
         ),
@@ -60,7 +60,7 @@ pub(super) async fn product(
         "products",
         one(
             &state,
-            "SELECT to_jsonb(p) - 'reservations' FROM products p WHERE sku = $1",
+            "SELECT (to_jsonb(p) - 'reservations')::text FROM products p WHERE sku = $1",
             &sku,
             "product",
         ),
@@ -80,7 +80,7 @@ pub(super) async fn customer(
         "customers",
         one(
             &state,
-            "SELECT to_jsonb(c) FROM customers c WHERE customer_id = $1",
+            "SELECT to_jsonb(c)::text FROM customers c WHERE customer_id = $1",
             &id,
             "customer",
         ),
@@ -107,8 +107,8 @@ pub(super) async fn list_orders(
     let limit = limit(q.limit.as_deref())?;
     let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
     let rows = async {
-        let rows: Vec<Value> = sqlx::query_scalar(
-            "SELECT to_jsonb(o) FROM orders o
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT order_id, to_jsonb(o)::text FROM orders o
              WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR status = $2)
                AND ($3::text IS NULL OR order_id > $3)
              ORDER BY order_id LIMIT $4",
@@ -119,7 +119,12 @@ pub(super) async fn list_orders(
         .bind(limit + 1)
         .fetch_all(&state.pool)
         .await?;
-        Ok(page(rows, limit, |r| vec![text(r, "order_id")]))
+        raw_page(
+            rows.into_iter()
+                .map(|(id, json)| (vec![id], json))
+                .collect(),
+            limit,
+        )
     };
     serve(&state, &headers, "orders", rows).await
 }
@@ -142,8 +147,8 @@ pub(super) async fn list_products(
     let limit = limit(q.limit.as_deref())?;
     let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
     let rows = async {
-        let rows: Vec<Value> = sqlx::query_scalar(
-            "SELECT to_jsonb(p) - 'reservations' FROM products p
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT sku, (to_jsonb(p) - 'reservations')::text FROM products p
              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR sku > $2)
              ORDER BY sku LIMIT $3",
         )
@@ -152,7 +157,12 @@ pub(super) async fn list_products(
         .bind(limit + 1)
         .fetch_all(&state.pool)
         .await?;
-        Ok(page(rows, limit, |r| vec![text(r, "sku")]))
+        raw_page(
+            rows.into_iter()
+                .map(|(sku, json)| (vec![sku], json))
+                .collect(),
+            limit,
+        )
     };
     serve(&state, &headers, "products", rows).await
 }
@@ -182,8 +192,8 @@ pub(super) async fn daily_sales(
     };
     let (from, to) = (date("from", &q.from)?, date("to", &q.to)?);
     let rows = async {
-        let rows: Vec<Value> = sqlx::query_scalar(
-            "SELECT to_jsonb(d) FROM daily_sales d
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT to_jsonb(d)::text FROM daily_sales d
              WHERE ($1::date IS NULL OR day >= $1) AND ($2::date IS NULL OR day <= $2)
                AND ($3::text IS NULL OR currency = $3)
              ORDER BY day, currency",
@@ -193,7 +203,16 @@ pub(super) async fn daily_sales(
         .bind(&q.currency)
         .fetch_all(&state.pool)
         .await?;
-        Ok(serde_json::json!({ "items": rows }))
+        #[derive(serde::Serialize)]
+        struct Items {
+            items: Vec<Box<RawValue>>,
+        }
+        let items = rows
+            .into_iter()
+            .map(RawValue::from_string)
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::Internal(format!("a view row is not JSON: {e}")))?;
+        Ok(Items { items })
     };
     serve(&state, &headers, "daily_sales", rows).await
 }
@@ -218,8 +237,8 @@ pub(super) async fn flagged_payments(
         let (order, payment) = after
             .map(|k| (Some(k[0].clone()), Some(k[1].clone())))
             .unwrap_or_default();
-        let rows: Vec<Value> = sqlx::query_scalar(
-            "SELECT to_jsonb(f) FROM flagged_payments f
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT order_id, payment_ref, to_jsonb(f)::text FROM flagged_payments f
              WHERE $1::text IS NULL OR (order_id, payment_ref) > ($1, $2)
              ORDER BY order_id, payment_ref LIMIT $3",
         )
@@ -228,9 +247,12 @@ pub(super) async fn flagged_payments(
         .bind(limit + 1)
         .fetch_all(&state.pool)
         .await?;
-        Ok(page(rows, limit, |r| {
-            vec![text(r, "order_id"), text(r, "payment_ref")]
-        }))
+        raw_page(
+            rows.into_iter()
+                .map(|(order, payment, json)| (vec![order, payment], json))
+                .collect(),
+            limit,
+        )
     };
     serve(&state, &headers, "flagged_payments", rows).await
 }

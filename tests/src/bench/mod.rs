@@ -1,0 +1,313 @@
+//! The benchmark harness's parts: the baselines (a bare producer, consumer, upsert and
+//! produce-to-consume round trip with Keel's client settings), the log the projection
+//! benchmarks read, the HTTP load, the report and its plots.
+
+pub mod load;
+pub mod plot;
+pub mod report;
+pub mod system;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_kafka::KafkaSettings;
+use keel_kafka::partition_for;
+use keel_schemas::{
+    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::Producer;
+use rdkafka::producer::{BaseProducer, BaseRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+use uuid::Uuid;
+
+/// An idempotent, `acks=all` producer that batches as a bulk writer would.
+pub fn bare_producer(settings: &KafkaSettings) -> anyhow::Result<BaseProducer> {
+    Ok(settings
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?)
+}
+
+/// Enqueues one record, waiting while the producer's queue is full.
+pub fn send(
+    producer: &BaseProducer,
+    topic: &str,
+    partition: i32,
+    key: &str,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    loop {
+        let record = BaseRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(payload);
+        match producer.send(record) {
+            Ok(()) => {
+                producer.poll(Duration::ZERO);
+                return Ok(());
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e).context("producing"),
+        }
+    }
+}
+
+/// Reads `records` records from the start of `partitions` partitions of `topic` with a
+/// bare consumer; returns the seconds it took.
+pub fn drain(
+    settings: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+    records: i64,
+) -> anyhow::Result<f64> {
+    let consumer: BaseConsumer = settings
+        .client_config()
+        .set("group.id", "keel-bench")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let started = Instant::now();
+    let mut seen = 0;
+    while seen < records {
+        match consumer.poll(Duration::from_secs(30)) {
+            Some(Ok(_)) => seen += 1,
+            Some(Err(e)) => return Err(e).context("consuming"),
+            None => anyhow::bail!("no record for 30 s after {seen} of {records}"),
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The `p` quantile (0 to 1) of latencies sorted in ascending order; zero when empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// A sample `OrderPlaced` commit for order `i`, valid under the gate when written after a
+/// fence of `writer`: what the projection benchmarks read, and the size of record the
+/// bare producer writes.
+pub fn order_placed(i: usize, writer: &Writer) -> CommitRecord {
+    let id = format!("bo-{i}");
+    let quantity = (i % 7 + 1) as u64;
+    let price = (i % 13 + 1) as i64 * 100;
+    CommitRecord {
+        commit_id: Uuid::now_v7(),
+        stream: StreamRef {
+            stream_type: "order".into(),
+            id,
+        },
+        expected_version: 0,
+        events: vec![EventEnvelope {
+            event_id: Uuid::now_v7(),
+            version: 1,
+            event_type: "OrderPlaced".into(),
+            schema_version: 2,
+            payload: json!({"customer_id": format!("c-{}", i % 1000),
+                "lines": [{"sku": "SKU-1", "quantity": quantity, "unit_price": {"amount_minor": price, "currency": "EUR"}}],
+                "total": {"amount_minor": price * quantity as i64, "currency": "EUR"}}),
+        }],
+        command: CommandMeta {
+            id: Uuid::now_v7(),
+            command_type: "PlaceOrder".into(),
+            idempotency_key: None,
+            actor: "bench".into(),
+            correlation_id: "bench".into(),
+            causation_id: None,
+            request_digest: None,
+        },
+        writer: writer.clone(),
+        recorded_at: Timestamp::now(),
+        prev_hash: None,
+        hash: String::new(),
+        signature: None,
+    }
+    .sealed()
+}
+
+/// Writes a fence per partition, then `events` `OrderPlaced` commits (one per order,
+/// keyed and partitioned as the command API would) to `topic`. Returns the records
+/// written in all.
+pub fn write_order_log(
+    settings: &KafkaSettings,
+    topic: &str,
+    events: usize,
+) -> anyhow::Result<i64> {
+    let producer = bare_producer(settings)?;
+    let writer = Writer {
+        instance: "bench".into(),
+        epoch: 1,
+    };
+    for p in 0..settings.partitions {
+        let fence = LogRecord::Fence(FenceRecord {
+            writer: writer.clone(),
+            recorded_at: Timestamp::now(),
+            signature: None,
+        });
+        send(&producer, topic, p, "", &fence.encode())?;
+    }
+    for i in 0..events {
+        let commit = order_placed(i, &writer);
+        let partition = partition_for(commit.stream.id.as_bytes(), settings.partitions);
+        let key = commit.stream.id.clone();
+        send(
+            &producer,
+            topic,
+            partition,
+            &key,
+            &LogRecord::Commit(commit).encode(),
+        )?;
+    }
+    producer.flush(Duration::from_secs(600))?;
+    Ok(events as i64 + i64::from(settings.partitions))
+}
+
+/// **B_produce**: `records` records the size of `order_placed`'s over the partitions of
+/// `topic` with the bare producer; returns records/s.
+pub fn bare_produce(settings: &KafkaSettings, topic: &str, records: usize) -> anyhow::Result<f64> {
+    let writer = Writer {
+        instance: "bench".into(),
+        epoch: 1,
+    };
+    let payload = LogRecord::Commit(order_placed(0, &writer)).encode();
+    let producer = bare_producer(settings)?;
+    let started = Instant::now();
+    for i in 0..records {
+        let partition = (i % settings.partitions.max(1) as usize) as i32;
+        send(&producer, topic, partition, &i.to_string(), &payload)?;
+    }
+    producer.flush(Duration::from_secs(600))?;
+    Ok(records as f64 / started.elapsed().as_secs_f64())
+}
+
+/// **B_e2e**: `samples` records produced one at a time (idempotent, `acks=all`, no
+/// linger) to partition 0 of `topic`, each timed from `send` until a consumer reading the
+/// partition with Keel's read-back fetch wait (5 ms) has it. Latencies sorted.
+pub fn bare_round_trips(
+    settings: &KafkaSettings,
+    topic: &str,
+    samples: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let producer: BaseProducer = settings
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()?;
+    let consumer: BaseConsumer = settings
+        .client_config()
+        .set("group.id", "keel-bench-e2e")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::End)?;
+    consumer.assign(&assignment)?;
+    // Let the consumer settle at the end before timing.
+    let _ = consumer.poll(Duration::from_millis(500));
+    let payload = vec![b'x'; 700];
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let key = i.to_string();
+        let sent = Instant::now();
+        send(&producer, topic, 0, &key, &payload)?;
+        loop {
+            producer.poll(Duration::ZERO);
+            match consumer.poll(Duration::from_millis(1)) {
+                Some(Ok(m)) if m.key() == Some(key.as_bytes()) => break,
+                Some(Err(e)) => return Err(e).context("consuming"),
+                _ => anyhow::ensure!(
+                    sent.elapsed() < Duration::from_secs(30),
+                    "record {i} did not arrive in 30 s"
+                ),
+            }
+        }
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
+/// **B_upsert**: upserts `rows` rows shaped like the orders view into a fresh table of
+/// `pool`'s database, 1,000 per statement and transaction; returns rows/s.
+pub async fn bare_upsert(pool: &sqlx::PgPool, rows: usize) -> anyhow::Result<f64> {
+    sqlx::query(
+        "CREATE TABLE bench_orders (order_id text PRIMARY KEY, customer_id text NOT NULL, status text NOT NULL,
+            currency text NOT NULL, total_minor bigint NOT NULL, paid_minor bigint NOT NULL,
+            refunded_minor bigint NOT NULL, item_count bigint NOT NULL, lines jsonb NOT NULL,
+            carrier text, tracking text, placed_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
+            version bigint NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+    let started = Instant::now();
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(1000) {
+        let ids: Vec<String> = chunk.iter().map(|i| format!("bo-{i}")).collect();
+        let customers: Vec<String> = chunk.iter().map(|i| format!("c-{}", i % 1000)).collect();
+        let lines: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|i| json!([{"sku": "SKU-1", "quantity": i % 7 + 1, "unit_price": {"amount_minor": (i % 13 + 1) * 100, "currency": "EUR"}}]))
+            .collect();
+        let totals: Vec<i64> = chunk
+            .iter()
+            .map(|i| ((i % 13 + 1) * 100 * (i % 7 + 1)) as i64)
+            .collect();
+        let items: Vec<i64> = chunk.iter().map(|i| (i % 7 + 1) as i64).collect();
+        let now = chrono::Utc::now();
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO bench_orders SELECT id, c, 'placed', 'EUR', t, 0, 0, n, l, NULL, NULL, $6, $6, 1
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[]) AS u(id, c, t, n, l)
+             ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, total_minor = EXCLUDED.total_minor,
+                item_count = EXCLUDED.item_count, lines = EXCLUDED.lines, updated_at = EXCLUDED.updated_at,
+                version = EXCLUDED.version",
+        )
+        .bind(&ids)
+        .bind(&customers)
+        .bind(&totals)
+        .bind(&items)
+        .bind(&lines)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}
+
+/// **B_select**: `samples` primary-key reads of the orders view as JSON, one at a time,
+/// over `orders` ids `bo-0…`; latencies sorted.
+pub async fn bare_selects(
+    pool: &sqlx::PgPool,
+    orders: usize,
+    samples: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let id = format!("bo-{}", (i * 7919) % orders.max(1));
+        let sent = Instant::now();
+        let _: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT to_jsonb(o) FROM orders o WHERE order_id = $1")
+                .bind(&id)
+                .fetch_optional(pool)
+                .await?;
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    Ok(latencies)
+}

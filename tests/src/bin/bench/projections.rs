@@ -1,0 +1,514 @@
+//! Scenarios 2 to 4 over one log of `OrderPlaced` commits, beside B_consume (a bare
+//! consumer draining it), B_upsert (a bare batched upsert of rows shaped like the orders
+//! view) and B_select (a bare primary-key SELECT):
+//!
+//! * catch-up of `orders` from offset 0, with the projector's memory over time;
+//! * queries by id and lists through the query API, at half of their maximum rate;
+//! * rebuilds of `orders` and `daily_sales`;
+//! * the same queries while a rebuild runs;
+//! * the command API's start-up and memory over the log's streams.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_kafka::ensure_topics;
+use keel_tests::bench::plot::{Chart, Series, cdf};
+use keel_tests::bench::report::{Report, Row};
+use keel_tests::bench::{bare_selects, bare_upsert, drain, percentile, system, write_order_log};
+use keel_tests::{
+    Broker, CommandApiConfig, Service, TestDatabase, unique_prefix, workspace_binary,
+};
+use sqlx::PgPool;
+
+use crate::{Options, Plots, ms, step};
+
+const PARTITIONS: i32 = 8;
+/// Clients of the closed loop that finds a query's maximum rate.
+const QUERY_CLIENTS: usize = 16;
+
+type PathFn = Arc<dyn Fn(usize) -> String + Send + Sync>;
+
+/// A query measured: its maximum rate, and latencies at a fixed rate.
+struct QueryRun {
+    max: f64,
+    rate: f64,
+    latencies: Vec<Duration>,
+    failed: u64,
+}
+
+/// Successful answers per second with `QUERY_CLIENTS` clients asking as fast as they can.
+async fn closed_max(base: &str, path: &PathFn, ids: usize, seconds: f64) -> f64 {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut workers = tokio::task::JoinSet::new();
+    for c in 0..QUERY_CLIENTS {
+        let (client, base, path) = (client.clone(), base.to_owned(), Arc::clone(path));
+        workers.spawn(async move {
+            let (mut n, mut i) = (0u64, c * 131);
+            while Instant::now() < deadline {
+                i = (i * 31 + 7) % ids;
+                if client
+                    .get(format!("{base}{}", path(i)))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    n += 1;
+                }
+            }
+            n
+        });
+    }
+    let mut served = 0;
+    while let Some(n) = workers.join_next().await {
+        served += n.unwrap_or_default();
+    }
+    served as f64 / seconds
+}
+
+/// Requests sent on schedule at `rate` for `seconds`, whatever the answers do; the
+/// latencies of the successful ones, sorted, and the number that failed.
+async fn open_loop(
+    base: &str,
+    path: &PathFn,
+    ids: usize,
+    rate: f64,
+    seconds: u64,
+) -> (Vec<Duration>, u64) {
+    let client = reqwest::Client::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut requests = tokio::task::JoinSet::new();
+    let mut i = 0usize;
+    while Instant::now() < until {
+        ticker.tick().await;
+        i = (i * 31 + 7) % ids;
+        let (client, url) = (client.clone(), format!("{base}{}", path(i)));
+        requests.spawn(async move {
+            let sent = Instant::now();
+            let ok = client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            (ok, sent.elapsed())
+        });
+    }
+    let (mut latencies, mut failed) = (Vec::new(), 0);
+    while let Some(r) = requests.join_next().await {
+        match r {
+            Ok((true, latency)) => latencies.push(latency),
+            _ => failed += 1,
+        }
+    }
+    latencies.sort();
+    (latencies, failed)
+}
+
+fn query_paths() -> [(&'static str, PathFn); 2] {
+    [
+        ("by id", Arc::new(|i: usize| format!("/v1/orders/bo-{i}"))),
+        (
+            "list of 50",
+            Arc::new(|i: usize| format!("/v1/orders?customer_id=c-{}&limit=50", i % 1000)),
+        ),
+    ]
+}
+
+/// Measures both queries: maximum rates (unless `rates` gives them) and latencies at half.
+async fn queries(base: &str, ids: usize, seconds: u64, rates: Option<&[f64]>) -> Vec<QueryRun> {
+    let mut runs = Vec::new();
+    for (i, (name, path)) in query_paths().iter().enumerate() {
+        let max = match rates {
+            Some(rates) => rates[i] * 2.0,
+            None => {
+                step(&format!(
+                    "queries {name}: the most it serves, {QUERY_CLIENTS} clients"
+                ));
+                closed_max(base, path, ids, (seconds as f64 / 2.0).max(1.0)).await
+            }
+        };
+        let rate = (max / 2.0).max(1.0);
+        step(&format!(
+            "queries {name}: {rate:.0} requests/s for {seconds} s"
+        ));
+        let (latencies, failed) = open_loop(base, path, ids, rate, seconds).await;
+        runs.push(QueryRun {
+            max,
+            rate,
+            latencies,
+            failed,
+        });
+    }
+    runs
+}
+
+/// Seconds since `start` and the sum of `projection`'s checkpoints, sampled with the
+/// projector's resident memory until the checkpoints reach `total`.
+async fn follow_catch_up(
+    db: &TestDatabase,
+    pid: u32,
+    total: i64,
+) -> anyhow::Result<(f64, Vec<(f64, i64, u64)>)> {
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut pool: Option<PgPool> = None;
+    let mut last_step = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if pool.is_none() {
+            pool = PgPool::connect(&db.url()).await.ok();
+        }
+        let done: i64 = match &pool {
+            Some(pool) => sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT sum(next_offset)::bigint FROM keel_checkpoints WHERE projection = 'orders'",
+            )
+            .fetch_one(pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
+            None => 0,
+        };
+        let t = started.elapsed().as_secs_f64();
+        samples.push((t, done, system::rss_bytes(pid).unwrap_or_default()));
+        if done >= total {
+            return Ok((t, samples));
+        }
+        if last_step.elapsed() >= Duration::from_secs(10) {
+            last_step = Instant::now();
+            step(&format!("catch-up: {done} of {total} records"));
+        }
+        anyhow::ensure!(t < 1800.0, "the projector did not catch up in 30 minutes");
+    }
+}
+
+/// Runs the scenarios and adds their rows and plots.
+pub(crate) async fn run(
+    options: &Options,
+    report: &mut Report,
+    plots: &mut Plots,
+) -> anyhow::Result<()> {
+    let events = options.events;
+    step(&format!(
+        "projections: starting a broker (memory storage), writing {events} OrderPlaced commits"
+    ));
+    let broker = Broker::start().await?;
+    let config = CommandApiConfig::new(&broker, &unique_prefix("bench-log"), PARTITIONS, "bench");
+    let settings = broker.settings(&config.prefix, PARTITIONS);
+    let topic = ensure_topics(&settings, &["order"]).await?.remove(0);
+    let total = {
+        let (settings, topic) = (settings.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || write_order_log(&settings, &topic, events)).await??
+    };
+
+    step("B_consume: a bare consumer draining the log");
+    let consume = {
+        let (settings, topic) = (settings.clone(), topic.clone());
+        total as f64
+            / tokio::task::spawn_blocking(move || drain(&settings, &topic, PARTITIONS, total))
+                .await??
+    };
+    step(&format!(
+        "B_upsert: {events} rows, 1,000 per statement and transaction"
+    ));
+    let upsert_db = TestDatabase::new("bench_upsert");
+    let admin = PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+    sqlx::query(&format!("CREATE DATABASE \"{}\"", upsert_db.name))
+        .execute(&admin)
+        .await?;
+    let upsert = {
+        let pool = PgPool::connect(&upsert_db.url()).await?;
+        let rate = bare_upsert(&pool, events).await?;
+        pool.close().await;
+        rate
+    };
+    drop(upsert_db);
+    let (bound_name, bound) = if consume <= upsert {
+        ("B_consume", consume)
+    } else {
+        ("B_upsert", upsert)
+    };
+    report
+        .rows
+        .push(Row::plain("Baselines", "B_consume records/s", consume));
+    report
+        .rows
+        .push(Row::plain("Baselines", "B_upsert rows/s", upsert));
+
+    step(&format!(
+        "catch-up: projector run --projection orders over {total} records"
+    ));
+    let db = TestDatabase::new("bench_views");
+    let projector = Service::projector(&config, &db.url(), &["--projection", "orders"]).await?;
+    let pid = projector.pid().context("the projector exited")?;
+    let (seconds, samples) = follow_catch_up(&db, pid, total).await?;
+    projector.kill().await?;
+    let catch_up = events as f64 / seconds;
+    let scenario = format!("Catch-up, orders, {events} events");
+    report.rows.push(
+        Row::beside(
+            &scenario,
+            "events/s",
+            catch_up,
+            &format!("min(B_consume, B_upsert) = {bound_name}"),
+            bound,
+        )
+        .at_least(0.5),
+    );
+    let rss_at = |share: f64| {
+        samples
+            .iter()
+            .find(|s| s.1 as f64 >= share * total as f64)
+            .map_or(0.0, |s| s.2 as f64 / 1e6)
+    };
+    let (quarter, end) = (rss_at(0.25), rss_at(1.0));
+    report.rows.push(
+        Row::beside(
+            "Projector memory during the catch-up",
+            "resident MB at the end",
+            end,
+            "resident MB at 25%",
+            quarter,
+        )
+        .at_most("flat: ≤ 1.1 × resident at 25%", 1.1 * quarter),
+    );
+    let mut throughput = vec![Series::new(
+        "catch-up (orders)",
+        samples
+            .windows(2)
+            .map(|w| (w[1].0, (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0)))
+            .collect(),
+    )];
+    plots.add(
+        "projector-memory.svg",
+        "The projector's resident memory during the catch-up",
+        Chart {
+            title: format!("Projector resident memory, catch-up of {events} events"),
+            x_label: "seconds".into(),
+            y_label: "MB".into(),
+            log_x: false,
+            series: vec![Series::new(
+                "projector run",
+                samples.iter().map(|s| (s.0, s.2 as f64 / 1e6)).collect(),
+            )],
+        },
+    );
+
+    step("queries: starting the query API over the caught-up view");
+    let query = Service::query_api(&db.url()).await?;
+    query.wait_ready().await?;
+    let pool = PgPool::connect(&db.url()).await?;
+    let bare = bare_selects(&pool, events, 5000).await?;
+    let b99 = ms(percentile(&bare, 0.99));
+    report.rows.push(Row::plain(
+        "Baselines",
+        "B_select p50 ms",
+        ms(percentile(&bare, 0.5)),
+    ));
+    report
+        .rows
+        .push(Row::plain("Baselines", "B_select p99 ms", b99));
+    let idle = queries(&query.url(""), events, options.seconds, None).await;
+    let mut latency = vec![Series::new("B_select", cdf(&bare))];
+    let query_rows = |report: &mut Report, runs: &[QueryRun], during: bool| {
+        for ((name, _), run) in query_paths().iter().zip(runs) {
+            let scenario = format!(
+                "Queries, {name}, at {:.0}/s{}",
+                run.rate,
+                if during { ", during a rebuild" } else { "" }
+            );
+            if !during {
+                report
+                    .rows
+                    .push(Row::plain(&scenario, "max requests/s", run.max));
+            }
+            report.rows.push(Row::beside(
+                &scenario,
+                "p50 ms",
+                ms(percentile(&run.latencies, 0.5)),
+                "B_select p50",
+                ms(percentile(&bare, 0.5)),
+            ));
+            let (rule, bound) = if during {
+                ("≤ 2 × (3 × B_select p99 + 2 ms)", 2.0 * (3.0 * b99 + 2.0))
+            } else {
+                ("≤ 3 × B_select p99 + 2 ms", 3.0 * b99 + 2.0)
+            };
+            report.rows.push(
+                Row::beside(
+                    &scenario,
+                    "p99 ms",
+                    ms(percentile(&run.latencies, 0.99)),
+                    "B_select p99",
+                    b99,
+                )
+                .at_most(rule, bound),
+            );
+            if run.failed > 0 {
+                report
+                    .notes
+                    .push(format!("{scenario}: {} requests failed.", run.failed));
+            }
+        }
+    };
+    query_rows(report, &idle, false);
+    for ((name, _), run) in query_paths().iter().zip(&idle) {
+        latency.push(Series::new(format!("{name}, idle"), cdf(&run.latencies)));
+    }
+
+    step("rebuild: projector rebuild orders daily_sales");
+    let mut env = config.env();
+    env.push(("KEEL_DATABASE_URL", db.url()));
+    let mut rebuild = tokio::process::Command::new(workspace_binary("projector")?);
+    rebuild
+        .args(["rebuild", "orders", "daily_sales", "--json"])
+        .envs(env.iter().cloned())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = rebuild.spawn().context("starting projector rebuild")?;
+    let output = tokio::spawn(child.wait_with_output());
+    let started = Instant::now();
+    let mut progress: BTreeMap<String, Vec<(f64, i64)>> = BTreeMap::new();
+    while !output.is_finished() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let t = started.elapsed().as_secs_f64();
+        for (projection, done) in
+            sqlx::query_as::<_, (String, i64)>("SELECT projection, records_done FROM keel_rebuilds")
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default()
+        {
+            progress.entry(projection).or_default().push((t, done));
+        }
+    }
+    let output = output.await??;
+    anyhow::ensure!(
+        output.status.success(),
+        "the rebuild failed: {}",
+        output.status
+    );
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let r: serde_json::Value =
+            serde_json::from_str(line).context("the rebuild's --json output")?;
+        let name = r["projection"].as_str().unwrap_or_default().to_owned();
+        let scenario = format!("Rebuild, {name}, {events} events");
+        report.rows.push(
+            Row::beside(
+                &scenario,
+                "events/s",
+                r["events_per_second"].as_f64().unwrap_or_default(),
+                &format!("min(B_consume, B_upsert) = {bound_name}"),
+                bound,
+            )
+            .at_least(0.5),
+        );
+        report.rows.push(Row::plain(
+            &scenario,
+            "swap lock held, ms",
+            r["swap_lock_ms"].as_f64().unwrap_or_default(),
+        ));
+    }
+    for (name, points) in progress {
+        let offset = points.first().map_or(0.0, |p| p.0);
+        throughput.push(Series::new(
+            format!("rebuild ({name})"),
+            points
+                .windows(2)
+                .filter(|w| w[1].1 >= w[0].1)
+                .map(|w| {
+                    (
+                        w[1].0 - offset,
+                        (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0),
+                    )
+                })
+                .collect(),
+        ));
+    }
+    plots.add(
+        "projections-throughput.svg",
+        "Records applied per second: catch-up and rebuilds",
+        Chart {
+            title: format!("Projection throughput over {events} events"),
+            x_label: "seconds since start".into(),
+            y_label: "records/s".into(),
+            log_x: false,
+            series: throughput,
+        },
+    );
+
+    step("queries during a rebuild of orders");
+    let mut rebuilding = Service::start("projector", &["rebuild", "orders"], &env, None).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done: Option<i64> = sqlx::query_scalar(
+            "SELECT records_done FROM keel_rebuilds WHERE projection = 'orders'",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        if done.is_some_and(|d| d > 0) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rates: Vec<f64> = idle.iter().map(|r| r.rate).collect();
+    let during = queries(&query.url(""), events, options.seconds, Some(&rates)).await;
+    if rebuilding.exited() {
+        report.notes.push(
+            "The rebuild ended before the queries measured during it did: their figures are partly without a rebuild."
+                .into(),
+        );
+    }
+    rebuilding.kill().await?;
+    query_rows(report, &during, true);
+    for ((name, _), run) in query_paths().iter().zip(&during) {
+        latency.push(Series::new(
+            format!("{name}, during a rebuild"),
+            cdf(&run.latencies),
+        ));
+    }
+    plots.add(
+        "queries-latency.svg",
+        "Query latency at half the maximum rate, idle and during a rebuild, beside B_select",
+        Chart {
+            title: "Query latency (cumulative)".into(),
+            x_label: "latency, ms (log scale)".into(),
+            y_label: "% of requests at or below".into(),
+            log_x: true,
+            series: latency,
+        },
+    );
+    drop(query);
+    pool.close().await;
+
+    step("command API memory: ready with no streams, then over the log's streams");
+    let empty = CommandApiConfig::new(&broker, &unique_prefix("bench-empty"), PARTITIONS, "bench");
+    let api = Service::command_api_ready(&empty).await?;
+    let base = system::rss_bytes(api.pid().context("the command API exited")?).unwrap_or_default();
+    api.stop().await?;
+    let started = Instant::now();
+    let api = Service::command_api_ready(&config).await?;
+    let startup = started.elapsed().as_secs_f64();
+    let loaded =
+        system::rss_bytes(api.pid().context("the command API exited")?).unwrap_or_default();
+    api.stop().await?;
+    report.rows.push(Row::plain(
+        "Command API memory",
+        "resident MB per 100,000 streams",
+        loaded.saturating_sub(base) as f64 / 1e6 / events as f64 * 100_000.0,
+    ));
+    report.rows.push(Row::plain(
+        &format!("Command API start-up over {events} streams"),
+        "seconds to ready",
+        startup,
+    ));
+    drop(db);
+    drop(broker);
+    Ok(())
+}
