@@ -23,12 +23,16 @@ impl LogProducer {
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "2")
             .set("compression.type", "none")
             .set(
                 "message.timeout.ms",
                 settings.timeout.as_millis().to_string(),
             );
+        // A flush's records are enqueued together; the linger lets flushes of other
+        // partitions that come within it share the request. `KEEL_KAFKA_LINGER_MS` sets another.
+        if !settings.client.contains_key("linger.ms") {
+            config.set("linger.ms", "2");
+        }
         let inner = config
             .create()
             .map_err(KafkaError::client("creating the producer"))?;

@@ -84,6 +84,9 @@ fn reader_consumer(
         .map_err(KafkaError::client("creating a log reader"))
 }
 
+/// A pause between records this long ends a batch before its linger.
+const BATCH_PAUSE: Duration = Duration::from_millis(1);
+
 /// Reads several partitions, each from its own offset, in one consumer: what a projection
 /// uses. Records of one partition arrive in order; partitions interleave.
 pub struct LogReader {
@@ -95,13 +98,15 @@ pub struct LogReader {
 impl LogReader {
     /// Opens a reader of every `(topic, partition, next offset)` given.
     ///
-    /// Tuned for throughput: a fetch waits up to 100 ms for data (brokers answer as soon as
-    /// data arrives), so idle partitions cost the broker little.
+    /// A fetch waits up to 25 ms for data: Apache Kafka answers as soon as data arrives,
+    /// but some compatible brokers only at the wait's end, and a projection's latency
+    /// (read-your-writes) includes it. Long enough that idle partitions cost the broker
+    /// little.
     pub fn open(
         settings: &KafkaSettings,
         assignment: &[(String, i32, i64)],
     ) -> Result<Self, KafkaError> {
-        let consumer = reader_consumer(settings, 100)?;
+        let consumer = reader_consumer(settings, 25)?;
         let mut list = TopicPartitionList::new();
         for (topic, partition, offset) in assignment {
             list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
@@ -138,8 +143,10 @@ impl LogReader {
         .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
     }
 
-    /// Waits up to `wait` for a first record, then takes what else is ready, up to `max`
-    /// records or `linger` after the first. Empty when nothing arrived in `wait`.
+    /// Waits up to `wait` for a first record, then takes what else arrives, up to `max`
+    /// records, `linger` after the first, or the first pause of a millisecond between
+    /// records: a lone write is not held for the whole linger, while a stream of them
+    /// (a catch-up, a busy log) fills the batch. Empty when nothing arrived in `wait`.
     pub async fn next_batch(
         &self,
         max: usize,
@@ -155,7 +162,8 @@ impl LogReader {
         drop(first);
         let deadline = tokio::time::Instant::now() + linger;
         while batch.len() < max {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+            let until = deadline.min(tokio::time::Instant::now() + BATCH_PAUSE);
+            match tokio::time::timeout_at(until, self.consumer.recv()).await {
                 Err(_) => break,
                 Ok(message) => {
                     batch.push(entry_of(&message.map_err(KafkaError::client("reading"))?))

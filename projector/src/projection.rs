@@ -76,8 +76,16 @@ pub trait Projection: Send + Sync {
     fn stream_types(&self) -> &'static [&'static str];
     /// Its tables, without the generation suffix.
     fn tables(&self) -> &'static [&'static str];
-    /// Creates the tables of `generation` (`<table>_g<generation>`).
+    /// Creates the tables of `generation` (`<table>_g<generation>`) with their primary
+    /// keys only.
     async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error>;
+    /// The secondary indexes of `generation`'s tables, each a `CREATE INDEX IF NOT EXISTS`.
+    /// A live generation gets them with its tables; a rebuild builds them once, when its
+    /// new generation has caught up, which is cheaper than keeping them up to date row by
+    /// row while it fills.
+    fn indexes(&self, _generation: i32) -> Vec<String> {
+        Vec::new()
+    }
     /// Applies a batch of events, in log order per partition, to the tables of `generation`.
     async fn apply(
         &self,
@@ -90,6 +98,18 @@ pub trait Projection: Send + Sync {
 /// The name of `table` in `generation`.
 pub fn table(table: &str, generation: i32) -> String {
     format!("{table}_g{generation}")
+}
+
+/// Builds the secondary indexes of `projection`'s `generation`.
+pub async fn create_indexes(
+    db: &mut PgConnection,
+    projection: &dyn Projection,
+    generation: i32,
+) -> Result<(), sqlx::Error> {
+    for statement in projection.indexes(generation) {
+        sqlx::query(&statement).execute(&mut *db).await?;
+    }
+    Ok(())
 }
 
 /// Runs a script of statements separated by `;` (no `;` inside them), one by one.

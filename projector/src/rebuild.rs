@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::projection::{Projection, table};
+use crate::projection::{Projection, create_indexes, table};
 use crate::runner::{AbortOnDrop, Applier, BoxFuture, Flow, Mode, Runner, point_views, prepare};
 
 /// How long the swap may keep catching up under its lock before it lets go and retries.
@@ -158,6 +158,7 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
              the live view is untouched. Fix the cause, or rerun with --on-error skip"
         )
     };
+    let mut indexed = false;
     let swapped = loop {
         let batch = reader
             .next_batch(
@@ -209,6 +210,17 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         // Under heavy writes the distance never gets that small: then start when the
         // rest is a quarter of a second of this rebuild's own pace.
         let distance = SWAP_DISTANCE.max((records_rate / 4.0) as i64);
+        if behind <= distance.min(runner.options.batch_size as i64) && !indexed {
+            // The secondary indexes are built once, now that the rows are in, instead of
+            // kept up to date row by row; then the rebuild catches up again and swaps.
+            view.note("caught up with the head; building the indexes");
+            let mut db = runner.pool.acquire().await?;
+            create_indexes(&mut db, runner.projection.as_ref(), generation)
+                .await
+                .with_context(|| format!("indexing generation {generation} of {name}"))?;
+            indexed = true;
+            continue;
+        }
         if behind <= distance.min(runner.options.batch_size as i64) {
             view.note("caught up with the head; swapping");
             match swap(runner, &mut applier, &reader, generation).await? {

@@ -15,7 +15,9 @@ use keel_schemas::{LogRecord, StreamRef, Writer, decode_event};
 use sqlx::PgPool;
 use tracing::{error, info, instrument, warn};
 
-use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
+use crate::projection::{
+    AnyEvent, ProjectedEvent, Projection, create_indexes, execute_script, table,
+};
 
 pub(crate) type BoxFuture<'a, T> =
     std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -845,6 +847,9 @@ async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Re
                 projection.name()
             )
         })?;
+    create_indexes(&mut tx, projection, generation)
+        .await
+        .with_context(|| format!("indexing {} generation {generation}", projection.name()))?;
     point_views(&mut tx, projection, generation).await?;
     tx.commit().await?;
     Ok(live)

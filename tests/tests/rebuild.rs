@@ -181,6 +181,17 @@ async fn a_rebuild_under_load_swaps_without_a_failed_or_half_built_read() {
     .await
     .unwrap();
     assert_eq!(tables, ["daily_sales_g3", "orders_g3"]);
+    // The rebuilt generation got its secondary indexes before the swap.
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'orders_g3' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        indexes,
+        ["orders_g3_customer", "orders_g3_pkey", "orders_g3_status"]
+    );
 }
 
 /// Waits until the rebuild of `projection` has read at least `records` records.

@@ -36,13 +36,21 @@ impl Projection for AuditLog {
                 actor text NOT NULL, idempotency_key text, correlation_id text NOT NULL, causation_id text,
                 recorded_at timestamptz NOT NULL, writer_instance text NOT NULL, writer_epoch bigint NOT NULL,
                 prev_hash text, hash text NOT NULL, signature_key_id text, signature text,
-                PRIMARY KEY (topic, partition, "offset", index));
-            CREATE INDEX IF NOT EXISTS {t}_stream ON {t} (stream_type, stream_id, version);
-            CREATE INDEX IF NOT EXISTS {t}_recorded ON {t} (recorded_at);
-            CREATE INDEX IF NOT EXISTS {t}_actor ON {t} (actor, recorded_at);
-            CREATE INDEX IF NOT EXISTS {t}_type ON {t} (event_type, recorded_at);"#
+                PRIMARY KEY (topic, partition, "offset", index));"#
         ))
         .await
+    }
+
+    fn indexes(&self, generation: i32) -> Vec<String> {
+        let t = table("audit_log", generation);
+        vec![
+            format!(
+                "CREATE INDEX IF NOT EXISTS {t}_stream ON {t} (stream_type, stream_id, version)"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {t}_recorded ON {t} (recorded_at)"),
+            format!("CREATE INDEX IF NOT EXISTS {t}_actor ON {t} (actor, recorded_at)"),
+            format!("CREATE INDEX IF NOT EXISTS {t}_type ON {t} (event_type, recorded_at)"),
+        ]
     }
 
     async fn apply(

@@ -30,10 +30,16 @@ impl Projection for FlaggedPayments {
         execute_script(db, &format!(
             "CREATE TABLE IF NOT EXISTS {t} (order_id text NOT NULL, payment_ref text NOT NULL,
                 amount_minor bigint NOT NULL, currency text NOT NULL, recorded_at timestamptz NOT NULL,
-                event_id uuid NOT NULL, PRIMARY KEY (order_id, payment_ref));
-             CREATE INDEX IF NOT EXISTS {t}_recorded ON {t} (recorded_at, order_id, payment_ref);"
+                event_id uuid NOT NULL, PRIMARY KEY (order_id, payment_ref))"
         ))
         .await
+    }
+
+    fn indexes(&self, generation: i32) -> Vec<String> {
+        let t = table("flagged_payments", generation);
+        vec![format!(
+            "CREATE INDEX IF NOT EXISTS {t}_recorded ON {t} (recorded_at, order_id, payment_ref)"
+        )]
     }
 
     async fn apply(

@@ -52,11 +52,17 @@ impl Projection for Orders {
                 currency text NOT NULL, total_minor bigint NOT NULL, paid_minor bigint NOT NULL,
                 refunded_minor bigint NOT NULL, item_count bigint NOT NULL, lines jsonb NOT NULL,
                 carrier text, tracking text, placed_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
-                version bigint NOT NULL);
-            CREATE INDEX IF NOT EXISTS {t}_customer ON {t} (customer_id, order_id);
-            CREATE INDEX IF NOT EXISTS {t}_status ON {t} (status, order_id);"#
+                version bigint NOT NULL);"#
         ))
         .await
+    }
+
+    fn indexes(&self, generation: i32) -> Vec<String> {
+        let t = table("orders", generation);
+        vec![
+            format!("CREATE INDEX IF NOT EXISTS {t}_customer ON {t} (customer_id, order_id)"),
+            format!("CREATE INDEX IF NOT EXISTS {t}_status ON {t} (status, order_id)"),
+        ]
     }
 
     async fn apply(

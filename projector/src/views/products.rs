@@ -46,10 +46,16 @@ impl Projection for Products {
             r#"CREATE TABLE IF NOT EXISTS {t} (
                 sku text PRIMARY KEY, name text NOT NULL, price_minor bigint NOT NULL, currency text NOT NULL,
                 on_hand bigint NOT NULL, reserved bigint NOT NULL, reservations jsonb NOT NULL,
-                status text NOT NULL, updated_at timestamptz NOT NULL, version bigint NOT NULL);
-            CREATE INDEX IF NOT EXISTS {t}_status ON {t} (status, sku);"#
+                status text NOT NULL, updated_at timestamptz NOT NULL, version bigint NOT NULL);"#
         ))
         .await
+    }
+
+    fn indexes(&self, generation: i32) -> Vec<String> {
+        let t = table("products", generation);
+        vec![format!(
+            "CREATE INDEX IF NOT EXISTS {t}_status ON {t} (status, sku)"
+        )]
     }
 
     async fn apply(

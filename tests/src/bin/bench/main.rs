@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! make bench                     # builds in release mode and runs this
-//! target/release/bench [--events N] [--seconds S] [--streams N] [--out DIR] [--markdown FILE] [--quick]
+//! target/release/bench [--events N] [--seconds S] [--streams N] [--out DIR] [--markdown FILE] [--quick] [--only GROUPS]
 //! ```
 //! * `--events`: events in the log the projections read (1,000,000);
 //! * `--seconds`: length of each timed load (10);
@@ -11,7 +11,8 @@
 //! * `--out`: where `report.json` and the plots go (`docs/bench`);
 //! * `--markdown`: the file whose `<!-- bench:begin -->`…`<!-- bench:end -->` block gets
 //!   the results (`BENCHMARKS.md`); the file is created when missing;
-//! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams) to check the harness.
+//! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams) to check the harness;
+//! * `--only commands,ryw,projections`: some of the scenarios, printed only (for profiling).
 //!
 //! Scenarios, in order: commands (64 and 256 clients, and on durable storage),
 //! read-your-writes, catch-up, queries, rebuilds, queries during a rebuild, and the
@@ -32,14 +33,19 @@ use keel_tests::bench::system;
 use keel_tests::broker_binary;
 
 const USAGE: &str =
-    "bench [--events N] [--seconds S] [--streams N] [--out DIR] [--markdown FILE] [--quick]
+    "bench [--events N] [--seconds S] [--streams N] [--out DIR] [--markdown FILE] [--quick] [--only GROUPS]
 
   --events N       events in the log the projections read (1000000)
   --seconds S      length of each timed load (10)
   --streams N      streams of the command workload (10000)
   --out DIR        where report.json and the plots go (docs/bench)
   --markdown FILE  the file whose bench:begin/bench:end block gets the results (BENCHMARKS.md)
-  --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams)";
+  --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams)
+  --only GROUPS    some of commands,ryw,projections (all by default); for profiling: the
+                   report and the Markdown are written only by a run of all three";
+
+/// The scenario groups, in the order they run.
+const GROUPS: [&str; 3] = ["commands", "ryw", "projections"];
 
 /// What a run measures, from the command line.
 #[derive(Clone, Debug)]
@@ -49,6 +55,7 @@ pub(crate) struct Options {
     streams: usize,
     out: PathBuf,
     markdown: PathBuf,
+    only: Option<Vec<String>>,
 }
 
 impl Options {
@@ -59,6 +66,7 @@ impl Options {
             streams: 10_000,
             out: PathBuf::from("docs/bench"),
             markdown: PathBuf::from("BENCHMARKS.md"),
+            only: None,
         };
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
@@ -69,6 +77,13 @@ impl Options {
                 "--streams" => options.streams = value()?.parse().context("--streams")?,
                 "--out" => options.out = PathBuf::from(value()?),
                 "--markdown" => options.markdown = PathBuf::from(value()?),
+                "--only" => {
+                    let groups: Vec<String> = value()?.split(',').map(str::to_owned).collect();
+                    if let Some(bad) = groups.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+                        anyhow::bail!("--only {bad:?}: the groups are {}", GROUPS.join(", "));
+                    }
+                    options.only = Some(groups);
+                }
                 "--help" | "-h" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -78,9 +93,7 @@ impl Options {
                     options.seconds = 2;
                     options.streams = 1_000;
                 }
-                other => anyhow::bail!(
-                    "unknown argument {other:?}: use --events N, --seconds S, --streams N, --out DIR, --markdown FILE or --quick"
-                ),
+                other => anyhow::bail!("unknown argument {other:?}\n\n{USAGE}"),
             }
         }
         anyhow::ensure!(options.events >= 1000, "--events must be at least 1000");
@@ -145,9 +158,25 @@ async fn run(options: Options) -> anyhow::Result<()> {
     };
     let mut plots = Plots::default();
 
-    commands::run(&options, &mut report, &mut plots).await?;
-    ryw::run(&options, &mut report, &mut plots).await?;
-    projections::run(&options, &mut report, &mut plots).await?;
+    let wanted = |group: &str| {
+        options
+            .only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|g| g == group))
+    };
+    if wanted("commands") {
+        commands::run(&options, &mut report, &mut plots).await?;
+    }
+    if wanted("ryw") {
+        ryw::run(&options, &mut report, &mut plots).await?;
+    }
+    if wanted("projections") {
+        projections::run(&options, &mut report, &mut plots).await?;
+    }
+    if options.only.is_some() {
+        println!("{}", report.markdown(&options.out.display().to_string()));
+        return Ok(());
+    }
 
     report.seconds = started().elapsed().as_secs_f64();
     step("writing the report");
