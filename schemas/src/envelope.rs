@@ -65,18 +65,89 @@ pub fn decode_event_with<A: Aggregate>(
             known: current,
         });
     }
+    let read = |source| SchemaError::Payload {
+        event_type: event_type.to_owned(),
+        source,
+    };
+    if envelope.schema_version == current {
+        // The current schema: read the payload where it is, without copying it.
+        return A::Event::deserialize(Tagged {
+            event_type,
+            payload: &envelope.payload,
+        })
+        .map_err(read);
+    }
     let payload = upcasters.upcast(
         event_type,
         envelope.schema_version,
         current,
         envelope.payload.clone(),
     )?;
-    serde_json::from_value(json!({"type": event_type, "payload": payload})).map_err(|source| {
-        SchemaError::Payload {
-            event_type: event_type.to_owned(),
-            source,
+    serde_json::from_value(json!({"type": event_type, "payload": payload})).map_err(read)
+}
+
+/// An event as the domain's types read it, `{"type": …, "payload": …}`, over a borrowed
+/// payload: the tag comes first, so the payload is read straight into its variant.
+struct Tagged<'a> {
+    event_type: &'a str,
+    payload: &'a Value,
+}
+
+impl<'de> serde::Deserializer<'de> for Tagged<'de> {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(
+        self,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        visitor.visit_map(TaggedFields {
+            tagged: self,
+            next: 0,
+        })
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+/// The two fields of [`Tagged`], in order.
+struct TaggedFields<'a> {
+    tagged: Tagged<'a>,
+    next: u8,
+}
+
+impl<'de> serde::de::MapAccess<'de> for TaggedFields<'de> {
+    type Error = serde_json::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Self::Error> {
+        let key = match self.next {
+            0 => "type",
+            1 => "payload",
+            _ => return Ok(None),
+        };
+        seed.deserialize(serde::de::value::BorrowedStrDeserializer::new(key))
+            .map(Some)
+    }
+
+    fn next_value_seed<V: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.next += 1;
+        if self.next == 1 {
+            seed.deserialize(serde::de::value::BorrowedStrDeserializer::new(
+                self.tagged.event_type,
+            ))
+        } else {
+            seed.deserialize(self.tagged.payload)
         }
-    })
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +169,42 @@ mod tests {
         assert_eq!(envelope.event_type, "CustomerRegistered");
         assert_eq!(envelope.payload["email"], "ada@example.com");
         assert_eq!(decode_event::<Customer>(&envelope).unwrap(), event);
+    }
+
+    #[test]
+    fn the_borrowed_read_agrees_with_reading_a_tagged_value() {
+        let payloads = [
+            ("OrderShipped", json!({"carrier": "DHL", "tracking": "T-1"})),
+            ("OrderShipped", json!({"carrier": "", "tracking": "T-1"})),
+            ("OrderShipped", json!({"carrier": "DHL"})),
+            (
+                "OrderShipped",
+                json!({"carrier": "DHL", "tracking": "T-1", "extra": 1}),
+            ),
+            ("OrderShipped", json!([1, 2])),
+            ("OrderCancelled", json!({"reason": "changed my mind"})),
+        ];
+        for (event_type, payload) in payloads {
+            let envelope = EventEnvelope {
+                event_id: Uuid::now_v7(),
+                version: 2,
+                event_type: event_type.into(),
+                schema_version: 1,
+                payload: payload.clone(),
+            };
+            let borrowed = decode_event::<Order>(&envelope).map_err(|e| e.to_string());
+            let tagged: Result<<Order as Aggregate>::Event, String> = serde_json::from_value(
+                json!({"type": event_type, "payload": payload}),
+            )
+            .map_err(|source| {
+                SchemaError::Payload {
+                    event_type: event_type.to_owned(),
+                    source,
+                }
+                .to_string()
+            });
+            assert_eq!(borrowed, tagged, "{event_type} {}", envelope.payload);
+        }
     }
 
     #[test]
