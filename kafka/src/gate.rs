@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use keel_schemas::{CommitRecord, LogRecord, StreamRef, Writer};
+use keel_schemas::{CommitRecord, FenceRecord, LogRecord, StreamRef, Writer};
 use thiserror::Error;
 
 /// Why the gate skipped a record.
@@ -77,24 +77,39 @@ impl PartitionGate {
     /// Applies the gate to the next record of the partition: `Ok` if it counts (and the
     /// state moves on), the reason if it is skipped (and the state stays as it was).
     pub fn admit(&mut self, record: &LogRecord) -> Result<(), Rejection> {
-        let verdict = self.verdict(record);
-        match verdict {
-            Ok(()) => {
-                self.accepted += 1;
-                match record {
-                    LogRecord::Fence(fence) => {
-                        self.highest_epoch = fence.writer.epoch;
-                        self.owner = Some(fence.writer.clone());
-                    }
-                    LogRecord::Commit(commit) => {
-                        self.versions
-                            .insert(commit.stream.clone(), commit.next_version());
-                    }
-                }
-            }
-            Err(_) => self.rejected += 1,
+        match record {
+            LogRecord::Fence(fence) => self.admit_fence(fence),
+            LogRecord::Commit(commit) => self.admit_commit(commit),
+        }
+    }
+
+    /// [`PartitionGate::admit`] for a fence.
+    pub fn admit_fence(&mut self, fence: &FenceRecord) -> Result<(), Rejection> {
+        let verdict = self.fence_verdict(&fence.writer);
+        self.count(&verdict);
+        if verdict.is_ok() {
+            self.highest_epoch = fence.writer.epoch;
+            self.owner = Some(fence.writer.clone());
         }
         verdict
+    }
+
+    /// [`PartitionGate::admit`] for a commit.
+    pub fn admit_commit(&mut self, commit: &CommitRecord) -> Result<(), Rejection> {
+        let verdict = self.commit_verdict(commit);
+        self.count(&verdict);
+        if verdict.is_ok() {
+            self.versions
+                .insert(commit.stream.clone(), commit.next_version());
+        }
+        verdict
+    }
+
+    fn count(&mut self, verdict: &Result<(), Rejection>) {
+        match verdict {
+            Ok(()) => self.accepted += 1,
+            Err(_) => self.rejected += 1,
+        }
     }
 
     /// What [`PartitionGate::admit`] would decide for `record`, without moving on.
@@ -115,7 +130,8 @@ impl PartitionGate {
         Ok(())
     }
 
-    fn commit_verdict(&self, commit: &CommitRecord) -> Result<(), Rejection> {
+    /// What [`PartitionGate::admit_commit`] would decide, without moving on.
+    pub fn commit_verdict(&self, commit: &CommitRecord) -> Result<(), Rejection> {
         if self.owner.as_ref() != Some(&commit.writer) {
             return Err(Rejection::NotOwner {
                 writer: commit.writer.clone(),

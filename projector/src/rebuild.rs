@@ -19,7 +19,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::projection::{Projection, create_indexes, table};
-use crate::runner::{AbortOnDrop, Applier, BoxFuture, Flow, Mode, Runner, point_views, prepare};
+use crate::runner::{
+    AbortOnDrop, Applier, BoxFuture, Flow, Mode, Prefetch, Runner, point_views, prepare,
+};
 
 /// How long the swap may keep catching up under its lock before it lets go and retries.
 const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
@@ -159,14 +161,14 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         )
     };
     let mut indexed = false;
+    let mut batches = Prefetch::start(
+        Arc::clone(&reader),
+        runner.options.batch_size,
+        Duration::from_millis(200),
+        runner.options.linger,
+    );
     let swapped = loop {
-        let batch = reader
-            .next_batch(
-                runner.options.batch_size,
-                Duration::from_millis(200),
-                runner.options.linger,
-            )
-            .await?;
+        let batch = batches.next().await?;
         if let Flow::Stopped = applier.apply(&batch).await? {
             view.abandon();
             return Err(stopped());
@@ -223,7 +225,7 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         }
         if behind <= distance.min(runner.options.batch_size as i64) {
             view.note("caught up with the head; swapping");
-            match swap(runner, &mut applier, &reader, generation).await? {
+            match swap(runner, &mut applier, &mut batches, generation).await? {
                 Swap::Done { previous, held } => break (previous, held),
                 Swap::Stopped => {
                     view.abandon();
@@ -394,7 +396,7 @@ enum Swap {
 async fn swap(
     runner: &Runner,
     applier: &mut Applier<'_>,
-    reader: &keel_kafka::LogReader,
+    batches: &mut Prefetch,
     generation: i32,
 ) -> anyhow::Result<Swap> {
     let projection = runner.projection.as_ref();
@@ -426,13 +428,7 @@ async fn swap(
             tx.rollback().await?;
             return Ok(Swap::Retry);
         }
-        let batch = reader
-            .next_batch(
-                runner.options.batch_size,
-                Duration::from_millis(100),
-                Duration::ZERO,
-            )
-            .await?;
+        let batch = batches.next().await?;
         if let Flow::Stopped = applier.apply(&batch).await? {
             tx.rollback().await?;
             return Ok(Swap::Stopped);

@@ -11,7 +11,7 @@ use keel_domain::customer::Customer;
 use keel_domain::order::Order;
 use keel_domain::product::Product;
 use keel_kafka::{KafkaSettings, LogEntry, LogReader, PartitionGate};
-use keel_schemas::{LogRecord, StreamRef, Writer, decode_event};
+use keel_schemas::{CommitRecord, FenceRecord, LogRecord, StreamRef, Writer, decode_event};
 use sqlx::PgPool;
 use tracing::{error, info, instrument, warn};
 
@@ -207,30 +207,65 @@ impl Runner {
 
     async fn run_live(&self, generation: i32) -> anyhow::Result<()> {
         let mut applier = Applier::load(self, generation, Mode::Live).await?;
-        let reader = LogReader::open(&self.kafka, &applier.assignment())?;
-        // The next batch is read while this one is applied: the broker and PostgreSQL
-        // work at the same time instead of in turn.
-        let (tx, mut batches) = tokio::sync::mpsc::channel(1);
-        let (size, linger) = (self.options.batch_size, self.options.linger);
-        let prefetch = tokio::spawn(async move {
+        let reader = Arc::new(LogReader::open(&self.kafka, &applier.assignment())?);
+        let mut batches = Prefetch::start(
+            reader,
+            self.options.batch_size,
+            Duration::from_millis(500),
+            self.options.linger,
+        );
+        loop {
+            if let Flow::Stopped = applier.apply(&batches.next().await?).await? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The next batches, read and decoded by a task of their own while the current one is
+/// applied: the broker, the decoding and PostgreSQL work at the same time instead of in
+/// turn.
+pub(crate) struct Prefetch {
+    batches: tokio::sync::mpsc::Receiver<anyhow::Result<Vec<Decoded>>>,
+    _task: AbortOnDrop<()>,
+}
+
+impl Prefetch {
+    /// Starts reading batches of up to `size` records (see [`LogReader::next_batch`]).
+    pub(crate) fn start(
+        reader: Arc<LogReader>,
+        size: usize,
+        wait: Duration,
+        linger: Duration,
+    ) -> Self {
+        let (tx, batches) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
             loop {
-                let batch = reader
-                    .next_batch(size, Duration::from_millis(500), linger)
-                    .await;
+                let batch = match reader.next_batch(size, wait, linger).await {
+                    Ok(entries) => tokio::task::spawn_blocking(move || {
+                        entries.into_iter().map(Decoded::new).collect::<Vec<_>>()
+                    })
+                    .await
+                    .map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                };
                 let failed = batch.is_err();
                 if tx.send(batch).await.is_err() || failed {
                     return;
                 }
             }
         });
-        let _stop_prefetch = AbortOnDrop(prefetch);
-        loop {
-            let Some(batch) = batches.recv().await else {
-                anyhow::bail!("the log reader stopped");
-            };
-            if let Flow::Stopped = applier.apply(&batch?).await? {
-                return Ok(());
-            }
+        Self {
+            batches,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// The next batch; empty when nothing arrived within the wait.
+    pub(crate) async fn next(&mut self) -> anyhow::Result<Vec<Decoded>> {
+        match self.batches.recv().await {
+            Some(batch) => batch,
+            None => anyhow::bail!("the log reader stopped"),
         }
     }
 }
@@ -302,7 +337,7 @@ impl<'r> Applier<'r> {
 
     /// Applies a batch. A batch that fails to apply is retried record by record, and the
     /// record that cannot be applied becomes a dead letter.
-    pub(crate) async fn apply(&mut self, batch: &[LogEntry]) -> anyhow::Result<Flow> {
+    pub(crate) async fn apply(&mut self, batch: &[Decoded]) -> anyhow::Result<Flow> {
         if batch.is_empty() {
             return Ok(Flow::Continue);
         }
@@ -312,15 +347,15 @@ impl<'r> Applier<'r> {
                 self.ensure_live().await?;
                 warn!(error = %format!("{e:#}"), "a batch failed to apply; retrying record by record");
                 self.states = self.load_states().await?;
-                for entry in batch {
-                    match self.apply_batch(std::slice::from_ref(entry)).await {
+                for decoded in batch {
+                    match self.apply_batch(std::slice::from_ref(decoded)).await {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Stopped) => return Ok(Flow::Stopped),
                         Err(e) if is_apply_error(&e) => {
                             self.ensure_live().await?;
                             self.states = self.load_states().await?;
                             let dead = DeadLetter {
-                                entry: entry.clone(),
+                                entry: decoded.entry.clone(),
                                 error: format!("{e:#}"),
                             };
                             if let Flow::Stopped = self.dead_letter_alone(dead).await? {
@@ -451,21 +486,22 @@ impl<'r> Applier<'r> {
 
     /// Decodes the entries through the gate and applies them in one transaction that also
     /// advances the checkpoints.
-    async fn apply_batch(&mut self, entries: &[LogEntry]) -> anyhow::Result<Flow> {
+    async fn apply_batch(&mut self, batch: &[Decoded]) -> anyhow::Result<Flow> {
         let on_error = self.runner.options.on_error;
         let mut events = Vec::new();
         let mut dead = Vec::new();
         let mut stopped = false;
-        for entry in entries {
+        for decoded in batch {
+            let entry = &decoded.entry;
             let Some(state) = self.states.get_mut(&(entry.topic.clone(), entry.partition)) else {
                 continue;
             };
             if entry.offset < state.next_offset {
                 continue;
             }
-            match decode(entry, state) {
-                Ok(decoded) => {
-                    events.extend(decoded);
+            match admit(decoded, state) {
+                Ok(admitted) => {
+                    events.extend(admitted);
                     state.next_offset = entry.offset + 1;
                     state.touched = true;
                 }
@@ -480,7 +516,7 @@ impl<'r> Applier<'r> {
                         stopped = true;
                         break;
                     }
-                    pass_over(entry, state);
+                    pass_over(decoded, state);
                 }
             }
         }
@@ -527,7 +563,7 @@ impl<'r> Applier<'r> {
         {
             state.touched = true;
             if !stopped {
-                pass_over(&dead.entry, state);
+                pass_over(&Decoded::new(dead.entry.clone()), state);
             }
         }
         let mut tx = self.runner.pool.begin().await?;
@@ -730,61 +766,103 @@ fn is_apply_error(e: &anyhow::Error) -> bool {
 }
 
 /// Moves past a dead-lettered record: the gate takes it as every other reader does.
-fn pass_over(entry: &LogEntry, state: &mut PartitionState) {
-    if let Ok(record) = LogRecord::decode(&entry.payload)
-        && state.gate.admit(&record).is_ok()
-        && let LogRecord::Commit(c) = record
-    {
-        state.touched_streams.insert(c.stream);
+fn pass_over(decoded: &Decoded, state: &mut PartitionState) {
+    match &decoded.parsed {
+        Ok(Parsed::Fence(fence)) => {
+            let _ = state.gate.admit_fence(fence);
+        }
+        Ok(Parsed::Commit(commit, _)) => {
+            if state.gate.admit_commit(commit).is_ok() {
+                state.touched_streams.insert(commit.stream.clone());
+            }
+        }
+        Err(_) => {}
     }
-    state.next_offset = entry.offset + 1;
+    state.next_offset = decoded.entry.offset + 1;
 }
 
-/// Decodes one record through the gate: the events it contributes, or why it cannot be
-/// read. A record the gate skips contributes nothing and is no error.
-fn decode(entry: &LogEntry, state: &mut PartitionState) -> Result<Vec<ProjectedEvent>, String> {
-    let record = LogRecord::decode(&entry.payload).map_err(|e| e.to_string())?;
-    if state.gate.verdict(&record).is_err() {
-        let _ = state.gate.admit(&record);
-        return Ok(Vec::new());
+/// A record read from the log, decoded as far as it can be without its partition's gate
+/// state: that part runs beside the previous batch's statements.
+pub(crate) struct Decoded {
+    entry: LogEntry,
+    parsed: Result<Parsed, String>,
+}
+
+enum Parsed {
+    Fence(FenceRecord),
+    /// A commit with its events decoded and upcast, or why they cannot be.
+    Commit(Arc<CommitRecord>, Result<Vec<AnyEvent>, String>),
+}
+
+impl Decoded {
+    /// Decodes the record and, for a commit, its events.
+    pub(crate) fn new(entry: LogEntry) -> Self {
+        let parsed = LogRecord::decode(&entry.payload)
+            .map_err(|e| e.to_string())
+            .map(|record| match record {
+                LogRecord::Fence(fence) => Parsed::Fence(fence),
+                LogRecord::Commit(commit) => {
+                    let events = decode_events(&commit);
+                    Parsed::Commit(Arc::new(commit), events)
+                }
+            });
+        Self { entry, parsed }
     }
-    let LogRecord::Commit(commit) = &record else {
-        let _ = state.gate.admit(&record);
-        return Ok(Vec::new());
-    };
-    let mut decoded = Vec::with_capacity(commit.events.len());
-    for (index, envelope) in commit.events.iter().enumerate() {
-        let event = match commit.stream.stream_type.as_str() {
-            t if t == Product::TYPE => decode_event::<Product>(envelope).map(AnyEvent::Product),
-            t if t == Customer::TYPE => decode_event::<Customer>(envelope).map(AnyEvent::Customer),
-            t if t == Order::TYPE => decode_event::<Order>(envelope).map(AnyEvent::Order),
-            other => return Err(format!("unknown stream type {other:?}")),
+}
+
+fn decode_events(commit: &CommitRecord) -> Result<Vec<AnyEvent>, String> {
+    commit
+        .events
+        .iter()
+        .enumerate()
+        .map(|(index, envelope)| {
+            match commit.stream.stream_type.as_str() {
+                t if t == Product::TYPE => decode_event::<Product>(envelope).map(AnyEvent::Product),
+                t if t == Customer::TYPE => {
+                    decode_event::<Customer>(envelope).map(AnyEvent::Customer)
+                }
+                t if t == Order::TYPE => decode_event::<Order>(envelope).map(AnyEvent::Order),
+                other => return Err(format!("unknown stream type {other:?}")),
+            }
+            .map_err(|e| {
+                format!(
+                    "event {} of {} (version {}): {e}",
+                    index, commit.stream, envelope.version
+                )
+            })
+        })
+        .collect()
+}
+
+/// Puts one decoded record through the gate: the events it contributes, or why it cannot
+/// be read. A record the gate skips contributes nothing and is no error.
+fn admit(decoded: &Decoded, state: &mut PartitionState) -> Result<Vec<ProjectedEvent>, String> {
+    let (commit, events) = match &decoded.parsed {
+        Err(e) => return Err(e.clone()),
+        Ok(Parsed::Fence(fence)) => {
+            let _ = state.gate.admit_fence(fence);
+            return Ok(Vec::new());
         }
-        .map_err(|e| {
-            format!(
-                "event {} of {} (version {}): {e}",
-                index, commit.stream, envelope.version
-            )
-        })?;
-        decoded.push(event);
-    }
-    let _ = state.gate.admit(&record);
-    // The record moves into the events' shared commit: no copy of it.
-    let LogRecord::Commit(commit) = record else {
-        return Ok(Vec::new());
+        Ok(Parsed::Commit(commit, events)) => (commit, events),
     };
+    if state.gate.commit_verdict(commit).is_err() {
+        let _ = state.gate.admit_commit(commit);
+        return Ok(Vec::new());
+    }
+    let events = events.as_ref().map_err(Clone::clone)?;
+    let _ = state.gate.admit_commit(commit);
     state.touched_streams.insert(commit.stream.clone());
-    let commit = Arc::new(commit);
-    Ok(decoded
-        .into_iter()
+    let entry = &decoded.entry;
+    Ok(events
+        .iter()
         .enumerate()
         .map(|(index, event)| ProjectedEvent {
             topic: entry.topic.clone(),
             partition: entry.partition,
             offset: entry.offset,
             index,
-            commit: Arc::clone(&commit),
-            event,
+            commit: Arc::clone(commit),
+            event: event.clone(),
         })
         .collect())
 }
