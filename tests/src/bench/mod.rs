@@ -215,11 +215,13 @@ pub fn bare_round_trips(
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "5")
         .create()?;
+    // An explicit starting offset: with `Offset::End` the consumer may resolve the end
+    // after the first record is written, and never see it.
+    let (_, end) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, 0, Offset::End)?;
+    assignment.add_partition_offset(topic, 0, Offset::Offset(end))?;
     consumer.assign(&assignment)?;
-    // Let the consumer settle at the end before timing.
-    let _ = consumer.poll(Duration::from_millis(500));
+    let _ = consumer.poll(Duration::from_millis(200));
     let payload = vec![b'x'; 700];
     let mut latencies = Vec::with_capacity(samples);
     for i in 0..samples {
