@@ -38,6 +38,9 @@ pub enum KafkaError {
     /// The broker did not answer in time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// Readers were asked for something they cannot do.
+    #[error("cannot read: {0}")]
+    Reader(String),
 }
 
 impl KafkaError {

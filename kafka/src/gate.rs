@@ -194,6 +194,11 @@ impl PartitionGate {
         self.versions.get(stream).copied().unwrap_or(0)
     }
 
+    /// How many streams have an accepted commit.
+    pub fn stream_count(&self) -> usize {
+        self.versions.len()
+    }
+
     /// Every stream's version at this point of the log (streams with an accepted commit).
     pub fn stream_versions(&self) -> impl Iterator<Item = (&StreamRef, u64)> {
         self.versions.iter().map(|(s, v)| (s, *v))

@@ -19,5 +19,5 @@ pub use error::KafkaError;
 pub use gate::{PartitionGate, Rejection};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{LogProducer, record_headers};
-pub use reader::{LogEntry, LogReader, PartitionReader};
+pub use reader::{AbortOnDrop, LogEntry, LogReader, PartitionReader};
 pub use settings::KafkaSettings;

@@ -184,17 +184,18 @@ impl LogReader {
 pub struct PartitionReader {
     consumer: Arc<StreamConsumer>,
     queue: StreamPartitionQueue<DefaultConsumerContext>,
-    _driver: Arc<AbortOnDrop>,
+    _driver: Arc<AbortOnDrop<()>>,
     topic: String,
     partition: i32,
     next_offset: i64,
     timeout: Duration,
 }
 
-/// Aborts the task serving a shared consumer's own queue once its last reader is gone.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped: for tasks that serve a value's owner and must not outlive
+/// it (here, the task serving a shared consumer's own queue, until its last reader is gone).
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -212,7 +213,7 @@ impl PartitionReader {
         let mut readers = Self::open_many(settings, &[(topic.to_owned(), partition, from_offset)])?;
         readers
             .pop()
-            .ok_or_else(|| KafkaError::Timeout("no reader was opened".into()))
+            .ok_or_else(|| KafkaError::Reader("no reader was opened".into()))
     }
 
     /// Opens one reader per `(topic, partition, first offset)`, all sharing one consumer,
@@ -227,12 +228,21 @@ impl PartitionReader {
         let consumer = Arc::new(reader_consumer(settings, 5)?);
         // Each partition's records go to its own queue, split off before the assignment so
         // none lands in the consumer's own queue.
+        // Two readers of one partition would share its queue and take each other's records.
+        let mut seen = std::collections::HashSet::new();
+        if let Some((topic, partition, _)) =
+            partitions.iter().find(|(t, p, _)| !seen.insert((t, p)))
+        {
+            return Err(KafkaError::Reader(format!(
+                "{topic}/{partition} is asked for twice; open a reader of its own for a second position"
+            )));
+        }
         let mut queues = Vec::with_capacity(partitions.len());
         let mut assignment = TopicPartitionList::new();
         for (topic, partition, from_offset) in partitions {
             let queue = consumer
                 .split_partition_queue(topic, *partition)
-                .ok_or_else(|| KafkaError::Timeout(format!("{topic}/{partition} has no queue")))?;
+                .ok_or_else(|| KafkaError::Reader(format!("{topic}/{partition} has no queue")))?;
             queues.push(queue);
             assignment
                 .add_partition_offset(topic, *partition, Offset::Offset(*from_offset))

@@ -15,13 +15,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use keel_kafka::AbortOnDrop;
 use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::projection::{Projection, create_indexes, table};
-use crate::runner::{
-    AbortOnDrop, Applier, BoxFuture, Flow, Mode, Prefetch, Runner, point_views, prepare,
-};
+use crate::runner::{Applier, BoxFuture, Flow, Mode, Prefetch, Runner, point_views, prepare};
 
 /// How long the swap may keep catching up under its lock before it lets go and retries.
 const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);

@@ -10,7 +10,7 @@ use keel_domain::Aggregate;
 use keel_domain::customer::Customer;
 use keel_domain::order::Order;
 use keel_domain::product::Product;
-use keel_kafka::{KafkaSettings, LogEntry, LogReader, PartitionGate};
+use keel_kafka::{AbortOnDrop, KafkaSettings, LogEntry, LogReader, PartitionGate};
 use keel_schemas::{CommitRecord, FenceRecord, LogRecord, StreamRef, Writer, decode_event};
 use sqlx::PgPool;
 use tracing::{error, info, instrument, warn};
@@ -54,23 +54,32 @@ struct PartitionState {
     touched: bool,
     /// Rows of `keel_gate_versions` since the partition's last snapshot.
     deltas: u32,
+    /// Stream versions those rows hold.
+    delta_entries: u64,
 }
 
 impl PartitionState {
-    /// Whether the next save of this partition's stream versions is a snapshot: after
-    /// `every` batch rows, the next batch writes the partition's whole state as one row
-    /// and deletes the rows before it.
+    /// Whether this batch's save of the partition's stream versions is a snapshot: the
+    /// whole state as one row, replacing the rows before it. It is once this would be at
+    /// least the `every`-th row since the last snapshot, and the rows since then, this
+    /// batch's included, hold at least as many versions as the whole state: a snapshot
+    /// never writes more than the rows it replaces, and a restore reads at most about
+    /// twice the state.
     fn snapshot_due(&self, every: u32) -> bool {
         self.deltas + 1 >= every
+            && self.delta_entries + self.touched_streams.len() as u64
+                >= self.gate.stream_count() as u64
     }
 }
 
 /// Stream versions as a `keel_gate_versions` row holds them.
-fn encode_versions<'a>(versions: impl Iterator<Item = (&'a StreamRef, u64)>) -> Vec<u8> {
+fn encode_versions<'a>(
+    versions: impl Iterator<Item = (&'a StreamRef, u64)>,
+) -> anyhow::Result<Vec<u8>> {
     let rows: Vec<(&str, &str, u64)> = versions
         .map(|(s, v)| (s.stream_type.as_str(), s.id.as_str(), v))
         .collect();
-    serde_json::to_vec(&rows).unwrap_or_default()
+    serde_json::to_vec(&rows).context("encoding the gate's stream versions")
 }
 
 struct DeadLetter {
@@ -270,15 +279,6 @@ impl Prefetch {
     }
 }
 
-/// Aborts a task when dropped.
-pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Applies batches of records to one generation of a projection, through the gate, each
 /// in a transaction that also advances the generation's checkpoints.
 pub(crate) struct Applier<'r> {
@@ -354,11 +354,9 @@ impl<'r> Applier<'r> {
                         Err(e) if is_apply_error(&e) => {
                             self.ensure_live().await?;
                             self.states = self.load_states().await?;
-                            let dead = DeadLetter {
-                                entry: decoded.entry.clone(),
-                                error: format!("{e:#}"),
-                            };
-                            if let Flow::Stopped = self.dead_letter_alone(dead).await? {
+                            if let Flow::Stopped =
+                                self.dead_letter_alone(decoded, format!("{e:#}")).await?
+                            {
                                 return Ok(Flow::Stopped);
                             }
                         }
@@ -402,6 +400,7 @@ impl<'r> Applier<'r> {
                         touched_streams: HashSet::new(),
                         touched: false,
                         deltas: 0,
+                        delta_entries: 0,
                     },
                 );
             }
@@ -439,7 +438,7 @@ impl<'r> Applier<'r> {
         .bind(generation)
         .fetch_all(&runner.pool)
         .await?;
-        let mut deltas: HashMap<(String, i32), u32> = HashMap::new();
+        let mut deltas: HashMap<(String, i32), (u32, u64)> = HashMap::new();
         for (topic, partition, snapshot, bytes) in rows {
             let decoded: Vec<(String, String, u64)> =
                 serde_json::from_slice(&bytes).with_context(|| {
@@ -450,9 +449,9 @@ impl<'r> Applier<'r> {
             let count = deltas.entry(key).or_default();
             if snapshot {
                 map.clear();
-                *count = 0;
+                *count = (0, 0);
             } else {
-                *count += 1;
+                *count = (count.0 + 1, count.1 + decoded.len() as u64);
             }
             map.extend(
                 decoded
@@ -472,7 +471,7 @@ impl<'r> Applier<'r> {
                 epoch: epoch as u64,
             });
             state.next_offset = next_offset;
-            state.deltas = deltas.get(&key).copied().unwrap_or_default();
+            (state.deltas, state.delta_entries) = deltas.get(&key).copied().unwrap_or_default();
             state.gate = PartitionGate::restore(
                 owner,
                 highest as u64,
@@ -541,10 +540,13 @@ impl<'r> Applier<'r> {
         let every = self.runner.options.snapshot_every;
         for state in self.states.values_mut() {
             if !state.touched_streams.is_empty() {
-                state.deltas = if state.snapshot_due(every) {
-                    0
+                (state.deltas, state.delta_entries) = if state.snapshot_due(every) {
+                    (0, 0)
                 } else {
-                    state.deltas + 1
+                    (
+                        state.deltas + 1,
+                        state.delta_entries + state.touched_streams.len() as u64,
+                    )
                 };
             }
             state.touched = false;
@@ -553,7 +555,15 @@ impl<'r> Applier<'r> {
     }
 
     /// Records a record that failed to apply on its own, in a transaction of its own.
-    async fn dead_letter_alone(&mut self, dead: DeadLetter) -> anyhow::Result<Flow> {
+    async fn dead_letter_alone(
+        &mut self,
+        decoded: &Decoded,
+        error: String,
+    ) -> anyhow::Result<Flow> {
+        let dead = DeadLetter {
+            entry: decoded.entry.clone(),
+            error,
+        };
         warn!(topic = %dead.entry.topic, partition = dead.entry.partition, offset = dead.entry.offset,
               error = %dead.error, "dead letter");
         let stopped = self.runner.options.on_error == OnError::Stop;
@@ -563,7 +573,7 @@ impl<'r> Applier<'r> {
         {
             state.touched = true;
             if !stopped {
-                pass_over(&Decoded::new(dead.entry.clone()), state);
+                pass_over(decoded, state);
             }
         }
         let mut tx = self.runner.pool.begin().await?;
@@ -624,14 +634,14 @@ impl<'r> Applier<'r> {
                     .execute(&mut *tx)
                     .await?;
                 }
-                encode_versions(state.gate.stream_versions())
+                encode_versions(state.gate.stream_versions())?
             } else {
                 encode_versions(
                     state
                         .touched_streams
                         .iter()
                         .map(|s| (s, state.gate.stream_version(s))),
-                )
+                )?
             };
             rows.0.push(topic.clone());
             rows.1.push(*partition);

@@ -13,8 +13,10 @@ pub struct Settings {
     pub batch_size: usize,
     /// `KEEL_BATCH_LINGER_MS`: how long a batch waits for more records after its first (default 20).
     pub linger: Duration,
-    /// `KEEL_GATE_SNAPSHOT_EVERY`: batches between two snapshots of a partition's gate
-    /// state (default 256); the batches in between write only the streams they moved.
+    /// `KEEL_GATE_SNAPSHOT_EVERY`: the fewest rows of a partition's gate state (one per
+    /// batch that moved its streams, holding those) before one is a snapshot of the
+    /// whole state (default 256); a snapshot also waits until the rows since the last
+    /// one hold as many stream versions as the state.
     pub snapshot_every: u32,
     /// `KEEL_TRUSTED_KEYS_FILE`: the public keys `verify` accepts commit signatures from
     /// (default `.keel/trusted.keys`, where the embedded default's command API puts its key).

@@ -295,3 +295,56 @@ async fn the_gate_on_a_real_partition_skips_a_zombie_and_a_stale_fence() {
     );
     assert_eq!((gate.accepted(), gate.rejected()), (4, 3));
 }
+
+#[tokio::test]
+async fn readers_sharing_one_consumer_each_get_only_their_partition_in_order() {
+    let broker = Broker::start().await.unwrap();
+    let settings = broker.settings(&unique_prefix("shared"), 3);
+    let topics = ensure_topics(&settings, &["order", "product"])
+        .await
+        .unwrap();
+    let producer = LogProducer::new(&settings).unwrap();
+    // Interleaved writes over two topics and three partitions.
+    for i in 0..30 {
+        let (topic, partition) = (&topics[i % 2], (i % 3) as i32);
+        producer
+            .append(
+                topic,
+                partition,
+                "k",
+                format!("{topic}/{partition}/{i}").as_bytes(),
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    let wanted: Vec<(String, i32, i64)> = topics
+        .iter()
+        .flat_map(|t| (0..3).map(move |p| (t.clone(), p, 1)))
+        .collect();
+    let readers = PartitionReader::open_many(&settings, &wanted).unwrap();
+    assert_eq!(readers.len(), 6);
+    for mut reader in readers {
+        let (topic, partition) = (reader.topic().to_owned(), reader.partition());
+        let got: Vec<(i64, String)> = reader
+            .read_to_end()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.offset, String::from_utf8(e.payload).unwrap()))
+            .collect();
+        let expected: Vec<(i64, String)> = (0..30)
+            .filter(|i| topics[i % 2] == topic && (i % 3) as i32 == partition)
+            .enumerate()
+            .skip(1)
+            .map(|(offset, i)| (offset as i64, format!("{topic}/{partition}/{i}")))
+            .collect();
+        assert_eq!(got, expected, "{topic}/{partition} from offset 1");
+    }
+    // A partition asked for twice is refused: the two readers would share its queue.
+    let twice = [(topics[0].clone(), 0, 0), (topics[0].clone(), 0, 5)];
+    assert!(matches!(
+        PartitionReader::open_many(&settings, &twice),
+        Err(KafkaError::Reader(_))
+    ));
+}

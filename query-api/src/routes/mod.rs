@@ -211,6 +211,12 @@ fn decode_cursor(cursor: Option<&str>, parts: usize) -> Result<Option<Vec<String
         .ok_or_else(|| ApiError::bad("cursor", "is not a cursor this API returned"))
 }
 
+/// A view row as the JSON text PostgreSQL made of it, passed through without parsing.
+fn raw(json: String) -> Result<Box<serde_json::value::RawValue>, ApiError> {
+    serde_json::value::RawValue::from_string(json)
+        .map_err(|e| ApiError::Internal(format!("a view row is not JSON: {e}")))
+}
+
 /// A page of rows as PostgreSQL wrote their JSON, passed through without parsing.
 #[derive(serde::Serialize)]
 struct RawPage {
@@ -232,9 +238,8 @@ fn raw_page(mut rows: Vec<(Vec<String>, String)>, limit: i64) -> Result<RawPage,
         .flatten();
     let items = rows
         .into_iter()
-        .map(|(_, json)| serde_json::value::RawValue::from_string(json))
-        .collect::<Result<_, _>>()
-        .map_err(|e| ApiError::Internal(format!("a view row is not JSON: {e}")))?;
+        .map(|(_, json)| raw(json))
+        .collect::<Result<_, _>>()?;
     Ok(RawPage {
         items,
         next_cursor,

@@ -6,7 +6,7 @@ use chrono::NaiveDate;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{AppState, decode_cursor, limit, raw_page, serve};
+use super::{AppState, decode_cursor, limit, raw, raw_page, serve};
 use crate::error::ApiError;
 
 pub(super) fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -24,8 +24,7 @@ async fn one(state: &AppState, sql: &str, id: &str, what: &str) -> Result<Box<Ra
         .fetch_optional(&state.pool)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no {what} {id:?}")))?;
-    RawValue::from_string(json)
-        .map_err(|e| ApiError::Internal(format!("a view row is not JSON: {e}")))
+    raw(json)
 }
 
 /// `GET /v1/orders/{id}`.
@@ -207,11 +206,7 @@ pub(super) async fn daily_sales(
         struct Items {
             items: Vec<Box<RawValue>>,
         }
-        let items = rows
-            .into_iter()
-            .map(RawValue::from_string)
-            .collect::<Result<_, _>>()
-            .map_err(|e| ApiError::Internal(format!("a view row is not JSON: {e}")))?;
+        let items = rows.into_iter().map(raw).collect::<Result<_, _>>()?;
         Ok(Items { items })
     };
     serve(&state, &headers, "daily_sales", rows).await

@@ -132,6 +132,15 @@ impl Workload {
     }
 }
 
+/// Whether a request was answered 2xx, its body read to the end (so its transfer is
+/// timed and the connection can be reused).
+pub async fn answered(response: reqwest::Result<reqwest::Response>) -> bool {
+    match response {
+        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// What a closed-loop run measured.
 #[derive(Debug, Default)]
 pub struct LoadResult {
@@ -169,14 +178,7 @@ pub async fn post_all(
     let mut failed = 0;
     for (path, body) in commands {
         let (client, url) = (client.clone(), format!("{base}{path}"));
-        tasks.spawn(async move {
-            client
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        });
+        tasks.spawn(async move { answered(client.post(url).json(&body).send().await).await });
         while tasks.len() >= in_flight {
             if let Some(Ok(false) | Err(_)) = tasks.join_next().await {
                 failed += 1;
@@ -222,20 +224,22 @@ pub async fn closed_loop(
             while !stop.load(Ordering::Relaxed) {
                 let (path, body) = workload.next(&mut rng);
                 let sent = Instant::now();
-                match client
-                    .post(format!("{base}{path}"))
-                    .json(&body)
-                    .send()
-                    .await
+                if answered(
+                    client
+                        .post(format!("{base}{path}"))
+                        .json(&body)
+                        .send()
+                        .await,
+                )
+                .await
                 {
-                    Ok(r) if r.status().is_success() => {
-                        latencies.push(sent.elapsed());
-                        let second = started.elapsed().as_secs() as usize;
-                        if let Some(bucket) = buckets.get(second) {
-                            bucket.fetch_add(1, Ordering::Relaxed);
-                        }
+                    latencies.push(sent.elapsed());
+                    let second = started.elapsed().as_secs() as usize;
+                    if let Some(bucket) = buckets.get(second) {
+                        bucket.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => errors += 1,
+                } else {
+                    errors += 1;
                 }
             }
             (latencies, errors)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_kafka::ensure_topics;
+use keel_tests::bench::load::answered;
 use keel_tests::bench::plot::{Chart, Series, cdf};
 use keel_tests::bench::report::{Report, Row};
 use keel_tests::bench::{bare_selects, bare_upsert, drain, percentile, system, write_order_log};
@@ -49,12 +50,7 @@ async fn closed_max(base: &str, path: &PathFn, ids: usize, seconds: f64) -> f64 
             let (mut n, mut i) = (0u64, c * 131);
             while Instant::now() < deadline {
                 i = (i * 31 + 7) % ids;
-                if client
-                    .get(format!("{base}{}", path(i)))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-                {
+                if answered(client.get(format!("{base}{}", path(i))).send().await).await {
                     n += 1;
                 }
             }
@@ -89,11 +85,7 @@ async fn open_loop(
         let (client, url) = (client.clone(), format!("{base}{}", path(i)));
         requests.spawn(async move {
             let sent = Instant::now();
-            let ok = client
-                .get(url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
+            let ok = answered(client.get(url).send().await).await;
             (ok, sent.elapsed())
         });
     }

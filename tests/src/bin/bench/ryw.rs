@@ -63,6 +63,7 @@ pub(crate) async fn run(
                     .send()
                     .await?;
                 anyhow::ensure!(read.status().is_success(), "reading {id}: {}", read.status());
+                read.bytes().await?;
                 samples.push(answered.elapsed());
             }
             anyhow::Ok(samples)
