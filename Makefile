@@ -13,7 +13,7 @@ test:
 lint:
 	./scripts/lint.sh
 
-## Every benchmark beside its baselines (release build, about 10 minutes); writes
+## Every benchmark beside its baselines (release build, then about 4 minutes); writes
 ## BENCHMARKS.md and docs/bench/.
 bench:
 	./scripts/bench.sh
