@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use keel_kafka::{KafkaSettings, PartitionReader, ensure_topics};
 use keel_schemas::TrustedKeys;
 use projector::rebuild::{Progress, RebuildOptions};
-use projector::runner::{OnError, RunOptions, Runner};
+use projector::runner::{OnError, Runner};
 use projector::{Settings, db, status, verify, views};
 use tokio::task::JoinSet;
 
@@ -143,12 +143,7 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
         .await
         .context("ensuring the topics")?;
     let pool = db::connect(&settings.database_url).await?;
-    let options = RunOptions {
-        on_error,
-        batch_size: settings.batch_size,
-        linger: settings.linger,
-        snapshot_every: settings.snapshot_every,
-    };
+    let options = settings.run_options(on_error);
     let mut tasks = JoinSet::new();
     for projection in all
         .into_iter()
@@ -191,12 +186,7 @@ async fn rebuild(
         .await
         .context("ensuring the topics")?;
     let pool = db::connect(&settings.database_url).await?;
-    let options = RunOptions {
-        on_error,
-        batch_size: settings.batch_size,
-        linger: settings.linger,
-        snapshot_every: settings.snapshot_every,
-    };
+    let options = settings.run_options(on_error);
     let chosen: Vec<_> = views::all()
         .into_iter()
         .filter(|p| all || only.iter().any(|n| n == p.name()))

@@ -57,3 +57,15 @@ impl Settings {
         })
     }
 }
+
+impl Settings {
+    /// How `run` and `rebuild` apply batches, from these settings.
+    pub fn run_options(&self, on_error: crate::runner::OnError) -> crate::runner::RunOptions {
+        crate::runner::RunOptions {
+            on_error,
+            batch_size: self.batch_size,
+            linger: self.linger,
+            snapshot_every: self.snapshot_every,
+        }
+    }
+}

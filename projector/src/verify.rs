@@ -210,30 +210,20 @@ fn check_record(
         offset: Some(entry.offset),
         detail,
     };
-    let raw: Value = match serde_json::from_slice(&entry.payload) {
-        Ok(v) => v,
-        Err(e) => {
+    let parsed = serde_json::from_slice::<Value>(&entry.payload)
+        .map_err(|e| format!("the record is not JSON: {e}"))
+        .and_then(|raw| {
+            LogRecord::decode(&entry.payload)
+                .map(|record| (raw, record))
+                .map_err(|e| format!("the record is not a Keel record: {e}"))
+        });
+    let (raw, record) = match parsed {
+        Ok(parsed) => parsed,
+        Err(detail) => {
             if only.is_none() {
-                report.findings.push(finding(
-                    FindingKind::Violation,
-                    None,
-                    None,
-                    format!("the record is not JSON: {e}"),
-                ));
-            }
-            return;
-        }
-    };
-    let record = match LogRecord::decode(&entry.payload) {
-        Ok(r) => r,
-        Err(e) => {
-            if only.is_none() {
-                report.findings.push(finding(
-                    FindingKind::Violation,
-                    None,
-                    None,
-                    format!("the record is not a Keel record: {e}"),
-                ));
+                report
+                    .findings
+                    .push(finding(FindingKind::Violation, None, None, detail));
             }
             return;
         }
