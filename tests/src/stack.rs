@@ -271,6 +271,17 @@ impl TestDatabase {
         }
     }
 
+    /// A fresh database, created now (for what does not create its own, such as a
+    /// broker keeping its log in PostgreSQL).
+    pub async fn created(test: &str) -> anyhow::Result<Self> {
+        let db = Self::new(test);
+        let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+        sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
+            .execute(&admin)
+            .await?;
+        Ok(db)
+    }
+
     /// Its URL on the local server.
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:5432/{}", self.name)

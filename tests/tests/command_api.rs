@@ -661,14 +661,7 @@ async fn a_newer_instance_fences_the_old_one_and_no_command_is_acknowledged_twic
 #[tokio::test]
 async fn a_broker_outage_is_answered_503_and_the_partition_resumes_from_the_log() {
     // A broker that keeps its log in PostgreSQL, so it can be killed and started again.
-    let db = keel_tests::TestDatabase::new("outage");
-    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let db = keel_tests::TestDatabase::created("outage").await.unwrap();
     let mut broker = Broker::start_durable(&format!("{}?sslmode=disable", db.url()))
         .await
         .unwrap();

@@ -55,12 +55,14 @@ impl Workload {
     pub fn new(streams: usize) -> Self {
         let products = (streams / 5).max(1);
         let customers = (streams * 3 / 10).max(1);
+        let orders = streams.saturating_sub(products + customers).max(2);
         Self {
             run: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
             products,
             customers,
-            orders: streams.saturating_sub(products + customers).max(2),
-            placed: AtomicUsize::new(0),
+            orders,
+            // Set-up places the first half.
+            placed: AtomicUsize::new(orders / 2),
             payments: AtomicU64::new(0),
         }
     }
@@ -93,9 +95,7 @@ impl Workload {
                 json!({"email": format!("c{i}@shop.example"), "name": format!("Customer {i}")}),
             )
         });
-        let half = self.orders / 2;
-        self.placed.store(half, Ordering::Relaxed);
-        let orders = (0..half).map(|n| self.place(n));
+        let orders = (0..self.orders / 2).map(|n| self.place(n));
         products.chain(customers).chain(orders).collect()
     }
 

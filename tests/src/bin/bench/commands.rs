@@ -73,7 +73,6 @@ pub(crate) async fn run(
             options.seconds
         ));
         let bare = Arc::new(Workload::new(options.streams));
-        bare.setup();
         let baseline = load::closed_loop(&http, bare, clients, options.seconds).await;
         let scenario = format!("Commands, {clients} clients");
         report.rows.push(
@@ -144,11 +143,7 @@ pub(crate) async fn run(
     drop(broker);
 
     step("commands on durable storage: a broker keeping its log in PostgreSQL");
-    let db = TestDatabase::new("bench_log");
-    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
-    sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
-        .execute(&admin)
-        .await?;
+    let db = TestDatabase::created("bench_log").await?;
     let durable = Broker::start_durable(&format!("{}?sslmode=disable", db.url())).await?;
     let (api, _config, workload) = ready_api(&durable, "bench-durable", options.streams).await?;
     step(&format!(

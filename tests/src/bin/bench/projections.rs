@@ -207,11 +207,7 @@ pub(crate) async fn run(
     step(&format!(
         "B_upsert: {events} rows, 1,000 per statement and transaction"
     ));
-    let upsert_db = TestDatabase::new("bench_upsert");
-    let admin = PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
-    sqlx::query(&format!("CREATE DATABASE \"{}\"", upsert_db.name))
-        .execute(&admin)
-        .await?;
+    let upsert_db = TestDatabase::created("bench_upsert").await?;
     let (upsert, upsert_indexed) = {
         let pool = PgPool::connect(&upsert_db.url()).await?;
         let rate = bare_upsert(&pool, events, false).await?;
