@@ -1,0 +1,14 @@
+//! Keel's HTTP edge, shared by the command API and the query API: bearer-token
+//! authentication and roles, per-subject rate limits, a cap on requests in flight,
+//! timeouts, and TLS.
+
+pub mod auth;
+pub mod edge;
+pub mod openapi;
+pub mod serve;
+pub mod settings;
+
+pub use auth::{AuthError, AuthSettings, Claims, KeySource, Principal, Role, Verifier};
+pub use edge::Edge;
+pub use serve::serve;
+pub use settings::{EdgeSettings, TlsFiles};

@@ -1,0 +1,184 @@
+//! The edge's settings, from `KEEL_*` environment variables, shared by both APIs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::auth::{AuthSettings, KeySource};
+
+/// How each API guards its `/v1` routes.
+#[derive(Clone, Debug)]
+pub struct EdgeSettings {
+    /// `None` only with an explicit `KEEL_AUTH=off`.
+    pub auth: Option<AuthSettings>,
+    /// `KEEL_RATE_LIMIT_RPS`: requests per second allowed to each token subject (default
+    /// 1000; 0 turns the limit off).
+    pub rate_per_sec: f64,
+    /// `KEEL_RATE_LIMIT_BURST`: requests a subject may send at once above its rate
+    /// (default twice the rate).
+    pub burst: f64,
+    /// `KEEL_HTTP_MAX_IN_FLIGHT`: requests served at once; more are answered 503 at once
+    /// (default 1024).
+    pub max_in_flight: usize,
+    /// `KEEL_HTTP_TIMEOUT_MS`: the longest a request may take, end to end (default 40 s,
+    /// above the query API's longest consistency wait of 30 s).
+    pub timeout: Duration,
+    /// `KEEL_HTTP_HEADER_TIMEOUT_MS`: the longest a client may take to send its request
+    /// headers (default 10 s).
+    pub header_timeout: Duration,
+    /// `KEEL_TLS_CERT` and `KEEL_TLS_KEY`: serve HTTPS with this PEM certificate chain and key.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+}
+
+impl EdgeSettings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `var`, as from the environment.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let number = |name: &str, default: u64| -> anyhow::Result<u64> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name} {v:?} is not a whole number")),
+            }
+        };
+        let auth = match var("KEEL_AUTH").as_deref().map(str::trim) {
+            Some("off") => None,
+            None | Some("on") => Some(auth_settings(&var, &number)?),
+            Some(other) => bail!("KEEL_AUTH {other:?} must be on or off"),
+        };
+        let rate_per_sec = number("KEEL_RATE_LIMIT_RPS", 1000)? as f64;
+        let burst = number("KEEL_RATE_LIMIT_BURST", (rate_per_sec * 2.0) as u64)? as f64;
+        if rate_per_sec > 0.0 && burst < 1.0 {
+            bail!("KEEL_RATE_LIMIT_BURST must be at least 1");
+        }
+        let max_in_flight = number("KEEL_HTTP_MAX_IN_FLIGHT", 1024)? as usize;
+        if max_in_flight == 0 {
+            bail!("KEEL_HTTP_MAX_IN_FLIGHT must be at least 1");
+        }
+        let tls = match (var("KEEL_TLS_CERT"), var("KEEL_TLS_KEY")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            _ => bail!("KEEL_TLS_CERT and KEEL_TLS_KEY go together: set both or neither"),
+        };
+        Ok(Self {
+            auth,
+            rate_per_sec,
+            burst,
+            max_in_flight,
+            timeout: Duration::from_millis(number("KEEL_HTTP_TIMEOUT_MS", 40_000)?.max(1)),
+            header_timeout: Duration::from_millis(
+                number("KEEL_HTTP_HEADER_TIMEOUT_MS", 10_000)?.max(1),
+            ),
+            tls,
+        })
+    }
+}
+
+fn auth_settings(
+    var: &impl Fn(&str) -> Option<String>,
+    number: &impl Fn(&str, u64) -> anyhow::Result<u64>,
+) -> anyhow::Result<AuthSettings> {
+    let secret = match (
+        var("KEEL_AUTH_HS256_SECRET"),
+        var("KEEL_AUTH_HS256_SECRET_FILE"),
+    ) {
+        (Some(_), Some(_)) => {
+            bail!("set KEEL_AUTH_HS256_SECRET or KEEL_AUTH_HS256_SECRET_FILE, not both")
+        }
+        (Some(secret), None) => Some(secret.into_bytes()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading KEEL_AUTH_HS256_SECRET_FILE {path:?}"))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+        ),
+        (None, None) => None,
+    };
+    let keys = match (secret, var("KEEL_AUTH_JWKS_FILE")) {
+        (Some(_), Some(_)) => bail!(
+            "set an HS256 secret or KEEL_AUTH_JWKS_FILE, not both: each API pins one kind of key"
+        ),
+        (Some(secret), None) => KeySource::Hs256(secret),
+        (None, Some(path)) => KeySource::PublicKeyFile(path.into()),
+        (None, None) => bail!(
+            "authentication is on and has no keys: set KEEL_AUTH_JWKS_FILE (RS256/ES256 public \
+             keys) or KEEL_AUTH_HS256_SECRET[_FILE]; `make up` makes a development secret. \
+             KEEL_AUTH=off turns authentication off, for local experiments only"
+        ),
+    };
+    Ok(AuthSettings {
+        keys,
+        issuer: var("KEEL_AUTH_ISSUER").unwrap_or_else(|| "keel".into()),
+        audience: var("KEEL_AUTH_AUDIENCE").unwrap_or_else(|| "keel".into()),
+        leeway: Duration::from_secs(number("KEEL_AUTH_LEEWAY_SECS", 30)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(pairs: &[(&str, &str)]) -> anyhow::Result<EdgeSettings> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        EdgeSettings::from_vars(|name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn auth_is_on_by_default_and_needs_keys() {
+        let e = from(&[]).unwrap_err().to_string();
+        assert!(e.contains("has no keys"), "{e}");
+        assert!(from(&[("KEEL_AUTH", "off")]).unwrap().auth.is_none());
+        assert!(from(&[("KEEL_AUTH", "maybe")]).is_err());
+        let s = from(&[("KEEL_AUTH_HS256_SECRET", "x".repeat(32).as_str())]).unwrap();
+        assert!(matches!(s.auth.unwrap().keys, KeySource::Hs256(_)));
+    }
+
+    #[test]
+    fn one_kind_of_key_and_both_tls_files() {
+        assert!(
+            from(&[
+                ("KEEL_AUTH_HS256_SECRET", "s"),
+                ("KEEL_AUTH_JWKS_FILE", "/k")
+            ])
+            .is_err()
+        );
+        assert!(from(&[("KEEL_AUTH", "off"), ("KEEL_TLS_CERT", "/c")]).is_err());
+        assert!(from(&[("KEEL_AUTH", "off"), ("KEEL_RATE_LIMIT_RPS", "ten")]).is_err());
+    }
+
+    #[test]
+    fn the_secret_never_shows_in_debug_output() {
+        let secret = "a-secret-that-must-not-be-printed";
+        let s = from(&[("KEEL_AUTH_HS256_SECRET", secret)]).unwrap();
+        assert!(!format!("{s:?}").contains(secret));
+    }
+}
