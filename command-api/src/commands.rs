@@ -48,7 +48,8 @@ fn money_schema() -> Value {
 fn text_schema() -> Value {
     json!({"type": "string", "minLength": 1, "maxLength": 200})
 }
-fn id_schema() -> Value {
+/// JSON Schema of a stream id.
+pub fn id_schema() -> Value {
     json!({"type": "string", "pattern": "^[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,127}$"})
 }
 fn quantity_schema(max: u32) -> Value {

@@ -22,6 +22,9 @@ pub enum ApiError {
         /// The domain rule, when a command addressed a stream that does not exist.
         rule: Option<&'static str>,
     },
+    /// 405: the route exists for another method.
+    #[error("this route does not take that method")]
+    MethodNotAllowed,
     /// 409: a domain rule was broken.
     #[error("{0}")]
     Conflict(DomainError),
@@ -75,6 +78,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -91,6 +95,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad-request",
             ApiError::NotFound { .. } => "not-found",
+            ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Conflict(_) => "domain-rule-broken",
             ApiError::VersionMismatch { .. } => "version-mismatch",
             ApiError::TooLarge(_) => "body-too-large",

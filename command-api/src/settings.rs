@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use keel_http::EdgeSettings;
 use keel_kafka::KafkaSettings;
 
 /// Where the signing key is kept when `KEEL_SIGNING_KEY_FILE` is not set.
@@ -28,6 +29,9 @@ pub struct Settings {
     pub trusted_keys_file: PathBuf,
     /// Kafka settings (`KEEL_KAFKA_BROKERS`, `KEEL_TOPIC_PREFIX`, `KEEL_PARTITIONS`…).
     pub kafka: KafkaSettings,
+    /// Authentication, limits and TLS (`KEEL_AUTH*`, `KEEL_RATE_LIMIT_*`, `KEEL_HTTP_*`,
+    /// `KEEL_TLS_*`).
+    pub edge: EdgeSettings,
 }
 
 impl Settings {
@@ -56,6 +60,7 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_TRUSTED_KEYS_FILE.into())
                 .into(),
             kafka: KafkaSettings::from_env().context("reading the Kafka settings")?,
+            edge: EdgeSettings::from_env().context("reading the HTTP settings")?,
         })
     }
 }

@@ -5,6 +5,7 @@ use keel_domain::Aggregate;
 use keel_domain::customer::Customer;
 use keel_domain::order::Order;
 use keel_domain::product::Product;
+use keel_http::{Edge, EdgeSettings};
 use keel_kafka::{LogProducer, PartitionReader, ensure_topics};
 use keel_schemas::SigningKey;
 use tokio::net::TcpListener;
@@ -23,6 +24,8 @@ const QUEUE_PER_PARTITION: usize = 4096;
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    edge: Edge,
+    edge_settings: EdgeSettings,
     tasks: JoinSet<()>,
 }
 
@@ -66,6 +69,8 @@ where
 impl Application {
     /// Ensures the topics, starts one owner per partition, and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // The token keys first: a missing or unreadable key stops the start at once.
+        let edge = Edge::new(&settings.edge, "command-api").context("setting up authentication")?;
         let topics = ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
             .await
             .context("ensuring the topics")?;
@@ -134,6 +139,8 @@ impl Application {
         Ok(Self {
             listener,
             state,
+            edge,
+            edge_settings: settings.edge,
             tasks,
         })
     }
@@ -146,13 +153,22 @@ impl Application {
     /// Serves until Ctrl-C or SIGTERM; then stops accepting, lets in-flight commands
     /// finish, and stops the partition owners.
     pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
-        info!(addr = %self.local_addr()?, "command API listening");
-        let router = app(self.state.clone());
+        info!(
+            addr = %self.local_addr()?,
+            tls = self.edge_settings.tls.is_some(),
+            auth = self.edge_settings.auth.is_some(),
+            "command API listening"
+        );
+        let router = app(self.state.clone(), &self.edge);
         drop(self.state);
-        axum::serve(self.listener, router)
-            .with_graceful_shutdown(keel_kafka::telemetry::shutdown_signal())
-            .await
-            .context("serving HTTP")?;
+        keel_http::serve(
+            self.listener,
+            router,
+            &self.edge_settings,
+            keel_kafka::telemetry::shutdown_signal(),
+        )
+        .await
+        .context("serving HTTP")?;
         // The router, and with it every sender, is gone: the owners finish and return.
         while self.tasks.join_next().await.is_some() {}
         info!("stopped");

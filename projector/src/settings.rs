@@ -6,7 +6,7 @@ use keel_kafka::KafkaSettings;
 /// The projector's settings, from `KEEL_*` environment variables.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// `KEEL_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/keel`); the
+    /// `KEEL_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/keel?sslmode=disable`); the
     /// database is created when missing.
     pub database_url: String,
     /// `KEEL_BATCH_SIZE`: most records applied in one transaction (default 1000).
@@ -26,7 +26,7 @@ pub struct Settings {
 }
 
 /// The default database URL, shared with the query API.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/keel";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/keel?sslmode=disable";
 
 impl Settings {
     /// Reads the settings from the environment.

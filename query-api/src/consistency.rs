@@ -94,7 +94,7 @@ impl CheckpointCache {
         if let Some((at, read)) = self
             .0
             .lock()
-            .map_err(|_| ApiError::Internal("cache poisoned".into()))?
+            .map_err(|_| ApiError::internal("reading the checkpoint cache", &"poisoned"))?
             .get(projection)
             && *at == seq
         {

@@ -19,10 +19,14 @@ pub enum ApiError {
     /// 404: no such resource.
     #[error("{0}")]
     NotFound(String),
+    /// 405: the route exists for another method.
+    #[error("this route does not take that method")]
+    MethodNotAllowed,
     /// 503: not ready, or the view has not caught up with the consistency token in time.
     #[error("{0}")]
     Unavailable(String),
     /// 500: a fault of ours; the detail goes to the log, the client gets a request id.
+    /// Made by [`ApiError::internal`], which logs.
     #[error("internal error {0}")]
     Internal(String),
 }
@@ -36,10 +40,18 @@ impl ApiError {
         }
     }
 
+    /// A 500: logs `what` and `error` under a new request id, which alone the client sees.
+    pub fn internal(what: &str, error: &dyn std::fmt::Display) -> Self {
+        let request_id = uuid::Uuid::now_v7().to_string();
+        error!(%request_id, error = %error, "{what}");
+        ApiError::Internal(request_id)
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -49,6 +61,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => "bad-request",
             ApiError::NotFound(_) => "not-found",
+            ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -74,11 +87,7 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 ApiError::Unavailable("the database is not reachable".into())
             }
-            _ => {
-                let request_id = uuid::Uuid::now_v7().to_string();
-                error!(%request_id, error = %e, "query failed");
-                ApiError::Internal(request_id)
-            }
+            _ => ApiError::internal("query failed", &e),
         }
     }
 }

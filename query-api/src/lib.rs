@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use keel_http::{Edge, EdgeSettings};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 use tracing::info;
@@ -23,6 +24,9 @@ pub struct Settings {
     pub addr: SocketAddr,
     /// `KEEL_DATABASE_URL`: the projector's database.
     pub database_url: String,
+    /// Authentication, limits and TLS (`KEEL_AUTH*`, `KEEL_RATE_LIMIT_*`, `KEEL_HTTP_*`,
+    /// `KEEL_TLS_*`).
+    pub edge: EdgeSettings,
 }
 
 impl Settings {
@@ -36,6 +40,7 @@ impl Settings {
                 .with_context(|| format!("KEEL_QUERY_ADDR {addr:?} is not a socket address"))?,
             database_url: var("KEEL_DATABASE_URL")
                 .unwrap_or_else(|| projector::DEFAULT_DATABASE_URL.into()),
+            edge: EdgeSettings::from_env().context("reading the HTTP settings")?,
         })
     }
 }
@@ -44,12 +49,15 @@ impl Settings {
 pub struct Application {
     listener: TcpListener,
     state: routes::AppState,
+    edge: Edge,
+    edge_settings: EdgeSettings,
 }
 
 impl Application {
     /// Prepares the pool (connected lazily, so the API starts before the database is
     /// ready; `/readyz` says when it is) and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let edge = Edge::new(&settings.edge, "query-api").context("setting up authentication")?;
         let options: PgConnectOptions = settings
             .database_url
             .parse()
@@ -64,15 +72,26 @@ impl Application {
         Ok(Self {
             listener,
             state: routes::AppState::new(pool),
+            edge,
+            edge_settings: settings.edge,
         })
     }
 
     /// Serves until Ctrl-C or SIGTERM, then finishes in-flight requests.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        info!(addr = %self.listener.local_addr()?, "query API listening");
-        axum::serve(self.listener, routes::app(self.state))
-            .with_graceful_shutdown(keel_kafka::telemetry::shutdown_signal())
-            .await
-            .context("serving HTTP")
+        info!(
+            addr = %self.listener.local_addr()?,
+            tls = self.edge_settings.tls.is_some(),
+            auth = self.edge_settings.auth.is_some(),
+            "query API listening"
+        );
+        keel_http::serve(
+            self.listener,
+            routes::app(self.state, &self.edge),
+            &self.edge_settings,
+            keel_kafka::telemetry::shutdown_signal(),
+        )
+        .await
+        .context("serving HTTP")
     }
 }

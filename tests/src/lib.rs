@@ -1,15 +1,20 @@
 //! Helpers for Keel's end-to-end tests: a real Kafka-compatible broker started per test
-//! on a free port, and random topic prefixes so tests never share names.
+//! on a free port, random topic prefixes so tests never share names, and a signing secret
+//! of each test's own for the tokens it sends.
 
+mod auth;
 pub mod bench;
 mod broker;
+pub mod contract;
 mod log;
 mod stack;
 
+pub use auth::TestAuth;
 pub use broker::{Broker, broker_binary};
+pub use contract::Contract;
 pub use log::{AcceptedCommit, read_accepted};
 pub use stack::{
-    CommandApi, CommandApiConfig, Service, Stack, TestDatabase, eur, workspace_binary,
+    CommandApi, CommandApiConfig, LogSource, Service, Stack, TestDatabase, eur, workspace_binary,
 };
 
 /// A topic prefix no other test uses.

@@ -1,6 +1,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -38,7 +39,25 @@ pub struct Service {
     child: Child,
     /// Where it listens, for the HTTP services.
     pub addr: Option<SocketAddr>,
+    /// A client for it: for the APIs, one whose token holds every role (subject `test`).
+    pub client: reqwest::Client,
+    /// Its standard error so far (the first [`LOG_CAP`] bytes).
+    log: LogSource,
 }
+
+/// A service's standard error as read so far; outlives the service.
+#[derive(Clone, Debug, Default)]
+pub struct LogSource(Arc<Mutex<String>>);
+
+impl LogSource {
+    /// The text so far.
+    pub fn text(&self) -> String {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+/// How much of a service's log is kept for [`Service::log`].
+const LOG_CAP: usize = 64 << 20;
 
 impl Service {
     /// Starts `binary` with `args` and `env`; when `listening` is given, waits for the log
@@ -70,12 +89,20 @@ impl Service {
         let (tx, rx) = oneshot::channel();
         let echo = std::env::var_os("TEST_LOG").is_some();
         let (name, wanted) = (binary.to_owned(), listening.map(str::to_owned));
+        let log = LogSource::default();
+        let kept = Arc::clone(&log.0);
         tokio::spawn(async move {
             let mut tx = Some(tx);
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 if echo {
                     eprintln!("[{name}] {line}");
+                }
+                if let Ok(mut kept) = kept.lock()
+                    && kept.len() + line.len() < LOG_CAP
+                {
+                    kept.push_str(&line);
+                    kept.push('\n');
                 }
                 if let Some(wanted) = &wanted
                     && line.contains(wanted.as_str())
@@ -102,7 +129,22 @@ impl Service {
                 ),
             },
         };
-        Ok(Self { child, addr })
+        Ok(Self {
+            child,
+            addr,
+            client: reqwest::Client::new(),
+            log,
+        })
+    }
+
+    /// What it has written to standard error so far.
+    pub fn log(&self) -> String {
+        self.log.text()
+    }
+
+    /// Its log, readable after it stops.
+    pub fn log_source(&self) -> LogSource {
+        self.log.clone()
     }
 
     /// The process id, while it runs.
@@ -180,6 +222,8 @@ pub struct CommandApiConfig {
     pub extra_env: Vec<(&'static str, String)>,
     /// Where the signing key and the trusted keys are kept (the test's own).
     pub keys_dir: std::path::PathBuf,
+    /// The token secret the APIs are given (the test's own).
+    pub auth: crate::TestAuth,
 }
 
 impl CommandApiConfig {
@@ -192,6 +236,7 @@ impl CommandApiConfig {
             instance: instance.to_owned(),
             extra_env: Vec::new(),
             keys_dir: std::env::temp_dir().join(format!("keel-keys-{prefix}")),
+            auth: crate::TestAuth::new(),
         }
     }
 
@@ -209,6 +254,10 @@ impl CommandApiConfig {
                 "KEEL_TRUSTED_KEYS_FILE",
                 self.keys_dir.join("trusted.keys").display().to_string(),
             ),
+            ("KEEL_AUTH_HS256_SECRET", self.auth.secret.clone()),
+            // Load tests send thousands of requests a second as one subject: no rate limit
+            // unless a test sets one in `extra_env`.
+            ("KEEL_RATE_LIMIT_RPS", "0".into()),
         ];
         env.extend(self.extra_env.iter().cloned());
         env
@@ -221,7 +270,9 @@ impl Service {
         let mut env = config.env();
         env.push(("KEEL_COMMAND_ADDR", "127.0.0.1:0".into()));
         env.push(("KEEL_INSTANCE", config.instance.clone()));
-        Self::start("command-api", &[], &env, Some("command API listening")).await
+        let mut api = Self::start("command-api", &[], &env, Some("command API listening")).await?;
+        api.client = config.auth.full_client();
+        Ok(api)
     }
 
     /// Starts command-api and waits until `/readyz` says it owns every partition.
@@ -244,13 +295,15 @@ impl Service {
         Self::start("projector", &all, &env, None).await
     }
 
-    /// Starts query-api on a free port against `database_url`.
-    pub async fn query_api(database_url: &str) -> anyhow::Result<Self> {
-        let env = [
-            ("KEEL_QUERY_ADDR", "127.0.0.1:0".to_owned()),
-            ("KEEL_DATABASE_URL", database_url.to_owned()),
-        ];
-        Self::start("query-api", &[], &env, Some("query API listening")).await
+    /// Starts query-api on a free port against `database_url`, with `config`'s token
+    /// secret and extra environment.
+    pub async fn query_api(config: &CommandApiConfig, database_url: &str) -> anyhow::Result<Self> {
+        let mut env = config.env();
+        env.push(("KEEL_QUERY_ADDR", "127.0.0.1:0".to_owned()));
+        env.push(("KEEL_DATABASE_URL", database_url.to_owned()));
+        let mut api = Self::start("query-api", &[], &env, Some("query API listening")).await?;
+        api.client = config.auth.full_client();
+        Ok(api)
     }
 }
 
@@ -282,9 +335,12 @@ impl TestDatabase {
         Ok(db)
     }
 
-    /// Its URL on the local server.
+    /// Its URL on the local server (loopback: no TLS).
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+        format!(
+            "postgres://postgres@127.0.0.1:5432/{}?sslmode=disable",
+            self.name
+        )
     }
 }
 
@@ -316,6 +372,8 @@ pub struct Stack {
     pub projector: Option<Service>,
     /// The query API.
     pub query: Service,
+    /// A client whose token holds every role (subject `test`).
+    pub client: reqwest::Client,
 }
 
 impl Stack {
@@ -333,8 +391,9 @@ impl Stack {
         let db = TestDatabase::new(name);
         let command = Service::command_api_ready(&config).await?;
         let projector = Some(Service::projector(&config, &db.url(), &[]).await?);
-        let query = Service::query_api(&db.url()).await?;
+        let query = Service::query_api(&config, &db.url()).await?;
         query.wait_ready().await?;
+        let client = config.auth.full_client();
         Ok(Self {
             broker,
             config,
@@ -342,6 +401,7 @@ impl Stack {
             command,
             projector,
             query,
+            client,
         })
     }
 
@@ -362,7 +422,8 @@ impl Stack {
         serde_json::Value,
         Option<keel_schemas::ConsistencyToken>,
     ) {
-        let r = reqwest::Client::new()
+        let r = self
+            .client
             .post(self.command.url(path))
             .json(&body)
             .send()
@@ -384,7 +445,7 @@ impl Stack {
         in_flight: usize,
         expected: reqwest::StatusCode,
     ) -> keel_schemas::ConsistencyToken {
-        let client = reqwest::Client::new();
+        let client = self.client.clone();
         let mut tasks = tokio::task::JoinSet::new();
         let mut token = keel_schemas::ConsistencyToken::default();
         let token_of = |done: Result<keel_schemas::ConsistencyToken, tokio::task::JoinError>| {
@@ -424,7 +485,7 @@ impl Stack {
         path: &str,
         token: Option<&keel_schemas::ConsistencyToken>,
     ) -> (reqwest::StatusCode, serde_json::Value) {
-        let mut request = reqwest::Client::new().get(self.query.url(path));
+        let mut request = self.client.get(self.query.url(path));
         if let Some(token) = token {
             request = request
                 .header("keel-consistency-token", token.encode())

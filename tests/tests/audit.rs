@@ -5,6 +5,7 @@
 
 use keel_domain::Aggregate;
 use keel_domain::order::Order;
+use keel_http::Role;
 use keel_kafka::{LogProducer, PartitionGate, PartitionReader, partition_for};
 use keel_schemas::{
     CommitRecord, ConsistencyToken, LogRecord, SigningKey, Writer, commit_hash_of_value,
@@ -15,11 +16,15 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-/// POSTs a command as `actor`; returns its body and token.
+/// POSTs a command with a token whose subject is `actor`; returns its body and token.
 async fn post_as(stack: &Stack, actor: &str, path: &str, body: Value) -> (Value, ConsistencyToken) {
-    let r = reqwest::Client::new()
+    let token = stack.config.auth.token(actor, &[Role::CommandsWrite]);
+    let r = stack
+        .client
         .post(stack.command.url(path))
-        .header("keel-actor", actor)
+        .bearer_auth(token)
+        // A client-chosen actor is ignored: the token's subject is the actor.
+        .header("keel-actor", "mallory")
         .json(&body)
         .send()
         .await

@@ -21,7 +21,7 @@ struct Reply {
 }
 
 async fn post_with(api: &CommandApi, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
-    let mut request = reqwest::Client::new().post(api.url(path)).json(&body);
+    let mut request = api.client.post(api.url(path)).json(&body);
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
@@ -128,7 +128,8 @@ async fn every_command_and_error_case() {
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(r.body["rule"], "insufficient_stock");
     // A command without a body needs no content type.
-    let r = reqwest::Client::new()
+    let r = api
+        .client
         .post(api.url("/v1/products/MUG-1/discontinue"))
         .send()
         .await
@@ -272,7 +273,7 @@ async fn every_command_and_error_case() {
 
     // 400: malformed JSON and headers.
     let raw = |body: &'static str, content_type: &'static str| {
-        reqwest::Client::new()
+        api.client
             .post(api.url("/v1/products/TEE-1/register"))
             .header("content-type", content_type)
             .body(body)
@@ -403,7 +404,7 @@ async fn every_command_and_error_case() {
     );
 
     // Health, readiness, the OpenAPI document.
-    let client = reqwest::Client::new();
+    let client = api.client.clone();
     assert_eq!(
         client
             .get(api.url("/healthz"))
@@ -662,9 +663,7 @@ async fn a_newer_instance_fences_the_old_one_and_no_command_is_acknowledged_twic
 async fn a_broker_outage_is_answered_503_and_the_partition_resumes_from_the_log() {
     // A broker that keeps its log in PostgreSQL, so it can be killed and started again.
     let db = keel_tests::TestDatabase::created("outage").await.unwrap();
-    let mut broker = Broker::start_durable(&format!("{}?sslmode=disable", db.url()))
-        .await
-        .unwrap();
+    let mut broker = Broker::start_durable(&db.url()).await.unwrap();
     let mut config = CommandApiConfig::new(&broker, &unique_prefix("outage"), 1, "cmd-a");
     config.extra_env = vec![
         ("KEEL_REQUEST_TIMEOUT_MS", "4000".into()),

@@ -44,7 +44,7 @@ async fn orders_survive_projector_kills_exactly_once() {
     let stack_ref = &stack;
     const ORDERS: usize = 5000;
     let placing = async move {
-        let client = reqwest::Client::new();
+        let client = stack_ref.client.clone();
         let mut tasks = tokio::task::JoinSet::new();
         let (mut orders, mut items, mut revenue) = (0i64, 0i64, 0i64);
         let mut token = ConsistencyToken::default();
@@ -377,12 +377,16 @@ async fn the_whole_stack_through_http_with_pagination_over_a_thousand_orders() {
     );
     let (s, _) = stack.get("/v1/orders?colour=red", None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    let r = reqwest::get(stack.query.url("/v1/orders/big-1"))
+    let r = stack
+        .client
+        .get(stack.query.url("/v1/orders/big-1"))
+        .send()
         .await
         .unwrap();
     let etag = r.headers()["etag"].to_str().unwrap().to_owned();
     assert!(r.headers().contains_key("keel-projection-position"));
-    let r = reqwest::Client::new()
+    let r = stack
+        .client
         .get(stack.query.url("/v1/orders/big-1"))
         .header("if-none-match", &etag)
         .send()

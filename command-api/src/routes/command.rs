@@ -1,9 +1,10 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keel_domain::Aggregate;
+use keel_http::Principal;
 use keel_kafka::partition_for;
 use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, canonical_json};
 use serde_json::{Value, json};
@@ -18,9 +19,10 @@ use crate::error::ApiError;
 use crate::owner::{CommandRequest, Outcome, RequestMeta};
 
 /// `POST /v1/{collection}/{id}/{command}`.
-#[instrument(skip(state, headers, body), fields(collection = %collection, id = %id, command = %command))]
+#[instrument(skip(state, principal, headers, body), fields(collection = %collection, id = %id, command = %command))]
 pub(super) async fn handle(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((collection, id, command)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -46,15 +48,17 @@ pub(super) async fn handle(
     let parsed = commands::parse(spec, &json)?;
 
     let idempotency_key = header_text(&headers, "idempotency-key")?;
-    if let Some(key) = &idempotency_key
-        && (key.is_empty() || key.len() > 255)
-    {
-        return Err(ApiError::BadRequest(
-            "Idempotency-Key must have 1 to 255 characters".into(),
-        ));
+    if idempotency_key.as_ref().is_some_and(String::is_empty) {
+        return Err(ApiError::BadRequest(format!(
+            "Idempotency-Key must have 1 to {MAX_HEADER_CHARS} characters"
+        )));
     }
+    // The subject is part of the request: another subject's retry with the same key is a
+    // reuse (422), never a replay of someone else's response.
     let request_digest = idempotency_key.as_ref().map(|_| {
         let mut hasher = Sha256::new();
+        hasher.update(principal.subject.as_bytes());
+        hasher.update(b"\n");
         hasher.update(spec.command_type.as_bytes());
         hasher.update(b"\n");
         hasher.update(id.as_bytes());
@@ -67,7 +71,8 @@ pub(super) async fn handle(
         idempotency_key,
         request_digest,
         if_match: if_match(&headers)?,
-        actor: header_text(&headers, "keel-actor")?.unwrap_or_else(|| "anonymous".into()),
+        // The token's subject, never a value the client chose in the body or a header.
+        actor: principal.subject,
         correlation_id: header_text(&headers, "x-correlation-id")?
             .unwrap_or_else(|| Uuid::now_v7().to_string()),
         causation_id: header_text(&headers, "x-causation-id")?,
@@ -94,13 +99,21 @@ fn is_json(headers: &HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
+/// Longest value of the headers a command records (Idempotency-Key, correlation and
+/// causation ids, traceparent).
+const MAX_HEADER_CHARS: usize = 255;
+
 fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
     headers
         .get(name)
-        .map(|v| {
-            v.to_str()
-                .map(str::to_owned)
-                .map_err(|_| ApiError::BadRequest(format!("header {name} must be visible ASCII")))
+        .map(|v| match v.to_str() {
+            Ok(text) if text.len() <= MAX_HEADER_CHARS => Ok(text.to_owned()),
+            Ok(_) => Err(ApiError::BadRequest(format!(
+                "header {name} must have at most {MAX_HEADER_CHARS} characters"
+            ))),
+            Err(_) => Err(ApiError::BadRequest(format!(
+                "header {name} must be visible ASCII"
+            ))),
         })
         .transpose()
 }

@@ -13,8 +13,10 @@ use axum::routing::{get, post};
 use keel_domain::customer::Customer;
 use keel_domain::order::Order;
 use keel_domain::product::Product;
+use keel_http::{Edge, Role};
 use tokio::sync::mpsc;
 
+use crate::error::ApiError;
 use crate::owner::{CommandRequest, StatusCell};
 
 /// Largest command body accepted.
@@ -44,13 +46,24 @@ pub struct AppState {
     pub request_timeout: Duration,
 }
 
-/// The command API's routes.
-pub fn app(state: AppState) -> Router {
+/// The command API's routes: `/v1` behind `edge` (a token with `commands:write`, rate and
+/// concurrency limits, a timeout); health, readiness and the OpenAPI document open.
+pub fn app(state: AppState, edge: &Edge) -> Router {
+    let commands = Router::new().route("/v1/{collection}/{id}/{command}", post(command::handle));
     Router::new()
-        .route("/v1/{collection}/{id}/{command}", post(command::handle))
+        .merge(edge.limit(edge.guard(commands, Role::CommandsWrite)))
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/openapi.json", get(openapi::serve))
+        .fallback(|| async {
+            ApiError::NotFound {
+                detail: "no such resource: commands are POST /v1/{collection}/{id}/{command}"
+                    .into(),
+                rule: None,
+            }
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(keel_http::edge::problem_answers))
         .with_state(state)
 }

@@ -4,6 +4,8 @@
 use axum::Json;
 use serde_json::{Map, Value, json};
 
+use keel_http::Role;
+
 use crate::commands::CATALOGUE;
 
 fn problem(description: &str) -> Value {
@@ -52,13 +54,14 @@ pub fn document() -> Value {
         ] {
             responses.insert(code.into(), problem(description));
         }
-        paths.insert(
-            path,
-            json!({"post": {
+        let mut item = json!({"post": {
                 "operationId": format!("{}-{}", spec.collection, spec.name),
                 "summary": spec.command_type,
                 "parameters": [
-                    {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}},
+                    {"name": "id", "in": "path", "required": true, "schema": crate::commands::id_schema(),
+                     "description": "the stream id: 1 to 128 of A-Z a-z 0-9 . _ ~ -, not starting with a dot"},
+                    {"name": "X-Correlation-Id", "in": "header", "schema": {"type": "string", "maxLength": 255}},
+                    {"name": "X-Causation-Id", "in": "header", "schema": {"type": "string", "maxLength": 255}},
                     {"name": "If-Match", "in": "header", "schema": {"type": "string"},
                      "description": "\"<version>\": apply only if the stream is at this version"},
                     {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255},
@@ -66,8 +69,9 @@ pub fn document() -> Value {
                 ],
                 "requestBody": {"required": false, "content": {"application/json": {"schema": (spec.schema)()}}},
                 "responses": responses
-            }}),
-        );
+        }});
+        keel_http::openapi::secure(&mut item["post"], Role::CommandsWrite);
+        paths.insert(path, item);
     }
     for (path, description) in [
         ("/healthz", "the process is alive"),
@@ -77,16 +81,15 @@ pub fn document() -> Value {
         ),
         ("/openapi.json", "this document"),
     ] {
-        paths.insert(
-            path.into(),
-            json!({"get": {"responses": {"200": {"description": description}}}}),
-        );
+        let mut item = json!({"get": {"responses": {"200": {"description": description}}}});
+        keel_http::openapi::open(&mut item["get"]);
+        paths.insert(path.into(), item);
     }
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Keel command API", "version": env!("CARGO_PKG_VERSION")},
         "paths": paths,
-        "components": {"schemas": {
+        "components": {"securitySchemes": keel_http::openapi::security_schemes(), "schemas": {
             "CommandResult": {"type": "object", "required": ["stream", "version", "events"], "properties": {
                 "stream": {"type": "object", "properties": {"type": {"type": "string"}, "id": {"type": "string"}}},
                 "version": {"type": "integer"},
@@ -146,6 +149,8 @@ mod tests {
             partitions: 1,
             request_timeout: Duration::from_secs(1),
         };
+        let open = keel_http::EdgeSettings::from_vars(|n| (n == "KEEL_AUTH").then(|| "off".into()));
+        let edge = keel_http::Edge::new(&open.unwrap(), "test").unwrap();
         let doc = document();
         let paths = doc["paths"].as_object().unwrap();
         assert_eq!(paths.len(), CATALOGUE.len() + 3);
@@ -161,7 +166,7 @@ mod tests {
                 .header("content-type", "application/json")
                 .body(Body::from(body))
                 .unwrap();
-            let response = app(state.clone()).oneshot(request).await.unwrap();
+            let response = app(state.clone(), &edge).oneshot(request).await.unwrap();
             let expected = if method == "POST" {
                 StatusCode::UNPROCESSABLE_ENTITY
             } else {

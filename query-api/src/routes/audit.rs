@@ -214,14 +214,14 @@ fn fold<A: Aggregate + Serialize>(rows: &[EventRow]) -> Result<Value, ApiError> 
             payload: row.payload.clone(),
         };
         let event = decode_event::<A>(&envelope).map_err(|e| {
-            ApiError::Internal(format!(
-                "event version {} cannot be decoded: {e}",
-                row.version
-            ))
+            ApiError::internal(
+                &format!("event version {} cannot be decoded", row.version),
+                &e,
+            )
         })?;
         state = state.evolve(&event);
     }
-    serde_json::to_value(&state).map_err(|e| ApiError::Internal(e.to_string()))
+    serde_json::to_value(&state).map_err(|e| ApiError::internal("encoding a stream's state", &e))
 }
 
 /// `GET /v1/audit/streams/{type}/{id}/state?version=N` or `?at=<RFC 3339>`: the state after

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use keel_http::{Edge, Role};
 use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -64,27 +65,38 @@ impl AppState {
     }
 }
 
-/// The query API's routes.
-pub fn app(state: AppState) -> Router {
-    Router::new()
+/// The query API's routes: `/v1` behind `edge`, each group open to one role (views
+/// `queries:read`, the audit trail `audit:read`, projection status `admin`); health,
+/// readiness and the OpenAPI document open.
+pub fn app(state: AppState, edge: &Edge) -> Router {
+    let views = Router::new()
         .route("/v1/orders", get(views::list_orders))
         .route("/v1/orders/{id}", get(views::order))
         .route("/v1/products", get(views::list_products))
         .route("/v1/products/{sku}", get(views::product))
         .route("/v1/customers/{id}", get(views::customer))
         .route("/v1/reports/daily-sales", get(views::daily_sales))
-        .route("/v1/reports/flagged-payments", get(views::flagged_payments))
-        .route("/v1/projections", get(projections::list))
+        .route("/v1/reports/flagged-payments", get(views::flagged_payments));
+    let audit = Router::new()
         .route("/v1/audit/streams/{type}/{id}", get(audit::stream_history))
         .route(
             "/v1/audit/streams/{type}/{id}/state",
             get(audit::stream_state),
         )
-        .route("/v1/audit/events", get(audit::search))
+        .route("/v1/audit/events", get(audit::search));
+    let admin = Router::new().route("/v1/projections", get(projections::list));
+    let guarded = edge
+        .guard(views, Role::QueriesRead)
+        .merge(edge.guard(audit, Role::AuditRead))
+        .merge(edge.guard(admin, Role::Admin));
+    Router::new()
+        .merge(edge.limit(guarded))
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|| async { ApiError::NotFound("no such resource".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(keel_http::edge::problem_answers))
         .with_state(state)
 }
 
@@ -145,7 +157,8 @@ where
     )
     .await?;
     let body = query.await?;
-    let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let bytes =
+        serde_json::to_vec(&body).map_err(|e| ApiError::internal("encoding a response", &e))?;
     let etag = format!("\"{}\"", &hex::encode(Sha256::digest(&bytes))[..32]);
     let matches = headers
         .get(header::IF_NONE_MATCH)
@@ -214,7 +227,7 @@ fn decode_cursor(cursor: Option<&str>, parts: usize) -> Result<Option<Vec<String
 /// A view row as the JSON text PostgreSQL made of it, passed through without parsing.
 fn raw(json: String) -> Result<Box<serde_json::value::RawValue>, ApiError> {
     serde_json::value::RawValue::from_string(json)
-        .map_err(|e| ApiError::Internal(format!("a view row is not JSON: {e}")))
+        .map_err(|e| ApiError::internal("a view row is not JSON", &e))
 }
 
 /// A page of rows as PostgreSQL wrote their JSON, passed through without parsing.

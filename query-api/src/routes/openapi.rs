@@ -2,9 +2,10 @@
 //! compared by a test, and every path in it is checked to be routed.
 
 use axum::Json;
+use keel_http::Role;
 use serde_json::{Value, json};
 
-fn get(summary: &str, params: Value, cacheable: bool) -> Value {
+fn get(summary: &str, params: Value, cacheable: bool, role: Role) -> Value {
     let mut responses = json!({
         "200": {"description": "the view, as of the position in Keel-Projection-Position",
                 "headers": {"ETag": {"schema": {"type": "string"}},
@@ -31,7 +32,20 @@ fn get(summary: &str, params: Value, cacheable: bool) -> Value {
     ] {
         parameters.push(header);
     }
-    json!({"get": {"summary": summary, "parameters": parameters, "responses": responses}})
+    let mut item =
+        json!({"get": {"summary": summary, "parameters": parameters, "responses": responses}});
+    keel_http::openapi::secure(&mut item["get"], role);
+    item
+}
+
+fn open(description: &str, not_ready: bool) -> Value {
+    let mut item = json!({"get": {"responses": {"200": {"description": description}}}});
+    if not_ready {
+        item["get"]["responses"]["503"] = json!({"description": "not ready",
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
+    }
+    keel_http::openapi::open(&mut item["get"]);
+    item
 }
 
 fn path_param(name: &str) -> Value {
@@ -42,11 +56,25 @@ fn query_param(name: &str, description: &str) -> Value {
     json!({"name": name, "in": "query", "schema": {"type": "string"}, "description": description})
 }
 
+fn projections() -> Value {
+    let mut item = json!({"get": {
+        "summary": "each projection's generation, state, events, dead letters, checkpoints and rebuild in progress",
+        "responses": {
+            "200": {"description": "the projections",
+                    "content": {"application/json": {"schema": {"type": "object", "required": ["projections"],
+                        "properties": {"projections": {"type": "array"}}}}}},
+            "503": {"description": "the database is not reachable",
+                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}}}});
+    keel_http::openapi::secure(&mut item["get"], Role::Admin);
+    item
+}
+
 /// The OpenAPI 3.1 document of the query API.
 pub fn document() -> Value {
     let page = || {
         vec![
-            query_param("limit", "page size: default 50, capped at 500"),
+            json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1},
+                   "description": "page size: default 50; larger than 500 is served as 500"}),
             query_param("cursor", "next_cursor of the previous page"),
         ]
     };
@@ -81,29 +109,27 @@ pub fn document() -> Value {
         "openapi": "3.1.0",
         "info": {"title": "Keel query API", "version": env!("CARGO_PKG_VERSION")},
         "paths": {
-            "/v1/orders": get("orders, by order id", json!(orders), true),
-            "/v1/orders/{id}": get("one order", json!([path_param("id")]), true),
-            "/v1/products": get("the catalogue, by SKU", json!(products), true),
-            "/v1/products/{sku}": get("one product", json!([path_param("sku")]), true),
-            "/v1/customers/{id}": get("one customer", json!([path_param("id")]), true),
+            "/v1/orders": get("orders, by order id", json!(orders), true, Role::QueriesRead),
+            "/v1/orders/{id}": get("one order", json!([path_param("id")]), true, Role::QueriesRead),
+            "/v1/products": get("the catalogue, by SKU", json!(products), true, Role::QueriesRead),
+            "/v1/products/{sku}": get("one product", json!([path_param("sku")]), true, Role::QueriesRead),
+            "/v1/customers/{id}": get("one customer", json!([path_param("id")]), true, Role::QueriesRead),
             "/v1/reports/daily-sales": get("sales per day and currency", json!([
                 query_param("from", "first day, YYYY-MM-DD"), query_param("to", "last day, YYYY-MM-DD"),
-                query_param("currency", "only this currency")]), true),
-            "/v1/reports/flagged-payments": get("payments of 10,000.00 or more", json!(page()), true),
+                query_param("currency", "only this currency")]), true, Role::QueriesRead),
+            "/v1/reports/flagged-payments": get("payments of 10,000.00 or more", json!(page()), true, Role::QueriesRead),
             "/v1/audit/streams/{type}/{id}": get(
                 "a stream's history in version order: events, actors, command, correlation and causation ids, \
-                 times, positions, hashes and signatures", json!(history), true),
+                 times, positions, hashes and signatures", json!(history), true, Role::AuditRead),
             "/v1/audit/streams/{type}/{id}/state": get(
-                "a stream's state as of a version or a time, folded with the domain's own evolve", json!(as_of), true),
-            "/v1/audit/events": get("search the audit log, in recorded order", json!(search), true),
-            "/v1/projections": {"get": {"summary": "each projection's generation, state, events, dead letters, checkpoints and rebuild in progress",
-                                        "responses": {"200": {"description": "the projections"}}}},
-            "/healthz": {"get": {"responses": {"200": {"description": "the process is alive"}}}},
-            "/readyz": {"get": {"responses": {"200": {"description": "the database answers and the views exist"},
-                                              "503": {"description": "not ready"}}}},
-            "/openapi.json": {"get": {"responses": {"200": {"description": "this document"}}}}
+                "a stream's state as of a version or a time, folded with the domain's own evolve", json!(as_of), true, Role::AuditRead),
+            "/v1/audit/events": get("search the audit log, in recorded order", json!(search), true, Role::AuditRead),
+            "/v1/projections": projections(),
+            "/healthz": open("the process is alive", false),
+            "/readyz": open("the database answers and the views exist", true),
+            "/openapi.json": open("this document", false)
         },
-        "components": {"schemas": {"Problem": {"type": "object", "properties": {
+        "components": {"securitySchemes": keel_http::openapi::security_schemes(), "schemas": {"Problem": {"type": "object", "properties": {
             "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
             "detail": {"type": "string"}, "field": {"type": "string"}, "request_id": {"type": "string"}}}}}
     })
@@ -152,6 +178,8 @@ mod tests {
             .connect_lazy("postgres://keel@127.0.0.1:1/none")
             .unwrap();
         let state = AppState::new(pool);
+        let open = keel_http::EdgeSettings::from_vars(|n| (n == "KEEL_AUTH").then(|| "off".into()));
+        let edge = keel_http::Edge::new(&open.unwrap(), "test").unwrap();
         let doc = document();
         for path in doc["paths"].as_object().unwrap().keys() {
             let uri = path
@@ -159,7 +187,7 @@ mod tests {
                 .replace("{id}", "x-1")
                 .replace("{sku}", "X-1");
             let request = Request::builder().uri(&uri).body(Body::empty()).unwrap();
-            let response = app(state.clone()).oneshot(request).await.unwrap();
+            let response = app(state.clone(), &edge).oneshot(request).await.unwrap();
             assert_ne!(
                 response.status(),
                 StatusCode::NOT_FOUND,
@@ -171,7 +199,7 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         assert_eq!(
-            app(state).oneshot(request).await.unwrap().status(),
+            app(state, &edge).oneshot(request).await.unwrap().status(),
             StatusCode::NOT_FOUND
         );
     }

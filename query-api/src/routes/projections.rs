@@ -12,7 +12,7 @@ pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Value>, A
         .await
         .map_err(|e| match e.downcast::<sqlx::Error>() {
             Ok(db) => ApiError::from(db),
-            Err(other) => ApiError::Internal(other.to_string()),
+            Err(other) => ApiError::internal("reading the projections' status", &other),
         })?;
     Ok(Json(serde_json::json!({ "projections": status })))
 }

@@ -194,17 +194,14 @@ pub async fn post_all(
 }
 
 /// Drives `base` with `clients` clients, each sending the workload's next command as
-/// soon as its previous one is answered, for `seconds`.
+/// soon as its previous one is answered, for `seconds`, through `client` (its token).
 pub async fn closed_loop(
+    client: &reqwest::Client,
     base: &str,
     workload: Arc<Workload>,
     clients: usize,
     seconds: u64,
 ) -> LoadResult {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(clients)
-        .build()
-        .unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let buckets: Arc<Vec<AtomicU64>> =
         Arc::new((0..seconds + 2).map(|_| AtomicU64::new(0)).collect());

@@ -27,7 +27,7 @@ async fn ready_api(
     let workload = Arc::new(Workload::new(streams));
     let setup = workload.setup();
     let commands = setup.len();
-    let failed = load::post_all(&reqwest::Client::new(), &api.url(""), setup, 64).await;
+    let failed = load::post_all(&api.client, &api.url(""), setup, 64).await;
     anyhow::ensure!(failed == 0, "{failed} of {commands} set-up commands failed");
     Ok((api, config, workload))
 }
@@ -66,14 +66,20 @@ pub(crate) async fn run(
             options.seconds,
             workload.streams()
         ));
-        let keel =
-            load::closed_loop(&api.url(""), workload.clone(), clients, options.seconds).await;
+        let keel = load::closed_loop(
+            &api.client,
+            &api.url(""),
+            workload.clone(),
+            clients,
+            options.seconds,
+        )
+        .await;
         step(&format!(
             "B_http: {clients} clients for {} s",
             options.seconds
         ));
         let bare = Arc::new(Workload::new(options.streams));
-        let baseline = load::closed_loop(&http, bare, clients, options.seconds).await;
+        let baseline = load::closed_loop(&api.client, &http, bare, clients, options.seconds).await;
         let scenario = format!("Commands, {clients} clients");
         report.rows.push(
             Row::beside(
@@ -144,13 +150,13 @@ pub(crate) async fn run(
 
     step("commands on durable storage: a broker keeping its log in PostgreSQL");
     let db = TestDatabase::created("bench_log").await?;
-    let durable = Broker::start_durable(&format!("{}?sslmode=disable", db.url())).await?;
+    let durable = Broker::start_durable(&db.url()).await?;
     let (api, _config, workload) = ready_api(&durable, "bench-durable", options.streams).await?;
     step(&format!(
         "commands (durable): 64 clients for {} s",
         options.seconds
     ));
-    let keel = load::closed_loop(&api.url(""), workload, 64, options.seconds).await;
+    let keel = load::closed_loop(&api.client, &api.url(""), workload, 64, options.seconds).await;
     api.stop().await?;
     step("B_produce: bare producer, durable storage");
     let settings = durable.settings(&unique_prefix("bench-produce"), PARTITIONS);

@@ -40,8 +40,13 @@ struct QueryRun {
 }
 
 /// Successful answers per second with `QUERY_CLIENTS` clients asking as fast as they can.
-async fn closed_max(base: &str, path: &PathFn, ids: usize, seconds: f64) -> f64 {
-    let client = reqwest::Client::new();
+async fn closed_max(
+    client: &reqwest::Client,
+    base: &str,
+    path: &PathFn,
+    ids: usize,
+    seconds: f64,
+) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut workers = tokio::task::JoinSet::new();
     for c in 0..QUERY_CLIENTS {
@@ -67,13 +72,13 @@ async fn closed_max(base: &str, path: &PathFn, ids: usize, seconds: f64) -> f64 
 /// Requests sent on schedule at `rate` for `seconds`, whatever the answers do; the
 /// latencies of the successful ones, sorted, and the number that failed.
 async fn open_loop(
+    client: &reqwest::Client,
     base: &str,
     path: &PathFn,
     ids: usize,
     rate: f64,
     seconds: u64,
 ) -> (Vec<Duration>, u64) {
-    let client = reqwest::Client::new();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -111,7 +116,13 @@ fn query_paths() -> [(&'static str, PathFn); 2] {
 }
 
 /// Measures both queries: maximum rates (unless `rates` gives them) and latencies at half.
-async fn queries(base: &str, ids: usize, seconds: u64, rates: Option<&[f64]>) -> Vec<QueryRun> {
+async fn queries(
+    client: &reqwest::Client,
+    base: &str,
+    ids: usize,
+    seconds: u64,
+    rates: Option<&[f64]>,
+) -> Vec<QueryRun> {
     let mut runs = Vec::new();
     for (i, (name, path)) in query_paths().iter().enumerate() {
         let max = match rates {
@@ -120,14 +131,14 @@ async fn queries(base: &str, ids: usize, seconds: u64, rates: Option<&[f64]>) ->
                 step(&format!(
                     "queries {name}: the most it serves, {QUERY_CLIENTS} clients"
                 ));
-                closed_max(base, path, ids, (seconds as f64 / 2.0).max(1.0)).await
+                closed_max(client, base, path, ids, (seconds as f64 / 2.0).max(1.0)).await
             }
         };
         let rate = (max / 2.0).max(1.0);
         step(&format!(
             "queries {name}: {rate:.0} requests/s for {seconds} s"
         ));
-        let (latencies, failed) = open_loop(base, path, ids, rate, seconds).await;
+        let (latencies, failed) = open_loop(client, base, path, ids, rate, seconds).await;
         runs.push(QueryRun {
             max,
             rate,
@@ -294,7 +305,7 @@ pub(crate) async fn run(
     );
 
     step("queries: starting the query API over the caught-up view");
-    let query = Service::query_api(&db.url()).await?;
+    let query = Service::query_api(&config, &db.url()).await?;
     query.wait_ready().await?;
     let pool = PgPool::connect(&db.url()).await?;
     let bare = bare_selects(&pool, events, 5000).await?;
@@ -307,7 +318,7 @@ pub(crate) async fn run(
     report
         .rows
         .push(Row::plain("Baselines", "B_select p99 ms", b99));
-    let idle = queries(&query.url(""), events, options.seconds, None).await;
+    let idle = queries(&query.client, &query.url(""), events, options.seconds, None).await;
     let mut latency = vec![Series::new("B_select", cdf(&bare))];
     let query_rows = |report: &mut Report, runs: &[QueryRun], during: bool| {
         for ((name, _), run) in query_paths().iter().zip(runs) {
@@ -453,7 +464,14 @@ pub(crate) async fn run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rates: Vec<f64> = idle.iter().map(|r| r.rate).collect();
-    let during = queries(&query.url(""), events, options.seconds, Some(&rates)).await;
+    let during = queries(
+        &query.client,
+        &query.url(""),
+        events,
+        options.seconds,
+        Some(&rates),
+    )
+    .await;
     if rebuilding.exited() {
         report.notes.push(
             "The rebuild ended before the queries measured during it did: their figures are partly without a rebuild."

@@ -28,7 +28,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     step("read-your-writes: starting the whole stack");
     let stack = Stack::start("bench-ryw", 8).await;
-    let client = reqwest::Client::new();
+    let client = stack.client.clone();
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
     step(&format!(
         "read-your-writes: {CLIENTS} clients for {} s",
