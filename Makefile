@@ -1,5 +1,5 @@
 # The two commands. Both install what is missing and are safe to run twice.
-.PHONY: up test lint bench
+.PHONY: up test lint bench token
 
 ## Bring the whole system up in the foreground (Ctrl-C stops it).
 up:
@@ -17,3 +17,12 @@ lint:
 ## BENCHMARKS.md and docs/bench/.
 bench:
 	./scripts/bench.sh
+
+## A development token for `make up`'s APIs, on standard output:
+##   TOKEN=$$(make -s token ROLE=commands:write SUB=alice)
+## ROLE: commands:write, queries:read, audit:read, admin, all, or several with commas.
+ROLE ?= all
+SUB ?= dev
+TTL ?= 3600
+token:
+	@./scripts/token.sh "$(ROLE)" "$(SUB)" "$(TTL)"

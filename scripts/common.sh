@@ -16,9 +16,10 @@ as_root() {
 }
 
 # Debian packages: a C toolchain, zlib and OpenSSL headers for librdkafka's vendored
-# build; PostgreSQL for the views and the broker's durable log.
+# build; PostgreSQL for the views and the broker's durable log; the openssl tool, with
+# which the security tests make their certificates and keys.
 ensure_packages() {
-    local wanted=(build-essential pkg-config zlib1g-dev libssl-dev postgresql postgresql-client curl)
+    local wanted=(build-essential pkg-config zlib1g-dev libssl-dev postgresql postgresql-client curl openssl)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -67,6 +68,22 @@ ensure_broker() {
     fi
     say "installing the broker: nisshi $NISSHI_VERSION (one-off, about 20 minutes on 2 cores)"
     cargo install --locked --ignore-rust-version nisshi --version "$NISSHI_VERSION"
+}
+
+# The development token secret: made once into .keel/auth.secret (mode 0600, ignored by
+# git) and never printed; the APIs read it through KEEL_AUTH_HS256_SECRET_FILE. Left alone
+# when keys are configured or authentication is explicitly off.
+ensure_dev_secret() {
+    if [ "${KEEL_AUTH:-on}" = off ] ||
+        [ -n "${KEEL_AUTH_HS256_SECRET:-}${KEEL_AUTH_HS256_SECRET_FILE:-}${KEEL_AUTH_JWKS_FILE:-}" ]; then
+        return 0
+    fi
+    mkdir -p .keel
+    if [ ! -s .keel/auth.secret ]; then
+        (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >.keel/auth.secret)
+        say "made a development token secret in .keel/auth.secret: 'make token' prints tokens"
+    fi
+    export KEEL_AUTH_HS256_SECRET_FILE="$PWD/.keel/auth.secret"
 }
 
 ensure_database() {

@@ -11,9 +11,10 @@ ensure_packages
 ensure_postgres
 ensure_broker
 say "building the services (release)"
-cargo build --release --locked -p command-api -p projector -p query-api
+cargo build --release --locked -p command-api -p projector -p query-api -p keel-http
 bin="${CARGO_TARGET_DIR:-target}/release"
 mkdir -p .keel/logs
+ensure_dev_secret
 
 pids=()
 stop() {
@@ -45,7 +46,7 @@ fi
 say "ensuring the topics"
 "$bin/projector" topics
 
-export KEEL_DATABASE_URL="${KEEL_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/keel}"
+export KEEL_DATABASE_URL="${KEEL_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/keel?sslmode=disable}"
 say "starting the projector (log: .keel/logs/projector.log)"
 "$bin/projector" run >.keel/logs/projector.log 2>&1 &
 pids+=($!)
@@ -62,5 +63,7 @@ for svc in command-api:8080 query-api:8081; do
 done
 
 say "Keel is up: commands on http://127.0.0.1:8080, queries on http://127.0.0.1:8081. Ctrl-C stops it."
+[ -n "${KEEL_AUTH_HS256_SECRET_FILE:-}" ] &&
+    say "every /v1 route needs a token: TOKEN=\$(make -s token ROLE=all SUB=you), then curl -H \"Authorization: Bearer \$TOKEN\""
 wait -n "${pids[@]}" || true
 echo "a process exited; see .keel/logs" >&2
