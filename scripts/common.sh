@@ -86,6 +86,13 @@ ensure_dev_secret() {
     export KEEL_AUTH_HS256_SECRET_FILE="$PWD/.keel/auth.secret"
 }
 
+# The release binaries of `make up` and `make token`. One package set for both, so that
+# the second finds the first's build (another set would unify features differently and
+# rebuild the dependencies).
+build_release() {
+    cargo build --release --locked -p command-api -p projector -p query-api -p keel-http "$@"
+}
+
 ensure_database() {
     local db=$1
     psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atqc \

@@ -11,7 +11,7 @@ ensure_packages
 ensure_postgres
 ensure_broker
 say "building the services (release)"
-cargo build --release --locked -p command-api -p projector -p query-api -p keel-http
+build_release
 bin="${CARGO_TARGET_DIR:-target}/release"
 mkdir -p .keel/logs
 ensure_dev_secret
