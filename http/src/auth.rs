@@ -15,13 +15,30 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
+
+use crate::keys::{self, Key};
+
+/// Largest key file read.
+const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("reading the token key file {}: {e}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        len <= MAX_KEY_FILE_BYTES,
+        "the token key file {} is larger than {MAX_KEY_FILE_BYTES} bytes",
+        path.display()
+    );
+    std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("reading the token key file {}: {e}", path.display()))
+}
 
 /// What a token may allow. Each route needs one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -159,16 +176,9 @@ pub struct AuthSettings {
     pub leeway: Duration,
 }
 
-/// One verification key, pinned to one algorithm.
-struct Key {
-    kid: Option<String>,
-    algorithm: Algorithm,
-    key: DecodingKey,
-}
-
-/// The keys as last read from the file, and what the file looked like then.
+/// The keys as last read from the file, and the file's contents then.
 struct Loaded {
-    stamp: Option<(SystemTime, u64)>,
+    contents: Vec<u8>,
     keys: Arc<Vec<Key>>,
 }
 
@@ -189,7 +199,7 @@ impl fmt::Debug for Verifier {
 impl Verifier {
     /// A verifier over `settings`; reads the key file now and fails when it holds no usable key.
     pub fn new(settings: AuthSettings) -> anyhow::Result<Self> {
-        let (stamp, keys) = match &settings.keys {
+        let (contents, keys) = match &settings.keys {
             KeySource::Hs256(secret) => {
                 anyhow::ensure!(
                     secret.len() >= MIN_SECRET_BYTES,
@@ -200,17 +210,19 @@ impl Verifier {
                     algorithm: Algorithm::HS256,
                     key: DecodingKey::from_secret(secret),
                 };
-                (None, vec![key])
+                (Vec::new(), vec![key])
             }
             KeySource::PublicKeyFile(path) => {
-                let keys = read_key_file(path)?;
-                (stamp(path), keys)
+                let contents = read(path)?;
+                let keys = keys::parse(&String::from_utf8_lossy(&contents))
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                (contents, keys)
             }
         };
         Ok(Self {
             settings,
             loaded: RwLock::new(Loaded {
-                stamp,
+                contents,
                 keys: Arc::new(keys),
             }),
         })
@@ -221,32 +233,34 @@ impl Verifier {
         &self.settings
     }
 
-    /// Re-reads the key file when its modification time or size changed. A file that does
-    /// not parse is logged and the keys in use stay.
+    /// Re-reads the key file when its contents changed. A file that does not parse is
+    /// logged and the keys in use stay. Reads a file: call off the async runtime.
     pub fn reload_if_changed(&self) {
         let KeySource::PublicKeyFile(path) = &self.settings.keys else {
             return;
         };
-        let now = stamp(path);
-        let changed = self.loaded.read().map(|l| l.stamp != now).unwrap_or(true);
-        if !changed {
+        let contents = match read(path) {
+            Ok(contents) => contents,
+            Err(e) => {
+                error!(error = %e, "the token key file cannot be read; keeping the keys in use");
+                return;
+            }
+        };
+        let loaded = self.loaded.read().unwrap_or_else(PoisonError::into_inner);
+        if loaded.contents == contents {
             return;
         }
-        match read_key_file(path) {
+        drop(loaded);
+        let parsed = keys::parse(&String::from_utf8_lossy(&contents));
+        let mut loaded = self.loaded.write().unwrap_or_else(PoisonError::into_inner);
+        loaded.contents = contents;
+        match parsed {
             Ok(keys) => {
                 info!(path = %path.display(), keys = keys.len(), "token keys re-read");
-                if let Ok(mut loaded) = self.loaded.write() {
-                    *loaded = Loaded {
-                        stamp: now,
-                        keys: Arc::new(keys),
-                    };
-                }
+                loaded.keys = Arc::new(keys);
             }
             Err(e) => {
                 error!(path = %path.display(), error = %e, "the token key file no longer reads; keeping the keys in use");
-                if let Ok(mut loaded) = self.loaded.write() {
-                    loaded.stamp = now;
-                }
             }
         }
     }
@@ -259,7 +273,8 @@ impl Verifier {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                verifier.reload_if_changed();
+                let verifier = Arc::clone(&verifier);
+                let _ = tokio::task::spawn_blocking(move || verifier.reload_if_changed()).await;
             }
         })
     }
@@ -268,11 +283,13 @@ impl Verifier {
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("the token is not a well-formed JWT".into()))?;
-        let keys = self
-            .loaded
-            .read()
-            .map(|l| Arc::clone(&l.keys))
-            .map_err(|_| AuthError::Invalid("no key to check the token with".into()))?;
+        let keys = Arc::clone(
+            &self
+                .loaded
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .keys,
+        );
         let mut candidates = keys
             .iter()
             .filter(|k| k.algorithm == header.alg)
@@ -307,7 +324,7 @@ impl Verifier {
         validation.validate_nbf = true;
         let mut last = None;
         for key in candidates {
-            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+            match jsonwebtoken::decode::<Presented>(token, &key.key, &validation) {
                 Ok(data) => return principal(data.claims),
                 Err(e) => {
                     let bad_signature =
@@ -325,14 +342,34 @@ impl Verifier {
     }
 }
 
-fn principal(claims: Claims) -> Result<Principal, AuthError> {
-    let sub = claims.sub;
-    if sub.is_empty()
+/// The claims read from a presented token. `exp`, `iss`, `aud` (a string or a list) and
+/// the presence of `sub` are checked by the validation, not by this type.
+#[derive(Deserialize)]
+struct Presented {
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// Characters that change how text is shown without being seen (bidirectional overrides,
+/// zero-width characters…): an actor holding them could pass for another in the audit trail.
+fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}')
+}
+
+fn principal(claims: Presented) -> Result<Principal, AuthError> {
+    let sub = claims.sub.unwrap_or_default();
+    if sub.trim().is_empty()
         || sub.chars().count() > MAX_SUBJECT_CHARS
-        || sub.chars().any(char::is_control)
+        || sub.chars().any(is_invisible)
     {
         return Err(AuthError::Invalid(format!(
-            "the token's sub must have 1 to {MAX_SUBJECT_CHARS} characters and no control characters"
+            "the token's sub must have 1 to {MAX_SUBJECT_CHARS} characters, none of them control or invisible"
         )));
     }
     Ok(Principal {
@@ -357,98 +394,6 @@ fn describe(e: jsonwebtoken::errors::Error) -> String {
         }
         _ => "the token is not valid".into(),
     }
-}
-
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
-/// Reads RS256/ES256 public keys from a JWKS document or from PEM public keys.
-fn read_key_file(path: &Path) -> anyhow::Result<Vec<Key>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("reading the token key file {}: {e}", path.display()))?;
-    let keys = if text.trim_start().starts_with('{') {
-        jwks_keys(&text)?
-    } else {
-        pem_keys(&text)?
-    };
-    anyhow::ensure!(
-        !keys.is_empty(),
-        "the token key file {} holds no RS256 or ES256 public key",
-        path.display()
-    );
-    Ok(keys)
-}
-
-fn jwks_keys(text: &str) -> anyhow::Result<Vec<Key>> {
-    let set: JwkSet =
-        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("not a JWKS document: {e}"))?;
-    let mut keys = Vec::new();
-    for jwk in &set.keys {
-        let algorithm = match (&jwk.algorithm, jwk.common.key_algorithm) {
-            (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
-            (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
-                if ec.curve == EllipticCurve::P256 =>
-            {
-                Algorithm::ES256
-            }
-            (_, alg) => anyhow::bail!(
-                "key {:?}: only RSA keys for RS256 and P-256 keys for ES256 are accepted, not {alg:?}",
-                jwk.common.key_id.as_deref().unwrap_or("(no kid)")
-            ),
-        };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| {
-            anyhow::anyhow!(
-                "key {:?}: {e}",
-                jwk.common.key_id.as_deref().unwrap_or("(no kid)")
-            )
-        })?;
-        keys.push(Key {
-            kid: jwk.common.key_id.clone(),
-            algorithm,
-            key,
-        });
-    }
-    Ok(keys)
-}
-
-fn pem_keys(text: &str) -> anyhow::Result<Vec<Key>> {
-    let mut keys = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("-----BEGIN ") {
-        let block_end = rest[start..]
-            .find("-----END ")
-            .and_then(|end| {
-                rest[start + end..]
-                    .find("\n")
-                    .map(|nl| start + end + nl + 1)
-                    .or(Some(rest.len()))
-            })
-            .ok_or_else(|| anyhow::anyhow!("a PEM block has no END line"))?;
-        let block = &rest[start..block_end];
-        rest = &rest[block_end..];
-        if block.contains("PRIVATE KEY") {
-            anyhow::bail!("the token key file holds a private key: give it public keys only");
-        }
-        let key = if let Ok(key) = DecodingKey::from_rsa_pem(block.as_bytes()) {
-            Key {
-                kid: None,
-                algorithm: Algorithm::RS256,
-                key,
-            }
-        } else if let Ok(key) = DecodingKey::from_ec_pem(block.as_bytes()) {
-            Key {
-                kid: None,
-                algorithm: Algorithm::ES256,
-                key,
-            }
-        } else {
-            anyhow::bail!("a PEM block is neither an RSA nor a P-256 public key");
-        };
-        keys.push(key);
-    }
-    Ok(keys)
 }
 
 /// Signs `claims` with an HS256 secret: for development tokens and tests.
@@ -508,6 +453,19 @@ mod tests {
     }
 
     #[test]
+    fn an_audience_list_holding_ours_is_accepted() {
+        let claims = serde_json::json!({"sub": "alice", "iss": "keel", "aud": ["other", "keel"],
+                                        "exp": now_secs() + 60, "roles": ["admin"]});
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert_eq!(verifier().verify(&token).unwrap().roles, [Role::Admin]);
+    }
+
+    #[test]
     fn expiry_audience_issuer_and_signature_are_checked() {
         let expired = Claims {
             exp: now_secs() - 10,
@@ -536,8 +494,8 @@ mod tests {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let body = b64.encode(serde_json::to_vec(&claims()).unwrap());
-        let reason = error(&format!("{header}.{body}."));
-        assert!(!reason.is_empty());
+        // `none` is not an algorithm a key can have: the header itself is refused.
+        assert!(error(&format!("{header}.{body}.")).contains("well-formed"));
         let header = b64.encode(br#"{"alg":"HS512","typ":"JWT"}"#);
         assert!(error(&format!("{header}.{body}.c2ln")).contains("accepts HS256"));
     }
@@ -556,10 +514,24 @@ mod tests {
             ..claims()
         };
         assert!(error(&sign_hs256(SECRET, &blank).unwrap()).contains("sub"));
-        let control = Claims {
-            sub: "a\nb".into(),
-            ..claims()
-        };
-        assert!(error(&sign_hs256(SECRET, &control).unwrap()).contains("sub"));
+        for sub in ["a\nb", "admin\u{202E}nimda", "a\u{200B}b", "   "] {
+            let odd = Claims {
+                sub: sub.into(),
+                ..claims()
+            };
+            assert!(
+                error(&sign_hs256(SECRET, &odd).unwrap()).contains("sub"),
+                "{sub:?}"
+            );
+        }
+        // A token with no sub at all.
+        let none = serde_json::json!({"iss": "keel", "aud": "keel", "exp": now_secs() + 60});
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &none,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert!(error(&token).contains("no sub"));
     }
 }

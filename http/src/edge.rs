@@ -3,11 +3,12 @@
 //! RFC 9457 problem document; none carries internals.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +22,10 @@ use crate::settings::EdgeSettings;
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// How often the token key file is checked for changes.
 pub const KEY_RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// Refused tokens allowed per client address and second, and at once: enough for any
+/// honest client, too few to make a key file of many keys a CPU sink.
+const FAILURES_PER_SEC: f64 = 20.0;
+const FAILURE_BURST: f64 = 100.0;
 /// The realm named in `WWW-Authenticate`.
 const REALM: &str = "keel";
 
@@ -34,6 +39,8 @@ pub struct Edge {
 struct Inner {
     verifier: Option<Arc<Verifier>>,
     limiter: Option<RateLimiter>,
+    /// Refused tokens per client address: past the allowance, `429` before any check.
+    failures: RateLimiter,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     timeout: Duration,
@@ -66,6 +73,7 @@ impl Edge {
             inner: Arc::new(Inner {
                 verifier,
                 limiter,
+                failures: RateLimiter::new(FAILURES_PER_SEC, FAILURE_BURST),
                 in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
                 max_in_flight: settings.max_in_flight,
                 timeout: settings.timeout,
@@ -101,13 +109,28 @@ async fn authorize(
         None => Principal::anonymous(),
         Some(verifier) => match bearer(request.headers()).and_then(|t| verifier.verify(t)) {
             Ok(principal) => principal,
-            Err(e) => return unauthorized(&e),
+            Err(e) => {
+                // The peer address, when the server provides it (not in in-process tests).
+                let peer = request
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip().to_string());
+                if let Some(peer) = peer
+                    && let Err(wait) = edge.inner.failures.check(&peer)
+                {
+                    return too_many_requests(wait, "this address sent too many refused tokens");
+                }
+                return unauthorized(&e);
+            }
         },
     };
     if let Some(limiter) = &edge.inner.limiter
         && let Err(wait) = limiter.check(&principal.subject)
     {
-        return too_many_requests(wait);
+        return too_many_requests(
+            wait,
+            "this token's subject sends more requests than allowed",
+        );
     }
     if !principal.has(role) {
         return forbidden(role);
@@ -223,7 +246,7 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     Ok(token)
 }
 
-/// A problem+json response.
+/// A problem+json response: `type` `/problems/<slug>`, the status's reason as `title`.
 pub fn problem(status: StatusCode, slug: &str, detail: &str) -> Response {
     let body = keel_schemas::problem(
         status.as_u16(),
@@ -231,6 +254,11 @@ pub fn problem(status: StatusCode, slug: &str, detail: &str) -> Response {
         slug,
         detail,
     );
+    problem_response(status, body)
+}
+
+/// `body`, a problem document, as an `application/problem+json` response.
+pub fn problem_response(status: StatusCode, body: serde_json::Value) -> Response {
     let mut response = (status, axum::Json(body)).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -279,12 +307,12 @@ fn forbidden(role: Role) -> Response {
     response
 }
 
-fn too_many_requests(wait: Duration) -> Response {
+fn too_many_requests(wait: Duration, why: &str) -> Response {
     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
     let mut response = problem(
         StatusCode::TOO_MANY_REQUESTS,
         "rate-limited",
-        &format!("this token's subject sends more requests than allowed; retry in {secs} s"),
+        &format!("{why}; retry in {secs} s"),
     );
     response
         .headers_mut()
@@ -297,7 +325,13 @@ fn too_many_requests(wait: Duration) -> Response {
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    by_key: HashMap<String, Bucket>,
+    swept: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -306,16 +340,26 @@ struct Bucket {
     at: Instant,
 }
 
-/// Buckets kept before the full ones are swept out.
+/// Buckets kept before the full ones are swept out, at most once a second.
 const SWEEP_ABOVE: usize = 10_000;
+/// Buckets kept at most: past this, all are dropped (every key starts full again).
+const MAX_BUCKETS: usize = 100_000;
 
 impl RateLimiter {
     /// A limiter of `rate` per second with bursts of `burst`.
     pub fn new(rate: f64, burst: f64) -> Self {
         Self {
-            rate,
-            burst: burst.max(1.0),
-            buckets: Mutex::new(HashMap::new()),
+            rate: if rate.is_finite() && rate > 0.0 {
+                rate
+            } else {
+                1.0
+            },
+            burst: if burst.is_finite() {
+                burst.max(1.0)
+            } else {
+                1.0
+            },
+            buckets: Mutex::new(Buckets::default()),
         }
     }
 
@@ -325,15 +369,22 @@ impl RateLimiter {
     }
 
     fn check_at(&self, key: &str, now: Instant) -> Result<(), Duration> {
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return Ok(());
-        };
-        if buckets.len() >= SWEEP_ABOVE && !buckets.contains_key(key) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let Buckets { by_key, swept } = &mut *buckets;
+        if by_key.len() >= SWEEP_ABOVE
+            && !by_key.contains_key(key)
+            && swept.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
             // A bucket idle long enough to be full again holds nothing worth keeping.
-            let full_after = Duration::from_secs_f64(self.burst / self.rate);
-            buckets.retain(|_, b| now.duration_since(b.at) < full_after);
+            let full_after =
+                Duration::try_from_secs_f64(self.burst / self.rate).unwrap_or(Duration::MAX);
+            by_key.retain(|_, b| now.duration_since(b.at) < full_after);
+            *swept = Some(now);
+            if by_key.len() >= MAX_BUCKETS {
+                by_key.clear();
+            }
         }
-        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
+        let bucket = by_key.entry(key.to_owned()).or_insert(Bucket {
             tokens: self.burst,
             at: now,
         });
@@ -344,7 +395,10 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate))
+            Err(
+                Duration::try_from_secs_f64((1.0 - bucket.tokens) / self.rate)
+                    .unwrap_or(Duration::from_secs(1)),
+            )
         }
     }
 }
@@ -382,7 +436,7 @@ mod tests {
                 .check_at("late", t0 + Duration::from_secs(1))
                 .is_ok()
         );
-        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+        assert_eq!(limiter.buckets.lock().unwrap().by_key.len(), 1);
     }
 
     #[test]

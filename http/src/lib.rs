@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod edge;
+mod keys;
 pub mod openapi;
 pub mod serve;
 pub mod settings;

@@ -13,9 +13,6 @@ use tokio::net::TcpListener;
 
 use crate::settings::EdgeSettings;
 
-/// How long in-flight requests may finish after the shutdown signal.
-const GRACE: Duration = Duration::from_secs(30);
-
 /// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests finish.
 pub async fn serve(
     listener: TcpListener,
@@ -26,11 +23,14 @@ pub async fn serve(
     let listener = listener.into_std().context("taking the listener")?;
     let handle = Handle::new();
     let stopper = handle.clone();
+    // In-flight requests may finish: none takes longer than the request timeout.
+    let grace = settings.timeout + Duration::from_secs(1);
     tokio::spawn(async move {
         shutdown.await;
-        stopper.graceful_shutdown(Some(GRACE));
+        stopper.graceful_shutdown(Some(grace));
     });
-    let service = app.into_make_service();
+    // The peer address reaches the handlers (the edge limits refused tokens per address).
+    let service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     match &settings.tls {
         None => {
             let server = axum_server::from_tcp(listener)?.handle(handle);
@@ -45,11 +45,12 @@ pub async fn serve(
     Ok(())
 }
 
-/// HTTP/1 with a deadline for the request headers.
+/// HTTP/1.1 only, with a deadline for the request headers.
 fn tuned<A: axum_server::Address, Acc>(
-    mut server: axum_server::Server<A, Acc>,
+    server: axum_server::Server<A, Acc>,
     settings: &EdgeSettings,
 ) -> axum_server::Server<A, Acc> {
+    let mut server = server.http1_only();
     server
         .http_builder()
         .http1()

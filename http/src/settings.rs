@@ -15,8 +15,8 @@ pub struct EdgeSettings {
     /// `KEEL_RATE_LIMIT_RPS`: requests per second allowed to each token subject (default
     /// 1000; 0 turns the limit off).
     pub rate_per_sec: f64,
-    /// `KEEL_RATE_LIMIT_BURST`: requests a subject may send at once above its rate
-    /// (default twice the rate).
+    /// `KEEL_RATE_LIMIT_BURST`: requests a subject may send at once, the size of its
+    /// bucket (default twice the rate).
     pub burst: f64,
     /// `KEEL_HTTP_MAX_IN_FLIGHT`: requests served at once; more are answered 503 at once
     /// (default 1024).
@@ -94,6 +94,12 @@ impl EdgeSettings {
     }
 }
 
+/// An HS256 secret kept in a file: its contents without surrounding whitespace (a final
+/// newline is not part of the secret). The services and `keel-token` read it alike.
+pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    Ok(std::fs::read_to_string(path)?.trim().as_bytes().to_vec())
+}
+
 fn auth_settings(
     var: &impl Fn(&str) -> Option<String>,
     number: &impl Fn(&str, u64) -> anyhow::Result<u64>,
@@ -107,11 +113,8 @@ fn auth_settings(
         }
         (Some(secret), None) => Some(secret.into_bytes()),
         (None, Some(path)) => Some(
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("reading KEEL_AUTH_HS256_SECRET_FILE {path:?}"))?
-                .trim()
-                .as_bytes()
-                .to_vec(),
+            read_secret_file(path.as_ref())
+                .with_context(|| format!("reading KEEL_AUTH_HS256_SECRET_FILE {path:?}"))?,
         ),
         (None, None) => None,
     };

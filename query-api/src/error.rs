@@ -108,14 +108,11 @@ impl IntoResponse for ApiError {
             ApiError::Internal(request_id) => body["request_id"] = json!(request_id),
             _ => {}
         }
-        let mut response = (status, axum::Json(body)).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(keel_schemas::PROBLEM_JSON),
-        );
+        let mut response = keel_http::edge::problem_response(status, body);
         if matches!(self, ApiError::Unavailable(_)) {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
         }
         response
     }

@@ -7,6 +7,7 @@
 //! `#/components/schemas`. A keyword it does not know fails the check, so a document cannot
 //! outgrow it unnoticed.
 
+use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 /// Keywords that describe a value without constraining it, or that this check leaves to
@@ -70,14 +71,16 @@ impl Contract {
     /// documented schema. An undocumented route may only be refused: 404 or 405, or, when
     /// a path pattern serves it (the command API's `/v1/{collection}/{id}/{command}`), the
     /// edge's 401, 403 and 429 or a 400 for an undecodable path; each as a problem document.
+    /// The headers a documented response lists must be there.
     pub fn check(
         &self,
         method: &str,
         path: &str,
         status: u16,
-        content_type: Option<&str>,
+        headers: &HeaderMap,
         body: &[u8],
     ) -> Result<(), String> {
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
         let Some((template, operation)) = self.operation(method, path) else {
             if ![400, 401, 403, 404, 405, 429].contains(&status) {
                 return Err(format!(
@@ -99,6 +102,20 @@ impl Contract {
             return Err(format!(
                 "{method} {template} answered {status}, which it does not document"
             ));
+        }
+        for name in response["headers"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(n, _)| n)
+        {
+            // Cache validators and tokens are documented where they may appear.
+            let always = ["WWW-Authenticate", "Retry-After"];
+            if always.contains(&name.as_str()) && !headers.contains_key(name.as_str()) {
+                return Err(format!(
+                    "{method} {template} answered {status} without its documented {name}"
+                ));
+            }
         }
         let Some(content) = response.get("content").and_then(Value::as_object) else {
             return Ok(());
@@ -255,7 +272,8 @@ mod tests {
         Contract::new(json!({
             "paths": {"/v1/things/{id}": {"get": {"responses": {
                 "200": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Thing"}}}},
-                "404": {"description": "none"}}}}},
+                "404": {"description": "none"},
+                "429": {"headers": {"Retry-After": {"schema": {"type": "integer"}}}}}}}},
             "components": {"schemas": {"Problem": {"type": "object"}, "Thing": {"type": "object", "additionalProperties": false,
                 "required": ["id"], "properties": {"id": {"type": "string", "maxLength": 3},
                 "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
@@ -263,12 +281,18 @@ mod tests {
         }))
     }
 
+    fn headers(content_type: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", content_type.parse().unwrap());
+        headers
+    }
+
     fn check(status: u16, body: Value) -> Result<(), String> {
         contract().check(
             "GET",
             "/v1/things/a",
             status,
-            Some("application/json"),
+            &headers("application/json"),
             body.to_string().as_bytes(),
         )
     }
@@ -280,13 +304,19 @@ mod tests {
             Ok(())
         );
         assert_eq!(check(404, json!({})), Ok(()));
+        let mut limited = headers("application/json");
+        limited.insert("retry-after", "1".parse().unwrap());
+        assert_eq!(
+            contract().check("GET", "/v1/things/a", 429, &limited, b"{}"),
+            Ok(())
+        );
         let problem = br#"{"status": 404, "title": "Not Found"}"#;
         assert_eq!(
             contract().check(
                 "GET",
                 "/v1/nothing",
                 404,
-                Some("application/problem+json"),
+                &headers("application/problem+json"),
                 problem
             ),
             Ok(())
@@ -304,22 +334,23 @@ mod tests {
             (200, json!({"id": "a", "tags": [1]})),
             (200, json!({"id": "a", "tags": ["a", "b", "c"]})),
             (200, json!({"id": "a", "n": -1})),
+            (429, json!({})),
         ] {
             assert!(check(status, body.clone()).is_err(), "{status} {body}");
         }
         assert!(
             contract()
-                .check("GET", "/v1/nothing", 200, None, b"")
+                .check("GET", "/v1/nothing", 200, &HeaderMap::new(), b"")
                 .is_err()
         );
         assert!(
             contract()
-                .check("GET", "/v1/nothing", 404, Some("text/plain"), b"no")
+                .check("GET", "/v1/nothing", 404, &headers("text/plain"), b"no")
                 .is_err()
         );
         assert!(
             contract()
-                .check("GET", "/v1/things/a", 200, Some("text/plain"), b"x")
+                .check("GET", "/v1/things/a", 200, &headers("text/plain"), b"x")
                 .is_err()
         );
     }

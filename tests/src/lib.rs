@@ -6,12 +6,14 @@ mod auth;
 pub mod bench;
 mod broker;
 pub mod contract;
+mod http;
 mod log;
 mod stack;
 
 pub use auth::TestAuth;
 pub use broker::{Broker, broker_binary};
 pub use contract::Contract;
+pub use http::{Reply, send_raw};
 pub use log::{AcceptedCommit, read_accepted};
 pub use stack::{
     CommandApi, CommandApiConfig, LogSource, Service, Stack, TestDatabase, eur, workspace_binary,

@@ -4,7 +4,8 @@
 
 #![allow(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 
-use keel_tests::{Contract, Stack, eur};
+use keel_http::Role;
+use keel_tests::{Contract, Stack, eur, send_raw};
 use serde_json::{Value, json};
 
 /// A valid body for each command.
@@ -27,36 +28,38 @@ fn body(command: &str) -> Value {
     }
 }
 
-/// Calls `method url` with the stack's all-roles token; checks the answer against `contract`.
+/// Calls `method base+path` with `headers` and a token holding every role; checks the
+/// answer against `contract`.
 async fn call(
     stack: &Stack,
     contract: &Contract,
     base: &str,
-    method: &str,
-    path: &str,
+    (method, path): (&str, &str),
+    headers: &[(&str, String)],
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut request = stack
-        .client
-        .request(method.parse().unwrap(), format!("{base}{path}"));
-    if let Some(body) = body {
-        request = request.json(&body);
+    let mut all = vec![(
+        "authorization",
+        format!("Bearer {}", stack.config.auth.token("contract", &Role::ALL)),
+    )];
+    all.extend(headers.iter().cloned());
+    if body.is_some() {
+        all.push(("content-type", "application/json".to_owned()));
     }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let bytes = response.bytes().await.unwrap();
+    let reply = send_raw(
+        method,
+        &format!("{base}{path}"),
+        &all,
+        body.map(|b| b.to_string().into_bytes()),
+    )
+    .await
+    .unwrap();
+    let status = reply.status.as_u16();
     let bare = path.split('?').next().unwrap();
     contract
-        .check(method, bare, status, content_type.as_deref(), &bytes)
+        .check(method, bare, status, &reply.headers, &reply.bytes)
         .unwrap_or_else(|e| panic!("{e}"));
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    (status, reply.json())
 }
 
 #[tokio::test]
@@ -111,7 +114,8 @@ async fn every_operation_answers_as_documented() {
     let mut token = keel_schemas::ConsistencyToken::default();
     for (method, path) in &operations {
         if method != "POST" {
-            let (status, _) = call(&stack, &commands, &command_base, method, path, None).await;
+            let (status, _) =
+                call(&stack, &commands, &command_base, (method, path), &[], None).await;
             assert_eq!(status, 200, "{method} {path}");
             continue;
         }
@@ -127,8 +131,8 @@ async fn every_operation_answers_as_documented() {
                 &stack,
                 &commands,
                 &command_base,
-                "POST",
-                "/v1/orders/C-2/place",
+                ("POST", "/v1/orders/C-2/place"),
+                &[],
                 Some(place),
             )
             .await;
@@ -137,8 +141,8 @@ async fn every_operation_answers_as_documented() {
             &stack,
             &commands,
             &command_base,
-            method,
-            &concrete,
+            (method, &concrete),
+            &[],
             Some(body(path)),
         )
         .await;
@@ -152,7 +156,7 @@ async fn every_operation_answers_as_documented() {
     }
 
     // Every query, once the views have read every command.
-    let wait = [
+    let wait: [(&str, String); 2] = [
         ("keel-consistency-token", token.encode()),
         ("keel-consistency-timeout", "30000".to_owned()),
     ];
@@ -166,33 +170,15 @@ async fn every_operation_answers_as_documented() {
         } else {
             concrete
         };
-        let mut request = stack
-            .client
-            .request(method.parse().unwrap(), format!("{query_base}{concrete}"));
-        for (k, v) in &wait {
-            request = request.header(*k, v);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned());
-        let bytes = response.bytes().await.unwrap();
-        queries
-            .check(
-                &method,
-                concrete.split('?').next().unwrap(),
-                status,
-                content_type.as_deref(),
-                &bytes,
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            status,
-            200,
-            "{method} {concrete}: {}",
-            String::from_utf8_lossy(&bytes)
-        );
+        let (status, answer) = call(
+            &stack,
+            &queries,
+            &query_base,
+            (&method, &concrete),
+            &wait,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{method} {concrete}: {answer}");
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Parser;
 use keel_http::auth::{Claims, Role, now_secs, sign_hs256};
+use keel_http::settings::read_secret_file;
 
 /// Prints a signed development token.
 #[derive(Parser)]
@@ -39,7 +40,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let secret = std::fs::read_to_string(&args.secret_file).with_context(|| {
+    let secret = read_secret_file(&args.secret_file).with_context(|| {
         format!(
             "reading {}: run `make up` once to make the development secret",
             args.secret_file.display()
@@ -71,6 +72,6 @@ fn main() -> anyhow::Result<()> {
         iat: now,
         roles,
     };
-    println!("{}", sign_hs256(secret.trim().as_bytes(), &claims)?);
+    println!("{}", sign_hs256(&secret, &claims)?);
     Ok(())
 }

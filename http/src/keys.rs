@@ -1,0 +1,262 @@
+//! Reading a file of token verification keys: a JWKS document, or PEM public keys.
+//!
+//! Only RS256 (RSA of at least 2048 bits) and ES256 (P-256) keys are used. A key of another
+//! kind, or one marked for encryption, is skipped with a warning, as identity providers
+//! publish such keys beside their signing keys. Private key material, and symmetric (`oct`)
+//! keys, make the whole file refused: a public key file that holds them is a mistake that
+//! must not go unnoticed.
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::Value;
+use tracing::warn;
+
+/// Smallest RSA modulus accepted, in bits.
+pub(crate) const MIN_RSA_BITS: usize = 2048;
+
+/// DER object identifiers, as their encoded bytes.
+const OID_RSA: &[u8] = &[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01];
+const OID_EC: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01];
+const OID_P256: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+
+/// One verification key, pinned to one algorithm.
+pub(crate) struct Key {
+    /// The JWKS `kid`, when it has one.
+    pub(crate) kid: Option<String>,
+    /// The one algorithm it verifies.
+    pub(crate) algorithm: Algorithm,
+    /// The key.
+    pub(crate) key: DecodingKey,
+}
+
+/// The keys of a key file's contents.
+pub(crate) fn parse(text: &str) -> anyhow::Result<Vec<Key>> {
+    let keys = if text.trim_start().starts_with('{') {
+        jwks(text)?
+    } else {
+        pem(text)?
+    };
+    anyhow::ensure!(
+        !keys.is_empty(),
+        "the token key file holds no usable RS256 or ES256 public key"
+    );
+    Ok(keys)
+}
+
+fn jwks(text: &str) -> anyhow::Result<Vec<Key>> {
+    let doc: Value =
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("not a JWKS document: {e}"))?;
+    let entries = doc["keys"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("a JWKS document needs a \"keys\" array"))?;
+    let mut keys = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let name = entry["kid"]
+            .as_str()
+            .map_or_else(|| format!("#{i}"), |k| format!("{k:?}"));
+        // Private parts of RSA and EC keys, or a shared secret: refuse the file.
+        if ["d", "p", "q", "dp", "dq", "qi", "k"]
+            .iter()
+            .any(|p| entry.get(*p).is_some())
+        {
+            anyhow::bail!(
+                "key {name} holds private or secret key material: publish public keys only"
+            );
+        }
+        let skip = |why: String| warn!(key = %name, "skipping a token key: {why}");
+        if entry.get("use").is_some_and(|u| u != "sig") {
+            skip(format!("its use is {}, not sig", entry["use"]));
+            continue;
+        }
+        let algorithm = match (entry["kty"].as_str(), entry["alg"].as_str()) {
+            (Some("RSA"), None | Some("RS256")) => Algorithm::RS256,
+            (Some("EC"), None | Some("ES256")) if entry["crv"] == "P-256" => Algorithm::ES256,
+            (kty, alg) => {
+                skip(format!(
+                    "{kty:?} {alg:?} is neither RS256 nor ES256 on P-256"
+                ));
+                continue;
+            }
+        };
+        if algorithm == Algorithm::RS256 {
+            let bits = entry["n"]
+                .as_str()
+                .and_then(|n| URL_SAFE_NO_PAD.decode(n).ok())
+                .map(|n| n.iter().skip_while(|b| **b == 0).count() * 8)
+                .unwrap_or(0);
+            if bits < MIN_RSA_BITS {
+                skip(format!(
+                    "an RSA key of {bits} bits; at least {MIN_RSA_BITS} are needed"
+                ));
+                continue;
+            }
+        }
+        let jwk: Jwk = serde_json::from_value(entry.clone())
+            .map_err(|e| anyhow::anyhow!("key {name}: {e}"))?;
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| anyhow::anyhow!("key {name}: {e}"))?;
+        keys.push(Key {
+            kid: jwk.common.key_id.clone(),
+            algorithm,
+            key,
+        });
+    }
+    Ok(keys)
+}
+
+/// The PEM blocks of `text`: (label, base64 body). A BEGIN without its END is an error.
+fn pem_blocks(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut blocks = Vec::new();
+    let mut open: Option<(String, String)> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(label) = line
+            .strip_prefix("-----BEGIN ")
+            .and_then(|l| l.strip_suffix("-----"))
+        {
+            anyhow::ensure!(open.is_none(), "a PEM block has no END line");
+            open = Some((label.to_owned(), String::new()));
+        } else if let Some(label) = line
+            .strip_prefix("-----END ")
+            .and_then(|l| l.strip_suffix("-----"))
+        {
+            match open.take() {
+                Some((begun, body)) if begun == label => blocks.push((begun, body)),
+                _ => anyhow::bail!("a PEM END line does not close its block"),
+            }
+        } else if let Some((_, body)) = &mut open {
+            body.push_str(line);
+        }
+    }
+    anyhow::ensure!(open.is_none(), "a PEM block has no END line");
+    Ok(blocks)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn pem(text: &str) -> anyhow::Result<Vec<Key>> {
+    let mut keys = Vec::new();
+    for (label, body) in pem_blocks(text)? {
+        if label.contains("PRIVATE KEY") {
+            anyhow::bail!("the token key file holds a private key: give it public keys only");
+        }
+        if label != "PUBLIC KEY" {
+            warn!(label, "skipping a PEM block that is not a PUBLIC KEY");
+            continue;
+        }
+        let der = STANDARD
+            .decode(body.as_bytes())
+            .map_err(|e| anyhow::anyhow!("a PEM public key is not base64: {e}"))?;
+        let key = if contains(&der, OID_RSA) {
+            // The modulus is most of a SubjectPublicKeyInfo: 2048 bits make 294 bytes.
+            if der.len() < MIN_RSA_BITS / 8 + 38 {
+                warn!(
+                    bytes = der.len(),
+                    "skipping an RSA key of fewer than {MIN_RSA_BITS} bits"
+                );
+                continue;
+            }
+            Key {
+                kid: None,
+                algorithm: Algorithm::RS256,
+                key: DecodingKey::from_rsa_der(&spki_inner(&der)?),
+            }
+        } else if contains(&der, OID_EC) && contains(&der, OID_P256) {
+            Key {
+                kid: None,
+                algorithm: Algorithm::ES256,
+                key: DecodingKey::from_ec_der(&spki_inner(&der)?),
+            }
+        } else {
+            warn!("skipping a PEM public key that is neither RSA nor P-256");
+            continue;
+        };
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// The subjectPublicKey bits of a SubjectPublicKeyInfo: `SEQUENCE { algorithm, BIT STRING }`.
+fn spki_inner(der: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let bad = || anyhow::anyhow!("a PEM public key is not a SubjectPublicKeyInfo");
+    // (tag, header length, content length) of the element at `at`.
+    let element = |at: usize| -> anyhow::Result<(u8, usize, usize)> {
+        let tag = *der.get(at).ok_or_else(bad)?;
+        let first = *der.get(at + 1).ok_or_else(bad)? as usize;
+        if first < 0x80 {
+            return Ok((tag, 2, first));
+        }
+        let n = first & 0x7F;
+        anyhow::ensure!((1..=4).contains(&n), bad());
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | *der.get(at + 2 + i).ok_or_else(bad)? as usize;
+        }
+        Ok((tag, 2 + n, len))
+    };
+    let (tag, header, _) = element(0)?;
+    anyhow::ensure!(tag == 0x30, bad());
+    let algorithm = header;
+    let (tag, a_header, a_len) = element(algorithm)?;
+    anyhow::ensure!(tag == 0x30, bad());
+    let bits = algorithm + a_header + a_len;
+    let (tag, b_header, b_len) = element(bits)?;
+    anyhow::ensure!(tag == 0x03 && b_len >= 1, bad());
+    // The first content byte counts the unused bits: 0 for a key.
+    let start = bits + b_header + 1;
+    der.get(start..bits + b_header + b_len)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A P-256 public key (SubjectPublicKeyInfo), made with `openssl pkey -pubout`.
+    const EC_PUB: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE+j5RiQ+q2FFV+n7zT9NWdP/c89L+
+aB4vdMbr7MuFSSv6S4zxlhO/8DahRdfmRkTropAsSTA5Fnbm1jcd5vaTNw==
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn pem_public_keys_are_read_and_private_ones_refused() {
+        let keys = parse(EC_PUB).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].algorithm, Algorithm::ES256);
+        let two = format!("{EC_PUB}\n{EC_PUB}");
+        assert_eq!(parse(&two).unwrap().len(), 2);
+        let private = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert!(
+            parse(private)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("private")
+        );
+        // A block without its END does not swallow the next one.
+        let broken = EC_PUB.replace("-----END PUBLIC KEY-----\n", "");
+        assert!(parse(&format!("{broken}{EC_PUB}")).is_err());
+        assert!(parse("no keys here").is_err());
+    }
+
+    #[test]
+    fn jwks_skips_other_keys_and_refuses_secrets() {
+        let ec = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "a",
+            "x": "-j5RiQ-q2FFV-n7zT9NWdP_c89L-aB4vdMbr7MuFSSs", "y": "-kuM8ZYTv_A2oUXX5kZE66KQLEkwORZ25tY3Heb2kzc"});
+        let enc = serde_json::json!({"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB"});
+        let small = serde_json::json!({"kty": "RSA", "n": "AQAB", "e": "AQAB"});
+        let ed = serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": "AAAA"});
+        let doc = serde_json::json!({"keys": [enc, ec, small, ed]}).to_string();
+        let keys = parse(&doc).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("a"));
+        let secret = serde_json::json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}).to_string();
+        assert!(parse(&secret).err().unwrap().to_string().contains("secret"));
+        let private = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "d": "AA", "x": "AA", "y": "AA"}]});
+        assert!(parse(&private.to_string()).is_err());
+    }
+}
