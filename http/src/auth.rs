@@ -186,6 +186,8 @@ struct Loaded {
 pub struct Verifier {
     settings: AuthSettings,
     loaded: RwLock<Loaded>,
+    /// The claim checks, one per algorithm a key may have, made once.
+    validations: Vec<Validation>,
 }
 
 impl fmt::Debug for Verifier {
@@ -219,8 +221,21 @@ impl Verifier {
                 (contents, keys)
             }
         };
+        let validations = [Algorithm::HS256, Algorithm::RS256, Algorithm::ES256]
+            .into_iter()
+            .map(|algorithm| {
+                let mut validation = Validation::new(algorithm);
+                validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+                validation.set_issuer(&[&settings.issuer]);
+                validation.set_audience(&[&settings.audience]);
+                validation.leeway = settings.leeway.as_secs();
+                validation.validate_nbf = true;
+                validation
+            })
+            .collect();
         Ok(Self {
             settings,
+            validations,
             loaded: RwLock::new(Loaded {
                 contents,
                 keys: Arc::new(keys),
@@ -316,15 +331,19 @@ impl Verifier {
                 ),
             }));
         }
-        let mut validation = Validation::new(header.alg);
-        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
-        validation.set_issuer(&[&self.settings.issuer]);
-        validation.set_audience(&[&self.settings.audience]);
-        validation.leeway = self.settings.leeway.as_secs();
-        validation.validate_nbf = true;
+        // Every key's algorithm has its checks: a candidate key means they are there.
+        let Some(validation) = self
+            .validations
+            .iter()
+            .find(|v| v.algorithms == [header.alg])
+        else {
+            return Err(AuthError::Invalid(
+                "the token's algorithm is not accepted".into(),
+            ));
+        };
         let mut last = None;
         for key in candidates {
-            match jsonwebtoken::decode::<Presented>(token, &key.key, &validation) {
+            match jsonwebtoken::decode::<Presented>(token, &key.key, validation) {
                 Ok(data) => return principal(data.claims),
                 Err(e) => {
                     let bad_signature =

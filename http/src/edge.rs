@@ -384,10 +384,19 @@ impl RateLimiter {
                 by_key.clear();
             }
         }
-        let bucket = by_key.entry(key.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
+        // A known key is looked up without allocating its name again.
+        if !by_key.contains_key(key) {
+            by_key.insert(
+                key.to_owned(),
+                Bucket {
+                    tokens: self.burst,
+                    at: now,
+                },
+            );
+        }
+        let Some(bucket) = by_key.get_mut(key) else {
+            return Ok(());
+        };
         let elapsed = now.duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.at = now;

@@ -26,6 +26,17 @@ impl Contract {
         Self { doc }
     }
 
+    /// The document `service` serves at `/openapi.json` (an open route: no token).
+    pub async fn fetch(service: &crate::Service) -> anyhow::Result<Self> {
+        let reply = crate::send_raw("GET", &service.url("/openapi.json"), &[], None).await?;
+        anyhow::ensure!(
+            reply.status.is_success(),
+            "GET /openapi.json answered {}",
+            reply.status
+        );
+        Ok(Self::new(serde_json::from_slice(&reply.bytes)?))
+    }
+
     /// The document.
     pub fn doc(&self) -> &Value {
         &self.doc

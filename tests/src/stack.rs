@@ -405,6 +405,21 @@ impl Stack {
         })
     }
 
+    /// Commits the gate accepted, over every topic: what the commands appended.
+    pub async fn accepted_commits(&self) -> anyhow::Result<usize> {
+        let settings = self
+            .broker
+            .settings(&self.config.prefix, self.config.partitions);
+        let mut n = 0;
+        for stream_type in keel_domain::STREAM_TYPES {
+            n += crate::read_accepted(&settings, &settings.topic(stream_type))
+                .await?
+                .0
+                .len();
+        }
+        Ok(n)
+    }
+
     /// A pool on the views' database.
     pub async fn pool(&self) -> sqlx::PgPool {
         sqlx::PgPool::connect(&self.db.url())

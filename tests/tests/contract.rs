@@ -67,28 +67,8 @@ async fn every_operation_answers_as_documented() {
     let stack = Stack::start("contract", 2).await;
     let command_base = stack.command.url("");
     let query_base = stack.query.url("");
-    let commands = Contract::new(
-        stack
-            .client
-            .get(stack.command.url("/openapi.json"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap(),
-    );
-    let queries = Contract::new(
-        stack
-            .client
-            .get(stack.query.url("/openapi.json"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap(),
-    );
+    let commands = Contract::fetch(&stack.command).await.unwrap();
+    let queries = Contract::fetch(&stack.query).await.unwrap();
 
     // Every command, in an order that lets each succeed: register, change, then the order's
     // life; the product is discontinued and the order cancelled last.

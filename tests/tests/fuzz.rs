@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use keel_http::Role;
 use keel_http::auth::{Claims, now_secs};
-use keel_tests::{Contract, Reply, Stack, TestAuth, eur, read_accepted, send_raw};
+use keel_tests::{Contract, Reply, Stack, TestAuth, eur, send_raw};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Value, json};
@@ -293,20 +293,6 @@ async fn send(stack: &Stack, request: &Request) -> Result<(Reply, bool), String>
     Ok((reply, appended))
 }
 
-async fn commits(stack: &Stack) -> usize {
-    let settings = stack
-        .broker
-        .settings(&stack.config.prefix, stack.config.partitions);
-    let mut n = 0;
-    for stream_type in ["product", "customer", "order"] {
-        let (accepted, _) = read_accepted(&settings, &settings.topic(stream_type))
-            .await
-            .unwrap();
-        n += accepted.len();
-    }
-    n
-}
-
 #[test]
 fn random_and_malformed_requests_harm_nothing() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -338,15 +324,12 @@ fn random_and_malformed_requests_harm_nothing() {
         ],
     };
     let contracts = runtime.block_on(async {
-        let get = |url: String| async move {
-            Contract::new(reqwest::get(url).await.unwrap().json().await.unwrap())
-        };
         (
-            get(stack.command.url("/openapi.json")).await,
-            get(stack.query.url("/openapi.json")).await,
+            Contract::fetch(&stack.command).await.unwrap(),
+            Contract::fetch(&stack.query).await.unwrap(),
         )
     });
-    let before = runtime.block_on(commits(&stack));
+    let before = runtime.block_on(stack.accepted_commits()).unwrap();
 
     let appended = RefCell::new(0usize);
     let statuses = RefCell::new(std::collections::BTreeMap::<u16, usize>::new());
@@ -387,7 +370,7 @@ fn random_and_malformed_requests_harm_nothing() {
         panic!("{e}");
     }
     // Nothing was appended but the accepted commands, each once.
-    let after = runtime.block_on(commits(&stack));
+    let after = runtime.block_on(stack.accepted_commits()).unwrap();
     let statuses = statuses.into_inner();
     eprintln!("answers by status: {statuses:?}");
     assert_eq!(
