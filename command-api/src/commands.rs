@@ -513,13 +513,6 @@ pub fn parse(spec: &CommandSpec, body: &Value) -> Result<ParsedCommand, ApiError
     })
 }
 
-/// True when commands of `command_type` create their stream (`201 Created`).
-pub fn creates(command_type: &str) -> bool {
-    CATALOGUE
-        .iter()
-        .any(|c| c.command_type == command_type && c.creates)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

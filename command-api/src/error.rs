@@ -5,6 +5,8 @@ use axum::response::{IntoResponse, Response};
 use keel_domain::{DomainError, ValidationError};
 use serde_json::{Value, json};
 
+use crate::owner::OwnerError;
+
 /// Seconds a client should wait before retrying a 503.
 const RETRY_AFTER_SECS: u32 = 1;
 
@@ -68,6 +70,19 @@ impl From<DomainError> for ApiError {
                 rule: Some(e.rule()),
             },
             e => ApiError::Conflict(e),
+        }
+    }
+}
+
+impl From<OwnerError> for ApiError {
+    fn from(e: OwnerError) -> Self {
+        match e {
+            OwnerError::Unavailable(reason) => ApiError::Unavailable(reason),
+            OwnerError::VersionMismatch { expected, actual } => {
+                ApiError::VersionMismatch { expected, actual }
+            }
+            OwnerError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            OwnerError::Domain(e) => e.into(),
         }
     }
 }

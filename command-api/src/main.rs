@@ -9,7 +9,7 @@ use command_api::{Application, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    keel_kafka::telemetry::init("command_api=info,keel_kafka=info");
+    keel_telemetry::init("command_api=info,keel_kafka=info");
     let settings = Settings::load()?;
     Application::build(settings)
         .await?

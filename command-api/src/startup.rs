@@ -7,14 +7,14 @@ use keel_domain::order::Order;
 use keel_domain::product::Product;
 use keel_http::{Edge, EdgeSettings};
 use keel_kafka::{LogProducer, PartitionReader, ensure_topics};
-use keel_schemas::SigningKey;
+use keel_schemas::{SigningKey, TopicPartition};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::Settings;
-use crate::owner::{CommandRequest, PartitionOwner, StatusCell};
+use crate::owner::{CommandRequest, KafkaPartition, PartitionOwner, StatusCell};
 use crate::routes::{AppState, Owners, app};
 
 /// Commands that may wait for one partition's owner before new ones get a 503.
@@ -51,12 +51,11 @@ where
             reader.topic() == topic && reader.partition() == partition,
             "readers out of order"
         );
-        let (owner, status) = PartitionOwner::<A>::new(
-            &settings.kafka,
-            producer.clone(),
-            reader,
+        let (owner, status) = PartitionOwner::<A, _>::new(
+            KafkaPartition::new(producer.clone(), reader),
             &settings.instance,
             Arc::clone(signing_key),
+            settings.kafka.timeout,
         );
         let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
         tasks.spawn(owner.run(rx));
@@ -92,9 +91,11 @@ impl Application {
         // One consumer reads every partition this instance owns, each into its own queue:
         // one fetch request serves them all, however many partitions there are.
         let kafka = &settings.kafka;
-        let partitions: Vec<(String, i32, i64)> = [Product::TYPE, Customer::TYPE, Order::TYPE]
+        let partitions: Vec<(TopicPartition, i64)> = [Product::TYPE, Customer::TYPE, Order::TYPE]
             .iter()
-            .flat_map(|t| (0..kafka.partitions).map(move |p| (kafka.topic(t), p, 0)))
+            .flat_map(|t| {
+                (0..kafka.partitions).map(move |p| (TopicPartition::new(kafka.topic(t), p), 0))
+            })
             .collect();
         let mut readers = PartitionReader::open_many(&settings.kafka, &partitions)
             .context("opening the partition readers")?
@@ -165,7 +166,7 @@ impl Application {
             self.listener,
             router,
             &self.edge_settings,
-            keel_kafka::telemetry::shutdown_signal(),
+            keel_telemetry::shutdown_signal(),
         )
         .await
         .context("serving HTTP")?;

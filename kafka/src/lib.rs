@@ -12,12 +12,11 @@ mod partitioner;
 mod producer;
 mod reader;
 mod settings;
-pub mod telemetry;
 
 pub use admin::ensure_topics;
 pub use error::KafkaError;
 pub use gate::{PartitionGate, Rejection};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{LogProducer, record_headers};
-pub use reader::{AbortOnDrop, LogEntry, LogReader, PartitionReader};
+pub use reader::{AbortOnDrop, LogEntry, LogReader, PartitionReader, end_offsets};
 pub use settings::KafkaSettings;

@@ -7,6 +7,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{error, warn};
 
+use keel_schemas::TopicPartition;
+
 use crate::{KafkaError, KafkaSettings};
 
 /// One record as read from a partition.
@@ -84,6 +86,37 @@ fn reader_consumer(
         .map_err(KafkaError::client("creating a log reader"))
 }
 
+/// Where each of `partitions` ends now: the offset its next record will get.
+pub async fn end_offsets(
+    settings: &KafkaSettings,
+    partitions: &[TopicPartition],
+) -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
+    let consumer = Arc::new(reader_consumer(settings, 25)?);
+    high_watermarks(consumer, partitions.to_vec(), settings.timeout).await
+}
+
+async fn high_watermarks(
+    consumer: Arc<StreamConsumer>,
+    partitions: Vec<TopicPartition>,
+    timeout: Duration,
+) -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
+    tokio::task::spawn_blocking(move || {
+        partitions
+            .into_iter()
+            .map(|at| {
+                consumer
+                    .fetch_watermarks(&at.topic, at.partition, timeout)
+                    .map_err(KafkaError::client(format!(
+                        "reading the watermarks of {at}"
+                    )))
+                    .map(|(_, high)| (at, high))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
+}
+
 /// A pause between records this long ends a batch before its linger.
 const BATCH_PAUSE: Duration = Duration::from_millis(1);
 
@@ -91,12 +124,12 @@ const BATCH_PAUSE: Duration = Duration::from_millis(1);
 /// uses. Records of one partition arrive in order; partitions interleave.
 pub struct LogReader {
     consumer: Arc<StreamConsumer>,
-    partitions: Vec<(String, i32)>,
+    partitions: Vec<TopicPartition>,
     timeout: Duration,
 }
 
 impl LogReader {
-    /// Opens a reader of every `(topic, partition, next offset)` given.
+    /// Opens a reader of every partition given, each from its next offset.
     ///
     /// A fetch waits up to 25 ms for data: Apache Kafka answers as soon as data arrives,
     /// but some compatible brokers only at the wait's end, and a projection's latency
@@ -104,43 +137,32 @@ impl LogReader {
     /// little.
     pub fn open(
         settings: &KafkaSettings,
-        assignment: &[(String, i32, i64)],
+        assignment: &[(TopicPartition, i64)],
     ) -> Result<Self, KafkaError> {
         let consumer = reader_consumer(settings, 25)?;
         let mut list = TopicPartitionList::new();
-        for (topic, partition, offset) in assignment {
-            list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-                .map_err(KafkaError::client(format!("assigning {topic}/{partition}")))?;
+        for (at, offset) in assignment {
+            list.add_partition_offset(&at.topic, at.partition, Offset::Offset(*offset))
+                .map_err(KafkaError::client(format!("assigning {at}")))?;
         }
         consumer
             .assign(&list)
             .map_err(KafkaError::client("assigning partitions"))?;
         Ok(Self {
             consumer: Arc::new(consumer),
-            partitions: assignment.iter().map(|(t, p, _)| (t.clone(), *p)).collect(),
+            partitions: assignment.iter().map(|(at, _)| at.clone()).collect(),
             timeout: settings.timeout,
         })
     }
 
     /// The high watermark of every partition read: where the log ends now.
-    pub async fn high_watermarks(&self) -> Result<Vec<((String, i32), i64)>, KafkaError> {
-        let consumer = Arc::clone(&self.consumer);
-        let (partitions, timeout) = (self.partitions.clone(), self.timeout);
-        tokio::task::spawn_blocking(move || {
-            partitions
-                .into_iter()
-                .map(|(topic, partition)| {
-                    consumer
-                        .fetch_watermarks(&topic, partition, timeout)
-                        .map(|(_, high)| ((topic.clone(), partition), high))
-                        .map_err(KafkaError::client(format!(
-                            "reading the watermarks of {topic}/{partition}"
-                        )))
-                })
-                .collect()
-        })
+    pub async fn high_watermarks(&self) -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
+        high_watermarks(
+            Arc::clone(&self.consumer),
+            self.partitions.clone(),
+            self.timeout,
+        )
         .await
-        .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
     }
 
     /// Waits up to `wait` for a first record, then takes what else arrives, up to `max`
@@ -210,17 +232,20 @@ impl PartitionReader {
         partition: i32,
         from_offset: i64,
     ) -> Result<Self, KafkaError> {
-        let mut readers = Self::open_many(settings, &[(topic.to_owned(), partition, from_offset)])?;
+        let mut readers = Self::open_many(
+            settings,
+            &[(TopicPartition::new(topic, partition), from_offset)],
+        )?;
         readers
             .pop()
             .ok_or_else(|| KafkaError::Reader("no reader was opened".into()))
     }
 
-    /// Opens one reader per `(topic, partition, first offset)`, all sharing one consumer,
-    /// in the order given. Must be called within a Tokio runtime.
+    /// Opens one reader per partition given, each from its first offset, all sharing one
+    /// consumer, in the order given. Must be called within a Tokio runtime.
     pub fn open_many(
         settings: &KafkaSettings,
-        partitions: &[(String, i32, i64)],
+        partitions: &[(TopicPartition, i64)],
     ) -> Result<Vec<Self>, KafkaError> {
         // Tuned for latency: a command is acknowledged only once its commit is read back,
         // so this fetch wait is a floor under command latency on brokers that do not
@@ -230,23 +255,21 @@ impl PartitionReader {
         // none lands in the consumer's own queue.
         // Two readers of one partition would share its queue and take each other's records.
         let mut seen = std::collections::HashSet::new();
-        if let Some((topic, partition, _)) =
-            partitions.iter().find(|(t, p, _)| !seen.insert((t, p)))
-        {
+        if let Some((at, _)) = partitions.iter().find(|(at, _)| !seen.insert(at)) {
             return Err(KafkaError::Reader(format!(
-                "{topic}/{partition} is asked for twice; open a reader of its own for a second position"
+                "{at} is asked for twice; open a reader of its own for a second position"
             )));
         }
         let mut queues = Vec::with_capacity(partitions.len());
         let mut assignment = TopicPartitionList::new();
-        for (topic, partition, from_offset) in partitions {
+        for (at, from_offset) in partitions {
             let queue = consumer
-                .split_partition_queue(topic, *partition)
-                .ok_or_else(|| KafkaError::Reader(format!("{topic}/{partition} has no queue")))?;
+                .split_partition_queue(&at.topic, at.partition)
+                .ok_or_else(|| KafkaError::Reader(format!("{at} has no queue")))?;
             queues.push(queue);
             assignment
-                .add_partition_offset(topic, *partition, Offset::Offset(*from_offset))
-                .map_err(KafkaError::client(format!("assigning {topic}/{partition}")))?;
+                .add_partition_offset(&at.topic, at.partition, Offset::Offset(*from_offset))
+                .map_err(KafkaError::client(format!("assigning {at}")))?;
         }
         consumer
             .assign(&assignment)
@@ -273,12 +296,12 @@ impl PartitionReader {
         Ok(partitions
             .iter()
             .zip(queues)
-            .map(|((topic, partition, from_offset), queue)| Self {
+            .map(|((at, from_offset), queue)| Self {
                 consumer: Arc::clone(&consumer),
                 queue,
                 _driver: Arc::clone(&driver),
-                topic: topic.clone(),
-                partition: *partition,
+                topic: at.topic.clone(),
+                partition: at.partition,
                 next_offset: *from_offset,
                 timeout: settings.timeout,
             })

@@ -144,7 +144,7 @@ impl KafkaSettings {
 
     /// The topic of an aggregate type: `<prefix>.<aggregate>.events`.
     pub fn topic(&self, stream_type: &str) -> String {
-        format!("{}.{stream_type}.events", self.topic_prefix)
+        keel_schemas::topic_name(&self.topic_prefix, stream_type)
     }
 
     /// A client configuration with the brokers and every passed-through property.

@@ -2,17 +2,49 @@
 //!
 //! Each projection reads its topics from its own checkpoints, through the partition gate,
 //! and applies batches in a transaction that also advances the checkpoints and the gate's
-//! state, then notifies [`runner::NOTIFY_CHANNEL`]. Kafka consumer-group offsets are never
-//! used.
+//! state, then notifies [`keel_views::NOTIFY_CHANNEL`]. Kafka consumer-group offsets are
+//! never used.
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | [`projection`] | the trait a view implements, and the events it receives |
+//! | [`views`] | the shop's projections |
+//! | [`runner`] | one projection's loop: the run lock, the live generation, prefetched batches |
+//! | `applier` | the batch transaction: gate, apply, checkpoint, dead letters, report |
+//! | `checkpoint` | checkpoints and the gate's state: loading, saving, snapshots |
+//! | `decode` | records decoded and put through the gate |
+//! | `dead_letter` | records that cannot be decoded or applied |
+//! | `generation` | generations: the live one, views, batch reports, dropping old ones |
+//! | `prefetch` | the next batches read and decoded while one is applied |
+//! | [`rebuild`] | blue/green rebuilds and the swap |
+//! | [`verify`] | `verify` and `export`: the log checked and handed to auditors |
+//! | [`status`] | `status`: the read contract's status plus the log's ends |
+//! | [`report`] | how the commands print what they found |
 
+mod applier;
+mod checkpoint;
 /// The database: connection, creation, migrations.
 pub mod db;
+mod dead_letter;
+mod decode;
+mod generation;
+pub mod job;
+mod prefetch;
+mod progress;
 pub mod projection;
 pub mod rebuild;
+pub mod report;
 pub mod runner;
 mod settings;
 pub mod status;
 pub mod verify;
 pub mod views;
 
-pub use settings::{DEFAULT_DATABASE_URL, Settings};
+pub use generation::{Live, prepare};
+pub use job::{Job, OnError, RunOptions};
+pub use settings::Settings;
+
+/// A boxed `Send` future: what a function over `&mut PgConnection` returns where the
+/// compiler must see its lifetimes concretely (rust-lang/rust#102211).
+pub(crate) type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use keel_kafka::{KafkaSettings, PartitionReader, ensure_topics};
-use keel_schemas::TrustedKeys;
+use keel_kafka::{KafkaSettings, end_offsets, ensure_topics};
+use keel_schemas::{TopicPartition, TrustedKeys};
 use projector::rebuild::{Progress, RebuildOptions};
-use projector::runner::{OnError, Runner};
-use projector::{Settings, db, status, verify, views};
+use projector::runner::Runner;
+use projector::{Job, OnError, Settings, db, report, status, verify, views};
 use tokio::task::JoinSet;
 
 /// Runs Keel's projections into PostgreSQL and inspects the log.
@@ -99,7 +99,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `run` is a service and logs its work; the other commands are tools that print theirs.
-    keel_kafka::telemetry::init(match cli.command {
+    keel_telemetry::init(match cli.command {
         Command::Run { .. } => "projector=info,keel_kafka=info",
         _ => "projector=warn,keel_kafka=warn",
     });
@@ -149,15 +149,15 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
         .into_iter()
         .filter(|p| only.is_empty() || only.iter().any(|n| n == p.name()))
     {
-        let runner = Runner::new(
+        let runner = Runner::new(Job::new(
             projection,
             pool.clone(),
             settings.kafka.clone(),
             options.clone(),
-        );
+        ));
         tasks.spawn(async move { runner.run().await });
     }
-    let shutdown = keel_kafka::telemetry::shutdown_signal();
+    let shutdown = keel_telemetry::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -198,13 +198,13 @@ async fn rebuild(
     };
     let work = async {
         for projection in chosen {
-            let runner = Runner::new(
+            let job = Job::new(
                 projection,
                 pool.clone(),
                 settings.kafka.clone(),
                 options.clone(),
             );
-            let report = projector::rebuild::rebuild(&runner, &rebuild_options).await?;
+            let report = projector::rebuild::rebuild(&job, &rebuild_options).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             }
@@ -213,7 +213,7 @@ async fn rebuild(
     };
     tokio::select! {
         done = work => done,
-        _ = keel_kafka::telemetry::shutdown_signal() => {
+        _ = keel_telemetry::shutdown_signal() => {
             anyhow::bail!(
                 "interrupted: the live views are untouched; run the same command again to resume \
                  from the new generation's checkpoints"
@@ -241,38 +241,11 @@ async fn verify(settings: &Settings, stream: Option<&str>, json: bool) -> anyhow
         }
     };
     let report = verify::verify(&settings.kafka, &trusted, stream.as_ref(), pool.as_ref()).await?;
-    let mut out = String::new();
-    if json {
-        out = serde_json::to_string_pretty(&report)? + "\n";
+    let out = if json {
+        serde_json::to_string_pretty(&report)? + "\n"
     } else {
-        for f in &report.findings {
-            let label = match f.kind {
-                verify::FindingKind::Violation => "VIOLATION",
-                verify::FindingKind::Zombie => "zombie write",
-            };
-            let at = f.offset.map_or(String::new(), |o| format!(" offset {o}"));
-            let stream = f
-                .stream
-                .as_deref()
-                .map_or(String::new(), |s| format!(" {s}"));
-            let version = f.version.map_or(String::new(), |v| format!(" version {v}"));
-            out.push_str(&format!(
-                "{label}{stream}{version} at {}/{}{at}: {}\n",
-                f.topic, f.partition, f.detail
-            ));
-        }
-        let zombies = report.findings.len() - report.violations();
-        out.push_str(&format!(
-            "verified {} records: {} commits of {} streams checked; {} zombie writes skipped by the gate; \
-             audit log {}; {} violations\n",
-            report.records,
-            report.commits,
-            report.streams,
-            zombies,
-            if report.audit_log_compared { "compared" } else { "not compared" },
-            report.violations()
-        ));
-    }
+        report::verify_text(&report)
+    };
     std::io::stdout()
         .write_all(out.as_bytes())
         .context("writing to stdout")?;
@@ -311,58 +284,11 @@ async fn print_status(settings: &Settings, json: bool) -> anyhow::Result<()> {
     let before = status::read(&pool, None).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let now = status::read(&pool, Some(&settings.kafka)).await?;
-    let mut out = String::new();
-    if json {
-        out = serde_json::to_string_pretty(&now)? + "\n";
+    let out = if json {
+        serde_json::to_string_pretty(&now)? + "\n"
     } else {
-        for p in &now {
-            let rate = before
-                .iter()
-                .find(|b| b.name == p.name)
-                .map_or(0, |b| p.events - b.events);
-            out.push_str(&format!(
-                "{} (generation {}, code v{}): {}, {} events, {rate} events/s, lag {}, {} dead letters\n",
-                p.name,
-                p.generation,
-                p.code_version,
-                p.state,
-                p.events,
-                p.lag.map_or("?".into(), |l| l.to_string()),
-                p.dead_letters
-            ));
-            if let Some(error) = &p.error {
-                out.push_str(&format!("  stopped: {error}\n"));
-            }
-            if let Some(r) = &p.rebuild {
-                out.push_str(&format!(
-                    "  rebuild of generation {} (code v{}): {}, {}/{} records, {} events/s, ETA {} (by {}, started {})\n",
-                    r.generation,
-                    r.code_version,
-                    r.state,
-                    r.records_done,
-                    r.records_total,
-                    r.events_per_second.map_or("?".into(), |e| format!("{e:.0}")),
-                    r.eta_seconds.map_or("?".into(), |e| format!("{e:.0}s")),
-                    r.owner,
-                    r.started_at.format("%Y-%m-%d %H:%M:%S UTC")
-                ));
-                if let Some(error) = &r.error {
-                    out.push_str(&format!("    stopped: {error}\n"));
-                }
-            }
-            for part in &p.partitions {
-                out.push_str(&format!(
-                    "  {}/{}: next offset {}, end {}, lag {}, gate skipped {}\n",
-                    part.topic,
-                    part.partition,
-                    part.next_offset,
-                    part.end_offset.map_or("?".into(), |e| e.to_string()),
-                    part.lag.map_or("?".into(), |l| l.to_string()),
-                    part.rejected
-                ));
-            }
-        }
-    }
+        report::status_text(&before, &now)
+    };
     std::io::stdout()
         .write_all(out.as_bytes())
         .context("writing to stdout")
@@ -372,20 +298,12 @@ async fn topics(kafka: &KafkaSettings) -> anyhow::Result<()> {
     let topics = ensure_topics(kafka, &keel_domain::STREAM_TYPES)
         .await
         .context("ensuring the topics")?;
-    let mut out = String::new();
-    for topic in topics {
-        let mut ends = Vec::new();
-        for partition in 0..kafka.partitions {
-            let reader = PartitionReader::open(kafka, &topic, partition, 0)?;
-            ends.push(reader.high_watermark().await?);
-        }
-        let total: i64 = ends.iter().sum();
-        out.push_str(&format!(
-            "{topic}: {} partitions, {total} records {ends:?}\n",
-            kafka.partitions
-        ));
-    }
+    let partitions: Vec<TopicPartition> = topics
+        .iter()
+        .flat_map(|topic| (0..kafka.partitions).map(|p| TopicPartition::new(topic.clone(), p)))
+        .collect();
+    let ends = end_offsets(kafka, &partitions).await?;
     std::io::stdout()
-        .write_all(out.as_bytes())
+        .write_all(report::topics_text(&ends).as_bytes())
         .context("writing to stdout")
 }

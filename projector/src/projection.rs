@@ -8,6 +8,7 @@ use keel_domain::customer::CustomerEvent;
 use keel_domain::order::OrderEvent;
 use keel_domain::product::ProductEvent;
 use keel_schemas::{CommitRecord, EventEnvelope};
+use keel_views::ProjectionSpec;
 use sqlx::PgConnection;
 
 /// A decoded event of any of the shop's aggregates.
@@ -68,14 +69,24 @@ impl ProjectedEvent {
 /// so each batch is applied exactly once.
 #[async_trait]
 pub trait Projection: Send + Sync {
+    /// What the projection is: name, code version, stream types, tables (the read contract).
+    fn spec(&self) -> &'static ProjectionSpec;
     /// The projection's name, also its main view's name.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.spec().name
+    }
     /// The version of the projection's code. Changing it means the tables must be rebuilt.
-    fn version(&self) -> i32;
+    fn version(&self) -> i32 {
+        self.spec().version
+    }
     /// The stream types whose topics it reads.
-    fn stream_types(&self) -> &'static [&'static str];
+    fn stream_types(&self) -> &'static [&'static str] {
+        self.spec().stream_types
+    }
     /// Its tables, without the generation suffix.
-    fn tables(&self) -> &'static [&'static str];
+    fn tables(&self) -> &'static [&'static str] {
+        self.spec().tables
+    }
     /// Creates the tables of `generation` (`<table>_g<generation>`) with their primary
     /// keys only.
     async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error>;

@@ -8,19 +8,23 @@
 //! generation; all in one transaction. The live runner's waiting batch then finds its
 //! generation gone, rolls back, and follows the new one from its checkpoints.
 
-use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use keel_kafka::AbortOnDrop;
+use keel_kafka::{AbortOnDrop, LogReader};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::projection::{Projection, create_indexes, table};
-use crate::runner::{Applier, BoxFuture, Flow, Mode, Prefetch, Runner, point_views, prepare};
+use crate::applier::{Applier, Flow};
+use crate::checkpoint;
+use crate::generation::{self, Mode, create_tables, discard, point_views, prepare};
+use crate::job::Job;
+use crate::prefetch::Prefetch;
+pub use crate::progress::Progress;
+use crate::progress::ProgressView;
+use crate::projection::create_indexes;
 
 /// How long the swap may keep catching up under its lock before it lets go and retries.
 const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
@@ -33,15 +37,6 @@ const SWAP_DISTANCE: i64 = 100;
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the distance to the head is measured.
 const NEAR_HEAD_INTERVAL: Duration = Duration::from_millis(100);
-
-/// How a rebuild shows its progress.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Progress {
-    /// A progress bar on standard error when it is a terminal, plain lines otherwise.
-    Terminal,
-    /// Log lines (what `projector run` uses for its automatic rebuilds).
-    Log,
-}
 
 /// How a rebuild runs.
 #[derive(Clone, Debug)]
@@ -79,14 +74,31 @@ pub struct RebuildReport {
     pub kept_old: bool,
 }
 
-/// Rebuilds `runner`'s projection into its next generation and swaps it in.
-pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Result<RebuildReport> {
-    let projection = runner.projection.as_ref();
+impl std::fmt::Display for RebuildReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "swapped in: {} events from {} records in {:.1}s ({} events/s); the swap held the lock for {:.1} ms; \
+             generation {} {}",
+            self.events,
+            self.records,
+            self.seconds,
+            self.events_per_second.round() as u64,
+            self.swap_lock_ms,
+            self.previous,
+            if self.kept_old { "kept" } else { "dropped" }
+        )
+    }
+}
+
+/// Rebuilds `job`'s projection into its next generation and swaps it in.
+pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<RebuildReport> {
+    let projection = job.projection.as_ref();
     let name = projection.name();
 
     // One rebuild per projection: a session lock held for the whole rebuild, released when
     // this connection closes (also on a crash).
-    let mut lock = runner.pool.acquire().await?.detach();
+    let mut lock = job.pool.acquire().await?.detach();
     loop {
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('keel-rebuild:' || $1))")
@@ -102,7 +114,7 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
                  WHERE projection = $1",
             )
             .bind(name)
-            .fetch_optional(&runner.pool)
+            .fetch_optional(&job.pool)
             .await?;
             match row {
                 Some((generation, done, total, owner, started)) => bail!(
@@ -121,13 +133,10 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
     }
 
     // Read under the lock: a rebuild that finished while this one waited moved it on.
-    let live = prepare(&runner.pool, projection).await?;
-    let (generation, resumed) = start_or_resume(runner, live.generation).await?;
-    let mut applier = Applier::load(runner, generation, Mode::Rebuild).await?;
-    let reader = Arc::new(keel_kafka::LogReader::open(
-        &runner.kafka,
-        &applier.assignment(),
-    )?);
+    let live = prepare(&job.pool, projection).await?;
+    let (generation, resumed) = start_or_resume(job, live.generation).await?;
+    let mut applier = Applier::load(job, generation, Mode::Rebuild).await?;
+    let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
     // Where the log ends, measured beside the work: asking the broker takes a round trip
     // per partition, which the apply loop must not wait for.
     let (ends_tx, mut ends_rx) = tokio::sync::watch::channel(None);
@@ -162,9 +171,9 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
     let mut indexed = false;
     let mut batches = Prefetch::start(
         Arc::clone(&reader),
-        runner.options.batch_size,
+        job.options.batch_size,
         Duration::from_millis(200),
-        runner.options.linger,
+        job.options.linger,
     );
     let swapped = loop {
         let batch = batches.next().await?;
@@ -199,32 +208,32 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
             .bind(total)
             .bind(rate)
             .bind(eta)
-            .execute(&runner.pool)
+            .execute(&job.pool)
             .await?;
             view.show(done, total, applier.events(), rate, eta);
         }
         // Close enough to the head under load: the swap catches up the rest under its lock.
         let behind: i64 = ends
             .iter()
-            .map(|((topic, partition), end)| (end - applier.next_offset(topic, *partition)).max(0))
+            .map(|(at, end)| (end - applier.next_offset(at)).max(0))
             .sum();
         // Under heavy writes the distance never gets that small: then start when the
         // rest is a quarter of a second of this rebuild's own pace.
         let distance = SWAP_DISTANCE.max((records_rate / 4.0) as i64);
-        if behind <= distance.min(runner.options.batch_size as i64) && !indexed {
+        if behind <= distance.min(job.options.batch_size as i64) && !indexed {
             // The secondary indexes are built once, now that the rows are in, instead of
             // kept up to date row by row; then the rebuild catches up again and swaps.
             view.note("caught up with the head; building the indexes");
-            let mut db = runner.pool.acquire().await?;
-            create_indexes(&mut db, runner.projection.as_ref(), generation)
+            let mut db = job.pool.acquire().await?;
+            create_indexes(&mut db, job.projection.as_ref(), generation)
                 .await
                 .with_context(|| format!("indexing generation {generation} of {name}"))?;
             indexed = true;
             continue;
         }
-        if behind <= distance.min(runner.options.batch_size as i64) {
+        if behind <= distance.min(job.options.batch_size as i64) {
             view.note("caught up with the head; swapping");
-            match swap(runner, &mut applier, &mut batches, generation).await? {
+            match swap(job, &mut applier, &mut batches, generation).await? {
                 Swap::Done { previous, held } => break (previous, held),
                 Swap::Stopped => {
                     view.abandon();
@@ -237,7 +246,7 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
     let (previous, held) = swapped;
     drop(watcher);
     if !options.keep_old
-        && let Err(e) = discard(runner, previous).await
+        && let Err(e) = discard(&job.pool, projection, previous).await
     {
         // The swap stands; the next rebuild drops what is left of the old generation.
         warn!(error = %format!("{e:#}"), previous, "dropping the old generation failed");
@@ -256,14 +265,14 @@ pub async fn rebuild(runner: &Runner, options: &RebuildOptions) -> anyhow::Resul
         swap_lock_ms: held.as_secs_f64() * 1000.0,
         kept_old: options.keep_old,
     };
-    view.finish(&report);
+    view.finish(&report.to_string());
     Ok(report)
 }
 
 /// The generation to build: the one an interrupted rebuild of today's code left, resumed
 /// from its checkpoints, or a fresh one after the live generation.
-async fn start_or_resume(runner: &Runner, live: i32) -> anyhow::Result<(i32, bool)> {
-    let projection = runner.projection.as_ref();
+async fn start_or_resume(job: &Job, live: i32) -> anyhow::Result<(i32, bool)> {
+    let projection = job.projection.as_ref();
     let name = projection.name();
     let owner = format!(
         "{}:{}",
@@ -273,7 +282,7 @@ async fn start_or_resume(runner: &Runner, live: i32) -> anyhow::Result<(i32, boo
     let existing: Option<(i32, i32)> =
         sqlx::query_as("SELECT generation, code_version FROM keel_rebuilds WHERE projection = $1")
             .bind(name)
-            .fetch_optional(&runner.pool)
+            .fetch_optional(&job.pool)
             .await?;
     if let Some((generation, code_version)) = existing {
         if code_version == projection.version() && generation > live {
@@ -283,7 +292,7 @@ async fn start_or_resume(runner: &Runner, live: i32) -> anyhow::Result<(i32, boo
             )
             .bind(name)
             .bind(&owner)
-            .execute(&runner.pool)
+            .execute(&job.pool)
             .await?;
             info!(
                 projection = name,
@@ -292,25 +301,18 @@ async fn start_or_resume(runner: &Runner, live: i32) -> anyhow::Result<(i32, boo
             return Ok((generation, true));
         }
         if generation != live {
-            discard(runner, generation).await?;
+            discard(&job.pool, projection, generation).await?;
         }
     }
     let generation = live + 1;
     // Whatever an earlier attempt left of this generation goes first, and so do the
     // generations an interrupted clean-up left behind (never kept ones: those are older
     // than the live generation and were kept on purpose with --keep-old).
-    discard(runner, generation).await?;
-    let leftovers: Vec<i32> = sqlx::query_scalar(
-        "SELECT DISTINCT generation FROM keel_checkpoints WHERE projection = $1 AND generation > $2",
-    )
-    .bind(name)
-    .bind(generation)
-    .fetch_all(&runner.pool)
-    .await?;
-    for old in leftovers {
-        discard(runner, old).await?;
+    discard(&job.pool, projection, generation).await?;
+    for old in checkpoint::generations_above(&job.pool, name, generation).await? {
+        discard(&job.pool, projection, old).await?;
     }
-    let mut tx = runner.pool.begin().await?;
+    let mut tx = job.pool.begin().await?;
     create_tables(&mut tx, projection, generation).await?;
     sqlx::query(
         "INSERT INTO keel_rebuilds (projection, generation, code_version, owner) VALUES ($1, $2, $3, $4)
@@ -330,61 +332,6 @@ async fn start_or_resume(runner: &Runner, live: i32) -> anyhow::Result<(i32, boo
     Ok((generation, false))
 }
 
-fn create_tables<'a>(
-    tx: &'a mut sqlx::PgConnection,
-    projection: &'a dyn Projection,
-    generation: i32,
-) -> BoxFuture<'a, anyhow::Result<()>> {
-    Box::pin(async move {
-        projection
-            .create(tx, generation)
-            .await
-            .with_context(|| format!("creating generation {generation} of {}", projection.name()))
-    })
-}
-
-/// Drops a generation that is not live: its tables and its bookkeeping.
-async fn discard(runner: &Runner, generation: i32) -> anyhow::Result<()> {
-    let projection = runner.projection.as_ref();
-    let name = projection.name();
-    let mut tx = runner.pool.begin().await?;
-    let live: Option<i32> =
-        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR SHARE")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
-    anyhow::ensure!(
-        live != Some(generation),
-        "refusing to drop generation {generation} of {name}: it is live"
-    );
-    for t in projection.tables() {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(t, generation)))
-            .execute(&mut *tx)
-            .await?;
-    }
-    for bookkeeping in [
-        "keel_checkpoints",
-        "keel_gate_streams",
-        "keel_gate_versions",
-        "keel_dead_letters",
-    ] {
-        sqlx::query(&format!(
-            "DELETE FROM {bookkeeping} WHERE projection = $1 AND generation = $2"
-        ))
-        .bind(name)
-        .bind(generation)
-        .execute(&mut *tx)
-        .await?;
-    }
-    sqlx::query("DELETE FROM keel_rebuilds WHERE projection = $1 AND generation = $2")
-        .bind(name)
-        .bind(generation)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(())
-}
-
 enum Swap {
     Done { previous: i32, held: Duration },
     Stopped,
@@ -393,35 +340,26 @@ enum Swap {
 
 /// Swaps `generation` in; see the module's documentation.
 async fn swap(
-    runner: &Runner,
+    job: &Job,
     applier: &mut Applier<'_>,
     batches: &mut Prefetch,
     generation: i32,
 ) -> anyhow::Result<Swap> {
-    let projection = runner.projection.as_ref();
+    let projection = job.projection.as_ref();
     let name = projection.name();
-    let mut tx = runner.pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = job.pool.begin().await?;
+    generation::lock(&mut tx, name).await?;
     let previous: i32 =
         sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR UPDATE")
             .bind(name)
             .fetch_one(&mut *tx)
             .await?;
     let locked_at = Instant::now();
-    let live_checkpoints: Vec<(String, i32, i64)> = sqlx::query_as(
-        "SELECT topic, partition, next_offset FROM keel_checkpoints WHERE projection = $1 AND generation = $2",
-    )
-    .bind(name)
-    .bind(previous)
-    .fetch_all(&mut *tx)
-    .await?;
+    let live_checkpoints = checkpoint::next_offsets(&mut tx, name, previous).await?;
     // The live runner is held at its next batch: catch up with where it stopped.
     while live_checkpoints
         .iter()
-        .any(|(topic, partition, next)| applier.next_offset(topic, *partition) < *next)
+        .any(|(at, next)| applier.next_offset(at) < *next)
     {
         if locked_at.elapsed() > SWAP_CATCH_UP_LIMIT {
             tx.rollback().await?;
@@ -468,11 +406,7 @@ async fn swap(
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(crate::runner::NOTIFY_CHANNEL)
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    generation::notify(&mut tx, name).await?;
     tx.commit().await?;
     let held = locked_at.elapsed();
     info!(
@@ -483,108 +417,4 @@ async fn swap(
         "swapped in"
     );
     Ok(Swap::Done { previous, held })
-}
-
-/// Shows a rebuild's progress: a bar on a terminal, lines otherwise.
-struct ProgressView {
-    mode: Progress,
-    bar: Option<ProgressBar>,
-    label: String,
-    last_line: Option<Instant>,
-}
-
-impl ProgressView {
-    fn new(mode: Progress, name: &str, generation: i32, resumed: bool, done: i64) -> Self {
-        let label = format!("{name} generation {generation}");
-        let bar = (mode == Progress::Terminal && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {human_pos}/{human_len} records ({percent}%) {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_prefix(label.clone());
-            bar.set_position(done as u64);
-            bar
-        });
-        let view = Self {
-            mode,
-            bar,
-            label,
-            last_line: None,
-        };
-        view.note(if resumed {
-            "resuming from its checkpoints"
-        } else {
-            "rebuilding from offset 0"
-        });
-        view
-    }
-
-    fn show(&mut self, done: i64, total: i64, events: u64, rate: f64, eta: Option<f64>) {
-        let eta = eta.map_or("?".to_owned(), |s| format!("{}s", s.ceil() as u64));
-        let msg = format!(
-            "{events} events, {} events/s, ETA {eta}",
-            rate.round() as u64
-        );
-        if let Some(bar) = &self.bar {
-            bar.set_length(total.max(done) as u64);
-            bar.set_position(done as u64);
-            bar.set_message(msg);
-            return;
-        }
-        if self
-            .last_line
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
-        {
-            return;
-        }
-        self.last_line = Some(Instant::now());
-        let percent = if total > 0 {
-            done as f64 * 100.0 / total as f64
-        } else {
-            100.0
-        };
-        let line = format!(
-            "{}: {done}/{total} records ({percent:.1}%), {msg}",
-            self.label
-        );
-        match self.mode {
-            Progress::Terminal => eprintln!("{line}"),
-            Progress::Log => info!("{line}"),
-        }
-    }
-
-    fn note(&self, what: &str) {
-        match (&self.bar, self.mode) {
-            (Some(bar), _) => bar.println(format!("{}: {what}", self.label)),
-            (None, Progress::Terminal) => eprintln!("{}: {what}", self.label),
-            (None, Progress::Log) => info!("{}: {what}", self.label),
-        }
-    }
-
-    fn abandon(&self) {
-        if let Some(bar) = &self.bar {
-            bar.abandon();
-        }
-    }
-
-    fn finish(&self, report: &RebuildReport) {
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
-        self.note(&format!(
-            "swapped in: {} events from {} records in {:.1}s ({} events/s); the swap held the lock for {:.1} ms; \
-             generation {} {}",
-            report.events,
-            report.records,
-            report.seconds,
-            report.events_per_second.round() as u64,
-            report.swap_lock_ms,
-            report.previous,
-            if report.kept_old { "kept" } else { "dropped" }
-        ));
-    }
 }

@@ -25,9 +25,6 @@ pub struct Settings {
     pub kafka: KafkaSettings,
 }
 
-/// The default database URL, shared with the query API.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/keel?sslmode=disable";
-
 impl Settings {
     /// Reads the settings from the environment.
     pub fn load() -> anyhow::Result<Self> {
@@ -46,7 +43,8 @@ impl Settings {
             "KEEL_GATE_SNAPSHOT_EVERY must be at least 1"
         );
         Ok(Self {
-            database_url: var("KEEL_DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            database_url: var("KEEL_DATABASE_URL")
+                .unwrap_or_else(|| keel_views::DEFAULT_DATABASE_URL.into()),
             batch_size: batch_size as usize,
             linger: Duration::from_millis(number("KEEL_BATCH_LINGER_MS", 20)?),
             snapshot_every: snapshot_every as u32,
@@ -60,8 +58,8 @@ impl Settings {
 
 impl Settings {
     /// How `run` and `rebuild` apply batches, from these settings.
-    pub fn run_options(&self, on_error: crate::runner::OnError) -> crate::runner::RunOptions {
-        crate::runner::RunOptions {
+    pub fn run_options(&self, on_error: crate::job::OnError) -> crate::job::RunOptions {
+        crate::job::RunOptions {
             on_error,
             batch_size: self.batch_size,
             linger: self.linger,

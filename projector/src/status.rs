@@ -1,173 +1,31 @@
-//! What `projector status` and the query API's `/v1/projections` report.
+//! `projector status`: the read contract's status of every projection, with each
+//! partition's end and lag asked of the broker.
 
 use std::collections::HashMap;
 
-use keel_kafka::{KafkaSettings, PartitionReader};
-use serde::Serialize;
+use keel_kafka::{KafkaSettings, end_offsets};
+use keel_schemas::TopicPartition;
+use keel_views::status::ProjectionStatus;
 use sqlx::PgPool;
 
-/// One partition a projection reads.
-#[derive(Clone, Debug, Serialize)]
-pub struct PartitionStatus {
-    /// The topic.
-    pub topic: String,
-    /// The partition.
-    pub partition: i32,
-    /// The next offset the projection will read.
-    pub next_offset: i64,
-    /// The partition's end, when asked of the broker.
-    pub end_offset: Option<i64>,
-    /// Records between the checkpoint and the end.
-    pub lag: Option<i64>,
-    /// Records the gate skipped.
-    pub rejected: i64,
-}
-
-/// A rebuild in progress.
-#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
-pub struct RebuildStatus {
-    /// The projection rebuilt.
-    #[serde(skip)]
-    pub projection: String,
-    /// The generation being built.
-    pub generation: i32,
-    /// The code version it is built with.
-    pub code_version: i32,
-    /// `building`, or `stopped` on a dead letter.
-    pub state: String,
-    /// Why it stopped, if it did.
-    pub error: Option<String>,
-    /// Events applied to the new generation.
-    pub events: i64,
-    /// Records read, over every partition.
-    pub records_done: i64,
-    /// Records in the topics when last measured.
-    pub records_total: i64,
-    /// Events applied per second by the running rebuild.
-    pub events_per_second: Option<f64>,
-    /// Seconds left, estimated.
-    pub eta_seconds: Option<f64>,
-    /// Who runs it (`host:pid`).
-    pub owner: String,
-    /// When it started.
-    pub started_at: chrono::DateTime<chrono::Utc>,
-    /// When it last made progress.
-    pub updated_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// One projection.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProjectionStatus {
-    /// Its name.
-    pub name: String,
-    /// The live generation.
-    pub generation: i32,
-    /// The code version of the live generation.
-    pub code_version: i32,
-    /// `running` or `stopped`.
-    pub state: String,
-    /// Why it stopped, if it did.
-    pub error: Option<String>,
-    /// Events applied so far.
-    pub events: i64,
-    /// Dead letters recorded (stopped on or skipped).
-    pub dead_letters: i64,
-    /// Total lag over its partitions, when known.
-    pub lag: Option<i64>,
-    /// When it last applied a batch.
-    pub updated_at: chrono::DateTime<chrono::Utc>,
-    /// Its partitions.
-    pub partitions: Vec<PartitionStatus>,
-    /// The rebuild in progress, if any.
-    pub rebuild: Option<RebuildStatus>,
-}
-
-/// Reads every projection's status from the database; with `kafka`, also each partition's
-/// end and lag from the broker.
+/// Every projection's status; with `kafka`, also each partition's end and lag.
 pub async fn read(
     pool: &PgPool,
     kafka: Option<&KafkaSettings>,
 ) -> anyhow::Result<Vec<ProjectionStatus>> {
-    type Row = (
-        String,
-        i32,
-        i32,
-        String,
-        Option<String>,
-        i64,
-        chrono::DateTime<chrono::Utc>,
-        i64,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT p.name, p.generation, p.code_version, p.state, p.error, p.events, p.updated_at,
-                (SELECT count(*) FROM keel_dead_letters d WHERE d.projection = p.name AND d.generation = p.generation)
-         FROM keel_projections p ORDER BY p.name",
-    )
-    .fetch_all(pool)
-    .await?;
-    let checkpoints: Vec<(String, String, i32, i64, i64)> = sqlx::query_as(
-        "SELECT c.projection, c.topic, c.partition, c.next_offset, c.rejected FROM keel_checkpoints c
-         JOIN keel_projections p ON p.name = c.projection AND p.generation = c.generation
-         ORDER BY c.projection, c.topic, c.partition",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut rebuilds: HashMap<String, RebuildStatus> = sqlx::query_as::<_, RebuildStatus>(
-        "SELECT projection, generation, code_version, state, error, events, records_done, records_total,
-            events_per_second, eta_seconds, owner, started_at, updated_at
-         FROM keel_rebuilds",
-    )
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .map(|r| (r.projection.clone(), r))
-    .collect();
-    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    let mut statuses = keel_views::status::read(pool).await?;
     if let Some(kafka) = kafka {
-        let mut wanted: Vec<(String, i32)> =
-            checkpoints.iter().map(|c| (c.1.clone(), c.2)).collect();
+        let mut wanted: Vec<TopicPartition> = statuses
+            .iter()
+            .flat_map(ProjectionStatus::topic_partitions)
+            .collect();
         wanted.sort();
         wanted.dedup();
-        for (topic, partition) in wanted {
-            let reader = PartitionReader::open(kafka, &topic, partition, 0)?;
-            ends.insert((topic, partition), reader.high_watermark().await?);
+        let ends: HashMap<TopicPartition, i64> =
+            end_offsets(kafka, &wanted).await?.into_iter().collect();
+        for status in &mut statuses {
+            status.measure_lag(&ends);
         }
     }
-    Ok(rows
-        .into_iter()
-        .map(
-            |(name, generation, code_version, state, error, events, updated_at, dead_letters)| {
-                let partitions: Vec<PartitionStatus> = checkpoints
-                    .iter()
-                    .filter(|c| c.0 == name)
-                    .map(|(_, topic, partition, next_offset, rejected)| {
-                        let end_offset = ends.get(&(topic.clone(), *partition)).copied();
-                        PartitionStatus {
-                            topic: topic.clone(),
-                            partition: *partition,
-                            next_offset: *next_offset,
-                            end_offset,
-                            lag: end_offset.map(|e| (e - next_offset).max(0)),
-                            rejected: *rejected,
-                        }
-                    })
-                    .collect();
-                let rebuild = rebuilds.remove(&name);
-                let lag = kafka.map(|_| partitions.iter().filter_map(|p| p.lag).sum());
-                ProjectionStatus {
-                    name,
-                    generation,
-                    code_version,
-                    state,
-                    error,
-                    events,
-                    dead_letters,
-                    lag,
-                    updated_at,
-                    rebuild,
-                    partitions,
-                }
-            },
-        )
-        .collect())
+    Ok(statuses)
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use keel_kafka::{KafkaSettings, LogEntry, LogReader, PartitionGate, Rejection, partition_for};
 use keel_schemas::{
-    CommitRecord, LogRecord, SignatureCheck, StreamRef, TrustedKeys, commit_hash_of_value,
+    CommitRecord, LogRecord, SignatureCheck, StreamRef, TopicPartition, TrustedKeys,
+    commit_hash_of_value,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -110,14 +111,14 @@ async fn read_topic(
     partitions: &[i32],
     mut each: impl FnMut(&LogEntry),
 ) -> anyhow::Result<()> {
-    let assignment: Vec<(String, i32, i64)> = partitions
+    let assignment: Vec<(TopicPartition, i64)> = partitions
         .iter()
-        .map(|p| (topic.to_owned(), *p, 0))
+        .map(|p| (TopicPartition::new(topic, *p), 0))
         .collect();
     let reader = LogReader::open(kafka, &assignment)?;
-    let ends: HashMap<(String, i32), i64> = reader.high_watermarks().await?.into_iter().collect();
-    let mut next: HashMap<(String, i32), i64> = HashMap::new();
-    let unfinished = |next: &HashMap<(String, i32), i64>| {
+    let ends: HashMap<TopicPartition, i64> = reader.high_watermarks().await?.into_iter().collect();
+    let mut next: HashMap<TopicPartition, i64> = HashMap::new();
+    let unfinished = |next: &HashMap<TopicPartition, i64>| {
         ends.iter()
             .any(|(k, end)| next.get(k).copied().unwrap_or(0) < *end)
     };
@@ -141,7 +142,7 @@ async fn read_topic(
         }
         idle = Duration::ZERO;
         for entry in &batch {
-            let key = (entry.topic.clone(), entry.partition);
+            let key = TopicPartition::new(entry.topic.clone(), entry.partition);
             if entry.offset >= ends.get(&key).copied().unwrap_or(0) {
                 continue;
             }

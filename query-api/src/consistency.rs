@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_schemas::{ConsistencyToken, Position};
-use projector::runner::NOTIFY_CHANNEL;
+use keel_schemas::{ConsistencyToken, Position, TopicPartition, stream_type_of};
+use keel_views::NOTIFY_CHANNEL;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
@@ -53,27 +53,6 @@ pub fn spawn_listener(pool: PgPool) -> watch::Receiver<u64> {
     rx
 }
 
-/// The stream type a topic `<prefix>.<type>.events` holds.
-fn stream_type_of(topic: &str) -> Option<&str> {
-    topic.strip_suffix(".events")?.rsplit('.').next()
-}
-
-/// Where the live generation of `projection` has read to: next offset per partition.
-pub async fn checkpoints(
-    pool: &PgPool,
-    projection: &str,
-) -> Result<HashMap<(String, i32), i64>, ApiError> {
-    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
-        "SELECT c.topic, c.partition, c.next_offset FROM keel_checkpoints c
-         JOIN keel_projections p ON p.name = c.projection AND p.generation = c.generation
-         WHERE c.projection = $1",
-    )
-    .bind(projection)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
-}
-
 /// Each projection's checkpoints as last read, with the notification count they were read
 /// at: reused until the projector commits again, so a read without a token costs no
 /// extra query. A cached position is never ahead of the view, so it is a correct lower
@@ -82,7 +61,7 @@ pub async fn checkpoints(
 pub struct CheckpointCache(Arc<Mutex<HashMap<String, (u64, Checkpoints)>>>);
 
 /// Next offset per partition.
-pub type Checkpoints = Arc<HashMap<(String, i32), i64>>;
+pub type Checkpoints = Arc<HashMap<TopicPartition, i64>>;
 
 impl CheckpointCache {
     async fn read(
@@ -100,7 +79,7 @@ impl CheckpointCache {
         {
             return Ok(Arc::clone(read));
         }
-        let read = Arc::new(checkpoints(pool, projection).await?);
+        let read = Arc::new(keel_views::positions::read(pool, projection).await?);
         if let Ok(mut cache) = self.0.lock() {
             cache.insert(projection.to_owned(), (seq, Arc::clone(&read)));
         }
@@ -109,13 +88,13 @@ impl CheckpointCache {
 }
 
 /// The positions a projection has read, as a token (the last offset read per partition).
-pub fn position_token(read: &HashMap<(String, i32), i64>) -> Option<String> {
+pub fn position_token(read: &HashMap<TopicPartition, i64>) -> Option<String> {
     let mut token = ConsistencyToken::default();
-    for ((topic, partition), next) in read {
+    for (at, next) in read {
         if *next > 0 {
             token.include(Position {
-                topic: topic.clone(),
-                partition: *partition,
+                topic: at.topic.clone(),
+                partition: at.partition,
                 offset: next - 1,
             });
         }
@@ -144,7 +123,7 @@ pub async fn wait_for(
                 let relevant = stream_type_of(&p.topic).is_some_and(|t| stream_types.contains(&t));
                 !relevant
                     || read
-                        .get(&(p.topic.clone(), p.partition))
+                        .get(&TopicPartition::new(p.topic.clone(), p.partition))
                         .is_some_and(|next| *next > p.offset)
             })
         });
@@ -161,17 +140,5 @@ pub async fn wait_for(
                 )));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topics_name_their_stream_type() {
-        assert_eq!(stream_type_of("keel.order.events"), Some("order"));
-        assert_eq!(stream_type_of("a.b.c.product.events"), Some("product"));
-        assert_eq!(stream_type_of("weird"), None);
     }
 }

@@ -39,7 +39,7 @@ impl Settings {
                 .parse()
                 .with_context(|| format!("KEEL_QUERY_ADDR {addr:?} is not a socket address"))?,
             database_url: var("KEEL_DATABASE_URL")
-                .unwrap_or_else(|| projector::DEFAULT_DATABASE_URL.into()),
+                .unwrap_or_else(|| keel_views::DEFAULT_DATABASE_URL.into()),
             edge: EdgeSettings::from_env().context("reading the HTTP settings")?,
         })
     }
@@ -89,7 +89,7 @@ impl Application {
             self.listener,
             routes::app(self.state, &self.edge),
             &self.edge_settings,
-            keel_kafka::telemetry::shutdown_signal(),
+            keel_telemetry::shutdown_signal(),
         )
         .await
         .context("serving HTTP")

@@ -9,7 +9,7 @@ use query_api::{Application, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    keel_kafka::telemetry::init("query_api=info");
+    keel_telemetry::init("query_api=info");
     let settings = Settings::load()?;
     Application::build(settings)
         .await?

@@ -249,6 +249,31 @@ pub fn commit_hash_of_value(record: &Value) -> String {
 }
 
 impl CommitRecord {
+    /// A commit of `events` to `stream` after `expected_version`, decided by `writer` now
+    /// for `command`, chained to `prev_hash`; with a fresh id, not yet sealed (see
+    /// [`CommitRecord::sealed`] and [`CommitRecord::sealed_and_signed`]).
+    pub fn new(
+        stream: StreamRef,
+        expected_version: u64,
+        events: Vec<EventEnvelope>,
+        command: CommandMeta,
+        writer: Writer,
+        prev_hash: Option<String>,
+    ) -> Self {
+        Self {
+            commit_id: Uuid::now_v7(),
+            stream,
+            expected_version,
+            events,
+            command,
+            writer,
+            recorded_at: Timestamp::now(),
+            prev_hash,
+            hash: String::new(),
+            signature: None,
+        }
+    }
+
     /// Sets `hash` to the hash of the rest of the record, and returns the sealed record.
     #[must_use]
     pub fn sealed(mut self) -> Self {

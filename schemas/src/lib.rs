@@ -13,6 +13,7 @@ mod error;
 mod problem;
 mod signing;
 mod token;
+mod topic;
 mod upcast;
 
 pub use canonical::canonical_json;
@@ -25,4 +26,5 @@ pub use error::SchemaError;
 pub use problem::{PROBLEM_JSON, problem};
 pub use signing::{KeyError, Signature, SignatureCheck, SigningKey, TrustedKeys, key_id_of};
 pub use token::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, MAX_TOKEN_LEN, Position, TokenError};
+pub use topic::{TopicPartition, stream_type_of, topic_name};
 pub use upcast::{Upcaster, Upcasters};

@@ -8,8 +8,8 @@ use keel_kafka::{
     KafkaError, LogProducer, PartitionGate, PartitionReader, ensure_topics, partition_for,
 };
 use keel_schemas::{
-    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
-    headers,
+    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp,
+    TopicPartition, Writer, headers,
 };
 use keel_tests::{Broker, unique_prefix};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -318,9 +318,9 @@ async fn readers_sharing_one_consumer_each_get_only_their_partition_in_order() {
             .await
             .unwrap();
     }
-    let wanted: Vec<(String, i32, i64)> = topics
+    let wanted: Vec<(TopicPartition, i64)> = topics
         .iter()
-        .flat_map(|t| (0..3).map(move |p| (t.clone(), p, 1)))
+        .flat_map(|t| (0..3).map(move |p| (TopicPartition::new(t.clone(), p), 1)))
         .collect();
     let readers = PartitionReader::open_many(&settings, &wanted).unwrap();
     assert_eq!(readers.len(), 6);
@@ -342,7 +342,10 @@ async fn readers_sharing_one_consumer_each_get_only_their_partition_in_order() {
         assert_eq!(got, expected, "{topic}/{partition} from offset 1");
     }
     // A partition asked for twice is refused: the two readers would share its queue.
-    let twice = [(topics[0].clone(), 0, 0), (topics[0].clone(), 0, 5)];
+    let twice = [
+        (TopicPartition::new(topics[0].clone(), 0), 0),
+        (TopicPartition::new(topics[0].clone(), 0), 5),
+    ];
     assert!(matches!(
         PartitionReader::open_many(&settings, &twice),
         Err(KafkaError::Reader(_))

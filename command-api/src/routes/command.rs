@@ -161,7 +161,7 @@ async fn dispatch<A: Aggregate>(
             mpsc::error::TrySendError::Closed(_) => ApiError::Unavailable("shutting down".into()),
         })?;
     match tokio::time::timeout(state.request_timeout, answer).await {
-        Ok(Ok(result)) => result,
+        Ok(Ok(result)) => result.map_err(ApiError::from),
         Ok(Err(_)) => Err(ApiError::Unavailable(
             "the partition's owner stopped; retry with the same Idempotency-Key".into(),
         )),

@@ -1,5 +1,6 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use keel_views::ProjectionSpec;
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -11,18 +12,8 @@ pub struct AuditLog;
 
 #[async_trait]
 impl Projection for AuditLog {
-    fn name(&self) -> &'static str {
-        "audit_log"
-    }
-    fn version(&self) -> i32 {
-        // 2: the commit's signature (key id and value) is kept with each event.
-        2
-    }
-    fn stream_types(&self) -> &'static [&'static str] {
-        &keel_domain::STREAM_TYPES
-    }
-    fn tables(&self) -> &'static [&'static str] {
-        &["audit_log"]
+    fn spec(&self) -> &'static ProjectionSpec {
+        &keel_views::AUDIT_LOG
     }
 
     async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error> {

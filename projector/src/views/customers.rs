@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_domain::customer::CustomerEvent;
 use keel_domain::order::OrderEvent;
+use keel_views::ProjectionSpec;
 use serde_json::Value;
 use sqlx::PgConnection;
 
@@ -48,17 +49,8 @@ impl Row {
 
 #[async_trait]
 impl Projection for Customers {
-    fn name(&self) -> &'static str {
-        "customers"
-    }
-    fn version(&self) -> i32 {
-        1
-    }
-    fn stream_types(&self) -> &'static [&'static str] {
-        &["customer", "order"]
-    }
-    fn tables(&self) -> &'static [&'static str] {
-        &["customers", "customer_orders"]
+    fn spec(&self) -> &'static ProjectionSpec {
+        &keel_views::CUSTOMERS
     }
 
     async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error> {

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use chrono::NaiveDate;
 use keel_domain::order::OrderEvent;
+use keel_views::ProjectionSpec;
 use sqlx::PgConnection;
 
 use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
@@ -14,17 +15,8 @@ pub struct DailySales;
 
 #[async_trait]
 impl Projection for DailySales {
-    fn name(&self) -> &'static str {
-        "daily_sales"
-    }
-    fn version(&self) -> i32 {
-        1
-    }
-    fn stream_types(&self) -> &'static [&'static str] {
-        &["order"]
-    }
-    fn tables(&self) -> &'static [&'static str] {
-        &["daily_sales"]
+    fn spec(&self) -> &'static ProjectionSpec {
+        &keel_views::DAILY_SALES
     }
 
     async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error> {

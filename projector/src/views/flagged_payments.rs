@@ -1,5 +1,6 @@
 use async_trait::async_trait;
 use keel_domain::order::OrderEvent;
+use keel_views::ProjectionSpec;
 use sqlx::PgConnection;
 
 use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
@@ -12,17 +13,8 @@ pub struct FlaggedPayments;
 
 #[async_trait]
 impl Projection for FlaggedPayments {
-    fn name(&self) -> &'static str {
-        "flagged_payments"
-    }
-    fn version(&self) -> i32 {
-        1
-    }
-    fn stream_types(&self) -> &'static [&'static str] {
-        &["order"]
-    }
-    fn tables(&self) -> &'static [&'static str] {
-        &["flagged_payments"]
+    fn spec(&self) -> &'static ProjectionSpec {
+        &keel_views::FLAGGED_PAYMENTS
     }
 
     async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error> {

@@ -29,3 +29,13 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(AuditLog),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_projection_of_the_read_contract_is_implemented_once() {
+        let names: Vec<&str> = super::all().iter().map(|p| p.name()).collect();
+        let contract: Vec<&str> = keel_views::PROJECTIONS.iter().map(|p| p.name).collect();
+        assert_eq!(names, contract);
+    }
+}

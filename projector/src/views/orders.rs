@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_domain::order::{OrderEvent, OrderStatus};
+use keel_views::ProjectionSpec;
 use serde_json::Value;
 use sqlx::PgConnection;
 
@@ -31,17 +32,8 @@ struct Row {
 
 #[async_trait]
 impl Projection for Orders {
-    fn name(&self) -> &'static str {
-        "orders"
-    }
-    fn version(&self) -> i32 {
-        1
-    }
-    fn stream_types(&self) -> &'static [&'static str] {
-        &["order"]
-    }
-    fn tables(&self) -> &'static [&'static str] {
-        &["orders"]
+    fn spec(&self) -> &'static ProjectionSpec {
+        &keel_views::ORDERS
     }
 
     async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error> {

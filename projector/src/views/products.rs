@@ -3,6 +3,7 @@ use std::collections::{BTreeMap, HashMap};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_domain::product::ProductEvent;
+use keel_views::ProjectionSpec;
 use serde_json::Value;
 use sqlx::PgConnection;
 
@@ -27,17 +28,8 @@ struct Row {
 
 #[async_trait]
 impl Projection for Products {
-    fn name(&self) -> &'static str {
-        "products"
-    }
-    fn version(&self) -> i32 {
-        1
-    }
-    fn stream_types(&self) -> &'static [&'static str] {
-        &["product"]
-    }
-    fn tables(&self) -> &'static [&'static str] {
-        &["products"]
+    fn spec(&self) -> &'static ProjectionSpec {
+        &keel_views::PRODUCTS
     }
 
     async fn create(&self, db: &mut PgConnection, generation: i32) -> Result<(), sqlx::Error> {

@@ -52,9 +52,9 @@ impl AppState {
     /// State over `pool`, listening for the projector's notifications.
     pub fn new(pool: PgPool) -> Self {
         let changes = consistency::spawn_listener(pool.clone());
-        let projections = projector::views::all()
+        let projections = keel_views::PROJECTIONS
             .iter()
-            .map(|p| (p.name(), p.stream_types()))
+            .map(|p| (p.name, p.stream_types))
             .collect();
         Self {
             pool,

@@ -1,4 +1,5 @@
-//! Logging set-up shared by every Keel binary (they all link this crate).
+//! What every Keel process shares about running: the logging set-up and the shutdown
+//! signal. The query API links this, not `keel-kafka`: it reads PostgreSQL only.
 
 use std::io::IsTerminal;
 

@@ -1,0 +1,114 @@
+//! A partition log in memory, for tests that run the owner without a broker. Every handle
+//! of one log sees the same records; each reads from its own position, so several owners
+//! (a zombie and its successor, say) can share one partition.
+
+use std::sync::{Arc, Mutex};
+
+use keel_kafka::{KafkaError, LogEntry, record_headers};
+use tokio::sync::watch;
+
+use super::log::{Append, PartitionLog};
+
+struct Shared {
+    topic: String,
+    partition: i32,
+    records: Mutex<Vec<LogEntry>>,
+    /// The number of records, so readers can wait for more.
+    len: watch::Sender<usize>,
+}
+
+/// One partition's records in memory, and a reader's position in them.
+pub struct MemoryLog {
+    shared: Arc<Shared>,
+    next_offset: i64,
+}
+
+impl MemoryLog {
+    /// An empty partition `topic`/`partition`.
+    pub fn new(topic: &str, partition: i32) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                topic: topic.to_owned(),
+                partition,
+                records: Mutex::new(Vec::new()),
+                len: watch::Sender::new(0),
+            }),
+            next_offset: 0,
+        }
+    }
+
+    /// Another handle of the same partition, reading from offset 0.
+    pub fn handle(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            next_offset: 0,
+        }
+    }
+
+    /// Every record appended so far, in order.
+    pub fn entries(&self) -> Vec<LogEntry> {
+        self.records().clone()
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, Vec<LogEntry>> {
+        // A test that panicked while holding the lock has failed already.
+        self.shared
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl PartitionLog for MemoryLog {
+    fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    fn partition(&self) -> i32 {
+        self.shared.partition
+    }
+
+    fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    async fn end(&self) -> Result<i64, KafkaError> {
+        Ok(self.records().len() as i64)
+    }
+
+    async fn next(&mut self) -> Result<LogEntry, KafkaError> {
+        let mut len = self.shared.len.subscribe();
+        let wanted = self.next_offset as usize;
+        len.wait_for(|len| *len > wanted)
+            .await
+            .map_err(|_| KafkaError::Reader("the log is gone".into()))?;
+        let entry = self.records()[wanted].clone();
+        self.next_offset += 1;
+        Ok(entry)
+    }
+
+    async fn append(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
+        let mut log = self.records();
+        let offsets = records
+            .iter()
+            .map(|(key, record, traceparent)| {
+                let offset = log.len() as i64;
+                log.push(LogEntry {
+                    topic: self.shared.topic.clone(),
+                    partition: self.shared.partition,
+                    offset,
+                    key: Some(key.as_bytes().to_vec()),
+                    payload: record.encode(),
+                    headers: record_headers(record, *traceparent)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+                        .collect(),
+                    timestamp_ms: None,
+                });
+                Ok(offset)
+            })
+            .collect();
+        self.shared.len.send_replace(log.len());
+        offsets
+    }
+}

@@ -1,0 +1,29 @@
+//! The partition owner: the one task that decides and appends the commands of one
+//! partition, as DESIGN.md's "Writing" describes. It knows nothing of HTTP: it answers
+//! with an [`Outcome`] or an [`OwnerError`], and talks to the log through
+//! [`PartitionLog`], which Kafka implements in production and [`MemoryLog`] in tests.
+//!
+//! * [`task`]: taking the partition (catch up, fence, read up to the fence), following the
+//!   log, and applying each record through the gate: the only place its state changes.
+//! * [`flush`]: the group commit: deciding waiting commands in order against the state
+//!   read plus the commits ahead of them, appending them together, reading them back, and
+//!   answering each one only if the gate accepted it.
+//! * [`idempotency`]: the `Idempotency-Key` of every commit in the partition, rebuilt from
+//!   the log, so a retry gets the original answer.
+//! * [`log`]: the narrow interface to the partition's log.
+
+mod flush;
+mod idempotency;
+mod log;
+#[cfg(any(test, feature = "testing"))]
+mod memory;
+mod outcome;
+mod task;
+#[cfg(test)]
+mod tests;
+
+pub use log::{Append, KafkaPartition, PartitionLog};
+#[cfg(any(test, feature = "testing"))]
+pub use memory::MemoryLog;
+pub use outcome::{CommandRequest, EventSummary, Outcome, OwnerError, RequestMeta};
+pub use task::{PartitionOwner, Status, StatusCell};

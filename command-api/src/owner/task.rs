@@ -1,0 +1,404 @@
+//! The owner's task: it takes the partition by reading it to the end through the gate,
+//! appending a fence with the next epoch, and reading up to its own fence; then it serves
+//! commands ([`super::flush`]) and follows the log between them.
+//!
+//! * Its state (stream states, versions, last hashes, idempotency keys) is built only from
+//!   what it reads from the log, never from what it meant to write: [`PartitionOwner::apply`]
+//!   is the only place it changes.
+//! * A produce or read error never leaves a half-state: the partition answers 503 until
+//!   it has re-read the log to its end.
+//! * A valid fence by another writer means it lost the partition: it answers 503 from then
+//!   on and never appends again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use keel_domain::Aggregate;
+use keel_kafka::{KafkaError, LogEntry, PartitionGate};
+use keel_schemas::{
+    CommitRecord, FenceRecord, LogRecord, Position, SigningKey, Timestamp, Writer, decode_event,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, instrument, warn};
+use uuid::Uuid;
+
+use super::idempotency::IdempotencyKeys;
+use super::log::PartitionLog;
+use super::outcome::{CommandRequest, EventSummary, Outcome, OwnerError};
+
+/// Commands decided and appended together at most.
+const MAX_FLUSH: usize = 512;
+
+/// The gate's verdict on each commit read, by commit id: accepted or not, and its offset.
+pub(super) type Verdicts = HashMap<Uuid, (bool, i64)>;
+
+/// Where a partition owner is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Reading the partition and fencing it.
+    Starting = 0,
+    /// Owns the partition and serves commands.
+    Serving = 1,
+    /// Re-reading the log after a broker error.
+    Recovering = 2,
+    /// Another writer fenced the partition: this instance no longer serves it.
+    Lost = 3,
+}
+
+impl Status {
+    fn from_u8(n: u8) -> Self {
+        match n {
+            1 => Status::Serving,
+            2 => Status::Recovering,
+            3 => Status::Lost,
+            _ => Status::Starting,
+        }
+    }
+
+    /// The status as a word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Starting => "starting",
+            Status::Serving => "serving",
+            Status::Recovering => "recovering",
+            Status::Lost => "lost",
+        }
+    }
+}
+
+/// A partition owner's status, shared with the readiness route.
+#[derive(Clone, Debug)]
+pub struct StatusCell {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    cell: Arc<AtomicU8>,
+}
+
+impl StatusCell {
+    fn new(topic: &str, partition: i32) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            partition,
+            cell: Arc::new(AtomicU8::new(Status::Starting as u8)),
+        }
+    }
+
+    /// The current status.
+    pub fn get(&self) -> Status {
+        Status::from_u8(self.cell.load(Ordering::Acquire))
+    }
+
+    pub(super) fn set(&self, status: Status) {
+        self.cell.store(status as u8, Ordering::Release);
+    }
+}
+
+/// A stream of the partition as read from the log.
+pub(super) struct Stream<A> {
+    pub(super) state: A,
+    pub(super) version: u64,
+    pub(super) last_hash: Option<String>,
+    pub(super) last_offset: Option<i64>,
+    /// Why this build cannot decide commands of the stream, if it cannot.
+    pub(super) unreadable: Option<String>,
+}
+
+impl<A: Default> Default for Stream<A> {
+    fn default() -> Self {
+        Self {
+            state: A::default(),
+            version: 0,
+            last_hash: None,
+            last_offset: None,
+            unreadable: None,
+        }
+    }
+}
+
+/// The owner of one partition of an aggregate's topic.
+pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
+    pub(super) topic: String,
+    pub(super) partition: i32,
+    instance: String,
+    pub(super) writer: Option<Writer>,
+    pub(super) gate: PartitionGate,
+    pub(super) streams: HashMap<String, Stream<A>>,
+    pub(super) keys: IdempotencyKeys,
+    pub(super) log: L,
+    pub(super) status: StatusCell,
+    timeout: Duration,
+    undecodable: u64,
+    pub(super) signing_key: Arc<SigningKey>,
+}
+
+impl<A: Aggregate, L: PartitionLog> PartitionOwner<A, L>
+where
+    A::Command: Send,
+{
+    /// An owner of the partition `log` holds (read from offset 0) that will fence it as
+    /// `instance`; `timeout` bounds each read it waits for.
+    pub fn new(
+        log: L,
+        instance: &str,
+        signing_key: Arc<SigningKey>,
+        timeout: Duration,
+    ) -> (Self, StatusCell) {
+        let (topic, partition) = (log.topic().to_owned(), log.partition());
+        let status = StatusCell::new(&topic, partition);
+        let owner = Self {
+            topic,
+            partition,
+            instance: instance.to_owned(),
+            writer: None,
+            gate: PartitionGate::new(),
+            streams: HashMap::new(),
+            keys: IdempotencyKeys::default(),
+            log,
+            status: status.clone(),
+            timeout,
+            undecodable: 0,
+            signing_key,
+        };
+        (owner, status)
+    }
+
+    /// Takes the partition, then serves commands from `requests` until the channel closes.
+    #[instrument(name = "partition_owner", skip_all, fields(topic = %self.topic, partition = self.partition))]
+    pub async fn run(mut self, mut requests: mpsc::Receiver<CommandRequest<A>>) {
+        loop {
+            match self.take_ownership().await {
+                Ok(()) => break,
+                Err(e) => {
+                    error!(error = %e, "could not take the partition; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                request = requests.recv() => {
+                    let Some(first) = request else { return };
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_FLUSH {
+                        match requests.try_recv() {
+                            Ok(request) => batch.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    self.flush(batch).await;
+                }
+                entry = self.log.next(), if self.status.get() != Status::Lost => match entry {
+                    Ok(entry) => {
+                        self.apply(&entry);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reading the partition failed");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn take_ownership(&mut self) -> Result<(), KafkaError> {
+        self.status.set(Status::Starting);
+        self.catch_up().await?;
+        let writer = Writer {
+            instance: self.instance.clone(),
+            epoch: self.gate.highest_epoch() + 1,
+        };
+        let fence = LogRecord::Fence(
+            FenceRecord {
+                writer: writer.clone(),
+                recorded_at: Timestamp::now(),
+                signature: None,
+            }
+            .signed(&self.signing_key),
+        );
+        let offset = self
+            .log
+            .append(&[("", &fence, None)])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(KafkaError::NotSent("the fence was not appended".into())))?;
+        self.writer = Some(writer.clone());
+        self.read_through(offset).await?;
+        if self.gate.owner() == Some(&writer) {
+            info!(
+                epoch = writer.epoch,
+                streams = self.streams.len(),
+                idempotency_keys = self.keys.len(),
+                "owning the partition"
+            );
+            self.status.set(Status::Serving);
+        } else {
+            warn!(owner = ?self.gate.owner(), "another writer fenced the partition first");
+            self.status.set(Status::Lost);
+        }
+        Ok(())
+    }
+
+    /// Reads to the current end of the partition; returns the verdicts of the commits read.
+    pub(super) async fn catch_up(&mut self) -> Result<Verdicts, KafkaError> {
+        let end = self.log.end().await?;
+        let mut entries = Vec::new();
+        while self.log.next_offset() < end {
+            let entry = tokio::time::timeout(self.timeout, self.log.next())
+                .await
+                .map_err(|_| {
+                    KafkaError::Timeout(format!(
+                        "reading {}/{} at offset {} towards {end}",
+                        self.topic,
+                        self.partition,
+                        self.log.next_offset()
+                    ))
+                })??;
+            entries.push(entry);
+        }
+        Ok(entries.iter().filter_map(|e| self.apply(e)).collect())
+    }
+
+    /// Reads until the record at `offset` has been applied.
+    pub(super) async fn read_through(&mut self, offset: i64) -> Result<Verdicts, KafkaError> {
+        let mut verdicts = HashMap::new();
+        while self.log.next_offset() <= offset {
+            let entry = tokio::time::timeout(self.timeout, self.log.next())
+                .await
+                .map_err(|_| KafkaError::Timeout(format!("reading back offset {offset}")))??;
+            verdicts.extend(self.apply(&entry));
+        }
+        Ok(verdicts)
+    }
+
+    /// Applies one record read from the log. The only place the owner's state changes.
+    fn apply(&mut self, entry: &LogEntry) -> Option<(Uuid, (bool, i64))> {
+        let record = match LogRecord::decode(&entry.payload) {
+            Ok(record) => record,
+            Err(e) => {
+                self.undecodable += 1;
+                warn!(offset = entry.offset, error = %e, "skipping a record that is not a Keel record");
+                return None;
+            }
+        };
+        let verdict = self.gate.admit(&record);
+        match (record, verdict) {
+            (LogRecord::Fence(fence), Ok(())) => {
+                if Some(&fence.writer) != self.writer.as_ref() && self.writer.is_some() {
+                    warn!(new_owner = ?fence.writer, "another writer fenced the partition: no longer serving it");
+                    self.status.set(Status::Lost);
+                }
+                None
+            }
+            (LogRecord::Fence(fence), Err(rejection)) => {
+                debug!(offset = entry.offset, writer = ?fence.writer, %rejection, "gate skipped a fence");
+                None
+            }
+            (LogRecord::Commit(commit), Ok(())) => {
+                let id = commit.commit_id;
+                self.apply_commit(&commit, entry.offset);
+                Some((id, (true, entry.offset)))
+            }
+            (LogRecord::Commit(commit), Err(rejection)) => {
+                info!(offset = entry.offset, stream = %commit.stream, %rejection, "gate skipped a commit");
+                Some((commit.commit_id, (false, entry.offset)))
+            }
+        }
+    }
+
+    fn apply_commit(&mut self, commit: &CommitRecord, offset: i64) {
+        let outcome = self.outcome_of(commit, offset);
+        let stream = self.streams.entry(commit.stream.id.clone()).or_default();
+        if commit.stream.stream_type != A::TYPE {
+            stream.unreadable = Some(format!(
+                "a commit of stream type {} is in this topic",
+                commit.stream.stream_type
+            ));
+        }
+        for envelope in &commit.events {
+            match decode_event::<A>(envelope) {
+                Ok(event) if stream.unreadable.is_none() => {
+                    stream.state = std::mem::take(&mut stream.state).evolve(&event);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    error!(stream = %commit.stream, version = envelope.version, error = %e, "event cannot be read by this build");
+                    stream.unreadable = Some(e.to_string());
+                }
+            }
+        }
+        stream.version = commit.next_version();
+        stream.last_hash = Some(commit.hash.clone());
+        stream.last_offset = Some(offset);
+        if let Some(key) = &commit.command.idempotency_key {
+            self.keys.remember(
+                (commit.stream.id.clone(), key.clone()),
+                commit.command.request_digest.clone(),
+                outcome,
+            );
+        }
+    }
+
+    pub(super) fn position(&self, offset: i64) -> Position {
+        Position {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+        }
+    }
+
+    /// The answer to the command of `commit`, read at `offset`.
+    pub(super) fn outcome_of(&self, commit: &CommitRecord, offset: i64) -> Outcome {
+        Outcome {
+            stream: commit.stream.clone(),
+            version: commit.next_version(),
+            events: commit
+                .events
+                .iter()
+                .map(|e| EventSummary {
+                    event_id: e.event_id,
+                    event_type: e.event_type.clone(),
+                    version: e.version,
+                })
+                .collect(),
+            position: Some(self.position(offset)),
+            // Only a stream's first commit opens it: every other command of an
+            // aggregate refuses a stream that does not exist.
+            created: commit.expected_version == 0,
+            replayed: false,
+        }
+    }
+
+    pub(super) fn unavailable(&self) -> OwnerError {
+        OwnerError::Unavailable(match self.status.get() {
+            Status::Lost => format!(
+                "this instance no longer owns {}/{}: another instance serves it",
+                self.topic, self.partition
+            ),
+            Status::Recovering => format!(
+                "{}/{} is recovering from a broker error",
+                self.topic, self.partition
+            ),
+            _ => format!("{}/{} is starting", self.topic, self.partition),
+        })
+    }
+
+    /// Re-reads the log to its end after an error, then serves again if still the owner.
+    pub(super) async fn recover(&mut self) -> Result<Verdicts, KafkaError> {
+        let verdicts = self.catch_up().await?;
+        if self.status.get() == Status::Recovering {
+            if self.gate.owner() == self.writer.as_ref() {
+                info!("recovered: serving again");
+                self.status.set(Status::Serving);
+            } else {
+                self.status.set(Status::Lost);
+            }
+        }
+        Ok(verdicts)
+    }
+}

@@ -1,0 +1,288 @@
+//! The partition owner against an in-memory log: no broker. Every answer is checked
+//! against the log itself, read through the gate as every reader reads it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_domain::DomainError;
+use keel_domain::ids::{OrderId, Quantity, Text};
+use keel_domain::money::{Currency, Money};
+use keel_domain::product::{Product, ProductCommand};
+use keel_kafka::PartitionGate;
+use keel_schemas::{LogRecord, SigningKey};
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn meta(command_type: &'static str, key: Option<&str>, if_match: Option<u64>) -> RequestMeta {
+    RequestMeta {
+        command_type,
+        idempotency_key: key.map(str::to_owned),
+        request_digest: key.map(|k| format!("digest-of-{k}")),
+        if_match,
+        actor: "alice".into(),
+        correlation_id: "corr-1".into(),
+        causation_id: None,
+        traceparent: None,
+    }
+}
+
+fn register() -> ProductCommand {
+    ProductCommand::RegisterProduct {
+        name: Text::parse("name", "Lamp").unwrap(),
+        price: Money::new(1999, Currency::parse("EUR").unwrap()).unwrap(),
+    }
+}
+
+fn restock(n: u64) -> ProductCommand {
+    ProductCommand::Restock {
+        quantity: Quantity::parse("quantity", n).unwrap(),
+    }
+}
+
+fn reserve(order: &str, n: u64) -> ProductCommand {
+    ProductCommand::ReserveStock {
+        order_id: OrderId::parse(order).unwrap(),
+        quantity: Quantity::parse("quantity", n).unwrap(),
+    }
+}
+
+/// An owner of `log` running on its own task, and the channel to it.
+fn start(log: MemoryLog, instance: &str) -> (mpsc::Sender<CommandRequest<Product>>, StatusCell) {
+    let (owner, status) =
+        PartitionOwner::<Product, _>::new(log, instance, Arc::new(SigningKey::generate()), TIMEOUT);
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(owner.run(rx));
+    (tx, status)
+}
+
+async fn serving(status: &StatusCell) {
+    tokio::time::timeout(TIMEOUT, async {
+        while status.get() != Status::Serving {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the owner took the partition");
+}
+
+async fn send(
+    owner: &mpsc::Sender<CommandRequest<Product>>,
+    stream: &str,
+    command: ProductCommand,
+    meta: RequestMeta,
+) -> Result<Outcome, OwnerError> {
+    let (reply, answer) = oneshot::channel();
+    owner
+        .send(CommandRequest {
+            stream_id: stream.into(),
+            command,
+            meta,
+            reply,
+        })
+        .await
+        .expect("the owner is running");
+    tokio::time::timeout(TIMEOUT, answer)
+        .await
+        .expect("answered in time")
+        .expect("answered")
+}
+
+/// The log folded through the gate: each accepted commit's stream, version after it and
+/// offset; and how many records the gate skipped.
+fn accepted(log: &MemoryLog) -> (Vec<(String, u64, i64)>, u64) {
+    let mut gate = PartitionGate::new();
+    let mut accepted = Vec::new();
+    for entry in log.entries() {
+        let record = LogRecord::decode(&entry.payload).expect("a Keel record");
+        if gate.admit(&record).is_ok()
+            && let LogRecord::Commit(commit) = record
+        {
+            accepted.push((
+                commit.stream.id.clone(),
+                commit.next_version(),
+                entry.offset,
+            ));
+        }
+    }
+    (accepted, gate.rejected())
+}
+
+#[tokio::test]
+async fn the_owner_decides_appends_and_acknowledges_what_the_log_accepted() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, status) = start(log.handle(), "cmd-a");
+    serving(&status).await;
+
+    let created = send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", Some("k-1"), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (created.version, created.created, created.replayed),
+        (1, true, false)
+    );
+    assert_eq!(created.events.len(), 1);
+
+    // A retry with the same key gets the original answer; another request with it is refused.
+    let replayed = send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", Some("k-1"), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        replayed,
+        Outcome {
+            replayed: true,
+            ..created.clone()
+        }
+    );
+    let mut other = meta("RegisterProduct", Some("k-1"), None);
+    other.request_digest = Some("another request".into());
+    assert_eq!(
+        send(&owner, "p-1", register(), other).await,
+        Err(OwnerError::IdempotencyKeyReused)
+    );
+
+    // If-Match on another version, and a domain rule, append nothing.
+    assert_eq!(
+        send(&owner, "p-1", restock(5), meta("Restock", None, Some(7))).await,
+        Err(OwnerError::VersionMismatch {
+            expected: 7,
+            actual: 1
+        })
+    );
+    let restocked = send(&owner, "p-1", restock(5), meta("Restock", None, Some(1)))
+        .await
+        .unwrap();
+    assert_eq!((restocked.version, restocked.created), (2, false));
+    assert!(matches!(
+        send(
+            &owner,
+            "p-1",
+            reserve("o-1", 6),
+            meta("ReserveStock", None, None)
+        )
+        .await,
+        Err(OwnerError::Domain(DomainError::InsufficientStock { .. }))
+    ));
+    assert!(matches!(
+        send(&owner, "p-2", restock(1), meta("Restock", None, None)).await,
+        Err(OwnerError::Domain(DomainError::ProductNotRegistered))
+    ));
+
+    // The log holds the fence and exactly the two acknowledged commits, all accepted.
+    let (commits, skipped) = accepted(&log);
+    assert_eq!(skipped, 0);
+    let at = |o: &Outcome| o.position.as_ref().map(|p| p.offset).unwrap();
+    assert_eq!(
+        commits,
+        vec![
+            ("p-1".into(), 1, at(&created)),
+            ("p-1".into(), 2, at(&restocked))
+        ]
+    );
+    assert_eq!(log.entries().len(), 3);
+}
+
+#[tokio::test]
+async fn a_group_commit_decides_each_command_on_the_ones_ahead_of_it() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, status) = start(log.handle(), "cmd-a");
+    serving(&status).await;
+    send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .unwrap();
+    // Sent together, so they are decided in one flush: the reservation sees the restock.
+    let (a, b) = tokio::join!(
+        send(&owner, "p-1", restock(10), meta("Restock", None, None)),
+        send(
+            &owner,
+            "p-1",
+            reserve("o-1", 10),
+            meta("ReserveStock", None, None)
+        ),
+    );
+    assert_eq!(a.unwrap().version, 2);
+    assert_eq!(b.unwrap().version, 3);
+    let (commits, skipped) = accepted(&log);
+    assert_eq!(skipped, 0);
+    assert_eq!(
+        commits.iter().map(|(_, v, _)| *v).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
+
+#[tokio::test]
+async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_from_the_log() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (first, first_status) = start(log.handle(), "cmd-a");
+    serving(&first_status).await;
+    send(
+        &first,
+        "p-1",
+        register(),
+        meta("RegisterProduct", Some("k-1"), None),
+    )
+    .await
+    .unwrap();
+
+    // A second owner fences the partition with the next epoch and serves it.
+    let (second, second_status) = start(log.handle(), "cmd-b");
+    serving(&second_status).await;
+    let restocked = send(&second, "p-1", restock(3), meta("Restock", None, Some(1)))
+        .await
+        .unwrap();
+    assert_eq!(restocked.version, 2);
+    // The key the first owner recorded is known to the second: rebuilt from the log.
+    assert!(
+        send(
+            &second,
+            "p-1",
+            register(),
+            meta("RegisterProduct", Some("k-1"), None)
+        )
+        .await
+        .unwrap()
+        .replayed
+    );
+
+    // The first owner has seen the newer fence: it refuses, and appends nothing.
+    tokio::time::timeout(TIMEOUT, async {
+        while first_status.get() != Status::Lost {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the first owner noticed the fence");
+    let before = log.entries().len();
+    assert!(matches!(
+        send(&first, "p-1", restock(1), meta("Restock", None, None)).await,
+        Err(OwnerError::Unavailable(_))
+    ));
+    assert_eq!(log.entries().len(), before);
+
+    let (commits, skipped) = accepted(&log);
+    assert_eq!(skipped, 0);
+    assert_eq!(
+        commits
+            .iter()
+            .map(|(s, v, _)| (s.as_str(), *v))
+            .collect::<Vec<_>>(),
+        vec![("p-1", 1), ("p-1", 2)]
+    );
+}

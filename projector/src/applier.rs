@@ -1,0 +1,264 @@
+//! The batch transaction: a batch of records goes through the partition gate, and its
+//! events are applied to one generation of a projection in one PostgreSQL transaction
+//! that also saves the checkpoints, the gate's state, the dead letters and the batch's
+//! report. A crash anywhere replays nothing twice and loses nothing.
+
+use keel_schemas::TopicPartition;
+use tracing::warn;
+
+use crate::checkpoint::Checkpoints;
+use crate::dead_letter::{self, DeadLetter};
+use crate::decode::Decoded;
+use crate::generation::{self, BatchReport, GenerationChanged, Mode};
+use crate::job::{Job, OnError};
+use crate::{BoxFuture, generation::live};
+
+/// What a batch left the projection doing.
+pub(crate) enum Flow {
+    /// Go on.
+    Continue,
+    /// A dead letter stopped it.
+    Stopped,
+}
+
+/// Applies batches of records to one generation of a projection, through the gate, each
+/// in a transaction that also advances the generation's checkpoints.
+pub(crate) struct Applier<'j> {
+    job: &'j Job,
+    generation: i32,
+    mode: Mode,
+    checkpoints: Checkpoints,
+    events: u64,
+}
+
+impl<'j> Applier<'j> {
+    /// Loads the checkpoints and the gate state of every partition the projection reads.
+    pub(crate) async fn load(job: &'j Job, generation: i32, mode: Mode) -> anyhow::Result<Self> {
+        let checkpoints = Self::load_checkpoints(job, generation).await?;
+        Ok(Self {
+            job,
+            generation,
+            mode,
+            checkpoints,
+            events: 0,
+        })
+    }
+
+    async fn load_checkpoints(job: &Job, generation: i32) -> anyhow::Result<Checkpoints> {
+        let partitions = job.projection.stream_types().iter().flat_map(|t| {
+            let topic = job.kafka.topic(t);
+            (0..job.kafka.partitions).map(move |p| TopicPartition::new(topic.clone(), p))
+        });
+        Checkpoints::load(
+            &job.pool,
+            job.name(),
+            generation,
+            partitions,
+            job.options.snapshot_every,
+        )
+        .await
+    }
+
+    async fn reload(&mut self) -> anyhow::Result<()> {
+        self.checkpoints = Self::load_checkpoints(self.job, self.generation).await?;
+        Ok(())
+    }
+
+    /// Where to start reading each partition.
+    pub(crate) fn assignment(&self) -> Vec<(TopicPartition, i64)> {
+        self.checkpoints.assignment()
+    }
+
+    /// The next offset of a partition.
+    pub(crate) fn next_offset(&self, at: &TopicPartition) -> i64 {
+        self.checkpoints.next_offset(at)
+    }
+
+    /// Events applied by this applier.
+    pub(crate) fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Records read so far over every partition.
+    pub(crate) fn records_done(&self) -> i64 {
+        self.checkpoints.records_done()
+    }
+
+    /// Applies a batch. A batch that fails to apply is retried record by record, and the
+    /// record that cannot be applied becomes a dead letter.
+    pub(crate) async fn apply(&mut self, batch: &[Decoded]) -> anyhow::Result<Flow> {
+        if batch.is_empty() {
+            return Ok(Flow::Continue);
+        }
+        match self.apply_batch(batch).await {
+            Err(e) if is_apply_error(&e) => {
+                // A generation dropped by a swap fails to apply too: that is no dead letter.
+                self.ensure_live().await?;
+                warn!(error = %format!("{e:#}"), "a batch failed to apply; retrying record by record");
+                self.reload().await?;
+                for decoded in batch {
+                    match self.apply_batch(std::slice::from_ref(decoded)).await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Stopped) => return Ok(Flow::Stopped),
+                        Err(e) if is_apply_error(&e) => {
+                            self.ensure_live().await?;
+                            self.reload().await?;
+                            if let Flow::Stopped =
+                                self.dead_letter_alone(decoded, format!("{e:#}")).await?
+                            {
+                                return Ok(Flow::Stopped);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Flow::Continue)
+            }
+            other => other,
+        }
+    }
+
+    /// In live mode, fails with [`GenerationChanged`] when the generation is no longer live.
+    async fn ensure_live(&self) -> anyhow::Result<()> {
+        if self.mode == Mode::Rebuild {
+            return Ok(());
+        }
+        if live(&self.job.pool, self.job.name()).await? == Some(self.generation) {
+            Ok(())
+        } else {
+            Err(GenerationChanged(self.generation).into())
+        }
+    }
+
+    /// Puts the records through the gate and applies their events in one transaction that
+    /// also advances the checkpoints.
+    async fn apply_batch(&mut self, batch: &[Decoded]) -> anyhow::Result<Flow> {
+        let on_error = self.job.options.on_error;
+        let mut events = Vec::new();
+        let mut dead = Vec::new();
+        let mut stopped = false;
+        for decoded in batch {
+            let entry = &decoded.entry;
+            let Some(state) = self
+                .checkpoints
+                .partition_mut(&entry.topic, entry.partition)
+            else {
+                continue;
+            };
+            if entry.offset < state.next_offset {
+                continue;
+            }
+            match decoded.admit(state) {
+                Ok(admitted) => {
+                    events.extend(admitted);
+                    state.next_offset = entry.offset + 1;
+                    state.touched = true;
+                }
+                Err(error) => {
+                    warn!(topic = %entry.topic, partition = entry.partition, offset = entry.offset, %error, "dead letter");
+                    state.touched = true;
+                    dead.push(DeadLetter {
+                        entry: entry.clone(),
+                        error,
+                    });
+                    if on_error == OnError::Stop {
+                        stopped = true;
+                        break;
+                    }
+                    decoded.pass_over(state);
+                }
+            }
+        }
+        let mut tx = self.job.pool.begin().await?;
+        self.job
+            .projection
+            .apply(&mut tx, self.generation, &events)
+            .await
+            .map_err(ApplyError)?;
+        self.save(&mut tx, &dead, events.len(), stopped).await?;
+        tx.commit().await?;
+        self.events += events.len() as u64;
+        self.checkpoints.committed();
+        Ok(if stopped {
+            Flow::Stopped
+        } else {
+            Flow::Continue
+        })
+    }
+
+    /// Records a record that failed to apply on its own, in a transaction of its own.
+    async fn dead_letter_alone(
+        &mut self,
+        decoded: &Decoded,
+        error: String,
+    ) -> anyhow::Result<Flow> {
+        let dead = DeadLetter {
+            entry: decoded.entry.clone(),
+            error,
+        };
+        warn!(topic = %dead.entry.topic, partition = dead.entry.partition, offset = dead.entry.offset,
+              error = %dead.error, "dead letter");
+        let stopped = self.job.options.on_error == OnError::Stop;
+        if let Some(state) = self
+            .checkpoints
+            .partition_mut(&dead.entry.topic, dead.entry.partition)
+        {
+            state.touched = true;
+            if !stopped {
+                decoded.pass_over(state);
+            }
+        }
+        let mut tx = self.job.pool.begin().await?;
+        self.save(&mut tx, std::slice::from_ref(&dead), 0, stopped)
+            .await?;
+        tx.commit().await?;
+        self.checkpoints.committed();
+        Ok(if stopped {
+            Flow::Stopped
+        } else {
+            Flow::Continue
+        })
+    }
+
+    /// Writes checkpoints, gate state, dead letters and the batch's report; in live mode
+    /// also notifies on commit.
+    ///
+    /// Boxed: a `Send` future over `&mut PgConnection` has to be checked where its lifetimes
+    /// are concrete (rust-lang/rust#102211).
+    fn save<'a>(
+        &'a self,
+        tx: &'a mut sqlx::PgConnection,
+        dead: &'a [DeadLetter],
+        events: usize,
+        stopped: bool,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let (name, generation) = (self.job.name(), self.generation);
+            self.checkpoints.save(tx).await?;
+            dead_letter::record(tx, name, generation, dead, !stopped).await?;
+            let stopped = dead.last().filter(|_| stopped).map(DeadLetter::stop_reason);
+            generation::record_batch(
+                tx,
+                BatchReport {
+                    events,
+                    stopped,
+                    records_done: self.records_done(),
+                    mode: self.mode,
+                    projection: name,
+                    generation,
+                },
+            )
+            .await
+        })
+    }
+}
+
+/// An error the projection's own statements raised: the batch holds a record it cannot apply.
+#[derive(Debug, thiserror::Error)]
+#[error("applying the batch: {0}")]
+struct ApplyError(sqlx::Error);
+
+fn is_apply_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ApplyError>()
+        .is_some_and(|ApplyError(inner)| matches!(inner, sqlx::Error::Database(_)))
+}

@@ -1,0 +1,117 @@
+//! Records as a projection reads them: decoded, with their events upcast, as far as that
+//! can be done without the partition's gate state (that part runs beside the previous
+//! batch's statements), then put through the gate.
+
+use std::sync::Arc;
+
+use keel_domain::Aggregate;
+use keel_domain::customer::Customer;
+use keel_domain::order::Order;
+use keel_domain::product::Product;
+use keel_kafka::LogEntry;
+use keel_schemas::{CommitRecord, FenceRecord, LogRecord, decode_event};
+
+use crate::checkpoint::PartitionState;
+use crate::projection::{AnyEvent, ProjectedEvent};
+
+/// A record read from the log, decoded as far as it can be without its partition's gate
+/// state.
+pub(crate) struct Decoded {
+    pub(crate) entry: LogEntry,
+    parsed: Result<Parsed, String>,
+}
+
+enum Parsed {
+    Fence(FenceRecord),
+    /// A commit with its events decoded and upcast, or why they cannot be.
+    Commit(Arc<CommitRecord>, Result<Vec<AnyEvent>, String>),
+}
+
+impl Decoded {
+    /// Decodes the record and, for a commit, its events.
+    pub(crate) fn new(entry: LogEntry) -> Self {
+        let parsed = LogRecord::decode(&entry.payload)
+            .map_err(|e| e.to_string())
+            .map(|record| match record {
+                LogRecord::Fence(fence) => Parsed::Fence(fence),
+                LogRecord::Commit(commit) => {
+                    let events = decode_events(&commit);
+                    Parsed::Commit(Arc::new(commit), events)
+                }
+            });
+        Self { entry, parsed }
+    }
+
+    /// Puts the record through its partition's gate: the events it contributes, or why it
+    /// cannot be read. A record the gate skips contributes nothing and is no error.
+    pub(crate) fn admit(&self, state: &mut PartitionState) -> Result<Vec<ProjectedEvent>, String> {
+        let (commit, events) = match &self.parsed {
+            Err(e) => return Err(e.clone()),
+            Ok(Parsed::Fence(fence)) => {
+                let _ = state.gate.admit_fence(fence);
+                return Ok(Vec::new());
+            }
+            Ok(Parsed::Commit(commit, events)) => (commit, events),
+        };
+        if state.gate.commit_verdict(commit).is_err() {
+            let _ = state.gate.admit_commit(commit);
+            return Ok(Vec::new());
+        }
+        let events = events.as_ref().map_err(Clone::clone)?;
+        let _ = state.gate.admit_commit(commit);
+        state.touched_streams.insert(commit.stream.clone());
+        let entry = &self.entry;
+        Ok(events
+            .iter()
+            .enumerate()
+            .map(|(index, event)| ProjectedEvent {
+                topic: entry.topic.clone(),
+                partition: entry.partition,
+                offset: entry.offset,
+                index,
+                commit: Arc::clone(commit),
+                event: event.clone(),
+            })
+            .collect())
+    }
+
+    /// Moves past a dead-lettered record: the gate takes it as every other reader does.
+    pub(crate) fn pass_over(&self, state: &mut PartitionState) {
+        match &self.parsed {
+            Ok(Parsed::Fence(fence)) => {
+                let _ = state.gate.admit_fence(fence);
+            }
+            Ok(Parsed::Commit(commit, _)) => {
+                if state.gate.admit_commit(commit).is_ok() {
+                    state.touched_streams.insert(commit.stream.clone());
+                }
+            }
+            Err(_) => {}
+        }
+        state.next_offset = self.entry.offset + 1;
+    }
+}
+
+fn decode_events(commit: &CommitRecord) -> Result<Vec<AnyEvent>, String> {
+    commit
+        .events
+        .iter()
+        .enumerate()
+        .map(|(index, envelope)| {
+            match commit.stream.stream_type.as_str() {
+                t if t == Product::TYPE => decode_event::<Product>(envelope).map(AnyEvent::Product),
+                t if t == Customer::TYPE => {
+                    decode_event::<Customer>(envelope).map(AnyEvent::Customer)
+                }
+                t if t == Order::TYPE => decode_event::<Order>(envelope).map(AnyEvent::Order),
+                other => return Err(format!("unknown stream type {other:?}")),
+            }
+            .map_err(|e| {
+                format!(
+                    "event {} of {} (version {}): {e}",
+                    index, commit.stream, envelope.version
+                )
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,250 @@
+//! Generations: each projection's tables exist once per generation (`<table>_g<N>`), one
+//! generation is live and seen through views under the plain table names, and a rebuild
+//! fills the next one beside it. This file prepares the live generation, points the views,
+//! records each batch's progress against its generation, and drops generations no longer
+//! wanted.
+
+use anyhow::Context;
+use keel_views::NOTIFY_CHANNEL;
+use sqlx::{PgConnection, PgPool};
+
+use crate::projection::{Projection, create_indexes, execute_script, table};
+use crate::{BoxFuture, checkpoint, dead_letter};
+
+/// Which generation a batch applies to, and so what it reports to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The live generation: reports to `keel_projections`, notifies waiting queries, and
+    /// fails with [`GenerationChanged`] once a rebuild has swapped another generation in.
+    Live,
+    /// A generation being rebuilt: reports to `keel_rebuilds`; nobody reads it yet.
+    Rebuild,
+}
+
+/// The live generation is no longer the one this runner applies: a rebuild swapped in.
+#[derive(Debug, thiserror::Error)]
+#[error("generation {0} is no longer live: a rebuild swapped another generation in")]
+pub(crate) struct GenerationChanged(pub(crate) i32);
+
+/// The live generation of a projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Live {
+    /// Its number.
+    pub generation: i32,
+    /// The code version its tables were built with.
+    pub code_version: i32,
+}
+
+/// Makes sure the projection has a live generation with its tables and views; returns it.
+pub fn prepare<'a>(
+    pool: &'a PgPool,
+    projection: &'a dyn Projection,
+) -> BoxFuture<'a, anyhow::Result<Live>> {
+    Box::pin(prepare_inner(pool, projection))
+}
+
+async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Result<Live> {
+    let mut tx = pool.begin().await?;
+    // Serialises with a rebuild's swap, which takes the same lock.
+    lock(&mut tx, projection.name()).await?;
+    let row: Option<(i32, i32)> =
+        sqlx::query_as("SELECT generation, code_version FROM keel_projections WHERE name = $1")
+            .bind(projection.name())
+            .fetch_optional(&mut *tx)
+            .await?;
+    let live = match row {
+        Some((generation, code_version)) => Live {
+            generation,
+            code_version,
+        },
+        None => {
+            sqlx::query(
+                "INSERT INTO keel_projections (name, generation, code_version) VALUES ($1, 1, $2)",
+            )
+            .bind(projection.name())
+            .bind(projection.version())
+            .execute(&mut *tx)
+            .await?;
+            Live {
+                generation: 1,
+                code_version: projection.version(),
+            }
+        }
+    };
+    let generation = live.generation;
+    create_tables(&mut tx, projection, generation).await?;
+    create_indexes(&mut tx, projection, generation)
+        .await
+        .with_context(|| format!("indexing {} generation {generation}", projection.name()))?;
+    point_views(&mut tx, projection, generation).await?;
+    tx.commit().await?;
+    Ok(live)
+}
+
+/// Takes the projection's transaction lock: preparing the live generation and a swap hold
+/// it, so neither sees the other half done.
+pub(crate) async fn lock(tx: &mut PgConnection, projection: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(projection)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// The live generation's number, if the projection has one.
+pub(crate) async fn live(pool: &PgPool, projection: &str) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
+        .bind(projection)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Creates the tables of `generation` (primary keys only).
+pub(crate) fn create_tables<'a>(
+    tx: &'a mut PgConnection,
+    projection: &'a dyn Projection,
+    generation: i32,
+) -> BoxFuture<'a, anyhow::Result<()>> {
+    Box::pin(async move {
+        projection
+            .create(tx, generation)
+            .await
+            .with_context(|| format!("creating generation {generation} of {}", projection.name()))
+    })
+}
+
+/// Points the projection's views at the tables of `generation`.
+pub(crate) async fn point_views(
+    tx: &mut PgConnection,
+    projection: &dyn Projection,
+    generation: i32,
+) -> anyhow::Result<()> {
+    for t in projection.tables() {
+        execute_script(
+            tx,
+            &format!(
+                "DROP VIEW IF EXISTS {t}; CREATE VIEW {t} AS SELECT * FROM {}",
+                table(t, generation)
+            ),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// What one batch did, as its generation's row records it.
+pub(crate) struct BatchReport<'a> {
+    /// Events applied.
+    pub(crate) events: usize,
+    /// Why the projection stopped, when a dead letter stopped it.
+    pub(crate) stopped: Option<String>,
+    /// Records read so far over every partition (a rebuild's progress).
+    pub(crate) records_done: i64,
+    /// Where the batch applied.
+    pub(crate) mode: Mode,
+    /// The projection.
+    pub(crate) projection: &'a str,
+    /// Its generation.
+    pub(crate) generation: i32,
+}
+
+/// Records a batch against its generation in the batch's transaction `tx`. For the live
+/// generation this is also the check that it is still live (a swap that committed first
+/// makes this match nothing, and one that waits sees this batch first), and it notifies
+/// waiting queries on commit.
+pub(crate) async fn record_batch(
+    tx: &mut PgConnection,
+    report: BatchReport<'_>,
+) -> anyhow::Result<()> {
+    let BatchReport {
+        events,
+        stopped,
+        records_done,
+        mode,
+        projection,
+        generation,
+    } = report;
+    let state_word = stopped.as_ref().map_or("running", |_| "stopped");
+    match mode {
+        Mode::Live => {
+            let updated = sqlx::query(
+                "UPDATE keel_projections SET events = events + $2, state = $3, error = $4, updated_at = now()
+                 WHERE name = $1 AND generation = $5",
+            )
+            .bind(projection)
+            .bind(events as i64)
+            .bind(state_word)
+            .bind(&stopped)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() == 0 {
+                return Err(GenerationChanged(generation).into());
+            }
+            notify(tx, projection).await?;
+        }
+        Mode::Rebuild => {
+            let updated = sqlx::query(
+                "UPDATE keel_rebuilds SET events = events + $2, state = $3, error = $4, records_done = $5,
+                    updated_at = now()
+                 WHERE projection = $1 AND generation = $6",
+            )
+            .bind(projection)
+            .bind(events as i64)
+            .bind(if stopped.is_some() { "stopped" } else { "building" })
+            .bind(&stopped)
+            .bind(records_done)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+            anyhow::ensure!(
+                updated.rows_affected() == 1,
+                "the rebuild of generation {generation} is no longer recorded; it was cancelled or finished elsewhere"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Tells waiting queries, when `tx` commits, that `projection` moved.
+pub(crate) async fn notify(tx: &mut PgConnection, projection: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(projection)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Drops a generation that is not live: its tables and its bookkeeping.
+pub(crate) async fn discard(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    generation: i32,
+) -> anyhow::Result<()> {
+    let name = projection.name();
+    let mut tx = pool.begin().await?;
+    let live: Option<i32> =
+        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR SHARE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    anyhow::ensure!(
+        live != Some(generation),
+        "refusing to drop generation {generation} of {name}: it is live"
+    );
+    for t in projection.tables() {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(t, generation)))
+            .execute(&mut *tx)
+            .await?;
+    }
+    checkpoint::discard(&mut tx, name, generation).await?;
+    dead_letter::discard(&mut tx, name, generation).await?;
+    sqlx::query("DELETE FROM keel_rebuilds WHERE projection = $1 AND generation = $2")
+        .bind(name)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! A projection with what it runs on: the database, the Kafka settings and how batches
+//! are applied. What the runner and a rebuild share.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_kafka::KafkaSettings;
+use sqlx::PgPool;
+
+use crate::projection::Projection;
+
+/// What a projection does with a record it cannot decode or apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnError {
+    /// Record it as a dead letter and stop the projection (the default).
+    Stop,
+    /// Record it as a dead letter, count it, and go on.
+    Skip,
+}
+
+/// How a projection runs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// What to do with a record that cannot be decoded or applied.
+    pub on_error: OnError,
+    /// Most records per transaction.
+    pub batch_size: usize,
+    /// How long a batch waits for more records after its first.
+    pub linger: Duration,
+    /// Batch rows of a partition's gate state between two snapshots of it.
+    pub snapshot_every: u32,
+}
+
+/// One projection, its database, its log and its options.
+#[derive(Clone)]
+pub struct Job {
+    /// The projection.
+    pub projection: Arc<dyn Projection>,
+    /// The database of its tables and checkpoints.
+    pub pool: PgPool,
+    /// Where its topics are.
+    pub kafka: KafkaSettings,
+    /// How it applies batches.
+    pub options: RunOptions,
+}
+
+impl Job {
+    /// A job of `projection`.
+    pub fn new(
+        projection: Arc<dyn Projection>,
+        pool: PgPool,
+        kafka: KafkaSettings,
+        options: RunOptions,
+    ) -> Self {
+        Self {
+            projection,
+            pool,
+            kafka,
+            options,
+        }
+    }
+
+    /// The projection's name.
+    pub fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+}

@@ -1,0 +1,56 @@
+//! The next batches, read and decoded by a task of their own while the current one is
+//! applied: the broker, the decoding and PostgreSQL work at the same time instead of in
+//! turn.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_kafka::{AbortOnDrop, LogReader};
+
+use crate::decode::Decoded;
+
+/// Batches read ahead of the one being applied.
+pub(crate) struct Prefetch {
+    batches: tokio::sync::mpsc::Receiver<anyhow::Result<Vec<Decoded>>>,
+    _task: AbortOnDrop<()>,
+}
+
+impl Prefetch {
+    /// Starts reading batches of up to `size` records (see [`LogReader::next_batch`]).
+    pub(crate) fn start(
+        reader: Arc<LogReader>,
+        size: usize,
+        wait: Duration,
+        linger: Duration,
+    ) -> Self {
+        let (tx, batches) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            loop {
+                let batch = match reader.next_batch(size, wait, linger).await {
+                    Ok(entries) => tokio::task::spawn_blocking(move || {
+                        entries.into_iter().map(Decoded::new).collect::<Vec<_>>()
+                    })
+                    .await
+                    .map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                };
+                let failed = batch.is_err();
+                if tx.send(batch).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self {
+            batches,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// The next batch; empty when nothing arrived within the wait.
+    pub(crate) async fn next(&mut self) -> anyhow::Result<Vec<Decoded>> {
+        match self.batches.recv().await {
+            Some(batch) => batch,
+            None => anyhow::bail!("the log reader stopped"),
+        }
+    }
+}

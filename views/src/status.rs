@@ -1,0 +1,181 @@
+//! What `projector status` and the query API's `/v1/projections` report: each projection's
+//! live generation, state, checkpoints and rebuild, as PostgreSQL holds them. Where the
+//! log ends is the broker's to say: the projector adds it with
+//! [`ProjectionStatus::measure_lag`].
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use keel_schemas::TopicPartition;
+use serde::Serialize;
+use sqlx::PgPool;
+
+/// One partition a projection reads.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartitionStatus {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The next offset the projection will read.
+    pub next_offset: i64,
+    /// The partition's end, when asked of the broker.
+    pub end_offset: Option<i64>,
+    /// Records between the checkpoint and the end.
+    pub lag: Option<i64>,
+    /// Records the gate skipped.
+    pub rejected: i64,
+}
+
+/// A rebuild in progress.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct RebuildStatus {
+    /// The projection rebuilt.
+    #[serde(skip)]
+    pub projection: String,
+    /// The generation being built.
+    pub generation: i32,
+    /// The code version it is built with.
+    pub code_version: i32,
+    /// `building`, or `stopped` on a dead letter.
+    pub state: String,
+    /// Why it stopped, if it did.
+    pub error: Option<String>,
+    /// Events applied to the new generation.
+    pub events: i64,
+    /// Records read, over every partition.
+    pub records_done: i64,
+    /// Records in the topics when last measured.
+    pub records_total: i64,
+    /// Events applied per second by the running rebuild.
+    pub events_per_second: Option<f64>,
+    /// Seconds left, estimated.
+    pub eta_seconds: Option<f64>,
+    /// Who runs it (`host:pid`).
+    pub owner: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it last made progress.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One projection.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProjectionStatus {
+    /// Its name.
+    pub name: String,
+    /// The live generation.
+    pub generation: i32,
+    /// The code version of the live generation.
+    pub code_version: i32,
+    /// `running` or `stopped`.
+    pub state: String,
+    /// Why it stopped, if it did.
+    pub error: Option<String>,
+    /// Events applied so far.
+    pub events: i64,
+    /// Dead letters recorded (stopped on or skipped).
+    pub dead_letters: i64,
+    /// Total lag over its partitions, when known.
+    pub lag: Option<i64>,
+    /// When it last applied a batch.
+    pub updated_at: DateTime<Utc>,
+    /// Its partitions.
+    pub partitions: Vec<PartitionStatus>,
+    /// The rebuild in progress, if any.
+    pub rebuild: Option<RebuildStatus>,
+}
+
+impl ProjectionStatus {
+    /// The partitions it reads.
+    pub fn topic_partitions(&self) -> impl Iterator<Item = TopicPartition> + '_ {
+        self.partitions
+            .iter()
+            .map(|p| TopicPartition::new(p.topic.clone(), p.partition))
+    }
+
+    /// Fills in each partition's end and lag, and the total lag, from where the log ends.
+    pub fn measure_lag(&mut self, ends: &HashMap<TopicPartition, i64>) {
+        for p in &mut self.partitions {
+            p.end_offset = ends
+                .get(&TopicPartition::new(p.topic.clone(), p.partition))
+                .copied();
+            p.lag = p.end_offset.map(|end| (end - p.next_offset).max(0));
+        }
+        self.lag = Some(self.partitions.iter().filter_map(|p| p.lag).sum());
+    }
+}
+
+/// Reads every projection's status from the database, without the log's ends (`lag` and
+/// `end_offset` are `None`).
+pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
+    type Row = (
+        String,
+        i32,
+        i32,
+        String,
+        Option<String>,
+        i64,
+        DateTime<Utc>,
+        i64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT p.name, p.generation, p.code_version, p.state, p.error, p.events, p.updated_at,
+                (SELECT count(*) FROM keel_dead_letters d WHERE d.projection = p.name AND d.generation = p.generation)
+         FROM keel_projections p ORDER BY p.name",
+    )
+    .fetch_all(pool)
+    .await?;
+    let checkpoints: Vec<(String, String, i32, i64, i64)> = sqlx::query_as(
+        "SELECT c.projection, c.topic, c.partition, c.next_offset, c.rejected FROM keel_checkpoints c
+         JOIN keel_projections p ON p.name = c.projection AND p.generation = c.generation
+         ORDER BY c.projection, c.topic, c.partition",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut rebuilds: HashMap<String, RebuildStatus> = sqlx::query_as::<_, RebuildStatus>(
+        "SELECT projection, generation, code_version, state, error, events, records_done, records_total,
+            events_per_second, eta_seconds, owner, started_at, updated_at
+         FROM keel_rebuilds",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| (r.projection.clone(), r))
+    .collect();
+    Ok(rows
+        .into_iter()
+        .map(
+            |(name, generation, code_version, state, error, events, updated_at, dead_letters)| {
+                let partitions = checkpoints
+                    .iter()
+                    .filter(|c| c.0 == name)
+                    .map(
+                        |(_, topic, partition, next_offset, rejected)| PartitionStatus {
+                            topic: topic.clone(),
+                            partition: *partition,
+                            next_offset: *next_offset,
+                            end_offset: None,
+                            lag: None,
+                            rejected: *rejected,
+                        },
+                    )
+                    .collect();
+                let rebuild = rebuilds.remove(&name);
+                ProjectionStatus {
+                    name,
+                    generation,
+                    code_version,
+                    state,
+                    error,
+                    events,
+                    dead_letters,
+                    lag: None,
+                    updated_at,
+                    rebuild,
+                    partitions,
+                }
+            },
+        )
+        .collect())
+}
