@@ -7,19 +7,24 @@
 //! must not go unnoticed.
 
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey};
+use pkcs1::RsaPublicKey;
+use pkcs1::der::Decode;
 use serde_json::Value;
+use spki::{ObjectIdentifier, SubjectPublicKeyInfoRef};
 use tracing::warn;
 
 /// Smallest RSA modulus accepted, in bits.
 pub(crate) const MIN_RSA_BITS: usize = 2048;
 
-/// DER object identifiers, as their encoded bytes.
-const OID_RSA: &[u8] = &[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01];
-const OID_EC: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01];
-const OID_P256: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+/// rsaEncryption (RFC 8017).
+const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+/// id-ecPublicKey (RFC 5480).
+const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+/// secp256r1, P-256 (RFC 5480).
+const SECP256R1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
 
 /// One verification key, pinned to one algorithm.
 pub(crate) struct Key {
@@ -84,8 +89,7 @@ fn jwks(text: &str) -> anyhow::Result<Vec<Key>> {
             let bits = entry["n"]
                 .as_str()
                 .and_then(|n| URL_SAFE_NO_PAD.decode(n).ok())
-                .map(|n| n.iter().skip_while(|b| **b == 0).count() * 8)
-                .unwrap_or(0);
+                .map_or(0, |n| significant_bits(&n));
             if bits < MIN_RSA_BITS {
                 skip(format!(
                     "an RSA key of {bits} bits; at least {MIN_RSA_BITS} are needed"
@@ -105,40 +109,17 @@ fn jwks(text: &str) -> anyhow::Result<Vec<Key>> {
     Ok(keys)
 }
 
-/// The PEM blocks of `text`: (label, base64 body). A BEGIN without its END is an error.
-fn pem_blocks(text: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let mut blocks = Vec::new();
-    let mut open: Option<(String, String)> = None;
-    for line in text.lines().map(str::trim) {
-        if let Some(label) = line
-            .strip_prefix("-----BEGIN ")
-            .and_then(|l| l.strip_suffix("-----"))
-        {
-            anyhow::ensure!(open.is_none(), "a PEM block has no END line");
-            open = Some((label.to_owned(), String::new()));
-        } else if let Some(label) = line
-            .strip_prefix("-----END ")
-            .and_then(|l| l.strip_suffix("-----"))
-        {
-            match open.take() {
-                Some((begun, body)) if begun == label => blocks.push((begun, body)),
-                _ => anyhow::bail!("a PEM END line does not close its block"),
-            }
-        } else if let Some((_, body)) = &mut open {
-            body.push_str(line);
-        }
-    }
-    anyhow::ensure!(open.is_none(), "a PEM block has no END line");
-    Ok(blocks)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 fn pem(text: &str) -> anyhow::Result<Vec<Key>> {
+    let blocks =
+        ::pem::parse_many(text).map_err(|e| anyhow::anyhow!("the PEM file does not parse: {e}"))?;
+    // A BEGIN without its END makes the parser skip to the next block: count them.
+    anyhow::ensure!(
+        blocks.len() == text.matches("-----BEGIN ").count(),
+        "a PEM block has no END line"
+    );
     let mut keys = Vec::new();
-    for (label, body) in pem_blocks(text)? {
+    for block in blocks {
+        let label = block.tag();
         if label.contains("PRIVATE KEY") {
             anyhow::bail!("the token key file holds a private key: give it public keys only");
         }
@@ -146,14 +127,17 @@ fn pem(text: &str) -> anyhow::Result<Vec<Key>> {
             warn!(label, "skipping a PEM block that is not a PUBLIC KEY");
             continue;
         }
-        let der = STANDARD
-            .decode(body.as_bytes())
-            .map_err(|e| anyhow::anyhow!("a PEM public key is not base64: {e}"))?;
-        let key = if contains(&der, OID_RSA) {
-            // The modulus is most of a SubjectPublicKeyInfo: 2048 bits make 294 bytes.
-            if der.len() < MIN_RSA_BITS / 8 + 38 {
+        let spki = SubjectPublicKeyInfoRef::try_from(block.contents())
+            .map_err(|e| anyhow::anyhow!("a PEM public key is not a SubjectPublicKeyInfo: {e}"))?;
+        let public = spki.subject_public_key.raw_bytes();
+        let algorithm = spki.algorithm.oid;
+        let key = if algorithm == RSA_ENCRYPTION {
+            let rsa = RsaPublicKey::from_der(public)
+                .map_err(|e| anyhow::anyhow!("a PEM RSA public key does not parse: {e}"))?;
+            let bits = significant_bits(rsa.modulus.as_bytes());
+            if bits < MIN_RSA_BITS {
                 warn!(
-                    bytes = der.len(),
+                    bits,
                     "skipping an RSA key of fewer than {MIN_RSA_BITS} bits"
                 );
                 continue;
@@ -161,16 +145,18 @@ fn pem(text: &str) -> anyhow::Result<Vec<Key>> {
             Key {
                 kid: None,
                 algorithm: Algorithm::RS256,
-                key: DecodingKey::from_rsa_der(&spki_inner(&der)?),
+                key: DecodingKey::from_rsa_der(public),
             }
-        } else if contains(&der, OID_EC) && contains(&der, OID_P256) {
+        } else if algorithm == EC_PUBLIC_KEY
+            && spki.algorithm.parameters_oid().ok() == Some(SECP256R1)
+        {
             Key {
                 kid: None,
                 algorithm: Algorithm::ES256,
-                key: DecodingKey::from_ec_der(&spki_inner(&der)?),
+                key: DecodingKey::from_ec_der(public),
             }
         } else {
-            warn!("skipping a PEM public key that is neither RSA nor P-256");
+            warn!(%algorithm, "skipping a PEM public key that is neither RSA nor P-256");
             continue;
         };
         keys.push(key);
@@ -178,37 +164,9 @@ fn pem(text: &str) -> anyhow::Result<Vec<Key>> {
     Ok(keys)
 }
 
-/// The subjectPublicKey bits of a SubjectPublicKeyInfo: `SEQUENCE { algorithm, BIT STRING }`.
-fn spki_inner(der: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let bad = || anyhow::anyhow!("a PEM public key is not a SubjectPublicKeyInfo");
-    // (tag, header length, content length) of the element at `at`.
-    let element = |at: usize| -> anyhow::Result<(u8, usize, usize)> {
-        let tag = *der.get(at).ok_or_else(bad)?;
-        let first = *der.get(at + 1).ok_or_else(bad)? as usize;
-        if first < 0x80 {
-            return Ok((tag, 2, first));
-        }
-        let n = first & 0x7F;
-        anyhow::ensure!((1..=4).contains(&n), bad());
-        let mut len = 0usize;
-        for i in 0..n {
-            len = (len << 8) | *der.get(at + 2 + i).ok_or_else(bad)? as usize;
-        }
-        Ok((tag, 2 + n, len))
-    };
-    let (tag, header, _) = element(0)?;
-    anyhow::ensure!(tag == 0x30, bad());
-    let algorithm = header;
-    let (tag, a_header, a_len) = element(algorithm)?;
-    anyhow::ensure!(tag == 0x30, bad());
-    let bits = algorithm + a_header + a_len;
-    let (tag, b_header, b_len) = element(bits)?;
-    anyhow::ensure!(tag == 0x03 && b_len >= 1, bad());
-    // The first content byte counts the unused bits: 0 for a key.
-    let start = bits + b_header + 1;
-    der.get(start..bits + b_header + b_len)
-        .map(<[u8]>::to_vec)
-        .ok_or_else(bad)
+/// The bits of a big-endian unsigned integer, leading zero bytes left out.
+fn significant_bits(bytes: &[u8]) -> usize {
+    bytes.iter().skip_while(|b| **b == 0).count() * 8
 }
 
 #[cfg(test)]
