@@ -1,5 +1,6 @@
 //! Everything of Keel that touches Kafka: settings, topic admin, the Java-compatible
-//! partitioner, the producer, partition readers and the partition gate.
+//! partitioner, the producer, partition readers, the partition gate, and reading a
+//! partition through it.
 //!
 //! Nothing here depends on a particular broker: the same code runs against Apache Kafka,
 //! Redpanda or the embedded broker by changing `KEEL_KAFKA_BROKERS`. Kafka transactions
@@ -8,6 +9,7 @@
 mod admin;
 mod error;
 pub mod gate;
+mod gated;
 mod partitioner;
 mod producer;
 mod reader;
@@ -16,6 +18,7 @@ mod settings;
 pub use admin::ensure_topics;
 pub use error::KafkaError;
 pub use gate::{PartitionGate, Rejection};
+pub use gated::{Gated, Verdict, read_through_gate};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{LogProducer, record_headers};
 pub use reader::{AbortOnDrop, LogEntry, LogReader, PartitionReader, end_offsets};

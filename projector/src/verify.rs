@@ -8,13 +8,11 @@
 //! own the partition (zombie writes) are reported as such: no reader ever applied them.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use anyhow::Context;
-use keel_kafka::{KafkaSettings, LogEntry, LogReader, PartitionGate, Rejection, partition_for};
+use keel_kafka::{Gated, KafkaSettings, Rejection, partition_for, read_through_gate};
 use keel_schemas::{
-    CommitRecord, LogRecord, SignatureCheck, StreamRef, TopicPartition, TrustedKeys,
-    commit_hash_of_value,
+    CommitRecord, LogRecord, SignatureCheck, StreamRef, TrustedKeys, commit_hash_of_value,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -103,56 +101,6 @@ pub fn parse_stream(text: &str) -> anyhow::Result<StreamRef> {
     })
 }
 
-/// Reads every partition of `topic` (or only `partitions`) from offset 0 to its end as
-/// it is now, calling `each` with every record in log order per partition.
-async fn read_topic(
-    kafka: &KafkaSettings,
-    topic: &str,
-    partitions: &[i32],
-    mut each: impl FnMut(&LogEntry),
-) -> anyhow::Result<()> {
-    let assignment: Vec<(TopicPartition, i64)> = partitions
-        .iter()
-        .map(|p| (TopicPartition::new(topic, *p), 0))
-        .collect();
-    let reader = LogReader::open(kafka, &assignment)?;
-    let ends: HashMap<TopicPartition, i64> = reader.high_watermarks().await?.into_iter().collect();
-    let mut next: HashMap<TopicPartition, i64> = HashMap::new();
-    let unfinished = |next: &HashMap<TopicPartition, i64>| {
-        ends.iter()
-            .any(|(k, end)| next.get(k).copied().unwrap_or(0) < *end)
-    };
-    let mut idle = Duration::ZERO;
-    while unfinished(&next) {
-        let batch = reader
-            .next_batch(
-                10_000,
-                Duration::from_millis(500),
-                Duration::from_millis(10),
-            )
-            .await?;
-        if batch.is_empty() {
-            idle += Duration::from_millis(500);
-            anyhow::ensure!(
-                idle < kafka.timeout,
-                "reading {topic}: no record arrived for {}s before the partitions' ends",
-                idle.as_secs()
-            );
-            continue;
-        }
-        idle = Duration::ZERO;
-        for entry in &batch {
-            let key = TopicPartition::new(entry.topic.clone(), entry.partition);
-            if entry.offset >= ends.get(&key).copied().unwrap_or(0) {
-                continue;
-            }
-            next.insert(key, entry.offset + 1);
-            each(entry);
-        }
-    }
-    Ok(())
-}
-
 /// Verifies the topics (or one stream); compares with the audit log when `pool` is given.
 pub async fn verify(
     kafka: &KafkaSettings,
@@ -178,11 +126,9 @@ pub async fn verify(
             Some(s) => vec![partition_for(s.id.as_bytes(), kafka.partitions)],
             None => (0..kafka.partitions).collect(),
         };
-        let mut gates: HashMap<i32, PartitionGate> = HashMap::new();
-        read_topic(kafka, &topic, &partitions, |entry| {
+        read_through_gate(kafka, &topic, &partitions, |read| {
             report.records += 1;
-            let gate = gates.entry(entry.partition).or_default();
-            check_record(entry, gate, trusted, only, &mut tips, &mut report);
+            check_record(read, trusted, only, &mut tips, &mut report);
         })
         .await?;
     }
@@ -195,13 +141,17 @@ pub async fn verify(
 }
 
 fn check_record(
-    entry: &LogEntry,
-    gate: &mut PartitionGate,
+    read: Gated,
     trusted: &TrustedKeys,
     only: Option<&StreamRef>,
     tips: &mut HashMap<StreamRef, Tip>,
     report: &mut VerifyReport,
 ) {
+    let Gated {
+        entry,
+        record,
+        owner_before: owner,
+    } = &read;
     let finding = |kind, stream: Option<&StreamRef>, version, detail: String| Finding {
         kind,
         stream: stream.map(ToString::to_string),
@@ -213,12 +163,11 @@ fn check_record(
     };
     let parsed = serde_json::from_slice::<Value>(&entry.payload)
         .map_err(|e| format!("the record is not JSON: {e}"))
-        .and_then(|raw| {
-            LogRecord::decode(&entry.payload)
-                .map(|record| (raw, record))
-                .map_err(|e| format!("the record is not a Keel record: {e}"))
+        .and_then(|raw| match record {
+            Ok((record, verdict)) => Ok((raw, record, verdict.clone())),
+            Err(e) => Err(format!("the record is not a Keel record: {e}")),
         });
-    let (raw, record) = match parsed {
+    let (raw, record, verdict) = match parsed {
         Ok(parsed) => parsed,
         Err(detail) => {
             if only.is_none() {
@@ -229,9 +178,7 @@ fn check_record(
             return;
         }
     };
-    let owner = gate.owner().cloned();
-    let verdict = gate.admit(&record);
-    let commit = match &record {
+    let commit = match record {
         LogRecord::Commit(commit) => commit,
         LogRecord::Fence(fence) => {
             match verdict {
@@ -436,13 +383,12 @@ pub async fn export(
 ) -> anyhow::Result<u64> {
     let topic = kafka.topic(&stream.stream_type);
     let partition = partition_for(stream.id.as_bytes(), kafka.partitions);
-    let mut gate = PartitionGate::new();
     let mut lines = Vec::new();
-    read_topic(kafka, &topic, &[partition], |entry| {
-        let Ok(record) = LogRecord::decode(&entry.payload) else {
+    read_through_gate(kafka, &topic, &[partition], |read| {
+        let Gated { entry, record, .. } = read;
+        let Ok((record, verdict)) = record else {
             return;
         };
-        let verdict = gate.admit(&record);
         // The record as written, not as re-encoded: its hash recomputes from exactly this.
         if let LogRecord::Commit(CommitRecord { stream: s, .. }) = &record
             && s == stream

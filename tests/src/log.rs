@@ -1,4 +1,4 @@
-use keel_kafka::{KafkaSettings, PartitionGate, PartitionReader};
+use keel_kafka::{KafkaSettings, read_through_gate};
 use keel_schemas::{CommitRecord, LogRecord};
 
 /// A commit the gate accepted, with where it is.
@@ -20,23 +20,23 @@ pub async fn read_accepted(
 ) -> anyhow::Result<(Vec<AcceptedCommit>, u64)> {
     let mut accepted = Vec::new();
     let mut skipped = 0;
-    for partition in 0..settings.partitions {
-        let mut reader = PartitionReader::open(settings, topic, partition, 0)?;
-        let mut gate = PartitionGate::new();
-        for entry in reader.read_to_end().await? {
-            let record = LogRecord::decode(&entry.payload)?;
-            if gate.admit(&record).is_err() {
-                skipped += 1;
-                continue;
-            }
-            if let LogRecord::Commit(commit) = record {
-                accepted.push(AcceptedCommit {
-                    partition,
-                    offset: entry.offset,
-                    commit,
-                });
-            }
-        }
+    let mut unreadable = None;
+    let partitions: Vec<i32> = (0..settings.partitions).collect();
+    read_through_gate(settings, topic, &partitions, |read| match read.record {
+        Err(e) => unreadable = Some(format!("offset {}: {e}", read.entry.offset)),
+        Ok((_, Err(_))) => skipped += 1,
+        Ok((LogRecord::Commit(commit), Ok(()))) => accepted.push(AcceptedCommit {
+            partition: read.entry.partition,
+            offset: read.entry.offset,
+            commit,
+        }),
+        Ok((LogRecord::Fence(_), Ok(()))) => {}
+    })
+    .await?;
+    if let Some(e) = unreadable {
+        anyhow::bail!("{topic} holds a record that is not a Keel record at {e}");
     }
+    // In log order per partition, partitions one after the other, as callers expect.
+    accepted.sort_by_key(|c| (c.partition, c.offset));
     Ok((accepted, skipped))
 }

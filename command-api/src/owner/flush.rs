@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::log::PartitionLog;
 use super::outcome::{CommandRequest, Outcome, OwnerError};
-use super::task::{PartitionOwner, Status, Verdicts};
+use super::task::{PartitionOwner, ReadBack, Status, Verdicts};
 
 /// A commit of the current flush, waiting for its read-back.
 struct Pending {
@@ -145,8 +145,11 @@ where
             let verdicts = self.append_and_read_back(&pending).await;
             for p in pending {
                 let answer = match verdicts.get(&p.record.commit_id) {
-                    Some(&(true, offset)) => Ok(self.outcome_of(&p.record, offset)),
-                    Some(&(false, _)) => Err(OwnerError::Unavailable(
+                    Some(&ReadBack {
+                        accepted: true,
+                        offset,
+                    }) => Ok(self.outcome_of(&p.record, offset)),
+                    Some(_) => Err(OwnerError::Unavailable(
                         "the log did not accept the commit (the partition changed hands or the stream moved on); retry".into(),
                     )),
                     None => Err(OwnerError::Unavailable(

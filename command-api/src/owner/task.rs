@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use keel_domain::Aggregate;
-use keel_kafka::{KafkaError, LogEntry, PartitionGate};
+use keel_kafka::{Gated, KafkaError, LogEntry, PartitionGate};
 use keel_schemas::{
     CommitRecord, FenceRecord, LogRecord, Position, SigningKey, Timestamp, Writer, decode_event,
 };
@@ -31,8 +31,17 @@ use super::outcome::{CommandRequest, EventSummary, Outcome, OwnerError};
 /// Commands decided and appended together at most.
 const MAX_FLUSH: usize = 512;
 
-/// The gate's verdict on each commit read, by commit id: accepted or not, and its offset.
-pub(super) type Verdicts = HashMap<Uuid, (bool, i64)>;
+/// What reading a commit told: whether the gate accepted it, and where it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ReadBack {
+    /// The gate accepted it.
+    pub(super) accepted: bool,
+    /// Its offset.
+    pub(super) offset: i64,
+}
+
+/// The commits read, by commit id.
+pub(super) type Verdicts = HashMap<Uuid, ReadBack>;
 
 /// Where a partition owner is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,7 +204,7 @@ where
                 }
                 entry = self.log.next(), if self.status.get() != Status::Lost => match entry {
                     Ok(entry) => {
-                        self.apply(&entry);
+                        self.apply(entry);
                     }
                     Err(e) => {
                         warn!(error = %e, "reading the partition failed");
@@ -261,7 +270,7 @@ where
                 })??;
             entries.push(entry);
         }
-        Ok(entries.iter().filter_map(|e| self.apply(e)).collect())
+        Ok(entries.into_iter().filter_map(|e| self.apply(e)).collect())
     }
 
     /// Reads until the record at `offset` has been applied.
@@ -271,22 +280,23 @@ where
             let entry = tokio::time::timeout(self.timeout, self.log.next())
                 .await
                 .map_err(|_| KafkaError::Timeout(format!("reading back offset {offset}")))??;
-            verdicts.extend(self.apply(&entry));
+            verdicts.extend(self.apply(entry));
         }
         Ok(verdicts)
     }
 
-    /// Applies one record read from the log. The only place the owner's state changes.
-    fn apply(&mut self, entry: &LogEntry) -> Option<(Uuid, (bool, i64))> {
-        let record = match LogRecord::decode(&entry.payload) {
-            Ok(record) => record,
+    /// Applies one record read from the log, through the gate. The only place the owner's
+    /// state changes.
+    fn apply(&mut self, entry: LogEntry) -> Option<(Uuid, ReadBack)> {
+        let Gated { entry, record, .. } = self.gate.read(entry);
+        let (record, verdict) = match record {
+            Ok(read) => read,
             Err(e) => {
                 self.undecodable += 1;
                 warn!(offset = entry.offset, error = %e, "skipping a record that is not a Keel record");
                 return None;
             }
         };
-        let verdict = self.gate.admit(&record);
         match (record, verdict) {
             (LogRecord::Fence(fence), Ok(())) => {
                 if Some(&fence.writer) != self.writer.as_ref() && self.writer.is_some() {
@@ -302,11 +312,23 @@ where
             (LogRecord::Commit(commit), Ok(())) => {
                 let id = commit.commit_id;
                 self.apply_commit(&commit, entry.offset);
-                Some((id, (true, entry.offset)))
+                Some((
+                    id,
+                    ReadBack {
+                        accepted: true,
+                        offset: entry.offset,
+                    },
+                ))
             }
             (LogRecord::Commit(commit), Err(rejection)) => {
                 info!(offset = entry.offset, stream = %commit.stream, %rejection, "gate skipped a commit");
-                Some((commit.commit_id, (false, entry.offset)))
+                Some((
+                    commit.commit_id,
+                    ReadBack {
+                        accepted: false,
+                        offset: entry.offset,
+                    },
+                ))
             }
         }
     }

@@ -1,0 +1,106 @@
+//! Reading a partition through the gate: the one way the partition owner, `verify`,
+//! `export` and the tests see the log. Each record comes with what its bytes decode to,
+//! the owner just before it, and the gate's verdict; the gate moves on here.
+//!
+//! The projector decodes records (and their events) ahead of the gate, off its apply
+//! path, and puts the decoded records through the same [`PartitionGate`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use keel_schemas::{LogRecord, SchemaError, TopicPartition, Writer};
+
+use crate::gate::{PartitionGate, Rejection};
+use crate::reader::{LogEntry, LogReader};
+use crate::{KafkaError, KafkaSettings};
+
+/// The gate's verdict on a record: it counts, or why it was skipped.
+pub type Verdict = Result<(), Rejection>;
+
+/// One record of a partition as every reader sees it.
+#[derive(Debug)]
+pub struct Gated {
+    /// The record as read.
+    pub entry: LogEntry,
+    /// What it decodes to, with the gate's verdict; or why it is not a Keel record (the
+    /// gate leaves such a record out, and its state as it was).
+    pub record: Result<(LogRecord, Verdict), SchemaError>,
+    /// The partition's owner just before the record.
+    pub owner_before: Option<Writer>,
+}
+
+impl Gated {
+    /// The record, when the gate accepted it.
+    pub fn accepted(&self) -> Option<&LogRecord> {
+        match &self.record {
+            Ok((record, Ok(()))) => Some(record),
+            _ => None,
+        }
+    }
+}
+
+impl PartitionGate {
+    /// Decodes the next record of the partition and puts it through the gate.
+    pub fn read(&mut self, entry: LogEntry) -> Gated {
+        let owner_before = self.owner().cloned();
+        let record = LogRecord::decode(&entry.payload).map(|record| {
+            let verdict = self.admit(&record);
+            (record, verdict)
+        });
+        Gated {
+            entry,
+            record,
+            owner_before,
+        }
+    }
+}
+
+/// Reads `partitions` of `topic` from offset 0 to where each ends now, each through a gate
+/// of its own, and calls `each` with every record in log order per partition (partitions
+/// interleave).
+pub async fn read_through_gate(
+    settings: &KafkaSettings,
+    topic: &str,
+    partitions: &[i32],
+    mut each: impl FnMut(Gated),
+) -> Result<(), KafkaError> {
+    let assignment: Vec<(TopicPartition, i64)> = partitions
+        .iter()
+        .map(|p| (TopicPartition::new(topic, *p), 0))
+        .collect();
+    let reader = LogReader::open(settings, &assignment)?;
+    let ends: HashMap<TopicPartition, i64> = reader.high_watermarks().await?.into_iter().collect();
+    let mut next: HashMap<TopicPartition, i64> = HashMap::new();
+    let mut gates: HashMap<i32, PartitionGate> = HashMap::new();
+    let unfinished = |next: &HashMap<TopicPartition, i64>| {
+        ends.iter()
+            .any(|(at, end)| next.get(at).copied().unwrap_or(0) < *end)
+    };
+    let wait = Duration::from_millis(500);
+    let mut idle = Duration::ZERO;
+    while unfinished(&next) {
+        let batch = reader
+            .next_batch(10_000, wait, Duration::from_millis(10))
+            .await?;
+        if batch.is_empty() {
+            idle += wait;
+            if idle >= settings.timeout {
+                return Err(KafkaError::Timeout(format!(
+                    "reading {topic}: no record arrived for {}s before the partitions' ends",
+                    idle.as_secs()
+                )));
+            }
+            continue;
+        }
+        idle = Duration::ZERO;
+        for entry in batch {
+            let at = TopicPartition::new(entry.topic.clone(), entry.partition);
+            if entry.offset >= ends.get(&at).copied().unwrap_or(0) {
+                continue;
+            }
+            next.insert(at, entry.offset + 1);
+            each(gates.entry(entry.partition).or_default().read(entry));
+        }
+    }
+    Ok(())
+}
