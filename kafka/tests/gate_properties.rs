@@ -6,12 +6,10 @@
 use std::collections::{BTreeMap, HashSet};
 
 use keel_kafka::gate::PartitionGate;
-use keel_schemas::{
-    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
-};
+use keel_schemas::testing;
+use keel_schemas::{FenceRecord, LogRecord, StreamRef, Timestamp, Writer};
 use proptest::prelude::*;
 use serde_json::json;
-use uuid::Uuid;
 
 const WRITERS: usize = 3;
 const STREAMS: usize = 4;
@@ -50,37 +48,11 @@ fn stream(n: usize) -> StreamRef {
 }
 
 fn commit(writer: &Writer, stream: StreamRef, expected_version: u64, events: u64) -> LogRecord {
-    LogRecord::Commit(
-        CommitRecord {
-            commit_id: Uuid::now_v7(),
-            stream,
-            expected_version,
-            events: (1..=events)
-                .map(|i| EventEnvelope {
-                    event_id: Uuid::now_v7(),
-                    version: expected_version + i,
-                    event_type: "OrderShipped".into(),
-                    schema_version: 1,
-                    payload: json!({}),
-                })
-                .collect(),
-            command: CommandMeta {
-                id: Uuid::now_v7(),
-                command_type: "ShipOrder".into(),
-                idempotency_key: None,
-                actor: "test".into(),
-                correlation_id: "c".into(),
-                causation_id: None,
-                request_digest: None,
-            },
-            writer: writer.clone(),
-            recorded_at: Timestamp::now(),
-            prev_hash: None,
-            hash: String::new(),
-            signature: None,
-        }
-        .sealed(),
-    )
+    let commit = (0..events).fold(
+        testing::commit(writer, stream, expected_version).command("ShipOrder", "test"),
+        |commit, _| commit.event("OrderShipped", 1, json!({})),
+    );
+    LogRecord::Commit(commit.build())
 }
 
 /// A writer as the design has it: its view of the log comes only from reading it.

@@ -322,39 +322,24 @@ mod tests {
     use super::*;
 
     fn commit(prev_hash: Option<String>, expected_version: u64) -> CommitRecord {
-        CommitRecord {
-            commit_id: Uuid::now_v7(),
-            stream: StreamRef {
-                stream_type: "order".into(),
-                id: "o-42".into(),
-            },
+        let writer = Writer {
+            instance: "cmd-7f3a".into(),
+            epoch: 12,
+        };
+        crate::testing::commit(
+            &writer,
+            crate::testing::stream("order", "o-42"),
             expected_version,
-            events: vec![EventEnvelope {
-                event_id: Uuid::now_v7(),
-                version: expected_version + 1,
-                event_type: "OrderShipped".into(),
-                schema_version: 1,
-                payload: json!({"carrier": "DHL", "tracking": "JD01"}),
-            }],
-            command: CommandMeta {
-                id: Uuid::now_v7(),
-                command_type: "ShipOrder".into(),
-                idempotency_key: Some("k-1".into()),
-                actor: "alice".into(),
-                correlation_id: "corr-1".into(),
-                causation_id: None,
-                request_digest: None,
-            },
-            writer: Writer {
-                instance: "cmd-7f3a".into(),
-                epoch: 12,
-            },
-            recorded_at: Timestamp::now(),
-            prev_hash,
-            hash: String::new(),
-            signature: None,
-        }
-        .sealed()
+        )
+        .event(
+            "OrderShipped",
+            1,
+            json!({"carrier": "DHL", "tracking": "JD01"}),
+        )
+        .command("ShipOrder", "alice")
+        .idempotency_key("k-1")
+        .prev_hash(prev_hash)
+        .build()
     }
 
     #[test]

@@ -12,6 +12,8 @@ mod envelope;
 mod error;
 mod problem;
 mod signing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod token;
 mod topic;
 mod upcast;

@@ -7,48 +7,19 @@ use std::time::Duration;
 use keel_kafka::{
     KafkaError, LogProducer, PartitionGate, PartitionReader, ensure_topics, partition_for,
 };
-use keel_schemas::{
-    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp,
-    TopicPartition, Writer, headers,
-};
+use keel_schemas::testing;
+use keel_schemas::{FenceRecord, LogRecord, StreamRef, Timestamp, TopicPartition, Writer, headers};
 use keel_tests::{Broker, unique_prefix};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::json;
-use uuid::Uuid;
 
 fn commit(writer: &Writer, id: &str, expected_version: u64) -> LogRecord {
     LogRecord::Commit(
-        CommitRecord {
-            commit_id: Uuid::now_v7(),
-            stream: StreamRef {
-                stream_type: "order".into(),
-                id: id.into(),
-            },
-            expected_version,
-            events: vec![EventEnvelope {
-                event_id: Uuid::now_v7(),
-                version: expected_version + 1,
-                event_type: "OrderCancelled".into(),
-                schema_version: 1,
-                payload: json!({"reason": "test"}),
-            }],
-            command: CommandMeta {
-                id: Uuid::now_v7(),
-                command_type: "CancelOrder".into(),
-                idempotency_key: None,
-                actor: "test".into(),
-                correlation_id: "corr".into(),
-                causation_id: None,
-                request_digest: None,
-            },
-            writer: writer.clone(),
-            recorded_at: Timestamp::now(),
-            prev_hash: None,
-            hash: String::new(),
-            signature: None,
-        }
-        .sealed(),
+        testing::commit(writer, testing::stream("order", id), expected_version)
+            .event("OrderCancelled", 1, json!({"reason": "test"}))
+            .command("CancelOrder", "test")
+            .build(),
     )
 }
 
@@ -281,8 +252,8 @@ async fn the_gate_on_a_real_partition_skips_a_zombie_and_a_stale_fence() {
         .read_to_end()
         .await
         .unwrap()
-        .iter()
-        .map(|e| gate.admit(&LogRecord::decode(&e.payload).unwrap()).is_ok())
+        .into_iter()
+        .map(|e| gate.read(e).accepted().is_some())
         .collect();
     assert_eq!(verdicts, [true, true, true, false, false, true, false]);
     assert_eq!(gate.owner(), Some(&b));

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use keel_kafka::KafkaSettings;
 use keel_kafka::partition_for;
-use keel_schemas::{
-    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
-};
+use keel_schemas::testing::{commit, stream};
+use keel_schemas::{CommitRecord, FenceRecord, LogRecord, Timestamp, Writer};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -22,7 +21,6 @@ use rdkafka::producer::Producer;
 use rdkafka::producer::{BaseProducer, BaseRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
-use uuid::Uuid;
 
 /// An idempotent, `acks=all` producer that batches as a bulk writer would.
 pub fn bare_producer(settings: &KafkaSettings) -> anyhow::Result<BaseProducer> {
@@ -103,41 +101,18 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// fence of `writer`: what the projection benchmarks read, and the size of record the
 /// bare producer writes.
 pub fn order_placed(i: usize, writer: &Writer) -> CommitRecord {
-    let id = format!("bo-{i}");
     let quantity = (i % 7 + 1) as u64;
     let price = (i % 13 + 1) as i64 * 100;
-    CommitRecord {
-        commit_id: Uuid::now_v7(),
-        stream: StreamRef {
-            stream_type: "order".into(),
-            id,
-        },
-        expected_version: 0,
-        events: vec![EventEnvelope {
-            event_id: Uuid::now_v7(),
-            version: 1,
-            event_type: "OrderPlaced".into(),
-            schema_version: 2,
-            payload: json!({"customer_id": format!("c-{}", i % 1000),
+    commit(writer, stream("order", format!("bo-{i}")), 0)
+        .event(
+            "OrderPlaced",
+            2,
+            json!({"customer_id": format!("c-{}", i % 1000),
                 "lines": [{"sku": "SKU-1", "quantity": quantity, "unit_price": {"amount_minor": price, "currency": "EUR"}}],
                 "total": {"amount_minor": price * quantity as i64, "currency": "EUR"}}),
-        }],
-        command: CommandMeta {
-            id: Uuid::now_v7(),
-            command_type: "PlaceOrder".into(),
-            idempotency_key: None,
-            actor: "bench".into(),
-            correlation_id: "bench".into(),
-            causation_id: None,
-            request_digest: None,
-        },
-        writer: writer.clone(),
-        recorded_at: Timestamp::now(),
-        prev_hash: None,
-        hash: String::new(),
-        signature: None,
-    }
-    .sealed()
+        )
+        .command("PlaceOrder", "bench")
+        .build()
 }
 
 /// Writes a fence per partition, then `events` `OrderPlaced` commits (one per order,
