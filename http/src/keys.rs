@@ -109,14 +109,33 @@ fn jwks(text: &str) -> anyhow::Result<Vec<Key>> {
     Ok(keys)
 }
 
+/// `text` with its lines trimmed and blank ones left out, once every BEGIN line is closed by
+/// its END line before the next BEGIN and no END line stands alone: the PEM parser skips
+/// what is outside a block, and a broken block must refuse the file instead.
+fn framed(text: &str) -> anyhow::Result<String> {
+    let mut open: Option<&str> = None;
+    let mut kept = String::with_capacity(text.len());
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let label = |prefix: &str| line.strip_prefix(prefix)?.strip_suffix("-----");
+        if let Some(begun) = label("-----BEGIN ") {
+            anyhow::ensure!(open.is_none(), "a PEM block has no END line");
+            open = Some(begun);
+        } else if let Some(ended) = label("-----END ") {
+            anyhow::ensure!(
+                open.take() == Some(ended),
+                "a PEM END line does not close its block"
+            );
+        }
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    anyhow::ensure!(open.is_none(), "a PEM block has no END line");
+    Ok(kept)
+}
+
 fn pem(text: &str) -> anyhow::Result<Vec<Key>> {
-    let blocks =
-        ::pem::parse_many(text).map_err(|e| anyhow::anyhow!("the PEM file does not parse: {e}"))?;
-    // A BEGIN without its END makes the parser skip to the next block: count them.
-    anyhow::ensure!(
-        blocks.len() == text.matches("-----BEGIN ").count(),
-        "a PEM block has no END line"
-    );
+    let blocks = ::pem::parse_many(framed(text)?)
+        .map_err(|e| anyhow::anyhow!("the PEM file does not parse: {e}"))?;
     let mut keys = Vec::new();
     for block in blocks {
         let label = block.tag();
@@ -199,6 +218,42 @@ aB4vdMbr7MuFSSv6S4zxlhO/8DahRdfmRkTropAsSTA5Fnbm1jcd5vaTNw==
         let broken = EC_PUB.replace("-----END PUBLIC KEY-----\n", "");
         assert!(parse(&format!("{broken}{EC_PUB}")).is_err());
         assert!(parse("no keys here").is_err());
+    }
+
+    /// An RSA public key of 2048 bits, and one of 1024, made with `openssl rsa -pubout`.
+    const RSA_2048_PUB: &str = "-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAvbE+mFT0yQ7BiqSVkKbi
+K9A3Ag1GG8xV4JAW2FJLOrO0eDkDQNusftnoiDF/qrp3jmAbBRlw/yLI6qqWwKvo
+Ks3plJXbMfZxa1yZGtzx6PyNGQlDdHyfZAupyx8K1ihc/GEdESurOemhs3KnaUQg
+ASUZXioDYIhFhhkBfVTkaj/fw4JmbciLJhp8R+EnBA1ZV4sc2V8idrnHLwtuU1oC
+8jIC+wmzD3UtWAMusbWVIE3j+sr7zgOTUEkZKE8S3yeXNb3Bln+zZCiUlcTJeV+J
+XayiIldPTZtCABS93/jkWF/xGI/GE9J5CECJVVeodSokTYLgqvn/bkM8ihEHyT4b
+TQIDAQAB
+-----END PUBLIC KEY-----
+";
+    const RSA_1024_PUB: &str = "-----BEGIN PUBLIC KEY-----
+MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDmoZjbH98jpAxps55M3ZGGMTA8
+5gRxTfaHqfGGwGRkyEe5xDZdno0w8+OHIVq90XfBejQSm9SDCFWNacQThvsmxXIX
+FPfCJa7oDq7FtcBjUPxV7wPz9m9+hzvHenSE3CmhUlj3qhihmY65RI2FWHRNVzoo
+4PpzRfn/f9O1HiNXmwIDAQAB
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn rsa_keys_need_2048_bits_and_the_framing_must_hold() {
+        let keys = parse(RSA_2048_PUB).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].algorithm, Algorithm::RS256);
+        // A short key is skipped: alone, the file holds no usable key.
+        assert!(parse(RSA_1024_PUB).is_err());
+        assert_eq!(parse(&format!("{RSA_1024_PUB}{EC_PUB}")).unwrap().len(), 1);
+        // Blank lines and indentation do not matter; an END without its BEGIN does.
+        let loose = EC_PUB.replace('\n', "\n\n  ");
+        assert_eq!(parse(&loose).unwrap().len(), 1);
+        assert!(parse(&format!("-----END PUBLIC KEY-----\n{EC_PUB}")).is_err());
+        assert!(parse(&format!("{EC_PUB}-----END PUBLIC KEY-----\n")).is_err());
+        let mismatched = EC_PUB.replace("END PUBLIC KEY", "END RSA PUBLIC KEY");
+        assert!(parse(&mismatched).is_err());
     }
 
     #[test]
