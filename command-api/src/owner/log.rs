@@ -63,8 +63,19 @@ impl PartitionLog for KafkaPartition {
     }
 
     async fn append(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
-        self.producer
-            .append_records(self.reader.topic(), self.reader.partition(), records)
-            .await
+        let (topic, partition) = (self.reader.topic(), self.reader.partition());
+        match records {
+            // One record (a fence) waits for room in the producer's queue, within its timeout.
+            [(key, record, traceparent)] => vec![
+                self.producer
+                    .append_record(topic, partition, key, record, *traceparent)
+                    .await,
+            ],
+            _ => {
+                self.producer
+                    .append_records(topic, partition, records)
+                    .await
+            }
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! of one log sees the same records; each reads from its own position, so several owners
 //! (a zombie and its successor, say) can share one partition.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use keel_kafka::{KafkaError, LogEntry, record_headers};
 use tokio::sync::watch;
@@ -13,6 +13,8 @@ struct Shared {
     topic: String,
     partition: i32,
     records: Mutex<Vec<LogEntry>>,
+    /// How many records each append call brought, in order.
+    appends: Mutex<Vec<usize>>,
     /// The number of records, so readers can wait for more.
     len: watch::Sender<usize>,
 }
@@ -31,6 +33,7 @@ impl MemoryLog {
                 topic: topic.to_owned(),
                 partition,
                 records: Mutex::new(Vec::new()),
+                appends: Mutex::new(Vec::new()),
                 len: watch::Sender::new(0),
             }),
             next_offset: 0,
@@ -50,13 +53,19 @@ impl MemoryLog {
         self.records().clone()
     }
 
-    fn records(&self) -> std::sync::MutexGuard<'_, Vec<LogEntry>> {
-        // A test that panicked while holding the lock has failed already.
-        self.shared
-            .records
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// How many records each append brought, in order: a group commit is one append.
+    pub fn appends(&self) -> Vec<usize> {
+        lock(&self.shared.appends).clone()
     }
+
+    fn records(&self) -> MutexGuard<'_, Vec<LogEntry>> {
+        lock(&self.shared.records)
+    }
+}
+
+/// A test that panicked while holding a lock has failed already: its data is still good.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl PartitionLog for MemoryLog {
@@ -108,6 +117,7 @@ impl PartitionLog for MemoryLog {
                 Ok(offset)
             })
             .collect();
+        lock(&self.shared.appends).push(records.len());
         self.shared.len.send_replace(log.len());
         offsets
     }

@@ -9,7 +9,7 @@ use keel_domain::ids::{OrderId, Quantity, Text};
 use keel_domain::money::{Currency, Money};
 use keel_domain::product::{Product, ProductCommand};
 use keel_kafka::PartitionGate;
-use keel_schemas::{LogRecord, SigningKey};
+use keel_schemas::{FenceRecord, LogRecord, SigningKey, Timestamp, Writer};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
@@ -90,20 +90,48 @@ async fn send(
         .expect("answered")
 }
 
+/// Puts a command in the owner's queue without waiting: commands queued with no await
+/// between them are decided in one flush (the tests run on one thread).
+fn queue(
+    owner: &mpsc::Sender<CommandRequest<Product>>,
+    stream: &str,
+    command: ProductCommand,
+    meta: RequestMeta,
+) -> oneshot::Receiver<Result<Outcome, OwnerError>> {
+    let (reply, answer) = oneshot::channel();
+    owner
+        .try_send(CommandRequest {
+            stream_id: stream.into(),
+            command,
+            meta,
+            reply,
+        })
+        .expect("the owner's queue has room");
+    answer
+}
+
+async fn answer(
+    answer: oneshot::Receiver<Result<Outcome, OwnerError>>,
+) -> Result<Outcome, OwnerError> {
+    tokio::time::timeout(TIMEOUT, answer)
+        .await
+        .expect("answered in time")
+        .expect("answered")
+}
+
 /// The log folded through the gate: each accepted commit's stream, version after it and
 /// offset; and how many records the gate skipped.
 fn accepted(log: &MemoryLog) -> (Vec<(String, u64, i64)>, u64) {
     let mut gate = PartitionGate::new();
     let mut accepted = Vec::new();
     for entry in log.entries() {
-        let record = LogRecord::decode(&entry.payload).expect("a Keel record");
-        if gate.admit(&record).is_ok()
-            && let LogRecord::Commit(commit) = record
-        {
+        let read = gate.read(entry);
+        assert!(read.record.is_ok(), "a Keel record");
+        if let Some(LogRecord::Commit(commit)) = read.accepted() {
             accepted.push((
                 commit.stream.id.clone(),
                 commit.next_version(),
-                entry.offset,
+                read.entry.offset,
             ));
         }
     }
@@ -199,26 +227,30 @@ async fn a_group_commit_decides_each_command_on_the_ones_ahead_of_it() {
     let log = MemoryLog::new("t.product.events", 0);
     let (owner, status) = start(log.handle(), "cmd-a");
     serving(&status).await;
-    send(
-        &owner,
-        "p-1",
-        register(),
-        meta("RegisterProduct", None, None),
-    )
-    .await
-    .unwrap();
-    // Sent together, so they are decided in one flush: the reservation sees the restock.
-    let (a, b) = tokio::join!(
-        send(&owner, "p-1", restock(10), meta("Restock", None, None)),
-        send(
+    // Queued together, so decided in one flush: the restock sees the registration and
+    // the reservation sees the restock, though none of them is in the log yet.
+    let answers = [
+        queue(
+            &owner,
+            "p-1",
+            register(),
+            meta("RegisterProduct", None, None),
+        ),
+        queue(&owner, "p-1", restock(10), meta("Restock", None, None)),
+        queue(
             &owner,
             "p-1",
             reserve("o-1", 10),
-            meta("ReserveStock", None, None)
+            meta("ReserveStock", None, None),
         ),
-    );
-    assert_eq!(a.unwrap().version, 2);
-    assert_eq!(b.unwrap().version, 3);
+    ];
+    let mut versions = Vec::new();
+    for a in answers {
+        versions.push(answer(a).await.unwrap().version);
+    }
+    assert_eq!(versions, [1, 2, 3]);
+    // The fence, then the three commits in one append.
+    assert_eq!(log.appends(), [1, 3]);
     let (commits, skipped) = accepted(&log);
     assert_eq!(skipped, 0);
     assert_eq!(
@@ -228,11 +260,85 @@ async fn a_group_commit_decides_each_command_on_the_ones_ahead_of_it() {
 }
 
 #[tokio::test]
+async fn a_command_that_changes_nothing_appends_nothing_and_answers_the_version_read() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, status) = start(log.handle(), "cmd-a");
+    serving(&status).await;
+    let created = send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .unwrap();
+    let release = ProductCommand::ReleaseStock {
+        order_id: OrderId::parse("o-9").unwrap(),
+    };
+    let unchanged = send(&owner, "p-1", release, meta("ReleaseStock", None, None))
+        .await
+        .unwrap();
+    assert_eq!(unchanged.version, 1);
+    assert!(unchanged.events.is_empty() && !unchanged.created && !unchanged.replayed);
+    assert_eq!(unchanged.position, created.position);
+    assert_eq!(log.appends(), [1, 1]);
+}
+
+#[tokio::test]
+async fn a_commit_the_gate_rejects_is_never_acknowledged() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, status) = start(log.handle(), "cmd-a");
+    serving(&status).await;
+    // Another writer fences the partition; before the owner reads that, it takes a
+    // command (its queue comes first), appends, and reads back a commit the gate skips.
+    let zombie_fence = LogRecord::Fence(FenceRecord {
+        writer: Writer {
+            instance: "cmd-z".into(),
+            epoch: 99,
+        },
+        recorded_at: Timestamp::now(),
+        signature: None,
+    });
+    log.handle().append(&[("", &zombie_fence, None)]).await;
+    let refused = queue(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", Some("k-1"), None),
+    );
+    assert!(matches!(
+        answer(refused).await,
+        Err(OwnerError::Unavailable(_))
+    ));
+    assert_eq!(status.get(), Status::Lost);
+    // Its commit is in the log, and skipped by every reader.
+    let (commits, skipped) = accepted(&log);
+    assert!(commits.is_empty());
+    assert_eq!(skipped, 1);
+    assert_eq!(log.entries().len(), 3);
+    // So a successor knows nothing of that key or stream.
+    let (successor, successor_status) = start(log.handle(), "cmd-b");
+    serving(&successor_status).await;
+    let created = send(
+        &successor,
+        "p-1",
+        register(),
+        meta("RegisterProduct", Some("k-1"), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (created.version, created.created, created.replayed),
+        (1, true, false)
+    );
+}
+
+#[tokio::test]
 async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_from_the_log() {
     let log = MemoryLog::new("t.product.events", 0);
     let (first, first_status) = start(log.handle(), "cmd-a");
     serving(&first_status).await;
-    send(
+    let created = send(
         &first,
         "p-1",
         register(),
@@ -249,16 +355,18 @@ async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_fr
         .unwrap();
     assert_eq!(restocked.version, 2);
     // The key the first owner recorded is known to the second: rebuilt from the log.
-    assert!(
+    assert_eq!(
         send(
             &second,
             "p-1",
             register(),
             meta("RegisterProduct", Some("k-1"), None)
         )
-        .await
-        .unwrap()
-        .replayed
+        .await,
+        Ok(Outcome {
+            replayed: true,
+            ..created
+        })
     );
 
     // The first owner has seen the newer fence: it refuses, and appends nothing.
