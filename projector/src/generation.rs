@@ -217,6 +217,14 @@ pub(crate) async fn notify(tx: &mut PgConnection, projection: &str) -> Result<()
 }
 
 /// Drops a generation that is not live: its tables and its bookkeeping.
+///
+/// The tables go first: dropping one waits for a live runner's batch that still writes
+/// it, and that batch ends when it finds the projection's row names another generation.
+/// Checking the row before the drop (and holding it `FOR SHARE`) would make that batch's
+/// update wait for this transaction while this one waits for the batch: a deadlock, in
+/// which PostgreSQL may pick the drop as the victim and leave the old tables behind. The
+/// check comes after the drop instead, in the same transaction, which rolls the drop back
+/// if the generation is live.
 pub(crate) async fn discard(
     pool: &PgPool,
     projection: &dyn Projection,
@@ -224,6 +232,11 @@ pub(crate) async fn discard(
 ) -> anyhow::Result<()> {
     let name = projection.name();
     let mut tx = pool.begin().await?;
+    for t in projection.tables() {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(t, generation)))
+            .execute(&mut *tx)
+            .await?;
+    }
     let live: Option<i32> =
         sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR SHARE")
             .bind(name)
@@ -233,11 +246,6 @@ pub(crate) async fn discard(
         live != Some(generation),
         "refusing to drop generation {generation} of {name}: it is live"
     );
-    for t in projection.tables() {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(t, generation)))
-            .execute(&mut *tx)
-            .await?;
-    }
     checkpoint::discard(&mut tx, name, generation).await?;
     dead_letter::discard(&mut tx, name, generation).await?;
     sqlx::query("DELETE FROM keel_rebuilds WHERE projection = $1 AND generation = $2")
