@@ -3,7 +3,6 @@
 //! of each test's own for the tokens it sends.
 
 mod auth;
-pub mod bench;
 mod broker;
 pub mod contract;
 mod http;

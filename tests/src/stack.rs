@@ -513,6 +513,23 @@ impl Stack {
         (r.status(), r.json().await.unwrap_or_default())
     }
 
+    /// The status of projection `name` as `GET /v1/projections` reports it (generation,
+    /// state, error, dead letters, partitions with their checkpoints and skipped records,
+    /// the rebuild in progress).
+    pub async fn projection(&self, name: &str) -> serde_json::Value {
+        let (status, body) = self.get("/v1/projections", None).await;
+        assert_eq!(
+            status,
+            reqwest::StatusCode::OK,
+            "GET /v1/projections: {body}"
+        );
+        body["projections"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no projection {name} in {body}"))
+    }
+
     /// Starts a projector command (`rebuild orders`, …) as a process of its own, with
     /// `extra` environment variables.
     pub async fn projector_process(

@@ -11,8 +11,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use keel_bench as bench;
 use keel_kafka::{KafkaSettings, ensure_topics};
-use keel_tests::bench;
 use rdkafka::producer::Producer;
 
 const PARTITIONS: i32 = 8;

@@ -38,12 +38,14 @@ async fn snapshot(pool: &PgPool) -> (Vec<Value>, Vec<Value>) {
     (orders, sales)
 }
 
-async fn generation(pool: &PgPool, projection: &str) -> (i32, i32) {
-    sqlx::query_as("SELECT generation, code_version FROM keel_projections WHERE name = $1")
-        .bind(projection)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+/// The live generation of `projection` and the code version it was built with, as
+/// `GET /v1/projections` reports them.
+async fn generation(stack: &Stack, projection: &str) -> (i64, i64) {
+    let status = stack.projection(projection).await;
+    (
+        status["generation"].as_i64().unwrap(),
+        status["code_version"].as_i64().unwrap(),
+    )
 }
 
 fn orders_placed(sales: &Value) -> i64 {
@@ -154,8 +156,8 @@ async fn a_rebuild_under_load_swaps_without_a_failed_or_half_built_read() {
 
     caught_up(&stack, &token).await;
     let pool = stack.pool().await;
-    assert_eq!(generation(&pool, "orders").await.0, 2);
-    assert_eq!(generation(&pool, "daily_sales").await.0, 2);
+    assert_eq!(generation(&stack, "orders").await.0, 2);
+    assert_eq!(generation(&stack, "daily_sales").await.0, 2);
     // The live runner follows the new generation: a write after the swap is read.
     let late = place_orders(&stack, placed..placed + 1).await;
     caught_up(&stack, &late).await;
@@ -170,7 +172,7 @@ async fn a_rebuild_under_load_swaps_without_a_failed_or_half_built_read() {
         .await
         .unwrap();
     assert!(status.success(), "{stderr}");
-    assert_eq!(generation(&pool, "orders").await.0, 3);
+    assert_eq!(generation(&stack, "orders").await.0, 3);
     assert_eq!(snapshot(&pool).await, live);
     // The old generations' tables are gone; only the live ones remain.
     let tables: Vec<String> = sqlx::query_scalar(
@@ -195,15 +197,10 @@ async fn a_rebuild_under_load_swaps_without_a_failed_or_half_built_read() {
 }
 
 /// Waits until the rebuild of `projection` has read at least `records` records.
-async fn rebuild_progress(pool: &PgPool, projection: &str, records: i64) -> i64 {
+async fn rebuild_progress(stack: &Stack, projection: &str, records: i64) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let done: Option<i64> =
-            sqlx::query_scalar("SELECT records_done FROM keel_rebuilds WHERE projection = $1")
-                .bind(projection)
-                .fetch_optional(pool)
-                .await
-                .unwrap();
+        let done = stack.projection(projection).await["rebuild"]["records_done"].as_i64();
         if let Some(done) = done
             && done >= records
         {
@@ -230,7 +227,7 @@ async fn a_killed_rebuild_leaves_the_live_view_and_resumes() {
         .projector_process(&["rebuild", "orders"], &slow)
         .await
         .unwrap();
-    rebuild_progress(&pool, "orders", 100).await;
+    rebuild_progress(&stack, "orders", 100).await;
 
     // A second rebuild of the same projection is refused while the first runs.
     let (status, _, stderr) = stack
@@ -256,17 +253,15 @@ async fn a_killed_rebuild_leaves_the_live_view_and_resumes() {
     assert!(progress["records_done"].as_i64().unwrap() >= 100);
 
     rebuild.kill().await.unwrap();
-    let done: i64 =
-        sqlx::query_scalar("SELECT records_done FROM keel_rebuilds WHERE projection = 'orders'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let done = stack.projection("orders").await["rebuild"]["records_done"]
+        .as_i64()
+        .unwrap();
     assert!(
         done < orders as i64,
         "killed halfway ({done} of more than {orders} records)"
     );
     // The live view is untouched and keeps serving.
-    assert_eq!(generation(&pool, "orders").await.0, 1);
+    assert_eq!(generation(&stack, "orders").await.0, 1);
     assert_eq!(snapshot(&pool).await, live);
     let (status, _) = stack.get("/v1/orders?limit=10", None).await;
     assert_eq!(status, StatusCode::OK);
@@ -278,7 +273,7 @@ async fn a_killed_rebuild_leaves_the_live_view_and_resumes() {
         .unwrap();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("resuming from its checkpoints"), "{stderr}");
-    assert_eq!(generation(&pool, "orders").await.0, 2);
+    assert_eq!(generation(&stack, "orders").await.0, 2);
     assert_eq!(snapshot(&pool).await, live);
 
     // A changed code version is rebuilt by `projector run` on its own, blue/green.
@@ -287,7 +282,7 @@ async fn a_killed_rebuild_leaves_the_live_view_and_resumes() {
         .execute(&pool)
         .await
         .unwrap();
-    let before = generation(&pool, "daily_sales").await.0;
+    let before = generation(&stack, "daily_sales").await.0;
     stack.projector = Some(
         Service::projector(&stack.config, &stack.db.url(), &[])
             .await
@@ -295,7 +290,7 @@ async fn a_killed_rebuild_leaves_the_live_view_and_resumes() {
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (generation, code) = generation(&pool, "daily_sales").await;
+        let (generation, code) = generation(&stack, "daily_sales").await;
         if code != 0 {
             assert_eq!(generation, before + 1);
             break;

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use keel_bench::load::{self, LoadResult, Workload};
+use keel_bench::plot::{Chart, Series, cdf};
+use keel_bench::report::{Report, Row};
+use keel_bench::{bare_produce, system};
 use keel_kafka::ensure_topics;
-use keel_tests::bench::load::{self, LoadResult, Workload};
-use keel_tests::bench::plot::{Chart, Series, cdf};
-use keel_tests::bench::report::{Report, Row};
-use keel_tests::bench::{bare_produce, system};
 use keel_tests::{Broker, CommandApiConfig, Service, TestDatabase, unique_prefix};
 
 use crate::{Options, Plots, ms, step};

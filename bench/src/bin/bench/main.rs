@@ -27,9 +27,9 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::Context;
-use keel_tests::bench::plot::Chart;
-use keel_tests::bench::report::{Plot, Report};
-use keel_tests::bench::system;
+use keel_bench::plot::Chart;
+use keel_bench::report::{Plot, Report};
+use keel_bench::system;
 use keel_tests::broker_binary;
 
 const USAGE: &str =

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use keel_bench::load::answered;
+use keel_bench::plot::{Chart, Series, cdf};
+use keel_bench::report::{Report, Row};
+use keel_bench::{bare_selects, bare_upsert, drain, percentile, system, write_order_log};
 use keel_kafka::ensure_topics;
-use keel_tests::bench::load::answered;
-use keel_tests::bench::plot::{Chart, Series, cdf};
-use keel_tests::bench::report::{Report, Row};
-use keel_tests::bench::{bare_selects, bare_upsert, drain, percentile, system, write_order_log};
 use keel_tests::{
     Broker, CommandApiConfig, Service, TestDatabase, unique_prefix, workspace_binary,
 };

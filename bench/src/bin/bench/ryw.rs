@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use keel_bench::bare_round_trips;
+use keel_bench::plot::{Chart, Series, cdf};
+use keel_bench::report::{Report, Row};
 use keel_kafka::ensure_topics;
-use keel_tests::bench::bare_round_trips;
-use keel_tests::bench::plot::{Chart, Series, cdf};
-use keel_tests::bench::report::{Report, Row};
 use keel_tests::{Stack, eur, unique_prefix};
 use serde_json::json;
 
@@ -83,7 +83,7 @@ pub(crate) async fn run(
     let bare =
         tokio::task::spawn_blocking(move || bare_round_trips(&settings, &topic, rounds)).await??;
 
-    let p = |v: &[Duration], q: f64| ms(keel_tests::bench::percentile(v, q));
+    let p = |v: &[Duration], q: f64| ms(keel_bench::percentile(v, q));
     let bound = p(&bare, 0.99) + FLUSH_INTERVAL_MS + 20.0;
     let scenario = format!("Read-your-writes ({} samples)", samples.len());
     report.rows.push(Row::beside(

@@ -1,0 +1,12 @@
+//! Keel's end-to-end tests, one binary of modules: each starts a real Kafka-compatible
+//! broker of its own, a PostgreSQL database of its own and the real service binaries, with
+//! random topic prefixes, so they run side by side.
+
+mod audit;
+mod command_api;
+mod contract;
+mod fuzz;
+mod kafka_log;
+mod read_path;
+mod rebuild;
+mod security;
