@@ -3,64 +3,90 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use keel_http::EdgeSettings;
-use keel_kafka::KafkaSettings;
+use keel_http::{EdgeArgs, EdgeSettings};
+use keel_kafka::{KafkaArgs, KafkaSettings};
 
 /// Where the signing key is kept when `KEEL_SIGNING_KEY_FILE` is not set.
 pub(crate) const DEFAULT_SIGNING_KEY_FILE: &str = ".keel/signing.key";
 /// Where the trusted public keys are kept when `KEEL_TRUSTED_KEYS_FILE` is not set.
 pub(crate) const DEFAULT_TRUSTED_KEYS_FILE: &str = ".keel/trusted.keys";
 
-/// The command API's settings, from `KEEL_*` environment variables.
+/// Keel's command API: commands in, one signed commit record per command out, each
+/// acknowledged only once read back through the partition gate.
+///
+/// Every option can also be given by the environment variable named beside it.
+#[derive(Debug, clap::Parser)]
+#[command(name = "command-api", version, about, long_about)]
+pub struct Cli {
+    /// Where to listen (port 0 picks a free one).
+    #[arg(long, env = "KEEL_COMMAND_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// This instance's name in fences and commits (default cmd-<random>); each process
+    /// start is a writer of its own.
+    #[arg(long, env = "KEEL_INSTANCE", value_name = "NAME")]
+    pub instance: Option<String>,
+    /// How long a command may wait to be read back, in milliseconds.
+    #[arg(
+        long,
+        env = "KEEL_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000,
+        value_name = "MS"
+    )]
+    pub request_timeout_ms: u64,
+    /// The Ed25519 key commits and fences are signed with. When the file does not exist,
+    /// a key is generated into it and its public key added to the trusted keys: right for
+    /// the embedded default; in production, provision the file.
+    #[arg(long, env = "KEEL_SIGNING_KEY_FILE", default_value = DEFAULT_SIGNING_KEY_FILE, value_name = "PATH")]
+    pub signing_key_file: PathBuf,
+    /// The public keys verifiers accept.
+    #[arg(long, env = "KEEL_TRUSTED_KEYS_FILE", default_value = DEFAULT_TRUSTED_KEYS_FILE, value_name = "PATH")]
+    pub trusted_keys_file: PathBuf,
+    /// Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Authentication, limits and TLS.
+    #[command(flatten)]
+    pub edge: EdgeArgs,
+}
+
+/// The command API's settings.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// `KEEL_COMMAND_ADDR`: where to listen (default `127.0.0.1:8080`; port 0 picks one).
+    /// Where to listen.
     pub addr: SocketAddr,
-    /// `KEEL_INSTANCE`: this instance's name in fences and commits (default `cmd-<random>`).
+    /// This instance's name in fences and commits.
     pub instance: String,
-    /// `KEEL_REQUEST_TIMEOUT_MS`: how long a command may wait to be read back (default 10 s).
+    /// How long a command may wait to be read back.
     pub request_timeout: Duration,
-    /// `KEEL_SIGNING_KEY_FILE`: the Ed25519 key commits are signed with (default
-    /// `.keel/signing.key`). When the file does not exist, a key is generated into it and
-    /// its public key appended to the trusted keys file: right for the embedded default;
-    /// in production, provision the file.
+    /// The key commits are signed with.
     pub signing_key_file: PathBuf,
-    /// `KEEL_TRUSTED_KEYS_FILE`: the public keys verifiers accept (default `.keel/trusted.keys`).
+    /// The public keys verifiers accept.
     pub trusted_keys_file: PathBuf,
-    /// Kafka settings (`KEEL_KAFKA_BROKERS`, `KEEL_TOPIC_PREFIX`, `KEEL_PARTITIONS`…).
+    /// Kafka settings.
     pub kafka: KafkaSettings,
-    /// Authentication, limits and TLS (`KEEL_AUTH*`, `KEEL_RATE_LIMIT_*`, `KEEL_HTTP_*`,
-    /// `KEEL_TLS_*`).
+    /// Authentication, limits and TLS.
     pub edge: EdgeSettings,
 }
 
 impl Settings {
-    /// Reads the settings from the environment.
+    /// Reads the settings from the command line and the environment.
     pub fn load() -> anyhow::Result<Self> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let addr = var("KEEL_COMMAND_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into());
-        let timeout_ms: u64 = match var("KEEL_REQUEST_TIMEOUT_MS") {
-            Some(v) => v.parse().with_context(|| {
-                format!("KEEL_REQUEST_TIMEOUT_MS {v:?} is not a number of milliseconds")
-            })?,
-            None => 10_000,
-        };
-        let instance = var("KEEL_INSTANCE")
+        Self::from_cli(keel_telemetry::parse_args())
+    }
+
+    /// The settings of a parsed command line.
+    pub fn from_cli(cli: Cli) -> anyhow::Result<Self> {
+        let instance = cli
+            .instance
             .unwrap_or_else(|| format!("cmd-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
         Ok(Self {
-            addr: addr
-                .parse()
-                .with_context(|| format!("KEEL_COMMAND_ADDR {addr:?} is not a socket address"))?,
+            addr: cli.addr,
             instance,
-            request_timeout: Duration::from_millis(timeout_ms),
-            signing_key_file: var("KEEL_SIGNING_KEY_FILE")
-                .unwrap_or_else(|| DEFAULT_SIGNING_KEY_FILE.into())
-                .into(),
-            trusted_keys_file: var("KEEL_TRUSTED_KEYS_FILE")
-                .unwrap_or_else(|| DEFAULT_TRUSTED_KEYS_FILE.into())
-                .into(),
-            kafka: KafkaSettings::from_env().context("reading the Kafka settings")?,
-            edge: EdgeSettings::from_env().context("reading the HTTP settings")?,
+            request_timeout: Duration::from_millis(cli.request_timeout_ms),
+            signing_key_file: cli.signing_key_file,
+            trusted_keys_file: cli.trusted_keys_file,
+            kafka: cli.kafka.settings().context("reading the Kafka settings")?,
+            edge: cli.edge.settings().context("reading the HTTP settings")?,
         })
     }
 }

@@ -12,4 +12,4 @@ pub mod settings;
 pub use auth::{AuthError, AuthSettings, Claims, KeySource, Principal, Role, Verifier};
 pub use edge::Edge;
 pub use serve::serve;
-pub use settings::{EdgeSettings, TlsFiles};
+pub use settings::{EdgeArgs, EdgeSettings, Secret, TlsFiles};

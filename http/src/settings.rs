@@ -40,12 +40,126 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-impl EdgeSettings {
-    /// Reads the settings from the process environment.
-    pub fn from_env() -> anyhow::Result<Self> {
-        Self::from_vars(|name| std::env::var(name).ok())
-    }
+/// A secret given as an option or an environment variable: it never prints, in `Debug`
+/// output or in `--help`.
+#[derive(Clone)]
+pub struct Secret(String);
 
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// The HTTP edge's options of an API binary, each also read from its environment variable.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EdgeArgs {
+    /// Bearer-token authentication on every /v1 route: on, or off for local experiments.
+    #[arg(long, env = "KEEL_AUTH", default_value = "on", value_name = "on|off")]
+    pub auth: String,
+    /// The HS256 secret tokens are signed with, at least 32 bytes (prefer the file).
+    #[arg(
+        long,
+        env = "KEEL_AUTH_HS256_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub auth_hs256_secret: Option<Secret>,
+    /// A file holding the HS256 secret.
+    #[arg(long, env = "KEEL_AUTH_HS256_SECRET_FILE", value_name = "PATH")]
+    pub auth_hs256_secret_file: Option<String>,
+    /// RS256/ES256 public keys (a JWKS document or PEM blocks), read again when it changes.
+    #[arg(long, env = "KEEL_AUTH_JWKS_FILE", value_name = "PATH")]
+    pub auth_jwks_file: Option<String>,
+    /// The issuer (`iss`) tokens must name.
+    #[arg(long, env = "KEEL_AUTH_ISSUER", default_value = "keel")]
+    pub auth_issuer: String,
+    /// The audience (`aud`) tokens must name.
+    #[arg(long, env = "KEEL_AUTH_AUDIENCE", default_value = "keel")]
+    pub auth_audience: String,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[arg(
+        long,
+        env = "KEEL_AUTH_LEEWAY_SECS",
+        default_value = "30",
+        value_name = "S"
+    )]
+    pub auth_leeway_secs: String,
+    /// Requests per second allowed to each token subject (0: no limit).
+    #[arg(
+        long,
+        env = "KEEL_RATE_LIMIT_RPS",
+        default_value = "1000",
+        value_name = "N"
+    )]
+    pub rate_limit_rps: String,
+    /// Requests a subject may send at once (default: twice the rate).
+    #[arg(long, env = "KEEL_RATE_LIMIT_BURST", value_name = "N")]
+    pub rate_limit_burst: Option<String>,
+    /// Requests served at once; more are answered 503 at once.
+    #[arg(
+        long,
+        env = "KEEL_HTTP_MAX_IN_FLIGHT",
+        default_value = "1024",
+        value_name = "N"
+    )]
+    pub http_max_in_flight: String,
+    /// The longest a request may take, end to end, in milliseconds.
+    #[arg(
+        long,
+        env = "KEEL_HTTP_TIMEOUT_MS",
+        default_value = "40000",
+        value_name = "MS"
+    )]
+    pub http_timeout_ms: String,
+    /// The longest a client may take to send its request headers, in milliseconds.
+    #[arg(
+        long,
+        env = "KEEL_HTTP_HEADER_TIMEOUT_MS",
+        default_value = "10000",
+        value_name = "MS"
+    )]
+    pub http_header_timeout_ms: String,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, env = "KEEL_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<String>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "KEEL_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<String>,
+}
+
+impl EdgeArgs {
+    /// The settings these options give, validated.
+    pub fn settings(&self) -> anyhow::Result<EdgeSettings> {
+        EdgeSettings::from_vars(|name| match name {
+            "KEEL_AUTH" => Some(self.auth.clone()),
+            "KEEL_AUTH_HS256_SECRET" => self.auth_hs256_secret.as_ref().map(|s| s.0.clone()),
+            "KEEL_AUTH_HS256_SECRET_FILE" => self.auth_hs256_secret_file.clone(),
+            "KEEL_AUTH_JWKS_FILE" => self.auth_jwks_file.clone(),
+            "KEEL_AUTH_ISSUER" => Some(self.auth_issuer.clone()),
+            "KEEL_AUTH_AUDIENCE" => Some(self.auth_audience.clone()),
+            "KEEL_AUTH_LEEWAY_SECS" => Some(self.auth_leeway_secs.clone()),
+            "KEEL_RATE_LIMIT_RPS" => Some(self.rate_limit_rps.clone()),
+            "KEEL_RATE_LIMIT_BURST" => self.rate_limit_burst.clone(),
+            "KEEL_HTTP_MAX_IN_FLIGHT" => Some(self.http_max_in_flight.clone()),
+            "KEEL_HTTP_TIMEOUT_MS" => Some(self.http_timeout_ms.clone()),
+            "KEEL_HTTP_HEADER_TIMEOUT_MS" => Some(self.http_header_timeout_ms.clone()),
+            "KEEL_TLS_CERT" => self.tls_cert.clone(),
+            "KEEL_TLS_KEY" => self.tls_key.clone(),
+            _ => None,
+        })
+    }
+}
+
+impl EdgeSettings {
     /// Reads the settings through `var`, as from the environment.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
@@ -176,6 +290,35 @@ mod tests {
         );
         assert!(from(&[("KEEL_AUTH", "off"), ("KEEL_TLS_CERT", "/c")]).is_err());
         assert!(from(&[("KEEL_AUTH", "off"), ("KEEL_RATE_LIMIT_RPS", "ten")]).is_err());
+    }
+
+    #[test]
+    fn options_give_the_settings_and_hide_the_secret() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            edge: EdgeArgs,
+        }
+        let secret = "an-options-secret-of-32-bytes-or-more";
+        let cli = Cli::parse_from(["x", "--auth-hs256-secret", secret, "--rate-limit-rps", "5"]);
+        assert!(!format!("{:?}", cli.edge).contains(secret));
+        let settings = cli.edge.settings().unwrap();
+        assert_eq!((settings.rate_per_sec, settings.burst), (5.0, 10.0));
+        assert!(matches!(settings.auth.unwrap().keys, KeySource::Hs256(_)));
+        let help = Cli::command().render_long_help().to_string();
+        for name in [
+            "KEEL_AUTH_HS256_SECRET",
+            "KEEL_RATE_LIMIT_RPS",
+            "KEEL_TLS_KEY",
+        ] {
+            assert!(help.contains(name), "{name} in --help");
+        }
+        let off = Cli::parse_from(["x", "--auth", "off"])
+            .edge
+            .settings()
+            .unwrap();
+        assert!(off.auth.is_none());
     }
 
     #[test]

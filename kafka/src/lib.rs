@@ -22,4 +22,4 @@ pub use gated::{Gated, Verdict, read_through_gate};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{LogProducer, record_headers};
 pub use reader::{AbortOnDrop, LogEntry, LogReader, PartitionReader, end_offsets};
-pub use settings::KafkaSettings;
+pub use settings::{KafkaArgs, KafkaSettings};

@@ -70,12 +70,65 @@ fn parse<T: std::str::FromStr>(
         })
 }
 
-impl KafkaSettings {
-    /// Reads the settings from the process environment.
-    pub fn from_env() -> Result<Self, KafkaError> {
-        Self::from_vars(std::env::vars())
-    }
+/// The Kafka options of a binary, each also read from its environment variable. Further
+/// client properties come from `KEEL_KAFKA_<PROPERTY>` variables (`KEEL_KAFKA_SASL_MECHANISM`
+/// is `sasl.mechanism`), passed through as they are.
+#[derive(Clone, Debug, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(
+        long = "kafka-brokers",
+        env = "KEEL_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092",
+        value_name = "HOST:PORT,..."
+    )]
+    pub brokers: String,
+    /// Topics are <prefix>.<aggregate>.events: letters, digits, '.', '_' and '-'.
+    #[arg(long, env = "KEEL_TOPIC_PREFIX", default_value = "keel")]
+    pub topic_prefix: String,
+    /// Partitions of each topic, 1 to 10000, the same for every process of one system.
+    #[arg(long, env = "KEEL_PARTITIONS", default_value = "8", value_name = "N")]
+    pub partitions: String,
+    /// Replicas of each topic Keel creates.
+    #[arg(
+        long,
+        env = "KEEL_REPLICATION_FACTOR",
+        default_value = "1",
+        value_name = "N"
+    )]
+    pub replication_factor: String,
+    /// How long one produce, read or admin call may take, in milliseconds (at least 100).
+    #[arg(
+        long = "kafka-timeout-ms",
+        env = "KEEL_KAFKA_TIMEOUT_MS",
+        default_value = "30000",
+        value_name = "MS"
+    )]
+    pub timeout_ms: String,
+}
 
+impl KafkaArgs {
+    /// The settings these options give, validated, with the client properties of the
+    /// environment's `KEEL_KAFKA_*` variables.
+    pub fn settings(&self) -> Result<KafkaSettings, KafkaError> {
+        let mut vars: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| name.starts_with(PASSTHROUGH))
+            .collect();
+        vars.extend(
+            [
+                ("KEEL_KAFKA_BROKERS", &self.brokers),
+                ("KEEL_TOPIC_PREFIX", &self.topic_prefix),
+                ("KEEL_PARTITIONS", &self.partitions),
+                ("KEEL_REPLICATION_FACTOR", &self.replication_factor),
+                ("KEEL_KAFKA_TIMEOUT_MS", &self.timeout_ms),
+            ]
+            .map(|(name, value)| (name.to_owned(), value.clone())),
+        );
+        KafkaSettings::from_vars(vars)
+    }
+}
+
+impl KafkaSettings {
     /// Reads the settings from `vars`, as from the environment.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, KafkaError> {
         let mut settings = Self::default();
@@ -166,6 +219,29 @@ mod tests {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn options_and_their_defaults_give_the_same_settings_as_the_environment() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaArgs,
+        }
+        let defaults = Cli::parse_from(["x"]).kafka.settings().unwrap();
+        let from_env = KafkaSettings::from_vars(vec![]).unwrap();
+        assert_eq!(
+            (defaults.brokers, defaults.partitions, defaults.timeout),
+            (from_env.brokers, from_env.partitions, from_env.timeout)
+        );
+        let given = Cli::parse_from(["x", "--partitions", "3", "--topic-prefix", "t"]);
+        assert_eq!(
+            given.kafka.settings().unwrap().topic("order"),
+            "t.order.events"
+        );
+        let bad = Cli::parse_from(["x", "--partitions", "0"]).kafka.settings();
+        assert!(bad.unwrap_err().to_string().contains("KEEL_PARTITIONS"));
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub mod views;
 
 pub use generation::{Live, prepare};
 pub use job::{Job, OnError, RunOptions};
-pub use settings::Settings;
+pub use settings::{Settings, SettingsArgs};
 
 /// A boxed `Send` future: what a function over `&mut PgConnection` returns where the
 /// compiler must see its lifetimes concretely (rust-lang/rust#102211).

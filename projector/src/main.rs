@@ -14,16 +14,18 @@ use keel_kafka::{KafkaSettings, end_offsets, ensure_topics};
 use keel_schemas::{TopicPartition, TrustedKeys};
 use projector::rebuild::{Progress, RebuildOptions};
 use projector::runner::Runner;
-use projector::{Job, OnError, Settings, db, report, status, verify, views};
+use projector::{Job, OnError, Settings, SettingsArgs, db, report, status, verify, views};
 use tokio::task::JoinSet;
 
 /// Runs Keel's projections into PostgreSQL and inspects the log.
 ///
-/// Settings come from the environment: KEEL_DATABASE_URL, KEEL_KAFKA_BROKERS,
-/// KEEL_TOPIC_PREFIX, KEEL_PARTITIONS, KEEL_BATCH_SIZE, KEEL_BATCH_LINGER_MS.
+/// The options go before the command; each can also be given by the environment variable
+/// named beside it.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, long_about)]
 struct Cli {
+    #[command(flatten)]
+    settings: SettingsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,13 +99,13 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = keel_telemetry::parse_args();
     // `run` is a service and logs its work; the other commands are tools that print theirs.
     keel_telemetry::init(match cli.command {
         Command::Run { .. } => "projector=info,keel_kafka=info",
         _ => "projector=warn,keel_kafka=warn",
     });
-    let settings = Settings::load()?;
+    let settings = Settings::from_args(cli.settings)?;
     match cli.command {
         Command::Run {
             projections,
@@ -142,7 +144,7 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
     ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
         .await
         .context("ensuring the topics")?;
-    let pool = db::connect(&settings.database_url).await?;
+    let pool = db::connect(&settings.database.database_url).await?;
     let options = settings.run_options(on_error);
     let mut tasks = JoinSet::new();
     for projection in all
@@ -185,7 +187,7 @@ async fn rebuild(
     ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
         .await
         .context("ensuring the topics")?;
-    let pool = db::connect(&settings.database_url).await?;
+    let pool = db::connect(&settings.database.database_url).await?;
     let options = settings.run_options(on_error);
     let chosen: Vec<_> = views::all()
         .into_iter()
@@ -233,7 +235,7 @@ async fn verify(settings: &Settings, stream: Option<&str>, json: bool) -> anyhow
         );
         TrustedKeys::default()
     };
-    let pool = match db::connect(&settings.database_url).await {
+    let pool = match db::connect(&settings.database.database_url).await {
         Ok(pool) => Some(pool),
         Err(e) => {
             eprintln!("warning: the audit log is not compared with the topics: {e:#}");
@@ -280,7 +282,7 @@ async fn export(
 }
 
 async fn print_status(settings: &Settings, json: bool) -> anyhow::Result<()> {
-    let pool = db::connect(&settings.database_url).await?;
+    let pool = db::connect(&settings.database.database_url).await?;
     let before = status::read(&pool, None).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let now = status::read(&pool, Some(&settings.kafka)).await?;

@@ -12,35 +12,53 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use keel_http::{Edge, EdgeSettings};
+use keel_http::{Edge, EdgeArgs, EdgeSettings};
+use keel_views::DatabaseArgs;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 use tracing::info;
 
-/// The query API's settings, from `KEEL_*` environment variables.
+/// Keel's query API: the views the projector keeps in PostgreSQL, the audit trail, time
+/// travel and projection status; reads wait for a consistency token when given one.
+///
+/// Every option can also be given by the environment variable named beside it.
+#[derive(Debug, clap::Parser)]
+#[command(name = "query-api", version, about, long_about)]
+pub struct Cli {
+    /// Where to listen (port 0 picks a free one).
+    #[arg(long, env = "KEEL_QUERY_ADDR", default_value = "127.0.0.1:8081")]
+    pub addr: SocketAddr,
+    /// The views' database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Authentication, limits and TLS.
+    #[command(flatten)]
+    pub edge: EdgeArgs,
+}
+
+/// The query API's settings.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// `KEEL_QUERY_ADDR`: where to listen (default `127.0.0.1:8081`; port 0 picks one).
+    /// Where to listen.
     pub addr: SocketAddr,
-    /// `KEEL_DATABASE_URL`: the projector's database.
-    pub database_url: String,
-    /// Authentication, limits and TLS (`KEEL_AUTH*`, `KEEL_RATE_LIMIT_*`, `KEEL_HTTP_*`,
-    /// `KEEL_TLS_*`).
+    /// The projector's database.
+    pub database: DatabaseArgs,
+    /// Authentication, limits and TLS.
     pub edge: EdgeSettings,
 }
 
 impl Settings {
-    /// Reads the settings from the environment.
+    /// Reads the settings from the command line and the environment.
     pub fn load() -> anyhow::Result<Self> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let addr = var("KEEL_QUERY_ADDR").unwrap_or_else(|| "127.0.0.1:8081".into());
+        Self::from_cli(keel_telemetry::parse_args())
+    }
+
+    /// The settings of a parsed command line.
+    pub fn from_cli(cli: Cli) -> anyhow::Result<Self> {
         Ok(Self {
-            addr: addr
-                .parse()
-                .with_context(|| format!("KEEL_QUERY_ADDR {addr:?} is not a socket address"))?,
-            database_url: var("KEEL_DATABASE_URL")
-                .unwrap_or_else(|| keel_views::DEFAULT_DATABASE_URL.into()),
-            edge: EdgeSettings::from_env().context("reading the HTTP settings")?,
+            addr: cli.addr,
+            database: cli.database,
+            edge: cli.edge.settings().context("reading the HTTP settings")?,
         })
     }
 }
@@ -59,6 +77,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let edge = Edge::new(&settings.edge, "query-api").context("setting up authentication")?;
         let options: PgConnectOptions = settings
+            .database
             .database_url
             .parse()
             .context("KEEL_DATABASE_URL is not a PostgreSQL URL")?;

@@ -1,5 +1,6 @@
-//! What every Keel process shares about running: the logging set-up and the shutdown
-//! signal. The query API links this, not `keel-kafka`: it reads PostgreSQL only.
+//! What every Keel process shares about running: the logging set-up, the shutdown signal,
+//! and reading its command line and environment. The query API links this, not
+//! `keel-kafka`: it reads PostgreSQL only.
 
 use std::io::IsTerminal;
 
@@ -42,4 +43,19 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     tracing::info!("shutting down");
+}
+
+/// Parses the command line into `T`, each option falling back to its environment variable
+/// as clap's `env` does, except that a variable set to the empty string counts as unset,
+/// as Keel's `KEEL_*` variables always have. Exits with clap's message on a bad command
+/// line, and prints `--help` and `--version`.
+pub fn parse_args<T: clap::Parser>() -> T {
+    let command = T::command().mut_args(|arg| match arg.get_env() {
+        Some(name) if std::env::var_os(name).is_some_and(|v| v.is_empty()) => {
+            arg.env(None::<&'static str>)
+        }
+        _ => arg,
+    });
+    let matches = command.get_matches();
+    T::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }

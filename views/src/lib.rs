@@ -19,3 +19,30 @@ pub const NOTIFY_CHANNEL: &str = "keel_projections";
 
 /// The database of the views when `KEEL_DATABASE_URL` is not set: the embedded default's.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/keel?sslmode=disable";
+
+/// The database option of the binaries that use the views' database.
+#[derive(Clone, clap::Args)]
+pub struct DatabaseArgs {
+    /// The PostgreSQL database of the views and checkpoints (created when missing).
+    #[arg(
+        long,
+        env = "KEEL_DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database_url: String,
+}
+
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A URL can hold a password: print where it points, not who it is.
+        let at = self
+            .database_url
+            .rsplit_once('@')
+            .map_or(self.database_url.as_str(), |(_, at)| at);
+        f.debug_struct("DatabaseArgs")
+            .field("database_url", &format_args!("..@{at}"))
+            .finish()
+    }
+}

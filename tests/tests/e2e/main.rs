@@ -3,6 +3,7 @@
 //! random topic prefixes, so they run side by side.
 
 mod audit;
+mod cli;
 mod command_api;
 mod contract;
 mod fuzz;
