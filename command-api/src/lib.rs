@@ -7,6 +7,7 @@
 pub mod commands;
 pub mod error;
 pub mod owner;
+pub mod owners;
 pub mod routes;
 mod settings;
 mod startup;

@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -9,16 +10,13 @@ use keel_http::{Edge, EdgeSettings};
 use keel_kafka::{LogProducer, PartitionReader, ensure_topics};
 use keel_schemas::{SigningKey, TopicPartition};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::Settings;
-use crate::owner::{CommandRequest, KafkaPartition, PartitionOwner, StatusCell};
-use crate::routes::{AppState, Owners, app};
-
-/// Commands that may wait for one partition's owner before new ones get a 503.
-const QUEUE_PER_PARTITION: usize = 4096;
+use crate::owner::KafkaPartition;
+use crate::owners::{OwnerSettings, Owners, Started};
+use crate::routes::{AppState, app};
 
 /// A built command API: topics ensured, partition owners started, listener bound.
 pub struct Application {
@@ -27,42 +25,6 @@ pub struct Application {
     edge: Edge,
     edge_settings: EdgeSettings,
     tasks: JoinSet<()>,
-}
-
-fn spawn_owners<A: Aggregate + Send + Sync + 'static>(
-    settings: &Settings,
-    producer: &LogProducer,
-    readers: &mut impl Iterator<Item = PartitionReader>,
-    tasks: &mut JoinSet<()>,
-    statuses: &mut Vec<StatusCell>,
-    signing_key: &Arc<SigningKey>,
-) -> anyhow::Result<Vec<mpsc::Sender<CommandRequest<A>>>>
-where
-    A::Command: Send,
-    A::Event: Send,
-{
-    let topic = settings.kafka.topic(A::TYPE);
-    let mut senders = Vec::new();
-    for partition in 0..settings.kafka.partitions {
-        let reader = readers
-            .next()
-            .with_context(|| format!("no reader for {topic}/{partition}"))?;
-        anyhow::ensure!(
-            reader.topic() == topic && reader.partition() == partition,
-            "readers out of order"
-        );
-        let (owner, status) = PartitionOwner::<A, _>::new(
-            KafkaPartition::new(producer.clone(), reader),
-            &settings.instance,
-            Arc::clone(signing_key),
-            settings.kafka.timeout,
-        );
-        let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
-        tasks.spawn(owner.run(rx));
-        senders.push(tx);
-        statuses.push(status);
-    }
-    Ok(senders)
 }
 
 impl Application {
@@ -97,37 +59,29 @@ impl Application {
                 (0..kafka.partitions).map(move |p| (TopicPartition::new(kafka.topic(t), p), 0))
             })
             .collect();
-        let mut readers = PartitionReader::open_many(&settings.kafka, &partitions)
-            .context("opening the partition readers")?
-            .into_iter();
-        let mut tasks = JoinSet::new();
-        let mut statuses = Vec::new();
-        let owners = Owners {
-            products: spawn_owners::<Product>(
-                &settings,
-                &producer,
-                &mut readers,
-                &mut tasks,
-                &mut statuses,
-                &signing_key,
-            )?,
-            customers: spawn_owners::<Customer>(
-                &settings,
-                &producer,
-                &mut readers,
-                &mut tasks,
-                &mut statuses,
-                &signing_key,
-            )?,
-            orders: spawn_owners::<Order>(
-                &settings,
-                &producer,
-                &mut readers,
-                &mut tasks,
-                &mut statuses,
-                &signing_key,
-            )?,
+        let mut readers: HashMap<TopicPartition, PartitionReader> =
+            PartitionReader::open_many(&settings.kafka, &partitions)
+                .context("opening the partition readers")?
+                .into_iter()
+                .map(|r| (TopicPartition::new(r.topic(), r.partition()), r))
+                .collect();
+        let owner_settings = OwnerSettings {
+            instance: settings.instance.clone(),
+            signing_key,
+            timeout: settings.kafka.timeout,
+            partitions: settings.kafka.partitions,
         };
+        let Started {
+            owners,
+            statuses,
+            tasks,
+        } = Owners::start(&owner_settings, |stream_type, partition| {
+            let at = TopicPartition::new(kafka.topic(stream_type), partition);
+            let reader = readers
+                .remove(&at)
+                .with_context(|| format!("no reader for {at}"))?;
+            Ok(KafkaPartition::new(producer.clone(), reader))
+        })?;
         let listener = TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("binding {}", settings.addr))?;

@@ -3,6 +3,8 @@
 mod command;
 mod health;
 pub mod openapi;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,28 +12,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use keel_domain::customer::Customer;
-use keel_domain::order::Order;
-use keel_domain::product::Product;
 use keel_http::{Edge, Role};
-use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-use crate::owner::{CommandRequest, StatusCell};
+use crate::owner::StatusCell;
+pub use crate::owners::Owners;
 
 /// Largest command body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// The channels to every partition owner, indexed by partition.
-#[derive(Clone, Debug, Default)]
-pub struct Owners {
-    /// Owners of the product topic's partitions.
-    pub products: Vec<mpsc::Sender<CommandRequest<Product>>>,
-    /// Owners of the customer topic's partitions.
-    pub customers: Vec<mpsc::Sender<CommandRequest<Customer>>>,
-    /// Owners of the order topic's partitions.
-    pub orders: Vec<mpsc::Sender<CommandRequest<Order>>>,
-}
 
 /// What the handlers share.
 #[derive(Clone, Debug)]

@@ -1,0 +1,497 @@
+//! The command API's HTTP contract in process: the real router and edge, with partition
+//! owners over logs in memory (no broker), driven with `tower::ServiceExt::oneshot`.
+//! Every command and its statuses: 200/201 with their headers, 404, 400, 413, 415, 412,
+//! 422 with every invalid field named, idempotent replays and reused keys.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use keel_http::auth::{Claims, now_secs, sign_hs256};
+use keel_http::{Edge, EdgeSettings};
+use keel_schemas::SigningKey;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+use super::{AppState, app};
+use crate::owner::{MemoryLog, Status};
+use crate::owners::{OwnerSettings, Owners};
+
+const SECRET: &str = "an-in-process-test-secret-of-32-bytes";
+
+struct Api {
+    router: Router,
+    token: String,
+    _owners: JoinSet<()>,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+fn eur(n: i64) -> Value {
+    json!({"amount_minor": n, "currency": "EUR"})
+}
+
+/// The command API over two partitions per topic in memory, every owner serving, and a
+/// token of subject `alice` that may write commands.
+async fn api() -> Api {
+    let settings = OwnerSettings {
+        instance: "cmd-test".into(),
+        signing_key: Arc::new(SigningKey::generate()),
+        timeout: Duration::from_secs(5),
+        partitions: 2,
+    };
+    let started = Owners::start(&settings, |stream_type, partition| {
+        Ok(MemoryLog::new(
+            &format!("t.{stream_type}.events"),
+            partition,
+        ))
+    })
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while started.statuses.iter().any(|s| s.get() != Status::Serving) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("every owner serves");
+    let state = AppState {
+        owners: Arc::new(started.owners),
+        statuses: Arc::new(started.statuses),
+        partitions: settings.partitions,
+        request_timeout: Duration::from_secs(5),
+    };
+    let edge_settings =
+        EdgeSettings::from_vars(|name| (name == "KEEL_AUTH_HS256_SECRET").then(|| SECRET.into()))
+            .unwrap();
+    let edge = Edge::new(&edge_settings, "command-api").unwrap();
+    let now = now_secs();
+    let claims = Claims {
+        sub: "alice".into(),
+        iss: "keel".into(),
+        aud: "keel".into(),
+        exp: now + 3600,
+        iat: now,
+        roles: vec!["commands:write".into()],
+    };
+    Api {
+        router: app(state, &edge),
+        token: sign_hs256(SECRET.as_bytes(), &claims).unwrap(),
+        _owners: started.tasks,
+    }
+}
+
+impl Api {
+    async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        Reply {
+            status,
+            headers,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        }
+    }
+
+    /// POSTs raw bytes with a content type and further headers.
+    async fn raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<Body>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut request =
+            Request::post(path).header("authorization", format!("Bearer {}", self.token));
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        self.send(request.body(body.into()).unwrap()).await
+    }
+
+    async fn post_with(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
+        self.raw(path, Some("application/json"), body.to_string(), headers)
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        self.post_with(path, body, &[]).await
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.send(Request::get(path).body(Body::empty()).unwrap())
+            .await
+    }
+}
+
+fn problem_type(reply: &Reply) -> &str {
+    assert_eq!(
+        reply.headers["content-type"], "application/problem+json",
+        "{:?}",
+        reply.body
+    );
+    reply.body["type"].as_str().unwrap()
+}
+
+fn event_types(reply: &Reply) -> Vec<&str> {
+    reply.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn product_commands_answer_with_their_versions_and_rules() {
+    let api = api().await;
+    let r = api
+        .post(
+            "/v1/products/MUG-1/register",
+            json!({"name": "Mug", "price": eur(1299)}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["stream"], json!({"type": "product", "id": "MUG-1"}));
+    assert_eq!(r.body["version"], 1);
+    assert_eq!(r.body["events"][0]["type"], "ProductRegistered");
+    assert_eq!(r.headers["etag"], "\"1\"");
+    let token = r.headers["keel-consistency-token"].to_str().unwrap();
+    assert_eq!(r.body["consistency_token"], token);
+    assert!(token.parse::<keel_schemas::ConsistencyToken>().is_ok());
+
+    let r = api
+        .post(
+            "/v1/products/MUG-1/register",
+            json!({"name": "Mug", "price": eur(1299)}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(problem_type(&r), "/problems/domain-rule-broken");
+    assert_eq!(r.body["rule"], "product_already_registered");
+
+    for (command, body, version) in [
+        ("restock", json!({"quantity": 10}), 2),
+        ("change-price", json!({"price": eur(1499)}), 3),
+        (
+            "reserve-stock",
+            json!({"order_id": "o-1", "quantity": 4}),
+            4,
+        ),
+        ("release-stock", json!({"order_id": "o-1"}), 5),
+    ] {
+        let r = api
+            .post(&format!("/v1/products/MUG-1/{command}"), body)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{command}: {:?}", r.body);
+        assert_eq!(r.body["version"], version, "{command}");
+    }
+    // Releasing what is not reserved changes nothing: 200, same version, no events.
+    let r = api
+        .post(
+            "/v1/products/MUG-1/release-stock",
+            json!({"order_id": "o-1"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.status,
+            r.body["version"].clone(),
+            r.body["events"].clone()
+        ),
+        (StatusCode::OK, json!(5), json!([]))
+    );
+    let r = api
+        .post(
+            "/v1/products/MUG-1/reserve-stock",
+            json!({"order_id": "o-2", "quantity": 11}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.body["rule"], "insufficient_stock");
+    // A command without a body needs no content type.
+    let r = api
+        .raw("/v1/products/MUG-1/discontinue", None, "", &[])
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = api
+        .post("/v1/products/MUG-1/restock", json!({"quantity": 1}))
+        .await;
+    assert_eq!(r.body["rule"], "product_discontinued");
+}
+
+#[tokio::test]
+async fn customer_commands_answer_with_their_versions_and_rules() {
+    let api = api().await;
+    let r = api
+        .post(
+            "/v1/customers/c-1/register",
+            json!({"email": "ada@example.com", "name": "Ada"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = api
+        .post(
+            "/v1/customers/c-1/change-email",
+            json!({"email": "ada@lovelace.org"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["version"].clone()),
+        (StatusCode::OK, json!(2))
+    );
+    let r = api
+        .post(
+            "/v1/customers/c-2/change-email",
+            json!({"email": "x@example.com"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.body["rule"], "customer_not_registered");
+}
+
+#[tokio::test]
+async fn an_order_is_placed_paid_in_parts_shipped_and_a_paid_one_cancelled_with_a_refund() {
+    let api = api().await;
+    let lines = json!([{"sku": "MUG-1", "quantity": 2, "unit_price": eur(1299)}]);
+    let r = api
+        .post(
+            "/v1/orders/o-1/place",
+            json!({"customer_id": "c-1", "lines": lines}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let ship = json!({"carrier": "DHL", "tracking": "JD01"});
+    let r = api.post("/v1/orders/o-1/ship", ship.clone()).await;
+    assert_eq!(r.body["rule"], "order_not_paid");
+    let r = api
+        .post(
+            "/v1/orders/o-1/pay",
+            json!({"amount": eur(2598 + 1), "payment_ref": "p-0"}),
+        )
+        .await;
+    assert_eq!(r.body["rule"], "overpayment");
+    let r = api
+        .post(
+            "/v1/orders/o-1/pay",
+            json!({"amount": eur(1000), "payment_ref": "p-1"}),
+        )
+        .await;
+    assert_eq!(r.body["version"], 2);
+    let r = api
+        .post(
+            "/v1/orders/o-1/pay",
+            json!({"amount": eur(1598), "payment_ref": "p-2"}),
+        )
+        .await;
+    assert_eq!(
+        r.body["version"], 4,
+        "a payment that reaches the total also pays the order"
+    );
+    assert_eq!(event_types(&r), ["PaymentRecorded", "OrderPaid"]);
+    let r = api.post("/v1/orders/o-1/ship", ship).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = api
+        .post("/v1/orders/o-1/cancel", json!({"reason": "too late"}))
+        .await;
+    assert_eq!(r.body["rule"], "order_already_shipped");
+    // Cancelling a paid order refunds it.
+    api.post(
+        "/v1/orders/o-2/place",
+        json!({"customer_id": "c-1", "lines": lines}),
+    )
+    .await;
+    api.post(
+        "/v1/orders/o-2/pay",
+        json!({"amount": eur(500), "payment_ref": "p-1"}),
+    )
+    .await;
+    let r = api
+        .post(
+            "/v1/orders/o-2/cancel",
+            json!({"reason": "changed my mind"}),
+        )
+        .await;
+    assert_eq!(event_types(&r), ["OrderCancelled", "RefundIssued"]);
+}
+
+#[tokio::test]
+async fn unknown_collections_commands_and_streams_are_404() {
+    let api = api().await;
+    assert_eq!(
+        api.post("/v1/widgets/w-1/register", json!({})).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = api.post("/v1/orders/o-1/teleport", json!({})).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (StatusCode::NOT_FOUND, "/problems/not-found")
+    );
+    let r = api
+        .post(
+            "/v1/orders/nope/pay",
+            json!({"amount": eur(1), "payment_ref": "p"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["rule"].clone()),
+        (StatusCode::NOT_FOUND, json!("order_not_placed"))
+    );
+}
+
+#[tokio::test]
+async fn malformed_bodies_and_headers_are_400_413_and_415() {
+    let api = api().await;
+    let path = "/v1/products/TEE-1/register";
+    let r = api
+        .raw(path, Some("application/json"), "{\"name\": ", &[])
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(
+        api.raw(path, Some("text/plain"), "name=Tee", &[])
+            .await
+            .status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    let big = json!({"name": "x".repeat(70 * 1024), "price": eur(1)});
+    let r = api.post(path, big).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "/problems/body-too-large")
+    );
+    let r = api
+        .post_with(
+            "/v1/products/MUG-1/restock",
+            json!({"quantity": 1}),
+            &[("if-match", "three")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn every_invalid_field_is_named_in_a_422() {
+    let api = api().await;
+    let r = api.post("/v1/orders/o-9/place", json!({"customer_id": "c 1",
+        "lines": [{"sku": "", "quantity": 0, "unit_price": {"amount_minor": 5, "currency": "eur"}}]})).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "/problems/invalid-fields")
+    );
+    let fields: Vec<&str> = r.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "customer_id",
+            "lines[0].sku",
+            "lines[0].quantity",
+            "lines[0].unit_price.currency"
+        ]
+    );
+    let r = api
+        .post(
+            "/v1/products/MUG%201/register",
+            json!({"name": "Mug", "price": eur(1)}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.body["errors"][0]["field"], "id");
+}
+
+#[tokio::test]
+async fn if_match_on_another_version_is_412() {
+    let api = api().await;
+    api.post(
+        "/v1/products/CUP-1/register",
+        json!({"name": "Cup", "price": eur(500)}),
+    )
+    .await;
+    let r = api
+        .post_with(
+            "/v1/products/CUP-1/restock",
+            json!({"quantity": 1}),
+            &[("if-match", "\"7\"")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (
+            StatusCode::PRECONDITION_FAILED,
+            "/problems/version-mismatch"
+        )
+    );
+    assert_eq!(r.body["current_version"], 1);
+    let r = api
+        .post_with(
+            "/v1/products/CUP-1/restock",
+            json!({"quantity": 1}),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["version"].clone()),
+        (StatusCode::OK, json!(2))
+    );
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_key_replays_and_another_body_is_422() {
+    let api = api().await;
+    api.post(
+        "/v1/products/CUP-1/register",
+        json!({"name": "Cup", "price": eur(500)}),
+    )
+    .await;
+    let key = [("idempotency-key", "restock-cup-1")];
+    let path = "/v1/products/CUP-1/restock";
+    let first = api.post_with(path, json!({"quantity": 5}), &key).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(!first.headers.contains_key("idempotent-replayed"));
+    let again = api.post_with(path, json!({"quantity": 5}), &key).await;
+    assert_eq!((again.status, &again.body), (StatusCode::OK, &first.body));
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    let other = api.post_with(path, json!({"quantity": 6}), &key).await;
+    assert_eq!(
+        (other.status, problem_type(&other)),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "/problems/idempotency-key-reused"
+        )
+    );
+}
+
+#[tokio::test]
+async fn health_readiness_and_the_openapi_document_are_open() {
+    let api = api().await;
+    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(api.get("/readyz").await.status, StatusCode::OK);
+    let doc = api.get("/openapi.json").await;
+    assert!(doc.body["paths"]["/v1/orders/{id}/place"]["post"].is_object());
+    // The commands are not open.
+    let r = api
+        .send(
+            Request::post("/v1/products/X-1/discontinue")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
