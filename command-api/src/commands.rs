@@ -39,6 +39,17 @@ pub enum ParsedCommand {
     Order(OrderCommand),
 }
 
+impl ParsedCommand {
+    /// The command, for the owners of its aggregate to take back as their command type.
+    pub fn into_any(self) -> Box<dyn std::any::Any + Send> {
+        match self {
+            ParsedCommand::Product(c) => Box::new(c),
+            ParsedCommand::Customer(c) => Box::new(c),
+            ParsedCommand::Order(c) => Box::new(c),
+        }
+    }
+}
+
 fn money_schema() -> Value {
     json!({"type": "object", "additionalProperties": false, "required": ["amount_minor", "currency"],
            "properties": {"amount_minor": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_000_i64,

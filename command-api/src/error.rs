@@ -88,6 +88,13 @@ impl From<OwnerError> for ApiError {
 }
 
 impl ApiError {
+    /// A fault of ours: the detail goes to the log with a request id, the client gets the id.
+    pub fn internal(what: &str, error: &dyn std::fmt::Display) -> Self {
+        let request_id = uuid::Uuid::now_v7().to_string();
+        tracing::error!(%request_id, error = %error, "{what}");
+        ApiError::Internal { request_id }
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {

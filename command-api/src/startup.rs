@@ -2,10 +2,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use keel_domain::Aggregate;
-use keel_domain::customer::Customer;
-use keel_domain::order::Order;
-use keel_domain::product::Product;
 use keel_http::{Edge, EdgeSettings};
 use keel_kafka::{LogProducer, PartitionReader, ensure_topics};
 use keel_schemas::{SigningKey, TopicPartition};
@@ -53,7 +49,7 @@ impl Application {
         // One consumer reads every partition this instance owns, each into its own queue:
         // one fetch request serves them all, however many partitions there are.
         let kafka = &settings.kafka;
-        let partitions: Vec<(TopicPartition, i64)> = [Product::TYPE, Customer::TYPE, Order::TYPE]
+        let partitions: Vec<(TopicPartition, i64)> = keel_domain::STREAM_TYPES
             .iter()
             .flat_map(|t| {
                 (0..kafka.partitions).map(move |p| (TopicPartition::new(kafka.topic(t), p), 0))

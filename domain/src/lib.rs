@@ -11,11 +11,15 @@ pub mod ids;
 pub mod money;
 pub mod order;
 pub mod product;
+mod registry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use aggregate::{Aggregate, DomainEvent};
 pub use error::{DomainError, ValidationError};
+pub use registry::{
+    AggregateFn, AggregateVisitor, AnyEvent, ShopAggregate, visit_aggregates, with_aggregate,
+};
 
 /// The stream types of the shop, one Kafka topic each.
 pub const STREAM_TYPES: [&str; 3] = [

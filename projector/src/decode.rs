@@ -4,10 +4,7 @@
 
 use std::sync::Arc;
 
-use keel_domain::Aggregate;
-use keel_domain::customer::Customer;
-use keel_domain::order::Order;
-use keel_domain::product::Product;
+use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
 use keel_kafka::LogEntry;
 use keel_schemas::{CommitRecord, FenceRecord, LogRecord, decode_event};
 
@@ -93,25 +90,30 @@ impl Decoded {
 }
 
 fn decode_events(commit: &CommitRecord) -> Result<Vec<AnyEvent>, String> {
-    commit
-        .events
-        .iter()
-        .enumerate()
-        .map(|(index, envelope)| {
-            match commit.stream.stream_type.as_str() {
-                t if t == Product::TYPE => decode_event::<Product>(envelope).map(AnyEvent::Product),
-                t if t == Customer::TYPE => {
-                    decode_event::<Customer>(envelope).map(AnyEvent::Customer)
-                }
-                t if t == Order::TYPE => decode_event::<Order>(envelope).map(AnyEvent::Order),
-                other => return Err(format!("unknown stream type {other:?}")),
-            }
-            .map_err(|e| {
-                format!(
-                    "event {} of {} (version {}): {e}",
-                    index, commit.stream, envelope.version
-                )
-            })
-        })
-        .collect()
+    struct Decode<'a>(&'a CommitRecord);
+    impl AggregateFn for Decode<'_> {
+        type Output = Result<Vec<AnyEvent>, String>;
+        fn call<A: ShopAggregate>(self) -> Self::Output {
+            let commit = self.0;
+            commit
+                .events
+                .iter()
+                .enumerate()
+                .map(|(index, envelope)| {
+                    decode_event::<A>(envelope).map(Into::into).map_err(|e| {
+                        format!(
+                            "event {} of {} (version {}): {e}",
+                            index, commit.stream, envelope.version
+                        )
+                    })
+                })
+                .collect()
+        }
+    }
+    let stream_type = commit.stream.stream_type.as_str();
+    match with_aggregate(stream_type, Decode(commit)) {
+        Some(decoded) => decoded,
+        None if commit.events.is_empty() => Ok(Vec::new()),
+        None => Err(format!("unknown stream type {stream_type:?}")),
+    }
 }

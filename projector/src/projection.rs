@@ -4,23 +4,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keel_domain::customer::CustomerEvent;
-use keel_domain::order::OrderEvent;
-use keel_domain::product::ProductEvent;
 use keel_schemas::{CommitRecord, EventEnvelope};
 use keel_views::ProjectionSpec;
 use sqlx::PgConnection;
 
-/// A decoded event of any of the shop's aggregates.
-#[derive(Clone, Debug, PartialEq)]
-pub enum AnyEvent {
-    /// A product's event.
-    Product(ProductEvent),
-    /// A customer's event.
-    Customer(CustomerEvent),
-    /// An order's event.
-    Order(OrderEvent),
-}
+pub use keel_domain::AnyEvent;
 
 /// One event as a projection receives it: decoded and upcast, with its commit and position.
 #[derive(Clone, Debug)]

@@ -3,7 +3,11 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use keel_domain::Aggregate;
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+
+use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
 use keel_http::Principal;
 use keel_kafka::partition_for;
 use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, canonical_json};
@@ -14,7 +18,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{AppState, MAX_BODY_BYTES};
-use crate::commands::{self, ParsedCommand};
+use crate::commands;
 use crate::error::ApiError;
 use crate::owner::{CommandRequest, Outcome, RequestMeta};
 
@@ -78,11 +82,20 @@ pub(super) async fn handle(
         causation_id: header_text(&headers, "x-causation-id")?,
         traceparent: header_text(&headers, "traceparent")?,
     };
-    let outcome = match parsed {
-        ParsedCommand::Product(c) => dispatch(&state, &state.owners.products, id, c, meta).await,
-        ParsedCommand::Customer(c) => dispatch(&state, &state.owners.customers, id, c, meta).await,
-        ParsedCommand::Order(c) => dispatch(&state, &state.owners.orders, id, c, meta).await,
-    }?;
+    let stream_type = commands::stream_type(&collection).ok_or_else(|| {
+        ApiError::internal("routing a command", &"a parsed command has no stream type")
+    })?;
+    let dispatch = Dispatch {
+        state: &state,
+        stream_id: id,
+        command: parsed.into_any(),
+        meta,
+    };
+    let outcome = with_aggregate(stream_type, dispatch)
+        .ok_or_else(|| {
+            ApiError::internal("routing a command", &"no aggregate for its stream type")
+        })?
+        .await?;
     Ok(respond(outcome))
 }
 
@@ -135,7 +148,35 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     })
 }
 
-async fn dispatch<A: Aggregate>(
+/// A parsed command on its way to the owner of its stream's partition.
+struct Dispatch<'a> {
+    state: &'a AppState,
+    stream_id: String,
+    command: Box<dyn Any + Send>,
+    meta: RequestMeta,
+}
+
+impl<'a> AggregateFn for Dispatch<'a> {
+    type Output = Pin<Box<dyn Future<Output = Result<Outcome, ApiError>> + Send + 'a>>;
+
+    fn call<A: ShopAggregate>(self) -> Self::Output {
+        Box::pin(async move {
+            let command = self.command.downcast::<A::Command>().map_err(|_| {
+                ApiError::internal("routing a command", &"the command is not its aggregate's")
+            })?;
+            dispatch(
+                self.state,
+                self.state.owners.of::<A>(),
+                self.stream_id,
+                *command,
+                self.meta,
+            )
+            .await
+        })
+    }
+}
+
+async fn dispatch<A: ShopAggregate>(
     state: &AppState,
     owners: &[mpsc::Sender<CommandRequest<A>>],
     stream_id: String,

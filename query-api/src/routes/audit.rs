@@ -6,12 +6,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, SecondsFormat, Utc};
-use keel_domain::Aggregate;
-use keel_domain::customer::Customer;
-use keel_domain::order::Order;
-use keel_domain::product::Product;
+use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
 use keel_schemas::{EventEnvelope, decode_event};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -202,8 +199,18 @@ struct EventRow {
     recorded_at: DateTime<Utc>,
 }
 
-/// Folds `rows` with `A`'s own `evolve`, upcasting as every reader does.
-fn fold<A: Aggregate + Serialize>(rows: &[EventRow]) -> Result<Value, ApiError> {
+/// Folds its rows with the stream's aggregate's own `evolve`, upcasting as every reader
+/// does.
+struct Fold<'a>(&'a [EventRow]);
+
+impl AggregateFn for Fold<'_> {
+    type Output = Result<Value, ApiError>;
+    fn call<A: ShopAggregate>(self) -> Self::Output {
+        fold::<A>(self.0)
+    }
+}
+
+fn fold<A: ShopAggregate>(rows: &[EventRow]) -> Result<Value, ApiError> {
     let mut state = A::default();
     for row in rows {
         let envelope = EventEnvelope {
@@ -282,11 +289,9 @@ pub(super) async fn stream_state(
                 last.version
             )));
         }
-        let folded = match kind {
-            t if t == Product::TYPE => fold::<Product>(&rows)?,
-            t if t == Customer::TYPE => fold::<Customer>(&rows)?,
-            _ => fold::<Order>(&rows)?,
-        };
+        // `kind` is one of the stream types (checked above), so an aggregate is found.
+        let folded = with_aggregate(kind, Fold(&rows))
+            .ok_or_else(|| ApiError::NotFound(format!("no stream type {kind:?}")))??;
         Ok(json!({
             "stream": {"type": kind, "id": id},
             "version": last.version,
