@@ -72,58 +72,60 @@ fn parse<T: std::str::FromStr>(
 
 /// The Kafka options of a binary, each also read from its environment variable. Further
 /// client properties come from `KEEL_KAFKA_<PROPERTY>` variables (`KEEL_KAFKA_SASL_MECHANISM`
-/// is `sasl.mechanism`), passed through as they are.
+/// is `sasl.mechanism`), passed through as they are. A variable of these options set to
+/// the empty string is an error, as a value is needed.
 #[derive(Clone, Debug, clap::Args)]
 pub struct KafkaArgs {
-    /// Kafka bootstrap servers, comma-separated.
+    /// Kafka bootstrap servers, comma-separated [default: 127.0.0.1:9092].
     #[arg(
         long = "kafka-brokers",
         env = "KEEL_KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092",
         value_name = "HOST:PORT,..."
     )]
-    pub brokers: String,
-    /// Topics are <prefix>.<aggregate>.events: letters, digits, '.', '_' and '-'.
-    #[arg(long, env = "KEEL_TOPIC_PREFIX", default_value = "keel")]
-    pub topic_prefix: String,
-    /// Partitions of each topic, 1 to 10000, the same for every process of one system.
-    #[arg(long, env = "KEEL_PARTITIONS", default_value = "8", value_name = "N")]
-    pub partitions: String,
-    /// Replicas of each topic Keel creates.
-    #[arg(
-        long,
-        env = "KEEL_REPLICATION_FACTOR",
-        default_value = "1",
-        value_name = "N"
-    )]
-    pub replication_factor: String,
-    /// How long one produce, read or admin call may take, in milliseconds (at least 100).
+    pub brokers: Option<String>,
+    /// Topics are <prefix>.<aggregate>.events: letters, digits, '.', '_' and '-' [default: keel].
+    #[arg(long, env = "KEEL_TOPIC_PREFIX", value_name = "PREFIX")]
+    pub topic_prefix: Option<String>,
+    /// Partitions of each topic, 1 to 10000, the same for every process of one system
+    /// [default: 8].
+    #[arg(long, env = "KEEL_PARTITIONS", value_name = "N")]
+    pub partitions: Option<String>,
+    /// Replicas of each topic Keel creates [default: 1].
+    #[arg(long, env = "KEEL_REPLICATION_FACTOR", value_name = "N")]
+    pub replication_factor: Option<String>,
+    /// How long one produce, read or admin call may take, in milliseconds, at least 100
+    /// [default: 30000].
     #[arg(
         long = "kafka-timeout-ms",
         env = "KEEL_KAFKA_TIMEOUT_MS",
-        default_value = "30000",
         value_name = "MS"
     )]
-    pub timeout_ms: String,
+    pub timeout_ms: Option<String>,
 }
 
 impl KafkaArgs {
     /// The settings these options give, validated, with the client properties of the
-    /// environment's `KEEL_KAFKA_*` variables.
+    /// environment's other `KEEL_KAFKA_*` variables.
     pub fn settings(&self) -> Result<KafkaSettings, KafkaError> {
+        let own = [
+            ("KEEL_KAFKA_BROKERS", &self.brokers),
+            ("KEEL_TOPIC_PREFIX", &self.topic_prefix),
+            ("KEEL_PARTITIONS", &self.partitions),
+            ("KEEL_REPLICATION_FACTOR", &self.replication_factor),
+            ("KEEL_KAFKA_TIMEOUT_MS", &self.timeout_ms),
+        ];
         let mut vars: Vec<(String, String)> = std::env::vars()
-            .filter(|(name, _)| name.starts_with(PASSTHROUGH))
+            .filter(|(name, _)| {
+                name.starts_with(PASSTHROUGH) && own.iter().all(|(own, _)| own != name)
+            })
             .collect();
-        vars.extend(
-            [
-                ("KEEL_KAFKA_BROKERS", &self.brokers),
-                ("KEEL_TOPIC_PREFIX", &self.topic_prefix),
-                ("KEEL_PARTITIONS", &self.partitions),
-                ("KEEL_REPLICATION_FACTOR", &self.replication_factor),
-                ("KEEL_KAFKA_TIMEOUT_MS", &self.timeout_ms),
-            ]
-            .map(|(name, value)| (name.to_owned(), value.clone())),
-        );
+        for (name, value) in own {
+            // Given, or set in the environment (an empty value is not taken as unset: it
+            // is refused, as it always was).
+            if let Some(value) = value.clone().or_else(|| std::env::var(name).ok()) {
+                vars.push((name.to_owned(), value));
+            }
+        }
         KafkaSettings::from_vars(vars)
     }
 }

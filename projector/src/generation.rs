@@ -230,6 +230,36 @@ pub(crate) async fn discard(
     projection: &dyn Projection,
     generation: i32,
 ) -> anyhow::Result<()> {
+    // A batch of the old generation may still hold one of several tables while the drop
+    // holds another (their orders differ): PostgreSQL then aborts one of the two. That
+    // batch is on its way out, so the drop tries again.
+    let mut attempt = 1;
+    loop {
+        match discard_once(pool, projection, generation).await {
+            Err(e) if attempt < DISCARD_ATTEMPTS && is_deadlock(&e) => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// How often [`discard`] tries when PostgreSQL aborts it to break a deadlock.
+const DISCARD_ATTEMPTS: u32 = 5;
+
+fn is_deadlock(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<sqlx::Error>()
+        .and_then(|e| e.as_database_error())
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40P01")
+}
+
+async fn discard_once(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    generation: i32,
+) -> anyhow::Result<()> {
     let name = projection.name();
     let mut tx = pool.begin().await?;
     for t in projection.tables() {

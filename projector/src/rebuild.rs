@@ -248,8 +248,10 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     if !options.keep_old
         && let Err(e) = discard(&job.pool, projection, previous).await
     {
-        // The swap stands; the next rebuild drops what is left of the old generation.
-        warn!(error = %format!("{e:#}"), previous, "dropping the old generation failed");
+        // The swap stands; the old generation is no longer read, and its tables stay until
+        // dropped by hand, as a generation kept with --keep-old does.
+        warn!(error = %format!("{e:#}"), previous,
+              "dropping the old generation failed: its tables (<table>_g<previous>) are left behind");
     }
     drop(lock);
     let seconds = started.elapsed().as_secs_f64();

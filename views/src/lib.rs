@@ -36,11 +36,11 @@ pub struct DatabaseArgs {
 
 impl std::fmt::Debug for DatabaseArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // A URL can hold a password: print where it points, not who it is.
-        let at = self
-            .database_url
-            .rsplit_once('@')
-            .map_or(self.database_url.as_str(), |(_, at)| at);
+        // A URL can hold a password, before its host or in its query: print the host and
+        // the database only.
+        let url = self.database_url.as_str();
+        let at = url.rsplit_once('@').map_or(url, |(_, at)| at);
+        let at = at.split_once('?').map_or(at, |(at, _)| at);
         f.debug_struct("DatabaseArgs")
             .field("database_url", &format_args!("..@{at}"))
             .finish()
