@@ -68,26 +68,14 @@ async fn serving(status: &StatusCell) {
     .expect("the owner took the partition");
 }
 
+/// Sends a command and waits for its answer.
 async fn send(
     owner: &mpsc::Sender<CommandRequest<Product>>,
     stream: &str,
     command: ProductCommand,
     meta: RequestMeta,
 ) -> Result<Outcome, OwnerError> {
-    let (reply, answer) = oneshot::channel();
-    owner
-        .send(CommandRequest {
-            stream_id: stream.into(),
-            command,
-            meta,
-            reply,
-        })
-        .await
-        .expect("the owner is running");
-    tokio::time::timeout(TIMEOUT, answer)
-        .await
-        .expect("answered in time")
-        .expect("answered")
+    answer(queue(owner, stream, command, meta)).await
 }
 
 /// Puts a command in the owner's queue without waiting: commands queued with no await
