@@ -1,6 +1,6 @@
 //! Reading a partition through the gate: the one way the partition owner, `verify`,
-//! `export` and the tests see the log. Each record comes with what its bytes decode to,
-//! the owner just before it, and the gate's verdict; the gate moves on here.
+//! `export` and the tests see the log. Each record comes with what its bytes decode to
+//! and the gate's verdict; the gate moves on here.
 //!
 //! The projector decodes records (and their events) ahead of the gate, off its apply
 //! path, and puts the decoded records through the same [`PartitionGate`].
@@ -25,8 +25,10 @@ pub struct Gated {
     /// What it decodes to, with the gate's verdict; or why it is not a Keel record (the
     /// gate leaves such a record out, and its state as it was).
     pub record: Result<(LogRecord, Verdict), SchemaError>,
-    /// The partition's owner just before the record.
-    pub owner_before: Option<Writer>,
+    /// For a record the gate skipped, the partition's owner there (a skipped record leaves
+    /// it as it was); `None` for a record that counted or did not decode. Cloned only for
+    /// skipped records, which are rare: reading is a hot path.
+    pub owner_if_skipped: Option<Writer>,
 }
 
 impl Gated {
@@ -42,15 +44,18 @@ impl Gated {
 impl PartitionGate {
     /// Decodes the next record of the partition and puts it through the gate.
     pub fn read(&mut self, entry: LogEntry) -> Gated {
-        let owner_before = self.owner().cloned();
         let record = LogRecord::decode(&entry.payload).map(|record| {
             let verdict = self.admit(&record);
             (record, verdict)
         });
+        let owner_if_skipped = match &record {
+            Ok((_, Err(_))) => self.owner().cloned(),
+            _ => None,
+        };
         Gated {
             entry,
             record,
-            owner_before,
+            owner_if_skipped,
         }
     }
 }

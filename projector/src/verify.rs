@@ -150,7 +150,7 @@ fn check_record(
     let Gated {
         entry,
         record,
-        owner_before: owner,
+        owner_if_skipped: owner,
     } = &read;
     let finding = |kind, stream: Option<&StreamRef>, version, detail: String| Finding {
         kind,
