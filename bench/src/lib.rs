@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use keel_kafka::KafkaSettings;
 use keel_kafka::partition_for;
-use keel_schemas::testing::{commit, stream};
-use keel_schemas::{CommitRecord, FenceRecord, LogRecord, Timestamp, Writer};
+use keel_schemas::testing::{commit, fence, stream};
+use keel_schemas::{CommitRecord, LogRecord, Writer};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -129,12 +129,7 @@ pub fn write_order_log(
         epoch: 1,
     };
     for p in 0..settings.partitions {
-        let fence = LogRecord::Fence(FenceRecord {
-            writer: writer.clone(),
-            recorded_at: Timestamp::now(),
-            signature: None,
-        });
-        send(&producer, topic, p, "", &fence.encode())?;
+        send(&producer, topic, p, "", &fence(&writer).encode())?;
     }
     for i in 0..events {
         let commit = order_placed(i, &writer);

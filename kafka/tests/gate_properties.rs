@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use keel_kafka::gate::PartitionGate;
 use keel_schemas::testing;
-use keel_schemas::{FenceRecord, LogRecord, StreamRef, Timestamp, Writer};
+use keel_schemas::{LogRecord, StreamRef, Writer};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -90,14 +90,7 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
                 let writer = &mut writers[w];
                 let epoch = writer.view.highest_epoch() + 1;
                 writer.epoch = Some(epoch);
-                log.push(LogRecord::Fence(FenceRecord {
-                    writer: Writer {
-                        instance: writer.name.clone(),
-                        epoch,
-                    },
-                    recorded_at: Timestamp::now(),
-                    signature: None,
-                }));
+                log.push(testing::fence(&testing::writer(&writer.name, epoch)));
             }
             Action::Commit {
                 writer: w,
@@ -197,13 +190,7 @@ fn a_zombie_writer_after_a_newer_fence_is_skipped() {
         instance: "new".into(),
         epoch: 2,
     };
-    let fence = |w: &Writer| {
-        LogRecord::Fence(FenceRecord {
-            writer: w.clone(),
-            recorded_at: Timestamp::now(),
-            signature: None,
-        })
-    };
+    let fence = testing::fence;
     let mut gate = PartitionGate::new();
     assert!(gate.admit(&fence(&old)).is_ok());
     assert!(gate.admit(&commit(&old, stream(0), 0, 1)).is_ok());

@@ -3,7 +3,9 @@
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{CommandMeta, CommitRecord, EventEnvelope, StreamRef, Writer};
+use crate::{
+    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
+};
 
 /// A commit being put together: [`commit`] starts one, [`CommitFixture::build`] seals it.
 #[derive(Clone, Debug)]
@@ -34,6 +36,23 @@ pub fn commit(writer: &Writer, stream: StreamRef, expected_version: u64) -> Comm
         },
         writer: writer.clone(),
         prev_hash: None,
+    }
+}
+
+/// An unsigned fence of `writer`, recorded now.
+pub fn fence(writer: &Writer) -> LogRecord {
+    LogRecord::Fence(FenceRecord {
+        writer: writer.clone(),
+        recorded_at: Timestamp::now(),
+        signature: None,
+    })
+}
+
+/// A writer named `instance` at `epoch`.
+pub fn writer(instance: &str, epoch: u64) -> Writer {
+    Writer {
+        instance: instance.into(),
+        epoch,
     }
 }
 

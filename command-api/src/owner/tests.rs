@@ -9,7 +9,7 @@ use keel_domain::ids::{OrderId, Quantity, Text};
 use keel_domain::money::{Currency, Money};
 use keel_domain::product::{Product, ProductCommand};
 use keel_kafka::PartitionGate;
-use keel_schemas::{FenceRecord, LogRecord, SigningKey, Timestamp, Writer};
+use keel_schemas::{LogRecord, SigningKey, testing};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
@@ -49,16 +49,16 @@ fn reserve(order: &str, n: u64) -> ProductCommand {
     }
 }
 
-/// An owner of `log` running on its own task, and the channel to it.
-fn start(log: MemoryLog, instance: &str) -> (mpsc::Sender<CommandRequest<Product>>, StatusCell) {
+/// An owner of `log`, started as `instance` on a task of its own, once it serves; and the
+/// channel to it.
+async fn serving_owner(
+    log: MemoryLog,
+    instance: &str,
+) -> (mpsc::Sender<CommandRequest<Product>>, StatusCell) {
     let (owner, status) =
         PartitionOwner::<Product, _>::new(log, instance, Arc::new(SigningKey::generate()), TIMEOUT);
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(owner.run(rx));
-    (tx, status)
-}
-
-async fn serving(status: &StatusCell) {
     tokio::time::timeout(TIMEOUT, async {
         while status.get() != Status::Serving {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -66,6 +66,7 @@ async fn serving(status: &StatusCell) {
     })
     .await
     .expect("the owner took the partition");
+    (tx, status)
 }
 
 /// Sends a command and waits for its answer.
@@ -129,8 +130,7 @@ fn accepted(log: &MemoryLog) -> (Vec<(String, u64, i64)>, u64) {
 #[tokio::test]
 async fn the_owner_decides_appends_and_acknowledges_what_the_log_accepted() {
     let log = MemoryLog::new("t.product.events", 0);
-    let (owner, status) = start(log.handle(), "cmd-a");
-    serving(&status).await;
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
 
     let created = send(
         &owner,
@@ -213,8 +213,7 @@ async fn the_owner_decides_appends_and_acknowledges_what_the_log_accepted() {
 #[tokio::test]
 async fn a_group_commit_decides_each_command_on_the_ones_ahead_of_it() {
     let log = MemoryLog::new("t.product.events", 0);
-    let (owner, status) = start(log.handle(), "cmd-a");
-    serving(&status).await;
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     // Queued together, so decided in one flush: the restock sees the registration and
     // the reservation sees the restock, though none of them is in the log yet.
     let answers = [
@@ -250,8 +249,7 @@ async fn a_group_commit_decides_each_command_on_the_ones_ahead_of_it() {
 #[tokio::test]
 async fn a_command_that_changes_nothing_appends_nothing_and_answers_the_version_read() {
     let log = MemoryLog::new("t.product.events", 0);
-    let (owner, status) = start(log.handle(), "cmd-a");
-    serving(&status).await;
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     let created = send(
         &owner,
         "p-1",
@@ -275,18 +273,10 @@ async fn a_command_that_changes_nothing_appends_nothing_and_answers_the_version_
 #[tokio::test]
 async fn a_commit_the_gate_rejects_is_never_acknowledged() {
     let log = MemoryLog::new("t.product.events", 0);
-    let (owner, status) = start(log.handle(), "cmd-a");
-    serving(&status).await;
+    let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
     // Another writer fences the partition; before the owner reads that, it takes a
     // command (its queue comes first), appends, and reads back a commit the gate skips.
-    let zombie_fence = LogRecord::Fence(FenceRecord {
-        writer: Writer {
-            instance: "cmd-z".into(),
-            epoch: 99,
-        },
-        recorded_at: Timestamp::now(),
-        signature: None,
-    });
+    let zombie_fence = testing::fence(&testing::writer("cmd-z", 99));
     log.handle().append(&[("", &zombie_fence, None)]).await;
     let refused = queue(
         &owner,
@@ -305,8 +295,7 @@ async fn a_commit_the_gate_rejects_is_never_acknowledged() {
     assert_eq!(skipped, 1);
     assert_eq!(log.entries().len(), 3);
     // So a successor knows nothing of that key or stream.
-    let (successor, successor_status) = start(log.handle(), "cmd-b");
-    serving(&successor_status).await;
+    let (successor, _) = serving_owner(log.handle(), "cmd-b").await;
     let created = send(
         &successor,
         "p-1",
@@ -324,8 +313,7 @@ async fn a_commit_the_gate_rejects_is_never_acknowledged() {
 #[tokio::test]
 async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_from_the_log() {
     let log = MemoryLog::new("t.product.events", 0);
-    let (first, first_status) = start(log.handle(), "cmd-a");
-    serving(&first_status).await;
+    let (first, first_status) = serving_owner(log.handle(), "cmd-a").await;
     let created = send(
         &first,
         "p-1",
@@ -336,8 +324,7 @@ async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_fr
     .unwrap();
 
     // A second owner fences the partition with the next epoch and serves it.
-    let (second, second_status) = start(log.handle(), "cmd-b");
-    serving(&second_status).await;
+    let (second, _) = serving_owner(log.handle(), "cmd-b").await;
     let restocked = send(&second, "p-1", restock(3), meta("Restock", None, Some(1)))
         .await
         .unwrap();

@@ -8,7 +8,7 @@ use keel_kafka::{
     KafkaError, LogProducer, PartitionGate, PartitionReader, ensure_topics, partition_for,
 };
 use keel_schemas::testing;
-use keel_schemas::{FenceRecord, LogRecord, StreamRef, Timestamp, TopicPartition, Writer, headers};
+use keel_schemas::{LogRecord, StreamRef, TopicPartition, Writer, headers};
 use keel_tests::{Broker, unique_prefix};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -24,14 +24,7 @@ fn commit(writer: &Writer, id: &str, expected_version: u64) -> LogRecord {
 }
 
 fn fence(instance: &str, epoch: u64) -> LogRecord {
-    LogRecord::Fence(FenceRecord {
-        writer: Writer {
-            instance: instance.into(),
-            epoch,
-        },
-        recorded_at: Timestamp::now(),
-        signature: None,
-    })
+    testing::fence(&testing::writer(instance, epoch))
 }
 
 #[tokio::test]
