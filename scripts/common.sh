@@ -97,6 +97,26 @@ ensure_broker() {
     cargo install --locked --ignore-rust-version "${force[@]}" nisshi --version "$NISSHI_VERSION"
 }
 
+# schemathesis, pinned, in a virtual environment beside the build cache (outside the
+# clone): the contract test runs it against both APIs' OpenAPI documents. The test finds it
+# through KEEL_SCHEMATHESIS, or at this path.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV="$HOME/.cargo/keel-schemathesis"
+
+ensure_schemathesis() {
+    local st="$SCHEMATHESIS_VENV/bin/st"
+    if [ -x "$st" ] && "$st" --version 2>/dev/null | grep -qx "st, version $SCHEMATHESIS_VERSION"; then
+        return 0
+    fi
+    say "installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV (one-off, under a minute)"
+    if ! python3 -m venv --clear "$SCHEMATHESIS_VENV" >/dev/null 2>&1; then
+        # Debian's own python3 keeps venv in a package of its own.
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        python3 -m venv --clear "$SCHEMATHESIS_VENV"
+    fi
+    "$SCHEMATHESIS_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+}
+
 # The development token secret: made once into .keel/auth.secret (mode 0600, ignored by
 # git) and never printed; the APIs read it through KEEL_AUTH_HS256_SECRET_FILE. Left alone
 # when keys are configured or authentication is explicitly off.

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 ensure_packages
 ensure_postgres
 ensure_broker
+ensure_schemathesis
+export KEEL_SCHEMATHESIS="$SCHEMATHESIS_VENV/bin/st"
 say "building the services (the end-to-end tests start them)"
 cargo build --workspace --bins --locked
 say "running every test"

@@ -52,12 +52,14 @@ impl ParsedCommand {
 
 fn money_schema() -> Value {
     json!({"type": "object", "additionalProperties": false, "required": ["amount_minor", "currency"],
-           "properties": {"amount_minor": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000_000_000_i64,
-                                           "description": "amount in minor units (cents)"},
+           "properties": {"amount_minor": {"type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_000_i64,
+                                           "description": "amount in minor units (cents), greater than zero"},
                           "currency": {"type": "string", "pattern": "^[A-Z]{3}$"}}})
 }
+/// A text field: 1 to 200 characters, not blank, no control characters (as [`Text`]).
 fn text_schema() -> Value {
-    json!({"type": "string", "minLength": 1, "maxLength": 200})
+    json!({"type": "string", "minLength": 1, "maxLength": 200,
+           "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"})
 }
 /// JSON Schema of a stream id.
 pub fn id_schema() -> Value {
@@ -385,6 +387,29 @@ pub fn validate_id(collection: &str, id: &str) -> Result<(), ApiError> {
     result.map_err(|e| ApiError::Invalid(vec![ValidationError::new("id", e.reason)]))
 }
 
+/// Rewrites every number of `value` that has no fraction (`5.0`, `1e3`) as the integer it
+/// equals: JSON Schema counts them as integers, and so does the API. A client's retry of
+/// `5` as `5.0` is therefore the same request.
+pub fn integral_numbers(value: &mut Value) {
+    match value {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64())
+                && f.fract() == 0.0
+            {
+                // In range, an integral f64 is exactly the integer it names.
+                if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                    *value = Value::from(f as u64);
+                } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                    *value = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
+}
+
 /// Parses `body` as the command `spec`, validating every field.
 pub fn parse(spec: &CommandSpec, body: &Value) -> Result<ParsedCommand, ApiError> {
     if !body.is_object() {
@@ -546,6 +571,27 @@ mod tests {
         assert!(matches!(
             parse(spec("orders", "place"), &body).unwrap(),
             ParsedCommand::Order(OrderCommand::PlaceOrder { .. })
+        ));
+    }
+
+    #[test]
+    fn numbers_without_a_fraction_are_integers() {
+        let mut body: Value = serde_json::from_str(
+            r#"{"quantity": 606233.0, "n": [1e3, -2.0, 2.5, 1.5e300], "deep": {"x": 7913775157.0}}"#,
+        )
+        .unwrap();
+        integral_numbers(&mut body);
+        assert_eq!(
+            body,
+            json!({"quantity": 606233, "n": [1000, -2, 2.5, 1.5e300], "deep": {"x": 7_913_775_157_u64}})
+        );
+        assert!(body["quantity"].is_u64() && body["n"][1].is_i64());
+        let mut restock = json!({"quantity": 5.0});
+        integral_numbers(&mut restock);
+        let parsed = parse(spec("products", "restock"), &restock);
+        assert!(matches!(
+            parsed.unwrap(),
+            ParsedCommand::Product(ProductCommand::Restock { .. })
         ));
     }
 

@@ -134,6 +134,9 @@ pub enum OrderStatus {
 }
 
 impl OrderStatus {
+    /// Every status, in the order an order moves through them.
+    pub const ALL: [OrderStatus; 4] = [Self::Placed, Self::Paid, Self::Shipped, Self::Cancelled];
+
     /// The status as its wire name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -8,6 +8,8 @@ mod keys;
 pub mod openapi;
 pub mod serve;
 pub mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use auth::{AuthError, AuthSettings, Claims, KeySource, Principal, Role, Verifier};
 pub use edge::Edge;

@@ -13,6 +13,13 @@ pub use catalogue::{
     ProjectionSpec, find,
 };
 
+/// A product's status in the `products` view while it can be sold.
+pub const PRODUCT_ACTIVE: &str = "active";
+/// A product's status in the `products` view once discontinued.
+pub const PRODUCT_DISCONTINUED: &str = "discontinued";
+/// Every status of the `products` view.
+pub const PRODUCT_STATUSES: [&str; 2] = [PRODUCT_ACTIVE, PRODUCT_DISCONTINUED];
+
 /// The channel the projector notifies after each batch it commits (and after a swap); the
 /// payload is the projection's name.
 pub const NOTIFY_CHANNEL: &str = "keel_projections";

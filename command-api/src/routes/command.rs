@@ -46,17 +46,14 @@ pub(super) async fn handle(
         if !is_json(&headers) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        serde_json::from_slice::<Value>(&body)
-            .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?
+        let mut json = serde_json::from_slice::<Value>(&body)
+            .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+        commands::integral_numbers(&mut json);
+        json
     };
     let parsed = commands::parse(spec, &json)?;
 
     let idempotency_key = header_text(&headers, "idempotency-key")?;
-    if idempotency_key.as_ref().is_some_and(String::is_empty) {
-        return Err(ApiError::BadRequest(format!(
-            "Idempotency-Key must have 1 to {MAX_HEADER_CHARS} characters"
-        )));
-    }
     // The subject is part of the request: another subject's retry with the same key is a
     // reuse (422), never a replay of someone else's response.
     let request_digest = idempotency_key.as_ref().map(|_| {
@@ -120,9 +117,9 @@ fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
     headers
         .get(name)
         .map(|v| match v.to_str() {
-            Ok(text) if text.len() <= MAX_HEADER_CHARS => Ok(text.to_owned()),
+            Ok(text) if (1..=MAX_HEADER_CHARS).contains(&text.len()) => Ok(text.to_owned()),
             Ok(_) => Err(ApiError::BadRequest(format!(
-                "header {name} must have at most {MAX_HEADER_CHARS} characters"
+                "header {name} must have 1 to {MAX_HEADER_CHARS} characters"
             ))),
             Err(_) => Err(ApiError::BadRequest(format!(
                 "header {name} must be visible ASCII"

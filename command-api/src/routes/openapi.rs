@@ -13,6 +13,12 @@ fn problem(description: &str) -> Value {
            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
 }
 
+/// A header recorded in the commit: 1 to 255 visible ASCII characters, the first and last
+/// not a space (HTTP drops spaces at either end).
+fn recorded_header() -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]([ -~]*[!-~])?$"})
+}
+
 /// The OpenAPI 3.1 document of the command API.
 pub fn document() -> Value {
     let mut paths = Map::new();
@@ -30,6 +36,20 @@ pub fn document() -> Value {
                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CommandResult"}}}}),
         );
         if spec.creates {
+            // What a client can do next with the stream it made: each other command of the
+            // collection, on the same id.
+            let links: Map<String, Value> = CATALOGUE
+                .iter()
+                .filter(|other| other.collection == spec.collection && !other.creates)
+                .map(|other| {
+                    let id = format!("{}-{}", other.collection, other.name);
+                    (
+                        id.clone(),
+                        json!({"operationId": id, "parameters": {"id": "$request.path.id"}}),
+                    )
+                })
+                .collect();
+            responses[success]["links"] = Value::Object(links);
             responses.insert("200".into(), json!({"description": "the command changed nothing",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CommandResult"}}}}));
         }
@@ -54,20 +74,26 @@ pub fn document() -> Value {
         ] {
             responses.insert(code.into(), problem(description));
         }
+        let schema = (spec.schema)();
+        // An empty body reads as `{}`: needed only when the command has required fields.
+        let requires_body = schema["required"].as_array().is_some_and(|r| !r.is_empty());
         let mut item = json!({"post": {
                 "operationId": format!("{}-{}", spec.collection, spec.name),
                 "summary": spec.command_type,
                 "parameters": [
                     {"name": "id", "in": "path", "required": true, "schema": crate::commands::id_schema(),
                      "description": "the stream id: 1 to 128 of A-Z a-z 0-9 . _ ~ -, not starting with a dot"},
-                    {"name": "X-Correlation-Id", "in": "header", "schema": {"type": "string", "maxLength": 255}},
-                    {"name": "X-Causation-Id", "in": "header", "schema": {"type": "string", "maxLength": 255}},
-                    {"name": "If-Match", "in": "header", "schema": {"type": "string"},
-                     "description": "\"<version>\": apply only if the stream is at this version"},
-                    {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255},
+                    {"name": "X-Correlation-Id", "in": "header", "schema": recorded_header(),
+                     "description": "recorded in the commit; a new one when absent"},
+                    {"name": "X-Causation-Id", "in": "header", "schema": recorded_header(),
+                     "description": "recorded in the commit"},
+                    {"name": "If-Match", "in": "header",
+                     "schema": {"type": "string", "pattern": "^(\"[0-9]{1,18}\"|[0-9]{1,18})$"},
+                     "description": "\"<version>\": apply only if the stream is at this version (else 412)"},
+                    {"name": "Idempotency-Key", "in": "header", "schema": recorded_header(),
                      "description": "a retry with the same key and body returns the original response"}
                 ],
-                "requestBody": {"required": false, "content": {"application/json": {"schema": (spec.schema)()}}},
+                "requestBody": {"required": requires_body, "content": {"application/json": {"schema": schema}}},
                 "responses": responses
         }});
         keel_http::openapi::secure(&mut item["post"], Role::CommandsWrite);

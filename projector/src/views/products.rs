@@ -83,7 +83,7 @@ impl Projection for Products {
                         on_hand: 0,
                         reserved: 0,
                         reservations: Value::Object(Default::default()),
-                        status: "active".into(),
+                        status: keel_views::PRODUCT_ACTIVE.into(),
                         updated_at: e.recorded_at(),
                         version: e.version(),
                     },
@@ -106,7 +106,9 @@ impl Projection for Products {
                     ProductEvent::StockReleased { order_id, .. } => {
                         reservations.remove(order_id.as_str());
                     }
-                    ProductEvent::ProductDiscontinued {} => row.status = "discontinued".into(),
+                    ProductEvent::ProductDiscontinued {} => {
+                        row.status = keel_views::PRODUCT_DISCONTINUED.into()
+                    }
                 }
                 row.reserved = reservations.values().sum();
                 row.reservations = serde_json::to_value(reservations).unwrap_or(Value::Null);

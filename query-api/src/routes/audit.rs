@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::views::params;
-use super::{AppState, decode_cursor, limit, page, serve};
+use super::{AppState, decode_cursor, limit, page, serve, whole_number};
 use crate::error::ApiError;
 
 /// The view every audit endpoint reads.
@@ -252,9 +252,9 @@ pub(super) async fn stream_state(
         .version
         .as_deref()
         .map(|v| {
-            v.parse::<i64>()
-                .ok()
+            whole_number(v)
                 .filter(|v| *v >= 1)
+                .map(|v| i64::try_from(v).unwrap_or(i64::MAX))
                 .ok_or_else(|| ApiError::bad("version", "must be a whole number from 1"))
         })
         .transpose()?;

@@ -2,6 +2,7 @@
 //! compared by a test, and every path in it is checked to be routed.
 
 use axum::Json;
+use keel_domain::order::OrderStatus;
 use keel_http::Role;
 use serde_json::{Value, json};
 
@@ -24,10 +25,11 @@ fn get(summary: &str, params: Value, cacheable: bool, role: Role) -> Value {
     }
     let mut parameters = params.as_array().cloned().unwrap_or_default();
     for header in [
-        json!({"name": "Keel-Consistency-Token", "in": "header", "schema": {"type": "string"},
-               "description": "wait until the view has passed this token (from a command response)"}),
-        json!({"name": "Keel-Consistency-Timeout", "in": "header", "schema": {"type": "integer", "maximum": 30000},
-               "description": "how long to wait for the token, in milliseconds (default 5000)"}),
+        json!({"name": "Keel-Consistency-Token", "in": "header",
+               "schema": {"type": "string", "pattern": "^(v1\\.[A-Za-z0-9_-]{1,4093})?$"},
+               "description": "wait until the view has passed this token (from a command response; opaque, at most 4096 characters; empty: no wait)"}),
+        json!({"name": "Keel-Consistency-Timeout", "in": "header", "schema": {"type": "integer", "minimum": 0},
+               "description": "how long to wait for the token, in milliseconds (default 5000; longer than 30000 waits 30000)"}),
         json!({"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}),
     ] {
         parameters.push(header);
@@ -53,7 +55,15 @@ fn path_param(name: &str) -> Value {
 }
 
 fn query_param(name: &str, description: &str) -> Value {
-    json!({"name": name, "in": "query", "schema": {"type": "string"}, "description": description})
+    query(name, json!({"type": "string"}), description)
+}
+
+fn query(name: &str, schema: Value, description: &str) -> Value {
+    json!({"name": name, "in": "query", "schema": schema, "description": description})
+}
+
+fn enumerated(values: &[&str]) -> Value {
+    json!({"type": "string", "enum": values})
 }
 
 fn projections() -> Value {
@@ -73,38 +83,78 @@ fn projections() -> Value {
 pub fn document() -> Value {
     let page = || {
         vec![
-            json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1},
-                   "description": "page size: default 50; larger than 500 is served as 500"}),
-            query_param("cursor", "next_cursor of the previous page"),
+            query(
+                "limit",
+                json!({"type": "integer", "minimum": 1}),
+                "page size: default 50; larger than 500 is served as 500",
+            ),
+            query(
+                "cursor",
+                json!({"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}),
+                "next_cursor of the previous page (opaque)",
+            ),
         ]
     };
+    let order_statuses = OrderStatus::ALL.map(OrderStatus::as_str);
     let mut orders = vec![
         query_param("customer_id", "only this customer's orders"),
-        query_param("status", "placed, paid, shipped or cancelled"),
+        query(
+            "status",
+            enumerated(&order_statuses),
+            "only orders in this status",
+        ),
     ];
     orders.extend(page());
-    let mut products = vec![query_param("status", "active or discontinued")];
+    let mut products = vec![query(
+        "status",
+        enumerated(&keel_views::PRODUCT_STATUSES),
+        "only products in this status",
+    )];
     products.extend(page());
-    let stream = || vec![path_param("type"), path_param("id")];
+    let stream = || {
+        vec![
+            json!({"name": "type", "in": "path", "required": true, "schema": enumerated(&keel_domain::STREAM_TYPES)}),
+            path_param("id"),
+        ]
+    };
+    let time = |name: &str, description: &str| {
+        query(
+            name,
+            json!({"type": "string", "format": "date-time"}),
+            description,
+        )
+    };
     let mut history = stream();
     history.extend(page());
     let mut search = vec![
-        query_param("stream_type", "product, customer or order"),
+        query(
+            "stream_type",
+            enumerated(&keel_domain::STREAM_TYPES),
+            "only events of this stream type",
+        ),
         query_param("event_type", "e.g. OrderPlaced"),
         query_param("actor", "who sent the command"),
-        query_param("from", "recorded at or after, RFC 3339"),
-        query_param("to", "recorded before, RFC 3339"),
+        time("from", "recorded at or after, RFC 3339"),
+        time("to", "recorded before, RFC 3339"),
     ];
     search.extend(page());
     let mut as_of = stream();
-    as_of.push(query_param(
+    as_of.push(query(
         "version",
-        "the state after this version (from 1)",
+        json!({"type": "integer", "minimum": 1}),
+        "the state after this version (from 1); not with `at`",
     ));
-    as_of.push(query_param(
+    as_of.push(time(
         "at",
-        "the state as it was at this RFC 3339 time; neither: the current state",
+        "the state as it was at this RFC 3339 time; not with `version`; neither: the current state",
     ));
+    let day = |name: &str, description: &str| {
+        query(
+            name,
+            json!({"type": "string", "format": "date"}),
+            description,
+        )
+    };
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Keel query API", "version": env!("CARGO_PKG_VERSION")},
@@ -115,8 +165,8 @@ pub fn document() -> Value {
             "/v1/products/{sku}": get("one product", json!([path_param("sku")]), true, Role::QueriesRead),
             "/v1/customers/{id}": get("one customer", json!([path_param("id")]), true, Role::QueriesRead),
             "/v1/reports/daily-sales": get("sales per day and currency", json!([
-                query_param("from", "first day, YYYY-MM-DD"), query_param("to", "last day, YYYY-MM-DD"),
-                query_param("currency", "only this currency")]), true, Role::QueriesRead),
+                day("from", "first day, YYYY-MM-DD"), day("to", "last day, YYYY-MM-DD"),
+                query("currency", json!({"type": "string", "pattern": "^[A-Z]{3}$"}), "only this currency (ISO 4217)")]), true, Role::QueriesRead),
             "/v1/reports/flagged-payments": get("payments of 10,000.00 or more", json!(page()), true, Role::QueriesRead),
             "/v1/audit/streams/{type}/{id}": get(
                 "a stream's history in version order: events, actors, command, correlation and causation ids, \
@@ -202,5 +252,31 @@ mod tests {
             app(state, &edge).oneshot(request).await.unwrap().status(),
             StatusCode::NOT_FOUND
         );
+    }
+
+    /// Every operation of the document, without a token, with a token of no role and with a
+    /// token of each role: 401, 403 naming the role, or through the edge, as the document
+    /// says (no database behind it: the edge answers before any handler reads one).
+    #[tokio::test]
+    async fn every_role_against_every_route() {
+        const SECRET: &[u8] = b"an-in-process-test-secret-of-32-bytes";
+        let pool = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(300))
+            .connect_lazy("postgres://keel@127.0.0.1:1/none")
+            .unwrap();
+        let settings = keel_http::EdgeSettings::from_vars(|n| {
+            (n == "KEEL_AUTH_HS256_SECRET").then(|| String::from_utf8_lossy(SECRET).into_owned())
+        });
+        let edge = keel_http::Edge::new(&settings.unwrap(), "test").unwrap();
+        let router = app(AppState::new(pool), &edge);
+        let doc = document();
+        let sent = keel_http::testing::check_role_matrix(&doc, &router, SECRET, |p| {
+            p.replace("{type}", "order")
+                .replace("{id}", "x-1")
+                .replace("{sku}", "X-1")
+        })
+        .await;
+        let operations = doc["paths"].as_object().unwrap().len();
+        assert_eq!(sent, operations * (Role::ALL.len() + 2));
     }
 }

@@ -3,10 +3,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::NaiveDate;
+use keel_domain::money::Currency;
+use keel_domain::order::OrderStatus;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{AppState, decode_cursor, limit, raw, raw_page, serve};
+use super::{AppState, decode_cursor, limit, one_of, raw, raw_page, serve};
 use crate::error::ApiError;
 
 pub(super) fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -103,6 +105,8 @@ pub(super) async fn list_orders(
     query: Result<Query<OrderFilter>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = params(query)?;
+    let statuses = OrderStatus::ALL.map(OrderStatus::as_str);
+    let status = one_of("status", q.status, &statuses)?;
     let limit = limit(q.limit.as_deref())?;
     let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
     let rows = async {
@@ -113,7 +117,7 @@ pub(super) async fn list_orders(
              ORDER BY order_id LIMIT $4",
         )
         .bind(&q.customer_id)
-        .bind(&q.status)
+        .bind(&status)
         .bind(&after)
         .bind(limit + 1)
         .fetch_all(&state.pool)
@@ -143,6 +147,7 @@ pub(super) async fn list_products(
     query: Result<Query<ProductFilter>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = params(query)?;
+    let status = one_of("status", q.status, &keel_views::PRODUCT_STATUSES)?;
     let limit = limit(q.limit.as_deref())?;
     let after = decode_cursor(q.cursor.as_deref(), 1)?.map(|mut k| k.remove(0));
     let rows = async {
@@ -151,7 +156,7 @@ pub(super) async fn list_products(
              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR sku > $2)
              ORDER BY sku LIMIT $3",
         )
-        .bind(&q.status)
+        .bind(&status)
         .bind(&after)
         .bind(limit + 1)
         .fetch_all(&state.pool)
@@ -190,6 +195,9 @@ pub(super) async fn daily_sales(
             .transpose()
     };
     let (from, to) = (date("from", &q.from)?, date("to", &q.to)?);
+    if let Some(currency) = q.currency.as_deref() {
+        Currency::parse(currency).map_err(|e| ApiError::bad("currency", e.reason))?;
+    }
     let rows = async {
         let rows: Vec<String> = sqlx::query_scalar(
             "SELECT to_jsonb(d)::text FROM daily_sales d

@@ -10,4 +10,5 @@ mod fuzz;
 mod kafka_log;
 mod read_path;
 mod rebuild;
+mod schemathesis;
 mod security;

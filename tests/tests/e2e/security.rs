@@ -183,15 +183,8 @@ fn bearer(token: &str) -> Headers {
     vec![("authorization", format!("Bearer {token}"))]
 }
 
-fn concrete(template: &str, n: usize) -> String {
-    template
-        .replace("{id}", &format!("SEC-{n}"))
-        .replace("{sku}", &format!("SEC-{n}"))
-        .replace("{type}", "product")
-}
-
 #[tokio::test]
-async fn every_role_against_every_route() {
+async fn the_role_table_matches_the_documents_and_holders_get_answers() {
     let stack = Stack::start("sec-roles", 2).await;
     let auth = &stack.config.auth;
 
@@ -216,52 +209,8 @@ async fn every_role_against_every_route() {
         "the OpenAPI documents and the role table differ"
     );
 
-    // Each route, without a token, with each single role, and with a token of no role.
-    let mut n = 0;
-    for (api, method, template, needed) in ROUTES {
-        let service = if *api == Api::Command {
-            &stack.command
-        } else {
-            &stack.query
-        };
-        let mut tokens: Vec<(String, Option<String>)> = vec![("no token".into(), None)];
-        tokens.push(("no role".into(), Some(auth.token("nobody", &[]))));
-        for role in Role::ALL {
-            tokens.push((role.to_string(), Some(auth.token("someone", &[role]))));
-        }
-        for (label, token) in tokens {
-            n += 1;
-            let url = service.url(&concrete(template, n));
-            let headers = token.as_deref().map(bearer).unwrap_or_default();
-            let body = (*method == "POST").then(|| "{}".to_owned());
-            let answer = send(method, &url, &headers, body).await;
-            let holds = needed.is_none_or(|r| label == r.as_str());
-            let context = format!("{method} {template} with {label}: {}", answer.text);
-            match (needed, token.is_some(), holds) {
-                (None, _, _) | (Some(_), true, true) => {
-                    assert!(
-                        !matches!(
-                            answer.status,
-                            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-                        ) && !answer.status.is_server_error(),
-                        "{context}"
-                    );
-                }
-                (Some(_), false, _) => {
-                    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{context}");
-                    assert_eq!(answer.headers["www-authenticate"], "Bearer realm=\"keel\"");
-                    assert_eq!(answer.headers["content-type"], "application/problem+json");
-                }
-                (Some(role), true, false) => {
-                    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{context}");
-                    let challenge = answer.headers["www-authenticate"].to_str().unwrap();
-                    assert!(challenge.contains("insufficient_scope"), "{challenge}");
-                    assert!(challenge.contains(role.as_str()), "{challenge}");
-                    assert_eq!(answer.body["status"], 403);
-                }
-            }
-        }
-    }
+    // Each route with no token, no role and each role is checked in process against the
+    // routers (command-api routes::tests and query-api routes::openapi::tests).
 
     // The holder of the role gets real answers, not just "not refused".
     let writer = auth.token("writer", &[Role::CommandsWrite]);
