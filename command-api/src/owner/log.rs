@@ -21,11 +21,18 @@ pub trait PartitionLog: Send + 'static {
     fn end(&self) -> impl Future<Output = Result<i64, KafkaError>> + Send;
     /// Waits for the next record.
     fn next(&mut self) -> impl Future<Output = Result<LogEntry, KafkaError>> + Send;
-    /// Appends `records` in order, together; each one's offset or why it failed.
+    /// Appends `records` (a flush) in order, together; each one's offset or why it failed.
+    /// A full producer queue fails them at once, so the owner recovers instead of waiting.
     fn append(
         &self,
         records: &[Append<'_>],
     ) -> impl Future<Output = Vec<Result<i64, KafkaError>>> + Send;
+    /// Appends one record (a fence): its offset, waiting for room in the producer's queue
+    /// within the producer's timeout.
+    fn append_one(
+        &self,
+        record: Append<'_>,
+    ) -> impl Future<Output = Result<i64, KafkaError>> + Send;
 }
 
 /// A partition of a Kafka topic: the shared producer and the partition's reader.
@@ -64,18 +71,15 @@ impl PartitionLog for KafkaPartition {
 
     async fn append(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
         let (topic, partition) = (self.reader.topic(), self.reader.partition());
-        match records {
-            // One record (a fence) waits for room in the producer's queue, within its timeout.
-            [(key, record, traceparent)] => vec![
-                self.producer
-                    .append_record(topic, partition, key, record, *traceparent)
-                    .await,
-            ],
-            _ => {
-                self.producer
-                    .append_records(topic, partition, records)
-                    .await
-            }
-        }
+        self.producer
+            .append_records(topic, partition, records)
+            .await
+    }
+
+    async fn append_one(&self, (key, record, traceparent): Append<'_>) -> Result<i64, KafkaError> {
+        let (topic, partition) = (self.reader.topic(), self.reader.partition());
+        self.producer
+            .append_record(topic, partition, key, record, traceparent)
+            .await
     }
 }

@@ -13,8 +13,8 @@ struct Shared {
     topic: String,
     partition: i32,
     records: Mutex<Vec<LogEntry>>,
-    /// How many records each append call brought, in order.
-    appends: Mutex<Vec<usize>>,
+    /// Each append call, in order.
+    appends: Mutex<Vec<Appended>>,
     /// The number of records, so readers can wait for more.
     len: watch::Sender<usize>,
 }
@@ -53,14 +53,49 @@ impl MemoryLog {
         self.records().clone()
     }
 
-    /// How many records each append brought, in order: a group commit is one append.
-    pub fn appends(&self) -> Vec<usize> {
+    /// Each append so far, in order.
+    pub fn appends(&self) -> Vec<Appended> {
         lock(&self.shared.appends).clone()
     }
 
     fn records(&self) -> MutexGuard<'_, Vec<LogEntry>> {
         lock(&self.shared.records)
     }
+
+    /// Appends `records` at the end, waking the readers.
+    fn push(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
+        let mut log = self.records();
+        let offsets = records
+            .iter()
+            .map(|(key, record, traceparent)| {
+                let offset = log.len() as i64;
+                log.push(LogEntry {
+                    topic: self.shared.topic.clone(),
+                    partition: self.shared.partition,
+                    offset,
+                    key: Some(key.as_bytes().to_vec()),
+                    payload: record.encode(),
+                    headers: record_headers(record, *traceparent)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+                        .collect(),
+                    timestamp_ms: None,
+                });
+                Ok(offset)
+            })
+            .collect();
+        self.shared.len.send_replace(log.len());
+        offsets
+    }
+}
+
+/// One append to a [`MemoryLog`], as the owner made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// One record on its own ([`PartitionLog::append_one`]: a fence).
+    One,
+    /// Records appended together ([`PartitionLog::append`]: a flush), and how many.
+    Together(usize),
 }
 
 /// A test that panicked while holding a lock has failed already: its data is still good.
@@ -97,28 +132,14 @@ impl PartitionLog for MemoryLog {
     }
 
     async fn append(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
-        let mut log = self.records();
-        let offsets = records
-            .iter()
-            .map(|(key, record, traceparent)| {
-                let offset = log.len() as i64;
-                log.push(LogEntry {
-                    topic: self.shared.topic.clone(),
-                    partition: self.shared.partition,
-                    offset,
-                    key: Some(key.as_bytes().to_vec()),
-                    payload: record.encode(),
-                    headers: record_headers(record, *traceparent)
-                        .into_iter()
-                        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-                        .collect(),
-                    timestamp_ms: None,
-                });
-                Ok(offset)
-            })
-            .collect();
-        lock(&self.shared.appends).push(records.len());
-        self.shared.len.send_replace(log.len());
-        offsets
+        lock(&self.shared.appends).push(Appended::Together(records.len()));
+        self.push(records)
+    }
+
+    async fn append_one(&self, record: Append<'_>) -> Result<i64, KafkaError> {
+        lock(&self.shared.appends).push(Appended::One);
+        self.push(&[record])
+            .pop()
+            .unwrap_or_else(|| Err(KafkaError::NotSent("nothing was appended".into())))
     }
 }

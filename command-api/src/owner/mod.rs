@@ -24,6 +24,6 @@ mod tests;
 
 pub use log::{Append, KafkaPartition, PartitionLog};
 #[cfg(any(test, feature = "testing"))]
-pub use memory::MemoryLog;
+pub use memory::{Appended, MemoryLog};
 pub use outcome::{CommandRequest, EventSummary, Outcome, OwnerError, RequestMeta};
 pub use task::{PartitionOwner, Status, StatusCell};

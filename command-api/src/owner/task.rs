@@ -230,12 +230,7 @@ where
             }
             .signed(&self.signing_key),
         );
-        let offset = self
-            .log
-            .append(&[("", &fence, None)])
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(KafkaError::NotSent("the fence was not appended".into())))?;
+        let offset = self.log.append_one(("", &fence, None)).await?;
         self.writer = Some(writer.clone());
         self.read_through(offset).await?;
         if self.gate.owner() == Some(&writer) {
