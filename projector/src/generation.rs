@@ -218,13 +218,14 @@ pub(crate) async fn notify(tx: &mut PgConnection, projection: &str) -> Result<()
 
 /// Drops a generation that is not live: its tables and its bookkeeping.
 ///
-/// The tables go first: dropping one waits for a live runner's batch that still writes
-/// it, and that batch ends when it finds the projection's row names another generation.
-/// Checking the row before the drop (and holding it `FOR SHARE`) would make that batch's
-/// update wait for this transaction while this one waits for the batch: a deadlock, in
-/// which PostgreSQL may pick the drop as the victim and leave the old tables behind. The
-/// check comes after the drop instead, in the same transaction, which rolls the drop back
-/// if the generation is live.
+/// Only a rebuild calls this, holding the projection's rebuild lock, and only a rebuild
+/// swaps: no swap can make `generation` live meanwhile. The check that it is not live is
+/// therefore a plain read, in the same transaction as the drop (which it rolls back if the
+/// generation is live), and takes no row lock: a lock on the projection's row would wait
+/// for the live runner's batch, which updates that row, while this transaction holds the
+/// dropped tables exclusively (stalling every query still planned against them), or, taken
+/// before the drop, deadlock with a dying batch of the old generation that the drop waits
+/// for.
 pub(crate) async fn discard(
     pool: &PgPool,
     projection: &dyn Projection,
@@ -268,7 +269,7 @@ async fn discard_once(
             .await?;
     }
     let live: Option<i32> =
-        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR SHARE")
+        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
             .bind(name)
             .fetch_optional(&mut *tx)
             .await?;
@@ -285,4 +286,85 @@ async fn discard_once(
         .await?;
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::{Connection, PgConnection};
+
+    use super::*;
+    use crate::views;
+
+    const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+    /// A database of the test's own, migrated; dropped by [`drop_database`].
+    async fn database() -> (String, PgPool) {
+        let name = format!("keel_t_discard_{}", uuid::Uuid::new_v4().simple());
+        let pool = crate::db::connect(&format!("{SERVER}/{name}?sslmode=disable"))
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        (name, pool)
+    }
+
+    async fn drop_database(name: &str, pool: PgPool) {
+        pool.close().await;
+        let mut admin = PgConnection::connect(&format!("{SERVER}/postgres?sslmode=disable"))
+            .await
+            .unwrap();
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    async fn tables_of(pool: &PgPool, generation: i32) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE $1")
+            .bind(format!("%\\_g{generation}"))
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    /// Dropping an old generation never waits for the live runner's batch (here, a
+    /// transaction holding the projection's row, as a batch's update does), so it never
+    /// holds the old tables exclusively while it waits; and it still refuses the live one.
+    #[tokio::test]
+    async fn discarding_an_old_generation_does_not_wait_for_a_live_batch() {
+        let (name, pool) = database().await;
+        let orders = views::all()
+            .into_iter()
+            .find(|p| p.name() == "orders")
+            .unwrap();
+        let live = prepare(&pool, orders.as_ref()).await.unwrap();
+        let old = live.generation + 1;
+        let mut tx = pool.begin().await.unwrap();
+        create_tables(&mut tx, orders.as_ref(), old).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(tables_of(&pool, old).await > 0);
+
+        // A live batch in flight: the projection's row locked until it commits.
+        let mut batch = pool.begin().await.unwrap();
+        sqlx::query("UPDATE keel_projections SET updated_at = now() WHERE name = 'orders'")
+            .execute(&mut *batch)
+            .await
+            .unwrap();
+        let dropped =
+            tokio::time::timeout(Duration::from_secs(5), discard(&pool, orders.as_ref(), old))
+                .await;
+        batch.rollback().await.unwrap();
+        dropped.expect("discard waited for the live batch").unwrap();
+        assert_eq!(tables_of(&pool, old).await, 0);
+
+        // The live generation is refused (its views hold its tables, so the drop itself
+        // fails first) and rolled back.
+        let refused = discard(&pool, orders.as_ref(), live.generation).await;
+        assert!(refused.is_err(), "the live generation is refused");
+        assert!(
+            tables_of(&pool, live.generation).await > 0,
+            "and its tables stay"
+        );
+        drop_database(&name, pool).await;
+    }
 }
