@@ -393,6 +393,22 @@ impl Stack {
         let projector = Some(Service::projector(&config, &db.url(), &[]).await?);
         let query = Service::query_api(&config, &db.url()).await?;
         query.wait_ready().await?;
+        // Readiness says a projection has run; the tests read every view.
+        let pool = sqlx::PgPool::connect(&db.url()).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let prepared: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_projections")
+                .fetch_one(&pool)
+                .await?;
+            if prepared as usize >= keel_views::PROJECTIONS.len() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the projector prepared {prepared} views in 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pool.close().await;
         let client = config.auth.full_client();
         Ok(Self {
             broker,

@@ -50,12 +50,18 @@ fn open(description: &str, not_ready: bool) -> Value {
     item
 }
 
+/// Free text in a path or query: any string PostgreSQL can hold, so no NUL (a NUL is
+/// refused with 400).
+fn text() -> Value {
+    json!({"type": "string", "pattern": "^[^\\u0000]*$"})
+}
+
 fn path_param(name: &str) -> Value {
-    json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
+    json!({"name": name, "in": "path", "required": true, "schema": text()})
 }
 
 fn query_param(name: &str, description: &str) -> Value {
-    query(name, json!({"type": "string"}), description)
+    query(name, text(), description)
 }
 
 fn query(name: &str, schema: Value, description: &str) -> Value {
