@@ -10,18 +10,23 @@ use tower::ServiceExt;
 
 use crate::auth::{Claims, Role, now_secs, sign_hs256};
 
-/// An HS256 token for `subject` holding `roles`, valid for an hour.
-pub fn token(secret: &[u8], subject: &str, roles: &[Role]) -> String {
+/// Claims for `subject` holding `roles`, for the default issuer and audience (`keel`),
+/// valid for an hour.
+pub fn claims(subject: &str, roles: &[Role]) -> Claims {
     let now = now_secs();
-    let claims = Claims {
+    Claims {
         sub: subject.into(),
         iss: "keel".into(),
         aud: "keel".into(),
         exp: now + 3600,
         iat: now,
         roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
-    };
-    sign_hs256(secret, &claims).expect("an HS256 token signs")
+    }
+}
+
+/// An HS256 token of [`claims`] for `subject` holding `roles`.
+pub fn token(secret: &[u8], subject: &str, roles: &[Role]) -> String {
+    sign_hs256(secret, &claims(subject, roles)).expect("an HS256 token signs")
 }
 
 /// Every `(method, path template, role)` of `doc`; `None` for an open operation.

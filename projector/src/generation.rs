@@ -292,32 +292,10 @@ async fn discard_once(
 mod tests {
     use std::time::Duration;
 
-    use sqlx::{Connection, PgConnection};
+    use keel_tests::TestDatabase;
 
     use super::*;
     use crate::views;
-
-    const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-
-    /// A database of the test's own, migrated; dropped by [`drop_database`].
-    async fn database() -> (String, PgPool) {
-        let name = format!("keel_t_discard_{}", uuid::Uuid::new_v4().simple());
-        let pool = crate::db::connect(&format!("{SERVER}/{name}?sslmode=disable"))
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
-        (name, pool)
-    }
-
-    async fn drop_database(name: &str, pool: PgPool) {
-        pool.close().await;
-        let mut admin = PgConnection::connect(&format!("{SERVER}/postgres?sslmode=disable"))
-            .await
-            .unwrap();
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
 
     async fn tables_of(pool: &PgPool, generation: i32) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE $1")
@@ -332,7 +310,10 @@ mod tests {
     /// holds the old tables exclusively while it waits; and it still refuses the live one.
     #[tokio::test]
     async fn discarding_an_old_generation_does_not_wait_for_a_live_batch() {
-        let (name, pool) = database().await;
+        let db = TestDatabase::new("discard");
+        let pool = crate::db::connect(&db.url())
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
         let orders = views::all()
             .into_iter()
             .find(|p| p.name() == "orders")
@@ -365,6 +346,6 @@ mod tests {
             tables_of(&pool, live.generation).await > 0,
             "and its tables stay"
         );
-        drop_database(&name, pool).await;
+        pool.close().await;
     }
 }

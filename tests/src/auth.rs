@@ -1,13 +1,8 @@
 //! Tokens for the tests: each test's services get an HS256 secret of their own, and the
 //! test signs whatever tokens it needs with it.
 
-use keel_http::auth::{Claims, Role, now_secs, sign_hs256};
+use keel_http::auth::{Claims, Role, sign_hs256};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
-
-/// The issuer and audience the services expect by default.
-const ISSUER: &str = "keel";
-/// See [`ISSUER`].
-const AUDIENCE: &str = "keel";
 
 /// A test's own signing secret.
 #[derive(Clone, Debug)]
@@ -36,14 +31,7 @@ impl TestAuth {
 
     /// Claims for `sub` with `roles`, valid for an hour.
     pub fn claims(sub: &str, roles: &[Role]) -> Claims {
-        Claims {
-            sub: sub.to_owned(),
-            iss: ISSUER.into(),
-            aud: AUDIENCE.into(),
-            exp: now_secs() + 3600,
-            iat: now_secs(),
-            roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
-        }
+        keel_http::testing::claims(sub, roles)
     }
 
     /// `claims` signed with the secret.

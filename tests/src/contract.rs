@@ -44,13 +44,10 @@ impl Contract {
 
     /// Every `(method, path template)` the document lists, method in upper case.
     pub fn operations(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for (path, item) in self.doc["paths"].as_object().into_iter().flatten() {
-            for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
-                out.push((method.to_uppercase(), path.clone()));
-            }
-        }
-        out
+        keel_http::testing::operations(&self.doc)
+            .into_iter()
+            .map(|(method, path, _)| (method, path))
+            .collect()
     }
 
     /// The operation answering `method` on the concrete `path` (no query string).
@@ -71,11 +68,6 @@ impl Contract {
                 item.get(method.to_lowercase())
                     .map(|op| (template.as_str(), op))
             })
-    }
-
-    /// The role an operation needs (`security[0].bearer[0]`), or `None` when it is open.
-    pub fn role(operation: &Value) -> Option<&str> {
-        operation["security"][0]["bearer"][0].as_str()
     }
 
     /// Checks an answer to `method path`: a documented status, and a body that matches its

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::views::params;
-use super::{AppState, decode_cursor, limit, page, serve, whole_number};
+use super::{AppState, decode_cursor, limit, one_of, page, serve, whole_number};
 use crate::error::ApiError;
 
 /// The view every audit endpoint reads.
@@ -126,14 +126,7 @@ pub(super) async fn search(
     query: Result<Query<SearchParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = params(query)?;
-    if let Some(t) = q.stream_type.as_deref()
-        && !keel_domain::STREAM_TYPES.contains(&t)
-    {
-        return Err(ApiError::bad(
-            "stream_type",
-            format!("must be one of {}", keel_domain::STREAM_TYPES.join(", ")),
-        ));
-    }
+    let stream_type_filter = one_of("stream_type", q.stream_type, &keel_domain::STREAM_TYPES)?;
     let (from, to) = (
         time("from", q.from.as_deref())?,
         time("to", q.to.as_deref())?,
@@ -159,7 +152,7 @@ pub(super) async fn search(
                AND ($6::timestamptz IS NULL OR (recorded_at, event_id) > ($6, $7::uuid))
              ORDER BY recorded_at, event_id LIMIT $8"
         ))
-        .bind(&q.stream_type)
+        .bind(&stream_type_filter)
         .bind(&q.event_type)
         .bind(&q.actor)
         .bind(from)

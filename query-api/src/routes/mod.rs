@@ -302,13 +302,32 @@ fn page(mut rows: Vec<Value>, limit: i64, key: impl Fn(&Value) -> Vec<String>) -
     serde_json::json!({"items": rows, "next_cursor": next, "limit": limit})
 }
 
+/// The router over a database that is not there (every read fails fast: 503), behind an
+/// edge configured by the variables `vars` gives; for the in-process tests.
+#[cfg(test)]
+pub(crate) fn router_without_database(vars: impl Fn(&str) -> Option<String>) -> Router {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(300))
+        .connect_lazy("postgres://keel@127.0.0.1:1/none")
+        .expect("a lazy pool");
+    let settings = keel_http::EdgeSettings::from_vars(vars).expect("edge settings");
+    let edge = Edge::new(&settings, "test").expect("an edge");
+    app(AppState::new(pool), &edge)
+}
+
+/// A documented path template with a value in each parameter; for the in-process tests.
+#[cfg(test)]
+pub(crate) fn concrete(template: &str) -> String {
+    template
+        .replace("{type}", "order")
+        .replace("{id}", "x-1")
+        .replace("{sku}", "X-1")
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
-    use sqlx::postgres::PgPoolOptions;
     use tower::ServiceExt;
 
     use super::*;
@@ -318,15 +337,7 @@ mod tests {
     /// checks (to the missing database: 503).
     #[tokio::test]
     async fn parameters_are_checked_as_the_document_says() {
-        let pool = PgPoolOptions::new()
-            .acquire_timeout(Duration::from_millis(200))
-            .connect_lazy("postgres://keel@127.0.0.1:1/none")
-            .unwrap();
-        let open = keel_http::EdgeSettings::from_vars(|n| (n == "KEEL_AUTH").then(|| "off".into()));
-        let router = app(
-            AppState::new(pool),
-            &keel_http::Edge::new(&open.unwrap(), "test").unwrap(),
-        );
+        let router = router_without_database(|n| (n == "KEEL_AUTH").then(|| "off".into()));
         let get = |uri: &str, header: Option<(&str, &str)>| {
             let mut request = Request::get(uri);
             if let Some((name, value)) = header {

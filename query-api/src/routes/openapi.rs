@@ -199,15 +199,13 @@ pub(super) async fn serve() -> Json<Value> {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::time::Duration;
 
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
-    use sqlx::postgres::PgPoolOptions;
     use tower::ServiceExt;
 
     use super::*;
-    use crate::routes::{AppState, app};
+    use crate::routes::{concrete, router_without_database};
 
     /// The checked-in document is the generated one. `KEEL_UPDATE_OPENAPI=1 cargo test`
     /// rewrites it after a deliberate change.
@@ -229,21 +227,12 @@ mod tests {
     /// anything but the fallback's 404.
     #[tokio::test]
     async fn every_documented_path_is_routed() {
-        let pool = PgPoolOptions::new()
-            .acquire_timeout(Duration::from_millis(300))
-            .connect_lazy("postgres://keel@127.0.0.1:1/none")
-            .unwrap();
-        let state = AppState::new(pool);
-        let open = keel_http::EdgeSettings::from_vars(|n| (n == "KEEL_AUTH").then(|| "off".into()));
-        let edge = keel_http::Edge::new(&open.unwrap(), "test").unwrap();
+        let router = router_without_database(|n| (n == "KEEL_AUTH").then(|| "off".into()));
         let doc = document();
         for path in doc["paths"].as_object().unwrap().keys() {
-            let uri = path
-                .replace("{type}", "order")
-                .replace("{id}", "x-1")
-                .replace("{sku}", "X-1");
+            let uri = concrete(path);
             let request = Request::builder().uri(&uri).body(Body::empty()).unwrap();
-            let response = app(state.clone(), &edge).oneshot(request).await.unwrap();
+            let response = router.clone().oneshot(request).await.unwrap();
             assert_ne!(
                 response.status(),
                 StatusCode::NOT_FOUND,
@@ -255,7 +244,7 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         assert_eq!(
-            app(state, &edge).oneshot(request).await.unwrap().status(),
+            router.oneshot(request).await.unwrap().status(),
             StatusCode::NOT_FOUND
         );
     }
@@ -266,22 +255,11 @@ mod tests {
     #[tokio::test]
     async fn every_role_against_every_route() {
         const SECRET: &[u8] = b"an-in-process-test-secret-of-32-bytes";
-        let pool = PgPoolOptions::new()
-            .acquire_timeout(Duration::from_millis(300))
-            .connect_lazy("postgres://keel@127.0.0.1:1/none")
-            .unwrap();
-        let settings = keel_http::EdgeSettings::from_vars(|n| {
+        let router = router_without_database(|n| {
             (n == "KEEL_AUTH_HS256_SECRET").then(|| String::from_utf8_lossy(SECRET).into_owned())
         });
-        let edge = keel_http::Edge::new(&settings.unwrap(), "test").unwrap();
-        let router = app(AppState::new(pool), &edge);
         let doc = document();
-        let sent = keel_http::testing::check_role_matrix(&doc, &router, SECRET, |p| {
-            p.replace("{type}", "order")
-                .replace("{id}", "x-1")
-                .replace("{sku}", "X-1")
-        })
-        .await;
+        let sent = keel_http::testing::check_role_matrix(&doc, &router, SECRET, concrete).await;
         let operations = doc["paths"].as_object().unwrap().len();
         assert_eq!(sent, operations * (Role::ALL.len() + 2));
     }

@@ -153,9 +153,7 @@ async fn the_role_table_matches_the_documents_and_holders_get_answers() {
     let mut documented = Vec::new();
     for (api, service) in [(Api::Command, &stack.command), (Api::Query, &stack.query)] {
         let contract = Contract::fetch(service).await.unwrap();
-        for (method, path) in contract.operations() {
-            let (_, operation) = contract.operation(&method, &path).unwrap();
-            let role = Contract::role(operation).map(|r| Role::parse(r).unwrap());
+        for (method, path, role) in keel_http::testing::operations(contract.doc()) {
             documented.push((api, method, path, role));
         }
     }
