@@ -8,7 +8,6 @@ use keel_domain::Aggregate;
 use keel_schemas::{CommandMeta, CommitRecord, LogRecord, StreamRef, encode_event};
 use tokio::sync::oneshot;
 use tracing::{error, instrument, warn};
-use uuid::Uuid;
 
 use super::log::PartitionLog;
 use super::outcome::{CommandRequest, Outcome, OwnerError};
@@ -104,7 +103,8 @@ where
                 continue;
             }
             let meta = &request.meta;
-            let record = CommitRecord::new(
+            let ids = &mut self.ids;
+            let mut record = CommitRecord::new(
                 StreamRef {
                     stream_type: A::TYPE.to_owned(),
                     id: request.stream_id.clone(),
@@ -113,10 +113,10 @@ where
                 events
                     .iter()
                     .zip(version + 1..)
-                    .map(|(event, v)| encode_event(event, Uuid::now_v7(), v))
+                    .map(|(event, v)| encode_event(event, ids(), v))
                     .collect(),
                 CommandMeta {
-                    id: Uuid::now_v7(),
+                    id: ids(),
                     command_type: meta.command_type.to_owned(),
                     idempotency_key: meta.idempotency_key.clone(),
                     actor: meta.actor.clone(),
@@ -126,8 +126,9 @@ where
                 },
                 writer.clone(),
                 last_hash,
-            )
-            .sealed_and_signed(&self.signing_key);
+            );
+            record.commit_id = ids();
+            let record = record.sealed_and_signed(&self.signing_key);
             let next = events.iter().fold(state, |s, e| s.evolve(e));
             overlay.insert(
                 request.stream_id.clone(),

@@ -63,7 +63,7 @@ impl MemoryLog {
     }
 
     /// Appends `records` at the end, waking the readers.
-    fn push(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
+    pub(super) fn push(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
         let mut log = self.records();
         let offsets = records
             .iter()

@@ -18,6 +18,8 @@ mod log;
 #[cfg(any(test, feature = "testing"))]
 mod memory;
 mod outcome;
+#[cfg(test)]
+mod sim;
 mod task;
 #[cfg(test)]
 mod tests;

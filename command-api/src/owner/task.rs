@@ -143,6 +143,8 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     timeout: Duration,
     undecodable: u64,
     pub(super) signing_key: Arc<SigningKey>,
+    /// Where the ids of commits, events and commands come from.
+    pub(super) ids: Box<dyn FnMut() -> Uuid + Send>,
 }
 
 impl<A: Aggregate, L: PartitionLog> PartitionOwner<A, L>
@@ -172,8 +174,16 @@ where
             timeout,
             undecodable: 0,
             signing_key,
+            ids: Box::new(Uuid::now_v7),
         };
         (owner, status)
+    }
+
+    /// The same owner, taking the ids of what it writes from `ids` instead of UUID v7s
+    /// (the simulation's ids come from its seed).
+    pub fn with_ids(mut self, ids: impl FnMut() -> Uuid + Send + 'static) -> Self {
+        self.ids = Box::new(ids);
+        self
     }
 
     /// Takes the partition, then serves commands from `requests` until the channel closes.
