@@ -339,10 +339,11 @@ impl PartitionReader {
         Ok(high)
     }
 
-    /// Reads every record from the current position up to the high watermark as it is now.
-    pub async fn read_to_end(&mut self) -> Result<Vec<LogEntry>, KafkaError> {
+    /// Reads every record from the current position up to the high watermark as it is now,
+    /// handing each to `each` as it is read: after an error, the reader is where `each`
+    /// stopped, so calling it again resumes without skipping a record.
+    pub async fn read_to_end(&mut self, mut each: impl FnMut(LogEntry)) -> Result<(), KafkaError> {
         let end = self.high_watermark().await?;
-        let mut entries = Vec::new();
         while self.next_offset < end {
             let entry = tokio::time::timeout(self.timeout, self.next())
                 .await
@@ -352,9 +353,9 @@ impl PartitionReader {
                         self.topic, self.partition, self.next_offset
                     ))
                 })??;
-            entries.push(entry);
+            each(entry);
         }
-        Ok(entries)
+        Ok(())
     }
 
     /// Waits for the next record of the partition.

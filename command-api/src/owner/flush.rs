@@ -6,11 +6,10 @@ use std::collections::HashMap;
 
 use keel_domain::Aggregate;
 use keel_schemas::{CommandMeta, CommitRecord, LogRecord, StreamRef, encode_event};
-use tokio::sync::oneshot;
 use tracing::{error, instrument, warn};
 
 use super::log::PartitionLog;
-use super::outcome::{CommandRequest, Outcome, OwnerError};
+use super::outcome::{CommandRequest, Outcome, OwnerError, Reply};
 use super::task::{PartitionOwner, ReadBack, Status, Verdicts};
 
 /// A commit of the current flush, waiting for its read-back.
@@ -18,7 +17,7 @@ struct Pending {
     record: CommitRecord,
     key: Option<(String, String)>,
     traceparent: Option<String>,
-    replies: Vec<oneshot::Sender<Result<Outcome, OwnerError>>>,
+    replies: Vec<Reply>,
 }
 
 impl<A: Aggregate, L: PartitionLog> PartitionOwner<A, L>
@@ -49,6 +48,10 @@ where
         let mut pending: Vec<Pending> = Vec::new();
         let mut unchanged: Vec<CommandRequest<A>> = Vec::new();
         for request in batch {
+            // A caller that gave up before this point never sees its command appended.
+            if !request.reply.take_on() {
+                continue;
+            }
             let key = request
                 .meta
                 .idempotency_key

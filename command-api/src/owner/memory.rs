@@ -17,6 +17,8 @@ struct Shared {
     appends: Mutex<Vec<Appended>>,
     /// The number of records, so readers can wait for more.
     len: watch::Sender<usize>,
+    /// Offsets whose next read fails, and how many times.
+    failing_reads: Mutex<Vec<(i64, usize)>>,
 }
 
 /// One partition's records in memory, and a reader's position in them.
@@ -35,6 +37,7 @@ impl MemoryLog {
                 records: Mutex::new(Vec::new()),
                 appends: Mutex::new(Vec::new()),
                 len: watch::Sender::new(0),
+                failing_reads: Mutex::new(Vec::new()),
             }),
             next_offset: 0,
         }
@@ -46,6 +49,11 @@ impl MemoryLog {
             shared: Arc::clone(&self.shared),
             next_offset: 0,
         }
+    }
+
+    /// Makes the next `times` reads of `offset`, by any handle, fail as a broken fetch.
+    pub fn fail_reads_at(&self, offset: i64, times: usize) {
+        lock(&self.shared.failing_reads).push((offset, times));
     }
 
     /// Every record appended so far, in order.
@@ -126,6 +134,13 @@ impl PartitionLog for MemoryLog {
         len.wait_for(|len| *len > wanted)
             .await
             .map_err(|_| KafkaError::Reader("the log is gone".into()))?;
+        if let Some((_, times)) = lock(&self.shared.failing_reads)
+            .iter_mut()
+            .find(|(offset, times)| *offset == self.next_offset && *times > 0)
+        {
+            *times -= 1;
+            return Err(KafkaError::Reader("the fetch failed (injected)".into()));
+        }
         let entry = self.records()[wanted].clone();
         self.next_offset += 1;
         Ok(entry)

@@ -27,5 +27,8 @@ mod tests;
 pub use log::{Append, KafkaPartition, PartitionLog};
 #[cfg(any(test, feature = "testing"))]
 pub use memory::{Appended, MemoryLog};
-pub use outcome::{CommandRequest, EventSummary, Outcome, OwnerError, RequestMeta};
+pub use outcome::{
+    Answer, Answered, CommandRequest, EventSummary, NoAnswer, Outcome, OwnerError, Reply,
+    RequestMeta, reply_channel,
+};
 pub use task::{PartitionOwner, Status, StatusCell};

@@ -1,6 +1,10 @@
 //! What the owner is asked and what it answers, in the owner's own terms: the API layer
 //! turns an [`OwnerError`] into problem+json.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
 use keel_domain::{Aggregate, DomainError};
 use keel_schemas::{Position, StreamRef};
 use serde::Serialize;
@@ -38,7 +42,95 @@ pub struct CommandRequest<A: Aggregate> {
     /// The rest of the request.
     pub meta: RequestMeta,
     /// Where the answer goes.
-    pub reply: oneshot::Sender<Result<Outcome, OwnerError>>,
+    pub reply: Reply,
+}
+
+/// What the owner answers a command.
+pub type Answered = Result<Outcome, OwnerError>;
+
+/// The caller waits for the answer.
+const WAITING: u8 = 0;
+/// The owner took the command on: it may be appended, and the caller waits for its
+/// read-back whatever its patience.
+const TAKEN: u8 = 1;
+/// The caller stopped waiting before the owner took the command on: it is never appended.
+const ABANDONED: u8 = 2;
+
+/// The owner's end of a command's answer. The owner [takes the command on](Reply::take_on)
+/// before deciding it; a caller that gave up first can never see it appended.
+#[derive(Debug)]
+pub struct Reply {
+    sender: oneshot::Sender<Answered>,
+    state: Arc<AtomicU8>,
+}
+
+/// The caller's end of a command's answer.
+#[derive(Debug)]
+pub struct Answer {
+    receiver: oneshot::Receiver<Answered>,
+    state: Arc<AtomicU8>,
+}
+
+/// Why a caller has no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// The caller's patience ran out before the owner took the command on: nothing was or
+    /// will be appended for it.
+    GaveUp,
+    /// The owner went away without answering (it stopped, or its process is shutting
+    /// down): the command may or may not be in the log.
+    OwnerGone,
+}
+
+/// A command's answer channel: the owner's end and the caller's.
+pub fn reply_channel() -> (Reply, Answer) {
+    let (sender, receiver) = oneshot::channel();
+    let state = Arc::new(AtomicU8::new(WAITING));
+    (
+        Reply {
+            sender,
+            state: Arc::clone(&state),
+        },
+        Answer { receiver, state },
+    )
+}
+
+impl Reply {
+    /// Takes the command on, before deciding it: false when its caller gave up, and then
+    /// nothing may be appended for it.
+    pub fn take_on(&self) -> bool {
+        match self
+            .state
+            .compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == TAKEN,
+        }
+    }
+
+    /// Sends the answer; gives it back if nobody waits for it.
+    pub fn send(self, answer: Answered) -> Result<(), Answered> {
+        self.sender.send(answer)
+    }
+}
+
+impl Answer {
+    /// Waits for the answer for up to `patience` while the command waits in the owner's
+    /// queue; once the owner has taken it on, waits for the owner's answer, which follows
+    /// the read-back of its commit.
+    pub async fn wait(mut self, patience: Duration) -> Result<Answered, NoAnswer> {
+        if let Ok(answer) = tokio::time::timeout(patience, &mut self.receiver).await {
+            return answer.map_err(|_| NoAnswer::OwnerGone);
+        }
+        let gave_up = self
+            .state
+            .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if gave_up {
+            return Err(NoAnswer::GaveUp);
+        }
+        self.receiver.await.map_err(|_| NoAnswer::OwnerGone)
+    }
 }
 
 /// One event of an accepted command, as the response lists it.

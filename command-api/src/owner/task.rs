@@ -259,9 +259,11 @@ where
     }
 
     /// Reads to the current end of the partition; returns the verdicts of the commits read.
+    /// Each record is applied as it is read, so a catch-up that fails partway resumes
+    /// where it applied, never past a record it did not apply.
     pub(super) async fn catch_up(&mut self) -> Result<Verdicts, KafkaError> {
         let end = self.log.end().await?;
-        let mut entries = Vec::new();
+        let mut verdicts = HashMap::new();
         while self.log.next_offset() < end {
             let entry = tokio::time::timeout(self.timeout, self.log.next())
                 .await
@@ -273,9 +275,9 @@ where
                         self.log.next_offset()
                     ))
                 })??;
-            entries.push(entry);
+            verdicts.extend(self.apply(entry));
         }
-        Ok(entries.into_iter().filter_map(|e| self.apply(e)).collect())
+        Ok(verdicts)
     }
 
     /// Reads until the record at `offset` has been applied.

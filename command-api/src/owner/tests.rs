@@ -10,7 +10,7 @@ use keel_domain::money::{Currency, Money};
 use keel_domain::product::{Product, ProductCommand};
 use keel_kafka::PartitionGate;
 use keel_schemas::{LogRecord, SigningKey, testing};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::*;
 
@@ -86,8 +86,8 @@ fn queue(
     stream: &str,
     command: ProductCommand,
     meta: RequestMeta,
-) -> oneshot::Receiver<Result<Outcome, OwnerError>> {
-    let (reply, answer) = oneshot::channel();
+) -> Answer {
+    let (reply, answer) = reply_channel();
     owner
         .try_send(CommandRequest {
             stream_id: stream.into(),
@@ -99,13 +99,8 @@ fn queue(
     answer
 }
 
-async fn answer(
-    answer: oneshot::Receiver<Result<Outcome, OwnerError>>,
-) -> Result<Outcome, OwnerError> {
-    tokio::time::timeout(TIMEOUT, answer)
-        .await
-        .expect("answered in time")
-        .expect("answered")
+async fn answer(answer: Answer) -> Result<Outcome, OwnerError> {
+    answer.wait(TIMEOUT).await.expect("answered in time")
 }
 
 /// The log folded through the gate: each accepted commit's stream, version after it and
@@ -369,5 +364,80 @@ async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_fr
             .map(|(s, v, _)| (s.as_str(), *v))
             .collect::<Vec<_>>(),
         vec![("p-1", 1), ("p-1", 2)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_that_fails_partway_resumes_where_it_applied() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (first, _) = serving_owner(log.handle(), "cmd-a").await;
+    send(
+        &first,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .unwrap();
+    send(&first, "p-1", restock(5), meta("Restock", None, None))
+        .await
+        .unwrap();
+    // The next owner's catch-up reads the first fence, then its fetch of the first commit
+    // fails once: it must not resume past the fence it read.
+    log.fail_reads_at(1, 1);
+    let (second, _) = serving_owner(log.handle(), "cmd-b").await;
+    let restocked = send(&second, "p-1", restock(1), meta("Restock", None, Some(2)))
+        .await
+        .expect("the second owner knows the stream is at version 2");
+    assert_eq!(restocked.version, 3);
+    let (commits, skipped) = accepted(&log);
+    assert_eq!(skipped, 0);
+    assert_eq!(commits.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_whose_caller_gave_up_in_the_queue_is_never_appended() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
+    // The caller gives up before the owner (on this thread) gets to the command.
+    let abandoned = queue(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", Some("k-1"), None),
+    );
+    assert_eq!(abandoned.wait(Duration::ZERO).await, Err(NoAnswer::GaveUp));
+    // The next command is decided in a later flush: the first was dropped, not appended.
+    let created = send(
+        &owner,
+        "p-2",
+        register(),
+        meta("RegisterProduct", Some("k-2"), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.stream.id, "p-2");
+    let (commits, _) = accepted(&log);
+    assert_eq!(
+        commits
+            .iter()
+            .map(|(s, _, _)| s.as_str())
+            .collect::<Vec<_>>(),
+        ["p-2"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_taken_on_is_answered_after_its_read_back_whatever_the_callers_patience() {
+    let (reply, answer) = reply_channel();
+    assert!(reply.take_on());
+    let waiting = tokio::spawn(answer.wait(Duration::from_millis(10)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    reply
+        .send(Err(OwnerError::Unavailable("read-back failed".into())))
+        .unwrap();
+    assert_eq!(
+        waiting.await.unwrap(),
+        Ok(Err(OwnerError::Unavailable("read-back failed".into())))
     );
 }

@@ -13,14 +13,14 @@ use keel_kafka::partition_for;
 use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, canonical_json};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::{AppState, MAX_BODY_BYTES};
 use crate::commands;
 use crate::error::ApiError;
-use crate::owner::{CommandRequest, Outcome, RequestMeta};
+use crate::owner::{CommandRequest, NoAnswer, Outcome, RequestMeta, reply_channel};
 
 /// `POST /v1/{collection}/{id}/{command}`.
 #[instrument(skip(state, principal, headers, body), fields(collection = %collection, id = %id, command = %command))]
@@ -184,7 +184,7 @@ async fn dispatch<A: ShopAggregate>(
     let owner = owners
         .get(partition)
         .ok_or_else(|| ApiError::Unavailable("no owner for this partition".into()))?;
-    let (reply, answer) = oneshot::channel();
+    let (reply, answer) = reply_channel();
     owner
         .try_send(CommandRequest {
             stream_id,
@@ -198,13 +198,16 @@ async fn dispatch<A: ShopAggregate>(
             }
             mpsc::error::TrySendError::Closed(_) => ApiError::Unavailable("shutting down".into()),
         })?;
-    match tokio::time::timeout(state.request_timeout, answer).await {
-        Ok(Ok(result)) => result.map_err(ApiError::from),
-        Ok(Err(_)) => Err(ApiError::Unavailable(
+    // The request timeout covers the wait in the owner's queue: a command the owner has
+    // taken on is answered after its read-back, and one it has not is never appended.
+    match answer.wait(state.request_timeout).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(NoAnswer::OwnerGone) => Err(ApiError::Unavailable(
             "the partition's owner stopped; retry with the same Idempotency-Key".into(),
         )),
-        Err(_) => Err(ApiError::Unavailable(
-            "the command was not confirmed in time; retry with the same Idempotency-Key".into(),
+        Err(NoAnswer::GaveUp) => Err(ApiError::Unavailable(
+            "the partition's owner did not take the command in time; it was not appended: retry"
+                .into(),
         )),
     }
 }

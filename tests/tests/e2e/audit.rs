@@ -217,9 +217,10 @@ async fn owner_of(stack: &Stack, topic: &str, partition: i32) -> Writer {
         .settings(&stack.config.prefix, stack.config.partitions);
     let mut reader = PartitionReader::open(&settings, topic, partition, 0).unwrap();
     let mut gate = PartitionGate::new();
-    for entry in reader.read_to_end().await.unwrap() {
-        assert!(gate.read(entry).record.is_ok(), "a Keel record");
-    }
+    reader
+        .read_to_end(|entry| assert!(gate.read(entry).record.is_ok(), "a Keel record"))
+        .await
+        .unwrap();
     gate.owner().unwrap().clone()
 }
 

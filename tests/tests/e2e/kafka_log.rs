@@ -95,7 +95,8 @@ async fn appended_records_come_back_in_order_with_their_headers() {
 
     let mut reader = PartitionReader::open(&settings, &topic, 1, 0).unwrap();
     assert_eq!(reader.high_watermark().await.unwrap(), 21);
-    let entries = reader.read_to_end().await.unwrap();
+    let mut entries = Vec::new();
+    reader.read_to_end(|e| entries.push(e)).await.unwrap();
     assert_eq!(entries.len(), 21);
     for (i, (entry, record)) in entries.iter().zip(&records).enumerate() {
         assert_eq!(entry.offset, i as i64);
@@ -128,7 +129,9 @@ async fn appended_records_come_back_in_order_with_their_headers() {
     }
     // Nothing was written to the other partition.
     let mut other = PartitionReader::open(&settings, &topic, 0, 0).unwrap();
-    assert!(other.read_to_end().await.unwrap().is_empty());
+    let mut read = 0;
+    other.read_to_end(|_| read += 1).await.unwrap();
+    assert_eq!(read, 0);
 }
 
 #[tokio::test]
@@ -147,13 +150,11 @@ async fn the_reader_resumes_from_an_offset_and_follows_the_partition() {
             .unwrap();
     }
     let mut reader = PartitionReader::open(&settings, &topic, 0, 6).unwrap();
-    let tail: Vec<(i64, Vec<u8>)> = reader
-        .read_to_end()
+    let mut tail: Vec<(i64, Vec<u8>)> = Vec::new();
+    reader
+        .read_to_end(|e| tail.push((e.offset, e.payload)))
         .await
-        .unwrap()
-        .into_iter()
-        .map(|e| (e.offset, e.payload))
-        .collect();
+        .unwrap();
     assert_eq!(
         tail,
         (6..10)
@@ -241,13 +242,11 @@ async fn the_gate_on_a_real_partition_skips_a_zombie_and_a_stale_fence() {
 
     let mut reader = PartitionReader::open(&settings, &topic, 0, 0).unwrap();
     let mut gate = PartitionGate::new();
-    let verdicts: Vec<bool> = reader
-        .read_to_end()
+    let mut verdicts: Vec<bool> = Vec::new();
+    reader
+        .read_to_end(|e| verdicts.push(gate.read(e).accepted().is_some()))
         .await
-        .unwrap()
-        .into_iter()
-        .map(|e| gate.read(e).accepted().is_some())
-        .collect();
+        .unwrap();
     assert_eq!(verdicts, [true, true, true, false, false, true, false]);
     assert_eq!(gate.owner(), Some(&b));
     assert_eq!(
@@ -290,13 +289,11 @@ async fn readers_sharing_one_consumer_each_get_only_their_partition_in_order() {
     assert_eq!(readers.len(), 6);
     for mut reader in readers {
         let (topic, partition) = (reader.topic().to_owned(), reader.partition());
-        let got: Vec<(i64, String)> = reader
-            .read_to_end()
+        let mut got: Vec<(i64, String)> = Vec::new();
+        reader
+            .read_to_end(|e| got.push((e.offset, String::from_utf8(e.payload).unwrap())))
             .await
-            .unwrap()
-            .into_iter()
-            .map(|e| (e.offset, String::from_utf8(e.payload).unwrap()))
-            .collect();
+            .unwrap();
         let expected: Vec<(i64, String)> = (0..30)
             .filter(|i| topics[i % 2] == topic && (i % 3) as i32 == partition)
             .enumerate()

@@ -29,13 +29,13 @@ use keel_domain::product::{Product, ProductCommand};
 use keel_schemas::{SigningKey, TrustedKeys};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use self::check::{Attempt, Ending, Fold};
 pub(crate) use self::world::Fault;
 use self::world::{Shared, SimLog, World, lock};
-use super::{CommandRequest, PartitionOwner, RequestMeta};
+use super::{CommandRequest, NoAnswer, PartitionOwner, RequestMeta, reply_channel};
 
 /// How long an owner waits for each read, in the simulation.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -184,7 +184,7 @@ async fn client(
                 };
                 (owner, list[owner].requests.clone(), patience, w.len())
             };
-            let (reply, answer) = oneshot::channel();
+            let (reply, answer) = reply_channel();
             let meta = RequestMeta {
                 command_type: "Sim",
                 idempotency_key: key.clone(),
@@ -203,10 +203,10 @@ async fn client(
             };
             let ending = match requests.try_send(request) {
                 Err(_) => Ending::Dropped,
-                Ok(()) => match tokio::time::timeout(patience, answer).await {
-                    Ok(Ok(answer)) => Ending::Answered(answer),
-                    Ok(Err(_)) => Ending::Dropped,
-                    Err(_) => Ending::GaveUp(lock(&world).len()),
+                Ok(()) => match answer.wait(patience).await {
+                    Ok(answer) => Ending::Answered(answer),
+                    Err(NoAnswer::OwnerGone) => Ending::Dropped,
+                    Err(NoAnswer::GaveUp) => Ending::GaveUp(lock(&world).len()),
                 },
             };
             let ended = {
