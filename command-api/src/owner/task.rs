@@ -134,6 +134,8 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     pub(super) topic: String,
     pub(super) partition: i32,
     instance: String,
+    /// The configured name with this owner's own part, once it fenced: its writer name.
+    incarnation: Option<String>,
     pub(super) writer: Option<Writer>,
     pub(super) gate: PartitionGate,
     pub(super) streams: HashMap<String, Stream<A>>,
@@ -165,6 +167,7 @@ where
             topic,
             partition,
             instance: instance.to_owned(),
+            incarnation: None,
             writer: None,
             gate: PartitionGate::new(),
             streams: HashMap::new(),
@@ -228,9 +231,20 @@ where
     async fn take_ownership(&mut self) -> Result<(), KafkaError> {
         self.status.set(Status::Starting);
         self.catch_up().await?;
+        // The writer's name is the configured one and a part drawn at this owner's start:
+        // two processes started with one KEEL_INSTANCE that read the same end of the log
+        // both fence with the same epoch, and only the one whose fence the gate accepted
+        // may be the owner it names.
+        if self.incarnation.is_none() {
+            let id = (self.ids)().simple().to_string();
+            self.incarnation = Some(format!("{}/{}", self.instance, &id[id.len() - 12..]));
+        }
+        let epoch = self.gate.highest_epoch().checked_add(1).ok_or_else(|| {
+            KafkaError::NotSent("the partition's highest epoch is the largest there is".into())
+        })?;
         let writer = Writer {
-            instance: self.instance.clone(),
-            epoch: self.gate.highest_epoch() + 1,
+            instance: self.incarnation.clone().unwrap_or_default(),
+            epoch,
         };
         let fence = LogRecord::Fence(
             FenceRecord {

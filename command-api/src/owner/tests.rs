@@ -441,3 +441,46 @@ async fn a_command_taken_on_is_answered_after_its_read_back_whatever_the_callers
         Ok(Err(OwnerError::Unavailable("read-back failed".into())))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn two_owners_started_with_one_name_never_both_serve() {
+    let log = MemoryLog::new("t.product.events", 0);
+    // Both read the empty log before either fences: both fence with epoch 1.
+    let start = |log: MemoryLog| {
+        let (owner, status) = PartitionOwner::<Product, _>::new(
+            log,
+            "cmd-same",
+            Arc::new(SigningKey::generate()),
+            TIMEOUT,
+        );
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(owner.run(rx));
+        (tx, status)
+    };
+    let (a, a_status) = start(log.handle());
+    let (b, b_status) = start(log.handle());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let serving = [&a_status, &b_status]
+        .iter()
+        .filter(|s| s.get() == Status::Serving)
+        .count();
+    assert_eq!(serving, 1, "one owner serves, the other knows it lost");
+    let fences: Vec<_> = log
+        .entries()
+        .iter()
+        .map(|e| LogRecord::decode(&e.payload).unwrap())
+        .collect();
+    assert_eq!(fences.len(), 2);
+    assert_ne!(
+        fences[0].writer(),
+        fences[1].writer(),
+        "each has its own name"
+    );
+    assert!(fences[0].writer().instance.starts_with("cmd-same/"));
+    // Whichever serves, only one acknowledges.
+    let answers = [
+        send(&a, "p-1", register(), meta("RegisterProduct", None, None)).await,
+        send(&b, "p-2", register(), meta("RegisterProduct", None, None)).await,
+    ];
+    assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 1);
+}
