@@ -4,7 +4,9 @@
 //! * A **fence** is valid only if its epoch is higher than every epoch before it on the
 //!   partition; it makes its writer the partition's owner.
 //! * A **commit** is valid only if its writer is the owner at that point of the log, its
-//!   `expected_version` equals the stream's version there, and its events carry the
+//!   `expected_version` equals the stream's version there, its `prev_hash` is the hash of
+//!   the stream's last accepted commit (so a commit chained onto one the gate skipped is
+//!   skipped too, even when the versions happen to line up), and its events carry the
 //!   versions that follow, one by one.
 //!
 //! Invalid records are skipped by everyone and counted. Since the gate only looks at the
@@ -47,6 +49,13 @@ pub enum Rejection {
         /// The stream's version at that point.
         actual: u64,
     },
+    /// A commit whose `prev_hash` is not the hash of the stream's last accepted commit
+    /// (or whose own hash is not a SHA-256 in hex).
+    #[error("{stream}: the commit does not chain onto the stream's last accepted commit")]
+    BrokenChain {
+        /// The stream.
+        stream: StreamRef,
+    },
     /// A commit whose events do not number on from `expected_version`, or hold no event.
     #[error("{stream}: the commit's event versions do not follow {expected}")]
     BadEventVersions {
@@ -57,13 +66,31 @@ pub enum Rejection {
     },
 }
 
-/// The gate's state for one partition: its owner and each stream's version, built only
-/// from the records read so far, in log order.
+/// What the gate keeps of a stream: its version, and the hash of its last accepted
+/// commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamHead {
+    /// The stream's version.
+    pub version: u64,
+    /// The SHA-256 of its last accepted commit; `None` for a stream restored from a state
+    /// saved before the gate kept hashes (its next commit's `prev_hash` is taken on trust).
+    pub hash: Option<[u8; 32]>,
+}
+
+/// A commit hash, hex as in the record, as bytes; `None` if it is not one.
+pub fn hash_bytes(hex_hash: &str) -> Option<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(hex_hash, &mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// The gate's state for one partition: its owner and each stream's head, built only from
+/// the records read so far, in log order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionGate {
     owner: Option<Writer>,
     highest_epoch: u64,
-    versions: HashMap<StreamRef, u64>,
+    versions: HashMap<StreamRef, StreamHead>,
     accepted: u64,
     rejected: u64,
 }
@@ -99,8 +126,13 @@ impl PartitionGate {
         let verdict = self.commit_verdict(commit);
         self.count(&verdict);
         if verdict.is_ok() {
-            self.versions
-                .insert(commit.stream.clone(), commit.next_version());
+            self.versions.insert(
+                commit.stream.clone(),
+                StreamHead {
+                    version: commit.next_version(),
+                    hash: hash_bytes(&commit.hash),
+                },
+            );
         }
         verdict
     }
@@ -138,12 +170,26 @@ impl PartitionGate {
                 owner: self.owner.clone(),
             });
         }
-        let actual = self.stream_version(&commit.stream);
+        let head = self.versions.get(&commit.stream);
+        let actual = head.map_or(0, |h| h.version);
         if commit.expected_version != actual {
             return Err(Rejection::VersionConflict {
                 stream: commit.stream.clone(),
                 expected: commit.expected_version,
                 actual,
+            });
+        }
+        let chained = match (head.map(|h| h.hash), commit.prev_hash.as_deref()) {
+            // The stream's first commit links to nothing.
+            (None, prev) => prev.is_none(),
+            // Restored without its hash: taken on trust once.
+            (Some(None), _) => true,
+            (Some(Some(last)), Some(prev)) => hash_bytes(prev) == Some(last),
+            (Some(Some(_)), None) => false,
+        };
+        if !chained || hash_bytes(&commit.hash).is_none() {
+            return Err(Rejection::BrokenChain {
+                stream: commit.stream.clone(),
             });
         }
         let numbered = !commit.events.is_empty()
@@ -166,14 +212,14 @@ impl PartitionGate {
     pub fn restore(
         owner: Option<Writer>,
         highest_epoch: u64,
-        versions: impl IntoIterator<Item = (StreamRef, u64)>,
+        heads: impl IntoIterator<Item = (StreamRef, StreamHead)>,
         accepted: u64,
         rejected: u64,
     ) -> Self {
         Self {
             owner,
             highest_epoch,
-            versions: versions.into_iter().collect(),
+            versions: heads.into_iter().collect(),
             accepted,
             rejected,
         }
@@ -191,7 +237,12 @@ impl PartitionGate {
 
     /// The stream's version at this point of the log (0 if it has no accepted commit).
     pub fn stream_version(&self, stream: &StreamRef) -> u64 {
-        self.versions.get(stream).copied().unwrap_or(0)
+        self.versions.get(stream).map_or(0, |h| h.version)
+    }
+
+    /// The stream's head at this point of the log (`None` if it has no accepted commit).
+    pub fn stream_head(&self, stream: &StreamRef) -> Option<StreamHead> {
+        self.versions.get(stream).copied()
     }
 
     /// How many streams have an accepted commit.
@@ -201,7 +252,12 @@ impl PartitionGate {
 
     /// Every stream's version at this point of the log (streams with an accepted commit).
     pub fn stream_versions(&self) -> impl Iterator<Item = (&StreamRef, u64)> {
-        self.versions.iter().map(|(s, v)| (s, *v))
+        self.versions.iter().map(|(s, h)| (s, h.version))
+    }
+
+    /// Every stream's head at this point of the log (streams with an accepted commit).
+    pub fn stream_heads(&self) -> impl Iterator<Item = (&StreamRef, StreamHead)> {
+        self.versions.iter().map(|(s, h)| (s, *h))
     }
 
     /// Records that counted so far.

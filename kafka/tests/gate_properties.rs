@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use keel_kafka::gate::PartitionGate;
+use keel_kafka::gate::{PartitionGate, Rejection};
 use keel_schemas::testing;
 use keel_schemas::{LogRecord, StreamRef, Writer};
 use proptest::prelude::*;
@@ -47,9 +47,17 @@ fn stream(n: usize) -> StreamRef {
     }
 }
 
-fn commit(writer: &Writer, stream: StreamRef, expected_version: u64, events: u64) -> LogRecord {
+fn commit(
+    writer: &Writer,
+    stream: StreamRef,
+    expected_version: u64,
+    prev_hash: Option<String>,
+    events: u64,
+) -> LogRecord {
     let commit = (0..events).fold(
-        testing::commit(writer, stream, expected_version).command("ShipOrder", "test"),
+        testing::commit(writer, stream, expected_version)
+            .command("ShipOrder", "test")
+            .prev_hash(prev_hash),
         |commit, _| commit.event("OrderShipped", 1, json!({})),
     );
     LogRecord::Commit(commit.build())
@@ -103,8 +111,11 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
                         instance: writer.name.clone(),
                         epoch,
                     };
-                    let expected = writer.view.stream_version(&stream(s));
-                    log.push(commit(&me, stream(s), expected, events));
+                    // Decided on its view: the version and the hash it chains onto.
+                    let head = writer.view.stream_head(&stream(s));
+                    let expected = head.map_or(0, |h| h.version);
+                    let prev_hash = head.and_then(|h| h.hash).map(hex::encode);
+                    log.push(commit(&me, stream(s), expected, prev_hash, events));
                 }
             }
             Action::Duplicate(i) => {
@@ -193,18 +204,65 @@ fn a_zombie_writer_after_a_newer_fence_is_skipped() {
     let fence = testing::fence;
     let mut gate = PartitionGate::new();
     assert!(gate.admit(&fence(&old)).is_ok());
-    assert!(gate.admit(&commit(&old, stream(0), 0, 1)).is_ok());
+    let first = commit(&old, stream(0), 0, None, 1);
+    assert!(gate.admit(&first).is_ok());
+    let first_hash = Some(hash_of(&first));
     assert!(gate.admit(&fence(&new)).is_ok());
     assert!(
-        gate.admit(&commit(&old, stream(0), 1, 1)).is_err(),
+        gate.admit(&commit(&old, stream(0), 1, first_hash.clone(), 1))
+            .is_err(),
         "zombie commit"
     );
     assert!(gate.admit(&fence(&old)).is_err(), "stale fence");
     assert!(
-        gate.admit(&commit(&new, stream(0), 0, 1)).is_err(),
+        gate.admit(&commit(&new, stream(0), 0, None, 1)).is_err(),
         "version conflict"
     );
-    assert!(gate.admit(&commit(&new, stream(0), 1, 2)).is_ok());
+    assert!(
+        gate.admit(&commit(&new, stream(0), 1, first_hash, 2))
+            .is_ok()
+    );
     assert_eq!(gate.stream_version(&stream(0)), 3);
     assert_eq!((gate.accepted(), gate.rejected()), (4, 3));
+}
+
+fn hash_of(record: &LogRecord) -> String {
+    match record {
+        LogRecord::Commit(c) => c.hash.clone(),
+        LogRecord::Fence(_) => panic!("a fence has no hash"),
+    }
+}
+
+/// A writer's commit X is persisted late; meanwhile it decided two more commits of the
+/// stream on a state without X, the second chained onto the first. X takes the version
+/// the first expected, so the first is skipped; the second expects the version X left,
+/// and must be skipped too: it was decided on a state that included the first.
+#[test]
+fn a_commit_chained_onto_a_skipped_one_is_skipped_even_when_its_version_lines_up() {
+    let w = Writer {
+        instance: "w".into(),
+        epoch: 1,
+    };
+    let mut gate = PartitionGate::new();
+    assert!(gate.admit(&testing::fence(&w)).is_ok());
+    let base = commit(&w, stream(0), 0, None, 1);
+    assert!(gate.admit(&base).is_ok());
+    let late = commit(&w, stream(0), 1, Some(hash_of(&base)), 1);
+    let restock = commit(&w, stream(0), 1, Some(hash_of(&base)), 1);
+    let reserve = commit(&w, stream(0), 2, Some(hash_of(&restock)), 1);
+    assert!(gate.admit(&late).is_ok(), "the late commit lands first");
+    assert!(
+        matches!(gate.admit(&restock), Err(Rejection::VersionConflict { .. })),
+        "the restock lost the version to it"
+    );
+    assert!(
+        matches!(gate.admit(&reserve), Err(Rejection::BrokenChain { .. })),
+        "the reservation chained onto the skipped restock"
+    );
+    assert_eq!(gate.stream_version(&stream(0)), 2);
+    // A commit that chains onto the late one counts.
+    assert!(
+        gate.admit(&commit(&w, stream(0), 2, Some(hash_of(&late)), 1))
+            .is_ok()
+    );
 }

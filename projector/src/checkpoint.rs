@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Context;
-use keel_kafka::PartitionGate;
+use keel_kafka::{PartitionGate, StreamHead, hash_bytes};
 use keel_schemas::{StreamRef, TopicPartition, Writer};
 use sqlx::{PgConnection, PgPool};
 
@@ -55,14 +55,46 @@ impl PartitionState {
     }
 }
 
-/// Stream versions as a `keel_gate_versions` row holds them.
+/// Stream heads as a `keel_gate_versions` row holds them: `[type, id, version, hash]`
+/// (rows written before the gate kept hashes have no `hash`).
 fn encode_versions<'a>(
-    versions: impl Iterator<Item = (&'a StreamRef, u64)>,
+    heads: impl Iterator<Item = (&'a StreamRef, StreamHead)>,
 ) -> anyhow::Result<Vec<u8>> {
-    let rows: Vec<(&str, &str, u64)> = versions
-        .map(|(s, v)| (s.stream_type.as_str(), s.id.as_str(), v))
+    let rows: Vec<(&str, &str, u64, Option<String>)> = heads
+        .map(|(s, h)| {
+            (
+                s.stream_type.as_str(),
+                s.id.as_str(),
+                h.version,
+                h.hash.map(hex::encode),
+            )
+        })
         .collect();
     serde_json::to_vec(&rows).context("encoding the gate's stream versions")
+}
+
+/// One stream of a `keel_gate_versions` row, with or without its hash.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum SavedHead {
+    WithHash(String, String, u64, Option<String>),
+    Version(String, String, u64),
+}
+
+impl SavedHead {
+    fn into_head(self) -> (StreamRef, StreamHead) {
+        let (stream_type, id, version, hash) = match self {
+            SavedHead::WithHash(t, id, v, hash) => (t, id, v, hash),
+            SavedHead::Version(t, id, v) => (t, id, v, None),
+        };
+        (
+            StreamRef { stream_type, id },
+            StreamHead {
+                version,
+                hash: hash.as_deref().and_then(hash_bytes),
+            },
+        )
+    }
 }
 
 /// The checkpoints of every partition one generation of a projection reads.
@@ -104,12 +136,18 @@ impl Checkpoints {
         .bind(generation)
         .fetch_all(pool)
         .await?;
-        let mut versions: HashMap<TopicPartition, HashMap<StreamRef, u64>> = HashMap::new();
+        let mut versions: HashMap<TopicPartition, HashMap<StreamRef, StreamHead>> = HashMap::new();
         for (topic, partition, stream_type, id, version) in streams {
             versions
                 .entry(TopicPartition::new(topic, partition))
                 .or_default()
-                .insert(StreamRef { stream_type, id }, version as u64);
+                .insert(
+                    StreamRef { stream_type, id },
+                    StreamHead {
+                        version: version as u64,
+                        hash: None,
+                    },
+                );
         }
         // Then the batch and snapshot rows, in log order per partition.
         let rows: Vec<(String, i32, bool, Vec<u8>)> = sqlx::query_as(
@@ -122,10 +160,9 @@ impl Checkpoints {
         .await?;
         let mut deltas: HashMap<TopicPartition, (u32, u64)> = HashMap::new();
         for (topic, partition, snapshot, bytes) in rows {
-            let decoded: Vec<(String, String, u64)> =
-                serde_json::from_slice(&bytes).with_context(|| {
-                    format!("reading the gate's stream versions of {topic}/{partition}")
-                })?;
+            let decoded: Vec<SavedHead> = serde_json::from_slice(&bytes).with_context(|| {
+                format!("reading the gate's stream versions of {topic}/{partition}")
+            })?;
             let at = TopicPartition::new(topic, partition);
             let map = versions.entry(at.clone()).or_default();
             let count = deltas.entry(at).or_default();
@@ -135,11 +172,7 @@ impl Checkpoints {
             } else {
                 *count = (count.0 + 1, count.1 + decoded.len() as u64);
             }
-            map.extend(
-                decoded
-                    .into_iter()
-                    .map(|(stream_type, id, v)| (StreamRef { stream_type, id }, v)),
-            );
+            map.extend(decoded.into_iter().map(SavedHead::into_head));
         }
         for (topic, partition, next_offset, instance, epoch, highest, accepted, rejected) in
             checkpoints
@@ -227,13 +260,13 @@ impl Checkpoints {
                     .execute(&mut *tx)
                     .await?;
                 }
-                encode_versions(state.gate.stream_versions())?
+                encode_versions(state.gate.stream_heads())?
             } else {
                 encode_versions(
                     state
                         .touched_streams
                         .iter()
-                        .map(|s| (s, state.gate.stream_version(s))),
+                        .filter_map(|s| state.gate.stream_head(s).map(|h| (s, h))),
                 )?
             };
             rows.0.push(at.topic.clone());
@@ -361,4 +394,39 @@ pub(crate) async fn discard(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_head_keeps_its_hash_and_a_row_saved_without_one_still_reads() {
+        let stream = StreamRef {
+            stream_type: "order".into(),
+            id: "o-1".into(),
+        };
+        let head = StreamHead {
+            version: 3,
+            hash: hash_bytes(&"ab".repeat(32)),
+        };
+        let bytes = encode_versions([(&stream, head)].into_iter()).unwrap();
+        let read: Vec<SavedHead> = serde_json::from_slice(&bytes).unwrap();
+        let read: Vec<_> = read.into_iter().map(SavedHead::into_head).collect();
+        assert_eq!(read, [(stream.clone(), head)]);
+
+        // Rows written before the gate kept hashes: the version, and no hash.
+        let legacy: Vec<SavedHead> = serde_json::from_str(r#"[["order","o-1",3]]"#).unwrap();
+        let legacy: Vec<_> = legacy.into_iter().map(SavedHead::into_head).collect();
+        assert_eq!(
+            legacy,
+            [(
+                stream,
+                StreamHead {
+                    version: 3,
+                    hash: None
+                }
+            )]
+        );
+    }
 }

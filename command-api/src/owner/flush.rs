@@ -1,16 +1,31 @@
 //! The group commit: commands waiting for the partition are decided in arrival order, each
 //! against the state as read plus the commits of the same flush ahead of it, appended
 //! together, read back, and each acknowledged only if the gate accepted its commit.
+//!
+//! Two rules keep every answer true of the log:
+//! * **A rejected commit fails the rest of its flush.** Every commit after it was decided
+//!   on a state that included it: each is answered `503`, and the partition is read again
+//!   before anything else is decided.
+//! * **An answer that appends nothing is confirmed.** A no-op, a `409` or a `412` is given
+//!   only once the owner has read the log past the moment the command arrived (the
+//!   read-back of its flush, or a fresh read to the partition's end when the flush appended
+//!   nothing) and the stream still was at the version the answer was decided on. Otherwise
+//!   the command is decided again, on the state read since.
 
 use std::collections::HashMap;
 
 use keel_domain::Aggregate;
 use keel_schemas::{CommandMeta, CommitRecord, LogRecord, StreamRef, encode_event};
 use tracing::{error, instrument, warn};
+use uuid::Uuid;
 
 use super::log::PartitionLog;
-use super::outcome::{CommandRequest, Outcome, OwnerError, Reply};
+use super::outcome::{Answered, CommandRequest, Outcome, OwnerError, Reply};
 use super::task::{PartitionOwner, ReadBack, Status, Verdicts};
+
+/// How many times a command whose answer could not be confirmed is decided again before it
+/// gets a `503`.
+const MAX_ROUNDS: usize = 3;
 
 /// A commit of the current flush, waiting for its read-back.
 struct Pending {
@@ -20,6 +35,33 @@ struct Pending {
     replies: Vec<Reply>,
 }
 
+/// An answer that appends nothing, waiting to be confirmed against the log.
+struct Provisional<A: Aggregate> {
+    request: CommandRequest<A>,
+    /// The answer, if it is confirmed; a no-op's outcome is filled in then.
+    answer: Result<(), OwnerError>,
+    /// The stream version it was decided on.
+    decided_on: u64,
+    /// Commits of the flush decided before it.
+    ahead: usize,
+    /// Where the stream got to that version: the commit of this flush that brought it
+    /// there, or the offset read.
+    at: At,
+}
+
+/// Where a stream reached the version an answer was decided on.
+#[derive(Clone, Copy)]
+enum At {
+    /// At the offset read (or nowhere, for a stream with no commit).
+    Read(Option<i64>),
+    /// At the commit of this flush with this id.
+    Commit(Uuid),
+}
+
+/// A stream's state for deciding: the state, its version, its last hash, and where it
+/// got there.
+type Head<A> = (A, u64, Option<String>, At);
+
 impl<A: Aggregate, L: PartitionLog> PartitionOwner<A, L>
 where
     A::Command: Send,
@@ -28,6 +70,22 @@ where
     /// answers each one.
     #[instrument(skip_all, fields(commands = batch.len()))]
     pub(super) async fn flush(&mut self, batch: Vec<CommandRequest<A>>) {
+        let mut batch = batch;
+        for round in 1..=MAX_ROUNDS {
+            if batch.is_empty() {
+                return;
+            }
+            batch = self.flush_round(batch, round == MAX_ROUNDS).await;
+        }
+    }
+
+    /// One round of a flush; returns the commands whose answers could not be confirmed,
+    /// to be decided again (none in the `last` round: they get a `503`).
+    async fn flush_round(
+        &mut self,
+        batch: Vec<CommandRequest<A>>,
+        last: bool,
+    ) -> Vec<CommandRequest<A>> {
         if self.status.get() == Status::Recovering
             && let Err(e) = self.recover().await
         {
@@ -37,16 +95,16 @@ where
             for request in batch {
                 let _ = request.reply.send(Err(self.unavailable()));
             }
-            return;
+            return Vec::new();
         }
         let Some(writer) = self.writer.clone() else {
-            return;
+            return Vec::new();
         };
 
         // Decide each command against the state read plus the commits ahead of it.
-        let mut overlay: HashMap<String, (A, u64, Option<String>)> = HashMap::new();
+        let mut overlay: HashMap<String, Head<A>> = HashMap::new();
         let mut pending: Vec<Pending> = Vec::new();
-        let mut unchanged: Vec<CommandRequest<A>> = Vec::new();
+        let mut provisional: Vec<Provisional<A>> = Vec::new();
         for request in batch {
             // A caller that gave up before this point never sees its command appended.
             if !request.reply.take_on() {
@@ -58,6 +116,7 @@ where
                 .clone()
                 .map(|k| (request.stream_id.clone(), k));
             if let Some(key) = &key {
+                // A key read from the log is a fact of the log: its answer stands.
                 if let Some(answer) = self.keys.answer(key, request.meta.request_digest.as_ref()) {
                     let _ = request.reply.send(answer);
                     continue;
@@ -79,32 +138,44 @@ where
                 ))));
                 continue;
             }
-            let (state, version, last_hash) = match overlay.get(&request.stream_id) {
+            let (state, version, last_hash, at) = match overlay.get(&request.stream_id) {
                 Some(ahead) => ahead.clone(),
-                None => committed
-                    .map(|s| (s.state.clone(), s.version, s.last_hash.clone()))
-                    .unwrap_or_default(),
+                None => committed.map_or_else(
+                    || (A::default(), 0, None, At::Read(None)),
+                    |s| {
+                        (
+                            s.state.clone(),
+                            s.version,
+                            s.last_hash.clone(),
+                            At::Read(s.last_offset),
+                        )
+                    },
+                ),
             };
-            if let Some(expected) = request.meta.if_match
-                && expected != version
-            {
-                let _ = request.reply.send(Err(OwnerError::VersionMismatch {
+            let refusal = match request.meta.if_match {
+                Some(expected) if expected != version => Some(OwnerError::VersionMismatch {
                     expected,
                     actual: version,
-                }));
-                continue;
-            }
-            let events = match state.decide(&request.command) {
-                Ok(events) => events,
-                Err(e) => {
-                    let _ = request.reply.send(Err(e.into()));
+                }),
+                _ => None,
+            };
+            let decided = match refusal {
+                Some(refusal) => Err(refusal),
+                None => state.decide(&request.command).map_err(OwnerError::from),
+            };
+            let events = match decided {
+                Ok(events) if !events.is_empty() => events,
+                other => {
+                    provisional.push(Provisional {
+                        request,
+                        answer: other.map(|_| ()),
+                        decided_on: version,
+                        ahead: pending.len(),
+                        at,
+                    });
                     continue;
                 }
             };
-            if events.is_empty() {
-                unchanged.push(request);
-                continue;
-            }
             let meta = &request.meta;
             let ids = &mut self.ids;
             let mut record = CommitRecord::new(
@@ -135,7 +206,12 @@ where
             let next = events.iter().fold(state, |s, e| s.evolve(e));
             overlay.insert(
                 request.stream_id.clone(),
-                (next, record.next_version(), Some(record.hash.clone())),
+                (
+                    next,
+                    record.next_version(),
+                    Some(record.hash.clone()),
+                    At::Commit(record.commit_id),
+                ),
             );
             pending.push(Pending {
                 record,
@@ -145,51 +221,110 @@ where
             });
         }
 
-        if !pending.is_empty() {
+        // Append, read back, answer the commits; then confirm what appended nothing.
+        let appended: Vec<(String, Uuid)> = pending
+            .iter()
+            .map(|p| (p.record.stream.id.clone(), p.record.commit_id))
+            .collect();
+        let (current, verdicts) = if pending.is_empty() {
+            (self.confirm_current().await, Verdicts::new())
+        } else {
             let verdicts = self.append_and_read_back(&pending).await;
-            for p in pending {
-                let answer = match verdicts.get(&p.record.commit_id) {
-                    Some(&ReadBack {
-                        accepted: true,
-                        offset,
-                    }) => Ok(self.outcome_of(&p.record, offset)),
-                    Some(_) => Err(OwnerError::Unavailable(
-                        "the log did not accept the commit (the partition changed hands or the stream moved on); retry".into(),
-                    )),
-                    None => Err(OwnerError::Unavailable(
-                        "the commit could not be confirmed; retry with the same Idempotency-Key".into(),
-                    )),
-                };
-                for (i, reply) in p.replies.into_iter().enumerate() {
-                    let answer = match &answer {
-                        Ok(outcome) => Ok(Outcome {
-                            replayed: i > 0,
-                            ..outcome.clone()
-                        }),
-                        Err(e) => Err(e.clone()),
-                    };
-                    let _ = reply.send(answer);
-                }
+            (self.answer_commits(pending, &verdicts), verdicts)
+        };
+        let mut again = Vec::new();
+        for p in provisional {
+            let stream = &p.request.stream_id;
+            let confirmed = current
+                && (appended[p.ahead..].iter().any(|(s, _)| s == stream)
+                    || self.streams.get(stream).map_or(0, |s| s.version) == p.decided_on);
+            if confirmed {
+                let answer = self.provisional_answer(&p, &verdicts);
+                let _ = p.request.reply.send(answer);
+            } else if last {
+                let _ = p.request.reply.send(Err(OwnerError::Unavailable(
+                    "the partition kept changing while the command was decided; retry".into(),
+                )));
+            } else {
+                again.push(p.request);
             }
         }
+        again
+    }
 
-        // Commands that changed nothing are answered with the stream as now read.
-        for request in unchanged {
-            let answer = match self.streams.get(&request.stream_id) {
-                Some(s) => Ok(Outcome {
-                    stream: StreamRef {
-                        stream_type: A::TYPE.to_owned(),
-                        id: request.stream_id.clone(),
-                    },
-                    version: s.version,
-                    events: Vec::new(),
-                    position: s.last_offset.map(|o| self.position(o)),
-                    created: false,
-                    replayed: false,
-                }),
-                None => Err(self.unavailable()),
+    /// The answer of a confirmed command that appends nothing.
+    fn provisional_answer(&self, p: &Provisional<A>, verdicts: &Verdicts) -> Answered {
+        p.answer.clone()?;
+        let offset = match p.at {
+            At::Read(offset) => offset,
+            At::Commit(id) => verdicts.get(&id).map(|v| v.offset),
+        };
+        Ok(Outcome {
+            stream: StreamRef {
+                stream_type: A::TYPE.to_owned(),
+                id: p.request.stream_id.clone(),
+            },
+            version: p.decided_on,
+            events: Vec::new(),
+            position: offset.map(|o| self.position(o)),
+            created: false,
+            replayed: false,
+        })
+    }
+
+    /// Answers each commit of the flush from its read-back: acknowledged if the gate
+    /// accepted it and every commit ahead of it; `503` from the first one that was not.
+    /// True when every commit was accepted, so the state read covers the whole flush.
+    fn answer_commits(&mut self, pending: Vec<Pending>, verdicts: &Verdicts) -> bool {
+        let mut failed = false;
+        for p in pending {
+            let answer = match verdicts.get(&p.record.commit_id) {
+                Some(&ReadBack {
+                    accepted: true,
+                    offset,
+                }) if !failed => Ok(self.outcome_of(&p.record, offset)),
+                _ if failed => Err(OwnerError::Unavailable(
+                    "a commit ahead of this one in its flush was not accepted, so it was decided on a state the log does not hold; retry with the same Idempotency-Key".into(),
+                )),
+                Some(_) => Err(OwnerError::Unavailable(
+                    "the log did not accept the commit (the partition changed hands or the stream moved on); retry".into(),
+                )),
+                None => Err(OwnerError::Unavailable(
+                    "the commit could not be confirmed; retry with the same Idempotency-Key".into(),
+                )),
             };
-            let _ = request.reply.send(answer);
+            if answer.is_err() && !failed {
+                failed = true;
+                if self.status.get() == Status::Serving {
+                    // Re-read the partition before deciding anything else.
+                    self.status.set(Status::Recovering);
+                }
+            }
+            for (i, reply) in p.replies.into_iter().enumerate() {
+                let answer = match &answer {
+                    Ok(outcome) => Ok(Outcome {
+                        replayed: i > 0,
+                        ..outcome.clone()
+                    }),
+                    Err(e) => Err(e.clone()),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+        !failed
+    }
+
+    /// Reads the partition to its end now: true when that worked and the owner still
+    /// serves it, so its state is current as of a moment after every waiting command
+    /// arrived.
+    async fn confirm_current(&mut self) -> bool {
+        match self.catch_up().await {
+            Ok(_) => self.status.get() == Status::Serving,
+            Err(e) => {
+                warn!(error = %e, "reading the partition to its end failed: re-reading before serving again");
+                self.status.set(Status::Recovering);
+                false
+            }
         }
     }
 

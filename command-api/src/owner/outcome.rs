@@ -108,9 +108,9 @@ impl Reply {
         }
     }
 
-    /// Sends the answer; gives it back if nobody waits for it.
-    pub fn send(self, answer: Answered) -> Result<(), Answered> {
-        self.sender.send(answer)
+    /// Sends the answer: false if nobody waits for it any more.
+    pub fn send(self, answer: Answered) -> bool {
+        self.sender.send(answer).is_ok()
     }
 }
 

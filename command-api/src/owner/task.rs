@@ -220,7 +220,12 @@ where
                         self.apply(entry);
                     }
                     Err(e) => {
-                        warn!(error = %e, "reading the partition failed");
+                        // Until it has read the log again, the owner cannot tell whether
+                        // its state is current: it answers nothing from it.
+                        warn!(error = %e, "reading the partition failed: re-reading before serving again");
+                        if self.status.get() == Status::Serving {
+                            self.status.set(Status::Recovering);
+                        }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 },

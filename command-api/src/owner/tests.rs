@@ -433,9 +433,7 @@ async fn a_command_taken_on_is_answered_after_its_read_back_whatever_the_callers
     assert!(reply.take_on());
     let waiting = tokio::spawn(answer.wait(Duration::from_millis(10)));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    reply
-        .send(Err(OwnerError::Unavailable("read-back failed".into())))
-        .unwrap();
+    assert!(reply.send(Err(OwnerError::Unavailable("read-back failed".into()))));
     assert_eq!(
         waiting.await.unwrap(),
         Ok(Err(OwnerError::Unavailable("read-back failed".into())))
@@ -483,4 +481,130 @@ async fn two_owners_started_with_one_name_never_both_serve() {
         send(&b, "p-2", register(), meta("RegisterProduct", None, None)).await,
     ];
     assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_commit_fails_the_rest_of_its_flush() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
+    let created = send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .unwrap();
+    send(&owner, "p-1", restock(10), meta("Restock", None, None))
+        .await
+        .unwrap();
+    // The owner's own earlier commit X, whose acknowledgement it never got, becomes
+    // visible only now: a restock of 1, in the owner's name, chained onto the stream.
+    let entries = log.entries();
+    let decode = |i: usize| LogRecord::decode(&entries[i].payload).unwrap();
+    let writer = decode(0).writer().clone();
+    let LogRecord::Commit(last) = decode(2) else {
+        panic!("a commit")
+    };
+    let x = LogRecord::Commit(
+        testing::commit(&writer, last.stream.clone(), 2)
+            .event("ProductRestocked", 1, serde_json::json!({"quantity": 1}))
+            .command("Restock", "alice")
+            .prev_hash(Some(last.hash.clone()))
+            .build(),
+    );
+    log.handle().append(&[("p-1", &x, None)]).await;
+    // One flush, decided before the owner reads X: the restock loses its version to X,
+    // the reservation was decided on a state that held the restock, the registration of
+    // p-2 comes after a rejected commit.
+    let answers = [
+        queue(
+            &owner,
+            "p-1",
+            restock(5),
+            meta("Restock", Some("k-r"), None),
+        ),
+        queue(
+            &owner,
+            "p-1",
+            reserve("o-1", 15),
+            meta("ReserveStock", Some("k-s"), None),
+        ),
+        queue(
+            &owner,
+            "p-2",
+            register(),
+            meta("RegisterProduct", Some("k-p"), None),
+        ),
+    ];
+    for a in answers {
+        assert!(matches!(answer(a).await, Err(OwnerError::Unavailable(_))));
+    }
+    // Every reader skips the reservation: it chained onto the skipped restock.
+    let (commits, skipped) = accepted(&log);
+    assert_eq!(skipped, 2);
+    assert_eq!(
+        commits
+            .iter()
+            .map(|(s, v, _)| (s.as_str(), *v))
+            .collect::<Vec<_>>(),
+        [("p-1", 1), ("p-1", 2), ("p-1", 3), ("p-2", 1)]
+    );
+    // The owner re-read the log: it serves again, on the state the log holds.
+    assert_eq!(
+        send(
+            &owner,
+            "p-1",
+            reserve("o-1", 15),
+            meta("ReserveStock", Some("k-s"), None)
+        )
+        .await,
+        Err(OwnerError::Domain(DomainError::InsufficientStock {
+            requested: 15,
+            available: 11
+        }))
+    );
+    assert_eq!(status.get(), Status::Serving);
+    assert_eq!(created.version, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_is_given_only_from_a_state_confirmed_against_the_log() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
+    send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .unwrap();
+    // A restock of 20 in the owner's name lands, not yet read by the owner.
+    let entries = log.entries();
+    let decode = |i: usize| LogRecord::decode(&entries[i].payload).unwrap();
+    let writer = decode(0).writer().clone();
+    let LogRecord::Commit(last) = decode(1) else {
+        panic!("a commit")
+    };
+    let x = LogRecord::Commit(
+        testing::commit(&writer, last.stream.clone(), 1)
+            .event("ProductRestocked", 1, serde_json::json!({"quantity": 20}))
+            .command("Restock", "alice")
+            .prev_hash(Some(last.hash.clone()))
+            .build(),
+    );
+    log.handle().append(&[("p-1", &x, None)]).await;
+    // Decided on the state read, the reservation is refused (no stock) and the If-Match
+    // of version 2 fails; neither is true of the log, which the owner reads before
+    // answering: both are decided again.
+    let reserved = queue(
+        &owner,
+        "p-1",
+        reserve("o-1", 15),
+        meta("ReserveStock", None, None),
+    );
+    let conditional = queue(&owner, "p-1", restock(1), meta("Restock", None, Some(3)));
+    assert_eq!(answer(reserved).await.unwrap().version, 3);
+    assert_eq!(answer(conditional).await.unwrap().version, 4);
 }

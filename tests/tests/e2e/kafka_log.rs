@@ -15,10 +15,25 @@ use rdkafka::util::Timeout;
 use serde_json::json;
 
 fn commit(writer: &Writer, id: &str, expected_version: u64) -> LogRecord {
+    chained(writer, id, expected_version, None)
+}
+
+/// A commit chained onto the stream's commit `prev`.
+fn chained(
+    writer: &Writer,
+    id: &str,
+    expected_version: u64,
+    prev: Option<&LogRecord>,
+) -> LogRecord {
+    let prev_hash = match prev {
+        Some(LogRecord::Commit(c)) => Some(c.hash.clone()),
+        _ => None,
+    };
     LogRecord::Commit(
         testing::commit(writer, testing::stream("order", id), expected_version)
             .event("OrderCancelled", 1, json!({"reason": "test"}))
             .command("CancelOrder", "test")
+            .prev_hash(prev_hash)
             .build(),
     )
 }
@@ -232,13 +247,14 @@ async fn the_gate_on_a_real_partition_skips_a_zombie_and_a_stale_fence() {
         let (p, topic) = (p.clone(), topic.clone());
         async move { p.append_record(&topic, 0, "o-1", &r, None).await.unwrap() }
     };
+    let created = commit(&a, "o-1", 0);
     append(&first, fence("a", 1)).await; // 0: a owns the partition
-    append(&first, commit(&a, "o-1", 0)).await; // 1: accepted, o-1 at v1
+    append(&first, created.clone()).await; // 1: accepted, o-1 at v1
     append(&second, fence("b", 2)).await; // 2: b takes over
-    append(&first, commit(&a, "o-1", 1)).await; // 3: zombie a: skipped
+    append(&first, chained(&a, "o-1", 1, Some(&created))).await; // 3: zombie a: skipped
     append(&first, fence("a", 2)).await; // 4: stale fence (epoch not above 2): skipped
-    append(&second, commit(&b, "o-1", 1)).await; // 5: accepted, o-1 at v2
-    append(&second, commit(&b, "o-1", 1)).await; // 6: duplicate version: skipped
+    append(&second, chained(&b, "o-1", 1, Some(&created))).await; // 5: accepted, o-1 at v2
+    append(&second, chained(&b, "o-1", 1, Some(&created))).await; // 6: duplicate version: skipped
 
     let mut reader = PartitionReader::open(&settings, &topic, 0, 0).unwrap();
     let mut gate = PartitionGate::new();
