@@ -1,5 +1,5 @@
 # The two commands. Both install what is missing and are safe to run twice.
-.PHONY: up test lint bench token
+.PHONY: up test lint bench sim token
 
 ## Bring the whole system up in the foreground (Ctrl-C stops it).
 up:
@@ -8,6 +8,12 @@ up:
 ## Run every test, against a real broker and a real PostgreSQL.
 test:
 	./scripts/test.sh
+
+## The write path's deterministic simulation over many more seeds than `make test` runs
+## (release build): SEEDS=100000 by default; FIRST=<seed> to start elsewhere.
+SEEDS ?= 100000
+sim:
+	./scripts/sim.sh "$(SEEDS)" "$(FIRST)"
 
 ## Formatting and lints, as CI checks them.
 lint:

@@ -33,6 +33,9 @@ struct Pending {
     key: Option<(String, String)>,
     traceparent: Option<String>,
     replies: Vec<Reply>,
+    /// Commands of the flush that reuse its key with another request: refused once the
+    /// commit that holds the key is confirmed.
+    reused: Vec<Reply>,
 }
 
 /// An answer that appends nothing, waiting to be confirmed against the log.
@@ -125,7 +128,7 @@ where
                     if p.record.command.request_digest == request.meta.request_digest {
                         p.replies.push(request.reply);
                     } else {
-                        let _ = request.reply.send(Err(OwnerError::IdempotencyKeyReused));
+                        p.reused.push(request.reply);
                     }
                     continue;
                 }
@@ -218,6 +221,7 @@ where
                 key,
                 traceparent: request.meta.traceparent.clone(),
                 replies: vec![request.reply],
+                reused: Vec::new(),
             });
         }
 
@@ -299,6 +303,12 @@ where
                     // Re-read the partition before deciding anything else.
                     self.status.set(Status::Recovering);
                 }
+            }
+            for reply in p.reused {
+                let _ = reply.send(match &answer {
+                    Ok(_) => Err(OwnerError::IdempotencyKeyReused),
+                    Err(e) => Err(e.clone()),
+                });
             }
             for (i, reply) in p.replies.into_iter().enumerate() {
                 let answer = match &answer {

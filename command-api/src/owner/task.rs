@@ -31,6 +31,10 @@ use super::outcome::{CommandRequest, EventSummary, Outcome, OwnerError};
 /// Commands decided and appended together at most.
 const MAX_FLUSH: usize = 512;
 
+/// How long a recovering owner with no command to serve waits before reading the log
+/// again.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What reading a commit told: whether the gate accepted it, and where it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct ReadBack {
@@ -229,6 +233,13 @@ where
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 },
+                // A partition that stopped serving after an error recovers on its own, not
+                // only when a command arrives: readiness reports it until then.
+                () = tokio::time::sleep(RECOVERY_INTERVAL), if self.status.get() == Status::Recovering => {
+                    if let Err(e) = self.recover().await {
+                        warn!(error = %e, "still recovering");
+                    }
+                }
             }
         }
     }

@@ -608,3 +608,81 @@ async fn a_refusal_is_given_only_from_a_state_confirmed_against_the_log() {
     assert_eq!(answer(reserved).await.unwrap().version, 3);
     assert_eq!(answer(conditional).await.unwrap().version, 4);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_recovering_owner_reads_the_log_again_without_waiting_for_a_command() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
+    // The read-back of its commit fails once: the commit is not confirmed, and the owner
+    // stops serving.
+    log.fail_reads_at(1, 1);
+    assert!(matches!(
+        send(
+            &owner,
+            "p-1",
+            register(),
+            meta("RegisterProduct", Some("k-1"), None),
+        )
+        .await,
+        Err(OwnerError::Unavailable(_))
+    ));
+    assert_eq!(status.get(), Status::Recovering);
+    // No command arrives, yet it reads the log again and serves.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(status.get(), Status::Serving);
+    let replayed = send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", Some("k-1"), None),
+    )
+    .await
+    .unwrap();
+    assert!(replayed.replayed, "the commit was in the log all along");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reused_key_is_refused_only_once_the_commit_holding_it_counts() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
+    send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .unwrap();
+    // A commit in the owner's name lands unread: the next restock of p-1 loses its version.
+    let entries = log.entries();
+    let decode = |i: usize| LogRecord::decode(&entries[i].payload).unwrap();
+    let writer = decode(0).writer().clone();
+    let LogRecord::Commit(last) = decode(1) else {
+        panic!("a commit")
+    };
+    let x = LogRecord::Commit(
+        testing::commit(&writer, last.stream.clone(), 1)
+            .event("ProductRestocked", 1, serde_json::json!({"quantity": 1}))
+            .command("Restock", "alice")
+            .prev_hash(Some(last.hash.clone()))
+            .build(),
+    );
+    log.handle().append(&[("p-1", &x, None)]).await;
+    let first = queue(
+        &owner,
+        "p-1",
+        restock(5),
+        meta("Restock", Some("k-1"), None),
+    );
+    let mut other = meta("Restock", Some("k-1"), None);
+    other.request_digest = Some("another request".into());
+    let reused = queue(&owner, "p-1", restock(6), other);
+    assert!(matches!(
+        answer(first).await,
+        Err(OwnerError::Unavailable(_))
+    ));
+    assert!(
+        matches!(answer(reused).await, Err(OwnerError::Unavailable(_))),
+        "the key is in no commit that counts"
+    );
+}
