@@ -47,12 +47,9 @@ say "ensuring the topics"
 "$bin/projector" topics
 
 export KEEL_DATABASE_URL="${KEEL_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/keel?sslmode=disable}"
-say "starting the projector (log: .keel/logs/projector.log)"
-"$bin/projector" run >.keel/logs/projector.log 2>&1 &
-pids+=($!)
-
-for svc in command-api:8080 query-api:8081; do
-    name=${svc%%:*} port=${svc##*:}
+trusted="${KEEL_TRUSTED_KEYS_FILE:-.keel/trusted.keys}"
+start_service() {
+    local name=$1 port=$2
     if port_open "$port"; then
         echo "port $port is taken: is another 'make up' running? Stop it first." >&2
         exit 1
@@ -60,7 +57,19 @@ for svc in command-api:8080 query-api:8081; do
     say "starting $name on 127.0.0.1:$port (log: .keel/logs/$name.log)"
     "$bin/$name" >".keel/logs/$name.log" 2>&1 &
     pids+=($!)
-done
+}
+
+# The command API first: on a first run it makes the signing key and the trusted keys
+# file, which the projector's gate needs.
+start_service command-api 8080
+for _ in $(seq 1 240); do [ -s "$trusted" ] && break; sleep 0.25; done
+[ -s "$trusted" ] || { echo "no trusted keys at $trusted; see .keel/logs/command-api.log" >&2; exit 1; }
+
+say "starting the projector (log: .keel/logs/projector.log)"
+"$bin/projector" run >.keel/logs/projector.log 2>&1 &
+pids+=($!)
+
+start_service query-api 8081
 
 say "Keel is up: commands on http://127.0.0.1:8080, queries on http://127.0.0.1:8081. Ctrl-C stops it."
 [ -n "${KEEL_AUTH_HS256_SECRET_FILE:-}" ] &&

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use keel_kafka::KafkaSettings;
 use keel_kafka::partition_for;
-use keel_schemas::testing::{commit, fence, stream};
-use keel_schemas::{CommitRecord, LogRecord, Writer};
+use keel_schemas::testing::{commit, signed_fence, stream};
+use keel_schemas::{CommitRecord, LogRecord, SigningKey, Writer};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -116,12 +116,13 @@ pub fn order_placed(i: usize, writer: &Writer) -> CommitRecord {
 }
 
 /// Writes a fence per partition, then `events` `OrderPlaced` commits (one per order,
-/// keyed and partitioned as the command API would) to `topic`. Returns the records
+/// keyed and partitioned as the command API would) to `topic`, all signed with `key`. Returns the records
 /// written in all.
 pub fn write_order_log(
     settings: &KafkaSettings,
     topic: &str,
     events: usize,
+    key: &SigningKey,
 ) -> anyhow::Result<i64> {
     let producer = bare_producer(settings)?;
     let writer = Writer {
@@ -129,10 +130,20 @@ pub fn write_order_log(
         epoch: 1,
     };
     for p in 0..settings.partitions {
-        send(&producer, topic, p, "", &fence(&writer).encode())?;
+        send(
+            &producer,
+            topic,
+            p,
+            "",
+            &signed_fence(&writer, key).encode(),
+        )?;
     }
     for i in 0..events {
         let commit = order_placed(i, &writer);
+        let commit = CommitRecord {
+            signature: Some(key.sign(&commit.hash)),
+            ..commit
+        };
         let partition = partition_for(commit.stream.id.as_bytes(), settings.partitions);
         let key = commit.stream.id.clone();
         send(

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_domain::{AggregateVisitor, ShopAggregate, visit_aggregates};
-use keel_schemas::SigningKey;
+use keel_schemas::{SigningKey, TrustedKeys};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -41,6 +41,8 @@ pub struct OwnerSettings {
     pub instance: String,
     /// The key its commits and fences are signed with.
     pub signing_key: Arc<SigningKey>,
+    /// The key policy its gate applies, the same as every reader's.
+    pub policy: Arc<TrustedKeys>,
     /// How long each read it waits for may take.
     pub timeout: Duration,
     /// Partitions of each topic.
@@ -129,6 +131,7 @@ fn start<A: ShopAggregate, L: PartitionLog>(
                 log(A::TYPE, partition)?,
                 &settings.instance,
                 Arc::clone(&settings.signing_key),
+                Arc::clone(&settings.policy),
                 settings.timeout,
             );
             let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);

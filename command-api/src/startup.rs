@@ -4,10 +4,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use keel_http::{Edge, EdgeSettings};
 use keel_kafka::{LogProducer, PartitionReader, ensure_topics};
-use keel_schemas::{SigningKey, TopicPartition};
+use keel_schemas::{SigningKey, TopicPartition, TrustedKeys};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::Settings;
 use crate::owner::KafkaPartition;
@@ -44,6 +44,16 @@ impl Application {
             );
         }
         info!(key_id = signing_key.key_id(), "signing commits");
+        let policy = TrustedKeys::read(&settings.trusted_keys_file)
+            .context("reading the trusted keys (KEEL_TRUSTED_KEYS_FILE)")?;
+        if !policy.trusts(signing_key.key_id()) {
+            // Its own gate, the same as every reader's, will skip its fences.
+            error!(
+                key_id = signing_key.key_id(),
+                trusted = %settings.trusted_keys_file.display(),
+                "the signing key is not in the trusted keys file: no reader trusts this instance's fences, so it can take no partition; add its line to the trusted keys file of every process"
+            );
+        }
         let signing_key = Arc::new(signing_key);
         let producer = LogProducer::new(&settings.kafka).context("creating the producer")?;
         // One consumer reads every partition this instance owns, each into its own queue:
@@ -64,6 +74,7 @@ impl Application {
         let owner_settings = OwnerSettings {
             instance: settings.instance.clone(),
             signing_key,
+            policy: Arc::new(policy),
             timeout: settings.kafka.timeout,
             partitions: settings.kafka.partitions,
         };

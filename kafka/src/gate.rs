@@ -2,12 +2,17 @@
 //! which records of a partition count.
 //!
 //! * A **fence** is valid only if its epoch is higher than every epoch before it on the
-//!   partition; it makes its writer the partition's owner.
+//!   partition, and it is signed by a key the [`TrustedKeys`] policy trusts (not retired
+//!   at that point); it makes its writer the partition's owner, with that key. A legacy
+//!   fence (no `rules`, from a log written before the gate checked signatures) counts only
+//!   under the policy's explicit cut-off, and never after a fence with rules.
 //! * A **commit** is valid only if its writer is the owner at that point of the log, its
 //!   `expected_version` equals the stream's version there, its `prev_hash` is the hash of
 //!   the stream's last accepted commit (so a commit chained onto one the gate skipped is
-//!   skipped too, even when the versions happen to line up), and its events carry the
-//!   versions that follow, one by one.
+//!   skipped too, even when the versions happen to line up), its hash recomputes, it is
+//!   signed with the key of the fence that made its writer the owner, and its events carry
+//!   the versions that follow, one by one. Under a legacy fence a commit is read by the
+//!   rules of its time: owner, version and numbering.
 //!
 //! Invalid records are skipped by everyone and counted. Since the gate only looks at the
 //! log, a zombie writer (an old owner that has not noticed a newer fence) may append, but
@@ -16,7 +21,12 @@
 
 use std::collections::HashMap;
 
-use keel_schemas::{CommitRecord, FenceRecord, LogRecord, StreamRef, Writer};
+use std::sync::Arc;
+
+use keel_schemas::{
+    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, StreamRef, Timestamp,
+    TrustedKeys, Writer,
+};
 use thiserror::Error;
 
 /// Why the gate skipped a record.
@@ -56,6 +66,28 @@ pub enum Rejection {
         /// The stream.
         stream: StreamRef,
     },
+    /// A fence no trusted key signed (or one the policy does not let count).
+    #[error("fence of {writer:?}: {reason}")]
+    UntrustedFence {
+        /// The fence's writer.
+        writer: Writer,
+        /// Why it does not count.
+        reason: String,
+    },
+    /// A commit whose hash does not recompute from its content.
+    #[error("{stream}: the commit's hash does not recompute")]
+    BadHash {
+        /// The stream.
+        stream: StreamRef,
+    },
+    /// A commit not signed with the key of the fence that made its writer the owner.
+    #[error("{stream}: {reason}")]
+    BadSignature {
+        /// The stream.
+        stream: StreamRef,
+        /// What is wrong with the signature.
+        reason: String,
+    },
     /// A commit whose events do not number on from `expected_version`, or hold no event.
     #[error("{stream}: the commit's event versions do not follow {expected}")]
     BadEventVersions {
@@ -88,7 +120,14 @@ pub fn hash_bytes(hex_hash: &str) -> Option<[u8; 32]> {
 /// the records read so far, in log order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionGate {
+    policy: Arc<TrustedKeys>,
     owner: Option<Writer>,
+    /// The key that signed the owner's fence; `None` under a legacy fence.
+    owner_key: Option<String>,
+    /// A fence with rules has counted on this partition: legacy fences no longer do.
+    ruled: bool,
+    /// The latest `recorded_at` of the fences that counted.
+    latest_fence_at: Option<Timestamp>,
     highest_epoch: u64,
     versions: HashMap<StreamRef, StreamHead>,
     accepted: u64,
@@ -96,9 +135,17 @@ pub struct PartitionGate {
 }
 
 impl PartitionGate {
-    /// A gate that has read nothing.
-    pub fn new() -> Self {
-        Self::default()
+    /// A gate that has read nothing, applying the key policy `policy`.
+    pub fn new(policy: Arc<TrustedKeys>) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// The key policy the gate applies.
+    pub fn policy(&self) -> &Arc<TrustedKeys> {
+        &self.policy
     }
 
     /// Applies the gate to the next record of the partition: `Ok` if it counts (and the
@@ -112,18 +159,35 @@ impl PartitionGate {
 
     /// [`PartitionGate::admit`] for a fence.
     pub fn admit_fence(&mut self, fence: &FenceRecord) -> Result<(), Rejection> {
-        let verdict = self.fence_verdict(&fence.writer);
-        self.count(&verdict);
-        if verdict.is_ok() {
-            self.highest_epoch = fence.writer.epoch;
-            self.owner = Some(fence.writer.clone());
+        let verdict = self.fence_verdict(fence);
+        self.count(&verdict.as_ref().map(|_| ()).map_err(Clone::clone));
+        match verdict {
+            Ok(key) => {
+                self.highest_epoch = fence.writer.epoch;
+                self.owner = Some(fence.writer.clone());
+                self.ruled |= key.is_some();
+                self.owner_key = key;
+                self.latest_fence_at = self.latest_fence_at.max(Some(fence.recorded_at));
+                Ok(())
+            }
+            Err(rejection) => Err(rejection),
         }
-        verdict
     }
 
     /// [`PartitionGate::admit`] for a commit.
     pub fn admit_commit(&mut self, commit: &CommitRecord) -> Result<(), Rejection> {
-        let verdict = self.commit_verdict(commit);
+        self.admit_commit_checked(commit, None)
+    }
+
+    /// [`PartitionGate::admit_commit`] with the commit's hash and signature already
+    /// checked by [`TrustedKeys::check_commit`] (ahead of the gate, in parallel); `None`
+    /// checks them here when the rules ask for it.
+    pub fn admit_commit_checked(
+        &mut self,
+        commit: &CommitRecord,
+        check: Option<&CommitCheck>,
+    ) -> Result<(), Rejection> {
+        let verdict = self.commit_verdict_checked(commit, check);
         self.count(&verdict);
         if verdict.is_ok() {
             self.versions.insert(
@@ -147,23 +211,65 @@ impl PartitionGate {
     /// What [`PartitionGate::admit`] would decide for `record`, without moving on.
     pub fn verdict(&self, record: &LogRecord) -> Result<(), Rejection> {
         match record {
-            LogRecord::Fence(fence) => self.fence_verdict(&fence.writer),
+            LogRecord::Fence(fence) => self.fence_verdict(fence).map(|_| ()),
             LogRecord::Commit(commit) => self.commit_verdict(commit),
         }
     }
 
-    fn fence_verdict(&self, writer: &Writer) -> Result<(), Rejection> {
+    /// The fence's verdict: the key it makes the owner's (`None` for a legacy fence that
+    /// counts), or why it is skipped.
+    fn fence_verdict(&self, fence: &FenceRecord) -> Result<Option<String>, Rejection> {
+        let writer = &fence.writer;
         if self.owner.is_some() && writer.epoch <= self.highest_epoch {
             return Err(Rejection::StaleFence {
                 epoch: writer.epoch,
                 highest: self.highest_epoch,
             });
         }
-        Ok(())
+        let untrusted = |reason: String| Rejection::UntrustedFence {
+            writer: writer.clone(),
+            reason,
+        };
+        match fence.rules {
+            Some(FENCE_RULES) => {
+                let key = self.policy.fence_signer(fence).map_err(untrusted)?;
+                if let Some(not_after) = self.policy.not_after(&key) {
+                    let latest = self.latest_fence_at.max(Some(fence.recorded_at));
+                    if latest > Some(not_after) {
+                        return Err(untrusted(format!(
+                            "it is signed with key {key}, retired after {not_after}"
+                        )));
+                    }
+                }
+                Ok(Some(key))
+            }
+            Some(rules) => Err(untrusted(format!(
+                "it follows rules {rules}, which this build does not know"
+            ))),
+            None if self.ruled => Err(untrusted(
+                "a legacy fence (no rules) after a fence with rules".into(),
+            )),
+            None => match self.policy.legacy_until() {
+                Some(until) if fence.recorded_at <= until => Ok(None),
+                _ => Err(untrusted(
+                    "a legacy fence (no rules), and no legacy cut-off lets it count".into(),
+                )),
+            },
+        }
     }
 
     /// What [`PartitionGate::admit_commit`] would decide, without moving on.
     pub fn commit_verdict(&self, commit: &CommitRecord) -> Result<(), Rejection> {
+        self.commit_verdict_checked(commit, None)
+    }
+
+    /// [`PartitionGate::commit_verdict`] with the commit's hash and signature already
+    /// checked (see [`PartitionGate::admit_commit_checked`]).
+    pub fn commit_verdict_checked(
+        &self,
+        commit: &CommitRecord,
+        check: Option<&CommitCheck>,
+    ) -> Result<(), Rejection> {
         if self.owner.as_ref() != Some(&commit.writer) {
             return Err(Rejection::NotOwner {
                 writer: commit.writer.clone(),
@@ -179,18 +285,8 @@ impl PartitionGate {
                 actual,
             });
         }
-        let chained = match (head.map(|h| h.hash), commit.prev_hash.as_deref()) {
-            // The stream's first commit links to nothing.
-            (None, prev) => prev.is_none(),
-            // Restored without its hash: taken on trust once.
-            (Some(None), _) => true,
-            (Some(Some(last)), Some(prev)) => hash_bytes(prev) == Some(last),
-            (Some(Some(_)), None) => false,
-        };
-        if !chained || hash_bytes(&commit.hash).is_none() {
-            return Err(Rejection::BrokenChain {
-                stream: commit.stream.clone(),
-            });
+        if let Some(key) = &self.owner_key {
+            self.ruled_commit_verdict(commit, head, key, check)?;
         }
         let numbered = !commit.events.is_empty()
             && commit
@@ -207,9 +303,60 @@ impl PartitionGate {
         Ok(())
     }
 
+    /// The checks of a commit under a fence with rules: it chains, its hash recomputes,
+    /// and the fence's key signed it.
+    fn ruled_commit_verdict(
+        &self,
+        commit: &CommitRecord,
+        head: Option<&StreamHead>,
+        key: &str,
+        check: Option<&CommitCheck>,
+    ) -> Result<(), Rejection> {
+        let chained = match (head.map(|h| h.hash), commit.prev_hash.as_deref()) {
+            // The stream's first commit links to nothing.
+            (None, prev) => prev.is_none(),
+            // Restored from a state saved without hashes: taken on trust once.
+            (Some(None), _) => true,
+            (Some(Some(last)), Some(prev)) => hash_bytes(prev) == Some(last),
+            (Some(Some(_)), None) => false,
+        };
+        if !chained || hash_bytes(&commit.hash).is_none() {
+            return Err(Rejection::BrokenChain {
+                stream: commit.stream.clone(),
+            });
+        }
+        let computed;
+        let check = match check {
+            Some(check) => check,
+            None => {
+                computed = self.policy.check_commit(commit);
+                &computed
+            }
+        };
+        if !check.hash_ok {
+            return Err(Rejection::BadHash {
+                stream: commit.stream.clone(),
+            });
+        }
+        match &check.signer {
+            Ok(signer) if signer == key => Ok(()),
+            Ok(signer) => Err(Rejection::BadSignature {
+                stream: commit.stream.clone(),
+                reason: format!(
+                    "signed with key {signer}, but its writer's fence was signed with key {key}"
+                ),
+            }),
+            Err(reason) => Err(Rejection::BadSignature {
+                stream: commit.stream.clone(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
     /// A gate resumed from a saved state: the owner and highest epoch, every stream's
     /// version, and the counts, as [`PartitionGate::owner`] and the others reported them.
     pub fn restore(
+        policy: Arc<TrustedKeys>,
         owner: Option<Writer>,
         highest_epoch: u64,
         heads: impl IntoIterator<Item = (StreamRef, StreamHead)>,
@@ -217,6 +364,10 @@ impl PartitionGate {
         rejected: u64,
     ) -> Self {
         Self {
+            policy,
+            owner_key: None,
+            ruled: false,
+            latest_fence_at: None,
             owner,
             highest_epoch,
             versions: heads.into_iter().collect(),
@@ -225,9 +376,40 @@ impl PartitionGate {
         }
     }
 
+    /// The same gate with what it knows of the fences restored: the owner's key, whether a
+    /// fence with rules has counted, and the latest fence time, as
+    /// [`PartitionGate::owner_key`] and the others reported them.
+    #[must_use]
+    pub fn with_fences(
+        mut self,
+        owner_key: Option<String>,
+        ruled: bool,
+        latest_fence_at: Option<Timestamp>,
+    ) -> Self {
+        self.owner_key = owner_key;
+        self.ruled = ruled;
+        self.latest_fence_at = latest_fence_at;
+        self
+    }
+
     /// The partition's owner at this point of the log.
     pub fn owner(&self) -> Option<&Writer> {
         self.owner.as_ref()
+    }
+
+    /// The key that signed the owner's fence (`None` under a legacy fence, or no owner).
+    pub fn owner_key(&self) -> Option<&str> {
+        self.owner_key.as_deref()
+    }
+
+    /// True once a fence with rules has counted on the partition.
+    pub fn ruled(&self) -> bool {
+        self.ruled
+    }
+
+    /// The latest time recorded by a fence that counted.
+    pub fn latest_fence_at(&self) -> Option<Timestamp> {
+        self.latest_fence_at
     }
 
     /// The highest valid fence epoch so far (0 before the first fence).

@@ -6,9 +6,10 @@
 //! path, and puts the decoded records through the same [`PartitionGate`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use keel_schemas::{LogRecord, SchemaError, TopicPartition, Writer};
+use keel_schemas::{LogRecord, SchemaError, TopicPartition, TrustedKeys, Writer};
 
 use crate::gate::{PartitionGate, Rejection};
 use crate::reader::{LogEntry, LogReader};
@@ -29,6 +30,9 @@ pub struct Gated {
     /// it as it was); `None` for a record that counted or did not decode. Cloned only for
     /// skipped records, which are rare: reading is a hot path.
     pub owner_if_skipped: Option<Writer>,
+    /// The record counted under a legacy fence (a log written before the gate checked
+    /// signatures, let count by the key policy's cut-off).
+    pub legacy: bool,
 }
 
 impl Gated {
@@ -52,19 +56,22 @@ impl PartitionGate {
             Ok((_, Err(_))) => self.owner().cloned(),
             _ => None,
         };
+        let legacy = matches!(&record, Ok((_, Ok(())))) && self.owner_key().is_none();
         Gated {
             entry,
             record,
             owner_if_skipped,
+            legacy,
         }
     }
 }
 
 /// Reads `partitions` of `topic` from offset 0 to where each ends now, each through a gate
-/// of its own, and calls `each` with every record in log order per partition (partitions
+/// of its own applying `policy`, and calls `each` with every record in log order per partition (partitions
 /// interleave).
 pub async fn read_through_gate(
     settings: &KafkaSettings,
+    policy: &Arc<TrustedKeys>,
     topic: &str,
     partitions: &[i32],
     mut each: impl FnMut(Gated),
@@ -104,7 +111,10 @@ pub async fn read_through_gate(
                 continue;
             }
             next.insert(at, entry.offset + 1);
-            each(gates.entry(entry.partition).or_default().read(entry));
+            let gate = gates
+                .entry(entry.partition)
+                .or_insert_with(|| PartitionGate::new(Arc::clone(policy)));
+            each(gate.read(entry));
         }
     }
     Ok(())

@@ -6,8 +6,10 @@
 use std::collections::{BTreeMap, HashSet};
 
 use keel_kafka::gate::{PartitionGate, Rejection};
+use std::sync::{Arc, OnceLock};
+
 use keel_schemas::testing;
-use keel_schemas::{LogRecord, StreamRef, Writer};
+use keel_schemas::{LogRecord, SigningKey, StreamRef, Timestamp, TrustedKeys, Writer};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -40,6 +42,23 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
+/// The deployment's key: every writer of these tests signs with it.
+fn key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(SigningKey::generate)
+}
+
+/// The key policy: the deployment's key is trusted.
+fn policy() -> Arc<TrustedKeys> {
+    let mut trusted = TrustedKeys::default();
+    trusted.add(key());
+    Arc::new(trusted)
+}
+
+fn fence(writer: &Writer) -> LogRecord {
+    testing::signed_fence(writer, key())
+}
+
 fn stream(n: usize) -> StreamRef {
     StreamRef {
         stream_type: "order".into(),
@@ -60,7 +79,7 @@ fn commit(
             .prev_hash(prev_hash),
         |commit, _| commit.event("OrderShipped", 1, json!({})),
     );
-    LogRecord::Commit(commit.build())
+    LogRecord::Commit(commit.signed(key()))
 }
 
 /// A writer as the design has it: its view of the log comes only from reading it.
@@ -86,7 +105,7 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
     let mut writers: Vec<SimWriter> = (0..WRITERS)
         .map(|i| SimWriter {
             name: format!("w{i}"),
-            view: PartitionGate::new(),
+            view: PartitionGate::new(policy()),
             read: 0,
             epoch: None,
         })
@@ -98,7 +117,7 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
                 let writer = &mut writers[w];
                 let epoch = writer.view.highest_epoch() + 1;
                 writer.epoch = Some(epoch);
-                log.push(testing::fence(&testing::writer(&writer.name, epoch)));
+                log.push(fence(&testing::writer(&writer.name, epoch)));
             }
             Action::Commit {
                 writer: w,
@@ -131,7 +150,7 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
 
 /// What one reader accepts: the indices of the records that count.
 fn accepted_by_one_reader(log: &[LogRecord]) -> Vec<usize> {
-    let mut gate = PartitionGate::new();
+    let mut gate = PartitionGate::new(policy());
     (0..log.len())
         .filter(|&i| gate.admit(&log[i]).is_ok())
         .collect()
@@ -140,7 +159,7 @@ fn accepted_by_one_reader(log: &[LogRecord]) -> Vec<usize> {
 /// A reader that stops at `cut`, keeps its state, and resumes later.
 fn accepted_by_resuming_reader(log: &[LogRecord], cut: usize) -> Vec<usize> {
     let cut = cut % (log.len() + 1);
-    let mut gate = PartitionGate::new();
+    let mut gate = PartitionGate::new(policy());
     let mut accepted: Vec<usize> = (0..cut).filter(|&i| gate.admit(&log[i]).is_ok()).collect();
     let mut resumed = gate.clone();
     accepted.extend((cut..log.len()).filter(|&i| resumed.admit(&log[i]).is_ok()));
@@ -201,8 +220,7 @@ fn a_zombie_writer_after_a_newer_fence_is_skipped() {
         instance: "new".into(),
         epoch: 2,
     };
-    let fence = testing::fence;
-    let mut gate = PartitionGate::new();
+    let mut gate = PartitionGate::new(policy());
     assert!(gate.admit(&fence(&old)).is_ok());
     let first = commit(&old, stream(0), 0, None, 1);
     assert!(gate.admit(&first).is_ok());
@@ -243,8 +261,8 @@ fn a_commit_chained_onto_a_skipped_one_is_skipped_even_when_its_version_lines_up
         instance: "w".into(),
         epoch: 1,
     };
-    let mut gate = PartitionGate::new();
-    assert!(gate.admit(&testing::fence(&w)).is_ok());
+    let mut gate = PartitionGate::new(policy());
+    assert!(gate.admit(&fence(&w)).is_ok());
     let base = commit(&w, stream(0), 0, None, 1);
     assert!(gate.admit(&base).is_ok());
     let late = commit(&w, stream(0), 1, Some(hash_of(&base)), 1);
@@ -265,4 +283,114 @@ fn a_commit_chained_onto_a_skipped_one_is_skipped_even_when_its_version_lines_up
         gate.admit(&commit(&w, stream(0), 2, Some(hash_of(&late)), 1))
             .is_ok()
     );
+}
+
+/// Fences count only when a trusted key signed them; commits only when the key of their
+/// writer's fence signed them and their hash recomputes; a legacy fence only under the
+/// policy's cut-off and never after a fence with rules; a retired key signs no fence that
+/// follows a later one.
+#[test]
+fn only_records_signed_by_trusted_keys_count() {
+    let w = testing::writer("w", 1);
+    let stranger = SigningKey::generate();
+    let mut gate = PartitionGate::new(policy());
+    assert!(matches!(
+        gate.admit(&testing::signed_fence(&w, &stranger)),
+        Err(Rejection::UntrustedFence { .. })
+    ));
+    assert!(
+        matches!(
+            gate.admit(&testing::fence(&w)),
+            Err(Rejection::UntrustedFence { .. })
+        ),
+        "no legacy cut-off: an unsigned legacy fence does not count"
+    );
+    assert!(gate.admit(&fence(&w)).is_ok());
+    // A commit with a wrong hash, one unsigned, one signed by another key.
+    let good = testing::commit(&w, stream(0), 0)
+        .event("OrderShipped", 1, json!({}))
+        .command("ShipOrder", "test");
+    let mut tampered = good.clone().signed(key());
+    tampered.events[0].payload = json!({"carrier": "forged"});
+    assert!(matches!(
+        gate.admit(&LogRecord::Commit(tampered)),
+        Err(Rejection::BadHash { .. })
+    ));
+    assert!(matches!(
+        gate.admit(&LogRecord::Commit(good.clone().build())),
+        Err(Rejection::BadSignature { .. })
+    ));
+    assert!(matches!(
+        gate.admit(&LogRecord::Commit(good.clone().signed(&stranger))),
+        Err(Rejection::BadSignature { .. })
+    ));
+    assert!(gate.admit(&LogRecord::Commit(good.signed(key()))).is_ok());
+    // An epoch at the top of the range does not wrap: nothing fences above it.
+    let top = testing::writer("w", u64::MAX);
+    assert!(gate.admit(&fence(&top)).is_ok());
+    assert!(matches!(
+        gate.admit(&fence(&testing::writer("x", 0))),
+        Err(Rejection::StaleFence { .. })
+    ));
+}
+
+#[test]
+fn a_legacy_log_counts_up_to_its_cut_off_and_not_after_a_fence_with_rules() {
+    let mut trusted = TrustedKeys::default();
+    trusted.add(key());
+    trusted.allow_legacy_until(Timestamp::now());
+    let policy = Arc::new(trusted);
+    let old = testing::writer("old", 1);
+    let mut gate = PartitionGate::new(Arc::clone(&policy));
+    assert!(gate.admit(&testing::fence(&old)).is_ok(), "a legacy fence");
+    // Under it, commits are read by the rules of their time: unsigned, unchained.
+    let legacy = testing::commit(&old, stream(0), 0)
+        .event("OrderShipped", 1, json!({}))
+        .command("ShipOrder", "test")
+        .build();
+    assert!(gate.admit(&LogRecord::Commit(legacy)).is_ok());
+    assert_eq!(gate.owner_key(), None);
+    let new = testing::writer("new", 2);
+    assert!(gate.admit(&fence(&new)).is_ok());
+    assert!(matches!(
+        gate.admit(&testing::fence(&testing::writer("old", 3))),
+        Err(Rejection::UntrustedFence { .. })
+    ));
+    // A legacy fence recorded after the cut-off never counts.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut fresh = PartitionGate::new(policy);
+    assert!(fresh.admit(&testing::fence(&old)).is_err());
+}
+
+#[test]
+fn a_retired_key_signs_no_fence_after_a_later_one() {
+    let successor = SigningKey::generate();
+    let mut trusted = TrustedKeys::default();
+    trusted.add(key());
+    trusted.add(&successor);
+    let mut gate = PartitionGate::new(Arc::new(trusted.clone()));
+    let first = fence(&testing::writer("a", 1));
+    assert!(gate.admit(&first).is_ok());
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let retired_at = Timestamp::now();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let second = testing::signed_fence(&testing::writer("b", 2), &successor);
+    assert!(gate.admit(&second).is_ok());
+    trusted.retire(key().key_id(), retired_at);
+    // The history it signed still counts for a reader that starts over...
+    let policy = Arc::new(trusted);
+    let mut replay = PartitionGate::new(Arc::clone(&policy));
+    assert!(replay.admit(&first).is_ok());
+    assert!(replay.admit(&second).is_ok());
+    // ...but a fence it signs now does not, even one that claims an earlier time.
+    let LogRecord::Fence(mut backdated) = testing::fence(&testing::writer("a", 3)) else {
+        unreachable!()
+    };
+    backdated.rules = Some(keel_schemas::FENCE_RULES);
+    backdated.recorded_at = retired_at;
+    let backdated = LogRecord::Fence(backdated.signed(key()));
+    assert!(matches!(
+        replay.admit(&backdated),
+        Err(Rejection::UntrustedFence { .. })
+    ));
 }

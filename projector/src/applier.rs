@@ -55,6 +55,7 @@ impl<'j> Applier<'j> {
             generation,
             partitions,
             job.options.snapshot_every,
+            &job.options.policy,
         )
         .await
     }

@@ -8,10 +8,11 @@
 //! before it ([`PartitionState::snapshot_due`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use anyhow::Context;
 use keel_kafka::{PartitionGate, StreamHead, hash_bytes};
-use keel_schemas::{StreamRef, TopicPartition, Writer};
+use keel_schemas::{StreamRef, Timestamp, TopicPartition, TrustedKeys, Writer};
 use sqlx::{PgConnection, PgPool};
 
 /// One partition of a generation: where it has been read to, and the gate's state there.
@@ -31,10 +32,10 @@ pub(crate) struct PartitionState {
 }
 
 impl PartitionState {
-    fn new() -> Self {
+    fn new(policy: &Arc<TrustedKeys>) -> Self {
         Self {
             next_offset: 0,
-            gate: PartitionGate::new(),
+            gate: PartitionGate::new(Arc::clone(policy)),
             touched_streams: HashSet::new(),
             touched: false,
             deltas: 0,
@@ -114,14 +115,28 @@ impl Checkpoints {
         generation: i32,
         partitions: impl IntoIterator<Item = TopicPartition>,
         snapshot_every: u32,
+        policy: &Arc<TrustedKeys>,
     ) -> anyhow::Result<Self> {
         let mut states: HashMap<TopicPartition, PartitionState> = partitions
             .into_iter()
-            .map(|at| (at, PartitionState::new()))
+            .map(|at| (at, PartitionState::new(policy)))
             .collect();
-        type Row = (String, i32, i64, Option<String>, Option<i64>, i64, i64, i64);
+        type Row = (
+            String,
+            i32,
+            i64,
+            Option<String>,
+            Option<i64>,
+            i64,
+            i64,
+            i64,
+            Option<String>,
+            bool,
+            Option<String>,
+        );
         let checkpoints: Vec<Row> = sqlx::query_as(
-            "SELECT topic, partition, next_offset, owner_instance, owner_epoch, highest_epoch, accepted, rejected
+            "SELECT topic, partition, next_offset, owner_instance, owner_epoch, highest_epoch, accepted, rejected,
+                owner_key_id, ruled, latest_fence_at
              FROM keel_checkpoints WHERE projection = $1 AND generation = $2",
         )
         .bind(projection)
@@ -174,8 +189,19 @@ impl Checkpoints {
             }
             map.extend(decoded.into_iter().map(SavedHead::into_head));
         }
-        for (topic, partition, next_offset, instance, epoch, highest, accepted, rejected) in
-            checkpoints
+        for (
+            topic,
+            partition,
+            next_offset,
+            instance,
+            epoch,
+            highest,
+            accepted,
+            rejected,
+            owner_key,
+            ruled,
+            latest_fence_at,
+        ) in checkpoints
         {
             let at = TopicPartition::new(topic, partition);
             let Some(state) = states.get_mut(&at) else {
@@ -187,13 +213,19 @@ impl Checkpoints {
             });
             state.next_offset = next_offset;
             (state.deltas, state.delta_entries) = deltas.get(&at).copied().unwrap_or_default();
+            let latest_fence_at = latest_fence_at
+                .map(|t| t.parse::<Timestamp>())
+                .transpose()
+                .with_context(|| format!("reading the latest fence time of {at}"))?;
             state.gate = PartitionGate::restore(
+                Arc::clone(policy),
                 owner,
                 highest as u64,
                 versions.remove(&at).unwrap_or_default(),
                 accepted as u64,
                 rejected as u64,
-            );
+            )
+            .with_fences(owner_key, ruled, latest_fence_at);
         }
         Ok(Self {
             projection,
@@ -293,13 +325,16 @@ impl Checkpoints {
         if !touched.is_empty() {
             sqlx::query(
                 "INSERT INTO keel_checkpoints (projection, generation, topic, partition, next_offset, owner_instance,
-                    owner_epoch, highest_epoch, accepted, rejected, updated_at)
-                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, now() FROM UNNEST($3::text[], $4::int[], $5::bigint[],
-                    $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) AS u(t, p, o, oi, oe, he, a, r)
+                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, ruled, latest_fence_at, updated_at)
+                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, ru, lf, now() FROM UNNEST($3::text[], $4::int[], $5::bigint[],
+                    $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::bool[], $13::text[])
+                    AS u(t, p, o, oi, oe, he, a, r, ok, ru, lf)
                  ON CONFLICT (projection, generation, topic, partition) DO UPDATE SET
                     next_offset = EXCLUDED.next_offset, owner_instance = EXCLUDED.owner_instance,
                     owner_epoch = EXCLUDED.owner_epoch, highest_epoch = EXCLUDED.highest_epoch,
-                    accepted = EXCLUDED.accepted, rejected = EXCLUDED.rejected, updated_at = now()",
+                    accepted = EXCLUDED.accepted, rejected = EXCLUDED.rejected,
+                    owner_key_id = EXCLUDED.owner_key_id, ruled = EXCLUDED.ruled,
+                    latest_fence_at = EXCLUDED.latest_fence_at, updated_at = now()",
             )
             .bind(name)
             .bind(generation)
@@ -311,6 +346,9 @@ impl Checkpoints {
             .bind(touched.iter().map(|(_, s)| s.gate.highest_epoch() as i64).collect::<Vec<_>>())
             .bind(touched.iter().map(|(_, s)| s.gate.accepted() as i64).collect::<Vec<_>>())
             .bind(touched.iter().map(|(_, s)| s.gate.rejected() as i64).collect::<Vec<_>>())
+            .bind(touched.iter().map(|(_, s)| s.gate.owner_key().map(str::to_owned)).collect::<Vec<_>>())
+            .bind(touched.iter().map(|(_, s)| s.gate.ruled()).collect::<Vec<_>>())
+            .bind(touched.iter().map(|(_, s)| s.gate.latest_fence_at().map(|t| t.to_string())).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }

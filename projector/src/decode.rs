@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
 use keel_kafka::LogEntry;
-use keel_schemas::{CommitRecord, FenceRecord, LogRecord, decode_event};
+use keel_schemas::{CommitCheck, CommitRecord, FenceRecord, LogRecord, TrustedKeys, decode_event};
 
 use crate::checkpoint::PartitionState;
 use crate::projection::{AnyEvent, ProjectedEvent};
@@ -20,20 +20,27 @@ pub(crate) struct Decoded {
 
 enum Parsed {
     Fence(FenceRecord),
-    /// A commit with its events decoded and upcast, or why they cannot be.
-    Commit(Arc<CommitRecord>, Result<Vec<AnyEvent>, String>),
+    /// A commit with its hash and signature checked, and its events decoded and upcast
+    /// (or why they cannot be).
+    Commit(
+        Arc<CommitRecord>,
+        CommitCheck,
+        Result<Vec<AnyEvent>, String>,
+    ),
 }
 
 impl Decoded {
-    /// Decodes the record and, for a commit, its events.
-    pub(crate) fn new(entry: LogEntry) -> Self {
+    /// Decodes the record and, for a commit, its events, and checks its hash and signature
+    /// against `policy`: the gate's costly work, done here, off the apply path.
+    pub(crate) fn new(entry: LogEntry, policy: &TrustedKeys) -> Self {
         let parsed = LogRecord::decode(&entry.payload)
             .map_err(|e| e.to_string())
             .map(|record| match record {
                 LogRecord::Fence(fence) => Parsed::Fence(fence),
                 LogRecord::Commit(commit) => {
                     let events = decode_events(&commit);
-                    Parsed::Commit(Arc::new(commit), events)
+                    let check = policy.check_commit(&commit);
+                    Parsed::Commit(Arc::new(commit), check, events)
                 }
             });
         Self { entry, parsed }
@@ -42,20 +49,20 @@ impl Decoded {
     /// Puts the record through its partition's gate: the events it contributes, or why it
     /// cannot be read. A record the gate skips contributes nothing and is no error.
     pub(crate) fn admit(&self, state: &mut PartitionState) -> Result<Vec<ProjectedEvent>, String> {
-        let (commit, events) = match &self.parsed {
+        let (commit, check, events) = match &self.parsed {
             Err(e) => return Err(e.clone()),
             Ok(Parsed::Fence(fence)) => {
                 let _ = state.gate.admit_fence(fence);
                 return Ok(Vec::new());
             }
-            Ok(Parsed::Commit(commit, events)) => (commit, events),
+            Ok(Parsed::Commit(commit, check, events)) => (commit, Some(check), events),
         };
-        if state.gate.commit_verdict(commit).is_err() {
-            let _ = state.gate.admit_commit(commit);
+        if state.gate.commit_verdict_checked(commit, check).is_err() {
+            let _ = state.gate.admit_commit_checked(commit, check);
             return Ok(Vec::new());
         }
         let events = events.as_ref().map_err(Clone::clone)?;
-        let _ = state.gate.admit_commit(commit);
+        let _ = state.gate.admit_commit_checked(commit, check);
         state.touched_streams.insert(commit.stream.clone());
         let entry = &self.entry;
         Ok(events
@@ -78,8 +85,8 @@ impl Decoded {
             Ok(Parsed::Fence(fence)) => {
                 let _ = state.gate.admit_fence(fence);
             }
-            Ok(Parsed::Commit(commit, _)) => {
-                if state.gate.admit_commit(commit).is_ok() {
+            Ok(Parsed::Commit(commit, check, _)) => {
+                if state.gate.admit_commit_checked(commit, Some(check)).is_ok() {
                     state.touched_streams.insert(commit.stream.clone());
                 }
             }

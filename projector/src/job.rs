@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_kafka::KafkaSettings;
+use keel_schemas::TrustedKeys;
 use sqlx::PgPool;
 
 use crate::projection::Projection;
@@ -29,6 +30,8 @@ pub struct RunOptions {
     pub linger: Duration,
     /// Batch rows of a partition's gate state between two snapshots of it.
     pub snapshot_every: u32,
+    /// The key policy the gate applies.
+    pub policy: Arc<TrustedKeys>,
 }
 
 /// One projection, its database, its log and its options.

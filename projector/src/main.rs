@@ -145,7 +145,7 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
         .await
         .context("ensuring the topics")?;
     let pool = db::connect(&settings.database.database_url).await?;
-    let options = settings.run_options(on_error);
+    let options = settings.run_options(on_error)?;
     let mut tasks = JoinSet::new();
     for projection in all
         .into_iter()
@@ -188,7 +188,7 @@ async fn rebuild(
         .await
         .context("ensuring the topics")?;
     let pool = db::connect(&settings.database.database_url).await?;
-    let options = settings.run_options(on_error);
+    let options = settings.run_options(on_error)?;
     let chosen: Vec<_> = views::all()
         .into_iter()
         .filter(|p| all || only.iter().any(|n| n == p.name()))
@@ -242,6 +242,7 @@ async fn verify(settings: &Settings, stream: Option<&str>, json: bool) -> anyhow
             None
         }
     };
+    let trusted = std::sync::Arc::new(trusted);
     let report = verify::verify(&settings.kafka, &trusted, stream.as_ref(), pool.as_ref()).await?;
     let out = if json {
         serde_json::to_string_pretty(&report)? + "\n"
@@ -269,7 +270,8 @@ async fn export(
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
-    let count = verify::export(&settings.kafka, &stream, |line| {
+    let policy = std::sync::Arc::new(settings.trusted_keys()?);
+    let count = verify::export(&settings.kafka, &policy, &stream, |line| {
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
         Ok(())

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_kafka::{AbortOnDrop, LogReader};
+use keel_kafka::{AbortOnDrop, LogEntry, LogReader};
+use keel_schemas::TrustedKeys;
 
 use crate::decode::Decoded;
 
@@ -17,8 +18,11 @@ pub(crate) struct Prefetch {
 
 impl Prefetch {
     /// Starts reading batches of up to `size` records (see [`LogReader::next_batch`]).
+    /// Each batch is decoded and its commits' hashes and signatures checked against
+    /// `policy` in two halves at once, off the apply path.
     pub(crate) fn start(
         reader: Arc<LogReader>,
+        policy: Arc<TrustedKeys>,
         size: usize,
         wait: Duration,
         linger: Duration,
@@ -27,11 +31,7 @@ impl Prefetch {
         let task = tokio::spawn(async move {
             loop {
                 let batch = match reader.next_batch(size, wait, linger).await {
-                    Ok(entries) => tokio::task::spawn_blocking(move || {
-                        entries.into_iter().map(Decoded::new).collect::<Vec<_>>()
-                    })
-                    .await
-                    .map_err(anyhow::Error::from),
+                    Ok(entries) => decode(entries, &policy).await,
                     Err(e) => Err(e.into()),
                 };
                 let failed = batch.is_err();
@@ -45,7 +45,30 @@ impl Prefetch {
             _task: AbortOnDrop(task),
         }
     }
+}
 
+/// Decodes `entries` in order, in two halves on two blocking threads.
+async fn decode(
+    mut entries: Vec<LogEntry>,
+    policy: &Arc<TrustedKeys>,
+) -> anyhow::Result<Vec<Decoded>> {
+    let second = entries.split_off(entries.len() / 2);
+    let halves = [entries, second].map(|half| {
+        let policy = Arc::clone(policy);
+        tokio::task::spawn_blocking(move || {
+            half.into_iter()
+                .map(|entry| Decoded::new(entry, &policy))
+                .collect::<Vec<_>>()
+        })
+    });
+    let mut decoded = Vec::new();
+    for half in halves {
+        decoded.extend(half.await?);
+    }
+    Ok(decoded)
+}
+
+impl Prefetch {
     /// The next batch; empty when nothing arrived within the wait.
     pub(crate) async fn next(&mut self) -> anyhow::Result<Vec<Decoded>> {
         match self.batches.recv().await {

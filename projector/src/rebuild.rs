@@ -171,6 +171,7 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     let mut indexed = false;
     let mut batches = Prefetch::start(
         Arc::clone(&reader),
+        Arc::clone(&job.options.policy),
         job.options.batch_size,
         Duration::from_millis(200),
         job.options.linger,

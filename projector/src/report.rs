@@ -13,6 +13,7 @@ pub fn verify_text(report: &VerifyReport) -> String {
         let label = match f.kind {
             FindingKind::Violation => "VIOLATION",
             FindingKind::Zombie => "zombie write",
+            FindingKind::Legacy => "legacy",
         };
         let at = f.offset.map_or(String::new(), |o| format!(" offset {o}"));
         let stream = f
@@ -25,13 +26,18 @@ pub fn verify_text(report: &VerifyReport) -> String {
             f.topic, f.partition, f.detail
         ));
     }
-    let zombies = report.findings.len() - report.violations();
+    let zombies = report
+        .findings
+        .iter()
+        .filter(|f| f.kind == FindingKind::Zombie)
+        .count();
     out.push_str(&format!(
-        "verified {} records: {} commits of {} streams checked; {} zombie writes skipped by the gate; \
-         audit log {}; {} violations\n",
+        "verified {} records: {} commits of {} streams checked ({} legacy, unsigned, under the cut-off); \
+         {} zombie writes skipped by the gate; audit log {}; {} violations\n",
         report.records,
         report.commits,
         report.streams,
+        report.legacy,
         zombies,
         if report.audit_log_compared {
             "compared"

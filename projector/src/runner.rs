@@ -111,6 +111,7 @@ impl Runner {
         let reader = Arc::new(LogReader::open(&self.job.kafka, &applier.assignment())?);
         let mut batches = Prefetch::start(
             reader,
+            Arc::clone(&self.job.options.policy),
             self.job.options.batch_size,
             Duration::from_millis(500),
             self.job.options.linger,

@@ -77,13 +77,26 @@ impl Settings {
         })
     }
 
-    /// How `run` and `rebuild` apply batches, from these settings.
-    pub fn run_options(&self, on_error: crate::job::OnError) -> crate::job::RunOptions {
-        crate::job::RunOptions {
+    /// How `run` and `rebuild` apply batches, from these settings: with the key policy
+    /// of the trusted keys file, which they cannot do without (no fence counts without a
+    /// trusted key).
+    pub fn run_options(
+        &self,
+        on_error: crate::job::OnError,
+    ) -> anyhow::Result<crate::job::RunOptions> {
+        Ok(crate::job::RunOptions {
             on_error,
             batch_size: self.batch_size,
             linger: self.linger,
             snapshot_every: self.snapshot_every,
-        }
+            policy: std::sync::Arc::new(self.trusted_keys()?),
+        })
+    }
+
+    /// The key policy of the trusted keys file.
+    pub fn trusted_keys(&self) -> anyhow::Result<keel_schemas::TrustedKeys> {
+        keel_schemas::TrustedKeys::read(&self.trusted_keys_file).context(
+            "reading the trusted keys (KEEL_TRUSTED_KEYS_FILE): the command API writes the file when it first starts; give every process the same file",
+        )
     }
 }

@@ -8,6 +8,7 @@
 //! own the partition (zombie writes) are reported as such: no reader ever applied them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::Context;
 use keel_kafka::{Gated, KafkaSettings, Rejection, partition_for, read_through_gate};
@@ -27,6 +28,9 @@ pub enum FindingKind {
     /// A record the gate skipped because its writer did not own the partition: a zombie
     /// writer's append, never applied by any reader. Not corruption.
     Zombie,
+    /// A record of a log written before the gate checked signatures, counted under the key
+    /// policy's legacy cut-off: unsigned, and not a violation.
+    Legacy,
 }
 
 /// One thing verification found.
@@ -59,6 +63,8 @@ pub struct VerifyReport {
     pub streams: u64,
     /// Whether the audit log in PostgreSQL was compared with the topics.
     pub audit_log_compared: bool,
+    /// Commits counted under a legacy fence (see [`FindingKind::Legacy`]).
+    pub legacy: u64,
     /// Violations and zombie writes, in log order per partition.
     pub findings: Vec<Finding>,
 }
@@ -104,7 +110,7 @@ pub fn parse_stream(text: &str) -> anyhow::Result<StreamRef> {
 /// Verifies the topics (or one stream); compares with the audit log when `pool` is given.
 pub async fn verify(
     kafka: &KafkaSettings,
-    trusted: &TrustedKeys,
+    trusted: &Arc<TrustedKeys>,
     only: Option<&StreamRef>,
     pool: Option<&PgPool>,
 ) -> anyhow::Result<VerifyReport> {
@@ -126,7 +132,7 @@ pub async fn verify(
             Some(s) => vec![partition_for(s.id.as_bytes(), kafka.partitions)],
             None => (0..kafka.partitions).collect(),
         };
-        read_through_gate(kafka, &topic, &partitions, |read| {
+        read_through_gate(kafka, trusted, &topic, &partitions, |read| {
             report.records += 1;
             check_record(read, trusted, only, &mut tips, &mut report);
         })
@@ -151,6 +157,7 @@ fn check_record(
         entry,
         record,
         owner_if_skipped: owner,
+        ..
     } = &read;
     let finding = |kind, stream: Option<&StreamRef>, version, detail: String| Finding {
         kind,
@@ -182,6 +189,16 @@ fn check_record(
         LogRecord::Commit(commit) => commit,
         LogRecord::Fence(fence) => {
             match verdict {
+                // Someone appended a fence no trusted key signed: a takeover attempt,
+                // which the gate turned away.
+                Err(rejection @ Rejection::UntrustedFence { .. }) if only.is_none() => {
+                    report.findings.push(finding(
+                        FindingKind::Violation,
+                        None,
+                        None,
+                        format!("a fence the gate skipped, so it took nothing: {rejection}"),
+                    ));
+                }
                 Err(rejection) if only.is_none() => report.findings.push(finding(
                     FindingKind::Zombie,
                     None,
@@ -189,6 +206,19 @@ fn check_record(
                     format!("fence skipped by the gate: {rejection}"),
                 )),
                 Err(_) => {}
+                Ok(()) if read.legacy => {
+                    if only.is_none() {
+                        report.findings.push(finding(
+                            FindingKind::Legacy,
+                            None,
+                            None,
+                            format!(
+                                "a legacy fence of {} (epoch {}), counted under the key policy's cut-off",
+                                fence.writer.instance, fence.writer.epoch
+                            ),
+                        ));
+                    }
+                }
                 // A fence decides who may write: one nobody trusted signed is a takeover.
                 Ok(()) => {
                     let problem = match trusted
@@ -225,6 +255,17 @@ fn check_record(
     if let Err(rejection) = verdict {
         let by_owner = owner.as_ref() == Some(&commit.writer);
         let (kind, detail) = match (&rejection, by_owner) {
+            (
+                Rejection::BadHash { .. }
+                | Rejection::BadSignature { .. }
+                | Rejection::BrokenChain { .. },
+                true,
+            ) => (
+                FindingKind::Violation,
+                format!(
+                    "a forged or broken commit in the owner's name, skipped by the gate and applied by no reader: {rejection}"
+                ),
+            ),
             (Rejection::NotOwner { .. } | Rejection::StaleFence { .. }, _) | (_, false) => (
                 FindingKind::Zombie,
                 format!("zombie write, skipped by the gate and applied by no reader: {rejection}"),
@@ -237,6 +278,27 @@ fn check_record(
         report
             .findings
             .push(finding(kind, stream, Some(first), detail));
+        // A zombie's record is still a record someone wrote: it must be intact and signed.
+        if kind == FindingKind::Zombie {
+            if commit_hash_of_value(&raw) != commit.hash {
+                report.findings.push(finding(
+                    FindingKind::Violation,
+                    stream,
+                    Some(first),
+                    "a zombie write whose hash does not recompute".into(),
+                ));
+            }
+            if let Some(problem) =
+                signature_problem(trusted, &commit.hash, commit.signature.as_ref())
+            {
+                report.findings.push(finding(
+                    FindingKind::Violation,
+                    stream,
+                    Some(first),
+                    format!("a zombie write that {problem}"),
+                ));
+            }
+        }
         return;
     }
     report.commits += 1;
@@ -259,13 +321,13 @@ fn check_record(
                 .map_or("null (first commit)".into(), short)
         ));
     }
-    match trusted.check(&commit.hash, commit.signature.as_ref()) {
-        SignatureCheck::Valid => {}
-        SignatureCheck::Missing => problems.push("the commit is not signed".into()),
-        SignatureCheck::UnknownKey(id) => {
-            problems.push(format!("signed with key {id}, which is not a trusted key"))
-        }
-        SignatureCheck::Invalid(why) => problems.push(why),
+    if read.legacy {
+        // Written before the gate checked signatures: counted under the cut-off.
+        report.legacy += 1;
+    } else if let Some(problem) =
+        signature_problem(trusted, &commit.hash, commit.signature.as_ref())
+    {
+        problems.push(format!("the commit {problem}"));
     }
     for detail in problems {
         report
@@ -282,6 +344,24 @@ fn check_record(
             offset: entry.offset,
         },
     );
+}
+
+/// What is wrong with a signature over `hash`, if anything.
+fn signature_problem(
+    trusted: &TrustedKeys,
+    hash: &str,
+    signature: Option<&keel_schemas::Signature>,
+) -> Option<String> {
+    match trusted.check(hash, signature) {
+        SignatureCheck::Valid => None,
+        SignatureCheck::Missing => Some("is not signed".into()),
+        SignatureCheck::UnknownKey(id) => Some(format!(
+            "is signed with key {id}, which is not a trusted key"
+        )),
+        SignatureCheck::Invalid(why) => {
+            Some(format!("has a signature that does not verify: {why}"))
+        }
+    }
 }
 
 fn short(hash: &str) -> String {
@@ -378,13 +458,14 @@ pub struct ExportLine {
 /// Every commit record of `stream`, in log order, with the gate's verdicts.
 pub async fn export(
     kafka: &KafkaSettings,
+    policy: &Arc<TrustedKeys>,
     stream: &StreamRef,
     mut each: impl FnMut(ExportLine) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
     let topic = kafka.topic(&stream.stream_type);
     let partition = partition_for(stream.id.as_bytes(), kafka.partitions);
     let mut lines = Vec::new();
-    read_through_gate(kafka, &topic, &[partition], |read| {
+    read_through_gate(kafka, policy, &topic, &[partition], |read| {
         let Gated { entry, record, .. } = read;
         let Ok((record, verdict)) = record else {
             return;

@@ -64,9 +64,16 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&s)
-            .map(|t| Self(t.with_timezone(&Utc)))
-            .map_err(serde::de::Error::custom)
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for Timestamp {
+    type Err = chrono::ParseError;
+
+    /// An RFC 3339 time, such as `2026-11-21T12:00:00Z`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DateTime::parse_from_rfc3339(s).map(|t| Self(t.with_timezone(&Utc)))
     }
 }
 
@@ -143,6 +150,13 @@ pub struct CommitRecord {
     pub signature: Option<Signature>,
 }
 
+/// The rules a fence's writer follows, written in every fence the command API appends:
+/// the fence is signed by a trusted key, and each commit under it chains onto its stream's
+/// last commit, carries a hash that recomputes, and is signed with the fence's key. A fence
+/// without `rules` is a legacy fence, from a log written before the gate checked
+/// signatures (see [`crate::TrustedKeys`] for when one still counts).
+pub const FENCE_RULES: u32 = 2;
+
 /// A writer's claim on a partition, valid when its epoch is higher than any before it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FenceRecord {
@@ -150,6 +164,10 @@ pub struct FenceRecord {
     pub writer: Writer,
     /// When it was written.
     pub recorded_at: Timestamp,
+    /// The rules the writer follows under this fence ([`FENCE_RULES`]); absent in legacy
+    /// fences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<u32>,
     /// The writer's Ed25519 signature over [`FenceRecord::digest`], so a fence cannot be
     /// forged by someone who can only write to the broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -382,6 +400,7 @@ mod tests {
                 epoch: 3,
             },
             recorded_at: Timestamp::now(),
+            rules: Some(FENCE_RULES),
             signature: None,
         });
         let raw: Value = serde_json::from_slice(&fence.encode()).unwrap();

@@ -20,13 +20,15 @@ mod upcast;
 
 pub use canonical::canonical_json;
 pub use commit::{
-    CommandMeta, CommitRecord, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
+    CommandMeta, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
     commit_hash_of_value, headers,
 };
 pub use envelope::{EventEnvelope, decode_event, decode_event_with, encode_event};
 pub use error::SchemaError;
 pub use problem::{PROBLEM_JSON, problem};
-pub use signing::{KeyError, Signature, SignatureCheck, SigningKey, TrustedKeys, key_id_of};
+pub use signing::{
+    CommitCheck, KeyError, Signature, SignatureCheck, SigningKey, TrustedKeys, key_id_of,
+};
 pub use token::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, MAX_TOKEN_LEN, Position, TokenError};
 pub use topic::{TopicPartition, stream_type_of, topic_name};
 pub use upcast::{Upcaster, Upcasters};

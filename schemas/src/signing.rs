@@ -19,6 +19,8 @@ use ed25519_dalek::{Signer, Verifier};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::{CommitRecord, FenceRecord, Timestamp};
+
 /// A commit's signature: who signed (`key_id`) and the Ed25519 signature of its `hash`
 /// (the hex string's bytes), base64.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,8 +117,15 @@ impl SigningKey {
     /// Reads a signing key file.
     pub fn read(path: &Path) -> Result<Self, KeyError> {
         let lines = read_lines(path)?;
-        let [(line, id, secret)] = lines.as_slice() else {
+        let [(line, words)] = lines.as_slice() else {
             return Err(malformed(path, 1, "must hold exactly one key line"));
+        };
+        let [id, secret] = words.as_slice() else {
+            return Err(malformed(
+                path,
+                *line,
+                "expected `<key id> <base64 secret>`",
+            ));
         };
         let seed: [u8; 32] = STANDARD
             .decode(secret)
@@ -198,17 +207,73 @@ pub enum SignatureCheck {
     Invalid(String),
 }
 
-/// The public keys whose signatures verifiers accept, by key id.
-#[derive(Clone, Debug, Default)]
+/// The key policy every reader of the log applies, read from the trusted keys file that
+/// is distributed to every process:
+///
+/// * `<key id> <base64 public key>`: a trusted key. A key becomes trusted by adding its
+///   line to the file on every process (the command API appends the line of a key it
+///   generates to its own copy).
+/// * `<key id> <base64 public key> not-after=<RFC 3339 time>`: a retired key. Fences it
+///   signed up to that time still count, and so does the history under them; a fence it
+///   signs later, or one appended after any fence recorded later than that time, does
+///   not. Retire a key after the command API runs with its successor (its start fences
+///   every partition with the new key), so no fence of the old key can follow.
+/// * `legacy-until <RFC 3339 time>`: the explicit cut-off for a log written before the
+///   gate checked signatures: a fence without rules (see
+///   [`FENCE_RULES`](crate::FENCE_RULES)) recorded up to then counts, with its commits
+///   read by the rules of that time, until the first fence with rules on its partition.
+///   Without the line, no legacy fence counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrustedKeys {
     keys: BTreeMap<String, ed25519_dalek::VerifyingKey>,
+    not_after: BTreeMap<String, Timestamp>,
+    legacy_until: Option<Timestamp>,
+}
+
+/// What a commit's content and signature show, checked without the partition's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitCheck {
+    /// The commit's hash recomputes from its content.
+    pub hash_ok: bool,
+    /// The trusted key whose signature over the hash verifies, or why none does.
+    pub signer: Result<String, String>,
 }
 
 impl TrustedKeys {
     /// Reads a trusted keys file.
     pub fn read(path: &Path) -> Result<Self, KeyError> {
-        let mut keys = BTreeMap::new();
-        for (line, id, public) in read_lines(path)? {
+        let mut policy = Self::default();
+        for (line, words) in read_lines(path)? {
+            if words[0] == "legacy-until" {
+                let at = words
+                    .get(1)
+                    .filter(|_| words.len() == 2)
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+                    .ok_or_else(|| {
+                        malformed(path, line, "expected `legacy-until <RFC 3339 time>`")
+                    })?;
+                policy.legacy_until = Some(at);
+                continue;
+            }
+            let (id, public, not_after) = match words.as_slice() {
+                [id, public] => (id.clone(), public.clone(), None),
+                [id, public, option] => {
+                    let at = option
+                        .strip_prefix("not-after=")
+                        .and_then(|t| t.parse::<Timestamp>().ok())
+                        .ok_or_else(|| {
+                            malformed(path, line, "expected `not-after=<RFC 3339 time>`")
+                        })?;
+                    (id.clone(), public.clone(), Some(at))
+                }
+                _ => {
+                    return Err(malformed(
+                        path,
+                        line,
+                        "expected `<key id> <base64 key> [not-after=<time>]` or `legacy-until <time>`",
+                    ));
+                }
+            };
             let bytes: [u8; 32] = STANDARD
                 .decode(&public)
                 .ok()
@@ -223,9 +288,57 @@ impl TrustedKeys {
                     &format!("the key id is {}, not {id}", key_id_of(&key)),
                 ));
             }
-            keys.insert(id, key);
+            if let Some(at) = not_after {
+                policy.not_after.insert(id.clone(), at);
+            }
+            policy.keys.insert(id, key);
         }
-        Ok(Self { keys })
+        Ok(policy)
+    }
+
+    /// Retires the key `key_id` after `at` (see the type's documentation).
+    pub fn retire(&mut self, key_id: &str, at: Timestamp) {
+        self.not_after.insert(key_id.to_owned(), at);
+    }
+
+    /// Lets legacy fences recorded up to `at` count (see the type's documentation).
+    pub fn allow_legacy_until(&mut self, at: Timestamp) {
+        self.legacy_until = Some(at);
+    }
+
+    /// The time up to which legacy fences count, if any do.
+    pub fn legacy_until(&self) -> Option<Timestamp> {
+        self.legacy_until
+    }
+
+    /// The time after which `key_id` signs no fence that counts, if it is retired.
+    pub fn not_after(&self, key_id: &str) -> Option<Timestamp> {
+        self.not_after.get(key_id).copied()
+    }
+
+    /// True when `key_id` is a trusted key.
+    pub fn trusts(&self, key_id: &str) -> bool {
+        self.keys.contains_key(key_id)
+    }
+
+    /// The trusted key whose signature over the fence verifies, or why none does.
+    pub fn fence_signer(&self, fence: &FenceRecord) -> Result<String, String> {
+        signer(
+            self.check(&fence.digest(), fence.signature.as_ref()),
+            fence.signature.as_ref(),
+        )
+    }
+
+    /// Checks a commit's hash and signature: work that needs no partition state, so a
+    /// reader can do it ahead of the gate, in parallel.
+    pub fn check_commit(&self, commit: &CommitRecord) -> CommitCheck {
+        CommitCheck {
+            hash_ok: commit.hash_is_valid(),
+            signer: signer(
+                self.check(&commit.hash, commit.signature.as_ref()),
+                commit.signature.as_ref(),
+            ),
+        }
     }
 
     /// Trusts `key`'s public half.
@@ -263,6 +376,19 @@ impl TrustedKeys {
     }
 }
 
+fn signer(check: SignatureCheck, signature: Option<&Signature>) -> Result<String, String> {
+    match (check, signature) {
+        (SignatureCheck::Valid, Some(s)) => Ok(s.key_id.clone()),
+        (SignatureCheck::Valid, None) | (SignatureCheck::Missing, _) => {
+            Err("it is not signed".into())
+        }
+        (SignatureCheck::UnknownKey(id), _) => {
+            Err(format!("it is signed with key {id}, which is not trusted"))
+        }
+        (SignatureCheck::Invalid(why), _) => Err(why),
+    }
+}
+
 fn malformed(path: &Path, line: usize, reason: &str) -> KeyError {
     KeyError::Malformed {
         path: path.display().to_string(),
@@ -271,25 +397,21 @@ fn malformed(path: &Path, line: usize, reason: &str) -> KeyError {
     }
 }
 
-/// The `(line number, first word, second word)` of each non-comment line.
-fn read_lines(path: &Path) -> Result<Vec<(usize, String, String)>, KeyError> {
+/// The line number and the words of each non-comment line.
+fn read_lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, KeyError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
         path: path.display().to_string(),
         source,
     })?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if line.is_empty() {
-            continue;
-        }
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next(), words.next()) {
-            (Some(id), Some(key), None) => out.push((i + 1, id.to_owned(), key.to_owned())),
-            _ => return Err(malformed(path, i + 1, "expected `<key id> <base64 key>`")),
-        }
-    }
-    Ok(out)
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            (!line.is_empty())
+                .then(|| (i + 1, line.split_whitespace().map(str::to_owned).collect()))
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
-    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, StreamRef, Timestamp, Writer,
+    CommandMeta, CommitRecord, EventEnvelope, FENCE_RULES, FenceRecord, LogRecord, SigningKey,
+    StreamRef, Timestamp, Writer,
 };
 
 /// A commit being put together: [`commit`] starts one, [`CommitFixture::build`] seals it.
@@ -39,13 +40,28 @@ pub fn commit(writer: &Writer, stream: StreamRef, expected_version: u64) -> Comm
     }
 }
 
-/// An unsigned fence of `writer`, recorded now.
+/// An unsigned legacy fence of `writer` (no rules), recorded now: it counts only where the
+/// key policy lets legacy fences count.
 pub fn fence(writer: &Writer) -> LogRecord {
     LogRecord::Fence(FenceRecord {
         writer: writer.clone(),
         recorded_at: Timestamp::now(),
+        rules: None,
         signature: None,
     })
+}
+
+/// A fence of `writer` under today's rules, signed with `key`, recorded now.
+pub fn signed_fence(writer: &Writer, key: &SigningKey) -> LogRecord {
+    LogRecord::Fence(
+        FenceRecord {
+            writer: writer.clone(),
+            recorded_at: Timestamp::now(),
+            rules: Some(FENCE_RULES),
+            signature: None,
+        }
+        .signed(key),
+    )
 }
 
 /// A writer named `instance` at `epoch`.
@@ -99,6 +115,15 @@ impl CommitFixture {
     pub fn prev_hash(mut self, prev_hash: Option<String>) -> Self {
         self.prev_hash = prev_hash;
         self
+    }
+
+    /// The commit, sealed and signed with `key`.
+    pub fn signed(self, key: &SigningKey) -> CommitRecord {
+        let sealed = self.build();
+        CommitRecord {
+            signature: Some(key.sign(&sealed.hash)),
+            ..sealed
+        }
     }
 
     /// The commit, sealed (its hash set), unsigned.

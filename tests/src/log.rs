@@ -1,5 +1,7 @@
+use std::sync::Arc;
+
 use keel_kafka::{KafkaSettings, read_through_gate};
-use keel_schemas::{CommitRecord, LogRecord};
+use keel_schemas::{CommitRecord, LogRecord, TrustedKeys};
 
 /// A commit the gate accepted, with where it is.
 #[derive(Clone, Debug)]
@@ -12,25 +14,29 @@ pub struct AcceptedCommit {
     pub commit: CommitRecord,
 }
 
-/// Reads every partition of `topic` to its end through the gate, as any reader would,
+/// Reads every partition of `topic` to its end through the gate with the key policy
+/// `policy`, as any reader would,
 /// and returns the accepted commits and the number of records skipped.
 pub async fn read_accepted(
     settings: &KafkaSettings,
+    policy: &Arc<TrustedKeys>,
     topic: &str,
 ) -> anyhow::Result<(Vec<AcceptedCommit>, u64)> {
     let mut accepted = Vec::new();
     let mut skipped = 0;
     let mut unreadable = None;
     let partitions: Vec<i32> = (0..settings.partitions).collect();
-    read_through_gate(settings, topic, &partitions, |read| match read.record {
-        Err(e) => unreadable = Some(format!("offset {}: {e}", read.entry.offset)),
-        Ok((_, Err(_))) => skipped += 1,
-        Ok((LogRecord::Commit(commit), Ok(()))) => accepted.push(AcceptedCommit {
-            partition: read.entry.partition,
-            offset: read.entry.offset,
-            commit,
-        }),
-        Ok((LogRecord::Fence(_), Ok(()))) => {}
+    read_through_gate(settings, policy, topic, &partitions, |read| {
+        match read.record {
+            Err(e) => unreadable = Some(format!("offset {}: {e}", read.entry.offset)),
+            Ok((_, Err(_))) => skipped += 1,
+            Ok((LogRecord::Commit(commit), Ok(()))) => accepted.push(AcceptedCommit {
+                partition: read.entry.partition,
+                offset: read.entry.offset,
+                commit,
+            }),
+            Ok((LogRecord::Fence(_), Ok(()))) => {}
+        }
     })
     .await?;
     if let Some(e) = unreadable {

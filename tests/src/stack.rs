@@ -240,6 +240,27 @@ impl CommandApiConfig {
         }
     }
 
+    /// The deployment's signing key, as the command API reads it: made (with its line in
+    /// the trusted keys file) if it does not exist yet, so records written straight to the
+    /// log can be signed and a projector started first finds the trusted keys.
+    pub fn signing_key(&self) -> keel_schemas::SigningKey {
+        keel_schemas::SigningKey::read_or_generate(
+            &self.keys_dir.join("signing.key"),
+            &self.keys_dir.join("trusted.keys"),
+        )
+        .map(|(key, _)| key)
+        .expect("the test's signing key")
+    }
+
+    /// The key policy every process of this configuration reads: its trusted keys file,
+    /// which the command API writes when it first starts.
+    pub fn policy(&self) -> std::sync::Arc<keel_schemas::TrustedKeys> {
+        std::sync::Arc::new(
+            keel_schemas::TrustedKeys::read(&self.keys_dir.join("trusted.keys"))
+                .expect("the trusted keys file the command API wrote"),
+        )
+    }
+
     /// The environment a Keel process of this configuration gets.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![
@@ -288,6 +309,7 @@ impl Service {
         database_url: &str,
         args: &[&str],
     ) -> anyhow::Result<Self> {
+        config.signing_key();
         let mut env = config.env();
         env.push(("KEEL_DATABASE_URL", database_url.to_owned()));
         let mut all = vec!["run"];
@@ -428,10 +450,14 @@ impl Stack {
             .settings(&self.config.prefix, self.config.partitions);
         let mut n = 0;
         for stream_type in keel_domain::STREAM_TYPES {
-            n += crate::read_accepted(&settings, &settings.topic(stream_type))
-                .await?
-                .0
-                .len();
+            n += crate::read_accepted(
+                &settings,
+                &self.config.policy(),
+                &settings.topic(stream_type),
+            )
+            .await?
+            .0
+            .len();
         }
         Ok(n)
     }

@@ -18,7 +18,8 @@ use std::time::Duration;
 use keel_domain::Aggregate;
 use keel_kafka::{Gated, KafkaError, LogEntry, PartitionGate};
 use keel_schemas::{
-    CommitRecord, FenceRecord, LogRecord, Position, SigningKey, Timestamp, Writer, decode_event,
+    CommitRecord, FENCE_RULES, FenceRecord, LogRecord, Position, SigningKey, Timestamp,
+    TrustedKeys, Writer, decode_event,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, instrument, warn};
@@ -158,11 +159,13 @@ where
     A::Command: Send,
 {
     /// An owner of the partition `log` holds (read from offset 0) that will fence it as
-    /// `instance`; `timeout` bounds each read it waits for.
+    /// `instance`, signing with `signing_key`, its gate applying the key policy `policy`;
+    /// `timeout` bounds each read it waits for.
     pub fn new(
         log: L,
         instance: &str,
         signing_key: Arc<SigningKey>,
+        policy: Arc<TrustedKeys>,
         timeout: Duration,
     ) -> (Self, StatusCell) {
         let (topic, partition) = (log.topic().to_owned(), log.partition());
@@ -173,7 +176,7 @@ where
             instance: instance.to_owned(),
             incarnation: None,
             writer: None,
-            gate: PartitionGate::new(),
+            gate: PartitionGate::new(policy),
             streams: HashMap::new(),
             keys: IdempotencyKeys::default(),
             log,
@@ -266,6 +269,7 @@ where
             FenceRecord {
                 writer: writer.clone(),
                 recorded_at: Timestamp::now(),
+                rules: Some(FENCE_RULES),
                 signature: None,
             }
             .signed(&self.signing_key),

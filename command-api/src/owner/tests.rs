@@ -9,12 +9,25 @@ use keel_domain::ids::{OrderId, Quantity, Text};
 use keel_domain::money::{Currency, Money};
 use keel_domain::product::{Product, ProductCommand};
 use keel_kafka::PartitionGate;
-use keel_schemas::{LogRecord, SigningKey, testing};
+use keel_schemas::{LogRecord, SigningKey, TrustedKeys, testing};
 use tokio::sync::mpsc;
 
 use super::*;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The deployment's signing key: every owner of these tests signs with it.
+fn key() -> Arc<SigningKey> {
+    static KEY: std::sync::OnceLock<Arc<SigningKey>> = std::sync::OnceLock::new();
+    Arc::clone(KEY.get_or_init(|| Arc::new(SigningKey::generate())))
+}
+
+/// The key policy every reader applies: the deployment's key is trusted.
+fn policy() -> Arc<TrustedKeys> {
+    let mut trusted = TrustedKeys::default();
+    trusted.add(&key());
+    Arc::new(trusted)
+}
 
 fn meta(command_type: &'static str, key: Option<&str>, if_match: Option<u64>) -> RequestMeta {
     RequestMeta {
@@ -56,7 +69,7 @@ async fn serving_owner(
     instance: &str,
 ) -> (mpsc::Sender<CommandRequest<Product>>, StatusCell) {
     let (owner, status) =
-        PartitionOwner::<Product, _>::new(log, instance, Arc::new(SigningKey::generate()), TIMEOUT);
+        PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(owner.run(rx));
     tokio::time::timeout(TIMEOUT, async {
@@ -106,7 +119,7 @@ async fn answer(answer: Answer) -> Result<Outcome, OwnerError> {
 /// The log folded through the gate: each accepted commit's stream, version after it and
 /// offset; and how many records the gate skipped.
 fn accepted(log: &MemoryLog) -> (Vec<(String, u64, i64)>, u64) {
-    let mut gate = PartitionGate::new();
+    let mut gate = PartitionGate::new(policy());
     let mut accepted = Vec::new();
     for entry in log.entries() {
         let read = gate.read(entry);
@@ -273,7 +286,7 @@ async fn a_commit_the_gate_rejects_is_never_acknowledged() {
     let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
     // Another writer fences the partition; before the owner reads that, it takes a
     // command (its queue comes first), appends, and reads back a commit the gate skips.
-    let zombie_fence = testing::fence(&testing::writer("cmd-z", 99));
+    let zombie_fence = testing::signed_fence(&testing::writer("cmd-z", 99), &key());
     log.handle().append(&[("", &zombie_fence, None)]).await;
     let refused = queue(
         &owner,
@@ -445,12 +458,8 @@ async fn two_owners_started_with_one_name_never_both_serve() {
     let log = MemoryLog::new("t.product.events", 0);
     // Both read the empty log before either fences: both fence with epoch 1.
     let start = |log: MemoryLog| {
-        let (owner, status) = PartitionOwner::<Product, _>::new(
-            log,
-            "cmd-same",
-            Arc::new(SigningKey::generate()),
-            TIMEOUT,
-        );
+        let (owner, status) =
+            PartitionOwner::<Product, _>::new(log, "cmd-same", key(), policy(), TIMEOUT);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(owner.run(rx));
         (tx, status)
@@ -511,7 +520,7 @@ async fn a_rejected_commit_fails_the_rest_of_its_flush() {
             .event("ProductRestocked", 1, serde_json::json!({"quantity": 1}))
             .command("Restock", "alice")
             .prev_hash(Some(last.hash.clone()))
-            .build(),
+            .signed(&key()),
     );
     log.handle().append(&[("p-1", &x, None)]).await;
     // One flush, decided before the owner reads X: the restock loses its version to X,
@@ -592,7 +601,7 @@ async fn a_refusal_is_given_only_from_a_state_confirmed_against_the_log() {
             .event("ProductRestocked", 1, serde_json::json!({"quantity": 20}))
             .command("Restock", "alice")
             .prev_hash(Some(last.hash.clone()))
-            .build(),
+            .signed(&key()),
     );
     log.handle().append(&[("p-1", &x, None)]).await;
     // Decided on the state read, the reservation is refused (no stock) and the If-Match
@@ -665,7 +674,7 @@ async fn a_reused_key_is_refused_only_once_the_commit_holding_it_counts() {
             .event("ProductRestocked", 1, serde_json::json!({"quantity": 1}))
             .command("Restock", "alice")
             .prev_hash(Some(last.hash.clone()))
-            .build(),
+            .signed(&key()),
     );
     log.handle().append(&[("p-1", &x, None)]).await;
     let first = queue(

@@ -40,9 +40,13 @@ fn eur(n: i64) -> Value {
 /// The command API over two partitions per topic in memory, every owner serving, and a
 /// token of subject `alice` that may write commands.
 async fn api() -> Api {
+    let signing_key = SigningKey::generate();
+    let mut policy = keel_schemas::TrustedKeys::default();
+    policy.add(&signing_key);
     let settings = OwnerSettings {
         instance: "cmd-test".into(),
-        signing_key: Arc::new(SigningKey::generate()),
+        signing_key: Arc::new(signing_key),
+        policy: Arc::new(policy),
         timeout: Duration::from_secs(5),
         partitions: 2,
     };

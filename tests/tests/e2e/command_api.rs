@@ -83,7 +83,7 @@ async fn two_hundred_concurrent_restocks_get_every_version_once() {
 
     // The log, read through the gate and folded with the domain: stock is exactly 200.
     let settings = broker.settings(&config.prefix, config.partitions);
-    let (commits, skipped) = read_accepted(&settings, &settings.topic("product"))
+    let (commits, skipped) = read_accepted(&settings, &config.policy(), &settings.topic("product"))
         .await
         .unwrap();
     assert_eq!(skipped, 0);
@@ -180,7 +180,7 @@ async fn restart_continues_streams_and_replays_idempotent_retries() {
     assert_eq!(r.body["version"], 3, "versions continue after the restart");
 
     let settings = broker.settings(&config.prefix, config.partitions);
-    let (commits, _) = read_accepted(&settings, &settings.topic("customer"))
+    let (commits, _) = read_accepted(&settings, &config.policy(), &settings.topic("customer"))
         .await
         .unwrap();
     assert_eq!(commits.len(), 3);
@@ -257,7 +257,7 @@ async fn a_newer_instance_fences_the_old_one_and_no_command_is_acknowledged_twic
     );
 
     let settings = broker.settings(&config.prefix, config.partitions);
-    let (commits, _) = read_accepted(&settings, &settings.topic("product"))
+    let (commits, _) = read_accepted(&settings, &config.policy(), &settings.topic("product"))
         .await
         .unwrap();
     assert_chains(&commits);
@@ -321,7 +321,7 @@ async fn a_broker_outage_is_answered_503_and_the_partition_resumes_from_the_log(
     // Whatever the outage left in the log, the state was rebuilt from it: the versions
     // run on without a gap and the chain holds.
     let settings = broker.settings(&config.prefix, config.partitions);
-    let (commits, _) = read_accepted(&settings, &settings.topic("product"))
+    let (commits, _) = read_accepted(&settings, &config.policy(), &settings.topic("product"))
         .await
         .unwrap();
     assert_eq!(commits.last().unwrap().commit.next_version(), version);

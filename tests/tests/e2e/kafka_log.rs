@@ -256,8 +256,11 @@ async fn the_gate_on_a_real_partition_skips_a_zombie_and_a_stale_fence() {
     append(&second, chained(&b, "o-1", 1, Some(&created))).await; // 5: accepted, o-1 at v2
     append(&second, chained(&b, "o-1", 1, Some(&created))).await; // 6: duplicate version: skipped
 
+    // Unsigned legacy fences: read under a cut-off that lets them count.
+    let mut policy = keel_schemas::TrustedKeys::default();
+    policy.allow_legacy_until(keel_schemas::Timestamp::now());
     let mut reader = PartitionReader::open(&settings, &topic, 0, 0).unwrap();
-    let mut gate = PartitionGate::new();
+    let mut gate = PartitionGate::new(std::sync::Arc::new(policy));
     let mut verdicts: Vec<bool> = Vec::new();
     reader
         .read_to_end(|e| verdicts.push(gate.read(e).accepted().is_some()))

@@ -204,8 +204,9 @@ pub(crate) async fn run(
     let settings = broker.settings(&config.prefix, PARTITIONS);
     let topic = ensure_topics(&settings, &["order"]).await?.remove(0);
     let total = {
-        let (settings, topic) = (settings.clone(), topic.clone());
-        tokio::task::spawn_blocking(move || write_order_log(&settings, &topic, events)).await??
+        let (settings, topic, key) = (settings.clone(), topic.clone(), config.signing_key());
+        tokio::task::spawn_blocking(move || write_order_log(&settings, &topic, events, &key))
+            .await??
     };
 
     step("B_consume: a bare consumer draining the log");

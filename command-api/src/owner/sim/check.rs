@@ -2,6 +2,7 @@
 //! folds it, and every answer the clients got checked against it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use keel_domain::Aggregate;
 use keel_domain::product::{Product, ProductCommand};
@@ -64,10 +65,14 @@ pub(crate) struct Fold {
 }
 
 impl Fold {
-    /// Folds `entries`; with `trusted`, also checks that every record that counts is
-    /// intact and signed by a trusted key.
-    pub(crate) fn of(entries: &[LogEntry], trusted: Option<&TrustedKeys>) -> Self {
-        let mut fold = Fold::default();
+    /// Folds `entries` through a gate applying `policy`; when `judge`, also checks, on its
+    /// own, that every record that counts is intact and signed by a trusted key.
+    pub(crate) fn of(entries: &[LogEntry], policy: &Arc<TrustedKeys>, judge: bool) -> Self {
+        let trusted = judge.then_some(policy.as_ref());
+        let mut fold = Fold {
+            gate: PartitionGate::new(Arc::clone(policy)),
+            ..Fold::default()
+        };
         for entry in entries {
             let offset = entry.offset;
             let read = fold.gate.read(entry.clone());

@@ -80,7 +80,9 @@ fn start_process(world: &Shared, all: &Processes, key: &Arc<SigningKey>) {
     let id = list.len();
     let log = SimLog::new(world, id);
     let mut ids = ChaCha8Rng::seed_from_u64(lock(world).rng.r#gen());
-    let (owner, _) = PartitionOwner::<Product, _>::new(log, "cmd-sim", Arc::clone(key), TIMEOUT);
+    let policy = Arc::clone(&lock(world).policy);
+    let (owner, _) =
+        PartitionOwner::<Product, _>::new(log, "cmd-sim", Arc::clone(key), policy, TIMEOUT);
     let owner = owner.with_ids(move || uuid::Builder::from_random_bytes(ids.r#gen()).into_uuid());
     let (requests, rx) = mpsc::channel(256);
     let task = tokio::spawn(owner.run(rx));
@@ -283,6 +285,8 @@ async fn simulate(seed: u64, enabled: &[Fault]) -> Report {
     let mut trusted = TrustedKeys::default();
     trusted.add(&key);
     trusted.add(&rival_key);
+    let policy = Arc::new(trusted);
+    lock(&world).policy = Arc::clone(&policy);
 
     let all: Processes = Arc::default();
     start_process(&world, &all, &key);
@@ -336,7 +340,7 @@ async fn simulate(seed: u64, enabled: &[Fault]) -> Report {
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
     let mut w = lock(&world);
-    let fold = Fold::of(&w.log.entries(), Some(&trusted));
+    let fold = Fold::of(&w.log.entries(), &policy, true);
     let violations = check::check(
         &fold,
         &record.attempts,
@@ -367,22 +371,15 @@ mod tests {
         std::env::var(name).ok().and_then(|v| v.parse().ok())
     }
 
-    /// Faults the write path does not defend against yet: forged records count until the
-    /// gate checks signatures (issue 14, item 5). `KEEL_SIM_FAULTS=Forgery` shows them.
-    const NOT_YET_DEFENDED: [Fault; 1] = [Fault::Forgery];
-
-    /// The fault kinds the write path defends against, or those `KEEL_SIM_FAULTS` names
-    /// (comma-separated, as in [`Fault`]).
+    /// Every fault kind, or those `KEEL_SIM_FAULTS` names (comma-separated, as in
+    /// [`Fault`]).
     fn faults() -> Vec<Fault> {
         match std::env::var("KEEL_SIM_FAULTS") {
             Ok(names) if !names.trim().is_empty() => Fault::ALL
                 .into_iter()
                 .filter(|f| names.split(',').any(|n| n.trim() == format!("{f:?}")))
                 .collect(),
-            _ => Fault::ALL
-                .into_iter()
-                .filter(|f| !NOT_YET_DEFENDED.contains(f))
-                .collect(),
+            _ => Fault::ALL.to_vec(),
         }
     }
 

@@ -13,8 +13,8 @@ use keel_domain::ids::Quantity;
 use keel_domain::product::{Product, ProductCommand};
 use keel_kafka::{KafkaError, LogEntry};
 use keel_schemas::{
-    CommandMeta, CommitRecord, FenceRecord, LogRecord, SigningKey, StreamRef, Timestamp, Writer,
-    encode_event,
+    CommandMeta, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, SigningKey, StreamRef,
+    Timestamp, TrustedKeys, Writer, encode_event,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -138,6 +138,8 @@ pub(crate) struct World {
     pub(crate) calm: bool,
     pub(crate) trace: Vec<String>,
     pub(crate) log: MemoryLog,
+    /// The key policy every reader applies.
+    pub(crate) policy: Arc<TrustedKeys>,
     pub(crate) timeout: Duration,
     started: Instant,
     late: Vec<Late>,
@@ -174,6 +176,7 @@ impl World {
             calm: false,
             trace: Vec::new(),
             log: MemoryLog::new("sim.product.events", 0),
+            policy: Arc::default(),
             timeout,
             started: Instant::now(),
             late: Vec::new(),
@@ -480,7 +483,7 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
         if !forge && !rival {
             continue;
         }
-        let fold = Fold::of(&w.log.entries(), None);
+        let fold = Fold::of(&w.log.entries(), &w.policy, false);
         let epoch = fold.gate.highest_epoch() + 1;
         let owner = fold.gate.owner().cloned();
         let streams: Vec<(String, u64, Option<String>, Product)> = fold
@@ -497,6 +500,7 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
             let fence = LogRecord::Fence(FenceRecord {
                 writer: writer.clone(),
                 recorded_at: Timestamp::now(),
+                rules: Some(FENCE_RULES),
                 signature: None,
             });
             w.persist(&[("", &fence, None)]);
@@ -517,6 +521,7 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
                 FenceRecord {
                     writer: writer.clone(),
                     recorded_at: Timestamp::now(),
+                    rules: Some(FENCE_RULES),
                     signature: None,
                 }
                 .signed(&rival_key),
@@ -525,7 +530,7 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
             let commits = w.rng.gen_range(0..=2);
             for _ in 0..commits {
                 // Each commit is decided on the log as it is now, so it chains properly.
-                let fold = Fold::of(&w.log.entries(), None);
+                let fold = Fold::of(&w.log.entries(), &w.policy, false);
                 let streams: Vec<(String, u64, Option<String>, Product)> = fold
                     .streams
                     .iter()

@@ -202,7 +202,7 @@ async fn auth_is_refused_without_keys_and_off_only_when_said() {
     .await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.text);
     let settings = broker.settings(&config.prefix, config.partitions);
-    let (accepted, _) = read_accepted(&settings, &settings.topic("product"))
+    let (accepted, _) = read_accepted(&settings, &config.policy(), &settings.topic("product"))
         .await
         .unwrap();
     assert_eq!(accepted.len(), 1);
