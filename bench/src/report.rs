@@ -90,6 +90,9 @@ pub struct Report {
     pub plots: Vec<Plot>,
     /// What bounds each missed target, and other observations of the run.
     pub notes: Vec<String>,
+    /// Groups of scenarios that failed, with why: the figures measured before the failure
+    /// are kept.
+    pub failed: Vec<String>,
 }
 
 /// A figure rounded for reading: three significant digits, thousands separated.
@@ -127,6 +130,12 @@ impl Report {
     /// The results as a Markdown section: the table of figures, the plots, the notes.
     pub fn markdown(&self, plot_dir: &str) -> String {
         let mut md = String::new();
+        for failure in &self.failed {
+            let _ = writeln!(
+                md,
+                "**Failed:** {failure}. The figures below are what was measured before it.\n"
+            );
+        }
         let _ = writeln!(
             md,
             "| Scenario | Measure | Keel | Baseline | Ratio | Target | Met |\n|---|---|---:|---|---:|---|---|"

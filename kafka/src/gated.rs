@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_schemas::{LogRecord, SchemaError, TopicPartition, TrustedKeys, Writer};
+use keel_schemas::{CommitCheck, LogRecord, SchemaError, TopicPartition, TrustedKeys, Writer};
 
 use crate::gate::{PartitionGate, Rejection};
 use crate::reader::{LogEntry, LogReader};
@@ -48,8 +48,24 @@ impl Gated {
 impl PartitionGate {
     /// Decodes the next record of the partition and puts it through the gate.
     pub fn read(&mut self, entry: LogEntry) -> Gated {
-        let record = LogRecord::decode(&entry.payload).map(|record| {
-            let verdict = self.admit(&record);
+        let record = LogRecord::decode(&entry.payload);
+        self.read_decoded(entry, record, None)
+    }
+
+    /// [`PartitionGate::read`] for a record decoded already, with its commit's hash and
+    /// signature checked already when `check` is given (see
+    /// [`PartitionGate::admit_commit_checked`]).
+    pub fn read_decoded(
+        &mut self,
+        entry: LogEntry,
+        record: Result<LogRecord, SchemaError>,
+        check: Option<&CommitCheck>,
+    ) -> Gated {
+        let record = record.map(|record| {
+            let verdict = match &record {
+                LogRecord::Fence(fence) => self.admit_fence(fence),
+                LogRecord::Commit(commit) => self.admit_commit_checked(commit, check),
+            };
             (record, verdict)
         });
         let owner_if_skipped = match &record {

@@ -30,20 +30,39 @@ enum Parsed {
 }
 
 impl Decoded {
-    /// Decodes the record and, for a commit, its events, and checks its hash and signature
-    /// against `policy`: the gate's costly work, done here, off the apply path.
-    pub(crate) fn new(entry: LogEntry, policy: &TrustedKeys) -> Self {
-        let parsed = LogRecord::decode(&entry.payload)
-            .map_err(|e| e.to_string())
-            .map(|record| match record {
-                LogRecord::Fence(fence) => Parsed::Fence(fence),
-                LogRecord::Commit(commit) => {
-                    let events = decode_events(&commit);
-                    let check = policy.check_commit(&commit);
-                    Parsed::Commit(Arc::new(commit), check, events)
-                }
-            });
-        Self { entry, parsed }
+    /// Decodes the records and, for commits, their events, and checks the commits' hashes
+    /// and signatures against `policy` (together, see [`TrustedKeys::check_commits`]): the
+    /// gate's costly work, done here, off the apply path.
+    pub(crate) fn all(entries: Vec<LogEntry>, policy: &TrustedKeys) -> Vec<Self> {
+        let records: Vec<Result<LogRecord, String>> = entries
+            .iter()
+            .map(|e| LogRecord::decode(&e.payload).map_err(|e| e.to_string()))
+            .collect();
+        let commits: Vec<&CommitRecord> = records
+            .iter()
+            .filter_map(|r| match r {
+                Ok(LogRecord::Commit(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let mut checks = policy.check_commits(&commits).into_iter();
+        entries
+            .into_iter()
+            .zip(records)
+            .map(|(entry, record)| {
+                let parsed = record.map(|record| match record {
+                    LogRecord::Fence(fence) => Parsed::Fence(fence),
+                    LogRecord::Commit(commit) => {
+                        let events = decode_events(&commit);
+                        let check = checks
+                            .next()
+                            .unwrap_or_else(|| policy.check_commit(&commit));
+                        Parsed::Commit(Arc::new(commit), check, events)
+                    }
+                });
+                Self { entry, parsed }
+            })
+            .collect()
     }
 
     /// Puts the record through its partition's gate: the events it contributes, or why it

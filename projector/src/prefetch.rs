@@ -55,11 +55,7 @@ async fn decode(
     let second = entries.split_off(entries.len() / 2);
     let halves = [entries, second].map(|half| {
         let policy = Arc::clone(policy);
-        tokio::task::spawn_blocking(move || {
-            half.into_iter()
-                .map(|entry| Decoded::new(entry, &policy))
-                .collect::<Vec<_>>()
-        })
+        tokio::task::spawn_blocking(move || Decoded::all(half, &policy))
     });
     let mut decoded = Vec::new();
     for half in halves {

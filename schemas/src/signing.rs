@@ -354,25 +354,75 @@ impl TrustedKeys {
 
     /// Checks `signature` over `hash`.
     pub fn check(&self, hash: &str, signature: Option<&Signature>) -> SignatureCheck {
+        match self.parse(signature) {
+            Ok((key, sig)) if key.verify(hash.as_bytes(), &sig).is_ok() => SignatureCheck::Valid,
+            Ok(_) => SignatureCheck::Invalid(format!(
+                "the signature does not verify with key {}",
+                signature.map_or("", |s| s.key_id.as_str())
+            )),
+            Err(check) => check,
+        }
+    }
+
+    /// The trusted key a signature names and the signature itself, or what is wrong.
+    fn parse(
+        &self,
+        signature: Option<&Signature>,
+    ) -> Result<(&ed25519_dalek::VerifyingKey, ed25519_dalek::Signature), SignatureCheck> {
         let Some(signature) = signature else {
-            return SignatureCheck::Missing;
+            return Err(SignatureCheck::Missing);
         };
         let Some(key) = self.keys.get(&signature.key_id) else {
-            return SignatureCheck::UnknownKey(signature.key_id.clone());
+            return Err(SignatureCheck::UnknownKey(signature.key_id.clone()));
         };
-        let parsed = STANDARD
+        STANDARD
             .decode(&signature.value)
             .ok()
             .and_then(|b| <[u8; 64]>::try_from(b).ok())
-            .map(|b| ed25519_dalek::Signature::from_bytes(&b));
-        match parsed {
-            Some(sig) if key.verify(hash.as_bytes(), &sig).is_ok() => SignatureCheck::Valid,
-            Some(_) => SignatureCheck::Invalid(format!(
-                "the signature does not verify with key {}",
-                signature.key_id
-            )),
-            None => SignatureCheck::Invalid("the signature is not 64 base64 bytes".into()),
-        }
+            .map(|b| (key, ed25519_dalek::Signature::from_bytes(&b)))
+            .ok_or_else(|| SignatureCheck::Invalid("the signature is not 64 base64 bytes".into()))
+    }
+
+    /// [`TrustedKeys::check_commit`] for many commits at once: their signatures are
+    /// verified together (Ed25519 batch verification, about twice as fast as one by one),
+    /// and one by one only when the batch does not verify, to tell which fail.
+    pub fn check_commits(&self, commits: &[&CommitRecord]) -> Vec<CommitCheck> {
+        let parsed: Vec<_> = commits
+            .iter()
+            .map(|c| self.parse(c.signature.as_ref()))
+            .collect();
+        let batch: Vec<(
+            usize,
+            &ed25519_dalek::VerifyingKey,
+            ed25519_dalek::Signature,
+        )> = parsed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().ok().map(|(key, sig)| (i, *key, *sig)))
+            .collect();
+        let messages: Vec<&[u8]> = batch
+            .iter()
+            .map(|(i, _, _)| commits[*i].hash.as_bytes())
+            .collect();
+        let signatures: Vec<ed25519_dalek::Signature> = batch.iter().map(|b| b.2).collect();
+        let keys: Vec<ed25519_dalek::VerifyingKey> = batch.iter().map(|b| *b.1).collect();
+        let all_valid =
+            !batch.is_empty() && ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok();
+        commits
+            .iter()
+            .zip(parsed)
+            .map(|(commit, parsed)| {
+                let check = match parsed {
+                    Ok(_) if all_valid => SignatureCheck::Valid,
+                    Ok(_) => self.check(&commit.hash, commit.signature.as_ref()),
+                    Err(check) => check,
+                };
+                CommitCheck {
+                    hash_ok: commit.hash_is_valid(),
+                    signer: signer(check, commit.signature.as_ref()),
+                }
+            })
+            .collect()
     }
 }
 
@@ -417,6 +467,47 @@ fn read_lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_of_commits_is_checked_as_one_by_one() {
+        let key = SigningKey::generate();
+        let stranger = SigningKey::generate();
+        let mut trusted = TrustedKeys::default();
+        trusted.add(&key);
+        let writer = crate::testing::writer("w", 1);
+        let commit = |i: usize, by: &SigningKey| {
+            crate::testing::commit(
+                &writer,
+                crate::testing::stream("order", format!("o-{i}")),
+                0,
+            )
+            .event("OrderShipped", 1, serde_json::json!({}))
+            .command("ShipOrder", "test")
+            .signed(by)
+        };
+        let mut commits: Vec<CommitRecord> = (0..8).map(|i| commit(i, &key)).collect();
+        let all: Vec<&CommitRecord> = commits.iter().collect();
+        assert!(
+            trusted
+                .check_commits(&all)
+                .iter()
+                .all(|c| c.hash_ok && c.signer.as_deref() == Ok(key.key_id()))
+        );
+        // One signature forged for a trusted key, one by a stranger, one hash tampered.
+        commits[2].signature = Some(Signature {
+            key_id: key.key_id().to_owned(),
+            value: stranger.sign(&commits[2].hash).value,
+        });
+        commits[5] = commit(5, &stranger);
+        commits[6].hash = "0".repeat(64);
+        let all: Vec<&CommitRecord> = commits.iter().collect();
+        let batch = trusted.check_commits(&all);
+        let one_by_one: Vec<CommitCheck> = all.iter().map(|c| trusted.check_commit(c)).collect();
+        assert_eq!(batch, one_by_one);
+        let failed: Vec<usize> = (0..8).filter(|i| batch[*i].signer.is_err()).collect();
+        assert_eq!(failed, [2, 5, 6]);
+        assert!(!batch[6].hash_ok);
+    }
 
     #[test]
     fn a_signature_verifies_with_its_key_only() {

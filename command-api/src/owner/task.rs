@@ -18,8 +18,8 @@ use std::time::Duration;
 use keel_domain::Aggregate;
 use keel_kafka::{Gated, KafkaError, LogEntry, PartitionGate};
 use keel_schemas::{
-    CommitRecord, FENCE_RULES, FenceRecord, LogRecord, Position, SigningKey, Timestamp,
-    TrustedKeys, Writer, decode_event,
+    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, Position, SchemaError,
+    SigningKey, Timestamp, TrustedKeys, Writer, decode_event,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, instrument, warn};
@@ -31,6 +31,46 @@ use super::outcome::{CommandRequest, EventSummary, Outcome, OwnerError};
 
 /// Commands decided and appended together at most.
 const MAX_FLUSH: usize = 512;
+
+/// Records a catch-up reads before it applies them.
+const CHECK_CHUNK: usize = 4096;
+
+/// Chunks of fewer records are checked on the owner's own task.
+const PARALLEL_FROM: usize = 256;
+
+/// A record decoded, with its commit's hash and signature checked.
+type Checked = (
+    LogEntry,
+    Result<LogRecord, SchemaError>,
+    Option<CommitCheck>,
+);
+
+/// Decodes `chunk` and checks its commits together.
+fn check_chunk(chunk: Vec<LogEntry>, policy: &TrustedKeys) -> Vec<Checked> {
+    let records: Vec<Result<LogRecord, SchemaError>> = chunk
+        .iter()
+        .map(|e| LogRecord::decode(&e.payload))
+        .collect();
+    let commits: Vec<&CommitRecord> = records
+        .iter()
+        .filter_map(|r| match r {
+            Ok(LogRecord::Commit(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let mut checks = policy.check_commits(&commits).into_iter();
+    chunk
+        .into_iter()
+        .zip(records)
+        .map(|(entry, record)| {
+            let check = match &record {
+                Ok(LogRecord::Commit(_)) => checks.next(),
+                _ => None,
+            };
+            (entry, record, check)
+        })
+        .collect()
+}
 
 /// How long a recovering owner with no command to serve waits before reading the log
 /// again.
@@ -152,6 +192,8 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     pub(super) signing_key: Arc<SigningKey>,
     /// Where the ids of commits, events and commands come from.
     pub(super) ids: Box<dyn FnMut() -> Uuid + Send>,
+    /// Large catch-up chunks are checked on two threads.
+    parallel_checks: bool,
 }
 
 impl<A: Aggregate, L: PartitionLog> PartitionOwner<A, L>
@@ -185,6 +227,7 @@ where
             undecodable: 0,
             signing_key,
             ids: Box::new(Uuid::now_v7),
+            parallel_checks: true,
         };
         (owner, status)
     }
@@ -193,6 +236,13 @@ where
     /// (the simulation's ids come from its seed).
     pub fn with_ids(mut self, ids: impl FnMut() -> Uuid + Send + 'static) -> Self {
         self.ids = Box::new(ids);
+        self
+    }
+
+    /// The same owner, checking every record on its own task (the simulation's runs stay
+    /// deterministic only on one thread).
+    pub fn checking_on_one_thread(mut self) -> Self {
+        self.parallel_checks = false;
         self
     }
 
@@ -295,23 +345,71 @@ where
     /// Reads to the current end of the partition; returns the verdicts of the commits read.
     /// Each record is applied as it is read, so a catch-up that fails partway resumes
     /// where it applied, never past a record it did not apply.
+    ///
+    /// Records are read in chunks of at most [`CHECK_CHUNK`], so a catch-up holds no more
+    /// than that in memory however long the partition; each chunk's commits have their
+    /// hashes and signatures checked together (on two threads for a large chunk), then
+    /// every record read is applied in order, also when the read failed partway.
     pub(super) async fn catch_up(&mut self) -> Result<Verdicts, KafkaError> {
         let end = self.log.end().await?;
         let mut verdicts = HashMap::new();
         while self.log.next_offset() < end {
-            let entry = tokio::time::timeout(self.timeout, self.log.next())
-                .await
-                .map_err(|_| {
-                    KafkaError::Timeout(format!(
-                        "reading {}/{} at offset {} towards {end}",
-                        self.topic,
-                        self.partition,
-                        self.log.next_offset()
-                    ))
-                })??;
-            verdicts.extend(self.apply(entry));
+            let mut chunk = Vec::new();
+            let mut failed = None;
+            while self.log.next_offset() < end && chunk.len() < CHECK_CHUNK {
+                match tokio::time::timeout(self.timeout, self.log.next()).await {
+                    Ok(Ok(entry)) => chunk.push(entry),
+                    Ok(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Err(_) => {
+                        failed = Some(KafkaError::Timeout(format!(
+                            "reading {}/{} at offset {} towards {end}",
+                            self.topic,
+                            self.partition,
+                            self.log.next_offset()
+                        )));
+                        break;
+                    }
+                }
+            }
+            let checked = Self::check(Arc::clone(self.gate.policy()), self.parallel_checks, chunk);
+            for (entry, record, check) in checked.await {
+                let gated = self.gate.read_decoded(entry, record, check.as_ref());
+                verdicts.extend(self.apply_gated(gated));
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
         Ok(verdicts)
+    }
+
+    /// Decodes a chunk of records and checks its commits' hashes and signatures: on two
+    /// threads when it is large and `parallel`. Holds nothing of the owner across its
+    /// awaits.
+    async fn check(policy: Arc<TrustedKeys>, parallel: bool, chunk: Vec<LogEntry>) -> Vec<Checked> {
+        if !parallel || chunk.len() < PARALLEL_FROM {
+            return check_chunk(chunk, &policy);
+        }
+        let mut first = chunk;
+        let second = first.split_off(first.len() / 2);
+        let halves = [first, second].map(|half| {
+            let policy = Arc::clone(&policy);
+            tokio::task::spawn_blocking(move || check_chunk(half, &policy))
+        });
+        let mut checked = Vec::new();
+        for half in halves {
+            match half.await {
+                Ok(half) => checked.extend(half),
+                // The blocking pool is gone (the runtime is shutting down): nothing is
+                // applied, and the caller's next read starts after the lost records, so
+                // the owner must not go on. It stops like a task whose runtime ends.
+                Err(e) => panic!("checking records on the blocking pool failed: {e}"),
+            }
+        }
+        checked
     }
 
     /// Reads until the record at `offset` has been applied.
@@ -326,10 +424,16 @@ where
         Ok(verdicts)
     }
 
-    /// Applies one record read from the log, through the gate. The only place the owner's
-    /// state changes.
+    /// Applies one record read from the log, through the gate. With
+    /// [`PartitionOwner::apply_gated`], the only place the owner's state changes.
     fn apply(&mut self, entry: LogEntry) -> Option<(Uuid, ReadBack)> {
-        let Gated { entry, record, .. } = self.gate.read(entry);
+        let gated = self.gate.read(entry);
+        self.apply_gated(gated)
+    }
+
+    /// Applies a record the gate has just read.
+    fn apply_gated(&mut self, gated: Gated) -> Option<(Uuid, ReadBack)> {
+        let Gated { entry, record, .. } = gated;
         let (record, verdict) = match record {
             Ok(read) => read,
             Err(e) => {

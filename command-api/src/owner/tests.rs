@@ -70,7 +70,7 @@ async fn serving_owner(
 ) -> (mpsc::Sender<CommandRequest<Product>>, StatusCell) {
     let (owner, status) =
         PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(512);
     tokio::spawn(owner.run(rx));
     tokio::time::timeout(TIMEOUT, async {
         while status.get() != Status::Serving {
@@ -694,4 +694,58 @@ async fn a_reused_key_is_refused_only_once_the_commit_holding_it_counts() {
         matches!(answer(reused).await, Err(OwnerError::Unavailable(_))),
         "the key is in no commit that counts"
     );
+}
+
+#[tokio::test]
+async fn a_long_catch_up_checks_in_parallel_and_resumes_where_it_applied() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (first, _) = serving_owner(log.handle(), "cmd-a").await;
+    send(
+        &first,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .unwrap();
+    // 1,200 commits: catch-up chunks large enough to be checked on two threads.
+    for round in 0..4 {
+        let answers: Vec<_> = (0..300)
+            .map(|i| {
+                let stream = format!("p-{}", 2 + round * 300 + i);
+                queue(
+                    &first,
+                    &stream,
+                    register(),
+                    meta("RegisterProduct", None, None),
+                )
+            })
+            .collect();
+        for a in answers {
+            answer(a).await.unwrap();
+        }
+    }
+    send(&first, "p-1", restock(5), meta("Restock", None, Some(1)))
+        .await
+        .unwrap();
+    // The next owner's fetch fails once in the middle of its first chunk.
+    log.fail_reads_at(700, 1);
+    let (second, _) = serving_owner(log.handle(), "cmd-b").await;
+    let restocked = send(&second, "p-1", restock(1), meta("Restock", None, Some(2)))
+        .await
+        .expect("the second owner read every commit");
+    assert_eq!(restocked.version, 3);
+    let conflict = send(
+        &second,
+        "p-1000",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await;
+    assert_eq!(
+        conflict,
+        Err(OwnerError::Domain(DomainError::ProductAlreadyRegistered))
+    );
+    let (commits, skipped) = accepted(&log);
+    assert_eq!((commits.len(), skipped), (1203, 0));
 }

@@ -164,18 +164,25 @@ async fn run(options: Options) -> anyhow::Result<()> {
             .as_ref()
             .is_none_or(|o| o.iter().any(|g| g == group))
     };
-    if wanted("commands") {
-        commands::run(&options, &mut report, &mut plots).await?;
+    // A group that fails keeps the figures it measured before, and the later groups run.
+    if wanted("commands")
+        && let Err(e) = commands::run(&options, &mut report, &mut plots).await
+    {
+        failed(&mut report, "commands", &e);
     }
-    if wanted("ryw") {
-        ryw::run(&options, &mut report, &mut plots).await?;
+    if wanted("ryw")
+        && let Err(e) = ryw::run(&options, &mut report, &mut plots).await
+    {
+        failed(&mut report, "read-your-writes", &e);
     }
-    if wanted("projections") {
-        projections::run(&options, &mut report, &mut plots).await?;
+    if wanted("projections")
+        && let Err(e) = projections::run(&options, &mut report, &mut plots).await
+    {
+        failed(&mut report, "projections", &e);
     }
     if options.only.is_some() {
         println!("{}", report.markdown(&options.out.display().to_string()));
-        return Ok(());
+        return outcome(&report);
     }
 
     report.seconds = started().elapsed().as_secs_f64();
@@ -200,7 +207,22 @@ async fn run(options: Options) -> anyhow::Result<()> {
         options.out.join("report.json").display(),
         options.markdown.display()
     ));
-    Ok(())
+    outcome(&report)
+}
+
+/// Records that a group of scenarios failed.
+fn failed(report: &mut Report, group: &str, error: &anyhow::Error) {
+    let line = format!("the {group} scenarios stopped: {error:#}");
+    step(&line);
+    report.failed.push(line);
+}
+
+/// The run's exit: an error when a group failed, once the report is written.
+fn outcome(report: &Report) -> anyhow::Result<()> {
+    match report.failed.as_slice() {
+        [] => Ok(()),
+        failures => anyhow::bail!("{}", failures.join("; ")),
+    }
 }
 
 const BEGIN: &str = "<!-- bench:begin -->";

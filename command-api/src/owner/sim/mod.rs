@@ -83,7 +83,9 @@ fn start_process(world: &Shared, all: &Processes, key: &Arc<SigningKey>) {
     let policy = Arc::clone(&lock(world).policy);
     let (owner, _) =
         PartitionOwner::<Product, _>::new(log, "cmd-sim", Arc::clone(key), policy, TIMEOUT);
-    let owner = owner.with_ids(move || uuid::Builder::from_random_bytes(ids.r#gen()).into_uuid());
+    let owner = owner
+        .with_ids(move || uuid::Builder::from_random_bytes(ids.r#gen()).into_uuid())
+        .checking_on_one_thread();
     let (requests, rx) = mpsc::channel(256);
     let task = tokio::spawn(owner.run(rx));
     list.push(Process { requests, task });
