@@ -16,6 +16,48 @@ bin="${CARGO_TARGET_DIR:-target}/release"
 mkdir -p .keel/logs
 ensure_dev_secret
 
+# Each log is capped: past KEEL_LOG_MAX_MB (default 20) megabytes it is moved to
+# <name>.log.1 (replacing the one before) and a new one begun, so a chatty level (RUST_LOG
+# set in the environment, say) never fills the disk.
+log_max_bytes=$(( ${KEEL_LOG_MAX_MB:-20} * 1024 * 1024 ))
+cap_log() {
+    local file=$1 lines=0
+    : >>"$file"
+    while IFS= read -r line; do
+        printf '%s\n' "$line" >>"$file"
+        lines=$((lines + 1))
+        if [ $((lines % 500)) -eq 0 ] && [ "$(stat -c %s "$file")" -ge "$log_max_bytes" ]; then
+            mv -f "$file" "$file.1"
+            : >"$file"
+        fi
+    done
+}
+
+# Runs a service and starts it again whenever it exits, after a pause that doubles up to
+# 30 s while it keeps failing (and is 1 s again once it ran a minute); says so each time.
+supervise() {
+    local name=$1
+    shift
+    (
+        child=
+        trap '[ -n "$child" ] && kill "$child" 2>/dev/null; wait 2>/dev/null; exit 0' INT TERM
+        delay=1
+        while true; do
+            started=$SECONDS
+            "$@" > >(cap_log ".keel/logs/$name.log") 2>&1 &
+            child=$!
+            wait "$child"
+            status=$?
+            child=
+            [ $((SECONDS - started)) -ge 60 ] && delay=1
+            say "$name exited (status $status): restarting it in ${delay}s; see .keel/logs/$name.log"
+            sleep "$delay"
+            delay=$((delay * 2 > 30 ? 30 : delay * 2))
+        done
+    ) &
+    pids+=($!)
+}
+
 pids=()
 stop() {
     trap - INT TERM EXIT
@@ -31,13 +73,14 @@ if [ "$KEEL_KAFKA_BROKERS" = "127.0.0.1:9092" ]; then
     else
         ensure_database keel_log
         say "starting the broker (log: .keel/logs/broker.log)"
-        env -u STORAGE_ENGINE -u LISTENER_URL -u ADVERTISED_LISTENER_URL \
+        # The broker's own level is pinned: at info it logs every request, whatever
+        # RUST_LOG the environment holds. KEEL_BROKER_LOG changes it on purpose.
+        supervise broker env -u STORAGE_ENGINE -u LISTENER_URL -u ADVERTISED_LISTENER_URL \
+            RUST_LOG="${KEEL_BROKER_LOG:-warn}" \
             nisshi broker \
             --listener-url tcp://127.0.0.1:9092 \
             --advertised-listener-url tcp://127.0.0.1:9092 \
-            --storage-engine "postgres://postgres@$PG_HOST:$PG_PORT/keel_log?sslmode=disable" \
-            >.keel/logs/broker.log 2>&1 &
-        pids+=($!)
+            --storage-engine "postgres://postgres@$PG_HOST:$PG_PORT/keel_log?sslmode=disable"
         for _ in $(seq 1 120); do port_open 9092 && break; sleep 0.25; done
         port_open 9092 || { echo "the broker did not start; see .keel/logs/broker.log" >&2; exit 1; }
     fi
@@ -48,31 +91,28 @@ say "ensuring the topics"
 
 export KEEL_DATABASE_URL="${KEEL_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/keel?sslmode=disable}"
 trusted="${KEEL_TRUSTED_KEYS_FILE:-.keel/trusted.keys}"
-start_service() {
-    local name=$1 port=$2
+for port in 8080 8081; do
     if port_open "$port"; then
         echo "port $port is taken: is another 'make up' running? Stop it first." >&2
         exit 1
     fi
-    say "starting $name on 127.0.0.1:$port (log: .keel/logs/$name.log)"
-    "$bin/$name" >".keel/logs/$name.log" 2>&1 &
-    pids+=($!)
-}
+done
 
 # The command API first: on a first run it makes the signing key and the trusted keys
 # file, which the projector's gate needs.
-start_service command-api 8080
+say "starting command-api on 127.0.0.1:8080 (log: .keel/logs/command-api.log)"
+supervise command-api "$bin/command-api"
 for _ in $(seq 1 240); do [ -s "$trusted" ] && break; sleep 0.25; done
 [ -s "$trusted" ] || { echo "no trusted keys at $trusted; see .keel/logs/command-api.log" >&2; exit 1; }
 
 say "starting the projector (log: .keel/logs/projector.log)"
-"$bin/projector" run >.keel/logs/projector.log 2>&1 &
-pids+=($!)
+supervise projector "$bin/projector" run
 
-start_service query-api 8081
+say "starting query-api on 127.0.0.1:8081 (log: .keel/logs/query-api.log)"
+supervise query-api "$bin/query-api"
 
 say "Keel is up: commands on http://127.0.0.1:8080, queries on http://127.0.0.1:8081. Ctrl-C stops it."
 [ -n "${KEEL_AUTH_HS256_SECRET_FILE:-}" ] &&
     say "every /v1 route needs a token: TOKEN=\$(make -s token ROLE=all SUB=you), then curl -H \"Authorization: Bearer \$TOKEN\""
-wait -n "${pids[@]}" || true
-echo "a process exited; see .keel/logs" >&2
+say "a service that exits is started again (said here, logs capped at ${KEEL_LOG_MAX_MB:-20} MB in .keel/logs)"
+wait

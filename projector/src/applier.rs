@@ -10,6 +10,7 @@ use crate::checkpoint::Checkpoints;
 use crate::dead_letter::{self, DeadLetter};
 use crate::decode::Decoded;
 use crate::generation::{self, BatchReport, GenerationChanged, Mode};
+use crate::hold::Hold;
 use crate::job::{Job, OnError};
 use crate::{BoxFuture, generation::live};
 
@@ -29,11 +30,23 @@ pub(crate) struct Applier<'j> {
     mode: Mode,
     checkpoints: Checkpoints,
     events: u64,
+    hold: &'j Hold,
 }
 
 impl<'j> Applier<'j> {
-    /// Loads the checkpoints and the gate state of every partition the projection reads.
-    pub(crate) async fn load(job: &'j Job, generation: i32, mode: Mode) -> anyhow::Result<Self> {
+    /// Proves, inside `tx`, that this process still holds the work it applies.
+    pub(crate) async fn prove_hold(&self, tx: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+        self.hold.prove(tx).await
+    }
+
+    /// Loads the checkpoints and the gate state of every partition the projection reads,
+    /// to apply batches under `hold`: each batch transaction proves it still holds the work.
+    pub(crate) async fn load(
+        job: &'j Job,
+        generation: i32,
+        mode: Mode,
+        hold: &'j Hold,
+    ) -> anyhow::Result<Self> {
         let checkpoints = Self::load_checkpoints(job, generation).await?;
         Ok(Self {
             job,
@@ -41,6 +54,7 @@ impl<'j> Applier<'j> {
             mode,
             checkpoints,
             events: 0,
+            hold,
         })
     }
 
@@ -171,6 +185,7 @@ impl<'j> Applier<'j> {
             }
         }
         let mut tx = self.job.pool.begin().await?;
+        self.hold.prove(&mut tx).await?;
         self.job
             .projection
             .apply(&mut tx, self.generation, &events)
@@ -210,6 +225,7 @@ impl<'j> Applier<'j> {
             }
         }
         let mut tx = self.job.pool.begin().await?;
+        self.hold.prove(&mut tx).await?;
         self.save(&mut tx, std::slice::from_ref(&dead), 0, stopped)
             .await?;
         tx.commit().await?;

@@ -28,6 +28,7 @@ pub mod db;
 mod dead_letter;
 mod decode;
 mod generation;
+mod hold;
 pub mod job;
 mod prefetch;
 mod progress;

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::applier::{Applier, Flow};
 use crate::checkpoint;
 use crate::generation::{self, Mode, create_tables, discard, point_views, prepare};
+use crate::hold::Hold;
 use crate::job::Job;
 use crate::prefetch::Prefetch;
 pub use crate::progress::Progress;
@@ -132,10 +133,13 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
+    // Claimed under the lock, and proved in each batch transaction: a rebuild whose lock
+    // session died applies nothing once another rebuild took over.
+    let hold = Hold::claim(&job.pool, format!("rebuild:{name}")).await?;
     // Read under the lock: a rebuild that finished while this one waited moved it on.
     let live = prepare(&job.pool, projection).await?;
     let (generation, resumed) = start_or_resume(job, live.generation).await?;
-    let mut applier = Applier::load(job, generation, Mode::Rebuild).await?;
+    let mut applier = Applier::load(job, generation, Mode::Rebuild, &hold).await?;
     let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
     // Where the log ends, measured beside the work: asking the broker takes a round trip
     // per partition, which the apply loop must not wait for.
@@ -351,6 +355,7 @@ async fn swap(
     let projection = job.projection.as_ref();
     let name = projection.name();
     let mut tx = job.pool.begin().await?;
+    applier.prove_hold(&mut tx).await?;
     generation::lock(&mut tx, name).await?;
     let previous: i32 =
         sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR UPDATE")

@@ -10,6 +10,7 @@ use tracing::{error, info, instrument, warn};
 
 use crate::applier::{Applier, Flow};
 use crate::generation::{GenerationChanged, Mode, prepare};
+use crate::hold::{Hold, LostHold};
 use crate::job::Job;
 use crate::prefetch::Prefetch;
 use crate::rebuild::{Progress, RebuildOptions, rebuild};
@@ -32,6 +33,20 @@ impl Runner {
     /// database down) are retried from the last checkpoint.
     #[instrument(name = "projection", skip_all, fields(projection = self.job.name()))]
     pub async fn run(&self) -> anyhow::Result<()> {
+        loop {
+            match self.run_holding().await {
+                Err(e) if e.downcast_ref::<LostHold>().is_some() => {
+                    warn!(error = %e, "lost the projection to another runner");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Takes the run lock, claims the projection, and runs it until it ends, or until
+    /// another runner holds it ([`LostHold`]).
+    async fn run_holding(&self) -> anyhow::Result<()> {
         let job = &self.job;
         // One runner per projection: a second projector process stands by until the first ends.
         let mut lock = loop {
@@ -55,6 +70,11 @@ impl Runner {
             info!("another projector runs this projection; standing by");
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
+        // The lock says who should run; the claim, proved in each batch transaction, makes
+        // sure a runner whose lock session died applies nothing once another took over.
+        let hold = Hold::claim(&job.pool, format!("run:{}", job.name())).await?;
+        // The lock's session lives as long as this runner holds the projection.
+        let _lock = lock;
         loop {
             let live = match prepare(&job.pool, job.projection.as_ref()).await {
                 Ok(live) => live,
@@ -93,8 +113,9 @@ impl Runner {
                 continue;
             }
             info!(generation = live.generation, "running");
-            match self.run_live(live.generation).await {
+            match self.run_live(live.generation, &hold).await {
                 Ok(()) => return Ok(()),
+                Err(e) if e.downcast_ref::<LostHold>().is_some() => return Err(e),
                 Err(e) if e.downcast_ref::<GenerationChanged>().is_some() => {
                     info!("{e}; following the new generation");
                 }
@@ -106,8 +127,8 @@ impl Runner {
         }
     }
 
-    async fn run_live(&self, generation: i32) -> anyhow::Result<()> {
-        let mut applier = Applier::load(&self.job, generation, Mode::Live).await?;
+    async fn run_live(&self, generation: i32, hold: &Hold) -> anyhow::Result<()> {
+        let mut applier = Applier::load(&self.job, generation, Mode::Live, hold).await?;
         let reader = Arc::new(LogReader::open(&self.job.kafka, &applier.assignment())?);
         let mut batches = Prefetch::start(
             reader,

@@ -37,56 +37,112 @@ async fn a_query_with_the_commands_token_reads_its_write_every_time() {
     }
 }
 
+/// What a load of orders placed: orders, items and revenue in all, and the merged
+/// consistency token of every command.
+type Placed = (i64, i64, i64, ConsistencyToken);
+
+/// Places `count` orders (`{prefix}-<i>`), 32 at a time.
+async fn place_orders(stack: &Stack, prefix: &str, count: usize) -> Placed {
+    let client = stack.client.clone();
+    let mut tasks = tokio::task::JoinSet::new();
+    let (mut orders, mut items, mut revenue) = (0i64, 0i64, 0i64);
+    let mut token = ConsistencyToken::default();
+    for i in 0..count {
+        let quantity = (i % 7 + 1) as i64;
+        let price = (i % 13 + 1) as i64 * 100;
+        orders += 1;
+        items += quantity;
+        revenue += quantity * price;
+        let body = json!({"customer_id": format!("c-{}", i % 50),
+                          "lines": [{"sku": "SKU-1", "quantity": quantity, "unit_price": eur(price)}]});
+        let (client, url) = (
+            client.clone(),
+            stack.command.url(&format!("/v1/orders/{prefix}-{i}/place")),
+        );
+        tasks.spawn(async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        });
+        while tasks.len() >= 32 {
+            let body = tasks.join_next().await.unwrap().unwrap();
+            token = token.merge(&body["consistency_token"].as_str().unwrap().parse().unwrap());
+        }
+    }
+    while let Some(body) = tasks.join_next().await {
+        token = token.merge(
+            &body.unwrap()["consistency_token"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+    }
+    (orders, items, revenue, token)
+}
+
+/// Every placed order is in `orders`, `daily_sales` and `audit_log` exactly once.
+async fn assert_applied_exactly_once(stack: &Stack, placed: Placed, count: usize) {
+    let (orders, items, revenue, token) = placed;
+    let (status, sales) = stack.get("/v1/reports/daily-sales", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{sales}");
+    let sum = |field: &str| -> i64 {
+        sales["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d[field].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (sum("orders_placed"), sum("items"), sum("revenue_minor")),
+        (orders, items, revenue)
+    );
+
+    let pool = stack.pool().await;
+    // Every projection has caught up with the token before the counts are taken.
+    let (status, _) = stack.get("/v1/orders/eo-0", Some(&token)).await;
+    assert!(status == StatusCode::OK || status == StatusCode::NOT_FOUND);
+    let waited = Instant::now();
+    let (rows, audit, distinct) = loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM audit_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if audit >= count as i64 || waited.elapsed() > Duration::from_secs(60) {
+            break (rows, audit, distinct);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(rows, count as i64, "orders has exactly one row per order");
+    assert_eq!(
+        (audit, distinct),
+        (count as i64, count as i64),
+        "audit_log has exactly one row per event"
+    );
+}
+
 #[tokio::test]
 async fn orders_survive_projector_kills_exactly_once() {
     let mut stack = Stack::start("exactly-once", 4).await;
     let first = stack.projector.take().unwrap();
     let stack_ref = &stack;
     const ORDERS: usize = 5000;
-    let placing = async move {
-        let client = stack_ref.client.clone();
-        let mut tasks = tokio::task::JoinSet::new();
-        let (mut orders, mut items, mut revenue) = (0i64, 0i64, 0i64);
-        let mut token = ConsistencyToken::default();
-        for i in 0..ORDERS {
-            let quantity = (i % 7 + 1) as i64;
-            let price = (i % 13 + 1) as i64 * 100;
-            orders += 1;
-            items += quantity;
-            revenue += quantity * price;
-            let body = json!({"customer_id": format!("c-{}", i % 50),
-                              "lines": [{"sku": "SKU-1", "quantity": quantity, "unit_price": eur(price)}]});
-            let (client, url) = (
-                client.clone(),
-                stack_ref.command.url(&format!("/v1/orders/eo-{i}/place")),
-            );
-            tasks.spawn(async move {
-                client
-                    .post(url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json::<Value>()
-                    .await
-                    .unwrap()
-            });
-            while tasks.len() >= 32 {
-                let body = tasks.join_next().await.unwrap().unwrap();
-                token = token.merge(&body["consistency_token"].as_str().unwrap().parse().unwrap());
-            }
-        }
-        while let Some(body) = tasks.join_next().await {
-            token = token.merge(
-                &body.unwrap()["consistency_token"]
-                    .as_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap(),
-            );
-        }
-        (orders, items, revenue, token)
-    };
+    let placing = place_orders(stack_ref, "eo", ORDERS);
     let killing = async {
         // Five SIGKILLs at moments spread over the load, each followed by a restart.
         let mut seed = u64::from(
@@ -108,51 +164,58 @@ async fn orders_survive_projector_kills_exactly_once() {
         }
         running
     };
-    let ((orders, items, revenue, token), last) = tokio::join!(placing, killing);
+    let (placed, last) = tokio::join!(placing, killing);
     stack.projector = Some(last);
+    assert_applied_exactly_once(&stack, placed, ORDERS).await;
+}
 
-    let (status, sales) = stack.get("/v1/reports/daily-sales", Some(&token)).await;
-    assert_eq!(status, StatusCode::OK, "{sales}");
-    let sum = |field: &str| -> i64 {
-        sales["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d[field].as_i64().unwrap())
-            .sum()
-    };
-    assert_eq!(
-        (sum("orders_placed"), sum("items"), sum("revenue_minor")),
-        (orders, items, revenue)
-    );
-
+#[tokio::test]
+async fn a_runner_whose_lock_session_died_applies_nothing_once_a_standby_took_over() {
+    let stack = Stack::start("hold", 2).await;
+    // A second projector stands by beside the stack's.
+    let _standby = Service::projector(&stack.config, &stack.db.url(), &[])
+        .await
+        .unwrap();
     let pool = stack.pool().await;
-    // Every projection has caught up with the token before the counts are taken.
-    stack.get("/v1/orders/eo-0", Some(&token)).await;
-    let waited = Instant::now();
-    let (rows, audit, distinct) = loop {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM audit_log")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if audit >= ORDERS as i64 || waited.elapsed() > Duration::from_secs(60) {
-            break (rows, audit, distinct);
+    const ORDERS: usize = 4000;
+    let placing = place_orders(&stack, "eo", ORDERS);
+    let cutting = async {
+        // Five times during the load, the sessions holding the run locks die (as in a
+        // PostgreSQL restart or an idle-session timeout) while their runners go on: the
+        // other projector takes the locks. The one cut off must apply nothing more.
+        let mut cuts = 0;
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            // Once a runner holds the locks again (the standby polls every 2 s).
+            let waited = Instant::now();
+            while waited.elapsed() < Duration::from_secs(15) {
+                let cut: Vec<bool> = sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+                     JOIN pg_database d ON d.oid = l.database
+                     WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                if !cut.is_empty() {
+                    cuts += 1;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(cuts, 5, "a runner held the locks each time");
     };
-    assert_eq!(rows, ORDERS as i64, "orders has exactly one row per order");
-    assert_eq!(
-        (audit, distinct),
-        (ORDERS as i64, ORDERS as i64),
-        "audit_log has exactly one row per event"
+    let (placed, ()) = tokio::join!(placing, cutting);
+    assert_applied_exactly_once(&stack, placed, ORDERS).await;
+    let claims: i64 =
+        sqlx::query_scalar("SELECT claims FROM keel_holders WHERE work = 'run:orders'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        claims >= 2,
+        "the standby took the projection over ({claims} claims)"
     );
 }
 
