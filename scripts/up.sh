@@ -46,10 +46,10 @@ supervise() {
             started=$SECONDS
             "$@" > >(cap_log ".keel/logs/$name.log") 2>&1 &
             child=$!
-            wait "$child"
-            status=$?
+            status=0
+            wait "$child" || status=$?
             child=
-            [ $((SECONDS - started)) -ge 60 ] && delay=1
+            if [ $((SECONDS - started)) -ge 60 ]; then delay=1; fi
             say "$name exited (status $status): restarting it in ${delay}s; see .keel/logs/$name.log"
             sleep "$delay"
             delay=$((delay * 2 > 30 ? 30 : delay * 2))
