@@ -99,20 +99,26 @@ impl<'j> Applier<'j> {
         self.checkpoints.records_done()
     }
 
-    /// Applies a batch. A batch that fails to apply is retried record by record, and the
-    /// record that cannot be applied becomes a dead letter.
+    /// Applies a batch. A batch that fails on a data error of a record is retried record
+    /// by record, and the record that cannot be applied becomes a dead letter; a transient
+    /// error is left to the caller to retry from the checkpoint; any other stops the
+    /// projection ([`Halted`]).
     pub(crate) async fn apply(&mut self, batch: &[Decoded]) -> anyhow::Result<Flow> {
         if batch.is_empty() {
             return Ok(Flow::Continue);
         }
-        match self.apply_batch(batch).await {
+        match self.apply_batch(batch).await.map_err(halt_on) {
             Err(e) if is_apply_error(&e) => {
                 // A generation dropped by a swap fails to apply too: that is no dead letter.
                 self.ensure_live().await?;
                 warn!(error = %format!("{e:#}"), "a batch failed to apply; retrying record by record");
                 self.reload().await?;
                 for decoded in batch {
-                    match self.apply_batch(std::slice::from_ref(decoded)).await {
+                    match self
+                        .apply_batch(std::slice::from_ref(decoded))
+                        .await
+                        .map_err(halt_on)
+                    {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Stopped) => return Ok(Flow::Stopped),
                         Err(e) if is_apply_error(&e) => {
@@ -275,7 +281,125 @@ impl<'j> Applier<'j> {
 #[error("applying the batch: {0}")]
 struct ApplyError(sqlx::Error);
 
+/// What a failed batch statement says about what to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// A data error the record itself causes (SQLSTATE class 22, or class 23 other than a
+    /// unique violation): the record becomes a dead letter.
+    Record,
+    /// The database could not do it now (a deadlock, a serialization failure, a lock or
+    /// statement timeout, a shutdown, a lost connection, no resources): retried from the
+    /// last checkpoint, never dead-lettered.
+    Transient,
+    /// Anything else, among them a unique violation (which may mean a record applied
+    /// twice): the projection stops, loudly, and drops nothing.
+    Halt,
+}
+
+/// The projection stopped on an error that no retry and no dead letter can settle.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the projection stopped on an error that is neither the record's fault nor transient (SQLSTATE {code}); nothing was dropped: fix the cause and start it again"
+)]
+pub(crate) struct Halted {
+    code: String,
+}
+
+/// Classifies a SQLSTATE.
+pub(crate) fn failure_of(code: &str) -> Failure {
+    match code {
+        "23505" => Failure::Halt,
+        c if c.starts_with("22") || c.starts_with("23") => Failure::Record,
+        "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "25P03" => {
+            Failure::Transient
+        }
+        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("58") => {
+            Failure::Transient
+        }
+        _ => Failure::Halt,
+    }
+}
+
+/// What to do about a failed batch: `None` when it did not fail in the projection's own
+/// statements (a lost connection on the way, say), which is retried from the checkpoint.
+fn failure(e: &anyhow::Error) -> Option<(Failure, String)> {
+    match e.downcast_ref::<ApplyError>() {
+        Some(ApplyError(sqlx::Error::Database(db))) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            Some((failure_of(&code), code))
+        }
+        Some(_) => Some((Failure::Transient, String::new())),
+        None => None,
+    }
+}
+
 fn is_apply_error(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<ApplyError>()
-        .is_some_and(|ApplyError(inner)| matches!(inner, sqlx::Error::Database(_)))
+    matches!(failure(e), Some((Failure::Record, _)))
+}
+
+/// Turns an error the projection must stop on into [`Halted`].
+fn halt_on(e: anyhow::Error) -> anyhow::Error {
+    match failure(&e) {
+        Some((Failure::Halt, code)) => e.context(Halted { code }),
+        _ => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use keel_tests::TestDatabase;
+
+    use super::*;
+
+    /// The SQLSTATE a statement fails with, on a real PostgreSQL.
+    async fn code_of(pool: &sqlx::PgPool, setup: &str, statement: &str) -> String {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::raw_sql(setup).execute(&mut *conn).await.unwrap();
+        match sqlx::raw_sql(statement).execute(&mut *conn).await {
+            Err(sqlx::Error::Database(db)) => db.code().unwrap().into_owned(),
+            other => panic!("{statement}: {other:?}"),
+        }
+    }
+
+    /// Errors a record causes become dead letters; a timeout, a lock not granted or a
+    /// cancelled statement is retried; a unique violation or any other error stops the
+    /// projection.
+    #[tokio::test]
+    async fn database_errors_are_told_apart_by_their_sqlstate() {
+        let db = TestDatabase::new("sqlstates");
+        let pool = crate::db::connect(&db.url())
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        let table =
+            "CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY, n int NOT NULL CHECK (n >= 0));
+                     INSERT INTO t VALUES (1, 1) ON CONFLICT DO NOTHING";
+        let cases = [
+            ("", "SELECT 1 / 0", Failure::Record),
+            ("", "SELECT 'x'::int", Failure::Record),
+            (
+                "",
+                "SELECT 9223372036854775807::bigint + 1",
+                Failure::Record,
+            ),
+            (table, "INSERT INTO t VALUES (2, NULL)", Failure::Record),
+            (table, "INSERT INTO t VALUES (3, -1)", Failure::Record),
+            (table, "INSERT INTO t VALUES (1, 1)", Failure::Halt),
+            (
+                "SET statement_timeout = 20",
+                "SELECT pg_sleep(1)",
+                Failure::Transient,
+            ),
+            ("", "SELECT * FROM no_such_table", Failure::Halt),
+        ];
+        for (setup, statement, expected) in cases {
+            let code = code_of(&pool, setup, statement).await;
+            assert_eq!(failure_of(&code), expected, "{statement}: SQLSTATE {code}");
+        }
+        // Those that cannot be provoked alone here.
+        for code in ["40001", "40P01", "55P03", "57P01", "08006", "53200"] {
+            assert_eq!(failure_of(code), Failure::Transient, "{code}");
+        }
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use keel_kafka::LogReader;
 use tracing::{error, info, instrument, warn};
 
+use crate::applier::Halted;
 use crate::applier::{Applier, Flow};
 use crate::generation::{GenerationChanged, Mode, prepare};
 use crate::hold::{Hold, LostHold};
@@ -116,6 +117,10 @@ impl Runner {
             match self.run_live(live.generation, &hold).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.downcast_ref::<LostHold>().is_some() => return Err(e),
+                Err(e) if e.downcast_ref::<Halted>().is_some() => {
+                    error!(error = %format!("{e:#}"), "the projection stopped");
+                    return Err(e);
+                }
                 Err(e) if e.downcast_ref::<GenerationChanged>().is_some() => {
                     info!("{e}; following the new generation");
                 }
