@@ -35,7 +35,9 @@ use tokio::task::JoinHandle;
 use self::check::{Attempt, Ending, Fold};
 pub(crate) use self::world::Fault;
 use self::world::{Shared, SimLog, World, lock};
-use super::{CommandRequest, NoAnswer, PartitionOwner, RequestMeta, reply_channel};
+use super::{
+    CommandRequest, NoAnswer, PartitionOwner, RequestMeta, Status, StatusCell, reply_channel,
+};
 
 /// How long an owner waits for each read, in the simulation.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -65,6 +67,7 @@ pub(crate) fn run(seed: u64, enabled: &[Fault]) -> Report {
 struct Process {
     requests: mpsc::Sender<CommandRequest<Product>>,
     task: JoinHandle<()>,
+    status: StatusCell,
 }
 
 type Processes = Arc<Mutex<Vec<Process>>>;
@@ -81,14 +84,18 @@ fn start_process(world: &Shared, all: &Processes, key: &Arc<SigningKey>) {
     let log = SimLog::new(world, id);
     let mut ids = ChaCha8Rng::seed_from_u64(lock(world).rng.r#gen());
     let policy = Arc::clone(&lock(world).policy);
-    let (owner, _) =
+    let (owner, status) =
         PartitionOwner::<Product, _>::new(log, "cmd-sim", Arc::clone(key), policy, TIMEOUT);
     let owner = owner
         .with_ids(move || uuid::Builder::from_random_bytes(ids.r#gen()).into_uuid())
         .checking_on_one_thread();
     let (requests, rx) = mpsc::channel(256);
     let task = tokio::spawn(owner.run(rx));
-    list.push(Process { requests, task });
+    list.push(Process {
+        requests,
+        task,
+        status,
+    });
     lock(world).note(format!("process {id} starts"));
 }
 
@@ -176,10 +183,13 @@ async fn client(
                 let mut w = lock(&world);
                 let list = processes(&all);
                 let newest = list.len() - 1;
-                let owner = if w.rng.gen_bool(0.8) {
-                    newest
-                } else {
-                    w.rng.gen_range(0..list.len())
+                // Once calm, clients find the process that serves (as a load balancer
+                // routes by readiness); before, mostly the newest, sometimes any.
+                let serving = list.iter().rposition(|p| p.status.get() == Status::Serving);
+                let owner = match serving {
+                    Some(serving) if w.calm => serving,
+                    _ if w.rng.gen_bool(0.8) => newest,
+                    _ => w.rng.gen_range(0..list.len()),
                 };
                 let patience = if w.chance(Fault::ClientGivesUp) {
                     w.between(Duration::from_millis(1), TIMEOUT * 3)
