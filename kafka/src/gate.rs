@@ -2,8 +2,9 @@
 //! which records of a partition count.
 //!
 //! * A **fence** is valid only if its epoch is higher than every epoch before it on the
-//!   partition, and it is signed by a key the [`TrustedKeys`] policy trusts (not retired
-//!   at that point); it makes its writer the partition's owner, with that key. A legacy
+//!   partition, and it is signed by a key the [`TrustedKeys`] policy trusts (a retired key
+//!   only until a fence of a key in service has counted); it makes its writer the
+//!   partition's owner, with that key. A legacy
 //!   fence (no `rules`, from a log written before the gate checked signatures) counts only
 //!   under the policy's explicit cut-off, and never after a fence with rules.
 //! * A **commit** is valid only if its writer is the owner at that point of the log, its
@@ -24,8 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use keel_schemas::{
-    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, StreamRef, Timestamp,
-    TrustedKeys, Writer,
+    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, StreamRef, TrustedKeys, Writer,
 };
 use thiserror::Error;
 
@@ -126,8 +126,6 @@ pub struct PartitionGate {
     owner_key: Option<String>,
     /// A fence with rules has counted on this partition: legacy fences no longer do.
     ruled: bool,
-    /// The latest `recorded_at` of the fences that counted.
-    latest_fence_at: Option<Timestamp>,
     highest_epoch: u64,
     versions: HashMap<StreamRef, StreamHead>,
     accepted: u64,
@@ -167,7 +165,6 @@ impl PartitionGate {
                 self.owner = Some(fence.writer.clone());
                 self.ruled |= key.is_some();
                 self.owner_key = key;
-                self.latest_fence_at = self.latest_fence_at.max(Some(fence.recorded_at));
                 Ok(())
             }
             Err(rejection) => Err(rejection),
@@ -233,13 +230,13 @@ impl PartitionGate {
         match fence.rules {
             Some(FENCE_RULES) => {
                 let key = self.policy.fence_signer(fence).map_err(untrusted)?;
-                if let Some(not_after) = self.policy.not_after(&key) {
-                    let latest = self.latest_fence_at.max(Some(fence.recorded_at));
-                    if latest > Some(not_after) {
-                        return Err(untrusted(format!(
-                            "it is signed with key {key}, retired after {not_after}"
-                        )));
-                    }
+                // Log order, not a time the signer chose: once a key in service owns the
+                // partition, a retired key never takes it again.
+                let in_service = |k: &str| !self.policy.is_retired(k);
+                if !in_service(&key) && self.owner_key.as_deref().is_some_and(in_service) {
+                    return Err(untrusted(format!(
+                        "it is signed with key {key}, retired, after a fence of a key in service"
+                    )));
                 }
                 Ok(Some(key))
             }
@@ -367,7 +364,6 @@ impl PartitionGate {
             policy,
             owner_key: None,
             ruled: false,
-            latest_fence_at: None,
             owner,
             highest_epoch,
             versions: heads.into_iter().collect(),
@@ -376,19 +372,13 @@ impl PartitionGate {
         }
     }
 
-    /// The same gate with what it knows of the fences restored: the owner's key, whether a
-    /// fence with rules has counted, and the latest fence time, as
-    /// [`PartitionGate::owner_key`] and the others reported them.
+    /// The same gate with what it knows of the fences restored: the owner's key and whether
+    /// a fence with rules has counted, as [`PartitionGate::owner_key`] and
+    /// [`PartitionGate::ruled`] reported them.
     #[must_use]
-    pub fn with_fences(
-        mut self,
-        owner_key: Option<String>,
-        ruled: bool,
-        latest_fence_at: Option<Timestamp>,
-    ) -> Self {
+    pub fn with_fences(mut self, owner_key: Option<String>, ruled: bool) -> Self {
         self.owner_key = owner_key;
         self.ruled = ruled;
-        self.latest_fence_at = latest_fence_at;
         self
     }
 
@@ -405,11 +395,6 @@ impl PartitionGate {
     /// True once a fence with rules has counted on the partition.
     pub fn ruled(&self) -> bool {
         self.ruled
-    }
-
-    /// The latest time recorded by a fence that counted.
-    pub fn latest_fence_at(&self) -> Option<Timestamp> {
-        self.latest_fence_at
     }
 
     /// The highest valid fence epoch so far (0 before the first fence).

@@ -328,7 +328,18 @@ fn failure(e: &anyhow::Error) -> Option<(Failure, String)> {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             Some((failure_of(&code), code))
         }
-        Some(_) => Some((Failure::Transient, String::new())),
+        // The connection or the pool failed on the way: retried.
+        Some(ApplyError(
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed,
+        )) => Some((Failure::Transient, String::new())),
+        // A value that cannot be encoded or decoded, a missing column or type: the same
+        // every time, so no retry settles it.
+        Some(ApplyError(other)) => Some((Failure::Halt, format!("none ({other})"))),
         None => None,
     }
 }

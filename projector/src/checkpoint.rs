@@ -1,6 +1,7 @@
 //! Checkpoints: where each partition of a projection's generation has been applied to,
 //! with the partition gate's state there, saved in the batch's own transaction. The only
-//! file that writes `keel_checkpoints` and the gate's state (`keel_gate_versions`,
+//! file that writes `keel_checkpoints` (whose `latest_fence_at`, from migration 0004, is
+//! no longer written: retired keys are decided by log order) and the gate's state (`keel_gate_versions`,
 //! `keel_gate_streams`).
 //!
 //! A partition's stream versions are saved as one row per batch that moved them (holding
@@ -12,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use keel_kafka::{PartitionGate, StreamHead, hash_bytes};
-use keel_schemas::{StreamRef, Timestamp, TopicPartition, TrustedKeys, Writer};
+use keel_schemas::{StreamRef, TopicPartition, TrustedKeys, Writer};
 use sqlx::{PgConnection, PgPool};
 
 /// One partition of a generation: where it has been read to, and the gate's state there.
@@ -132,11 +133,10 @@ impl Checkpoints {
             i64,
             Option<String>,
             bool,
-            Option<String>,
         );
         let checkpoints: Vec<Row> = sqlx::query_as(
             "SELECT topic, partition, next_offset, owner_instance, owner_epoch, highest_epoch, accepted, rejected,
-                owner_key_id, ruled, latest_fence_at
+                owner_key_id, ruled
              FROM keel_checkpoints WHERE projection = $1 AND generation = $2",
         )
         .bind(projection)
@@ -200,7 +200,6 @@ impl Checkpoints {
             rejected,
             owner_key,
             ruled,
-            latest_fence_at,
         ) in checkpoints
         {
             let at = TopicPartition::new(topic, partition);
@@ -213,10 +212,6 @@ impl Checkpoints {
             });
             state.next_offset = next_offset;
             (state.deltas, state.delta_entries) = deltas.get(&at).copied().unwrap_or_default();
-            let latest_fence_at = latest_fence_at
-                .map(|t| t.parse::<Timestamp>())
-                .transpose()
-                .with_context(|| format!("reading the latest fence time of {at}"))?;
             state.gate = PartitionGate::restore(
                 Arc::clone(policy),
                 owner,
@@ -225,7 +220,7 @@ impl Checkpoints {
                 accepted as u64,
                 rejected as u64,
             )
-            .with_fences(owner_key, ruled, latest_fence_at);
+            .with_fences(owner_key, ruled);
         }
         Ok(Self {
             projection,
@@ -325,16 +320,15 @@ impl Checkpoints {
         if !touched.is_empty() {
             sqlx::query(
                 "INSERT INTO keel_checkpoints (projection, generation, topic, partition, next_offset, owner_instance,
-                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, ruled, latest_fence_at, updated_at)
-                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, ru, lf, now() FROM UNNEST($3::text[], $4::int[], $5::bigint[],
-                    $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::bool[], $13::text[])
-                    AS u(t, p, o, oi, oe, he, a, r, ok, ru, lf)
+                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, ruled, updated_at)
+                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, ru, now() FROM UNNEST($3::text[], $4::int[], $5::bigint[],
+                    $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::bool[])
+                    AS u(t, p, o, oi, oe, he, a, r, ok, ru)
                  ON CONFLICT (projection, generation, topic, partition) DO UPDATE SET
                     next_offset = EXCLUDED.next_offset, owner_instance = EXCLUDED.owner_instance,
                     owner_epoch = EXCLUDED.owner_epoch, highest_epoch = EXCLUDED.highest_epoch,
                     accepted = EXCLUDED.accepted, rejected = EXCLUDED.rejected,
-                    owner_key_id = EXCLUDED.owner_key_id, ruled = EXCLUDED.ruled,
-                    latest_fence_at = EXCLUDED.latest_fence_at, updated_at = now()",
+                    owner_key_id = EXCLUDED.owner_key_id, ruled = EXCLUDED.ruled, updated_at = now()",
             )
             .bind(name)
             .bind(generation)
@@ -348,7 +342,6 @@ impl Checkpoints {
             .bind(touched.iter().map(|(_, s)| s.gate.rejected() as i64).collect::<Vec<_>>())
             .bind(touched.iter().map(|(_, s)| s.gate.owner_key().map(str::to_owned)).collect::<Vec<_>>())
             .bind(touched.iter().map(|(_, s)| s.gate.ruled()).collect::<Vec<_>>())
-            .bind(touched.iter().map(|(_, s)| s.gate.latest_fence_at().map(|t| t.to_string())).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }

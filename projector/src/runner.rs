@@ -108,6 +108,12 @@ impl Runner {
                     progress: Progress::Log,
                 };
                 if let Err(e) = rebuild(job, &options).await {
+                    if e.downcast_ref::<Halted>().is_some()
+                        || e.downcast_ref::<LostHold>().is_some()
+                    {
+                        error!(error = %format!("{e:#}"), "the automatic rebuild stopped");
+                        return Err(e);
+                    }
                     error!(error = %format!("{e:#}"), "the automatic rebuild failed; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use ed25519_dalek::{Signer, Verifier};
+use ed25519_dalek::Signer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -213,11 +213,11 @@ pub enum SignatureCheck {
 /// * `<key id> <base64 public key>`: a trusted key. A key becomes trusted by adding its
 ///   line to the file on every process (the command API appends the line of a key it
 ///   generates to its own copy).
-/// * `<key id> <base64 public key> not-after=<RFC 3339 time>`: a retired key. Fences it
-///   signed up to that time still count, and so does the history under them; a fence it
-///   signs later, or one appended after any fence recorded later than that time, does
-///   not. Retire a key after the command API runs with its successor (its start fences
-///   every partition with the new key), so no fence of the old key can follow.
+/// * `<key id> <base64 public key> retired`: a retired key. The fences it signed, and the
+///   history under them, still count for every reader replaying the log; but once a fence
+///   of a key in service has counted on a partition, no fence it signs counts there again
+///   (decided by log order, not by a time the signer could choose). Retire a key after the
+///   command API ran with its successor, whose start fences every partition.
 /// * `legacy-until <RFC 3339 time>`: the explicit cut-off for a log written before the
 ///   gate checked signatures: a fence without rules (see
 ///   [`FENCE_RULES`](crate::FENCE_RULES)) recorded up to then counts, with its commits
@@ -226,7 +226,7 @@ pub enum SignatureCheck {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrustedKeys {
     keys: BTreeMap<String, ed25519_dalek::VerifyingKey>,
-    not_after: BTreeMap<String, Timestamp>,
+    retired: std::collections::BTreeSet<String>,
     legacy_until: Option<Timestamp>,
 }
 
@@ -255,22 +255,14 @@ impl TrustedKeys {
                 policy.legacy_until = Some(at);
                 continue;
             }
-            let (id, public, not_after) = match words.as_slice() {
-                [id, public] => (id.clone(), public.clone(), None),
-                [id, public, option] => {
-                    let at = option
-                        .strip_prefix("not-after=")
-                        .and_then(|t| t.parse::<Timestamp>().ok())
-                        .ok_or_else(|| {
-                            malformed(path, line, "expected `not-after=<RFC 3339 time>`")
-                        })?;
-                    (id.clone(), public.clone(), Some(at))
-                }
+            let (id, public, retired) = match words.as_slice() {
+                [id, public] => (id.clone(), public.clone(), false),
+                [id, public, word] if word == "retired" => (id.clone(), public.clone(), true),
                 _ => {
                     return Err(malformed(
                         path,
                         line,
-                        "expected `<key id> <base64 key> [not-after=<time>]` or `legacy-until <time>`",
+                        "expected `<key id> <base64 key> [retired]` or `legacy-until <time>`",
                     ));
                 }
             };
@@ -288,17 +280,17 @@ impl TrustedKeys {
                     &format!("the key id is {}, not {id}", key_id_of(&key)),
                 ));
             }
-            if let Some(at) = not_after {
-                policy.not_after.insert(id.clone(), at);
+            if retired {
+                policy.retired.insert(id.clone());
             }
             policy.keys.insert(id, key);
         }
         Ok(policy)
     }
 
-    /// Retires the key `key_id` after `at` (see the type's documentation).
-    pub fn retire(&mut self, key_id: &str, at: Timestamp) {
-        self.not_after.insert(key_id.to_owned(), at);
+    /// Retires the key `key_id` (see the type's documentation).
+    pub fn retire(&mut self, key_id: &str) {
+        self.retired.insert(key_id.to_owned());
     }
 
     /// Lets legacy fences recorded up to `at` count (see the type's documentation).
@@ -311,9 +303,9 @@ impl TrustedKeys {
         self.legacy_until
     }
 
-    /// The time after which `key_id` signs no fence that counts, if it is retired.
-    pub fn not_after(&self, key_id: &str) -> Option<Timestamp> {
-        self.not_after.get(key_id).copied()
+    /// True when `key_id` is retired.
+    pub fn is_retired(&self, key_id: &str) -> bool {
+        self.retired.contains(key_id)
     }
 
     /// True when `key_id` is a trusted key.
@@ -353,9 +345,14 @@ impl TrustedKeys {
     }
 
     /// Checks `signature` over `hash`.
+    ///
+    /// Verified as [`TrustedKeys::check_commits`] verifies a batch (a batch of one), so
+    /// every reader, checking one record or many, decides every signature alike.
     pub fn check(&self, hash: &str, signature: Option<&Signature>) -> SignatureCheck {
         match self.parse(signature) {
-            Ok((key, sig)) if key.verify(hash.as_bytes(), &sig).is_ok() => SignatureCheck::Valid,
+            Ok((key, sig)) if verifies(&[hash.as_bytes()], &[sig], &[*key]) => {
+                SignatureCheck::Valid
+            }
             Ok(_) => SignatureCheck::Invalid(format!(
                 "the signature does not verify with key {}",
                 signature.map_or("", |s| s.key_id.as_str())
@@ -424,6 +421,15 @@ impl TrustedKeys {
             })
             .collect()
     }
+}
+
+/// Ed25519 batch verification: the one way Keel verifies a signature, alone or with others.
+fn verifies(
+    messages: &[&[u8]],
+    signatures: &[ed25519_dalek::Signature],
+    keys: &[ed25519_dalek::VerifyingKey],
+) -> bool {
+    ed25519_dalek::verify_batch(messages, signatures, keys).is_ok()
 }
 
 fn signer(check: SignatureCheck, signature: Option<&Signature>) -> Result<String, String> {
