@@ -185,7 +185,9 @@ async fn client(
                 let newest = list.len() - 1;
                 // Once calm, clients find the process that serves (as a load balancer
                 // routes by readiness); before, mostly the newest, sometimes any.
-                let serving = list.iter().rposition(|p| p.status.get() == Status::Serving);
+                let serving = list
+                    .iter()
+                    .rposition(|p| !p.task.is_finished() && p.status.get() == Status::Serving);
                 let owner = match serving {
                     Some(serving) if w.calm => serving,
                     _ if w.rng.gen_bool(0.8) => newest,
