@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_schemas::{CommitCheck, LogRecord, SchemaError, TopicPartition, TrustedKeys, Writer};
+use keel_schemas::{
+    CommitCheck, CommitRecord, LogRecord, SchemaError, TopicPartition, TrustedKeys, Writer,
+};
 
 use crate::gate::{PartitionGate, Rejection};
 use crate::reader::{LogEntry, LogReader};
@@ -80,6 +82,67 @@ impl PartitionGate {
             legacy,
         }
     }
+}
+
+/// A record read and decoded, with its commit's hash and signature checked ahead of the
+/// gate (`None` for anything but a commit).
+pub type Checked = (
+    LogEntry,
+    Result<LogRecord, SchemaError>,
+    Option<CommitCheck>,
+);
+
+/// Decodes `entries` and checks their commits' hashes and signatures together (see
+/// [`TrustedKeys::check_commits`]): the gate's costly work, which needs no gate state, so
+/// a reader does it ahead of the gate and hands each check to
+/// [`PartitionGate::read_decoded`] or [`PartitionGate::admit_commit_checked`].
+pub fn check_records(entries: Vec<LogEntry>, policy: &TrustedKeys) -> Vec<Checked> {
+    let records: Vec<Result<LogRecord, SchemaError>> = entries
+        .iter()
+        .map(|e| LogRecord::decode(&e.payload))
+        .collect();
+    let commits: Vec<&CommitRecord> = records
+        .iter()
+        .filter_map(|r| match r {
+            Ok(LogRecord::Commit(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let mut checks = policy.check_commits(&commits).into_iter();
+    entries
+        .into_iter()
+        .zip(records)
+        .map(|(entry, record)| {
+            let check = match &record {
+                Ok(LogRecord::Commit(_)) => checks.next(),
+                _ => None,
+            };
+            (entry, record, check)
+        })
+        .collect()
+}
+
+/// Runs `work` on the two halves of `items` on two blocking threads at once, and returns
+/// its results in the order of `items`: how readers spread decoding and checking over the
+/// machine's cores.
+pub async fn in_two_halves<T, R>(
+    mut items: Vec<T>,
+    work: impl Fn(Vec<T>) -> Vec<R> + Clone + Send + 'static,
+) -> Result<Vec<R>, tokio::task::JoinError>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    let second = items.split_off(items.len() / 2);
+    let halves = [items, second].map(|half| {
+        let work = work.clone();
+        tokio::task::spawn_blocking(move || work(half))
+    });
+    let mut done = Vec::new();
+    for half in halves {
+        done.extend(half.await?);
+    }
+    Ok(done)
 }
 
 /// Reads `partitions` of `topic` from offset 0 to where each ends now, each through a gate

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
-use keel_kafka::LogEntry;
+use keel_kafka::{LogEntry, check_records};
 use keel_schemas::{CommitCheck, CommitRecord, FenceRecord, LogRecord, TrustedKeys, decode_event};
 
 use crate::checkpoint::PartitionState;
@@ -31,35 +31,22 @@ enum Parsed {
 
 impl Decoded {
     /// Decodes the records and, for commits, their events, and checks the commits' hashes
-    /// and signatures against `policy` (together, see [`TrustedKeys::check_commits`]): the
-    /// gate's costly work, done here, off the apply path.
+    /// and signatures against `policy` (see [`check_records`]): the gate's costly work,
+    /// done here, off the apply path.
     pub(crate) fn all(entries: Vec<LogEntry>, policy: &TrustedKeys) -> Vec<Self> {
-        let records: Vec<Result<LogRecord, String>> = entries
-            .iter()
-            .map(|e| LogRecord::decode(&e.payload).map_err(|e| e.to_string()))
-            .collect();
-        let commits: Vec<&CommitRecord> = records
-            .iter()
-            .filter_map(|r| match r {
-                Ok(LogRecord::Commit(c)) => Some(c),
-                _ => None,
-            })
-            .collect();
-        let mut checks = policy.check_commits(&commits).into_iter();
-        entries
+        check_records(entries, policy)
             .into_iter()
-            .zip(records)
-            .map(|(entry, record)| {
-                let parsed = record.map(|record| match record {
-                    LogRecord::Fence(fence) => Parsed::Fence(fence),
-                    LogRecord::Commit(commit) => {
-                        let events = decode_events(&commit);
-                        let check = checks
-                            .next()
-                            .unwrap_or_else(|| policy.check_commit(&commit));
-                        Parsed::Commit(Arc::new(commit), check, events)
-                    }
-                });
+            .map(|(entry, record, check)| {
+                let parsed = record
+                    .map_err(|e| e.to_string())
+                    .map(|record| match record {
+                        LogRecord::Fence(fence) => Parsed::Fence(fence),
+                        LogRecord::Commit(commit) => {
+                            let events = decode_events(&commit);
+                            let check = check.unwrap_or_else(|| policy.check_commit(&commit));
+                            Parsed::Commit(Arc::new(commit), check, events)
+                        }
+                    });
                 Self { entry, parsed }
             })
             .collect()

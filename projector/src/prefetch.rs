@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_kafka::{AbortOnDrop, LogEntry, LogReader};
+use keel_kafka::{AbortOnDrop, LogEntry, LogReader, in_two_halves};
 use keel_schemas::TrustedKeys;
 
 use crate::decode::Decoded;
@@ -48,20 +48,9 @@ impl Prefetch {
 }
 
 /// Decodes `entries` in order, in two halves on two blocking threads.
-async fn decode(
-    mut entries: Vec<LogEntry>,
-    policy: &Arc<TrustedKeys>,
-) -> anyhow::Result<Vec<Decoded>> {
-    let second = entries.split_off(entries.len() / 2);
-    let halves = [entries, second].map(|half| {
-        let policy = Arc::clone(policy);
-        tokio::task::spawn_blocking(move || Decoded::all(half, &policy))
-    });
-    let mut decoded = Vec::new();
-    for half in halves {
-        decoded.extend(half.await?);
-    }
-    Ok(decoded)
+async fn decode(entries: Vec<LogEntry>, policy: &Arc<TrustedKeys>) -> anyhow::Result<Vec<Decoded>> {
+    let policy = Arc::clone(policy);
+    Ok(in_two_halves(entries, move |half| Decoded::all(half, &policy)).await?)
 }
 
 impl Prefetch {

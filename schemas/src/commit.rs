@@ -182,6 +182,17 @@ impl FenceRecord {
         commit_hash_of_value(&value)
     }
 
+    /// A fence of `writer` under today's rules ([`FENCE_RULES`]), recorded now, not yet
+    /// signed (see [`FenceRecord::signed`]).
+    pub fn ruled(writer: Writer) -> Self {
+        Self {
+            writer,
+            recorded_at: Timestamp::now(),
+            rules: Some(FENCE_RULES),
+            signature: None,
+        }
+    }
+
     /// Signs the fence with `key`.
     #[must_use]
     pub fn signed(mut self, key: &SigningKey) -> Self {

@@ -4,8 +4,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
-    CommandMeta, CommitRecord, EventEnvelope, FENCE_RULES, FenceRecord, LogRecord, SigningKey,
-    StreamRef, Timestamp, Writer,
+    CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, SigningKey, StreamRef,
+    Timestamp, Writer,
 };
 
 /// A commit being put together: [`commit`] starts one, [`CommitFixture::build`] seals it.
@@ -53,15 +53,7 @@ pub fn fence(writer: &Writer) -> LogRecord {
 
 /// A fence of `writer` under today's rules, signed with `key`, recorded now.
 pub fn signed_fence(writer: &Writer, key: &SigningKey) -> LogRecord {
-    LogRecord::Fence(
-        FenceRecord {
-            writer: writer.clone(),
-            recorded_at: Timestamp::now(),
-            rules: Some(FENCE_RULES),
-            signature: None,
-        }
-        .signed(key),
-    )
+    LogRecord::Fence(FenceRecord::ruled(writer.clone()).signed(key))
 }
 
 /// A writer named `instance` at `epoch`.

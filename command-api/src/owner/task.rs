@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use keel_domain::Aggregate;
-use keel_kafka::{Gated, KafkaError, LogEntry, PartitionGate};
+use keel_kafka::{
+    Checked, Gated, KafkaError, LogEntry, PartitionGate, check_records, in_two_halves,
+};
 use keel_schemas::{
-    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, Position, SchemaError,
-    SigningKey, Timestamp, TrustedKeys, Writer, decode_event,
+    CommitRecord, FenceRecord, LogRecord, Position, SigningKey, TrustedKeys, Writer, decode_event,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, instrument, warn};
@@ -37,40 +38,6 @@ const CHECK_CHUNK: usize = 4096;
 
 /// Chunks of fewer records are checked on the owner's own task.
 const PARALLEL_FROM: usize = 256;
-
-/// A record decoded, with its commit's hash and signature checked.
-type Checked = (
-    LogEntry,
-    Result<LogRecord, SchemaError>,
-    Option<CommitCheck>,
-);
-
-/// Decodes `chunk` and checks its commits together.
-fn check_chunk(chunk: Vec<LogEntry>, policy: &TrustedKeys) -> Vec<Checked> {
-    let records: Vec<Result<LogRecord, SchemaError>> = chunk
-        .iter()
-        .map(|e| LogRecord::decode(&e.payload))
-        .collect();
-    let commits: Vec<&CommitRecord> = records
-        .iter()
-        .filter_map(|r| match r {
-            Ok(LogRecord::Commit(c)) => Some(c),
-            _ => None,
-        })
-        .collect();
-    let mut checks = policy.check_commits(&commits).into_iter();
-    chunk
-        .into_iter()
-        .zip(records)
-        .map(|(entry, record)| {
-            let check = match &record {
-                Ok(LogRecord::Commit(_)) => checks.next(),
-                _ => None,
-            };
-            (entry, record, check)
-        })
-        .collect()
-}
 
 /// How long a recovering owner with no command to serve waits before reading the log
 /// again.
@@ -315,15 +282,7 @@ where
             instance: self.incarnation.clone().unwrap_or_default(),
             epoch,
         };
-        let fence = LogRecord::Fence(
-            FenceRecord {
-                writer: writer.clone(),
-                recorded_at: Timestamp::now(),
-                rules: Some(FENCE_RULES),
-                signature: None,
-            }
-            .signed(&self.signing_key),
-        );
+        let fence = LogRecord::Fence(FenceRecord::ruled(writer.clone()).signed(&self.signing_key));
         let offset = self.log.append_one(("", &fence, None)).await?;
         self.writer = Some(writer.clone());
         self.read_through(offset).await?;
@@ -391,25 +350,15 @@ where
     /// awaits.
     async fn check(policy: Arc<TrustedKeys>, parallel: bool, chunk: Vec<LogEntry>) -> Vec<Checked> {
         if !parallel || chunk.len() < PARALLEL_FROM {
-            return check_chunk(chunk, &policy);
+            return check_records(chunk, &policy);
         }
-        let mut first = chunk;
-        let second = first.split_off(first.len() / 2);
-        let halves = [first, second].map(|half| {
-            let policy = Arc::clone(&policy);
-            tokio::task::spawn_blocking(move || check_chunk(half, &policy))
-        });
-        let mut checked = Vec::new();
-        for half in halves {
-            match half.await {
-                Ok(half) => checked.extend(half),
-                // The blocking pool is gone (the runtime is shutting down): nothing is
-                // applied, and the caller's next read starts after the lost records, so
-                // the owner must not go on. It stops like a task whose runtime ends.
-                Err(e) => panic!("checking records on the blocking pool failed: {e}"),
-            }
+        match in_two_halves(chunk, move |half| check_records(half, &policy)).await {
+            Ok(checked) => checked,
+            // The blocking pool is gone (the runtime is shutting down): nothing is applied,
+            // and the caller's next read starts after the lost records, so the owner must
+            // not go on. It stops like a task whose runtime ends.
+            Err(e) => panic!("checking records on the blocking pool failed: {e}"),
         }
-        checked
     }
 
     /// Reads until the record at `offset` has been applied.

@@ -116,6 +116,38 @@ async fn answer(answer: Answer) -> Result<Outcome, OwnerError> {
     answer.wait(TIMEOUT).await.expect("answered in time")
 }
 
+/// Appends, straight to the log and unread by the owner, a restock of `quantity` on the
+/// stream of the log's last commit, in the name of the writer of its first fence and
+/// chained onto that commit: the owner's own earlier commit whose acknowledgement it never
+/// got, landing late.
+async fn restock_unread(log: &MemoryLog, quantity: u64) {
+    let entries = log.entries();
+    let decode = |e: &keel_kafka::LogEntry| LogRecord::decode(&e.payload).unwrap();
+    let writer = decode(&entries[0]).writer().clone();
+    let last = entries
+        .iter()
+        .rev()
+        .find_map(|e| match decode(e) {
+            LogRecord::Commit(c) => Some(c),
+            LogRecord::Fence(_) => None,
+        })
+        .expect("a commit");
+    let x = LogRecord::Commit(
+        testing::commit(&writer, last.stream.clone(), last.next_version())
+            .event(
+                "ProductRestocked",
+                1,
+                serde_json::json!({"quantity": quantity}),
+            )
+            .command("Restock", "alice")
+            .prev_hash(Some(last.hash.clone()))
+            .signed(&key()),
+    );
+    log.handle()
+        .append(&[(last.stream.id.as_str(), &x, None)])
+        .await;
+}
+
 /// The log folded through the gate: each accepted commit's stream, version after it and
 /// offset; and how many records the gate skipped.
 fn accepted(log: &MemoryLog) -> (Vec<(String, u64, i64)>, u64) {
@@ -509,20 +541,7 @@ async fn a_rejected_commit_fails_the_rest_of_its_flush() {
         .unwrap();
     // The owner's own earlier commit X, whose acknowledgement it never got, becomes
     // visible only now: a restock of 1, in the owner's name, chained onto the stream.
-    let entries = log.entries();
-    let decode = |i: usize| LogRecord::decode(&entries[i].payload).unwrap();
-    let writer = decode(0).writer().clone();
-    let LogRecord::Commit(last) = decode(2) else {
-        panic!("a commit")
-    };
-    let x = LogRecord::Commit(
-        testing::commit(&writer, last.stream.clone(), 2)
-            .event("ProductRestocked", 1, serde_json::json!({"quantity": 1}))
-            .command("Restock", "alice")
-            .prev_hash(Some(last.hash.clone()))
-            .signed(&key()),
-    );
-    log.handle().append(&[("p-1", &x, None)]).await;
+    restock_unread(&log, 1).await;
     // One flush, decided before the owner reads X: the restock loses its version to X,
     // the reservation was decided on a state that held the restock, the registration of
     // p-2 comes after a rejected commit.
@@ -590,20 +609,7 @@ async fn a_refusal_is_given_only_from_a_state_confirmed_against_the_log() {
     .await
     .unwrap();
     // A restock of 20 in the owner's name lands, not yet read by the owner.
-    let entries = log.entries();
-    let decode = |i: usize| LogRecord::decode(&entries[i].payload).unwrap();
-    let writer = decode(0).writer().clone();
-    let LogRecord::Commit(last) = decode(1) else {
-        panic!("a commit")
-    };
-    let x = LogRecord::Commit(
-        testing::commit(&writer, last.stream.clone(), 1)
-            .event("ProductRestocked", 1, serde_json::json!({"quantity": 20}))
-            .command("Restock", "alice")
-            .prev_hash(Some(last.hash.clone()))
-            .signed(&key()),
-    );
-    log.handle().append(&[("p-1", &x, None)]).await;
+    restock_unread(&log, 20).await;
     // Decided on the state read, the reservation is refused (no stock) and the If-Match
     // of version 2 fails; neither is true of the log, which the owner reads before
     // answering: both are decided again.
@@ -663,20 +669,7 @@ async fn a_reused_key_is_refused_only_once_the_commit_holding_it_counts() {
     .await
     .unwrap();
     // A commit in the owner's name lands unread: the next restock of p-1 loses its version.
-    let entries = log.entries();
-    let decode = |i: usize| LogRecord::decode(&entries[i].payload).unwrap();
-    let writer = decode(0).writer().clone();
-    let LogRecord::Commit(last) = decode(1) else {
-        panic!("a commit")
-    };
-    let x = LogRecord::Commit(
-        testing::commit(&writer, last.stream.clone(), 1)
-            .event("ProductRestocked", 1, serde_json::json!({"quantity": 1}))
-            .command("Restock", "alice")
-            .prev_hash(Some(last.hash.clone()))
-            .signed(&key()),
-    );
-    log.handle().append(&[("p-1", &x, None)]).await;
+    restock_unread(&log, 1).await;
     let first = queue(
         &owner,
         "p-1",

@@ -399,13 +399,7 @@ async fn verify_tells_forgeries_from_zombie_writes_and_export_hands_out_the_reco
     let mut usurper = owner_of(&stack, &topic, partition_of("o-5")).await;
     usurper.instance = "cmd-usurper".into();
     usurper.epoch += 1;
-    let fence = keel_schemas::FenceRecord {
-        writer: usurper,
-        recorded_at: keel_schemas::Timestamp::now(),
-        rules: Some(keel_schemas::FENCE_RULES),
-        signature: None,
-    }
-    .signed(&stranger);
+    let fence = keel_schemas::FenceRecord::ruled(usurper).signed(&stranger);
     let fence_offset = producer
         .append_record(
             &topic,

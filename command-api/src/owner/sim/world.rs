@@ -13,8 +13,8 @@ use keel_domain::ids::Quantity;
 use keel_domain::product::{Product, ProductCommand};
 use keel_kafka::{KafkaError, LogEntry};
 use keel_schemas::{
-    CommandMeta, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, SigningKey, StreamRef,
-    Timestamp, TrustedKeys, Writer, encode_event,
+    CommandMeta, CommitRecord, FenceRecord, LogRecord, SigningKey, StreamRef, TrustedKeys, Writer,
+    encode_event,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -486,23 +486,13 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
         let fold = Fold::of(&w.log.entries(), &w.policy, false);
         let epoch = fold.gate.highest_epoch() + 1;
         let owner = fold.gate.owner().cloned();
-        let streams: Vec<(String, u64, Option<String>, Product)> = fold
-            .streams
-            .iter()
-            .filter(|(_, s)| s.version > 0)
-            .map(|(id, s)| (id.clone(), s.version, s.last_hash.clone(), s.state.clone()))
-            .collect();
+        let streams = registered(&fold);
         if forge {
             let writer = Writer {
                 instance: owner.map_or_else(|| "cmd-sim".into(), |o| o.instance),
                 epoch,
             };
-            let fence = LogRecord::Fence(FenceRecord {
-                writer: writer.clone(),
-                recorded_at: Timestamp::now(),
-                rules: Some(FENCE_RULES),
-                signature: None,
-            });
+            let fence = LogRecord::Fence(FenceRecord::ruled(writer.clone()));
             w.persist(&[("", &fence, None)]);
             if let Some((id, version, last_hash, state)) = pick(&mut w.rng, &streams) {
                 let restock = restock_commit(&mut w, &id, version, last_hash, &state, writer);
@@ -517,26 +507,12 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
                 instance: "rival".into(),
                 epoch,
             };
-            let fence = LogRecord::Fence(
-                FenceRecord {
-                    writer: writer.clone(),
-                    recorded_at: Timestamp::now(),
-                    rules: Some(FENCE_RULES),
-                    signature: None,
-                }
-                .signed(&rival_key),
-            );
+            let fence = LogRecord::Fence(FenceRecord::ruled(writer.clone()).signed(&rival_key));
             w.persist(&[("", &fence, None)]);
             let commits = w.rng.gen_range(0..=2);
             for _ in 0..commits {
                 // Each commit is decided on the log as it is now, so it chains properly.
-                let fold = Fold::of(&w.log.entries(), &w.policy, false);
-                let streams: Vec<(String, u64, Option<String>, Product)> = fold
-                    .streams
-                    .iter()
-                    .filter(|(_, s)| s.version > 0)
-                    .map(|(id, s)| (id.clone(), s.version, s.last_hash.clone(), s.state.clone()))
-                    .collect();
+                let streams = registered(&Fold::of(&w.log.entries(), &w.policy, false));
                 let Some((id, version, last_hash, state)) = pick(&mut w.rng, &streams) else {
                     break;
                 };
@@ -550,6 +526,18 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
             }
         }
     }
+}
+
+/// A stream with commits, as the other writers decide on it: id, version, last hash, state.
+type Head = (String, u64, Option<String>, Product);
+
+/// The streams of `fold` that have commits.
+fn registered(fold: &Fold) -> Vec<Head> {
+    fold.streams
+        .iter()
+        .filter(|(_, s)| s.version > 0)
+        .map(|(id, s)| (id.clone(), s.version, s.last_hash.clone(), s.state.clone()))
+        .collect()
 }
 
 fn pick<T: Clone>(rng: &mut ChaCha8Rng, items: &[T]) -> Option<T> {
