@@ -336,13 +336,26 @@ fn only_records_signed_by_trusted_keys_count() {
 
 #[test]
 fn a_legacy_log_counts_up_to_its_cut_off_and_not_after_a_fence_with_rules() {
+    // The fences' times are set, not read from the clock, so the test decides alike on
+    // a fast machine and a loaded one.
+    let cut_off = Timestamp::now();
+    let legacy_fence_at = |writer: &Writer, at: Timestamp| {
+        let LogRecord::Fence(mut fence) = testing::fence(writer) else {
+            unreachable!()
+        };
+        fence.recorded_at = at;
+        LogRecord::Fence(fence)
+    };
     let mut trusted = TrustedKeys::default();
     trusted.add(key());
-    trusted.allow_legacy_until(Timestamp::now());
+    trusted.allow_legacy_until(cut_off);
     let policy = Arc::new(trusted);
     let old = testing::writer("old", 1);
     let mut gate = PartitionGate::new(Arc::clone(&policy));
-    assert!(gate.admit(&testing::fence(&old)).is_ok(), "a legacy fence");
+    assert!(
+        gate.admit(&legacy_fence_at(&old, cut_off)).is_ok(),
+        "a legacy fence at the cut-off counts"
+    );
     // Under it, commits are read by the rules of their time: unsigned, unchained.
     let legacy = testing::commit(&old, stream(0), 0)
         .event("OrderShipped", 1, json!({}))
@@ -353,13 +366,16 @@ fn a_legacy_log_counts_up_to_its_cut_off_and_not_after_a_fence_with_rules() {
     let new = testing::writer("new", 2);
     assert!(gate.admit(&fence(&new)).is_ok());
     assert!(matches!(
-        gate.admit(&testing::fence(&testing::writer("old", 3))),
+        gate.admit(&legacy_fence_at(&testing::writer("old", 3), cut_off)),
         Err(Rejection::UntrustedFence { .. })
     ));
     // A legacy fence recorded after the cut-off never counts.
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    let after = Timestamp::from(cut_off.as_datetime() + std::time::Duration::from_millis(1));
     let mut fresh = PartitionGate::new(policy);
-    assert!(fresh.admit(&testing::fence(&old)).is_err());
+    assert!(matches!(
+        fresh.admit(&legacy_fence_at(&old, after)),
+        Err(Rejection::UntrustedFence { .. })
+    ));
 }
 
 #[test]
