@@ -5,7 +5,6 @@ use chrono::{DateTime, Utc};
 use keel_domain::customer::CustomerEvent;
 use keel_domain::order::OrderEvent;
 use keel_views::ProjectionSpec;
-use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
@@ -21,7 +20,9 @@ struct Row {
     email: Option<String>,
     name: Option<String>,
     order_count: i64,
-    lifetime_value: Value,
+    /// The lifetime value per currency as JSON text, read and written as text so that
+    /// amounts past `i64` stay exact (PostgreSQL keeps JSON numbers as `numeric`).
+    lifetime_value: String,
     updated_at: DateTime<Utc>,
     version: i64,
 }
@@ -33,17 +34,27 @@ impl Row {
             email: None,
             name: None,
             order_count: 0,
-            lifetime_value: Value::Object(Default::default()),
+            lifetime_value: "{}".to_owned(),
             updated_at: at,
             version: 0,
         }
     }
 
-    fn add_value(&mut self, currency: &str, minor: i64) {
-        let mut values: BTreeMap<String, i64> =
-            serde_json::from_value(self.lifetime_value.clone()).unwrap_or_default();
-        *values.entry(currency.to_owned()).or_default() += minor;
-        self.lifetime_value = serde_json::to_value(values).unwrap_or(Value::Null);
+    /// Adds `minor` to the value in `currency`, exactly: a sum past `i128` or a value
+    /// that does not read back is an error that stops the projection, never a wrong sum.
+    fn add_value(&mut self, currency: &str, minor: i64) -> Result<(), sqlx::Error> {
+        let broken = |what: String| {
+            sqlx::Error::Encode(format!("customers: {}: {what}", self.customer_id).into())
+        };
+        let mut values: BTreeMap<String, i128> = serde_json::from_str(&self.lifetime_value)
+            .map_err(|e| broken(format!("lifetime value unreadable: {e}")))?;
+        let value = values.entry(currency.to_owned()).or_default();
+        *value = value
+            .checked_add(i128::from(minor))
+            .ok_or_else(|| broken(format!("lifetime value in {currency} overflows")))?;
+        self.lifetime_value = serde_json::to_string(&values)
+            .map_err(|e| broken(format!("lifetime value unwritable: {e}")))?;
+        Ok(())
     }
 }
 
@@ -110,14 +121,16 @@ impl Projection for Customers {
             }
         };
         let ids: Vec<String> = events.iter().filter_map(&customer_of).collect();
-        let mut rows: HashMap<String, Row> =
-            sqlx::query_as::<_, Row>(&format!("SELECT * FROM {t} WHERE customer_id = ANY($1)"))
-                .bind(&ids)
-                .fetch_all(&mut *db)
-                .await?
-                .into_iter()
-                .map(|r| (r.customer_id.clone(), r))
-                .collect();
+        let mut rows: HashMap<String, Row> = sqlx::query_as::<_, Row>(&format!(
+            "SELECT customer_id, email, name, order_count, lifetime_value::text AS lifetime_value,
+                    updated_at, version FROM {t} WHERE customer_id = ANY($1)"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *db)
+        .await?
+        .into_iter()
+        .map(|r| (r.customer_id.clone(), r))
+        .collect();
         let mut touched = Vec::new();
         for e in events {
             let Some(id) = customer_of(e) else { continue };
@@ -135,10 +148,10 @@ impl Projection for Customers {
                 }
                 AnyEvent::Order(OrderEvent::OrderPlaced { .. }) => row.order_count += 1,
                 AnyEvent::Order(OrderEvent::PaymentRecorded { amount, .. }) => {
-                    row.add_value(amount.currency().as_str(), amount.amount_minor());
+                    row.add_value(amount.currency().as_str(), amount.amount_minor())?;
                 }
                 AnyEvent::Order(OrderEvent::RefundIssued { amount }) => {
-                    row.add_value(amount.currency().as_str(), -amount.amount_minor());
+                    row.add_value(amount.currency().as_str(), -amount.amount_minor())?;
                 }
                 _ => continue,
             }
@@ -161,7 +174,7 @@ impl Projection for Customers {
         }
         let rows: Vec<&Row> = touched.iter().filter_map(|id| rows.get(id)).collect();
         sqlx::query(&format!(
-            "INSERT INTO {t} SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[],
+            "INSERT INTO {t} SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[]::jsonb[],
                 $6::timestamptz[], $7::bigint[])
              ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name,
                 order_count = EXCLUDED.order_count, lifetime_value = EXCLUDED.lifetime_value,

@@ -32,6 +32,110 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use std::sync::Arc;
+
+    use keel_domain::money::MAX_AMOUNT_MINOR;
+    use keel_domain::order::OrderEvent;
+    use keel_schemas::testing;
+    use keel_tests::TestDatabase;
+    use serde_json::json;
+
+    use crate::projection::{AnyEvent, ProjectedEvent, table};
+
+    /// `event` as the one event of a commit on `stream`, at `offset`.
+    fn event(stream: (&str, &str), offset: i64, event: OrderEvent) -> ProjectedEvent {
+        let payload = serde_json::to_value(&event).unwrap()["payload"].clone();
+        let commit = testing::commit(
+            &testing::writer("w", 1),
+            testing::stream(stream.0, stream.1),
+            0,
+        )
+        .event("Test", 1, payload)
+        .build();
+        ProjectedEvent {
+            topic: "order".into(),
+            partition: 0,
+            offset,
+            index: 0,
+            commit: Arc::new(commit),
+            event: AnyEvent::Order(event),
+        }
+    }
+
+    fn order_event(value: serde_json::Value) -> OrderEvent {
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// Sums over many events of the largest amounts stay exact where `bigint` and `i64`
+    /// would overflow (about 9,224 of them do): ten thousand orders of the largest total
+    /// on one day, and a customer paid that much ten thousand times.
+    #[tokio::test]
+    async fn sums_at_the_largest_amounts_do_not_overflow() {
+        let db = TestDatabase::new("sums");
+        let pool = crate::db::connect(&db.url())
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        let money = json!({"amount_minor": MAX_AMOUNT_MINOR, "currency": "EUR"});
+        let orders = 10_000;
+        let placed: Vec<ProjectedEvent> = (0..orders)
+            .map(|i| {
+                let placed = order_event(json!({"type": "OrderPlaced", "payload": {
+                    "customer_id": "c-1",
+                    "lines": [{"sku": "GOLD", "quantity": 1000, "unit_price": money}],
+                    "total": money,
+                }}));
+                event(("order", &format!("o-{i}")), i, placed)
+            })
+            .collect();
+        let paid: Vec<ProjectedEvent> = (0..orders)
+            .map(|i| {
+                let payment = order_event(json!({"type": "PaymentRecorded", "payload": {
+                    "amount": money, "payment_ref": format!("p-{i}"),
+                }}));
+                event(("order", &format!("o-{i}")), orders + i, payment)
+            })
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        for projection in [
+            &super::DailySales as &dyn crate::projection::Projection,
+            &super::Customers,
+        ] {
+            projection.create(&mut tx, 1).await.unwrap();
+            // Two batches, so the database's sum is exercised as well as the batch's.
+            for half in placed.chunks(orders as usize / 2) {
+                projection.apply(&mut tx, 1, half).await.unwrap();
+            }
+            for half in paid.chunks(orders as usize / 2) {
+                projection.apply(&mut tx, 1, half).await.unwrap();
+            }
+        }
+        let expected = i128::from(MAX_AMOUNT_MINOR) * i128::from(orders);
+        assert!(expected > i128::from(i64::MAX), "the test goes past bigint");
+        let (count, items, revenue): (i64, String, String) = sqlx::query_as(&format!(
+            "SELECT orders_placed, items::text, revenue_minor::text FROM {}",
+            table("daily_sales", 1)
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(
+            (count, items, revenue),
+            (orders, (1000 * orders).to_string(), expected.to_string())
+        );
+        let value: String = sqlx::query_scalar(&format!(
+            "SELECT (lifetime_value->'EUR')::text FROM {} WHERE customer_id = 'c-1'",
+            table("customers", 1)
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(value, expected.to_string());
+        tx.rollback().await.unwrap();
+        pool.close().await;
+    }
+
     #[test]
     fn every_projection_of_the_read_contract_is_implemented_once() {
         let names: Vec<&str> = super::all().iter().map(|p| p.name()).collect();
