@@ -15,6 +15,7 @@ use keel_schemas::{TopicPartition, TrustedKeys};
 use projector::rebuild::{Progress, RebuildOptions};
 use projector::runner::Runner;
 use projector::{Job, OnError, Settings, SettingsArgs, db, report, status, verify, views};
+use sqlx::PgPool;
 use tokio::task::JoinSet;
 
 /// Runs Keel's projections into PostgreSQL and inspects the log.
@@ -141,10 +142,11 @@ fn check_names(names: &[String]) -> anyhow::Result<()> {
 async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow::Result<()> {
     check_names(only)?;
     let all = views::all();
-    ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
+    let topics = ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
         .await
         .context("ensuring the topics")?;
     let pool = db::connect(&settings.database.database_url).await?;
+    record_topics(&pool, &topics, settings.kafka.partitions).await?;
     let options = settings.run_options(on_error)?;
     let mut tasks = JoinSet::new();
     for projection in all
@@ -175,6 +177,14 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
     }
 }
 
+/// Tells the query API which topics and partitions there are, so it refuses a consistency
+/// token for any other at once.
+async fn record_topics(pool: &PgPool, topics: &[String], partitions: i32) -> anyhow::Result<()> {
+    keel_views::positions::record_topics(pool, topics, partitions)
+        .await
+        .context("recording the topics read")
+}
+
 async fn rebuild(
     settings: &Settings,
     only: &[String],
@@ -184,10 +194,11 @@ async fn rebuild(
     json: bool,
 ) -> anyhow::Result<()> {
     check_names(only)?;
-    ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
+    let topics = ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
         .await
         .context("ensuring the topics")?;
     let pool = db::connect(&settings.database.database_url).await?;
+    record_topics(&pool, &topics, settings.kafka.partitions).await?;
     let options = settings.run_options(on_error)?;
     let chosen: Vec<_> = views::all()
         .into_iter()

@@ -87,6 +87,81 @@ impl CheckpointCache {
     }
 }
 
+/// The topics the projector reads and their partition counts, as last read, with the
+/// notification count they were read at (refreshed once the projector commits again, at
+/// least once a second).
+#[derive(Clone, Debug, Default)]
+pub struct TopicCache(Arc<Mutex<Option<(u64, Topics)>>>);
+
+/// Partition count per topic.
+pub type Topics = Arc<HashMap<String, i32>>;
+
+impl TopicCache {
+    async fn read(&self, pool: &PgPool, seq: u64) -> Result<Topics, ApiError> {
+        if let Some((at, read)) = self
+            .0
+            .lock()
+            .map_err(|_| ApiError::internal("reading the topic cache", &"poisoned"))?
+            .as_ref()
+            && *at == seq
+        {
+            return Ok(Arc::clone(read));
+        }
+        let read = Arc::new(keel_views::positions::topics(pool).await?);
+        if let Ok(mut cache) = self.0.lock() {
+            *cache = Some((seq, Arc::clone(&read)));
+        }
+        Ok(read)
+    }
+}
+
+/// Refuses a token naming a topic the projector does not read (another deployment's topic
+/// prefix, say) or a partition those topics do not have: no view could ever pass it, so
+/// waiting for it would only end in a timeout. Before the projector has recorded its
+/// topics, every token is let through (and waited for). A refusal is decided on a fresh
+/// read, never on the cached one alone.
+pub async fn check_token(
+    pool: &PgPool,
+    cache: &TopicCache,
+    changes: &watch::Receiver<u64>,
+    token: &ConsistencyToken,
+) -> Result<(), ApiError> {
+    let seq = *changes.borrow();
+    if refusal(&*cache.read(pool, seq).await?, token).is_none() {
+        return Ok(());
+    }
+    let fresh = keel_views::positions::topics(pool).await?;
+    match refusal(&fresh, token) {
+        None => Ok(()),
+        Some(detail) => Err(ApiError::bad("Keel-Consistency-Token", detail)),
+    }
+}
+
+/// Why no view reading `topics` could pass `token`, if none could.
+fn refusal(topics: &HashMap<String, i32>, token: &ConsistencyToken) -> Option<String> {
+    if topics.is_empty() {
+        return None;
+    }
+    token.positions().find_map(|p| match topics.get(&p.topic) {
+        None => {
+            let mut known: Vec<&str> = topics.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            Some(format!(
+                "the token names topic {:?}, which this deployment does not have (it has {})",
+                p.topic,
+                known.join(", ")
+            ))
+        }
+        Some(&partitions) if p.partition >= partitions => Some(format!(
+            "the token names partition {} of {}, which has partitions 0 to {}",
+            p.partition,
+            p.topic,
+            partitions - 1
+        )),
+        Some(_) => None,
+    })
+}
+
 /// The positions a projection has read, as a token (the last offset read per partition).
 pub fn position_token(read: &HashMap<TopicPartition, i64>) -> Option<String> {
     let mut token = ConsistencyToken::default();

@@ -24,3 +24,41 @@ pub async fn read(
         .map(|(topic, partition, next)| (TopicPartition::new(topic, partition), next))
         .collect())
 }
+
+/// The topics the projector reads, with their partition counts, as it last recorded them;
+/// empty before a projector has started (or when its schema predates the record).
+pub async fn topics(pool: &PgPool) -> Result<HashMap<String, i32>, sqlx::Error> {
+    let rows: Result<Vec<(String, i32)>, sqlx::Error> =
+        sqlx::query_as("SELECT topic, partitions FROM keel_topics")
+            .fetch_all(pool)
+            .await;
+    match rows {
+        Ok(rows) => Ok(rows.into_iter().collect()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(HashMap::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records `topics` (each with `partitions` partitions) as the ones the projector reads,
+/// forgetting any other.
+pub async fn record_topics(
+    pool: &PgPool,
+    topics: &[String],
+    partitions: i32,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM keel_topics WHERE topic <> ALL($1)")
+        .bind(topics)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO keel_topics (topic, partitions) SELECT t, $2 FROM UNNEST($1::text[]) AS t
+         ON CONFLICT (topic) DO UPDATE SET partitions = EXCLUDED.partitions, updated_at = now()
+         WHERE keel_topics.partitions <> EXCLUDED.partitions",
+    )
+    .bind(topics)
+    .bind(partitions)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}

@@ -46,6 +46,8 @@ pub struct AppState {
     pub projections: Arc<HashMap<&'static str, &'static [&'static str]>>,
     /// Checkpoints as last read, until the projector commits again.
     pub checkpoints: consistency::CheckpointCache,
+    /// The topics and partition counts the projector reads, as last read.
+    pub topics: consistency::TopicCache,
 }
 
 impl AppState {
@@ -61,6 +63,7 @@ impl AppState {
             changes,
             projections: Arc::new(projections),
             checkpoints: consistency::CheckpointCache::default(),
+            topics: consistency::TopicCache::default(),
         }
     }
 }
@@ -100,7 +103,9 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         .with_state(state)
 }
 
-/// Reads the consistency headers of a request.
+/// Reads the consistency headers of a request. A query may carry the tokens of several
+/// commands (read-your-writes across streams): the header repeated, or one header with
+/// tokens separated by commas; it waits for all of them (their merge).
 fn consistency(headers: &HeaderMap) -> Result<(Option<ConsistencyToken>, Duration), ApiError> {
     let text = |name: &str| -> Result<Option<&str>, ApiError> {
         headers
@@ -111,14 +116,26 @@ fn consistency(headers: &HeaderMap) -> Result<(Option<ConsistencyToken>, Duratio
             })
             .transpose()
     };
-    // An empty header names no position: nothing to wait for, as without the header.
-    let token = text(CONSISTENCY_TOKEN_HEADER)?
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| {
-            t.parse::<ConsistencyToken>()
-                .map_err(|e| ApiError::bad("Keel-Consistency-Token", e.to_string()))
-        })
-        .transpose()?;
+    // An empty header (or an empty item of the list) names no position: nothing to wait
+    // for, as without the header.
+    let mut token: Option<ConsistencyToken> = None;
+    for value in headers.get_all(CONSISTENCY_TOKEN_HEADER) {
+        let value = value.to_str().map_err(|_| {
+            ApiError::bad(
+                "Keel-Consistency-Token",
+                "Keel-Consistency-Token must be visible ASCII",
+            )
+        })?;
+        for item in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let parsed = item
+                .parse::<ConsistencyToken>()
+                .map_err(|e| ApiError::bad("Keel-Consistency-Token", e.to_string()))?;
+            token = Some(match token {
+                Some(t) => t.merge(&parsed),
+                None => parsed,
+            });
+        }
+    }
     let wait = match text(CONSISTENCY_TIMEOUT_HEADER)? {
         None => DEFAULT_WAIT,
         Some(ms) => {
@@ -147,6 +164,9 @@ where
     T: serde::Serialize,
 {
     let (token, wait) = consistency(headers)?;
+    if let Some(token) = &token {
+        consistency::check_token(&state.pool, &state.topics, &state.changes, token).await?;
+    }
     let stream_types = state.projections.get(projection).copied().unwrap_or(&[]);
     let read = consistency::wait_for(
         &state.pool,

@@ -26,8 +26,8 @@ fn get(summary: &str, params: Value, cacheable: bool, role: Role) -> Value {
     let mut parameters = params.as_array().cloned().unwrap_or_default();
     for header in [
         json!({"name": "Keel-Consistency-Token", "in": "header",
-               "schema": {"type": "string", "pattern": "^(v1\\.[A-Za-z0-9_-]{1,4093})?$"},
-               "description": "wait until the view has passed this token (from a command response; opaque, at most 4096 characters; empty: no wait)"}),
+               "schema": {"type": "string", "pattern": "^(v1\\.[A-Za-z0-9_-]{1,4093})?(, ?v1\\.[A-Za-z0-9_-]{1,4093})*$"},
+               "description": "wait until the view has passed this token (from a command response; opaque, at most 4096 characters; empty: no wait). Several tokens: repeat the header or separate them with commas; the query waits for all. A token naming a topic or partition this deployment does not have is 400"}),
         json!({"name": "Keel-Consistency-Timeout", "in": "header", "schema": {"type": "integer", "minimum": 0},
                "description": "how long to wait for the token, in milliseconds (default 5000; longer than 30000 waits 30000)"}),
         json!({"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}),

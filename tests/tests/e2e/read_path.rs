@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_kafka::{LogProducer, partition_for};
-use keel_schemas::ConsistencyToken;
+use keel_schemas::{ConsistencyToken, Position};
 use keel_tests::{Service, Stack, eur};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -34,6 +34,92 @@ async fn a_query_with_the_commands_token_reads_its_write_every_time() {
             "restock {i} is visible on the first read"
         );
         assert_eq!(product["version"], i + 1);
+    }
+}
+
+/// A token no view could ever pass (another deployment's topic prefix, a partition the
+/// topics do not have) is refused at once rather than waited for until the timeout; a
+/// query carrying several commands' tokens (the header repeated, or comma-separated)
+/// waits for every one of them.
+#[tokio::test]
+async fn tokens_no_view_can_pass_are_refused_and_several_tokens_are_all_waited_for() {
+    let stack = Stack::start("tokens", 2).await;
+    let mut tokens = Vec::new();
+    for sku in ["TOK-A", "TOK-B"] {
+        let (status, body, token) = stack
+            .post(
+                &format!("/v1/products/{sku}/register"),
+                json!({"name": sku, "price": eur(100)}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        tokens.push(token.unwrap().encode());
+    }
+    let topic = stack
+        .broker
+        .settings(&stack.config.prefix, stack.config.partitions)
+        .topic("product");
+    let token_at = |topic: &str, partition: i32, offset: i64| {
+        ConsistencyToken::at(Position {
+            topic: topic.into(),
+            partition,
+            offset,
+        })
+        .encode()
+    };
+    let query = |values: Vec<String>, timeout_ms: u64| {
+        let mut request = stack
+            .client
+            .get(stack.query.url("/v1/products?limit=10"))
+            .header("keel-consistency-timeout", timeout_ms.to_string());
+        for value in values {
+            request = request.header("keel-consistency-token", value);
+        }
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap_or_default())
+        }
+    };
+    // Refused: no wait (the timeout asked for is the longest), a 400 naming the header.
+    let elsewhere = format!("elsewhere.{topic}");
+    for (token, says) in [
+        (token_at(&elsewhere, 0, 0), "does not have"),
+        (token_at(&topic, 2, 0), "partitions 0 to 1"),
+    ] {
+        let (status, body) = query(vec![tokens[0].clone(), token], 30_000).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["field"], "Keel-Consistency-Token", "{body}");
+        assert!(body["detail"].as_str().unwrap().contains(says), "{body}");
+    }
+    // Several tokens: both products are visible on the first read.
+    for values in [
+        tokens.clone(),
+        vec![tokens.join(", ")],
+        vec![tokens[1].clone(), tokens[0].clone()],
+    ] {
+        let (status, body) = query(values.clone(), 30_000).await;
+        assert_eq!(status, StatusCode::OK, "{values:?}: {body}");
+        let skus: BTreeSet<&str> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["sku"].as_str().unwrap())
+            .collect();
+        assert_eq!(skus, BTreeSet::from(["TOK-A", "TOK-B"]), "{values:?}");
+    }
+    // Every token counts, not only the first: one no view has reached yet makes the query
+    // wait, here until its short timeout.
+    let ahead = token_at(&topic, 0, 1_000_000);
+    for values in [
+        vec![tokens[0].clone(), ahead.clone()],
+        vec![format!("{}, {ahead}", tokens[0])],
+    ] {
+        let (status, body) = query(values.clone(), 300).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{values:?}: {body}"
+        );
     }
 }
 
