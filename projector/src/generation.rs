@@ -216,10 +216,92 @@ pub(crate) async fn notify(tx: &mut PgConnection, projection: &str) -> Result<()
     Ok(())
 }
 
+/// Makes `generation` live in the swap's transaction `tx`: the projection's row names it,
+/// the rebuild's row goes, waiting queries are told, and, unless `keep_previous`, the
+/// replaced generation is recorded as to be dropped, so that a crash before
+/// [`discard`] runs leaves work that [`finish_discards`] completes on the next start.
+pub(crate) async fn make_live(
+    tx: &mut PgConnection,
+    projection: &dyn Projection,
+    generation: i32,
+    previous: i32,
+    keep_previous: bool,
+) -> Result<(), sqlx::Error> {
+    let name = projection.name();
+    let events: i64 = sqlx::query_scalar("SELECT events FROM keel_rebuilds WHERE projection = $1")
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE keel_projections SET generation = $2, code_version = $3, events = $4, state = 'running',
+            error = NULL, updated_at = now() WHERE name = $1",
+    )
+    .bind(name)
+    .bind(generation)
+    .bind(projection.version())
+    .bind(events)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM keel_rebuilds WHERE projection = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    if !keep_previous {
+        sqlx::query(
+            "INSERT INTO keel_discards (projection, generation) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(previous)
+        .execute(&mut *tx)
+        .await?;
+    }
+    notify(tx, name).await
+}
+
+/// Drops the generations of `projection` that a swap replaced but whose drop did not
+/// happen (the rebuild crashed or was stopped between the two); returns them.
+pub(crate) async fn finish_discards(
+    pool: &PgPool,
+    projection: &dyn Projection,
+) -> anyhow::Result<Vec<i32>> {
+    let pending: Vec<i32> = sqlx::query_scalar(
+        "SELECT d.generation FROM keel_discards d JOIN keel_projections p ON p.name = d.projection
+         WHERE d.projection = $1 AND d.generation <> p.generation ORDER BY d.generation",
+    )
+    .bind(projection.name())
+    .fetch_all(pool)
+    .await?;
+    for &generation in &pending {
+        discard(pool, projection, generation)
+            .await
+            .with_context(|| format!("dropping generation {generation} a swap replaced"))?;
+    }
+    Ok(pending)
+}
+
+/// Bounds how long the transaction `tx` may stay idle: if its process stalls (paused,
+/// cut off) with the transaction open, PostgreSQL ends the session after `idle` and its
+/// locks go with it, instead of holding up the live runner and every reader until the
+/// process wakes.
+pub(crate) async fn bound_idle(
+    tx: &mut PgConnection,
+    idle: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "SET LOCAL idle_in_transaction_session_timeout = {}",
+        idle.as_millis().max(1)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// Drops a generation that is not live: its tables and its bookkeeping.
 ///
-/// Only a rebuild calls this, holding the projection's rebuild lock, and only a rebuild
-/// swaps: no swap can make `generation` live meanwhile. The check that it is not live is
+/// A rebuild calls this holding the projection's rebuild lock, for the generation it
+/// builds or one it replaced; [`finish_discards`] calls it without that lock, for a
+/// generation a swap replaced. Either way no swap can make `generation` live meanwhile: a
+/// swap only ever makes a generation above the live one live. The check that it is not live is
 /// therefore a plain read, in the same transaction as the drop (which it rolls back if the
 /// generation is live), and takes no row lock: a lock on the projection's row would wait
 /// for the live runner's batch, which updates that row, while this transaction holds the
@@ -284,6 +366,11 @@ async fn discard_once(
         .bind(generation)
         .execute(&mut *tx)
         .await?;
+    sqlx::query("DELETE FROM keel_discards WHERE projection = $1 AND generation = $2")
+        .bind(name)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -303,6 +390,113 @@ mod tests {
             .fetch_one(pool)
             .await
             .unwrap()
+    }
+
+    /// A swap whose process died before it dropped the generation it replaced leaves the
+    /// drop recorded; the next start finishes it, once, and never drops a generation kept
+    /// with `--keep-old`.
+    #[tokio::test]
+    async fn a_drop_a_crash_interrupted_after_the_swap_is_finished_on_the_next_start() {
+        let db = TestDatabase::new("discards");
+        let pool = crate::db::connect(&db.url())
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        let orders = views::all()
+            .into_iter()
+            .find(|p| p.name() == "orders")
+            .unwrap();
+        let first = prepare(&pool, orders.as_ref()).await.unwrap().generation;
+        // Two swaps, as a rebuild makes them, each followed by a crash before the drop:
+        // the first replaces its generation, the second keeps it (`--keep-old`).
+        for (generation, keep_previous) in [(first + 1, false), (first + 2, true)] {
+            let mut tx = pool.begin().await.unwrap();
+            create_tables(&mut tx, orders.as_ref(), generation)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO keel_rebuilds (projection, generation, code_version, owner)
+                 VALUES ('orders', $1, $2, 'test')",
+            )
+            .bind(generation)
+            .bind(orders.version())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            lock(&mut tx, "orders").await.unwrap();
+            point_views(&mut tx, orders.as_ref(), generation)
+                .await
+                .unwrap();
+            make_live(
+                &mut tx,
+                orders.as_ref(),
+                generation,
+                generation - 1,
+                keep_previous,
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+        assert!(
+            tables_of(&pool, first).await > 0,
+            "left behind by the crash"
+        );
+        assert_eq!(
+            finish_discards(&pool, orders.as_ref()).await.unwrap(),
+            [first]
+        );
+        assert_eq!(
+            tables_of(&pool, first).await,
+            0,
+            "dropped on the next start"
+        );
+        assert!(tables_of(&pool, first + 1).await > 0, "kept on purpose");
+        assert!(tables_of(&pool, first + 2).await > 0, "live");
+        assert!(
+            finish_discards(&pool, orders.as_ref())
+                .await
+                .unwrap()
+                .is_empty(),
+            "done once"
+        );
+        pool.close().await;
+    }
+
+    /// A swap transaction whose process stalls lets go of its locks once it has been idle
+    /// for its bound: the live runner's batch, waiting on the projection's row, goes on.
+    #[tokio::test]
+    async fn a_stalled_swap_transaction_loses_its_locks() {
+        let db = TestDatabase::new("stalled-swap");
+        let pool = crate::db::connect(&db.url())
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        let orders = views::all()
+            .into_iter()
+            .find(|p| p.name() == "orders")
+            .unwrap();
+        prepare(&pool, orders.as_ref()).await.unwrap();
+        let mut swap = pool.begin().await.unwrap();
+        bound_idle(&mut swap, Duration::from_millis(300))
+            .await
+            .unwrap();
+        sqlx::query("SELECT generation FROM keel_projections WHERE name = 'orders' FOR UPDATE")
+            .execute(&mut *swap)
+            .await
+            .unwrap();
+        // The swap's process stalls here; a live batch needs the row.
+        let batch =
+            sqlx::query("UPDATE keel_projections SET updated_at = now() WHERE name = 'orders'")
+                .execute(&pool);
+        tokio::time::timeout(Duration::from_secs(20), batch)
+            .await
+            .expect("the batch still waits for the stalled swap's lock")
+            .unwrap();
+        assert!(
+            sqlx::query("SELECT 1").execute(&mut *swap).await.is_err(),
+            "the stalled swap's session was ended"
+        );
+        drop(swap);
+        pool.close().await;
     }
 
     /// Dropping an old generation never waits for the live runner's batch (here, a

@@ -30,6 +30,12 @@ use crate::projection::create_indexes;
 /// How long the swap may keep catching up under its lock before it lets go and retries.
 const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long the swap's transaction may sit idle (while one batch is read and applied on
+/// other connections) before PostgreSQL ends it and its locks.
+const SWAP_IDLE: Duration = Duration::from_secs(15);
+/// How long it may sit idle once it has re-pointed the views (reads of them wait).
+const SWAP_IDLE_AFTER_VIEWS: Duration = Duration::from_secs(5);
+
 /// How many records the new generation may still be behind the head when the swap
 /// starts: the swap catches up the rest while it holds the lock.
 const SWAP_DISTANCE: i64 = 100;
@@ -138,6 +144,7 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     let hold = Hold::claim(&job.pool, format!("rebuild:{name}")).await?;
     // Read under the lock: a rebuild that finished while this one waited moved it on.
     let live = prepare(&job.pool, projection).await?;
+    finish_discards(&job.pool, projection).await;
     let (generation, resumed) = start_or_resume(job, live.generation).await?;
     let mut applier = Applier::load(job, generation, Mode::Rebuild, &hold).await?;
     let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
@@ -238,7 +245,15 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
         }
         if behind <= distance.min(job.options.batch_size as i64) {
             view.note("caught up with the head; swapping");
-            match swap(job, &mut applier, &mut batches, generation).await? {
+            match swap(
+                job,
+                &mut applier,
+                &mut batches,
+                generation,
+                options.keep_old,
+            )
+            .await?
+            {
                 Swap::Done { previous, held } => break (previous, held),
                 Swap::Stopped => {
                     view.abandon();
@@ -253,10 +268,10 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     if !options.keep_old
         && let Err(e) = discard(&job.pool, projection, previous).await
     {
-        // The swap stands; the old generation is no longer read, and its tables stay until
-        // dropped by hand, as a generation kept with --keep-old does.
+        // The swap stands; the old generation is no longer read, and its drop stays
+        // recorded: the next start of the projector or of a rebuild finishes it.
         warn!(error = %format!("{e:#}"), previous,
-              "dropping the old generation failed: its tables (<table>_g<previous>) are left behind");
+              "dropping the old generation failed: the next start of the projector drops it");
     }
     drop(lock);
     let seconds = started.elapsed().as_secs_f64();
@@ -274,6 +289,24 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     };
     view.finish(&report.to_string());
     Ok(report)
+}
+
+/// Drops what an earlier swap left to drop (a crash between the swap and the drop); a
+/// failure is logged and retried on the next start, never in the way of the work.
+pub(crate) async fn finish_discards(
+    pool: &sqlx::PgPool,
+    projection: &dyn crate::projection::Projection,
+) {
+    match generation::finish_discards(pool, projection).await {
+        Ok(dropped) if !dropped.is_empty() => info!(
+            projection = projection.name(),
+            ?dropped,
+            "dropped the generations an interrupted swap had left"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(projection = projection.name(), error = %format!("{e:#}"),
+                        "dropping the generations an interrupted swap had left failed; the next start tries again"),
+    }
 }
 
 /// The generation to build: the one an interrupted rebuild of today's code left, resumed
@@ -351,10 +384,14 @@ async fn swap(
     applier: &mut Applier<'_>,
     batches: &mut Prefetch,
     generation: i32,
+    keep_old: bool,
 ) -> anyhow::Result<Swap> {
     let projection = job.projection.as_ref();
     let name = projection.name();
     let mut tx = job.pool.begin().await?;
+    // Idle between statements while it catches up on other connections, a batch at a
+    // time; a process stalled longer than SWAP_IDLE loses the session and its locks.
+    generation::bound_idle(&mut tx, SWAP_IDLE).await?;
     applier.prove_hold(&mut tx).await?;
     generation::lock(&mut tx, name).await?;
     let previous: i32 =
@@ -370,52 +407,51 @@ async fn swap(
         .any(|(at, next)| applier.next_offset(at) < *next)
     {
         if locked_at.elapsed() > SWAP_CATCH_UP_LIMIT {
-            tx.rollback().await?;
+            let _ = tx.rollback().await;
             return Ok(Swap::Retry);
         }
         let batch = batches.next().await?;
         if let Flow::Stopped = applier.apply(&batch).await? {
-            tx.rollback().await?;
+            let _ = tx.rollback().await;
             return Ok(Swap::Stopped);
+        }
+        // Each batch resets the idle clock, so the bound is one batch, not the whole
+        // catch-up; a session PostgreSQL ended meanwhile (a batch slower than the bound)
+        // only means trying again.
+        if sqlx::query("SELECT 1").execute(&mut *tx).await.is_err() {
+            return Ok(Swap::Retry);
         }
     }
     // Re-pointing the views waits for reads in flight; bounded, so a long read delays the
     // swap instead of queueing every new read behind it.
-    sqlx::query("SET LOCAL lock_timeout = '2s'")
-        .execute(&mut *tx)
-        .await?;
-    if let Err(e) = point_views(&mut tx, projection, generation).await {
-        let timed_out = e
-            .downcast_ref::<sqlx::Error>()
-            .and_then(|e| e.as_database_error())
-            .and_then(|e| e.code())
-            .is_some_and(|code| code == "55P03");
-        tx.rollback().await?;
-        if timed_out {
+    let repointed = async {
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *tx)
+            .await?;
+        point_views(&mut tx, projection, generation).await?;
+        // The rest are short statements: a process that stalls now holds the views'
+        // locks (every read of them waits) only until PostgreSQL ends its session.
+        generation::bound_idle(&mut tx, SWAP_IDLE_AFTER_VIEWS).await?;
+        generation::make_live(&mut tx, projection, generation, previous, keep_old).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = repointed {
+        let _ = tx.rollback().await;
+        if lock_timed_out_or_session_lost(&e) {
             return Ok(Swap::Retry);
         }
         return Err(e);
     }
-    let events: i64 = sqlx::query_scalar("SELECT events FROM keel_rebuilds WHERE projection = $1")
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
-    sqlx::query(
-        "UPDATE keel_projections SET generation = $2, code_version = $3, events = $4, state = 'running',
-            error = NULL, updated_at = now() WHERE name = $1",
-    )
-    .bind(name)
-    .bind(generation)
-    .bind(projection.version())
-    .bind(events)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("DELETE FROM keel_rebuilds WHERE projection = $1")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
-    generation::notify(&mut tx, name).await?;
-    tx.commit().await?;
+    if let Err(e) = tx.commit().await {
+        // The commit's answer was lost (its session ended while the process stalled, say):
+        // whether it happened is read back, and the rebuild tries again if it did not.
+        let live = generation::live(&job.pool, name).await?;
+        if live != Some(generation) {
+            warn!(error = %e, "the swap did not commit; catching up again");
+            return Ok(Swap::Retry);
+        }
+    }
     let held = locked_at.elapsed();
     info!(
         projection = name,
@@ -425,4 +461,17 @@ async fn swap(
         "swapped in"
     );
     Ok(Swap::Done { previous, held })
+}
+
+/// A swap that could not take the views' locks in time, or whose session PostgreSQL ended
+/// (idle too long while its process stalled): nothing of it was committed, so it is tried
+/// again.
+fn lock_timed_out_or_session_lost(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("55P03" | "25P03" | "57P01"))
+        }
+        Some(sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::PoolClosed) => true,
+        _ => false,
+    }
 }

@@ -76,6 +76,14 @@ impl Runner {
         let hold = Hold::claim(&job.pool, format!("run:{}", job.name())).await?;
         // The lock's session lives as long as this runner holds the projection.
         let _lock = lock;
+        // What a swap left to drop when its process died goes now, beside the live work
+        // (a drop waits for the readers of the old tables, which the live view must not).
+        {
+            let (pool, projection) = (job.pool.clone(), Arc::clone(&job.projection));
+            tokio::spawn(async move {
+                crate::rebuild::finish_discards(&pool, projection.as_ref()).await;
+            });
+        }
         loop {
             let live = match prepare(&job.pool, job.projection.as_ref()).await {
                 Ok(live) => live,
