@@ -47,6 +47,8 @@ pub struct OwnerSettings {
     pub timeout: Duration,
     /// Partitions of each topic.
     pub partitions: i32,
+    /// How long an idempotency key is kept from its commit's time.
+    pub key_retention: Duration,
 }
 
 /// Started owners: their channels, their statuses (for readiness), and their tasks.
@@ -134,6 +136,7 @@ fn start<A: ShopAggregate, L: PartitionLog>(
                 Arc::clone(&settings.policy),
                 settings.timeout,
             );
+            let owner = owner.with_key_retention(settings.key_retention);
             let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
             started.tasks.spawn(owner.run(rx));
             started.statuses.push(status);

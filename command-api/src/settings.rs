@@ -8,6 +8,8 @@ use keel_kafka::{KafkaArgs, KafkaSettings};
 
 /// Where the signing key is kept when `KEEL_SIGNING_KEY_FILE` is not set.
 pub(crate) const DEFAULT_SIGNING_KEY_FILE: &str = ".keel/signing.key";
+/// The shortest idempotency key retention accepted, in seconds.
+const MIN_KEY_RETENTION_SECS: u64 = 60;
 /// Where the trusted public keys are kept when `KEEL_TRUSTED_KEYS_FILE` is not set.
 pub(crate) const DEFAULT_TRUSTED_KEYS_FILE: &str = ".keel/trusted.keys";
 
@@ -33,6 +35,16 @@ pub struct Cli {
         value_name = "MS"
     )]
     pub request_timeout_ms: u64,
+    /// How long an `Idempotency-Key` is kept, in seconds from its commit's time: a retry
+    /// within it gets the first answer, one after it is a fresh command. Memory grows with
+    /// the keys used within it. At least 60.
+    #[arg(
+        long,
+        env = "KEEL_IDEMPOTENCY_RETENTION_SECS",
+        default_value_t = crate::owner::DEFAULT_KEY_RETENTION.as_secs(),
+        value_name = "SECONDS"
+    )]
+    pub idempotency_retention_secs: u64,
     /// The Ed25519 key commits and fences are signed with. When the file does not exist,
     /// a key is generated into it and its public key added to the trusted keys: right for
     /// the embedded default; in production, provision the file.
@@ -58,6 +70,8 @@ pub struct Settings {
     pub instance: String,
     /// How long a command may wait to be read back.
     pub request_timeout: Duration,
+    /// How long an idempotency key is kept.
+    pub idempotency_retention: Duration,
     /// The key commits are signed with.
     pub signing_key_file: PathBuf,
     /// The public keys verifiers accept.
@@ -79,10 +93,16 @@ impl Settings {
         let instance = cli
             .instance
             .unwrap_or_else(|| format!("cmd-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        anyhow::ensure!(
+            cli.idempotency_retention_secs >= MIN_KEY_RETENTION_SECS,
+            "KEEL_IDEMPOTENCY_RETENTION_SECS must be at least {MIN_KEY_RETENTION_SECS}: a shorter \
+             retention forgets the keys of retries still under way"
+        );
         Ok(Self {
             addr: cli.addr,
             instance,
             request_timeout: Duration::from_millis(cli.request_timeout_ms),
+            idempotency_retention: Duration::from_secs(cli.idempotency_retention_secs),
             signing_key_file: cli.signing_key_file,
             trusted_keys_file: cli.trusted_keys_file,
             kafka: cli.kafka.settings().context("reading the Kafka settings")?,

@@ -77,6 +77,7 @@ impl Application {
             policy: Arc::new(policy),
             timeout: settings.kafka.timeout,
             partitions: settings.kafka.partitions,
+            key_retention: settings.idempotency_retention,
         };
         let Started {
             owners,

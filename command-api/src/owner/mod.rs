@@ -8,8 +8,8 @@
 //! * [`flush`]: the group commit: deciding waiting commands in order against the state
 //!   read plus the commits ahead of them, appending them together, reading them back, and
 //!   answering each one only if the gate accepted it.
-//! * [`idempotency`]: the `Idempotency-Key` of every commit in the partition, rebuilt from
-//!   the log, so a retry gets the original answer.
+//! * [`idempotency`]: the `Idempotency-Key` of every commit in the partition within the
+//!   keys' retention, rebuilt from the log, so a retry gets the original answer.
 //! * [`log`]: the narrow interface to the partition's log.
 
 mod flush;
@@ -24,6 +24,7 @@ mod task;
 #[cfg(test)]
 mod tests;
 
+pub use idempotency::DEFAULT_KEY_RETENTION;
 pub use log::{Append, KafkaPartition, PartitionLog};
 #[cfg(any(test, feature = "testing"))]
 pub use memory::{Appended, MemoryLog};

@@ -206,6 +206,13 @@ where
         self
     }
 
+    /// The same owner, keeping each idempotency key for `retention` from its commit's
+    /// time instead of [`DEFAULT_KEY_RETENTION`](super::DEFAULT_KEY_RETENTION).
+    pub fn with_key_retention(mut self, retention: Duration) -> Self {
+        self.keys = IdempotencyKeys::with_retention(retention);
+        self
+    }
+
     /// The same owner, checking every record on its own task (the simulation's runs stay
     /// deterministic only on one thread).
     pub fn checking_on_one_thread(mut self) -> Self {
@@ -456,6 +463,8 @@ where
                 (commit.stream.id.clone(), key.clone()),
                 commit.command.request_digest.clone(),
                 outcome,
+                commit.recorded_at.as_datetime(),
+                chrono::Utc::now(),
             );
         }
     }

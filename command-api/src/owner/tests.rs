@@ -689,6 +689,57 @@ async fn a_reused_key_is_refused_only_once_the_commit_holding_it_counts() {
     );
 }
 
+/// A key is kept for its retention, also by an owner that read it from the log: within
+/// it the retry is answered from the first commit; after it the retry is a fresh command.
+#[tokio::test]
+async fn a_keyed_retry_replays_within_the_keys_retention_and_is_fresh_after_it() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let start = |retention: Duration, instance: &'static str| {
+        let log = log.handle();
+        async move {
+            let (owner, status) =
+                PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
+            let owner = owner.with_key_retention(retention);
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(owner.run(rx));
+            tokio::time::timeout(TIMEOUT, async {
+                while status.get() != Status::Serving {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the owner took the partition");
+            tx
+        }
+    };
+    let day = Duration::from_secs(24 * 3600);
+    let owner = start(day, "cmd-a").await;
+    let keyed = || meta("RegisterProduct", Some("k-1"), None);
+    let first = send(&owner, "p-1", register(), keyed()).await.unwrap();
+    let retry = send(&owner, "p-1", register(), keyed()).await.unwrap();
+    assert_eq!((retry.version, retry.replayed), (first.version, true));
+    // A successor reads the key from the log and keeps it as long.
+    let successor = start(day, "cmd-b").await;
+    let retry = send(&successor, "p-1", register(), keyed()).await.unwrap();
+    assert_eq!((retry.version, retry.replayed), (first.version, true));
+    // Once the retention is over (here it is none), the key is forgotten: the retry is
+    // decided afresh, and a registered product refuses a second registration.
+    let forgetful = start(Duration::ZERO, "cmd-c").await;
+    assert!(matches!(
+        send(&forgetful, "p-1", register(), keyed()).await,
+        Err(OwnerError::Domain(_))
+    ));
+    let restocked = || meta("Restock", Some("k-2"), None);
+    let once = send(&forgetful, "p-1", restock(1), restocked())
+        .await
+        .unwrap();
+    let again = send(&forgetful, "p-1", restock(1), restocked())
+        .await
+        .unwrap();
+    assert!(!again.replayed, "a fresh command");
+    assert_eq!(again.version, once.version + 1, "appended a second time");
+}
+
 #[tokio::test]
 async fn a_long_catch_up_checks_in_parallel_and_resumes_where_it_applied() {
     let log = MemoryLog::new("t.product.events", 0);

@@ -49,6 +49,7 @@ async fn api() -> Api {
         policy: Arc::new(policy),
         timeout: Duration::from_secs(5),
         partitions: 2,
+        key_retention: crate::owner::DEFAULT_KEY_RETENTION,
     };
     let started = Owners::start(&settings, |stream_type, partition| {
         Ok(MemoryLog::new(
