@@ -1,9 +1,10 @@
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::money::Currency;
 
 /// A value that failed validation: which field, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
 #[error("{field}: {reason}")]
 pub struct ValidationError {
     /// The field that is invalid, as the client named it (`lines[2].quantity`).
@@ -34,11 +35,16 @@ impl ValidationError {
 }
 
 /// The business rule a command broke. Each variant names exactly one rule.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
+///
+/// Serialised (in idempotency receipts) by the rule's name, as [`DomainError::rule`] gives
+/// it, with the variant's fields.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum DomainError {
     /// A field of the command is invalid.
     #[error("invalid input: {0}")]
+    #[serde(rename = "invalid_input")]
     Invalid(#[from] ValidationError),
 
     /// The product is already registered under this SKU.

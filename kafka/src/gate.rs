@@ -15,6 +15,10 @@
 //!   the versions that follow, one by one. Under a legacy fence a commit is read by the
 //!   rules of its time: owner, version and numbering.
 //!
+//! * A **receipt** (the answer to a keyed command that appended nothing) is valid only if
+//!   its writer is the owner and, under a fence with rules, its hash recomputes and the
+//!   fence's key signed it. It changes no stream.
+//!
 //! Invalid records are skipped by everyone and counted. Since the gate only looks at the
 //! log, a zombie writer (an old owner that has not noticed a newer fence) may append, but
 //! no reader ever applies its records, and it never reads its own commit back as accepted,
@@ -25,7 +29,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use keel_schemas::{
-    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, StreamRef, TrustedKeys, Writer,
+    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, ReceiptRecord, SignatureCheck,
+    StreamRef, TrustedKeys, Writer,
 };
 use thiserror::Error;
 
@@ -152,6 +157,49 @@ impl PartitionGate {
         match record {
             LogRecord::Fence(fence) => self.admit_fence(fence),
             LogRecord::Commit(commit) => self.admit_commit(commit),
+            LogRecord::Receipt(receipt) => self.admit_receipt(receipt),
+        }
+    }
+
+    /// [`PartitionGate::admit`] for a receipt: it counts (or not), and changes nothing else.
+    pub fn admit_receipt(&mut self, receipt: &ReceiptRecord) -> Result<(), Rejection> {
+        let verdict = self.receipt_verdict(receipt);
+        self.count(&verdict);
+        verdict
+    }
+
+    /// A receipt counts when the partition's owner wrote it and, under a fence with rules,
+    /// its hash recomputes and the owner's key signed it. It is part of no stream, so
+    /// versions and chains are not its business.
+    fn receipt_verdict(&self, receipt: &ReceiptRecord) -> Result<(), Rejection> {
+        if self.owner.as_ref() != Some(&receipt.writer) {
+            return Err(Rejection::NotOwner {
+                writer: receipt.writer.clone(),
+                owner: self.owner.clone(),
+            });
+        }
+        let Some(key) = &self.owner_key else {
+            return Ok(());
+        };
+        if !receipt.hash_is_valid() {
+            return Err(Rejection::BadHash {
+                stream: receipt.stream.clone(),
+            });
+        }
+        let bad = |reason: String| Rejection::BadSignature {
+            stream: receipt.stream.clone(),
+            reason,
+        };
+        match self.policy.check(&receipt.hash, receipt.signature.as_ref()) {
+            SignatureCheck::Valid
+                if receipt.signature.as_ref().is_some_and(|s| &s.key_id == key) =>
+            {
+                Ok(())
+            }
+            SignatureCheck::Valid => Err(bad(format!(
+                "the receipt is not signed with the owner's key {key}"
+            ))),
+            other => Err(bad(format!("the receipt's signature: {other:?}"))),
         }
     }
 
@@ -210,6 +258,7 @@ impl PartitionGate {
         match record {
             LogRecord::Fence(fence) => self.fence_verdict(fence).map(|_| ()),
             LogRecord::Commit(commit) => self.commit_verdict(commit),
+            LogRecord::Receipt(receipt) => self.receipt_verdict(receipt),
         }
     }
 

@@ -67,6 +67,7 @@ impl PartitionGate {
             let verdict = match &record {
                 LogRecord::Fence(fence) => self.admit_fence(fence),
                 LogRecord::Commit(commit) => self.admit_commit_checked(commit, check),
+                LogRecord::Receipt(receipt) => self.admit_receipt(receipt),
             };
             (record, verdict)
         });

@@ -166,9 +166,15 @@ pub fn record_headers(
         (headers::CONTENT_TYPE, "application/json".to_owned()),
         (headers::KIND, record.kind().to_owned()),
     ];
-    if let LogRecord::Commit(commit) = record {
-        list.push((headers::STREAM_TYPE, commit.stream.stream_type.clone()));
-        list.push((headers::EVENT_TYPES, commit.event_types_header()));
+    match record {
+        LogRecord::Commit(commit) => {
+            list.push((headers::STREAM_TYPE, commit.stream.stream_type.clone()));
+            list.push((headers::EVENT_TYPES, commit.event_types_header()));
+        }
+        LogRecord::Receipt(receipt) => {
+            list.push((headers::STREAM_TYPE, receipt.stream.stream_type.clone()));
+        }
+        LogRecord::Fence(_) => {}
     }
     if let Some(tp) = traceparent {
         list.push((headers::TRACEPARENT, tp.to_owned()));

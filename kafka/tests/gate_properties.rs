@@ -28,6 +28,8 @@ enum Action {
         stream: usize,
         events: u64,
     },
+    /// The writer records the answer to a keyed command that appended nothing.
+    Receipt { writer: usize, stream: usize },
     /// The broker or a producer retry delivers an earlier record again.
     Duplicate(usize),
 }
@@ -38,6 +40,8 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (0..WRITERS).prop_map(Action::Fence),
         6 => (0..WRITERS, 0..STREAMS, 1..3u64)
             .prop_map(|(writer, stream, events)| Action::Commit { writer, stream, events }),
+        1 => (0..WRITERS, 0..STREAMS)
+            .prop_map(|(writer, stream)| Action::Receipt { writer, stream }),
         1 => any::<usize>().prop_map(Action::Duplicate),
     ]
 }
@@ -137,6 +141,25 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
                     log.push(commit(&me, stream(s), expected, prev_hash, events));
                 }
             }
+            Action::Receipt {
+                writer: w,
+                stream: s,
+            } => {
+                let writer = &writers[w];
+                if let Some(epoch) = writer.epoch {
+                    let me = testing::writer(&writer.name, epoch);
+                    let version = writer.view.stream_version(&stream(s));
+                    let command = testing::commit(&me, stream(s), version).build().command;
+                    log.push(LogRecord::Receipt(keel_schemas::ReceiptRecord::new(
+                        stream(s),
+                        version,
+                        command,
+                        json!({"answer": "unchanged"}),
+                        me,
+                        key(),
+                    )));
+                }
+            }
             Action::Duplicate(i) => {
                 if !log.is_empty() {
                     let record = log[i % log.len()].clone();
@@ -193,6 +216,10 @@ proptest! {
                     }
                     owner = Some(f.writer.clone());
                 }
+                LogRecord::Receipt(r) => {
+                    // Only the owner's receipts count; they move no stream (below).
+                    prop_assert_eq!(Some(&r.writer), owner.as_ref());
+                }
                 LogRecord::Commit(c) => {
                     // Only the owner of the latest accepted fence has commits accepted.
                     prop_assert_eq!(Some(&c.writer), owner.as_ref());
@@ -247,7 +274,7 @@ fn a_zombie_writer_after_a_newer_fence_is_skipped() {
 fn hash_of(record: &LogRecord) -> String {
     match record {
         LogRecord::Commit(c) => c.hash.clone(),
-        LogRecord::Fence(_) => panic!("a fence has no hash"),
+        LogRecord::Fence(_) | LogRecord::Receipt(_) => panic!("not a commit"),
     }
 }
 
@@ -404,4 +431,57 @@ fn a_retired_key_takes_no_partition_back_from_a_key_in_service() {
         Err(Rejection::UntrustedFence { .. })
     ));
     assert_eq!(replay.owner_key(), Some(successor.key_id()));
+}
+
+/// A receipt counts from the partition's owner only, intact and signed with the owner's
+/// key, and moves no stream: a commit after it chains onto the commit before it.
+#[test]
+fn a_receipt_counts_from_the_owner_only_and_moves_no_stream() {
+    let owner = testing::writer("a", 1);
+    let mut gate = PartitionGate::new(policy());
+    assert!(gate.admit(&fence(&owner)).is_ok());
+    let first = testing::commit(&owner, stream(0), 0)
+        .event("OrderShipped", 1, json!({}))
+        .signed(key());
+    assert!(gate.admit(&LogRecord::Commit(first.clone())).is_ok());
+    let command = first.command.clone();
+    let receipt = |writer: &Writer, signer: &SigningKey| {
+        keel_schemas::ReceiptRecord::new(
+            stream(0),
+            1,
+            command.clone(),
+            json!({"answer": "unchanged"}),
+            writer.clone(),
+            signer,
+        )
+    };
+    assert!(
+        gate.admit(&LogRecord::Receipt(receipt(&owner, key())))
+            .is_ok()
+    );
+    let mut tampered = receipt(&owner, key());
+    tampered.answer = json!({"answer": "refused"});
+    assert!(matches!(
+        gate.admit(&LogRecord::Receipt(tampered)),
+        Err(Rejection::BadHash { .. })
+    ));
+    let stranger = SigningKey::generate();
+    assert!(matches!(
+        gate.admit(&LogRecord::Receipt(receipt(&owner, &stranger))),
+        Err(Rejection::BadSignature { .. })
+    ));
+    assert!(matches!(
+        gate.admit(&LogRecord::Receipt(receipt(
+            &testing::writer("z", 0),
+            key()
+        ))),
+        Err(Rejection::NotOwner { .. })
+    ));
+    assert_eq!(gate.stream_version(&stream(0)), 1);
+    let second = testing::commit(&owner, stream(0), 1)
+        .event("OrderShipped", 1, json!({}))
+        .prev_hash(Some(first.hash.clone()))
+        .signed(key());
+    assert!(gate.admit(&LogRecord::Commit(second)).is_ok());
+    assert_eq!((gate.accepted(), gate.rejected()), (4, 3));
 }

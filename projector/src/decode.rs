@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
 use keel_kafka::{LogEntry, check_records};
-use keel_schemas::{CommitCheck, CommitRecord, FenceRecord, LogRecord, TrustedKeys, decode_event};
+use keel_schemas::{
+    CommitCheck, CommitRecord, FenceRecord, LogRecord, ReceiptRecord, TrustedKeys, decode_event,
+};
 
 use crate::checkpoint::PartitionState;
 use crate::projection::{AnyEvent, ProjectedEvent};
@@ -20,6 +22,9 @@ pub(crate) struct Decoded {
 
 enum Parsed {
     Fence(FenceRecord),
+    /// The answer to a keyed command that appended nothing: counted by the gate, no
+    /// events. Boxed: receipts are rare.
+    Receipt(Box<ReceiptRecord>),
     /// A commit with its hash and signature checked, and its events decoded and upcast
     /// (or why they cannot be).
     Commit(
@@ -41,6 +46,7 @@ impl Decoded {
                     .map_err(|e| e.to_string())
                     .map(|record| match record {
                         LogRecord::Fence(fence) => Parsed::Fence(fence),
+                        LogRecord::Receipt(receipt) => Parsed::Receipt(Box::new(receipt)),
                         LogRecord::Commit(commit) => {
                             let events = decode_events(&commit);
                             let check = check.unwrap_or_else(|| policy.check_commit(&commit));
@@ -59,6 +65,10 @@ impl Decoded {
             Err(e) => return Err(e.clone()),
             Ok(Parsed::Fence(fence)) => {
                 let _ = state.gate.admit_fence(fence);
+                return Ok(Vec::new());
+            }
+            Ok(Parsed::Receipt(receipt)) => {
+                let _ = state.gate.admit_receipt(receipt);
                 return Ok(Vec::new());
             }
             Ok(Parsed::Commit(commit, check, events)) => (commit, Some(check), events),
@@ -90,6 +100,9 @@ impl Decoded {
         match &self.parsed {
             Ok(Parsed::Fence(fence)) => {
                 let _ = state.gate.admit_fence(fence);
+            }
+            Ok(Parsed::Receipt(receipt)) => {
+                let _ = state.gate.admit_receipt(receipt);
             }
             Ok(Parsed::Commit(commit, check, _)) => {
                 if state.gate.admit_commit_checked(commit, Some(check)).is_ok() {

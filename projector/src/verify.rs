@@ -187,6 +187,24 @@ fn check_record(
     };
     let commit = match record {
         LogRecord::Commit(commit) => commit,
+        // A receipt changes no view: only one the gate skipped is worth a word.
+        LogRecord::Receipt(receipt) => {
+            if only.is_none_or(|s| *s == receipt.stream)
+                && let Err(rejection) = verdict
+            {
+                let kind = match rejection {
+                    Rejection::NotOwner { .. } => FindingKind::Zombie,
+                    _ => FindingKind::Violation,
+                };
+                report.findings.push(finding(
+                    kind,
+                    Some(&receipt.stream),
+                    None,
+                    format!("a receipt skipped by the gate: {rejection}"),
+                ));
+            }
+            return;
+        }
         LogRecord::Fence(fence) => {
             match verdict {
                 // Someone appended a fence no trusted key signed: a takeover attempt,

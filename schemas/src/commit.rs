@@ -202,6 +202,82 @@ impl FenceRecord {
     }
 }
 
+/// The answer the owner gave a keyed command that appended no commit (it changed nothing,
+/// or was refused), recorded so that a retry with the same `Idempotency-Key` gets the same
+/// answer, also from another owner after a restart. A receipt is not part of any stream:
+/// the gate admits it from the partition's owner only (signed with the owner's key, its
+/// hash recomputing, under fences with rules), and it changes no stream's version or
+/// chain; views skip it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReceiptRecord {
+    /// UUID v7 of the receipt.
+    pub receipt_id: Uuid,
+    /// The stream the command was for.
+    pub stream: StreamRef,
+    /// The stream's version the answer was decided on.
+    pub version: u64,
+    /// The command, with its idempotency key and request digest.
+    pub command: CommandMeta,
+    /// The answer, in the command API's own terms: opaque to every other reader.
+    pub answer: Value,
+    /// Who wrote it.
+    pub writer: Writer,
+    /// When the writer decided the command.
+    pub recorded_at: Timestamp,
+    /// SHA-256 (hex) of the canonical record without this field and the signature, as for
+    /// a commit ([`commit_hash_of_value`]).
+    pub hash: String,
+    /// The writer's Ed25519 signature over `hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
+}
+
+impl ReceiptRecord {
+    /// A receipt of `answer` to `command` on `stream` at `version`, decided by `writer`
+    /// now, sealed and signed with `key`.
+    pub fn new(
+        stream: StreamRef,
+        version: u64,
+        command: CommandMeta,
+        answer: Value,
+        writer: Writer,
+        key: &SigningKey,
+    ) -> Self {
+        let mut receipt = Self {
+            receipt_id: Uuid::now_v7(),
+            stream,
+            version,
+            command,
+            answer,
+            writer,
+            recorded_at: Timestamp::now(),
+            hash: String::new(),
+            signature: None,
+        };
+        receipt.seal_and_sign(key);
+        receipt
+    }
+
+    /// Sets `hash` from the rest of the record and signs it with `key` (again, after a
+    /// field changed).
+    pub fn seal_and_sign(&mut self, key: &SigningKey) {
+        self.signature = None;
+        self.hash = self.compute_hash();
+        self.signature = Some(key.sign(&self.hash));
+    }
+
+    /// Recomputes the hash of this record from its content.
+    pub fn compute_hash(&self) -> String {
+        let value = serde_json::to_value(LogRecord::Receipt(self.clone())).unwrap_or(Value::Null);
+        commit_hash_of_value(&value)
+    }
+
+    /// True when `hash` matches the content.
+    pub fn hash_is_valid(&self) -> bool {
+        self.hash == self.compute_hash()
+    }
+}
+
 /// A record of a Keel topic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -214,6 +290,8 @@ pub enum LogRecord {
     Commit(CommitRecord),
     /// A partition owner's fence.
     Fence(FenceRecord),
+    /// The answer to a keyed command that appended no commit.
+    Receipt(ReceiptRecord),
 }
 
 impl LogRecord {
@@ -230,6 +308,7 @@ impl LogRecord {
         let decoded = match serde_json::from_slice::<Kind<'_>>(bytes) {
             Ok(k) if k.kind == "commit" => serde_json::from_slice(bytes).map(LogRecord::Commit),
             Ok(k) if k.kind == "fence" => serde_json::from_slice(bytes).map(LogRecord::Fence),
+            Ok(k) if k.kind == "receipt" => serde_json::from_slice(bytes).map(LogRecord::Receipt),
             // Anything else: the tagged form says what is wrong.
             _ => serde_json::from_slice(bytes),
         };
@@ -242,11 +321,12 @@ impl LogRecord {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// `commit` or `fence`, the value of the `keel-kind` header.
+    /// `commit`, `fence` or `receipt`, the value of the `keel-kind` header.
     pub fn kind(&self) -> &'static str {
         match self {
             LogRecord::Commit(_) => "commit",
             LogRecord::Fence(_) => "fence",
+            LogRecord::Receipt(_) => "receipt",
         }
     }
 
@@ -255,6 +335,7 @@ impl LogRecord {
         match self {
             LogRecord::Commit(c) => &c.writer,
             LogRecord::Fence(f) => &f.writer,
+            LogRecord::Receipt(r) => &r.writer,
         }
     }
 }

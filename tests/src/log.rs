@@ -35,7 +35,7 @@ pub async fn read_accepted(
                 offset: read.entry.offset,
                 commit,
             }),
-            Ok((LogRecord::Fence(_), Ok(()))) => {}
+            Ok((LogRecord::Fence(_) | LogRecord::Receipt(_), Ok(()))) => {}
         }
     })
     .await?;

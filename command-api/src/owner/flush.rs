@@ -10,17 +10,20 @@
 //!   only once the owner has read the log past the moment the command arrived (the
 //!   read-back of its flush, or a fresh read to the partition's end when the flush appended
 //!   nothing) and the stream still was at the version the answer was decided on. Otherwise
-//!   the command is decided again, on the state read since.
+//!   the command is decided again, on the state read since. When the command carries an
+//!   `Idempotency-Key`, the confirmed answer is then recorded in a receipt, and given once
+//!   the receipt is read back: a retry gets the same answer, from this owner or another.
 
 use std::collections::HashMap;
 
 use keel_domain::Aggregate;
-use keel_schemas::{CommandMeta, CommitRecord, LogRecord, StreamRef, encode_event};
+use keel_schemas::{CommandMeta, CommitRecord, LogRecord, ReceiptRecord, StreamRef, encode_event};
 use tracing::{error, instrument, warn};
 use uuid::Uuid;
 
 use super::log::PartitionLog;
-use super::outcome::{Answered, CommandRequest, Outcome, OwnerError, Reply};
+use super::outcome::{Answered, CommandRequest, Outcome, OwnerError, Reply, RequestMeta};
+use super::receipt::{self, Recorded};
 use super::task::{PartitionOwner, ReadBack, Status, Verdicts};
 
 /// How many times a command whose answer could not be confirmed is decided again before it
@@ -41,6 +44,9 @@ struct Pending {
 /// An answer that appends nothing, waiting to be confirmed against the log.
 struct Provisional<A: Aggregate> {
     request: CommandRequest<A>,
+    /// Its stream and idempotency key, if it carries one: its answer is then recorded in
+    /// a receipt before it is given.
+    key: Option<(String, String)>,
     /// The answer, if it is confirmed; a no-op's outcome is filled in then.
     answer: Result<(), OwnerError>,
     /// The stream version it was decided on.
@@ -108,6 +114,9 @@ where
         let mut overlay: HashMap<String, Head<A>> = HashMap::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut provisional: Vec<Provisional<A>> = Vec::new();
+        // Commands whose key an answer of this flush still has to record: decided again
+        // once it is, on the receipt.
+        let mut deferred: Vec<CommandRequest<A>> = Vec::new();
         for request in batch {
             // A caller that gave up before this point never sees its command appended.
             if !request.reply.take_on() {
@@ -130,6 +139,10 @@ where
                     } else {
                         p.reused.push(request.reply);
                     }
+                    continue;
+                }
+                if provisional.iter().any(|p| p.key.as_ref() == Some(key)) {
+                    deferred.push(request);
                     continue;
                 }
             }
@@ -171,6 +184,7 @@ where
                 other => {
                     provisional.push(Provisional {
                         request,
+                        key,
                         answer: other.map(|_| ()),
                         decided_on: version,
                         ahead: pending.len(),
@@ -192,15 +206,7 @@ where
                     .zip(version + 1..)
                     .map(|(event, v)| encode_event(event, ids(), v))
                     .collect(),
-                CommandMeta {
-                    id: ids(),
-                    command_type: meta.command_type.to_owned(),
-                    idempotency_key: meta.idempotency_key.clone(),
-                    actor: meta.actor.clone(),
-                    correlation_id: meta.correlation_id.clone(),
-                    causation_id: meta.causation_id.clone(),
-                    request_digest: meta.request_digest.clone(),
-                },
+                command_meta(meta, ids()),
                 writer.clone(),
                 last_hash,
             );
@@ -237,6 +243,7 @@ where
             (self.answer_commits(pending, &verdicts), verdicts)
         };
         let mut again = Vec::new();
+        let mut to_record = Vec::new();
         for p in provisional {
             let stream = &p.request.stream_id;
             let confirmed = current
@@ -244,7 +251,12 @@ where
                     || self.streams.get(stream).map_or(0, |s| s.version) == p.decided_on);
             if confirmed {
                 let answer = self.provisional_answer(&p, &verdicts);
-                let _ = p.request.reply.send(answer);
+                match Recorded::of(&answer) {
+                    Some(recorded) if p.key.is_some() => to_record.push((p, recorded)),
+                    _ => {
+                        let _ = p.request.reply.send(answer);
+                    }
+                }
             } else if last {
                 let _ = p.request.reply.send(Err(OwnerError::Unavailable(
                     "the partition kept changing while the command was decided; retry".into(),
@@ -253,7 +265,88 @@ where
                 again.push(p.request);
             }
         }
+        if !to_record.is_empty() {
+            self.record_receipts(to_record).await;
+        }
+        for request in deferred {
+            if last {
+                let _ = request.reply.send(Err(OwnerError::Unavailable(
+                    "another request with this Idempotency-Key was being answered; retry".into(),
+                )));
+            } else {
+                again.push(request);
+            }
+        }
         again
+    }
+
+    /// Records the confirmed answers of keyed commands that appended nothing in receipts,
+    /// and gives each answer once its receipt is read back as accepted (`503` otherwise:
+    /// an answer the log does not hold would not be given again to a retry).
+    async fn record_receipts(&mut self, answers: Vec<(Provisional<A>, Recorded)>) {
+        let Some(writer) = self.writer.clone() else {
+            for (p, _) in answers {
+                let _ = p.request.reply.send(Err(self.unavailable()));
+            }
+            return;
+        };
+        let records: Vec<LogRecord> = answers
+            .iter()
+            .map(|(p, recorded)| {
+                let ids = &mut self.ids;
+                let mut receipt = ReceiptRecord::new(
+                    StreamRef {
+                        stream_type: A::TYPE.to_owned(),
+                        id: p.request.stream_id.clone(),
+                    },
+                    p.decided_on,
+                    command_meta(&p.request.meta, ids()),
+                    serde_json::to_value(recorded).unwrap_or_default(),
+                    writer.clone(),
+                    &self.signing_key,
+                );
+                receipt.receipt_id = ids();
+                receipt.seal_and_sign(&self.signing_key);
+                LogRecord::Receipt(receipt)
+            })
+            .collect();
+        let inputs: Vec<(&str, &LogRecord, Option<&str>)> = answers
+            .iter()
+            .zip(&records)
+            .map(|((p, _), r)| {
+                (
+                    p.request.stream_id.as_str(),
+                    r,
+                    p.request.meta.traceparent.as_deref(),
+                )
+            })
+            .collect();
+        let verdicts = self.append_records(&inputs).await;
+        let mut failed = false;
+        for ((p, _), record) in answers.into_iter().zip(&records) {
+            let LogRecord::Receipt(receipt) = record else {
+                continue;
+            };
+            let answer = match verdicts.get(&receipt.receipt_id) {
+                Some(&ReadBack {
+                    accepted: true,
+                    offset,
+                }) => receipt::answer_of(receipt, self.position(offset)),
+                _ => None,
+            };
+            let answer = answer.unwrap_or_else(|| {
+                failed = true;
+                Err(OwnerError::Unavailable(
+                    "the answer could not be recorded in the log; retry with the same Idempotency-Key"
+                        .into(),
+                ))
+            });
+            let _ = p.request.reply.send(answer);
+        }
+        if failed && self.status.get() == Status::Serving {
+            // Re-read the partition before deciding anything else.
+            self.status.set(Status::Recovering);
+        }
     }
 
     /// The answer of a confirmed command that appends nothing.
@@ -350,7 +443,13 @@ where
             .zip(&records)
             .map(|(p, r)| (p.record.stream.id.as_str(), r, p.traceparent.as_deref()))
             .collect();
-        let results = self.log.append(&inputs).await;
+        self.append_records(&inputs).await
+    }
+
+    /// Appends `inputs` (key, record, traceparent) together and reads the partition until
+    /// all of them are read back; returns the gate's verdict and offset per record id.
+    async fn append_records(&mut self, inputs: &[(&str, &LogRecord, Option<&str>)]) -> Verdicts {
+        let results = self.log.append(inputs).await;
         let last = results
             .iter()
             .filter_map(|r| r.as_ref().ok())
@@ -374,5 +473,18 @@ where
                 HashMap::new()
             }
         }
+    }
+}
+
+/// The command's part of a commit or receipt, with the id `id`.
+fn command_meta(meta: &RequestMeta, id: Uuid) -> CommandMeta {
+    CommandMeta {
+        id,
+        command_type: meta.command_type.to_owned(),
+        idempotency_key: meta.idempotency_key.clone(),
+        actor: meta.actor.clone(),
+        correlation_id: meta.correlation_id.clone(),
+        causation_id: meta.causation_id.clone(),
+        request_digest: meta.request_digest.clone(),
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::outcome::{Outcome, OwnerError};
+use super::outcome::{Answered, Outcome, OwnerError};
 
 /// How long a key is kept when not configured: a day, as the payment APIs that made the
 /// header common keep theirs.
@@ -21,10 +21,11 @@ pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 type Key = (String, String);
 
-/// A remembered key's request digest and answer, and when its commit was recorded.
+/// A remembered key's request digest and answer (a commit's outcome, or the answer a
+/// receipt recorded), and when it was recorded.
 struct Remembered {
     digest: Option<String>,
-    outcome: Outcome,
+    answer: Answered,
     at: DateTime<Utc>,
 }
 
@@ -55,28 +56,21 @@ impl IdempotencyKeys {
         }
     }
 
-    /// Remembers the answer to the commit that carried `key`, recorded `at` (by its
+    /// Remembers the answer to the commit or receipt that carried `key`, recorded `at` (by its
     /// writer's clock; taken as `now` if that is later than this process's `now`), and
     /// forgets the keys whose retention is over by the log's time.
     pub(super) fn remember(
         &mut self,
         key: Key,
         digest: Option<String>,
-        outcome: Outcome,
+        answer: Answered,
         at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) {
         let at = at.min(now);
         self.log_time = self.log_time.max(Some(at));
         self.order.push_back((at, key.clone()));
-        self.keys.insert(
-            key,
-            Remembered {
-                digest,
-                outcome,
-                at,
-            },
-        );
+        self.keys.insert(key, Remembered { digest, answer, at });
         self.expire();
     }
 
@@ -111,9 +105,9 @@ impl IdempotencyKeys {
     ) -> Option<Result<Outcome, OwnerError>> {
         let remembered = self.keys.get(key).filter(|r| !self.expired(r.at))?;
         Some(if remembered.digest.as_ref() == digest {
-            Ok(Outcome {
+            remembered.answer.clone().map(|outcome| Outcome {
                 replayed: true,
-                ..remembered.outcome.clone()
+                ..outcome
             })
         } else {
             Err(OwnerError::IdempotencyKeyReused)
@@ -128,12 +122,14 @@ impl IdempotencyKeys {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
     use keel_schemas::StreamRef;
 
     use super::*;
 
-    fn outcome(version: u64) -> Outcome {
-        Outcome {
+    fn outcome(version: u64) -> Answered {
+        Ok(Outcome {
             stream: StreamRef {
                 stream_type: "order".into(),
                 id: "o-1".into(),
@@ -143,7 +139,7 @@ mod tests {
             position: None,
             created: false,
             replayed: false,
-        }
+        })
     }
 
     fn key(k: &str) -> Key {

@@ -10,6 +10,8 @@
 //!   answering each one only if the gate accepted it.
 //! * [`idempotency`]: the `Idempotency-Key` of every commit in the partition within the
 //!   keys' retention, rebuilt from the log, so a retry gets the original answer.
+//! * [`receipt`]: the answers to keyed commands that appended nothing, recorded in the
+//!   log so a retry gets them too.
 //! * [`log`]: the narrow interface to the partition's log.
 
 mod flush;
@@ -18,6 +20,7 @@ mod log;
 #[cfg(any(test, feature = "testing"))]
 mod memory;
 mod outcome;
+mod receipt;
 #[cfg(test)]
 mod sim;
 mod task;

@@ -20,7 +20,8 @@ use keel_kafka::{
     Checked, Gated, KafkaError, LogEntry, PartitionGate, check_records, in_two_halves,
 };
 use keel_schemas::{
-    CommitRecord, FenceRecord, LogRecord, Position, SigningKey, TrustedKeys, Writer, decode_event,
+    CommitRecord, FenceRecord, LogRecord, Position, ReceiptRecord, SigningKey, TrustedKeys, Writer,
+    decode_event,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, instrument, warn};
@@ -29,6 +30,7 @@ use uuid::Uuid;
 use super::idempotency::IdempotencyKeys;
 use super::log::PartitionLog;
 use super::outcome::{CommandRequest, EventSummary, Outcome, OwnerError};
+use super::receipt;
 
 /// Commands decided and appended together at most.
 const MAX_FLUSH: usize = 512;
@@ -421,6 +423,26 @@ where
                     },
                 ))
             }
+            (LogRecord::Receipt(receipt), Ok(())) => {
+                self.apply_receipt(&receipt, entry.offset);
+                Some((
+                    receipt.receipt_id,
+                    ReadBack {
+                        accepted: true,
+                        offset: entry.offset,
+                    },
+                ))
+            }
+            (LogRecord::Receipt(receipt), Err(rejection)) => {
+                info!(offset = entry.offset, stream = %receipt.stream, %rejection, "gate skipped a receipt");
+                Some((
+                    receipt.receipt_id,
+                    ReadBack {
+                        accepted: false,
+                        offset: entry.offset,
+                    },
+                ))
+            }
             (LogRecord::Commit(commit), Err(rejection)) => {
                 info!(offset = entry.offset, stream = %commit.stream, %rejection, "gate skipped a commit");
                 Some((
@@ -462,10 +484,28 @@ where
             self.keys.remember(
                 (commit.stream.id.clone(), key.clone()),
                 commit.command.request_digest.clone(),
-                outcome,
+                Ok(outcome),
                 commit.recorded_at.as_datetime(),
                 chrono::Utc::now(),
             );
+        }
+    }
+
+    /// Remembers the answer a receipt recorded for its key.
+    fn apply_receipt(&mut self, receipt: &ReceiptRecord, offset: i64) {
+        let Some(key) = &receipt.command.idempotency_key else {
+            return;
+        };
+        match receipt::answer_of(receipt, self.position(offset)) {
+            Some(answer) => self.keys.remember(
+                (receipt.stream.id.clone(), key.clone()),
+                receipt.command.request_digest.clone(),
+                answer,
+                receipt.recorded_at.as_datetime(),
+                chrono::Utc::now(),
+            ),
+            None => warn!(offset, stream = %receipt.stream,
+                          "a receipt this build cannot read: its key is treated as unused"),
         }
     }
 

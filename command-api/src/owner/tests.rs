@@ -129,7 +129,7 @@ async fn restock_unread(log: &MemoryLog, quantity: u64) {
         .rev()
         .find_map(|e| match decode(e) {
             LogRecord::Commit(c) => Some(c),
-            LogRecord::Fence(_) => None,
+            LogRecord::Fence(_) | LogRecord::Receipt(_) => None,
         })
         .expect("a commit");
     let x = LogRecord::Commit(
@@ -687,6 +687,84 @@ async fn a_reused_key_is_refused_only_once_the_commit_holding_it_counts() {
         matches!(answer(reused).await, Err(OwnerError::Unavailable(_))),
         "the key is in no commit that counts"
     );
+}
+
+/// A keyed command that appended nothing (refused, or no change) gets the same answer on a
+/// retry, also from another owner after a restart and after the stream moved on: the
+/// answer is in a receipt in the log, which changes no stream.
+#[tokio::test]
+async fn a_keyed_refusal_or_no_op_is_answered_the_same_after_a_restart() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
+    let none = || meta("Restock", None, None);
+    send(&owner, "p-1", register(), none()).await.unwrap();
+    let reserve_5 = || meta("ReserveStock", Some("k-r"), None);
+    let refused = send(&owner, "p-1", reserve("o-1", 5), reserve_5()).await;
+    let expected = DomainError::InsufficientStock {
+        requested: 5,
+        available: 0,
+    };
+    assert!(
+        matches!(&refused, Err(OwnerError::Domain(e)) if *e == expected),
+        "{refused:?}"
+    );
+    send(&owner, "p-1", restock(10), none()).await.unwrap();
+    send(&owner, "p-1", reserve("o-2", 3), none())
+        .await
+        .unwrap();
+    let unchanged = send(
+        &owner,
+        "p-1",
+        reserve("o-2", 3),
+        meta("ReserveStock", Some("k-n"), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!((unchanged.version, unchanged.events.len()), (3, 0));
+    let receipts = || {
+        log.entries()
+            .iter()
+            .filter(|e| matches!(LogRecord::decode(&e.payload), Ok(LogRecord::Receipt(_))))
+            .count()
+    };
+    assert_eq!(
+        receipts(),
+        2,
+        "one receipt per keyed answer that appended nothing"
+    );
+
+    // Another owner, after a restart: the stock is there now, but the retry is answered
+    // as the first attempt was; the no-op too, though the stream has moved on since.
+    let (successor, _) = serving_owner(log.handle(), "cmd-b").await;
+    send(&successor, "p-1", restock(1), none()).await.unwrap();
+    let retried = send(&successor, "p-1", reserve("o-1", 5), reserve_5()).await;
+    assert!(
+        matches!(&retried, Err(OwnerError::Domain(e)) if *e == expected),
+        "{retried:?}"
+    );
+    let again = send(
+        &successor,
+        "p-1",
+        reserve("o-2", 3),
+        meta("ReserveStock", Some("k-n"), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.version, again.replayed), (3, true));
+    let mut other = reserve_5();
+    other.request_digest = Some("another request".into());
+    assert!(matches!(
+        send(&successor, "p-1", reserve("o-1", 1), other).await,
+        Err(OwnerError::IdempotencyKeyReused)
+    ));
+    assert_eq!(receipts(), 2, "a replay records nothing");
+    // Receipts are no versions: every reader's gate has p-1 at its commits' version.
+    let mut gate = PartitionGate::new(policy());
+    for entry in log.entries() {
+        let _ = gate.read(entry);
+    }
+    let p1 = testing::stream("product", "p-1");
+    assert_eq!(gate.stream_version(&p1), 4);
 }
 
 /// A key is kept for its retention, also by an owner that read it from the log: within

@@ -249,6 +249,30 @@ async fn verify_tells_forgeries_from_zombie_writes_and_export_hands_out_the_reco
         .await;
         token = token.merge(&t);
     }
+    // A keyed command refused without a commit leaves a receipt in o-1's partition:
+    // views read past it (the payment after it is visible) and verify finds nothing wrong.
+    let refused = stack
+        .client
+        .post(stack.command.url("/v1/orders/o-1/place"))
+        .header("idempotency-key", "place-again")
+        .json(&json!({"customer_id": "c-1", "lines": [{"sku": "S-1", "quantity": 1, "unit_price": eur(500)}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    let (_, t) = post_as(
+        &stack,
+        "alice",
+        "/v1/orders/o-1/pay",
+        json!({"amount": eur(500), "payment_ref": "pay-1"}),
+    )
+    .await;
+    token = token.merge(&t);
+    let (status, order) = stack.get("/v1/orders/o-1", Some(&token)).await;
+    assert_eq!(
+        (status, &order["paid_minor"]),
+        (StatusCode::OK, &json!(500))
+    );
     // The audit log has seen every commit (verify compares the topics with it).
     let (status, _) = stack.get("/v1/audit/streams/order/o-5", Some(&token)).await;
     assert_eq!(status, StatusCode::OK);

@@ -147,6 +147,21 @@ async fn restart_continues_streams_and_replays_idempotent_retries() {
     )
     .await;
     assert_eq!(first.status, StatusCode::OK);
+    // A keyed command refused without a commit: its answer is recorded (a receipt).
+    let conditional = [("idempotency-key", "email-2"), ("if-match", "\"5\"")];
+    let refused = post_with(
+        &api,
+        "/v1/customers/c-7/change-email",
+        json!({"email": "x@example.com"}),
+        &conditional,
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::PRECONDITION_FAILED,
+        "{}",
+        refused.body
+    );
     assert!(
         api.stop().await.unwrap().success(),
         "graceful shutdown exits 0"
@@ -178,6 +193,25 @@ async fn restart_continues_streams_and_replays_idempotent_retries() {
     )
     .await;
     assert_eq!(r.body["version"], 3, "versions continue after the restart");
+    // The refused command's retry, after the restart and after the stream moved on, gets
+    // the answer of its first attempt (the stream was at 2 then), not a fresh decision.
+    let retried = post_with(
+        &api,
+        "/v1/customers/c-7/change-email",
+        json!({"email": "x@example.com"}),
+        &conditional,
+    )
+    .await;
+    assert_eq!(
+        (retried.status, &retried.body),
+        (refused.status, &refused.body),
+        "the same refusal after a restart"
+    );
+    assert!(
+        retried.body.to_string().contains("version 2"),
+        "{}",
+        retried.body
+    );
 
     let settings = broker.settings(&config.prefix, config.partitions);
     let (commits, _) = read_accepted(&settings, &config.policy(), &settings.topic("customer"))

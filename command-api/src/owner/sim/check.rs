@@ -12,6 +12,7 @@ use keel_schemas::{
 };
 use uuid::Uuid;
 
+use crate::owner::receipt::Recorded;
 use crate::owner::{Outcome, OwnerError};
 
 /// One stream as the log holds it.
@@ -62,6 +63,9 @@ pub(crate) struct Fold {
     pub(crate) appended: BTreeMap<String, Vec<i64>>,
     /// What the fold found wrong with the log itself.
     pub(crate) violations: Vec<String>,
+    /// Accepted receipts by stream and key: the attempt each was written for (its
+    /// correlation id) and the answer it recorded.
+    pub(crate) receipts: BTreeMap<(String, String), Vec<(String, serde_json::Value)>>,
 }
 
 impl Fold {
@@ -103,6 +107,14 @@ impl Fold {
                     }
                 }
                 LogRecord::Commit(commit) => fold.accept(offset, commit, trusted),
+                LogRecord::Receipt(receipt) => {
+                    if let Some(key) = receipt.command.idempotency_key {
+                        fold.receipts
+                            .entry((receipt.stream.id, key))
+                            .or_default()
+                            .push((receipt.command.correlation_id, receipt.answer));
+                    }
+                }
             }
         }
         fold
@@ -207,8 +219,12 @@ pub(crate) fn check(fold: &Fold, attempts: &[Attempt], unfinished: usize) -> Vec
     }
     // No two processes acknowledged as one writer.
     let mut served: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let windows: BTreeMap<&str, (usize, usize)> = attempts
+        .iter()
+        .map(|a| (a.id.as_str(), (a.sent, a.ended)))
+        .collect();
     for attempt in attempts {
-        if let Err(v) = check_attempt(fold, attempt, &mut served) {
+        if let Err(v) = check_attempt(fold, &windows, attempt, &mut served) {
             violations.push(format!("attempt {} on {}: {v}", attempt.id, attempt.stream));
         }
     }
@@ -233,15 +249,43 @@ fn writer_name(w: &Writer) -> String {
 
 fn check_attempt(
     fold: &Fold,
+    windows: &BTreeMap<&str, (usize, usize)>,
     a: &Attempt,
     served: &mut BTreeMap<String, Vec<usize>>,
 ) -> Result<(), String> {
     let stream = fold.streams.get(&a.stream);
+    // The states the stream went through while the request waited; and, for a keyed
+    // request, those while each attempt that wrote a receipt of its key waited (a retry
+    // is answered with what the receipt recorded, which must have been true while the
+    // attempt it was decided for waited).
     let states = || {
-        stream.map_or_else(
-            || vec![(Product::default(), 0)],
-            |s| s.states_between(a.sent, a.ended),
-        )
+        let at = |from: usize, to: usize| {
+            stream.map_or_else(
+                || vec![(Product::default(), 0)],
+                |s| s.states_between(from, to),
+            )
+        };
+        let receipts = a
+            .key
+            .as_ref()
+            .and_then(|k| fold.receipts.get(&(a.stream.clone(), k.clone())))
+            .cloned()
+            .unwrap_or_default();
+        let mut states = at(a.sent, a.ended);
+        let given = match &a.ending {
+            Ending::Answered(answer) => {
+                Recorded::of(answer).and_then(|r| serde_json::to_value(r).ok())
+            }
+            _ => None,
+        };
+        for (id, recorded) in receipts {
+            if Some(&recorded) == given.as_ref()
+                && let Some(&(sent, ended)) = windows.get(id.as_str())
+            {
+                states.extend(at(sent, ended));
+            }
+        }
+        states
     };
     match &a.ending {
         Ending::GaveUp(at) => {

@@ -308,6 +308,15 @@ pub(crate) fn describe(record: &LogRecord) -> String {
             c.command.correlation_id,
             c.commit_id
         ),
+        LogRecord::Receipt(r) => format!(
+            "receipt {} at {} by {}#{} [{}] {}",
+            r.stream.id,
+            r.version,
+            r.writer.instance,
+            r.writer.epoch,
+            r.command.correlation_id,
+            r.receipt_id
+        ),
     }
 }
 
