@@ -16,8 +16,10 @@
 //!   rules of its time: owner, version and numbering.
 //!
 //! * A **receipt** (the answer to a keyed command that appended nothing) is valid only if
-//!   its writer is the owner and, under a fence with rules, its hash recomputes and the
-//!   fence's key signed it. It changes no stream.
+//!   its writer is the owner under a fence with rules, it is at the stream's version and
+//!   chains onto the stream's last link, its hash recomputes and the fence's key signed
+//!   it. It becomes the stream's last link (the next commit chains onto it) without
+//!   changing its version.
 //!
 //! Invalid records are skipped by everyone and counted. Since the gate only looks at the
 //! log, a zombie writer (an old owner that has not noticed a newer fence) may append, but
@@ -121,6 +123,19 @@ pub fn hash_bytes(hex_hash: &str) -> Option<[u8; 32]> {
     Some(bytes)
 }
 
+/// True when a record whose `prev_hash` is `prev` links onto the stream whose head is
+/// `head`.
+fn chains(head: Option<&StreamHead>, prev: Option<&str>) -> bool {
+    match (head.map(|h| h.hash), prev) {
+        // The stream's first link links to nothing.
+        (None, prev) => prev.is_none(),
+        // Restored from a state saved without hashes: taken on trust once.
+        (Some(None), _) => true,
+        (Some(Some(last)), Some(prev)) => hash_bytes(prev) == Some(last),
+        (Some(Some(_)), None) => false,
+    }
+}
+
 /// The gate's state for one partition: its owner and each stream's head, built only from
 /// the records read so far, in log order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -165,12 +180,21 @@ impl PartitionGate {
     pub fn admit_receipt(&mut self, receipt: &ReceiptRecord) -> Result<(), Rejection> {
         let verdict = self.receipt_verdict(receipt);
         self.count(&verdict);
+        if verdict.is_ok() {
+            self.versions.insert(
+                receipt.stream.clone(),
+                StreamHead {
+                    version: receipt.version,
+                    hash: hash_bytes(&receipt.hash),
+                },
+            );
+        }
         verdict
     }
 
-    /// A receipt counts when the partition's owner wrote it and, under a fence with rules,
-    /// its hash recomputes and the owner's key signed it. It is part of no stream, so
-    /// versions and chains are not its business.
+    /// A receipt counts when the partition's owner wrote it under a fence with rules, at
+    /// the stream's version, chained onto the stream's last link, its hash recomputing and
+    /// the owner's key having signed it.
     fn receipt_verdict(&self, receipt: &ReceiptRecord) -> Result<(), Rejection> {
         if self.owner.as_ref() != Some(&receipt.writer) {
             return Err(Rejection::NotOwner {
@@ -178,9 +202,27 @@ impl PartitionGate {
                 owner: self.owner.clone(),
             });
         }
+        // No writer of the legacy era wrote receipts: one under a legacy fence is forged.
         let Some(key) = &self.owner_key else {
-            return Ok(());
+            return Err(Rejection::BadSignature {
+                stream: receipt.stream.clone(),
+                reason: "a receipt under a legacy fence, which no writer of that time wrote".into(),
+            });
         };
+        let head = self.versions.get(&receipt.stream);
+        let actual = head.map_or(0, |h| h.version);
+        if receipt.version != actual {
+            return Err(Rejection::VersionConflict {
+                stream: receipt.stream.clone(),
+                expected: receipt.version,
+                actual,
+            });
+        }
+        if !chains(head, receipt.prev_hash.as_deref()) || hash_bytes(&receipt.hash).is_none() {
+            return Err(Rejection::BrokenChain {
+                stream: receipt.stream.clone(),
+            });
+        }
         if !receipt.hash_is_valid() {
             return Err(Rejection::BadHash {
                 stream: receipt.stream.clone(),
@@ -358,15 +400,7 @@ impl PartitionGate {
         key: &str,
         check: Option<&CommitCheck>,
     ) -> Result<(), Rejection> {
-        let chained = match (head.map(|h| h.hash), commit.prev_hash.as_deref()) {
-            // The stream's first commit links to nothing.
-            (None, prev) => prev.is_none(),
-            // Restored from a state saved without hashes: taken on trust once.
-            (Some(None), _) => true,
-            (Some(Some(last)), Some(prev)) => hash_bytes(prev) == Some(last),
-            (Some(Some(_)), None) => false,
-        };
-        if !chained || hash_bytes(&commit.hash).is_none() {
+        if !chains(head, commit.prev_hash.as_deref()) || hash_bytes(&commit.hash).is_none() {
             return Err(Rejection::BrokenChain {
                 stream: commit.stream.clone(),
             });

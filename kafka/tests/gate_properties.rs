@@ -148,11 +148,13 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
                 let writer = &writers[w];
                 if let Some(epoch) = writer.epoch {
                     let me = testing::writer(&writer.name, epoch);
-                    let version = writer.view.stream_version(&stream(s));
+                    let head = writer.view.stream_head(&stream(s));
+                    let version = head.map_or(0, |h| h.version);
+                    let prev_hash = head.and_then(|h| h.hash).map(hex::encode);
                     let command = testing::commit(&me, stream(s), version).build().command;
                     log.push(LogRecord::Receipt(keel_schemas::ReceiptRecord::new(
                         stream(s),
-                        version,
+                        (version, prev_hash),
                         command,
                         json!({"answer": "unchanged"}),
                         me,
@@ -434,9 +436,11 @@ fn a_retired_key_takes_no_partition_back_from_a_key_in_service() {
 }
 
 /// A receipt counts from the partition's owner only, intact and signed with the owner's
-/// key, and moves no stream: a commit after it chains onto the commit before it.
+/// key, at the stream's version and chained onto its last link; it moves the stream's
+/// chain but not its version, so a receipt that lands after the stream moved on counts for
+/// no reader, and a commit chained past a receipt does not count either.
 #[test]
-fn a_receipt_counts_from_the_owner_only_and_moves_no_stream() {
+fn a_receipt_counts_from_the_owner_at_the_streams_head_and_moves_its_chain() {
     let owner = testing::writer("a", 1);
     let mut gate = PartitionGate::new(policy());
     assert!(gate.admit(&fence(&owner)).is_ok());
@@ -445,43 +449,54 @@ fn a_receipt_counts_from_the_owner_only_and_moves_no_stream() {
         .signed(key());
     assert!(gate.admit(&LogRecord::Commit(first.clone())).is_ok());
     let command = first.command.clone();
-    let receipt = |writer: &Writer, signer: &SigningKey| {
+    let receipt = |writer: &Writer, signer: &SigningKey, version: u64, prev: &str| {
         keel_schemas::ReceiptRecord::new(
             stream(0),
-            1,
+            (version, Some(prev.to_owned())),
             command.clone(),
             json!({"answer": "unchanged"}),
             writer.clone(),
             signer,
         )
     };
-    assert!(
-        gate.admit(&LogRecord::Receipt(receipt(&owner, key())))
-            .is_ok()
-    );
-    let mut tampered = receipt(&owner, key());
+    let mut tampered = receipt(&owner, key(), 1, &first.hash);
     tampered.answer = json!({"answer": "refused"});
-    assert!(matches!(
-        gate.admit(&LogRecord::Receipt(tampered)),
-        Err(Rejection::BadHash { .. })
-    ));
     let stranger = SigningKey::generate();
+    for (bad, why) in [
+        (tampered, "tampered"),
+        (
+            receipt(&owner, &stranger, 1, &first.hash),
+            "a stranger's key",
+        ),
+        (
+            receipt(&testing::writer("z", 0), key(), 1, &first.hash),
+            "not the owner",
+        ),
+        (receipt(&owner, key(), 0, &first.hash), "another version"),
+        (receipt(&owner, key(), 1, &"0".repeat(64)), "another chain"),
+    ] {
+        assert!(gate.admit(&LogRecord::Receipt(bad)).is_err(), "{why}");
+    }
+    let good = receipt(&owner, key(), 1, &first.hash);
+    assert!(gate.admit(&LogRecord::Receipt(good.clone())).is_ok());
+    assert_eq!(gate.stream_version(&stream(0)), 1, "no version");
+    // A commit decided without the receipt (chained onto the first commit) does not count;
+    // one chained onto the receipt does.
+    let next = |prev: &str| {
+        testing::commit(&owner, stream(0), 1)
+            .event("OrderShipped", 1, json!({}))
+            .prev_hash(Some(prev.to_owned()))
+            .signed(key())
+    };
     assert!(matches!(
-        gate.admit(&LogRecord::Receipt(receipt(&owner, &stranger))),
-        Err(Rejection::BadSignature { .. })
+        gate.admit(&LogRecord::Commit(next(&first.hash))),
+        Err(Rejection::BrokenChain { .. })
     ));
+    assert!(gate.admit(&LogRecord::Commit(next(&good.hash))).is_ok());
+    // A receipt that lands after the stream moved on counts for no reader.
     assert!(matches!(
-        gate.admit(&LogRecord::Receipt(receipt(
-            &testing::writer("z", 0),
-            key()
-        ))),
-        Err(Rejection::NotOwner { .. })
+        gate.admit(&LogRecord::Receipt(receipt(&owner, key(), 1, &good.hash))),
+        Err(Rejection::VersionConflict { .. })
     ));
-    assert_eq!(gate.stream_version(&stream(0)), 1);
-    let second = testing::commit(&owner, stream(0), 1)
-        .event("OrderShipped", 1, json!({}))
-        .prev_hash(Some(first.hash.clone()))
-        .signed(key());
-    assert!(gate.admit(&LogRecord::Commit(second)).is_ok());
-    assert_eq!((gate.accepted(), gate.rejected()), (4, 3));
+    assert_eq!((gate.accepted(), gate.rejected()), (4, 7));
 }

@@ -68,7 +68,10 @@ impl Decoded {
                 return Ok(Vec::new());
             }
             Ok(Parsed::Receipt(receipt)) => {
-                let _ = state.gate.admit_receipt(receipt);
+                // An accepted receipt moves its stream's chain: the head is saved.
+                if state.gate.admit_receipt(receipt).is_ok() {
+                    state.touched_streams.insert(receipt.stream.clone());
+                }
                 return Ok(Vec::new());
             }
             Ok(Parsed::Commit(commit, check, events)) => (commit, Some(check), events),
@@ -102,7 +105,9 @@ impl Decoded {
                 let _ = state.gate.admit_fence(fence);
             }
             Ok(Parsed::Receipt(receipt)) => {
-                let _ = state.gate.admit_receipt(receipt);
+                if state.gate.admit_receipt(receipt).is_ok() {
+                    state.touched_streams.insert(receipt.stream.clone());
+                }
             }
             Ok(Parsed::Commit(commit, check, _)) => {
                 if state.gate.admit_commit_checked(commit, Some(check)).is_ok() {

@@ -116,6 +116,8 @@ pub async fn verify(
 ) -> anyhow::Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut tips: HashMap<StreamRef, Tip> = HashMap::new();
+    // Each stream's last link (commit or receipt), which its next record chains onto.
+    let mut heads: HashMap<StreamRef, String> = HashMap::new();
     // What the audit log has seen, taken before the topics are read: everything in it is
     // then below the ends the reading goes to, so commits written meanwhile are no finding.
     let seen = match pool {
@@ -134,7 +136,7 @@ pub async fn verify(
         };
         read_through_gate(kafka, trusted, &topic, &partitions, |read| {
             report.records += 1;
-            check_record(read, trusted, only, &mut tips, &mut report);
+            check_record(read, trusted, only, (&mut tips, &mut heads), &mut report);
         })
         .await?;
     }
@@ -150,7 +152,10 @@ fn check_record(
     read: Gated,
     trusted: &TrustedKeys,
     only: Option<&StreamRef>,
-    tips: &mut HashMap<StreamRef, Tip>,
+    (tips, heads): (
+        &mut HashMap<StreamRef, Tip>,
+        &mut HashMap<StreamRef, String>,
+    ),
     report: &mut VerifyReport,
 ) {
     let Gated {
@@ -189,6 +194,9 @@ fn check_record(
         LogRecord::Commit(commit) => commit,
         // A receipt changes no view: only one the gate skipped is worth a word.
         LogRecord::Receipt(receipt) => {
+            if verdict.is_ok() {
+                heads.insert(receipt.stream.clone(), receipt.hash.clone());
+            }
             if only.is_none_or(|s| *s == receipt.stream)
                 && let Err(rejection) = verdict
             {
@@ -329,10 +337,10 @@ fn check_record(
             short(&commit.hash)
         ));
     }
-    let previous = tips.get(&commit.stream).map(|t| t.hash.clone());
+    let previous = heads.get(&commit.stream).cloned();
     if commit.prev_hash != previous {
         problems.push(format!(
-            "prev_hash {} does not link to the previous commit's hash {}",
+            "prev_hash {} does not link to the stream's previous link's hash {}",
             commit.prev_hash.as_deref().map_or("null".into(), short),
             previous
                 .as_deref()
@@ -352,6 +360,7 @@ fn check_record(
             .findings
             .push(finding(FindingKind::Violation, stream, Some(first), detail));
     }
+    heads.insert(commit.stream.clone(), commit.hash.clone());
     tips.insert(
         commit.stream.clone(),
         Tip {

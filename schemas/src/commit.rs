@@ -204,10 +204,12 @@ impl FenceRecord {
 
 /// The answer the owner gave a keyed command that appended no commit (it changed nothing,
 /// or was refused), recorded so that a retry with the same `Idempotency-Key` gets the same
-/// answer, also from another owner after a restart. A receipt is not part of any stream:
-/// the gate admits it from the partition's owner only (signed with the owner's key, its
-/// hash recomputing, under fences with rules), and it changes no stream's version or
-/// chain; views skip it.
+/// answer, also from another owner after a restart. The gate admits it from the
+/// partition's owner only (signed with the owner's key, its hash recomputing, under fences
+/// with rules), at the stream's version and chained onto the stream's last link: it moves
+/// the stream's chain (the next commit links to it) but not its version, and views skip
+/// it. So a receipt that lands late (its append timed out, the stream moved on) counts for
+/// no reader, and a commit decided without it does not count once it landed first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReceiptRecord {
     /// UUID v7 of the receipt.
@@ -216,6 +218,8 @@ pub struct ReceiptRecord {
     pub stream: StreamRef,
     /// The stream's version the answer was decided on.
     pub version: u64,
+    /// The hash of the stream's last link (commit or receipt) when it was decided.
+    pub prev_hash: Option<String>,
     /// The command, with its idempotency key and request digest.
     pub command: CommandMeta,
     /// The answer, in the command API's own terms: opaque to every other reader.
@@ -233,11 +237,11 @@ pub struct ReceiptRecord {
 }
 
 impl ReceiptRecord {
-    /// A receipt of `answer` to `command` on `stream` at `version`, decided by `writer`
-    /// now, sealed and signed with `key`.
+    /// A receipt of `answer` to `command` on `stream` at `version`, chained onto
+    /// `prev_hash`, decided by `writer` now, sealed and signed with `key`.
     pub fn new(
         stream: StreamRef,
-        version: u64,
+        (version, prev_hash): (u64, Option<String>),
         command: CommandMeta,
         answer: Value,
         writer: Writer,
@@ -247,6 +251,7 @@ impl ReceiptRecord {
             receipt_id: Uuid::now_v7(),
             stream,
             version,
+            prev_hash,
             command,
             answer,
             writer,

@@ -7,13 +7,15 @@ mod broker;
 pub mod contract;
 mod http;
 mod log;
+mod postgres;
 mod stack;
 
 pub use auth::TestAuth;
 pub use broker::{Broker, broker_binary};
 pub use contract::Contract;
 pub use http::{Reply, send_raw};
-pub use log::{AcceptedCommit, read_accepted};
+pub use log::{AcceptedCommit, read_accepted, read_receipts};
+pub use postgres::PrivatePostgres;
 pub use stack::{
     CommandApi, CommandApiConfig, LogSource, Service, Stack, TestDatabase, eur, workspace_binary,
 };

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use keel_kafka::{KafkaSettings, read_through_gate};
-use keel_schemas::{CommitRecord, LogRecord, TrustedKeys};
+use keel_schemas::{CommitRecord, LogRecord, ReceiptRecord, TrustedKeys};
 
 /// A commit the gate accepted, with where it is.
 #[derive(Clone, Debug)]
@@ -45,4 +45,23 @@ pub async fn read_accepted(
     // In log order per partition, partitions one after the other, as callers expect.
     accepted.sort_by_key(|c| (c.partition, c.offset));
     Ok((accepted, skipped))
+}
+
+/// Reads every partition of `topic` to its end through the gate with the key policy
+/// `policy`, and returns the receipts it accepted, each with its partition and offset.
+pub async fn read_receipts(
+    settings: &KafkaSettings,
+    policy: &Arc<TrustedKeys>,
+    topic: &str,
+) -> anyhow::Result<Vec<(i32, i64, ReceiptRecord)>> {
+    let mut receipts = Vec::new();
+    let partitions: Vec<i32> = (0..settings.partitions).collect();
+    read_through_gate(settings, policy, topic, &partitions, |read| {
+        if let Ok((LogRecord::Receipt(receipt), Ok(()))) = read.record {
+            receipts.push((read.entry.partition, read.entry.offset, receipt));
+        }
+    })
+    .await?;
+    receipts.sort_by_key(|(partition, offset, _)| (*partition, *offset));
+    Ok(receipts)
 }

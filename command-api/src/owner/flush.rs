@@ -290,16 +290,25 @@ where
             }
             return;
         };
+        // Each receipt links onto its stream's last link, and onto the receipt before it
+        // of the same stream in this batch.
+        let mut links: HashMap<String, Option<String>> = HashMap::new();
         let records: Vec<LogRecord> = answers
             .iter()
             .map(|(p, recorded)| {
                 let ids = &mut self.ids;
+                let streams = &self.streams;
+                let link = links.entry(p.request.stream_id.clone()).or_insert_with(|| {
+                    streams
+                        .get(&p.request.stream_id)
+                        .and_then(|s| s.last_hash.clone())
+                });
                 let mut receipt = ReceiptRecord::new(
                     StreamRef {
                         stream_type: A::TYPE.to_owned(),
                         id: p.request.stream_id.clone(),
                     },
-                    p.decided_on,
+                    (p.decided_on, link.clone()),
                     command_meta(&p.request.meta, ids()),
                     serde_json::to_value(recorded).unwrap_or_default(),
                     writer.clone(),
@@ -307,6 +316,7 @@ where
                 );
                 receipt.receipt_id = ids();
                 receipt.seal_and_sign(&self.signing_key);
+                *link = Some(receipt.hash.clone());
                 LogRecord::Receipt(receipt)
             })
             .collect();
@@ -327,11 +337,27 @@ where
             let LogRecord::Receipt(receipt) = record else {
                 continue;
             };
+            // What the log now says of the key (its first record holds it), not what this
+            // receipt says: a commit of the key read back before it wins.
             let answer = match verdicts.get(&receipt.receipt_id) {
                 Some(&ReadBack {
                     accepted: true,
                     offset,
-                }) => receipt::answer_of(receipt, self.position(offset)),
+                }) => p
+                    .key
+                    .as_ref()
+                    .and_then(|key| {
+                        self.keys
+                            .answer(key, p.request.meta.request_digest.as_ref())
+                            .map(|answer| {
+                                answer.map(|outcome| Outcome {
+                                    replayed: false,
+                                    ..outcome
+                                })
+                            })
+                    })
+                    // A retention so short the key is gone already: the receipt's own.
+                    .or_else(|| receipt::answer_of(receipt, self.position(offset))),
                 _ => None,
             };
             let answer = answer.unwrap_or_else(|| {

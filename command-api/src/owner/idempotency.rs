@@ -69,8 +69,17 @@ impl IdempotencyKeys {
     ) {
         let at = at.min(now);
         self.log_time = self.log_time.max(Some(at));
-        self.order.push_back((at, key.clone()));
-        self.keys.insert(key, Remembered { digest, answer, at });
+        // The first record of a key within its retention holds it: a later one (a commit
+        // the broker persisted late under a receipt, a receipt copied onto the log again)
+        // never replaces its answer.
+        let held = self
+            .keys
+            .get(&key)
+            .is_some_and(|r| !self.expired(r.at) || r.at >= at);
+        if !held {
+            self.order.push_back((at, key.clone()));
+            self.keys.insert(key, Remembered { digest, answer, at });
+        }
         self.expire();
     }
 
@@ -184,5 +193,14 @@ mod tests {
         assert!(keys.answer(&key("b"), None).is_none());
         assert!(keys.answer(&key("a"), None).is_some());
         assert_eq!(keys.len(), 4, "x, y, a again, c");
+        // Within the retention the first record of a key holds it.
+        keys.remember(
+            key("c"),
+            Some("other".into()),
+            outcome(7),
+            t0 + hour * 25,
+            t0 + hour * 25,
+        );
+        assert_eq!(keys.answer(&key("c"), None).unwrap().unwrap().version, 6);
     }
 }

@@ -491,22 +491,30 @@ where
         }
     }
 
-    /// Remembers the answer a receipt recorded for its key.
+    /// Takes a receipt the gate accepted: the stream's chain moves onto it (its version
+    /// does not), and its key holds the answer it recorded.
     fn apply_receipt(&mut self, receipt: &ReceiptRecord, offset: i64) {
+        let stream = self.streams.entry(receipt.stream.id.clone()).or_default();
+        stream.last_hash = Some(receipt.hash.clone());
+        stream.last_offset = Some(offset);
         let Some(key) = &receipt.command.idempotency_key else {
             return;
         };
-        match receipt::answer_of(receipt, self.position(offset)) {
-            Some(answer) => self.keys.remember(
-                (receipt.stream.id.clone(), key.clone()),
-                receipt.command.request_digest.clone(),
-                answer,
-                receipt.recorded_at.as_datetime(),
-                chrono::Utc::now(),
-            ),
-            None => warn!(offset, stream = %receipt.stream,
-                          "a receipt this build cannot read: its key is treated as unused"),
-        }
+        // A receipt this build cannot read (a newer build's answer) still holds its key:
+        // a retry is told to come back, never decided afresh.
+        let answer = receipt::answer_of(receipt, self.position(offset)).unwrap_or_else(|| {
+            warn!(offset, stream = %receipt.stream, "a receipt this build cannot read: its key answers 503");
+            Err(OwnerError::Unavailable(
+                "this key's answer was recorded by a newer build of the command API; retry against it".into(),
+            ))
+        });
+        self.keys.remember(
+            (receipt.stream.id.clone(), key.clone()),
+            receipt.command.request_digest.clone(),
+            answer,
+            receipt.recorded_at.as_datetime(),
+            chrono::Utc::now(),
+        );
     }
 
     pub(super) fn position(&self, offset: i64) -> Position {

@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use keel_domain::Aggregate;
 use keel_domain::product::{Product, ProductEvent};
-use keel_schemas::decode_event;
+use keel_schemas::{ReceiptRecord, decode_event};
 use keel_tests::{
-    AcceptedCommit, Broker, CommandApi, CommandApiConfig, read_accepted, unique_prefix,
+    AcceptedCommit, Broker, CommandApi, CommandApiConfig, read_accepted, read_receipts,
+    unique_prefix,
 };
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -105,9 +106,26 @@ async fn two_hundred_concurrent_restocks_get_every_version_once() {
 
 /// Every stream's accepted commits number on from 1 and each links to the one before.
 fn assert_chains(commits: &[AcceptedCommit]) {
+    assert_chains_with(commits, &[]);
+}
+
+/// [`assert_chains`] for streams with receipts too: a commit links to the stream's last
+/// link, a commit or a receipt.
+fn assert_chains_with(commits: &[AcceptedCommit], receipts: &[(i32, i64, ReceiptRecord)]) {
     let mut last: BTreeMap<String, (u64, String)> = BTreeMap::new();
-    for c in commits {
-        let c = &c.commit;
+    let mut receipts = receipts.iter().peekable();
+    for accepted in commits {
+        while let Some((_, _, r)) =
+            receipts.next_if(|(p, o, _)| (*p, *o) < (accepted.partition, accepted.offset))
+        {
+            let (version, hash) = last.get(&r.stream.to_string()).cloned().unwrap_or_default();
+            assert_eq!(
+                (r.version, r.prev_hash.clone().unwrap_or_default()),
+                (version, hash)
+            );
+            last.insert(r.stream.to_string(), (version, r.hash.clone()));
+        }
+        let c = &accepted.commit;
         assert!(
             c.hash_is_valid(),
             "hash of {} v{}",
@@ -214,11 +232,16 @@ async fn restart_continues_streams_and_replays_idempotent_retries() {
     );
 
     let settings = broker.settings(&config.prefix, config.partitions);
-    let (commits, _) = read_accepted(&settings, &config.policy(), &settings.topic("customer"))
+    let topic = settings.topic("customer");
+    let (commits, _) = read_accepted(&settings, &config.policy(), &topic)
         .await
         .unwrap();
-    assert_eq!(commits.len(), 3);
-    assert_chains(&commits);
+    assert_eq!(commits.len(), 3, "receipts are no commits");
+    let receipts = read_receipts(&settings, &config.policy(), &topic)
+        .await
+        .unwrap();
+    assert_eq!(receipts.len(), 1, "one receipt: the refusal's");
+    assert_chains_with(&commits, &receipts);
 }
 
 #[tokio::test]

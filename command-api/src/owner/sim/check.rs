@@ -52,6 +52,14 @@ pub(crate) struct Accepted {
     pub(crate) before: Product,
 }
 
+/// The first accepted record of a key: where, and for a receipt, the attempt it was
+/// written for (its correlation id), the version and the answer it recorded.
+#[derive(Clone, Debug)]
+pub(crate) struct FirstOfKey {
+    pub(crate) offset: i64,
+    pub(crate) receipt: Option<(String, u64, serde_json::Value)>,
+}
+
 /// The log folded through the gate.
 #[derive(Default)]
 pub(crate) struct Fold {
@@ -63,9 +71,11 @@ pub(crate) struct Fold {
     pub(crate) appended: BTreeMap<String, Vec<i64>>,
     /// What the fold found wrong with the log itself.
     pub(crate) violations: Vec<String>,
-    /// Accepted receipts by stream and key: the attempt each was written for (its
-    /// correlation id) and the answer it recorded.
-    pub(crate) receipts: BTreeMap<(String, String), Vec<(String, serde_json::Value)>>,
+    /// The first accepted record of each key (by stream and key), which holds it.
+    pub(crate) first_of_key: BTreeMap<(String, String), FirstOfKey>,
+    /// Keys held by an accepted commit and an accepted receipt both.
+    pub(crate) committed_keys: BTreeMap<(String, String), usize>,
+    pub(crate) receipt_keys: BTreeMap<(String, String), usize>,
 }
 
 impl Fold {
@@ -106,13 +116,46 @@ impl Fold {
                         ));
                     }
                 }
-                LogRecord::Commit(commit) => fold.accept(offset, commit, trusted),
+                LogRecord::Commit(commit) => {
+                    if let Some(key) = &commit.command.idempotency_key {
+                        let key = (commit.stream.id.clone(), key.clone());
+                        *fold.committed_keys.entry(key.clone()).or_default() += 1;
+                        fold.first_of_key.entry(key).or_insert(FirstOfKey {
+                            offset,
+                            receipt: None,
+                        });
+                    }
+                    fold.accept(offset, commit, trusted);
+                }
                 LogRecord::Receipt(receipt) => {
+                    if let Some(trusted) = trusted
+                        && (!receipt.hash_is_valid()
+                            || trusted.check(&receipt.hash, receipt.signature.as_ref())
+                                != SignatureCheck::Valid)
+                    {
+                        fold.violations.push(format!(
+                            "offset {offset}: an accepted receipt is not intact and signed by a trusted key"
+                        ));
+                    }
+                    let stream = fold.streams.entry(receipt.stream.id.clone()).or_default();
+                    if trusted.is_some() && receipt.prev_hash != stream.last_hash {
+                        fold.violations.push(format!(
+                            "offset {offset}: an accepted receipt of {} does not chain onto the stream's last link",
+                            receipt.stream.id
+                        ));
+                    }
+                    stream.last_hash = Some(receipt.hash.clone());
                     if let Some(key) = receipt.command.idempotency_key {
-                        fold.receipts
-                            .entry((receipt.stream.id, key))
-                            .or_default()
-                            .push((receipt.command.correlation_id, receipt.answer));
+                        let key = (receipt.stream.id, key);
+                        *fold.receipt_keys.entry(key.clone()).or_default() += 1;
+                        fold.first_of_key.entry(key).or_insert(FirstOfKey {
+                            offset,
+                            receipt: Some((
+                                receipt.command.correlation_id,
+                                receipt.version,
+                                receipt.answer,
+                            )),
+                        });
                     }
                 }
             }
@@ -125,7 +168,7 @@ impl Fold {
         if let Some(trusted) = trusted {
             if commit.prev_hash != stream.last_hash {
                 self.violations.push(format!(
-                    "offset {offset}: an accepted commit of {} does not chain onto the stream's previous commit",
+                    "offset {offset}: an accepted commit of {} does not chain onto the stream's last link",
                     commit.stream.id
                 ));
             }
@@ -217,6 +260,16 @@ pub(crate) fn check(fold: &Fold, attempts: &[Attempt], unfinished: usize) -> Vec
             ));
         }
     }
+    // No key is held by a commit and a receipt both: its command was applied and
+    // answered as not applied.
+    for key in fold.receipt_keys.keys() {
+        if fold.committed_keys.contains_key(key) {
+            violations.push(format!(
+                "{} key {}: held by an accepted commit and an accepted receipt",
+                key.0, key.1
+            ));
+        }
+    }
     // No two processes acknowledged as one writer.
     let mut served: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let windows: BTreeMap<&str, (usize, usize)> = attempts
@@ -254,38 +307,52 @@ fn check_attempt(
     served: &mut BTreeMap<String, Vec<usize>>,
 ) -> Result<(), String> {
     let stream = fold.streams.get(&a.stream);
-    // The states the stream went through while the request waited; and, for a keyed
-    // request, those while each attempt that wrote a receipt of its key waited (a retry
-    // is answered with what the receipt recorded, which must have been true while the
-    // attempt it was decided for waited).
-    let states = || {
-        let at = |from: usize, to: usize| {
-            stream.map_or_else(
-                || vec![(Product::default(), 0)],
-                |s| s.states_between(from, to),
-            )
+    let at = |from: usize, to: usize| {
+        stream.map_or_else(
+            || vec![(Product::default(), 0)],
+            |s| s.states_between(from, to),
+        )
+    };
+    // An answer that appended nothing must be true of the states the stream went through
+    // while the request waited; or, when its key was already held by a record in the log
+    // when it was answered, be that record's: a commit's answer is its outcome (not
+    // this), a receipt's is the answer it recorded, true while the attempt it was written
+    // for waited.
+    let first = a
+        .key
+        .as_ref()
+        .and_then(|k| fold.first_of_key.get(&(a.stream.clone(), k.clone())))
+        .filter(|first| (first.offset as usize) < a.ended);
+    let states = || -> Result<Vec<(Product, u64)>, String> {
+        let Some(first) = first else {
+            return Ok(at(a.sent, a.ended));
         };
-        let receipts = a
-            .key
-            .as_ref()
-            .and_then(|k| fold.receipts.get(&(a.stream.clone(), k.clone())))
-            .cloned()
-            .unwrap_or_default();
-        let mut states = at(a.sent, a.ended);
+        let Some((attempt, version, recorded)) = &first.receipt else {
+            return Err(format!(
+                "its key was held by the commit at {}, but it was answered {:?}",
+                first.offset, a.ending
+            ));
+        };
         let given = match &a.ending {
-            Ending::Answered(answer) => {
-                Recorded::of(answer).and_then(|r| serde_json::to_value(r).ok())
-            }
+            Ending::Answered(answer) => Recorded::of(answer)
+                .and_then(|r| serde_json::to_value(r).ok())
+                .filter(|_| match answer {
+                    Ok(outcome) => outcome.version == *version,
+                    Err(_) => true,
+                }),
             _ => None,
         };
-        for (id, recorded) in receipts {
-            if Some(&recorded) == given.as_ref()
-                && let Some(&(sent, ended)) = windows.get(id.as_str())
-            {
-                states.extend(at(sent, ended));
-            }
+        if given.as_ref() != Some(recorded) {
+            return Err(format!(
+                "its key was held by the receipt at {}, which recorded {recorded} at version {version}, but it was answered {:?}",
+                first.offset, a.ending
+            ));
         }
-        states
+        let (sent, ended) = windows
+            .get(attempt.as_str())
+            .copied()
+            .ok_or_else(|| format!("the receipt at {} names no attempt", first.offset))?;
+        Ok(at(sent, ended))
     };
     match &a.ending {
         Ending::GaveUp(at) => {
@@ -346,7 +413,7 @@ fn check_attempt(
             Ok(())
         }
         Ending::Answered(Ok(outcome)) => {
-            let true_somewhere = states().into_iter().any(|(state, version)| {
+            let true_somewhere = states()?.into_iter().any(|(state, version)| {
                 version == outcome.version
                     && a.if_match.is_none_or(|v| v == version)
                     && state.decide(&a.command).is_ok_and(|e| e.is_empty())
@@ -361,7 +428,7 @@ fn check_attempt(
             }
         }
         Ending::Answered(Err(OwnerError::VersionMismatch { expected, actual })) => {
-            let true_somewhere = states()
+            let true_somewhere = states()?
                 .into_iter()
                 .any(|(_, version)| version == *actual && version != *expected);
             if true_somewhere {
@@ -373,7 +440,7 @@ fn check_attempt(
             }
         }
         Ending::Answered(Err(OwnerError::Domain(e))) => {
-            let true_somewhere = states().into_iter().any(|(state, version)| {
+            let true_somewhere = states()?.into_iter().any(|(state, version)| {
                 a.if_match.is_none_or(|v| v == version)
                     && state.decide(&a.command).as_ref().err() == Some(e)
             });
