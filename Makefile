@@ -1,5 +1,5 @@
 # The two commands. Both install what is missing and are safe to run twice.
-.PHONY: up test lint bench sim token
+.PHONY: up test lint bench sim chaos token
 
 ## Bring the whole system up in the foreground (Ctrl-C stops it).
 up:
@@ -14,6 +14,12 @@ test:
 SEEDS ?= 100000
 sim:
 	./scripts/sim.sh "$(SEEDS)" "$(FIRST)"
+
+## The chaos suite against the real processes: FAULTS=50 faults of each kind (kills,
+## pauses, PostgreSQL crashes, terminated sessions); about 25 minutes.
+FAULTS ?= 50
+chaos:
+	./scripts/chaos.sh "$(FAULTS)"
 
 ## Formatting and lints, as CI checks them.
 lint:
