@@ -200,8 +200,20 @@ fn check_record(
             if only.is_none_or(|s| *s == receipt.stream)
                 && let Err(rejection) = verdict
             {
+                // Intact and signed, it is a writer's receipt that came too late (the
+                // stream moved on, or its writer lost the partition): skipped, as
+                // designed. Anything else was forged or broken.
+                let intact = commit_hash_of_value(&raw) == receipt.hash
+                    && signature_problem(trusted, &receipt.hash, receipt.signature.as_ref())
+                        .is_none();
                 let kind = match rejection {
-                    Rejection::NotOwner { .. } => FindingKind::Zombie,
+                    Rejection::NotOwner { .. }
+                    | Rejection::VersionConflict { .. }
+                    | Rejection::BrokenChain { .. }
+                        if intact =>
+                    {
+                        FindingKind::Zombie
+                    }
                     _ => FindingKind::Violation,
                 };
                 report.findings.push(finding(
@@ -280,7 +292,26 @@ fn check_record(
     let first = commit.expected_version + 1;
     if let Err(rejection) = verdict {
         let by_owner = owner.as_ref() == Some(&commit.writer);
+        // The owner's own record, intact and signed, decided on a state the log had moved
+        // past: its append landed late, or a receipt of the stream landed before it. The
+        // gate skipped it, as designed; a version ahead of the stream is no such thing.
+        let stale = by_owner
+            && commit_hash_of_value(&raw) == commit.hash
+            && signature_problem(trusted, &commit.hash, commit.signature.as_ref()).is_none()
+            && match &rejection {
+                Rejection::BrokenChain { .. } => true,
+                Rejection::VersionConflict {
+                    expected, actual, ..
+                } => expected < actual,
+                _ => false,
+            };
         let (kind, detail) = match (&rejection, by_owner) {
+            _ if stale => (
+                FindingKind::Zombie,
+                format!(
+                    "a stale write of the owner (decided before what the log holds ahead of it), skipped by the gate and applied by no reader: {rejection}"
+                ),
+            ),
             (
                 Rejection::BadHash { .. }
                 | Rejection::BadSignature { .. }
@@ -482,7 +513,8 @@ pub struct ExportLine {
     pub record: Value,
 }
 
-/// Every commit record of `stream`, in log order, with the gate's verdicts.
+/// Every commit and receipt of `stream`, in log order, with the gate's verdicts: the links
+/// of its chain.
 pub async fn export(
     kafka: &KafkaSettings,
     policy: &Arc<TrustedKeys>,
@@ -498,10 +530,13 @@ pub async fn export(
             return;
         };
         // The record as written, not as re-encoded: its hash recomputes from exactly this.
-        if let LogRecord::Commit(CommitRecord { stream: s, .. }) = &record
-            && s == stream
-            && let Ok(raw) = serde_json::from_slice::<Value>(&entry.payload)
-        {
+        let of_stream = match &record {
+            LogRecord::Commit(CommitRecord { stream: s, .. }) => s == stream,
+            // A receipt is a link of the stream's chain: the commit after it links to it.
+            LogRecord::Receipt(receipt) => receipt.stream == *stream,
+            LogRecord::Fence(_) => false,
+        };
+        if of_stream && let Ok(raw) = serde_json::from_slice::<Value>(&entry.payload) {
             lines.push(ExportLine {
                 topic: entry.topic.clone(),
                 partition: entry.partition,

@@ -246,9 +246,13 @@ where
         let mut to_record = Vec::new();
         for p in provisional {
             let stream = &p.request.stream_id;
+            let unmoved = self.streams.get(stream).map_or(0, |s| s.version) == p.decided_on;
+            // A keyed answer is recorded at the version it was decided on, so it is
+            // confirmed only while the stream is still there; one that a later commit of
+            // the flush moved past is decided again.
             let confirmed = current
-                && (appended[p.ahead..].iter().any(|(s, _)| s == stream)
-                    || self.streams.get(stream).map_or(0, |s| s.version) == p.decided_on);
+                && (unmoved
+                    || (p.key.is_none() && appended[p.ahead..].iter().any(|(s, _)| s == stream)));
             if confirmed {
                 let answer = self.provisional_answer(&p, &verdicts);
                 match Recorded::of(&answer) {

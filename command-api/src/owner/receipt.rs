@@ -1,7 +1,8 @@
 //! Receipts: the answer to a keyed command that appended no commit (a no-op, a `409`, a
 //! `412`), recorded in the log before it is given, so that a retry with the same
 //! `Idempotency-Key` gets the same answer, also from an owner that read it after a
-//! restart. The gate counts a receipt from the owner only and it changes no stream.
+//! restart. The gate counts a receipt from the owner only, at its stream's version and
+//! chained onto the stream's last link; it moves the chain, not the version.
 
 use keel_domain::DomainError;
 use keel_schemas::{Position, ReceiptRecord};

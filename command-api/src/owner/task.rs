@@ -494,6 +494,11 @@ where
     /// Takes a receipt the gate accepted: the stream's chain moves onto it (its version
     /// does not), and its key holds the answer it recorded.
     fn apply_receipt(&mut self, receipt: &ReceiptRecord, offset: i64) {
+        // A receipt of another stream type (in this topic by mistake) links another chain
+        // than this aggregate's stream of the same id.
+        if receipt.stream.stream_type != A::TYPE {
+            return;
+        }
         let stream = self.streams.entry(receipt.stream.id.clone()).or_default();
         stream.last_hash = Some(receipt.hash.clone());
         stream.last_offset = Some(offset);

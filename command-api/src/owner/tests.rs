@@ -767,6 +767,50 @@ async fn a_keyed_refusal_or_no_op_is_answered_the_same_after_a_restart() {
     assert_eq!(gate.stream_version(&p1), 4);
 }
 
+/// A keyed refusal followed, in the same flush, by a commit of the same stream is decided
+/// again on the state after it (its receipt could only be recorded at the version it was
+/// decided on, which the commit moved past), and its receipt counts for every reader.
+#[tokio::test]
+async fn a_keyed_refusal_overtaken_by_a_commit_of_its_flush_is_decided_again() {
+    let log = MemoryLog::new("t.product.events", 0);
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
+    send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .unwrap();
+    let refused = queue(
+        &owner,
+        "p-1",
+        reserve("o-1", 100),
+        meta("ReserveStock", Some("k-1"), None),
+    );
+    let restocked = queue(&owner, "p-1", restock(5), meta("Restock", None, None));
+    assert_eq!(answer(restocked).await.unwrap().version, 2);
+    let refused = answer(refused).await;
+    let expected = DomainError::InsufficientStock {
+        requested: 100,
+        available: 5,
+    };
+    assert!(
+        matches!(&refused, Err(OwnerError::Domain(e)) if *e == expected),
+        "decided again after the restock: {refused:?}"
+    );
+    let mut gate = PartitionGate::new(policy());
+    let mut receipts = 0;
+    for entry in log.entries() {
+        let read = gate.read(entry);
+        if let Ok((LogRecord::Receipt(_), verdict)) = read.record {
+            assert!(verdict.is_ok(), "the receipt counts: {verdict:?}");
+            receipts += 1;
+        }
+    }
+    assert_eq!(receipts, 1);
+}
+
 /// A key is kept for its retention, also by an owner that read it from the log: within
 /// it the retry is answered from the first commit; after it the retry is a fresh command.
 #[tokio::test]

@@ -138,9 +138,12 @@ impl Fold {
                         ));
                     }
                     let stream = fold.streams.entry(receipt.stream.id.clone()).or_default();
-                    if trusted.is_some() && receipt.prev_hash != stream.last_hash {
+                    if trusted.is_some()
+                        && (receipt.prev_hash != stream.last_hash
+                            || receipt.version != stream.version)
+                    {
                         fold.violations.push(format!(
-                            "offset {offset}: an accepted receipt of {} does not chain onto the stream's last link",
+                            "offset {offset}: an accepted receipt of {} is not at the stream's version and last link",
                             receipt.stream.id
                         ));
                     }
