@@ -85,6 +85,9 @@ impl Broker {
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::env::var_os("TEST_LOG").is_some();
         Command::new(broker_binary()?)
+            // A file storage (`sqlite://<file>`) lives in the temporary directory, never
+            // in the clone.
+            .current_dir(std::env::temp_dir())
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", storage])

@@ -1,4 +1,5 @@
-//! The chaos suite: the real processes (a durable broker, command-api, projector,
+//! The chaos suite: the real processes (a durable broker keeping its log in a SQLite
+//! file, command-api, projector,
 //! query-api, and a PostgreSQL server of the suite's own for the views) while clients
 //! restock products and place orders with `Idempotency-Key`s, each retrying until it is
 //! acknowledged. Meanwhile, one fault at a time: a process killed with SIGKILL (and
@@ -87,7 +88,23 @@ struct Processes {
 
 impl Processes {
     async fn start_command(&mut self) {
-        let api = Service::command_api_ready(&self.config).await.unwrap();
+        let api = Service::command_api(&self.config).await.unwrap();
+        // Taking the partitions back reads the whole log, which grows through the run.
+        let mut ready = api.wait_ready().await;
+        for _ in 0..2 {
+            if ready.is_ok() {
+                break;
+            }
+            ready = api.wait_ready().await;
+        }
+        if let Err(e) = ready {
+            let log = api.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "{e}; the command API's last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         self.addresses.write().unwrap().command = api.url("");
         self.command = Some(api);
     }
@@ -109,8 +126,9 @@ impl Processes {
     }
 
     /// Kills one process (chosen by `n`) with SIGKILL and starts it again.
-    async fn kill(&mut self, n: usize) -> &'static str {
-        match n % 3 {
+    async fn kill(&mut self, n: usize) -> String {
+        let started = Instant::now();
+        let name = match n % 3 {
             0 => {
                 self.command.take().unwrap().kill().await.unwrap();
                 self.start_command().await;
@@ -126,7 +144,8 @@ impl Processes {
                 self.start_query().await;
                 "query-api"
             }
-        }
+        };
+        format!("{name}, back in {:.1} s", started.elapsed().as_secs_f64())
     }
 
     /// Pauses one process (chosen by `n`) for [`PAUSE`].
@@ -150,6 +169,17 @@ fn signal(signal: &str, pid: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Files removed when dropped.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// A small deterministic random source per client (no dependency for so little).
@@ -296,8 +326,27 @@ async fn acknowledged_work_survives_kills_pauses_and_database_crashes_exactly_on
     let started = Instant::now();
     // The broker keeps its log in the shared server, which no fault touches; the views
     // live in the suite's own server, which the faults crash.
-    let log_db = TestDatabase::created("chaos-log").await.unwrap();
-    let broker = Broker::start_durable(&log_db.url()).await.unwrap();
+    // The broker's log: a SQLite file (the default), or with KEEL_CHAOS_BROKER_STORAGE=
+    // postgres a database of the shared server (several times slower to read back, so a
+    // restarted command API takes longer to catch up).
+    let log_file = format!(
+        "keel-chaos-{}.db",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let _remove = RemoveOnDrop(
+        ["", "-wal", "-shm"]
+            .iter()
+            .map(|suffix| std::env::temp_dir().join(format!("{log_file}{suffix}")))
+            .collect(),
+    );
+    let (storage, _log_db) = match std::env::var("KEEL_CHAOS_BROKER_STORAGE").as_deref() {
+        Ok("postgres") => {
+            let db = TestDatabase::created("chaos-log").await.unwrap();
+            (db.url(), Some(db))
+        }
+        _ => (format!("sqlite://{log_file}"), None),
+    };
+    let broker = Broker::start_durable(&storage).await.unwrap();
     let views = PrivatePostgres::start("chaos").await.unwrap();
     let mut config = CommandApiConfig::new(&broker, &unique_prefix("chaos"), PARTITIONS, "chaos");
     config.extra_env.extend([
@@ -348,7 +397,7 @@ async fn acknowledged_work_survives_kills_pauses_and_database_crashes_exactly_on
     for round in 0..per_kind {
         for fault in FAULTS {
             let what = match fault {
-                Fault::Kill => processes.kill(round).await.to_owned(),
+                Fault::Kill => processes.kill(round).await,
                 Fault::Pause => processes.pause(round).await.to_owned(),
                 Fault::DatabaseCrash => {
                     views.crash_and_restart().await.unwrap();
