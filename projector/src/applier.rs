@@ -108,6 +108,13 @@ impl<'j> Applier<'j> {
             return Ok(Flow::Continue);
         }
         match self.apply_batch(batch).await.map_err(halt_on) {
+            // A swap that committed while this batch ran, and the drop of the old
+            // generation after it, fail the batch too (its tables are gone: SQLSTATE
+            // 42P01): the runner follows the new generation instead of stopping.
+            Err(e) if e.downcast_ref::<Halted>().is_some() => {
+                self.ensure_live().await?;
+                Err(e)
+            }
             Err(e) if is_apply_error(&e) => {
                 // A generation dropped by a swap fails to apply too: that is no dead letter.
                 self.ensure_live().await?;
@@ -372,6 +379,94 @@ mod tests {
             Err(sqlx::Error::Database(db)) => db.code().unwrap().into_owned(),
             other => panic!("{statement}: {other:?}"),
         }
+    }
+
+    /// A live batch whose generation a swap replaced and a drop removed while it ran
+    /// fails on the missing tables: that is the generation changing, not a reason to
+    /// stop the projection.
+    #[tokio::test]
+    async fn a_batch_whose_generation_was_swapped_out_and_dropped_follows_the_new_one() {
+        use keel_schemas::{LogRecord, SigningKey, TrustedKeys, testing};
+
+        let db = TestDatabase::new("swapped-out");
+        let pool = crate::db::connect(&db.url())
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        let orders = crate::views::all()
+            .into_iter()
+            .find(|p| p.name() == "orders")
+            .unwrap();
+        let live = crate::generation::prepare(&pool, orders.as_ref())
+            .await
+            .unwrap()
+            .generation;
+        let key = SigningKey::generate();
+        let mut policy = TrustedKeys::default();
+        policy.add(&key);
+        let policy = std::sync::Arc::new(policy);
+        let kafka = keel_kafka::KafkaSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        let job = Job::new(
+            orders,
+            pool.clone(),
+            kafka.clone(),
+            crate::job::RunOptions {
+                on_error: crate::job::OnError::Stop,
+                batch_size: 100,
+                linger: std::time::Duration::ZERO,
+                snapshot_every: 100,
+                policy: std::sync::Arc::clone(&policy),
+            },
+        );
+        let hold = crate::hold::Hold::claim(&pool, "run:orders".into())
+            .await
+            .unwrap();
+        let mut applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
+        // A swap to the next generation commits, and the old one is dropped.
+        sqlx::query("UPDATE keel_projections SET generation = $1 WHERE name = 'orders'")
+            .bind(live + 1)
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!("DROP VIEW orders; DROP TABLE orders_g{live}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let writer = testing::writer("w", 1);
+        let placed = testing::commit(&writer, testing::stream("order", "o-1"), 0)
+            .event(
+                "OrderPlaced",
+                2,
+                serde_json::json!({"customer_id": "c-1",
+                    "lines": [{"sku": "S-1", "quantity": 1, "unit_price": {"amount_minor": 100, "currency": "EUR"}}],
+                    "total": {"amount_minor": 100, "currency": "EUR"}}),
+            )
+            .signed(&key);
+        let entries = [
+            testing::signed_fence(&writer, &key),
+            LogRecord::Commit(placed),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(offset, record)| keel_kafka::LogEntry {
+            topic: kafka.topic("order"),
+            partition: 0,
+            offset: offset as i64,
+            key: None,
+            payload: record.encode(),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        })
+        .collect();
+        let batch = crate::decode::Decoded::all(entries, &policy);
+        let failed = applier.apply(&batch).await.err().expect("the batch fails");
+        assert!(
+            failed.downcast_ref::<GenerationChanged>().is_some(),
+            "the runner follows the new generation: {failed:#}"
+        );
+        pool.close().await;
     }
 
     /// Errors a record causes become dead letters; a timeout, a lock not granted or a

@@ -69,7 +69,27 @@ async fn caught_up(stack: &Stack, token: &ConsistencyToken) {
             if status == StatusCode::SERVICE_UNAVAILABLE && tries < 5 {
                 continue;
             }
-            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            if status != StatusCode::OK {
+                // The lines that say what went wrong, not a backtrace's frames.
+                let tail = |log: String| {
+                    let lines: Vec<&str> = log
+                        .lines()
+                        .filter(|l| !l.starts_with("  "))
+                        .rev()
+                        .take(30)
+                        .collect();
+                    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+                };
+                panic!(
+                    "{path}: {status} {body}\nthe projector's last log lines:\n{}\nthe checkpoints: {:?}",
+                    stack
+                        .projector
+                        .as_ref()
+                        .map(|p| tail(p.log()))
+                        .unwrap_or_default(),
+                    stack.projection("orders").await["partitions"]
+                );
+            }
             break;
         }
     }
