@@ -111,10 +111,14 @@ impl<'j> Applier<'j> {
             // A swap that committed while this batch ran, and the drop of the old
             // generation after it, fail the batch too (its tables are gone: SQLSTATE
             // 42P01): the runner follows the new generation instead of stopping.
-            Err(e) if e.downcast_ref::<Halted>().is_some() => {
-                self.ensure_live().await?;
-                Err(e)
-            }
+            Err(e) if e.downcast_ref::<Halted>().is_some() => match self.ensure_live().await {
+                Err(changed) if changed.downcast_ref::<GenerationChanged>().is_some() => {
+                    warn!(error = %format!("{e:#}"), "the batch failed with its generation swapped out; following the new one");
+                    Err(changed)
+                }
+                // Still live (or the check itself failed): the halt stands.
+                _ => Err(e),
+            },
             Err(e) if is_apply_error(&e) => {
                 // A generation dropped by a swap fails to apply too: that is no dead letter.
                 self.ensure_live().await?;
