@@ -16,6 +16,17 @@ use crate::job::Job;
 use crate::prefetch::Prefetch;
 use crate::rebuild::{Progress, RebuildOptions, rebuild};
 
+/// How long a runner of older code waits before it looks at the projection again.
+const NEWER_CODE_PAUSE: Duration = Duration::from_secs(10);
+
+/// The live generation was built by newer code than this projector's.
+#[derive(Debug, thiserror::Error)]
+#[error("the live generation was built by code version {live}, newer than this projector's {code}")]
+struct NewerCode {
+    live: i32,
+    code: i32,
+}
+
 /// Runs one projection until it stops on a dead letter (in `stop` mode) or the process ends.
 pub struct Runner {
     job: Job,
@@ -39,6 +50,12 @@ impl Runner {
                 Err(e) if e.downcast_ref::<LostHold>().is_some() => {
                     warn!(error = %e, "lost the projection to another runner");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                // Its run lock is released meanwhile, so a projector of the newer code
+                // can take the projection.
+                Err(e) if e.downcast_ref::<NewerCode>().is_some() => {
+                    error!(error = %e, "standing by");
+                    tokio::time::sleep(NEWER_CODE_PAUSE).await;
                 }
                 other => return other,
             }
@@ -94,14 +111,13 @@ impl Runner {
                 }
             };
             if live.code_version > job.projection.version() {
-                // A newer build rebuilt this projection: this older one must not undo it.
-                error!(
-                    live = live.code_version,
-                    code = job.projection.version(),
-                    "the live generation was built by newer code than this projector's; standing by"
-                );
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                continue;
+                // A newer build rebuilt this projection: this older one must not undo it,
+                // nor keep the projection from the newer one.
+                return Err(NewerCode {
+                    live: live.code_version,
+                    code: job.projection.version(),
+                }
+                .into());
             }
             if live.code_version < job.projection.version() {
                 info!(
@@ -161,5 +177,73 @@ impl Runner {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use keel_tests::TestDatabase;
+
+    use super::*;
+
+    /// A runner whose code is older than the live generation's stands by without its run
+    /// lock, so a projector of the newer code can take the projection.
+    #[tokio::test]
+    async fn a_runner_of_older_code_stands_by_without_its_run_lock() {
+        let db = TestDatabase::new("older-code");
+        let pool = crate::db::connect(&db.url())
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        let orders = crate::views::all()
+            .into_iter()
+            .find(|p| p.name() == "orders")
+            .unwrap();
+        prepare(&pool, orders.as_ref()).await.unwrap();
+        sqlx::query(
+            "UPDATE keel_projections SET code_version = code_version + 1 WHERE name = 'orders'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let job = Job::new(
+            orders,
+            pool.clone(),
+            keel_kafka::KafkaSettings::default(),
+            crate::job::RunOptions {
+                on_error: crate::job::OnError::Stop,
+                batch_size: 100,
+                linger: Duration::ZERO,
+                snapshot_every: 100,
+                policy: std::sync::Arc::new(keel_schemas::TrustedKeys::default()),
+            },
+        );
+        let runner = tokio::spawn(async move { Runner::new(job).run().await });
+        // Once the runner has looked (it claims the projection first), the lock is free.
+        let mut free = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let claimed: i64 =
+                sqlx::query_scalar("SELECT claims FROM keel_holders WHERE work = 'run:orders'")
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap()
+                    .unwrap_or(0);
+            if claimed == 0 {
+                continue;
+            }
+            let mut conn = pool.acquire().await.unwrap();
+            free = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('keel-run:orders'))")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            if free {
+                break;
+            }
+        }
+        runner.abort();
+        assert!(free, "the run lock of a runner standing by is free");
+        pool.close().await;
     }
 }
