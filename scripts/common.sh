@@ -60,14 +60,15 @@ ensure_postgres() {
     pg_ok || { echo "PostgreSQL is not reachable at $PG_HOST:$PG_PORT as user postgres" >&2; exit 1; }
 }
 
-# nisshi $NISSHI_VERSION in ~/.cargo/bin with the two storage engines Keel uses: memory
-# (the tests' brokers; nisshi's "dynostore" feature) and PostgreSQL (`make up`). Its
+# nisshi $NISSHI_VERSION in ~/.cargo/bin with the three storage engines Keel uses: memory
+# (the tests' brokers; nisshi's "dynostore" feature), SQLite (the chaos suite's durable
+# broker; "libsql") and PostgreSQL (`make up`). Its
 # default features hold both. They also hold SQLite, which Keel does not use, but leaving
 # it out saves nothing: nisshi's PostgreSQL engine pulls in the same SQLite crates (the
 # crate graphs of the default and of "dynostore,postgres" are the same 466 crates), so
 # the defaults are built. Its dependencies declare rustc 1.96 while the code builds with
 # 1.95, so the rust-version check is skipped.
-NISSHI_NEEDS=dynostore,postgres
+NISSHI_NEEDS=dynostore,libsql,postgres
 
 # True when ~/.cargo/bin/nisshi is $NISSHI_VERSION and was built with the features Keel
 # needs (its defaults, or a set naming them), as cargo recorded the install.
@@ -90,7 +91,7 @@ ensure_broker() {
     broker_is_usable && return 0
     local force=()
     if [ -x "$HOME/.cargo/bin/nisshi" ]; then
-        say "the installed broker is not nisshi $NISSHI_VERSION with memory and PostgreSQL storage: rebuilding it"
+        say "the installed broker is not nisshi $NISSHI_VERSION with memory, SQLite and PostgreSQL storage: rebuilding it"
         force=(--force)
     fi
     say "installing the broker: nisshi $NISSHI_VERSION (one-off, about 25 minutes on 2 cores)"
