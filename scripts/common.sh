@@ -62,11 +62,8 @@ ensure_postgres() {
 
 # nisshi $NISSHI_VERSION in ~/.cargo/bin with the three storage engines Keel uses: memory
 # (the tests' brokers; nisshi's "dynostore" feature), SQLite (the chaos suite's durable
-# broker; "libsql") and PostgreSQL (`make up`). Its
-# default features hold both. They also hold SQLite, which Keel does not use, but leaving
-# it out saves nothing: nisshi's PostgreSQL engine pulls in the same SQLite crates (the
-# crate graphs of the default and of "dynostore,postgres" are the same 466 crates), so
-# the defaults are built. Its dependencies declare rustc 1.96 while the code builds with
+# broker; "libsql") and PostgreSQL (`make up`). Its default features hold all three, and
+# are built. Its dependencies declare rustc 1.96 while the code builds with
 # 1.95, so the rust-version check is skipped.
 NISSHI_NEEDS=dynostore,libsql,postgres
 
