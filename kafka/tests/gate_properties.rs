@@ -152,14 +152,16 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
                     let version = head.map_or(0, |h| h.version);
                     let prev_hash = head.and_then(|h| h.hash).map(hex::encode);
                     let command = testing::commit(&me, stream(s), version).build().command;
-                    log.push(LogRecord::Receipt(keel_schemas::ReceiptRecord::new(
-                        stream(s),
-                        (version, prev_hash),
-                        command,
-                        json!({"answer": "unchanged"}),
-                        me,
-                        key(),
-                    )));
+                    log.push(LogRecord::Receipt(
+                        keel_schemas::ReceiptRecord::new(
+                            stream(s),
+                            (version, prev_hash),
+                            command,
+                            json!({"answer": "unchanged"}),
+                            me,
+                        )
+                        .sealed_and_signed(key()),
+                    ));
                 }
             }
             Action::Duplicate(i) => {
@@ -456,8 +458,8 @@ fn a_receipt_counts_from_the_owner_at_the_streams_head_and_moves_its_chain() {
             command.clone(),
             json!({"answer": "unchanged"}),
             writer.clone(),
-            signer,
         )
+        .sealed_and_signed(signer)
     };
     let mut tampered = receipt(&owner, key(), 1, &first.hash);
     tampered.answer = json!({"answer": "refused"});

@@ -238,16 +238,16 @@ pub struct ReceiptRecord {
 
 impl ReceiptRecord {
     /// A receipt of `answer` to `command` on `stream` at `version`, chained onto
-    /// `prev_hash`, decided by `writer` now, sealed and signed with `key`.
+    /// `prev_hash`, decided by `writer` now, with a fresh id; not yet sealed (see
+    /// [`ReceiptRecord::sealed_and_signed`]).
     pub fn new(
         stream: StreamRef,
         (version, prev_hash): (u64, Option<String>),
         command: CommandMeta,
         answer: Value,
         writer: Writer,
-        key: &SigningKey,
     ) -> Self {
-        let mut receipt = Self {
+        Self {
             receipt_id: Uuid::now_v7(),
             stream,
             version,
@@ -258,17 +258,16 @@ impl ReceiptRecord {
             recorded_at: Timestamp::now(),
             hash: String::new(),
             signature: None,
-        };
-        receipt.seal_and_sign(key);
-        receipt
+        }
     }
 
-    /// Sets `hash` from the rest of the record and signs it with `key` (again, after a
-    /// field changed).
-    pub fn seal_and_sign(&mut self, key: &SigningKey) {
+    /// Sets `hash` from the rest of the record and signs it with `key`.
+    #[must_use]
+    pub fn sealed_and_signed(mut self, key: &SigningKey) -> Self {
         self.signature = None;
         self.hash = self.compute_hash();
         self.signature = Some(key.sign(&self.hash));
+        self
     }
 
     /// Recomputes the hash of this record from its content.

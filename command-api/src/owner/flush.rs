@@ -316,10 +316,9 @@ where
                     command_meta(&p.request.meta, ids()),
                     serde_json::to_value(recorded).unwrap_or_default(),
                     writer.clone(),
-                    &self.signing_key,
                 );
                 receipt.receipt_id = ids();
-                receipt.seal_and_sign(&self.signing_key);
+                let receipt = receipt.sealed_and_signed(&self.signing_key);
                 *link = Some(receipt.hash.clone());
                 LogRecord::Receipt(receipt)
             })
