@@ -68,8 +68,18 @@ async fn serving_owner(
     log: MemoryLog,
     instance: &str,
 ) -> (mpsc::Sender<CommandRequest<Product>>, StatusCell) {
+    serving_owner_keeping_keys(log, instance, super::DEFAULT_KEY_RETENTION).await
+}
+
+/// [`serving_owner`], keeping each idempotency key for `retention`.
+async fn serving_owner_keeping_keys(
+    log: MemoryLog,
+    instance: &str,
+    retention: Duration,
+) -> (mpsc::Sender<CommandRequest<Product>>, StatusCell) {
     let (owner, status) =
         PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
+    let owner = owner.with_key_retention(retention);
     let (tx, rx) = mpsc::channel(512);
     tokio::spawn(owner.run(rx));
     tokio::time::timeout(TIMEOUT, async {
@@ -818,21 +828,7 @@ async fn a_keyed_retry_replays_within_the_keys_retention_and_is_fresh_after_it()
     let log = MemoryLog::new("t.product.events", 0);
     let start = |retention: Duration, instance: &'static str| {
         let log = log.handle();
-        async move {
-            let (owner, status) =
-                PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
-            let owner = owner.with_key_retention(retention);
-            let (tx, rx) = mpsc::channel(16);
-            tokio::spawn(owner.run(rx));
-            tokio::time::timeout(TIMEOUT, async {
-                while status.get() != Status::Serving {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-            .await
-            .expect("the owner took the partition");
-            tx
-        }
+        async move { serving_owner_keeping_keys(log, instance, retention).await.0 }
     };
     let day = Duration::from_secs(24 * 3600);
     let owner = start(day, "cmd-a").await;
