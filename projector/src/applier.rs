@@ -371,8 +371,6 @@ fn halt_on(e: anyhow::Error) -> anyhow::Error {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
-    use keel_tests::TestDatabase;
-
     use super::*;
 
     /// The SQLSTATE a statement fails with, on a real PostgreSQL.
@@ -392,14 +390,8 @@ mod tests {
     async fn a_batch_whose_generation_was_swapped_out_and_dropped_follows_the_new_one() {
         use keel_schemas::{LogRecord, SigningKey, TrustedKeys, testing};
 
-        let db = TestDatabase::new("swapped-out");
-        let pool = crate::db::connect(&db.url())
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
-        let orders = crate::views::all()
-            .into_iter()
-            .find(|p| p.name() == "orders")
-            .unwrap();
+        let (_db, pool) = crate::testing::database("swapped-out").await;
+        let orders = crate::testing::orders();
         let live = crate::generation::prepare(&pool, orders.as_ref())
             .await
             .unwrap()
@@ -412,18 +404,7 @@ mod tests {
             partitions: 1,
             ..Default::default()
         };
-        let job = Job::new(
-            orders,
-            pool.clone(),
-            kafka.clone(),
-            crate::job::RunOptions {
-                on_error: crate::job::OnError::Stop,
-                batch_size: 100,
-                linger: std::time::Duration::ZERO,
-                snapshot_every: 100,
-                policy: std::sync::Arc::clone(&policy),
-            },
-        );
+        let job = crate::testing::job(orders, &pool, kafka.clone(), std::sync::Arc::clone(&policy));
         let hold = crate::hold::Hold::claim(&pool, "run:orders".into())
             .await
             .unwrap();
@@ -478,10 +459,7 @@ mod tests {
     /// projection.
     #[tokio::test]
     async fn database_errors_are_told_apart_by_their_sqlstate() {
-        let db = TestDatabase::new("sqlstates");
-        let pool = crate::db::connect(&db.url())
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        let (_db, pool) = crate::testing::database("sqlstates").await;
         let table =
             "CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY, n int NOT NULL CHECK (n >= 0));
                      INSERT INTO t VALUES (1, 1) ON CONFLICT DO NOTHING";

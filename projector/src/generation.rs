@@ -379,10 +379,7 @@ async fn discard_once(
 mod tests {
     use std::time::Duration;
 
-    use keel_tests::TestDatabase;
-
     use super::*;
-    use crate::views;
 
     async fn tables_of(pool: &PgPool, generation: i32) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE $1")
@@ -397,14 +394,8 @@ mod tests {
     /// with `--keep-old`.
     #[tokio::test]
     async fn a_drop_a_crash_interrupted_after_the_swap_is_finished_on_the_next_start() {
-        let db = TestDatabase::new("discards");
-        let pool = crate::db::connect(&db.url())
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
-        let orders = views::all()
-            .into_iter()
-            .find(|p| p.name() == "orders")
-            .unwrap();
+        let (_db, pool) = crate::testing::database("discards").await;
+        let orders = crate::testing::orders();
         let first = prepare(&pool, orders.as_ref()).await.unwrap().generation;
         // Two swaps, as a rebuild makes them, each followed by a crash before the drop:
         // the first replaces its generation, the second keeps it (`--keep-old`).
@@ -466,14 +457,8 @@ mod tests {
     /// for its bound: the live runner's batch, waiting on the projection's row, goes on.
     #[tokio::test]
     async fn a_stalled_swap_transaction_loses_its_locks() {
-        let db = TestDatabase::new("stalled-swap");
-        let pool = crate::db::connect(&db.url())
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
-        let orders = views::all()
-            .into_iter()
-            .find(|p| p.name() == "orders")
-            .unwrap();
+        let (_db, pool) = crate::testing::database("stalled-swap").await;
+        let orders = crate::testing::orders();
         prepare(&pool, orders.as_ref()).await.unwrap();
         let mut swap = pool.begin().await.unwrap();
         bound_idle(&mut swap, Duration::from_millis(300))
@@ -504,14 +489,8 @@ mod tests {
     /// holds the old tables exclusively while it waits; and it still refuses the live one.
     #[tokio::test]
     async fn discarding_an_old_generation_does_not_wait_for_a_live_batch() {
-        let db = TestDatabase::new("discard");
-        let pool = crate::db::connect(&db.url())
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
-        let orders = views::all()
-            .into_iter()
-            .find(|p| p.name() == "orders")
-            .unwrap();
+        let (_db, pool) = crate::testing::database("discard").await;
+        let orders = crate::testing::orders();
         let live = prepare(&pool, orders.as_ref()).await.unwrap();
         let old = live.generation + 1;
         let mut tx = pool.begin().await.unwrap();

@@ -38,6 +38,8 @@ pub mod report;
 pub mod runner;
 mod settings;
 pub mod status;
+#[cfg(test)]
+mod testing;
 pub mod verify;
 pub mod views;
 

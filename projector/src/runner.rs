@@ -184,22 +184,14 @@ impl Runner {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
-    use keel_tests::TestDatabase;
-
     use super::*;
 
     /// A runner whose code is older than the live generation's stands by without its run
     /// lock, so a projector of the newer code can take the projection.
     #[tokio::test]
     async fn a_runner_of_older_code_stands_by_without_its_run_lock() {
-        let db = TestDatabase::new("older-code");
-        let pool = crate::db::connect(&db.url())
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
-        let orders = crate::views::all()
-            .into_iter()
-            .find(|p| p.name() == "orders")
-            .unwrap();
+        let (_db, pool) = crate::testing::database("older-code").await;
+        let orders = crate::testing::orders();
         prepare(&pool, orders.as_ref()).await.unwrap();
         sqlx::query(
             "UPDATE keel_projections SET code_version = code_version + 1 WHERE name = 'orders'",
@@ -207,17 +199,11 @@ mod tests {
         .execute(&pool)
         .await
         .unwrap();
-        let job = Job::new(
+        let job = crate::testing::job(
             orders,
-            pool.clone(),
+            &pool,
             keel_kafka::KafkaSettings::default(),
-            crate::job::RunOptions {
-                on_error: crate::job::OnError::Stop,
-                batch_size: 100,
-                linger: Duration::ZERO,
-                snapshot_every: 100,
-                policy: std::sync::Arc::new(keel_schemas::TrustedKeys::default()),
-            },
+            std::sync::Arc::new(keel_schemas::TrustedKeys::default()),
         );
         let runner = tokio::spawn(async move { Runner::new(job).run().await });
         // Once the runner has looked (it claims the projection first), the lock is free.

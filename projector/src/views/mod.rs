@@ -39,7 +39,6 @@ mod tests {
     use keel_domain::money::MAX_AMOUNT_MINOR;
     use keel_domain::order::OrderEvent;
     use keel_schemas::testing;
-    use keel_tests::TestDatabase;
     use serde_json::json;
 
     use crate::projection::{AnyEvent, ProjectedEvent, table};
@@ -73,10 +72,7 @@ mod tests {
     /// on one day, and a customer paid that much ten thousand times.
     #[tokio::test]
     async fn sums_at_the_largest_amounts_do_not_overflow() {
-        let db = TestDatabase::new("sums");
-        let pool = crate::db::connect(&db.url())
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432 (make test starts it)");
+        let (_db, pool) = crate::testing::database("sums").await;
         let money = json!({"amount_minor": MAX_AMOUNT_MINOR, "currency": "EUR"});
         let orders = 10_000;
         let placed: Vec<ProjectedEvent> = (0..orders)
