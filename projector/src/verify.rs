@@ -292,12 +292,16 @@ fn check_record(
     let first = commit.expected_version + 1;
     if let Err(rejection) = verdict {
         let by_owner = owner.as_ref() == Some(&commit.writer);
+        // A skipped record is still a record someone wrote: whether it is intact and
+        // signed decides what it was.
+        let hash_ok = commit_hash_of_value(&raw) == commit.hash;
+        let signature = signature_problem(trusted, &commit.hash, commit.signature.as_ref());
         // The owner's own record, intact and signed, decided on a state the log had moved
         // past: its append landed late, or a receipt of the stream landed before it. The
         // gate skipped it, as designed; a version ahead of the stream is no such thing.
         let stale = by_owner
-            && commit_hash_of_value(&raw) == commit.hash
-            && signature_problem(trusted, &commit.hash, commit.signature.as_ref()).is_none()
+            && hash_ok
+            && signature.is_none()
             && match &rejection {
                 Rejection::BrokenChain { .. } => true,
                 Rejection::VersionConflict {
@@ -337,7 +341,7 @@ fn check_record(
             .push(finding(kind, stream, Some(first), detail));
         // A zombie's record is still a record someone wrote: it must be intact and signed.
         if kind == FindingKind::Zombie {
-            if commit_hash_of_value(&raw) != commit.hash {
+            if !hash_ok {
                 report.findings.push(finding(
                     FindingKind::Violation,
                     stream,
@@ -345,9 +349,7 @@ fn check_record(
                     "a zombie write whose hash does not recompute".into(),
                 ));
             }
-            if let Some(problem) =
-                signature_problem(trusted, &commit.hash, commit.signature.as_ref())
-            {
+            if let Some(problem) = signature {
                 report.findings.push(finding(
                     FindingKind::Violation,
                     stream,
