@@ -1,7 +1,7 @@
 //! The judge of a run: the whole simulated log folded through the gate, as every reader
 //! folds it, and every answer the clients got checked against it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use keel_domain::Aggregate;
@@ -73,9 +73,8 @@ pub(crate) struct Fold {
     pub(crate) violations: Vec<String>,
     /// The first accepted record of each key (by stream and key), which holds it.
     pub(crate) first_of_key: BTreeMap<(String, String), FirstOfKey>,
-    /// Keys held by an accepted commit and an accepted receipt both.
-    pub(crate) committed_keys: BTreeMap<(String, String), usize>,
-    pub(crate) receipt_keys: BTreeMap<(String, String), usize>,
+    /// Keys held by an accepted receipt (those of accepted commits are in `accepted`).
+    pub(crate) receipt_keys: BTreeSet<(String, String)>,
 }
 
 impl Fold {
@@ -119,7 +118,6 @@ impl Fold {
                 LogRecord::Commit(commit) => {
                     if let Some(key) = &commit.command.idempotency_key {
                         let key = (commit.stream.id.clone(), key.clone());
-                        *fold.committed_keys.entry(key.clone()).or_default() += 1;
                         fold.first_of_key.entry(key).or_insert(FirstOfKey {
                             offset,
                             receipt: None,
@@ -150,7 +148,7 @@ impl Fold {
                     stream.last_hash = Some(receipt.hash.clone());
                     if let Some(key) = receipt.command.idempotency_key {
                         let key = (receipt.stream.id, key);
-                        *fold.receipt_keys.entry(key.clone()).or_default() += 1;
+                        fold.receipt_keys.insert(key.clone());
                         fold.first_of_key.entry(key).or_insert(FirstOfKey {
                             offset,
                             receipt: Some((
@@ -265,8 +263,8 @@ pub(crate) fn check(fold: &Fold, attempts: &[Attempt], unfinished: usize) -> Vec
     }
     // No key is held by a commit and a receipt both: its command was applied and
     // answered as not applied.
-    for key in fold.receipt_keys.keys() {
-        if fold.committed_keys.contains_key(key) {
+    for key in &fold.receipt_keys {
+        if by_key.contains_key(&(key.0.as_str(), key.1.as_str())) {
             violations.push(format!(
                 "{} key {}: held by an accepted commit and an accepted receipt",
                 key.0, key.1
