@@ -13,7 +13,7 @@ use anyhow::Context;
 use keel_kafka::KafkaSettings;
 use keel_kafka::partition_for;
 use keel_schemas::testing::{commit, signed_fence, stream};
-use keel_schemas::{CommitRecord, LogRecord, SigningKey, Writer};
+use keel_schemas::{CommitRecord, LogRecord, SigningKey, TopicPartition, Writer};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -135,7 +135,7 @@ pub fn write_order_log(
             topic,
             p,
             "",
-            &signed_fence(&writer, key).encode(),
+            &signed_fence(&writer, key, &TopicPartition::new(topic, p)).encode(),
         )?;
     }
     for i in 0..events {

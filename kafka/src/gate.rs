@@ -2,11 +2,14 @@
 //! which records of a partition count.
 //!
 //! * A **fence** is valid only if its epoch is higher than every epoch before it on the
-//!   partition, and it is signed by a key the [`TrustedKeys`] policy trusts (a retired key
-//!   only until a fence of a key in service has counted); it makes its writer the
-//!   partition's owner, with that key. A legacy
-//!   fence (no `rules`, from a log written before the gate checked signatures) counts only
-//!   under the policy's explicit cut-off, and never after a fence with rules.
+//!   partition, it claims this partition (the stream type of its topic and its number,
+//!   under its signature, so a fence copied from another partition claims nothing here),
+//!   and it is signed by a key the [`TrustedKeys`] policy trusts (a retired key only until
+//!   a fence of a key in service has counted); it makes its writer the partition's owner,
+//!   with that key. A legacy fence (no `rules`, from a log written before the gate checked
+//!   signatures) counts only under the policy's explicit cut-off, and never after a fence
+//!   with rules; a signed fence of [`UNBOUND_FENCE_RULES`] (which claimed no partition)
+//!   never after a fence of today's rules.
 //! * A **commit** is valid only if its writer is the owner at that point of the log, its
 //!   `expected_version` equals the stream's version there, its `prev_hash` is the hash of
 //!   the stream's last accepted commit (so a commit chained onto one the gate skipped is
@@ -31,8 +34,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use keel_schemas::{
-    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, ReceiptRecord, SignatureCheck,
-    StreamRef, TrustedKeys, Writer,
+    CommitCheck, CommitRecord, FENCE_RULES, FenceRecord, FencedPartition, LogRecord, ReceiptRecord,
+    SignatureCheck, StreamRef, TopicPartition, TrustedKeys, UNBOUND_FENCE_RULES, Writer,
 };
 use thiserror::Error;
 
@@ -136,16 +139,24 @@ fn chains(head: Option<&StreamHead>, prev: Option<&str>) -> bool {
     }
 }
 
+/// The version of the gate's rules. A projection's state saved under older rules (a
+/// projector generation built before the gate checked what it checks today) is not
+/// resumed: the generation is rebuilt from the log.
+pub const GATE_RULES: i32 = 3;
+
 /// The gate's state for one partition: its owner and each stream's head, built only from
 /// the records read so far, in log order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionGate {
     policy: Arc<TrustedKeys>,
+    /// The partition the gate reads, as fences claim it.
+    place: FencedPartition,
     owner: Option<Writer>,
     /// The key that signed the owner's fence; `None` under a legacy fence.
     owner_key: Option<String>,
-    /// A fence with rules has counted on this partition: legacy fences no longer do.
-    ruled: bool,
+    /// The highest rules of a fence that counted on this partition (0: none, or legacy
+    /// fences only): fences of lower rules no longer count.
+    rules: u32,
     highest_epoch: u64,
     versions: HashMap<StreamRef, StreamHead>,
     accepted: u64,
@@ -153,10 +164,12 @@ pub struct PartitionGate {
 }
 
 impl PartitionGate {
-    /// A gate that has read nothing, applying the key policy `policy`.
-    pub fn new(policy: Arc<TrustedKeys>) -> Self {
+    /// A gate of the partition `at` that has read nothing, applying the key policy
+    /// `policy`.
+    pub fn new(policy: Arc<TrustedKeys>, at: &TopicPartition) -> Self {
         Self {
             policy,
+            place: FencedPartition::of(at),
             ..Self::default()
         }
     }
@@ -253,7 +266,7 @@ impl PartitionGate {
             Ok(key) => {
                 self.highest_epoch = fence.writer.epoch;
                 self.owner = Some(fence.writer.clone());
-                self.ruled |= key.is_some();
+                self.rules = self.rules.max(fence.rules.unwrap_or(0));
                 self.owner_key = key;
                 Ok(())
             }
@@ -319,7 +332,16 @@ impl PartitionGate {
             reason,
         };
         match fence.rules {
-            Some(FENCE_RULES) => {
+            Some(FENCE_RULES) if fence.claims.as_ref() != Some(&self.place) => {
+                Err(untrusted(match &fence.claims {
+                    Some(claims) => format!("it claims {claims}, not {}", self.place),
+                    None => "it claims no partition".into(),
+                }))
+            }
+            Some(UNBOUND_FENCE_RULES) if self.rules > UNBOUND_FENCE_RULES => Err(untrusted(
+                "a fence that claims no partition, after one that claimed this one".into(),
+            )),
+            Some(FENCE_RULES | UNBOUND_FENCE_RULES) => {
                 let key = self.policy.fence_signer(fence).map_err(untrusted)?;
                 // Log order, not a time the signer chose: once a key in service owns the
                 // partition, a retired key never takes it again.
@@ -334,7 +356,7 @@ impl PartitionGate {
             Some(rules) => Err(untrusted(format!(
                 "it follows rules {rules}, which this build does not know"
             ))),
-            None if self.ruled => Err(untrusted(
+            None if self.rules > 0 => Err(untrusted(
                 "a legacy fence (no rules) after a fence with rules".into(),
             )),
             None => match self.policy.legacy_until() {
@@ -437,6 +459,7 @@ impl PartitionGate {
     /// version, and the counts, as [`PartitionGate::owner`] and the others reported them.
     pub fn restore(
         policy: Arc<TrustedKeys>,
+        at: &TopicPartition,
         owner: Option<Writer>,
         highest_epoch: u64,
         heads: impl IntoIterator<Item = (StreamRef, StreamHead)>,
@@ -445,8 +468,9 @@ impl PartitionGate {
     ) -> Self {
         Self {
             policy,
+            place: FencedPartition::of(at),
             owner_key: None,
-            ruled: false,
+            rules: 0,
             owner,
             highest_epoch,
             versions: heads.into_iter().collect(),
@@ -455,13 +479,13 @@ impl PartitionGate {
         }
     }
 
-    /// The same gate with what it knows of the fences restored: the owner's key and whether
-    /// a fence with rules has counted, as [`PartitionGate::owner_key`] and
-    /// [`PartitionGate::ruled`] reported them.
+    /// The same gate with what it knows of the fences restored: the owner's key and the
+    /// highest rules of a fence that counted, as [`PartitionGate::owner_key`] and
+    /// [`PartitionGate::fence_rules`] reported them.
     #[must_use]
-    pub fn with_fences(mut self, owner_key: Option<String>, ruled: bool) -> Self {
+    pub fn with_fences(mut self, owner_key: Option<String>, rules: u32) -> Self {
         self.owner_key = owner_key;
-        self.ruled = ruled;
+        self.rules = rules;
         self
     }
 
@@ -475,9 +499,10 @@ impl PartitionGate {
         self.owner_key.as_deref()
     }
 
-    /// True once a fence with rules has counted on the partition.
-    pub fn ruled(&self) -> bool {
-        self.ruled
+    /// The highest rules of a fence that counted on the partition (0 before any fence with
+    /// rules counted).
+    pub fn fence_rules(&self) -> u32 {
+        self.rules
     }
 
     /// The highest valid fence epoch so far (0 before the first fence).

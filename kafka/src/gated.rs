@@ -190,10 +190,10 @@ pub async fn read_through_gate(
             if entry.offset >= ends.get(&at).copied().unwrap_or(0) {
                 continue;
             }
-            next.insert(at, entry.offset + 1);
+            next.insert(at.clone(), entry.offset + 1);
             let gate = gates
                 .entry(entry.partition)
-                .or_insert_with(|| PartitionGate::new(Arc::clone(policy)));
+                .or_insert_with(|| PartitionGate::new(Arc::clone(policy), &at));
             each(gate.read(entry));
         }
     }

@@ -17,7 +17,7 @@ mod settings;
 
 pub use admin::ensure_topics;
 pub use error::KafkaError;
-pub use gate::{PartitionGate, Rejection, StreamHead, hash_bytes};
+pub use gate::{GATE_RULES, PartitionGate, Rejection, StreamHead, hash_bytes};
 pub use gated::{Checked, Gated, Verdict, check_records, in_two_halves, read_through_gate};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{LogProducer, record_headers};

@@ -9,11 +9,19 @@ use keel_kafka::gate::{PartitionGate, Rejection};
 use std::sync::{Arc, OnceLock};
 
 use keel_schemas::testing;
-use keel_schemas::{LogRecord, SigningKey, StreamRef, Timestamp, TrustedKeys, Writer};
+use keel_schemas::{
+    FenceRecord, LogRecord, SigningKey, StreamRef, Timestamp, TopicPartition, TrustedKeys,
+    UNBOUND_FENCE_RULES, Writer,
+};
 use proptest::prelude::*;
 use serde_json::json;
 
 const WRITERS: usize = 3;
+
+/// The partition the tests' gates read.
+fn here() -> TopicPartition {
+    TopicPartition::new("t.order.events", 0)
+}
 const STREAMS: usize = 4;
 
 #[derive(Clone, Debug)]
@@ -60,7 +68,7 @@ fn policy() -> Arc<TrustedKeys> {
 }
 
 fn fence(writer: &Writer) -> LogRecord {
-    testing::signed_fence(writer, key())
+    testing::signed_fence(writer, key(), &here())
 }
 
 fn stream(n: usize) -> StreamRef {
@@ -109,7 +117,7 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
     let mut writers: Vec<SimWriter> = (0..WRITERS)
         .map(|i| SimWriter {
             name: format!("w{i}"),
-            view: PartitionGate::new(policy()),
+            view: PartitionGate::new(policy(), &here()),
             read: 0,
             epoch: None,
         })
@@ -177,7 +185,7 @@ fn simulate(actions: &[Action]) -> Vec<LogRecord> {
 
 /// What one reader accepts: the indices of the records that count.
 fn accepted_by_one_reader(log: &[LogRecord]) -> Vec<usize> {
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     (0..log.len())
         .filter(|&i| gate.admit(&log[i]).is_ok())
         .collect()
@@ -186,7 +194,7 @@ fn accepted_by_one_reader(log: &[LogRecord]) -> Vec<usize> {
 /// A reader that stops at `cut`, keeps its state, and resumes later.
 fn accepted_by_resuming_reader(log: &[LogRecord], cut: usize) -> Vec<usize> {
     let cut = cut % (log.len() + 1);
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     let mut accepted: Vec<usize> = (0..cut).filter(|&i| gate.admit(&log[i]).is_ok()).collect();
     let mut resumed = gate.clone();
     accepted.extend((cut..log.len()).filter(|&i| resumed.admit(&log[i]).is_ok()));
@@ -251,7 +259,7 @@ fn a_zombie_writer_after_a_newer_fence_is_skipped() {
         instance: "new".into(),
         epoch: 2,
     };
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     assert!(gate.admit(&fence(&old)).is_ok());
     let first = commit(&old, stream(0), 0, None, 1);
     assert!(gate.admit(&first).is_ok());
@@ -292,7 +300,7 @@ fn a_commit_chained_onto_a_skipped_one_is_skipped_even_when_its_version_lines_up
         instance: "w".into(),
         epoch: 1,
     };
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     assert!(gate.admit(&fence(&w)).is_ok());
     let base = commit(&w, stream(0), 0, None, 1);
     assert!(gate.admit(&base).is_ok());
@@ -324,9 +332,9 @@ fn a_commit_chained_onto_a_skipped_one_is_skipped_even_when_its_version_lines_up
 fn only_records_signed_by_trusted_keys_count() {
     let w = testing::writer("w", 1);
     let stranger = SigningKey::generate();
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     assert!(matches!(
-        gate.admit(&testing::signed_fence(&w, &stranger)),
+        gate.admit(&testing::signed_fence(&w, &stranger, &here())),
         Err(Rejection::UntrustedFence { .. })
     ));
     assert!(
@@ -382,7 +390,7 @@ fn a_legacy_log_counts_up_to_its_cut_off_and_not_after_a_fence_with_rules() {
     trusted.allow_legacy_until(cut_off);
     let policy = Arc::new(trusted);
     let old = testing::writer("old", 1);
-    let mut gate = PartitionGate::new(Arc::clone(&policy));
+    let mut gate = PartitionGate::new(Arc::clone(&policy), &here());
     assert!(
         gate.admit(&legacy_fence_at(&old, cut_off)).is_ok(),
         "a legacy fence at the cut-off counts"
@@ -402,7 +410,7 @@ fn a_legacy_log_counts_up_to_its_cut_off_and_not_after_a_fence_with_rules() {
     ));
     // A legacy fence recorded after the cut-off never counts.
     let after = Timestamp::from(cut_off.as_datetime() + std::time::Duration::from_millis(1));
-    let mut fresh = PartitionGate::new(policy);
+    let mut fresh = PartitionGate::new(policy, &here());
     assert!(matches!(
         fresh.admit(&legacy_fence_at(&old, after)),
         Err(Rejection::UntrustedFence { .. })
@@ -416,11 +424,11 @@ fn a_retired_key_takes_no_partition_back_from_a_key_in_service() {
     trusted.add(key());
     trusted.add(&successor);
     let first = fence(&testing::writer("a", 1));
-    let second = testing::signed_fence(&testing::writer("b", 2), &successor);
+    let second = testing::signed_fence(&testing::writer("b", 2), &successor, &here());
     trusted.retire(key().key_id());
     let policy = Arc::new(trusted);
     // The history the retired key signed still counts for a reader that starts over...
-    let mut replay = PartitionGate::new(Arc::clone(&policy));
+    let mut replay = PartitionGate::new(Arc::clone(&policy), &here());
     assert!(replay.admit(&first).is_ok());
     assert!(replay.admit(&second).is_ok());
     // ...but once a key in service owns the partition, a fence the retired key signs does
@@ -444,7 +452,7 @@ fn a_retired_key_takes_no_partition_back_from_a_key_in_service() {
 #[test]
 fn a_receipt_counts_from_the_owner_at_the_streams_head_and_moves_its_chain() {
     let owner = testing::writer("a", 1);
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     assert!(gate.admit(&fence(&owner)).is_ok());
     let first = testing::commit(&owner, stream(0), 0)
         .event("OrderShipped", 1, json!({}))
@@ -501,4 +509,53 @@ fn a_receipt_counts_from_the_owner_at_the_streams_head_and_moves_its_chain() {
         Err(Rejection::VersionConflict { .. })
     ));
     assert_eq!((gate.accepted(), gate.rejected()), (4, 7));
+}
+
+/// A fence claims the partition it was signed for: copied by someone with produce rights
+/// onto another partition or another stream type's topic, with a higher epoch, it takes
+/// nothing there, and the commits of its writer that follow count for no reader. A signed
+/// fence of the rules before claims (none claimed) counts only until a fence that claims
+/// the partition has.
+#[test]
+fn a_signed_fence_claims_only_the_partition_it_names() {
+    let owner = testing::writer("q-owner", 3);
+    let mut gate = PartitionGate::new(policy(), &here());
+    assert!(gate.admit(&fence(&owner)).is_ok());
+    let elsewhere = testing::writer("p-owner", 5);
+    for copied_from in [
+        TopicPartition::new("t.order.events", 1),
+        TopicPartition::new("t.product.events", 0),
+    ] {
+        let copied = testing::signed_fence(&elsewhere, key(), &copied_from);
+        assert!(
+            matches!(gate.admit(&copied), Err(Rejection::UntrustedFence { .. })),
+            "a fence signed for {copied_from} claims nothing here"
+        );
+    }
+    let replayed = testing::commit(&elsewhere, stream(0), 0)
+        .event("OrderShipped", 1, json!({}))
+        .signed(key());
+    assert!(matches!(
+        gate.admit(&LogRecord::Commit(replayed)),
+        Err(Rejection::NotOwner { .. })
+    ));
+    assert_eq!(gate.owner(), Some(&owner));
+    // A fence of the earlier rules, signed but claiming no partition.
+    let unbound = |writer: &Writer| {
+        let mut fence = FenceRecord::ruled(writer.clone(), &here());
+        fence.rules = Some(UNBOUND_FENCE_RULES);
+        fence.claims = None;
+        LogRecord::Fence(fence.signed(key()))
+    };
+    let mut upgraded = PartitionGate::new(policy(), &here());
+    assert!(
+        upgraded.admit(&unbound(&testing::writer("old", 1))).is_ok(),
+        "a log written before fences claimed partitions still reads"
+    );
+    assert!(upgraded.admit(&fence(&owner)).is_ok());
+    assert!(matches!(
+        upgraded.admit(&unbound(&testing::writer("old", 9))),
+        Err(Rejection::UntrustedFence { .. })
+    ));
+    assert_eq!(upgraded.owner(), Some(&owner));
 }

@@ -430,7 +430,11 @@ mod tests {
             )
             .signed(&key);
         let entries = [
-            testing::signed_fence(&writer, &key),
+            testing::signed_fence(
+                &writer,
+                &key,
+                &keel_schemas::TopicPartition::new(kafka.topic("order"), 0),
+            ),
             LogRecord::Commit(placed),
         ]
         .iter()

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use keel_kafka::{PartitionGate, StreamHead, hash_bytes};
-use keel_schemas::{StreamRef, TopicPartition, TrustedKeys, Writer};
+use keel_schemas::{StreamRef, TopicPartition, TrustedKeys, UNBOUND_FENCE_RULES, Writer};
 use sqlx::{PgConnection, PgPool};
 
 /// One partition of a generation: where it has been read to, and the gate's state there.
@@ -33,10 +33,10 @@ pub(crate) struct PartitionState {
 }
 
 impl PartitionState {
-    fn new(policy: &Arc<TrustedKeys>) -> Self {
+    fn new(policy: &Arc<TrustedKeys>, at: &TopicPartition) -> Self {
         Self {
             next_offset: 0,
-            gate: PartitionGate::new(Arc::clone(policy)),
+            gate: PartitionGate::new(Arc::clone(policy), at),
             touched_streams: HashSet::new(),
             touched: false,
             deltas: 0,
@@ -120,7 +120,10 @@ impl Checkpoints {
     ) -> anyhow::Result<Self> {
         let mut states: HashMap<TopicPartition, PartitionState> = partitions
             .into_iter()
-            .map(|at| (at, PartitionState::new(policy)))
+            .map(|at| {
+                let state = PartitionState::new(policy, &at);
+                (at, state)
+            })
             .collect();
         type Row = (
             String,
@@ -133,10 +136,11 @@ impl Checkpoints {
             i64,
             Option<String>,
             bool,
+            i32,
         );
         let checkpoints: Vec<Row> = sqlx::query_as(
             "SELECT topic, partition, next_offset, owner_instance, owner_epoch, highest_epoch, accepted, rejected,
-                owner_key_id, ruled
+                owner_key_id, ruled, fence_rules
              FROM keel_checkpoints WHERE projection = $1 AND generation = $2",
         )
         .bind(projection)
@@ -200,6 +204,7 @@ impl Checkpoints {
             rejected,
             owner_key,
             ruled,
+            fence_rules,
         ) in checkpoints
         {
             let at = TopicPartition::new(topic, partition);
@@ -212,15 +217,23 @@ impl Checkpoints {
             });
             state.next_offset = next_offset;
             (state.deltas, state.delta_entries) = deltas.get(&at).copied().unwrap_or_default();
+            // Rows saved before fence rules were kept knew only whether a signed fence had
+            // counted: one of the rules of that time.
+            let rules = u32::try_from(fence_rules).unwrap_or(0).max(if ruled {
+                UNBOUND_FENCE_RULES
+            } else {
+                0
+            });
             state.gate = PartitionGate::restore(
                 Arc::clone(policy),
+                &at,
                 owner,
                 highest as u64,
                 versions.remove(&at).unwrap_or_default(),
                 accepted as u64,
                 rejected as u64,
             )
-            .with_fences(owner_key, ruled);
+            .with_fences(owner_key, rules);
         }
         Ok(Self {
             projection,
@@ -320,15 +333,17 @@ impl Checkpoints {
         if !touched.is_empty() {
             sqlx::query(
                 "INSERT INTO keel_checkpoints (projection, generation, topic, partition, next_offset, owner_instance,
-                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, ruled, updated_at)
-                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, ru, now() FROM UNNEST($3::text[], $4::int[], $5::bigint[],
-                    $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::bool[])
-                    AS u(t, p, o, oi, oe, he, a, r, ok, ru)
+                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, ruled, fence_rules, updated_at)
+                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, fr > 0, fr, now() FROM UNNEST($3::text[], $4::int[],
+                    $5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[],
+                    $12::int[])
+                    AS u(t, p, o, oi, oe, he, a, r, ok, fr)
                  ON CONFLICT (projection, generation, topic, partition) DO UPDATE SET
                     next_offset = EXCLUDED.next_offset, owner_instance = EXCLUDED.owner_instance,
                     owner_epoch = EXCLUDED.owner_epoch, highest_epoch = EXCLUDED.highest_epoch,
                     accepted = EXCLUDED.accepted, rejected = EXCLUDED.rejected,
-                    owner_key_id = EXCLUDED.owner_key_id, ruled = EXCLUDED.ruled, updated_at = now()",
+                    owner_key_id = EXCLUDED.owner_key_id, ruled = EXCLUDED.ruled,
+                    fence_rules = EXCLUDED.fence_rules, updated_at = now()",
             )
             .bind(name)
             .bind(generation)
@@ -341,7 +356,7 @@ impl Checkpoints {
             .bind(touched.iter().map(|(_, s)| s.gate.accepted() as i64).collect::<Vec<_>>())
             .bind(touched.iter().map(|(_, s)| s.gate.rejected() as i64).collect::<Vec<_>>())
             .bind(touched.iter().map(|(_, s)| s.gate.owner_key().map(str::to_owned)).collect::<Vec<_>>())
-            .bind(touched.iter().map(|(_, s)| s.gate.ruled()).collect::<Vec<_>>())
+            .bind(touched.iter().map(|(_, s)| s.gate.fence_rules() as i32).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }

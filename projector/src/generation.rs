@@ -5,9 +5,11 @@
 //! wanted.
 
 use anyhow::Context;
+use keel_kafka::GATE_RULES;
 use keel_views::NOTIFY_CHANNEL;
 use sqlx::{PgConnection, PgPool};
 
+use crate::hold::Hold;
 use crate::projection::{Projection, create_indexes, execute_script, table};
 use crate::{BoxFuture, checkpoint, dead_letter};
 
@@ -33,6 +35,34 @@ pub struct Live {
     pub generation: i32,
     /// The code version its tables were built with.
     pub code_version: i32,
+    /// The version of the gate's rules its state was built under ([`GATE_RULES`]).
+    pub gate_rules: i32,
+}
+
+/// How the code that built a generation compares with this projector's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Built {
+    /// By this projector's code: it runs the generation.
+    Same,
+    /// By older code (the projection's or the gate's rules): the generation is rebuilt.
+    Older,
+    /// By newer code: this projector must not touch it.
+    Newer,
+}
+
+impl Live {
+    /// How the code that built the generation compares with this projector's code of
+    /// `projection`: newer when either its projection code or its gate rules are newer.
+    pub fn built(&self, projection: &dyn Projection) -> Built {
+        let (code, rules) = (projection.version(), GATE_RULES);
+        if self.code_version > code || self.gate_rules > rules {
+            Built::Newer
+        } else if self.code_version < code || self.gate_rules < rules {
+            Built::Older
+        } else {
+            Built::Same
+        }
+    }
 }
 
 /// Makes sure the projection has a live generation with its tables and views; returns it.
@@ -47,27 +77,32 @@ async fn prepare_inner(pool: &PgPool, projection: &dyn Projection) -> anyhow::Re
     let mut tx = pool.begin().await?;
     // Serialises with a rebuild's swap, which takes the same lock.
     lock(&mut tx, projection.name()).await?;
-    let row: Option<(i32, i32)> =
-        sqlx::query_as("SELECT generation, code_version FROM keel_projections WHERE name = $1")
-            .bind(projection.name())
-            .fetch_optional(&mut *tx)
-            .await?;
+    let row: Option<(i32, i32, i32)> = sqlx::query_as(
+        "SELECT generation, code_version, gate_rules FROM keel_projections WHERE name = $1",
+    )
+    .bind(projection.name())
+    .fetch_optional(&mut *tx)
+    .await?;
     let live = match row {
-        Some((generation, code_version)) => Live {
+        Some((generation, code_version, gate_rules)) => Live {
             generation,
             code_version,
+            gate_rules,
         },
         None => {
             sqlx::query(
-                "INSERT INTO keel_projections (name, generation, code_version) VALUES ($1, 1, $2)",
+                "INSERT INTO keel_projections (name, generation, code_version, gate_rules)
+                 VALUES ($1, 1, $2, $3)",
             )
             .bind(projection.name())
             .bind(projection.version())
+            .bind(GATE_RULES)
             .execute(&mut *tx)
             .await?;
             Live {
                 generation: 1,
                 code_version: projection.version(),
+                gate_rules: GATE_RULES,
             }
         }
     };
@@ -233,13 +268,14 @@ pub(crate) async fn make_live(
         .fetch_one(&mut *tx)
         .await?;
     sqlx::query(
-        "UPDATE keel_projections SET generation = $2, code_version = $3, events = $4, state = 'running',
-            error = NULL, updated_at = now() WHERE name = $1",
+        "UPDATE keel_projections SET generation = $2, code_version = $3, gate_rules = $5, events = $4,
+            state = 'running', error = NULL, updated_at = now() WHERE name = $1",
     )
     .bind(name)
     .bind(generation)
     .bind(projection.version())
     .bind(events)
+    .bind(GATE_RULES)
     .execute(&mut *tx)
     .await?;
     sqlx::query("DELETE FROM keel_rebuilds WHERE projection = $1")
@@ -272,7 +308,7 @@ pub(crate) async fn finish_discards(
     .fetch_all(pool)
     .await?;
     for &generation in &pending {
-        discard(pool, projection, generation)
+        discard(pool, projection, generation, None)
             .await
             .with_context(|| format!("dropping generation {generation} a swap replaced"))?;
     }
@@ -312,13 +348,14 @@ pub(crate) async fn discard(
     pool: &PgPool,
     projection: &dyn Projection,
     generation: i32,
+    hold: Option<&Hold>,
 ) -> anyhow::Result<()> {
     // A batch of the old generation may still hold one of several tables while the drop
     // holds another (their orders differ): PostgreSQL then aborts one of the two. That
     // batch is on its way out, so the drop tries again.
     let mut attempt = 1;
     loop {
-        match discard_once(pool, projection, generation).await {
+        match discard_once(pool, projection, generation, hold).await {
             Err(e) if attempt < DISCARD_ATTEMPTS && is_deadlock(&e) => {
                 attempt += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -342,9 +379,15 @@ async fn discard_once(
     pool: &PgPool,
     projection: &dyn Projection,
     generation: i32,
+    hold: Option<&Hold>,
 ) -> anyhow::Result<()> {
     let name = projection.name();
     let mut tx = pool.begin().await?;
+    // A rebuild drops what it builds over only while it still holds the rebuild: one that
+    // stalled after it looked must not drop the generation its successor builds.
+    if let Some(hold) = hold {
+        hold.prove(&mut tx).await?;
+    }
     for t in projection.tables() {
         sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(t, generation)))
             .execute(&mut *tx)
@@ -380,6 +423,39 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A generation built before the gate's rules of today (a row written before the
+    /// column existed has the oldest rules) is rebuilt, never resumed: its saved gate state
+    /// came from rules that read the log differently. One built under newer rules is left
+    /// to the newer projector.
+    #[tokio::test]
+    async fn a_generation_built_under_other_gate_rules_is_not_resumed() {
+        let (_db, pool) = crate::testing::database("gate-rules").await;
+        let orders = crate::testing::orders();
+        sqlx::query(
+            "INSERT INTO keel_projections (name, generation, code_version) VALUES ('orders', 1, $1)",
+        )
+        .bind(orders.version())
+        .execute(&pool)
+        .await
+        .unwrap();
+        let built = || async {
+            prepare(&pool, orders.as_ref())
+                .await
+                .unwrap()
+                .built(orders.as_ref())
+        };
+        assert_eq!(built().await, Built::Older);
+        for (rules, expected) in [(GATE_RULES + 1, Built::Newer), (GATE_RULES, Built::Same)] {
+            sqlx::query("UPDATE keel_projections SET gate_rules = $1")
+                .bind(rules)
+                .execute(&pool)
+                .await
+                .unwrap();
+            assert_eq!(built().await, expected, "gate rules {rules}");
+        }
+        pool.close().await;
+    }
 
     async fn tables_of(pool: &PgPool, generation: i32) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE $1")
@@ -504,16 +580,18 @@ mod tests {
             .execute(&mut *batch)
             .await
             .unwrap();
-        let dropped =
-            tokio::time::timeout(Duration::from_secs(5), discard(&pool, orders.as_ref(), old))
-                .await;
+        let dropped = tokio::time::timeout(
+            Duration::from_secs(5),
+            discard(&pool, orders.as_ref(), old, None),
+        )
+        .await;
         batch.rollback().await.unwrap();
         dropped.expect("discard waited for the live batch").unwrap();
         assert_eq!(tables_of(&pool, old).await, 0);
 
         // The live generation is refused (its views hold its tables, so the drop itself
         // fails first) and rolled back.
-        let refused = discard(&pool, orders.as_ref(), live.generation).await;
+        let refused = discard(&pool, orders.as_ref(), live.generation, None).await;
         assert!(refused.is_err(), "the live generation is refused");
         assert!(
             tables_of(&pool, live.generation).await > 0,

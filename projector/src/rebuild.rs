@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use keel_kafka::{AbortOnDrop, LogReader};
+use keel_kafka::{AbortOnDrop, GATE_RULES, LogReader};
 use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::applier::{Applier, Flow};
 use crate::checkpoint;
-use crate::generation::{self, Mode, create_tables, discard, point_views, prepare};
+use crate::generation::{self, Built, Mode, create_tables, discard, point_views, prepare};
 use crate::hold::Hold;
 use crate::job::Job;
 use crate::prefetch::Prefetch;
@@ -144,8 +144,18 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     let hold = Hold::claim(&job.pool, format!("rebuild:{name}")).await?;
     // Read under the lock: a rebuild that finished while this one waited moved it on.
     let live = prepare(&job.pool, projection).await?;
+    if live.built(projection) == Built::Newer {
+        bail!(
+            "the live generation of {name} was built by newer code than this projector's (code version {}, \
+             gate rules {}; this projector's: {} and {GATE_RULES}): a rebuild by this projector would undo it; \
+             run the rebuild with the newer projector",
+            live.code_version,
+            live.gate_rules,
+            projection.version()
+        );
+    }
     finish_discards(&job.pool, projection).await;
-    let (generation, resumed) = start_or_resume(job, live.generation).await?;
+    let (generation, resumed) = start_or_resume(job, live.generation, &hold).await?;
     let mut applier = Applier::load(job, generation, Mode::Rebuild, &hold).await?;
     let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
     // Where the log ends, measured beside the work: asking the broker takes a round trip
@@ -266,7 +276,7 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     let (previous, held) = swapped;
     drop(watcher);
     if !options.keep_old
-        && let Err(e) = discard(&job.pool, projection, previous).await
+        && let Err(e) = discard(&job.pool, projection, previous, Some(&hold)).await
     {
         // The swap stands; the old generation is no longer read, and its drop stays
         // recorded: the next start of the projector or of a rebuild finishes it.
@@ -311,7 +321,7 @@ pub(crate) async fn finish_discards(
 
 /// The generation to build: the one an interrupted rebuild of today's code left, resumed
 /// from its checkpoints, or a fresh one after the live generation.
-async fn start_or_resume(job: &Job, live: i32) -> anyhow::Result<(i32, bool)> {
+async fn start_or_resume(job: &Job, live: i32, hold: &Hold) -> anyhow::Result<(i32, bool)> {
     let projection = job.projection.as_ref();
     let name = projection.name();
     let owner = format!(
@@ -319,21 +329,25 @@ async fn start_or_resume(job: &Job, live: i32) -> anyhow::Result<(i32, bool)> {
         std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
         std::process::id()
     );
-    let existing: Option<(i32, i32)> =
-        sqlx::query_as("SELECT generation, code_version FROM keel_rebuilds WHERE projection = $1")
-            .bind(name)
-            .fetch_optional(&job.pool)
-            .await?;
-    if let Some((generation, code_version)) = existing {
-        if code_version == projection.version() && generation > live {
+    let existing: Option<(i32, i32, i32)> = sqlx::query_as(
+        "SELECT generation, code_version, gate_rules FROM keel_rebuilds WHERE projection = $1",
+    )
+    .bind(name)
+    .fetch_optional(&job.pool)
+    .await?;
+    if let Some((generation, code_version, gate_rules)) = existing {
+        if code_version == projection.version() && gate_rules == GATE_RULES && generation > live {
+            let mut tx = job.pool.begin().await?;
+            hold.prove(&mut tx).await?;
             sqlx::query(
                 "UPDATE keel_rebuilds SET owner = $2, state = 'building', error = NULL, updated_at = now()
                  WHERE projection = $1",
             )
             .bind(name)
             .bind(&owner)
-            .execute(&job.pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
             info!(
                 projection = name,
                 generation, "resuming the rebuild from its checkpoints"
@@ -341,23 +355,25 @@ async fn start_or_resume(job: &Job, live: i32) -> anyhow::Result<(i32, bool)> {
             return Ok((generation, true));
         }
         if generation != live {
-            discard(&job.pool, projection, generation).await?;
+            discard(&job.pool, projection, generation, Some(hold)).await?;
         }
     }
     let generation = live + 1;
     // Whatever an earlier attempt left of this generation goes first, and so do the
     // generations an interrupted clean-up left behind (never kept ones: those are older
     // than the live generation and were kept on purpose with --keep-old).
-    discard(&job.pool, projection, generation).await?;
+    discard(&job.pool, projection, generation, Some(hold)).await?;
     for old in checkpoint::generations_above(&job.pool, name, generation).await? {
-        discard(&job.pool, projection, old).await?;
+        discard(&job.pool, projection, old, Some(hold)).await?;
     }
     let mut tx = job.pool.begin().await?;
+    hold.prove(&mut tx).await?;
     create_tables(&mut tx, projection, generation).await?;
     sqlx::query(
-        "INSERT INTO keel_rebuilds (projection, generation, code_version, owner) VALUES ($1, $2, $3, $4)
+        "INSERT INTO keel_rebuilds (projection, generation, code_version, owner, gate_rules) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (projection) DO UPDATE SET generation = EXCLUDED.generation,
-            code_version = EXCLUDED.code_version, owner = EXCLUDED.owner, state = 'building', error = NULL,
+            code_version = EXCLUDED.code_version, gate_rules = EXCLUDED.gate_rules, owner = EXCLUDED.owner,
+            state = 'building', error = NULL,
             events = 0, records_done = 0, records_total = 0, events_per_second = NULL, eta_seconds = NULL,
             started_at = now(), updated_at = now()",
     )
@@ -365,6 +381,7 @@ async fn start_or_resume(job: &Job, live: i32) -> anyhow::Result<(i32, bool)> {
     .bind(generation)
     .bind(projection.version())
     .bind(&owner)
+    .bind(GATE_RULES)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -473,5 +490,105 @@ fn lock_timed_out_or_session_lost(e: &anyhow::Error) -> bool {
         }
         Some(sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::PoolClosed) => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use super::*;
+
+    /// A rebuild that lost its claim (it stalled, another rebuild took over) neither resumes
+    /// nor drops the generation its successor builds: each of its changes proves the claim
+    /// in its own transaction.
+    #[tokio::test]
+    async fn a_rebuild_that_lost_its_claim_leaves_its_successors_generation_alone() {
+        let (_db, pool) = crate::testing::database("stale-rebuild").await;
+        let orders = crate::testing::orders();
+        let live = prepare(&pool, orders.as_ref()).await.unwrap();
+        let job = crate::testing::job(
+            orders,
+            &pool,
+            keel_kafka::KafkaSettings::default(),
+            Arc::new(keel_schemas::TrustedKeys::default()),
+        );
+        let stale = Hold::claim(&pool, "rebuild:orders".into()).await.unwrap();
+        let successor = Hold::claim(&pool, "rebuild:orders".into()).await.unwrap();
+        let (building, resumed) = start_or_resume(&job, live.generation, &successor)
+            .await
+            .unwrap();
+        assert_eq!((building, resumed), (live.generation + 1, false));
+        let resumed = start_or_resume(&job, live.generation, &stale).await;
+        assert!(
+            resumed
+                .as_ref()
+                .is_err_and(|e| e.downcast_ref::<crate::hold::LostHold>().is_some()),
+            "the stale rebuild must not take the generation over: {resumed:?}"
+        );
+        let dropped = discard(&pool, job.projection.as_ref(), building, Some(&stale)).await;
+        assert!(
+            dropped.is_err_and(|e| e.downcast_ref::<crate::hold::LostHold>().is_some()),
+            "the stale rebuild must not drop its successor's generation"
+        );
+        let table = crate::projection::table("orders", building);
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&table)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(exists.as_deref(), Some(table.as_str()), "the table stays");
+        let owner_of_row: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM keel_rebuilds WHERE generation = $1")
+                .bind(building)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(owner_of_row, 1, "the successor's rebuild row stays");
+        pool.close().await;
+    }
+
+    /// A projector older than the code that built the live generation refuses to rebuild
+    /// it: it would swap in a downgrade, which the newer runners would then rebuild again.
+    #[tokio::test]
+    async fn a_projector_of_older_code_refuses_to_rebuild_a_newer_generation() {
+        let (_db, pool) = crate::testing::database("older-rebuild").await;
+        let orders = crate::testing::orders();
+        let live = prepare(&pool, orders.as_ref()).await.unwrap();
+        sqlx::query(
+            "UPDATE keel_projections SET code_version = code_version + 1 WHERE name = 'orders'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let job = crate::testing::job(
+            orders,
+            &pool,
+            keel_kafka::KafkaSettings::default(),
+            Arc::new(keel_schemas::TrustedKeys::default()),
+        );
+        let options = RebuildOptions {
+            keep_old: false,
+            wait_for_lock: false,
+            progress: Progress::Log,
+        };
+        let refused = tokio::time::timeout(Duration::from_secs(30), rebuild(&job, &options))
+            .await
+            .expect("the rebuild decides at once")
+            .expect_err("an older projector must not rebuild a newer generation");
+        assert!(
+            refused
+                .to_string()
+                .contains("newer code than this projector"),
+            "{refused:#}"
+        );
+        let after = prepare(&pool, job.projection.as_ref()).await.unwrap();
+        assert_eq!(after.generation, live.generation, "nothing was swapped");
+        let rebuilds: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_rebuilds")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rebuilds, 0, "no generation was started");
+        pool.close().await;
     }
 }

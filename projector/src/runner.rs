@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_kafka::LogReader;
+use keel_kafka::{GATE_RULES, LogReader};
 use tracing::{error, info, instrument, warn};
 
 use crate::applier::Halted;
 use crate::applier::{Applier, Flow};
-use crate::generation::{GenerationChanged, Mode, prepare};
+use crate::generation::{Built, GenerationChanged, Mode, prepare};
 use crate::hold::{Hold, LostHold};
 use crate::job::Job;
 use crate::prefetch::Prefetch;
@@ -19,12 +19,16 @@ use crate::rebuild::{Progress, RebuildOptions, rebuild};
 /// How long a runner of older code waits before it looks at the projection again.
 const NEWER_CODE_PAUSE: Duration = Duration::from_secs(10);
 
-/// The live generation was built by newer code than this projector's.
+/// The live generation was built by newer code than this projector's: (projection code
+/// version, gate rules) of each.
 #[derive(Debug, thiserror::Error)]
-#[error("the live generation was built by code version {live}, newer than this projector's {code}")]
+#[error(
+    "the live generation was built by newer code (code version {}, gate rules {}) than this projector's ({}, {})",
+    live.0, live.1, code.0, code.1
+)]
 struct NewerCode {
-    live: i32,
-    code: i32,
+    live: (i32, i32),
+    code: (i32, i32),
 }
 
 /// Runs one projection until it stops on a dead letter (in `stop` mode) or the process ends.
@@ -110,38 +114,43 @@ impl Runner {
                     continue;
                 }
             };
-            if live.code_version > job.projection.version() {
+            match live.built(job.projection.as_ref()) {
                 // A newer build rebuilt this projection: this older one must not undo it,
                 // nor keep the projection from the newer one.
-                return Err(NewerCode {
-                    live: live.code_version,
-                    code: job.projection.version(),
-                }
-                .into());
-            }
-            if live.code_version < job.projection.version() {
-                info!(
-                    generation = live.generation,
-                    stored = live.code_version,
-                    code = job.projection.version(),
-                    "the projection's code version changed: rebuilding it blue/green"
-                );
-                let options = RebuildOptions {
-                    keep_old: false,
-                    wait_for_lock: true,
-                    progress: Progress::Log,
-                };
-                if let Err(e) = rebuild(job, &options).await {
-                    if e.downcast_ref::<Halted>().is_some()
-                        || e.downcast_ref::<LostHold>().is_some()
-                    {
-                        error!(error = %format!("{e:#}"), "the automatic rebuild stopped");
-                        return Err(e);
+                Built::Newer => {
+                    return Err(NewerCode {
+                        live: (live.code_version, live.gate_rules),
+                        code: (job.projection.version(), GATE_RULES),
                     }
-                    error!(error = %format!("{e:#}"), "the automatic rebuild failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    .into());
                 }
-                continue;
+                Built::Same => {}
+                Built::Older => {
+                    info!(
+                        generation = live.generation,
+                        stored = live.code_version,
+                        code = job.projection.version(),
+                        stored_gate_rules = live.gate_rules,
+                        gate_rules = GATE_RULES,
+                        "the projection's code or the gate's rules changed: rebuilding it blue/green"
+                    );
+                    let options = RebuildOptions {
+                        keep_old: false,
+                        wait_for_lock: true,
+                        progress: Progress::Log,
+                    };
+                    if let Err(e) = rebuild(job, &options).await {
+                        if e.downcast_ref::<Halted>().is_some()
+                            || e.downcast_ref::<LostHold>().is_some()
+                        {
+                            error!(error = %format!("{e:#}"), "the automatic rebuild stopped");
+                            return Err(e);
+                        }
+                        error!(error = %format!("{e:#}"), "the automatic rebuild failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    continue;
+                }
             }
             info!(generation = live.generation, "running");
             match self.run_live(live.generation, &hold).await {

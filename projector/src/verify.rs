@@ -12,9 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use keel_kafka::{Gated, KafkaSettings, Rejection, partition_for, read_through_gate};
-use keel_schemas::{
-    CommitRecord, LogRecord, SignatureCheck, StreamRef, TrustedKeys, commit_hash_of_value,
-};
+use keel_schemas::{CommitRecord, LogRecord, SignatureCheck, StreamRef, TrustedKeys};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -173,19 +171,18 @@ fn check_record(
         offset: Some(entry.offset),
         detail,
     };
-    let parsed = serde_json::from_slice::<Value>(&entry.payload)
-        .map_err(|e| format!("the record is not JSON: {e}"))
-        .and_then(|raw| match record {
-            Ok((record, verdict)) => Ok((raw, record, verdict.clone())),
-            Err(e) => Err(format!("the record is not a Keel record: {e}")),
-        });
-    let (raw, record, verdict) = match parsed {
-        Ok(parsed) => parsed,
-        Err(detail) => {
+    // Hashes are recomputed from the decoded record, as every reader's gate recomputes
+    // them, so that verify's verdicts are the gate's.
+    let (record, verdict) = match record {
+        Ok((record, verdict)) => (record, verdict.clone()),
+        Err(e) => {
             if only.is_none() {
-                report
-                    .findings
-                    .push(finding(FindingKind::Violation, None, None, detail));
+                report.findings.push(finding(
+                    FindingKind::Violation,
+                    None,
+                    None,
+                    format!("the record is not a Keel record: {e}"),
+                ));
             }
             return;
         }
@@ -203,7 +200,7 @@ fn check_record(
                 // Intact and signed, it is a writer's receipt that came too late (the
                 // stream moved on, or its writer lost the partition): skipped, as
                 // designed. Anything else was forged or broken.
-                let intact = commit_hash_of_value(&raw) == receipt.hash
+                let intact = receipt.hash_is_valid()
                     && signature_problem(trusted, &receipt.hash, receipt.signature.as_ref())
                         .is_none();
                 let kind = match rejection {
@@ -259,9 +256,7 @@ fn check_record(
                 }
                 // A fence decides who may write: one nobody trusted signed is a takeover.
                 Ok(()) => {
-                    let problem = match trusted
-                        .check(&commit_hash_of_value(&raw), fence.signature.as_ref())
-                    {
+                    let problem = match trusted.check(&fence.digest(), fence.signature.as_ref()) {
                         SignatureCheck::Valid => None,
                         SignatureCheck::Missing => Some("is not signed".to_owned()),
                         SignatureCheck::UnknownKey(id) => Some(format!(
@@ -294,7 +289,7 @@ fn check_record(
         let by_owner = owner.as_ref() == Some(&commit.writer);
         // A skipped record is still a record someone wrote: whether it is intact and
         // signed decides what it was.
-        let hash_ok = commit_hash_of_value(&raw) == commit.hash;
+        let hash_ok = commit.hash_is_valid();
         let signature = signature_problem(trusted, &commit.hash, commit.signature.as_ref());
         // The owner's own record, intact and signed, decided on a state the log had moved
         // past: its append landed late, or a receipt of the stream landed before it. The
@@ -363,7 +358,7 @@ fn check_record(
     report.commits += 1;
     let last_version = commit.next_version();
     let mut problems = Vec::new();
-    let recomputed = commit_hash_of_value(&raw);
+    let recomputed = commit.compute_hash();
     if recomputed != commit.hash {
         problems.push(format!(
             "the hash does not recompute: the record says {}, its content hashes to {recomputed}",
@@ -555,4 +550,55 @@ pub async fn export(
         each(line)?;
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use keel_kafka::{LogEntry, PartitionGate};
+    use keel_schemas::{SigningKey, TopicPartition, testing};
+
+    use super::*;
+
+    /// verify reaches the gate's verdict on every record: a genuine commit that arrives
+    /// with a field no reader knows counts for the gate (which hashes what it decodes), so
+    /// verify finds nothing wrong with it either.
+    #[test]
+    fn verify_judges_a_record_as_the_gate_does() {
+        let key = SigningKey::generate();
+        let mut trusted = TrustedKeys::default();
+        trusted.add(&key);
+        let trusted = Arc::new(trusted);
+        let at = TopicPartition::new("t.order.events", 0);
+        let writer = testing::writer("cmd-a", 1);
+        let commit = testing::commit(&writer, testing::stream("order", "o-1"), 0)
+            .event("OrderCancelled", 1, serde_json::json!({"reason": "test"}))
+            .signed(&key);
+        let mut padded: Value =
+            serde_json::from_slice(&LogRecord::Commit(commit).encode()).unwrap();
+        padded["added_by_a_newer_writer"] = Value::from(1);
+        let payloads = [
+            testing::signed_fence(&writer, &key, &at).encode(),
+            serde_json::to_vec(&padded).unwrap(),
+        ];
+        let mut gate = PartitionGate::new(Arc::clone(&trusted), &at);
+        let (mut tips, mut heads) = (HashMap::new(), HashMap::new());
+        let mut report = VerifyReport::default();
+        for (offset, payload) in payloads.into_iter().enumerate() {
+            let read = gate.read(LogEntry {
+                topic: at.topic.clone(),
+                partition: 0,
+                offset: offset as i64,
+                key: None,
+                payload,
+                headers: Vec::new(),
+                timestamp_ms: None,
+            });
+            assert!(read.accepted().is_some(), "the gate counts record {offset}");
+            check_record(read, &trusted, None, (&mut tips, &mut heads), &mut report);
+        }
+        assert_eq!(report.commits, 1);
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+    }
 }

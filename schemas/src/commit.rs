@@ -151,11 +151,49 @@ pub struct CommitRecord {
 }
 
 /// The rules a fence's writer follows, written in every fence the command API appends:
-/// the fence is signed by a trusted key, and each commit under it chains onto its stream's
-/// last commit, carries a hash that recomputes, and is signed with the fence's key. A fence
-/// without `rules` is a legacy fence, from a log written before the gate checked
-/// signatures (see [`crate::TrustedKeys`] for when one still counts).
-pub const FENCE_RULES: u32 = 2;
+/// the fence names the partition it claims ([`FencedPartition`]) and is signed by a
+/// trusted key, and each commit under it chains onto its stream's last commit, carries a
+/// hash that recomputes, and is signed with the fence's key. A fence without `rules` is a
+/// legacy fence, from a log written before the gate checked signatures (see
+/// [`crate::TrustedKeys`] for when one still counts).
+pub const FENCE_RULES: u32 = 3;
+
+/// The rules of signed fences that named no partition ([`FENCE_RULES`] before fences
+/// named theirs): such a fence, signed for one partition, would verify on any other. They
+/// count only until a fence of today's rules has counted on the partition, as legacy
+/// fences do once a signed one has.
+pub const UNBOUND_FENCE_RULES: u32 = 2;
+
+/// The partition a fence claims, covered by its signature, so that a signed fence copied
+/// onto another partition or another topic claims nothing there: the stream type of its
+/// topic (`<prefix>.<type>.events`, so a mirror that renames the prefix keeps its fences)
+/// and the partition's number.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FencedPartition {
+    /// The stream type of the fence's topic.
+    pub stream_type: String,
+    /// The partition.
+    pub partition: i32,
+}
+
+impl FencedPartition {
+    /// The partition `at` as a fence names it: its topic's stream type (the whole topic
+    /// name for a topic not named `<prefix>.<type>.events`) and its number.
+    pub fn of(at: &crate::TopicPartition) -> Self {
+        Self {
+            stream_type: crate::stream_type_of(&at.topic)
+                .unwrap_or(&at.topic)
+                .to_owned(),
+            partition: at.partition,
+        }
+    }
+}
+
+impl fmt::Display for FencedPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} partition {}", self.stream_type, self.partition)
+    }
+}
 
 /// A writer's claim on a partition, valid when its epoch is higher than any before it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +206,9 @@ pub struct FenceRecord {
     /// fences.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<u32>,
+    /// The partition it claims (fences of [`FENCE_RULES`]; absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<FencedPartition>,
     /// The writer's Ed25519 signature over [`FenceRecord::digest`], so a fence cannot be
     /// forged by someone who can only write to the broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,13 +223,14 @@ impl FenceRecord {
         commit_hash_of_value(&value)
     }
 
-    /// A fence of `writer` under today's rules ([`FENCE_RULES`]), recorded now, not yet
-    /// signed (see [`FenceRecord::signed`]).
-    pub fn ruled(writer: Writer) -> Self {
+    /// A fence of `writer` on the partition `at` under today's rules ([`FENCE_RULES`]),
+    /// recorded now, not yet signed (see [`FenceRecord::signed`]).
+    pub fn ruled(writer: Writer, at: &crate::TopicPartition) -> Self {
         Self {
             writer,
             recorded_at: Timestamp::now(),
             rules: Some(FENCE_RULES),
+            claims: Some(FencedPartition::of(at)),
             signature: None,
         }
     }
@@ -497,6 +539,10 @@ mod tests {
             },
             recorded_at: Timestamp::now(),
             rules: Some(FENCE_RULES),
+            claims: Some(FencedPartition {
+                stream_type: "order".into(),
+                partition: 2,
+            }),
             signature: None,
         });
         let raw: Value = serde_json::from_slice(&fence.encode()).unwrap();

@@ -20,8 +20,8 @@ mod upcast;
 
 pub use canonical::canonical_json;
 pub use commit::{
-    CommandMeta, CommitRecord, FENCE_RULES, FenceRecord, LogRecord, ReceiptRecord, StreamRef,
-    Timestamp, Writer, commit_hash_of_value, headers,
+    CommandMeta, CommitRecord, FENCE_RULES, FenceRecord, FencedPartition, LogRecord, ReceiptRecord,
+    StreamRef, Timestamp, UNBOUND_FENCE_RULES, Writer, commit_hash_of_value, headers,
 };
 pub use envelope::{EventEnvelope, decode_event, decode_event_with, encode_event};
 pub use error::SchemaError;

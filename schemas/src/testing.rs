@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::{
     CommandMeta, CommitRecord, EventEnvelope, FenceRecord, LogRecord, SigningKey, StreamRef,
-    Timestamp, Writer,
+    Timestamp, TopicPartition, Writer,
 };
 
 /// A commit being put together: [`commit`] starts one, [`CommitFixture::build`] seals it.
@@ -47,13 +47,15 @@ pub fn fence(writer: &Writer) -> LogRecord {
         writer: writer.clone(),
         recorded_at: Timestamp::now(),
         rules: None,
+        claims: None,
         signature: None,
     })
 }
 
-/// A fence of `writer` under today's rules, signed with `key`, recorded now.
-pub fn signed_fence(writer: &Writer, key: &SigningKey) -> LogRecord {
-    LogRecord::Fence(FenceRecord::ruled(writer.clone()).signed(key))
+/// A fence of `writer` on the partition `at` under today's rules, signed with `key`,
+/// recorded now.
+pub fn signed_fence(writer: &Writer, key: &SigningKey, at: &TopicPartition) -> LogRecord {
+    LogRecord::Fence(FenceRecord::ruled(writer.clone(), at).signed(key))
 }
 
 /// A writer named `instance` at `epoch`.

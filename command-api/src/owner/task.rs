@@ -20,8 +20,8 @@ use keel_kafka::{
     Checked, Gated, KafkaError, LogEntry, PartitionGate, check_records, in_two_halves,
 };
 use keel_schemas::{
-    CommitRecord, FenceRecord, LogRecord, Position, ReceiptRecord, SigningKey, TrustedKeys, Writer,
-    decode_event,
+    CommitRecord, FenceRecord, LogRecord, Position, ReceiptRecord, SigningKey, TopicPartition,
+    TrustedKeys, Writer, decode_event,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, instrument, warn};
@@ -181,13 +181,14 @@ where
     ) -> (Self, StatusCell) {
         let (topic, partition) = (log.topic().to_owned(), log.partition());
         let status = StatusCell::new(&topic, partition);
+        let gate = PartitionGate::new(policy, &TopicPartition::new(topic.clone(), partition));
         let owner = Self {
             topic,
             partition,
             instance: instance.to_owned(),
             incarnation: None,
             writer: None,
-            gate: PartitionGate::new(policy),
+            gate,
             streams: HashMap::new(),
             keys: IdempotencyKeys::default(),
             log,
@@ -291,7 +292,9 @@ where
             instance: self.incarnation.clone().unwrap_or_default(),
             epoch,
         };
-        let fence = LogRecord::Fence(FenceRecord::ruled(writer.clone()).signed(&self.signing_key));
+        let at = TopicPartition::new(self.topic.clone(), self.partition);
+        let fence =
+            LogRecord::Fence(FenceRecord::ruled(writer.clone(), &at).signed(&self.signing_key));
         let offset = self.log.append_one(("", &fence, None)).await?;
         self.writer = Some(writer.clone());
         self.read_through(offset).await?;

@@ -9,12 +9,20 @@ use keel_domain::ids::{OrderId, Quantity, Text};
 use keel_domain::money::{Currency, Money};
 use keel_domain::product::{Product, ProductCommand};
 use keel_kafka::PartitionGate;
-use keel_schemas::{LogRecord, SigningKey, TrustedKeys, testing};
+use keel_schemas::{LogRecord, SigningKey, TopicPartition, TrustedKeys, testing};
 use tokio::sync::mpsc;
 
 use super::*;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The topic of the tests' partitions.
+const TOPIC: &str = "t.product.events";
+
+/// The partition the tests' owners own: partition 0 of [`TOPIC`].
+fn here() -> TopicPartition {
+    TopicPartition::new(TOPIC, 0)
+}
 
 /// The deployment's signing key: every owner of these tests signs with it.
 fn key() -> Arc<SigningKey> {
@@ -161,7 +169,7 @@ async fn restock_unread(log: &MemoryLog, quantity: u64) {
 /// The log folded through the gate: each accepted commit's stream, version after it and
 /// offset; and how many records the gate skipped.
 fn accepted(log: &MemoryLog) -> (Vec<(String, u64, i64)>, u64) {
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     let mut accepted = Vec::new();
     for entry in log.entries() {
         let read = gate.read(entry);
@@ -179,7 +187,7 @@ fn accepted(log: &MemoryLog) -> (Vec<(String, u64, i64)>, u64) {
 
 #[tokio::test]
 async fn the_owner_decides_appends_and_acknowledges_what_the_log_accepted() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
 
     let created = send(
@@ -262,7 +270,7 @@ async fn the_owner_decides_appends_and_acknowledges_what_the_log_accepted() {
 
 #[tokio::test]
 async fn a_group_commit_decides_each_command_on_the_ones_ahead_of_it() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     // Queued together, so decided in one flush: the restock sees the registration and
     // the reservation sees the restock, though none of them is in the log yet.
@@ -298,7 +306,7 @@ async fn a_group_commit_decides_each_command_on_the_ones_ahead_of_it() {
 
 #[tokio::test]
 async fn a_command_that_changes_nothing_appends_nothing_and_answers_the_version_read() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     let created = send(
         &owner,
@@ -324,11 +332,11 @@ async fn a_command_that_changes_nothing_appends_nothing_and_answers_the_version_
 
 #[tokio::test]
 async fn a_commit_the_gate_rejects_is_never_acknowledged() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
     // Another writer fences the partition; before the owner reads that, it takes a
     // command (its queue comes first), appends, and reads back a commit the gate skips.
-    let zombie_fence = testing::signed_fence(&testing::writer("cmd-z", 99), &key());
+    let zombie_fence = testing::signed_fence(&testing::writer("cmd-z", 99), &key(), &here());
     log.handle().append(&[("", &zombie_fence, None)]).await;
     let refused = queue(
         &owner,
@@ -362,9 +370,39 @@ async fn a_commit_the_gate_rejects_is_never_acknowledged() {
     );
 }
 
+/// A fence signed by a trusted key for another partition (or another topic), copied here
+/// by someone with produce rights, claims nothing: the owner keeps serving, and every
+/// reader keeps counting its commits.
+#[tokio::test]
+async fn a_signed_fence_copied_from_another_partition_takes_nothing() {
+    let log = MemoryLog::new(TOPIC, 0);
+    let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
+    let elsewhere = [
+        TopicPartition::new(TOPIC, 1),
+        TopicPartition::new("t.order.events", 0),
+    ];
+    for (n, at) in elsewhere.iter().enumerate() {
+        let copied = testing::signed_fence(&testing::writer("cmd-b", 50 + n as u64), &key(), at);
+        log.handle().append(&[("", &copied, None)]).await;
+    }
+    let created = send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await
+    .expect("the owner still owns its partition");
+    assert_eq!(created.version, 1);
+    assert_eq!(status.get(), Status::Serving);
+    let (commits, skipped) = accepted(&log);
+    assert_eq!(commits.len(), 1, "its commit counts for every reader");
+    assert_eq!(skipped, 2, "the copied fences count for none");
+}
+
 #[tokio::test]
 async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_from_the_log() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (first, first_status) = serving_owner(log.handle(), "cmd-a").await;
     let created = send(
         &first,
@@ -424,7 +462,7 @@ async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_fr
 
 #[tokio::test(start_paused = true)]
 async fn a_catch_up_that_fails_partway_resumes_where_it_applied() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (first, _) = serving_owner(log.handle(), "cmd-a").await;
     send(
         &first,
@@ -452,7 +490,7 @@ async fn a_catch_up_that_fails_partway_resumes_where_it_applied() {
 
 #[tokio::test(start_paused = true)]
 async fn a_command_whose_caller_gave_up_in_the_queue_is_never_appended() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     // The caller gives up before the owner (on this thread) gets to the command.
     let abandoned = queue(
@@ -497,7 +535,7 @@ async fn a_command_taken_on_is_answered_after_its_read_back_whatever_the_callers
 
 #[tokio::test(start_paused = true)]
 async fn two_owners_started_with_one_name_never_both_serve() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     // Both read the empty log before either fences: both fence with epoch 1.
     let start = |log: MemoryLog| {
         let (owner, status) =
@@ -536,7 +574,7 @@ async fn two_owners_started_with_one_name_never_both_serve() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rejected_commit_fails_the_rest_of_its_flush() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
     let created = send(
         &owner,
@@ -608,7 +646,7 @@ async fn a_rejected_commit_fails_the_rest_of_its_flush() {
 
 #[tokio::test(start_paused = true)]
 async fn a_refusal_is_given_only_from_a_state_confirmed_against_the_log() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     send(
         &owner,
@@ -636,7 +674,7 @@ async fn a_refusal_is_given_only_from_a_state_confirmed_against_the_log() {
 
 #[tokio::test(start_paused = true)]
 async fn a_recovering_owner_reads_the_log_again_without_waiting_for_a_command() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
     // The read-back of its commit fails once: the commit is not confirmed, and the owner
     // stops serving.
@@ -668,7 +706,7 @@ async fn a_recovering_owner_reads_the_log_again_without_waiting_for_a_command() 
 
 #[tokio::test(start_paused = true)]
 async fn a_reused_key_is_refused_only_once_the_commit_holding_it_counts() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     send(
         &owner,
@@ -704,7 +742,7 @@ async fn a_reused_key_is_refused_only_once_the_commit_holding_it_counts() {
 /// answer is in a receipt in the log, which changes no stream.
 #[tokio::test]
 async fn a_keyed_refusal_or_no_op_is_answered_the_same_after_a_restart() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     let none = || meta("Restock", None, None);
     send(&owner, "p-1", register(), none()).await.unwrap();
@@ -769,7 +807,7 @@ async fn a_keyed_refusal_or_no_op_is_answered_the_same_after_a_restart() {
     ));
     assert_eq!(receipts(), 2, "a replay records nothing");
     // Receipts are no versions: every reader's gate has p-1 at its commits' version.
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     for entry in log.entries() {
         let _ = gate.read(entry);
     }
@@ -782,7 +820,7 @@ async fn a_keyed_refusal_or_no_op_is_answered_the_same_after_a_restart() {
 /// decided on, which the commit moved past), and its receipt counts for every reader.
 #[tokio::test]
 async fn a_keyed_refusal_overtaken_by_a_commit_of_its_flush_is_decided_again() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     send(
         &owner,
@@ -809,7 +847,7 @@ async fn a_keyed_refusal_overtaken_by_a_commit_of_its_flush_is_decided_again() {
         matches!(&refused, Err(OwnerError::Domain(e)) if *e == expected),
         "decided again after the restock: {refused:?}"
     );
-    let mut gate = PartitionGate::new(policy());
+    let mut gate = PartitionGate::new(policy(), &here());
     let mut receipts = 0;
     for entry in log.entries() {
         let read = gate.read(entry);
@@ -825,7 +863,7 @@ async fn a_keyed_refusal_overtaken_by_a_commit_of_its_flush_is_decided_again() {
 /// it the retry is answered from the first commit; after it the retry is a fresh command.
 #[tokio::test]
 async fn a_keyed_retry_replays_within_the_keys_retention_and_is_fresh_after_it() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let start = |retention: Duration, instance: &'static str| {
         let log = log.handle();
         async move { serving_owner_keeping_keys(log, instance, retention).await.0 }
@@ -860,7 +898,7 @@ async fn a_keyed_retry_replays_within_the_keys_retention_and_is_fresh_after_it()
 
 #[tokio::test]
 async fn a_long_catch_up_checks_in_parallel_and_resumes_where_it_applied() {
-    let log = MemoryLog::new("t.product.events", 0);
+    let log = MemoryLog::new(TOPIC, 0);
     let (first, _) = serving_owner(log.handle(), "cmd-a").await;
     send(
         &first,

@@ -216,7 +216,8 @@ async fn owner_of(stack: &Stack, topic: &str, partition: i32) -> Writer {
         .broker
         .settings(&stack.config.prefix, stack.config.partitions);
     let mut reader = PartitionReader::open(&settings, topic, partition, 0).unwrap();
-    let mut gate = PartitionGate::new(stack.config.policy());
+    let at = keel_schemas::TopicPartition::new(topic, partition);
+    let mut gate = PartitionGate::new(stack.config.policy(), &at);
     reader
         .read_to_end(|entry| assert!(gate.read(entry).record.is_ok(), "a Keel record"))
         .await
@@ -423,7 +424,8 @@ async fn verify_tells_forgeries_from_zombie_writes_and_export_hands_out_the_reco
     let mut usurper = owner_of(&stack, &topic, partition_of("o-5")).await;
     usurper.instance = "cmd-usurper".into();
     usurper.epoch += 1;
-    let fence = keel_schemas::FenceRecord::ruled(usurper).signed(&stranger);
+    let at = keel_schemas::TopicPartition::new(topic.clone(), partition_of("o-5"));
+    let fence = keel_schemas::FenceRecord::ruled(usurper, &at).signed(&stranger);
     let fence_offset = producer
         .append_record(
             &topic,

@@ -260,7 +260,8 @@ async fn the_gate_on_a_real_partition_skips_a_zombie_and_a_stale_fence() {
     let mut policy = keel_schemas::TrustedKeys::default();
     policy.allow_legacy_until(keel_schemas::Timestamp::now());
     let mut reader = PartitionReader::open(&settings, &topic, 0, 0).unwrap();
-    let mut gate = PartitionGate::new(std::sync::Arc::new(policy));
+    let at = keel_schemas::TopicPartition::new(topic.clone(), 0);
+    let mut gate = PartitionGate::new(std::sync::Arc::new(policy), &at);
     let mut verdicts: Vec<bool> = Vec::new();
     reader
         .read_to_end(|e| verdicts.push(gate.read(e).accepted().is_some()))

@@ -83,7 +83,7 @@ impl Fold {
     pub(crate) fn of(entries: &[LogEntry], policy: &Arc<TrustedKeys>, judge: bool) -> Self {
         let trusted = judge.then_some(policy.as_ref());
         let mut fold = Fold {
-            gate: PartitionGate::new(Arc::clone(policy)),
+            gate: PartitionGate::new(Arc::clone(policy), &super::world::sim_partition()),
             ..Fold::default()
         };
         for entry in entries {

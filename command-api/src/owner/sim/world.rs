@@ -13,8 +13,8 @@ use keel_domain::ids::Quantity;
 use keel_domain::product::{Product, ProductCommand};
 use keel_kafka::{KafkaError, LogEntry};
 use keel_schemas::{
-    CommandMeta, CommitRecord, FenceRecord, LogRecord, SigningKey, StreamRef, TrustedKeys, Writer,
-    encode_event,
+    CommandMeta, CommitRecord, FenceRecord, LogRecord, SigningKey, StreamRef, TopicPartition,
+    TrustedKeys, Writer, encode_event,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,6 +24,14 @@ use uuid::Uuid;
 use super::check::Fold;
 use crate::owner::log::{Append, PartitionLog};
 use crate::owner::memory::MemoryLog;
+
+/// The topic of the simulated partition.
+pub(crate) const SIM_TOPIC: &str = "sim.product.events";
+
+/// The simulated partition: partition 0 of [`SIM_TOPIC`].
+pub(crate) fn sim_partition() -> TopicPartition {
+    TopicPartition::new(SIM_TOPIC, 0)
+}
 
 /// The kinds of fault a run may inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -175,7 +183,7 @@ impl World {
             faults,
             calm: false,
             trace: Vec::new(),
-            log: MemoryLog::new("sim.product.events", 0),
+            log: MemoryLog::new(SIM_TOPIC, 0),
             policy: Arc::default(),
             timeout,
             started: Instant::now(),
@@ -501,7 +509,7 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
                 instance: owner.map_or_else(|| "cmd-sim".into(), |o| o.instance),
                 epoch,
             };
-            let fence = LogRecord::Fence(FenceRecord::ruled(writer.clone()));
+            let fence = LogRecord::Fence(FenceRecord::ruled(writer.clone(), &sim_partition()));
             w.persist(&[("", &fence, None)]);
             if let Some((id, version, last_hash, state)) = pick(&mut w.rng, &streams) {
                 let restock = restock_commit(&mut w, &id, version, last_hash, &state, writer);
@@ -516,7 +524,9 @@ pub(crate) async fn other_writers(world: Shared, rival_key: SigningKey) {
                 instance: "rival".into(),
                 epoch,
             };
-            let fence = LogRecord::Fence(FenceRecord::ruled(writer.clone()).signed(&rival_key));
+            let fence = LogRecord::Fence(
+                FenceRecord::ruled(writer.clone(), &sim_partition()).signed(&rival_key),
+            );
             w.persist(&[("", &fence, None)]);
             let commits = w.rng.gen_range(0..=2);
             for _ in 0..commits {
