@@ -194,7 +194,10 @@ pub fn bare_round_trips(
         .client_config()
         .set("group.id", "keel-bench-e2e")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
+        .set(
+            "fetch.wait.max.ms",
+            keel_kafka::READ_BACK_FETCH_WAIT_MS.to_string(),
+        )
         .create()?;
     // An explicit starting offset: with `Offset::End` the consumer may resolve the end
     // after the first record is written, and never see it.

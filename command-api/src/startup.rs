@@ -57,14 +57,19 @@ impl Application {
         let signing_key = Arc::new(signing_key);
         let producer = LogProducer::new(&settings.kafka).context("creating the producer")?;
         // One consumer reads every partition this instance owns, each into its own queue:
-        // one fetch request serves them all, however many partitions there are.
+        // one fetch request serves them all, however many partitions there are. It starts
+        // where each partition ends now; each owner reads what is before through a history
+        // reader of its own (see KafkaPartition).
         let kafka = &settings.kafka;
-        let partitions: Vec<(TopicPartition, i64)> = keel_domain::STREAM_TYPES
+        let all: Vec<TopicPartition> = keel_domain::STREAM_TYPES
             .iter()
             .flat_map(|t| {
-                (0..kafka.partitions).map(move |p| (TopicPartition::new(kafka.topic(t), p), 0))
+                (0..kafka.partitions).map(move |p| TopicPartition::new(kafka.topic(t), p))
             })
             .collect();
+        let partitions = keel_kafka::end_offsets(kafka, &all)
+            .await
+            .context("reading where the partitions end")?;
         let mut readers: HashMap<TopicPartition, PartitionReader> =
             PartitionReader::open_many(&settings.kafka, &partitions)
                 .context("opening the partition readers")?
@@ -88,7 +93,7 @@ impl Application {
             let reader = readers
                 .remove(&at)
                 .with_context(|| format!("no reader for {at}"))?;
-            Ok(KafkaPartition::new(producer.clone(), reader))
+            Ok(KafkaPartition::new(producer.clone(), reader, kafka))
         })?;
         let listener = TcpListener::bind(settings.addr)
             .await

@@ -21,5 +21,7 @@ pub use gate::{GATE_RULES, PartitionGate, Rejection, StreamHead, hash_bytes};
 pub use gated::{Checked, Gated, Verdict, check_records, in_two_halves, read_through_gate};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{LogProducer, record_headers};
-pub use reader::{AbortOnDrop, LogEntry, LogReader, PartitionReader, end_offsets};
+pub use reader::{
+    AbortOnDrop, LogEntry, LogReader, PartitionReader, READ_BACK_FETCH_WAIT_MS, end_offsets,
+};
 pub use settings::{KafkaArgs, KafkaSettings};

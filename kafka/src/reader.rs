@@ -70,6 +70,13 @@ fn reader_consumer(
     settings: &KafkaSettings,
     fetch_wait_ms: u32,
 ) -> Result<StreamConsumer, KafkaError> {
+    reader_config(settings, fetch_wait_ms)
+        .create()
+        .map_err(KafkaError::client("creating a log reader"))
+}
+
+/// The configuration of [`reader_consumer`].
+fn reader_config(settings: &KafkaSettings, fetch_wait_ms: u32) -> rdkafka::ClientConfig {
     let mut config = settings.client_config();
     config
         .set("group.id", "keel-partition-reader")
@@ -82,8 +89,6 @@ fn reader_consumer(
         config.set("fetch.wait.max.ms", fetch_wait_ms.to_string());
     }
     config
-        .create()
-        .map_err(KafkaError::client("creating a log reader"))
 }
 
 /// Where each of `partitions` ends now: the offset its next record will get.
@@ -116,6 +121,18 @@ async fn high_watermarks(
     .await
     .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
 }
+
+/// The fetch wait of the readers a command API reads its partitions back through. A
+/// command is acknowledged only once its commit is read back, so on brokers that answer a
+/// waiting fetch only at the wait's end (nisshi) it is a floor under command latency; on
+/// Apache Kafka a fetch returns as soon as data arrives. Shorter waits mean more fetch
+/// requests from every idle partition: at 5 ms, a local broker holding a million records
+/// spent all its time answering them, and a command API starting over them never became
+/// ready.
+pub const READ_BACK_FETCH_WAIT_MS: u32 = 25;
+
+/// How many records a history reader ([`PartitionReader::open_history`]) buffers ahead.
+const HISTORY_READ_AHEAD: usize = 10_000;
 
 /// A pause between records this long ends a batch before its linger.
 const BATCH_PAUSE: Duration = Duration::from_millis(1);
@@ -243,14 +260,50 @@ impl PartitionReader {
 
     /// Opens one reader per partition given, each from its first offset, all sharing one
     /// consumer, in the order given. Must be called within a Tokio runtime.
+    ///
+    /// Its fetch wait is [`READ_BACK_FETCH_WAIT_MS`]. To read a long stretch of history,
+    /// open a [`PartitionReader::open_history`] instead.
     pub fn open_many(
         settings: &KafkaSettings,
         partitions: &[(TopicPartition, i64)],
     ) -> Result<Vec<Self>, KafkaError> {
-        // Tuned for latency: a command is acknowledged only once its commit is read back,
-        // so this fetch wait is a floor under command latency on brokers that do not
-        // answer a waiting fetch as soon as data arrives.
-        let consumer = Arc::new(reader_consumer(settings, 5)?);
+        Self::open_many_with(
+            reader_consumer(settings, READ_BACK_FETCH_WAIT_MS)?,
+            settings,
+            partitions,
+        )
+    }
+
+    /// A reader of a partition's history from `from_offset`, tuned for reading much at
+    /// once rather than for latency: a longer fetch wait (fewer requests for the broker to
+    /// answer while the reader catches up) and a bounded read-ahead (at most
+    /// [`HISTORY_READ_AHEAD`] records are buffered, not the client's default of 100,000 per
+    /// partition), with a consumer of its own that goes when the reader does.
+    pub fn open_history(
+        settings: &KafkaSettings,
+        at: &TopicPartition,
+        from_offset: i64,
+    ) -> Result<Self, KafkaError> {
+        let mut config = reader_config(settings, 100);
+        config.set("queued.min.messages", HISTORY_READ_AHEAD.to_string());
+        if !settings.client.contains_key("queued.max.messages.kbytes") {
+            config.set("queued.max.messages.kbytes", "16384");
+        }
+        let consumer: StreamConsumer = config
+            .create()
+            .map_err(KafkaError::client("creating a history reader"))?;
+        let mut readers = Self::open_many_with(consumer, settings, &[(at.clone(), from_offset)])?;
+        readers
+            .pop()
+            .ok_or_else(|| KafkaError::Reader("no reader was opened".into()))
+    }
+
+    fn open_many_with(
+        consumer: StreamConsumer,
+        settings: &KafkaSettings,
+        partitions: &[(TopicPartition, i64)],
+    ) -> Result<Vec<Self>, KafkaError> {
+        let consumer = Arc::new(consumer);
         // Each partition's records go to its own queue, split off before the assignment so
         // none lands in the consumer's own queue.
         // Two readers of one partition would share its queue and take each other's records.

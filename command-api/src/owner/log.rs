@@ -3,8 +3,8 @@
 
 use std::future::Future;
 
-use keel_kafka::{KafkaError, LogEntry, LogProducer, PartitionReader};
-use keel_schemas::LogRecord;
+use keel_kafka::{KafkaError, KafkaSettings, LogEntry, LogProducer, PartitionReader};
+use keel_schemas::{LogRecord, TopicPartition};
 
 /// One record to append: its key, the record, and the trace context for its headers.
 pub type Append<'a> = (&'a str, &'a LogRecord, Option<&'a str>);
@@ -36,15 +36,41 @@ pub trait PartitionLog: Send + 'static {
 }
 
 /// A partition of a Kafka topic: the shared producer and the partition's reader.
+///
+/// The records before where the serving reader starts (the partition's history at
+/// start-up) are read through a history reader of their own, opened when first needed and
+/// dropped once it reaches the serving reader: tuned for reading much (few fetch requests,
+/// a bounded read-ahead), so that a start-up over a long partition neither floods the
+/// broker with the serving reader's short fetches nor buffers the partition in memory.
 pub struct KafkaPartition {
     producer: LogProducer,
     reader: PartitionReader,
+    history: Option<History>,
+}
+
+/// The partition's records before the serving reader's first offset.
+struct History {
+    settings: KafkaSettings,
+    /// The next offset to read; the serving reader takes over at its own first offset.
+    next: i64,
+    reader: Option<PartitionReader>,
 }
 
 impl KafkaPartition {
-    /// The partition `reader` reads, appended to through `producer`.
-    pub fn new(producer: LogProducer, reader: PartitionReader) -> Self {
-        Self { producer, reader }
+    /// The partition `reader` reads, appended to through `producer`. The records before
+    /// `reader`'s first offset are read, from offset 0, through a history reader opened
+    /// with `settings`.
+    pub fn new(producer: LogProducer, reader: PartitionReader, settings: &KafkaSettings) -> Self {
+        let history = (reader.next_offset() > 0).then(|| History {
+            settings: settings.clone(),
+            next: 0,
+            reader: None,
+        });
+        Self {
+            producer,
+            reader,
+            history,
+        }
     }
 }
 
@@ -58,7 +84,10 @@ impl PartitionLog for KafkaPartition {
     }
 
     fn next_offset(&self) -> i64 {
-        self.reader.next_offset()
+        match &self.history {
+            Some(history) => history.next,
+            None => self.reader.next_offset(),
+        }
     }
 
     async fn end(&self) -> Result<i64, KafkaError> {
@@ -66,7 +95,30 @@ impl PartitionLog for KafkaPartition {
     }
 
     async fn next(&mut self) -> Result<LogEntry, KafkaError> {
-        self.reader.next().await
+        let serving_from = self.reader.next_offset();
+        let Some(history) = &mut self.history else {
+            return self.reader.next().await;
+        };
+        let reader = match &mut history.reader {
+            Some(reader) => reader,
+            None => history.reader.insert(PartitionReader::open_history(
+                &history.settings,
+                &TopicPartition::new(self.reader.topic(), self.reader.partition()),
+                history.next,
+            )?),
+        };
+        let entry = reader.next().await?;
+        if entry.offset >= serving_from {
+            // Past the history (offsets the broker skipped, such as control records):
+            // the serving reader has this record too, from its first offset on.
+            self.history = None;
+            return self.reader.next().await;
+        }
+        history.next = entry.offset + 1;
+        if history.next >= serving_from {
+            self.history = None;
+        }
+        Ok(entry)
     }
 
     async fn append(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {

@@ -5,14 +5,15 @@
 //! make bench                     # builds in release mode and runs this
 //! target/release/bench [--events N] [--seconds S] [--streams N] [--out DIR] [--markdown FILE] [--quick] [--only GROUPS]
 //! ```
-//! * `--events`: events in the log the projections read (1,000,000);
+//! * `--events`: events in the log the projections and the start-up read (1,000,000);
 //! * `--seconds`: length of each timed load (10);
 //! * `--streams`: streams of the command workload (10,000);
 //! * `--out`: where `report.json` and the plots go (`docs/bench`);
 //! * `--markdown`: the file whose `<!-- bench:begin -->`…`<!-- bench:end -->` block gets
 //!   the results (`BENCHMARKS.md`); the file is created when missing;
 //! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams) to check the harness;
-//! * `--only commands,ryw,projections`: some of the scenarios, printed only (for profiling).
+//! * `--only commands,ryw,projections,startup`: some of the scenarios, printed only (for
+//!   profiling).
 //!
 //! Scenarios, in order: commands (64 and 256 clients, and on durable storage),
 //! read-your-writes, catch-up, queries, rebuilds, queries during a rebuild, and the
@@ -21,6 +22,7 @@
 mod commands;
 mod projections;
 mod ryw;
+mod startup;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -35,17 +37,17 @@ use keel_tests::broker_binary;
 const USAGE: &str =
     "bench [--events N] [--seconds S] [--streams N] [--out DIR] [--markdown FILE] [--quick] [--only GROUPS]
 
-  --events N       events in the log the projections read (1000000)
+  --events N       events in the log the projections and the start-up read (1000000)
   --seconds S      length of each timed load (10)
   --streams N      streams of the command workload (10000)
   --out DIR        where report.json and the plots go (docs/bench)
   --markdown FILE  the file whose bench:begin/bench:end block gets the results (BENCHMARKS.md)
   --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams)
-  --only GROUPS    some of commands,ryw,projections (all by default); for profiling: the
-                   report and the Markdown are written only by a run of all three";
+  --only GROUPS    some of commands,ryw,projections,startup (all by default); for profiling: the
+                   report and the Markdown are written only by a run of them all";
 
 /// The scenario groups, in the order they run.
-const GROUPS: [&str; 3] = ["commands", "ryw", "projections"];
+const GROUPS: [&str; 4] = ["commands", "ryw", "projections", "startup"];
 
 /// What a run measures, from the command line.
 #[derive(Clone, Debug)]
@@ -179,6 +181,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
         && let Err(e) = projections::run(&options, &mut report, &mut plots).await
     {
         failed(&mut report, "projections", &e);
+    }
+    if wanted("startup")
+        && let Err(e) = startup::run(&options, &mut report).await
+    {
+        failed(&mut report, "start-up", &e);
     }
     if options.only.is_some() {
         println!("{}", report.markdown(&options.out.display().to_string()));

@@ -5,8 +5,7 @@
 //! * catch-up of `orders` from offset 0, with the projector's memory over time;
 //! * queries by id and lists through the query API, at half of their maximum rate;
 //! * rebuilds of `orders` and `daily_sales`;
-//! * the same queries while a rebuild runs;
-//! * the command API's start-up and memory over the log's streams.
+//! * the same queries while a rebuild runs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -501,27 +500,6 @@ pub(crate) async fn run(
     drop(query);
     pool.close().await;
 
-    step("command API memory: ready with no streams, then over the log's streams");
-    let empty = CommandApiConfig::new(&broker, &unique_prefix("bench-empty"), PARTITIONS, "bench");
-    let api = Service::command_api_ready(&empty).await?;
-    let base = system::rss_bytes(api.pid().context("the command API exited")?).unwrap_or_default();
-    api.stop().await?;
-    let started = Instant::now();
-    let api = Service::command_api_ready(&config).await?;
-    let startup = started.elapsed().as_secs_f64();
-    let loaded =
-        system::rss_bytes(api.pid().context("the command API exited")?).unwrap_or_default();
-    api.stop().await?;
-    report.rows.push(Row::plain(
-        "Command API memory",
-        "resident MB per 100,000 streams",
-        loaded.saturating_sub(base) as f64 / 1e6 / events as f64 * 100_000.0,
-    ));
-    report.rows.push(Row::plain(
-        &format!("Command API start-up over {events} streams"),
-        "seconds to ready",
-        startup,
-    ));
     drop(db);
     drop(broker);
     Ok(())
