@@ -84,6 +84,15 @@ pub enum Rejection {
         /// Why it does not count.
         reason: String,
     },
+    /// A fence of rules this build does not know: a newer writer's, most likely, which
+    /// readers of this build cannot judge.
+    #[error("fence of {writer:?}: it follows rules {rules}, which this build does not know")]
+    UnknownRules {
+        /// The fence's writer.
+        writer: Writer,
+        /// Its rules.
+        rules: u32,
+    },
     /// A commit whose hash does not recompute from its content.
     #[error("{stream}: the commit's hash does not recompute")]
     BadHash {
@@ -353,9 +362,10 @@ impl PartitionGate {
                 }
                 Ok(Some(key))
             }
-            Some(rules) => Err(untrusted(format!(
-                "it follows rules {rules}, which this build does not know"
-            ))),
+            Some(rules) => Err(Rejection::UnknownRules {
+                writer: writer.clone(),
+                rules,
+            }),
             None if self.rules > 0 => Err(untrusted(
                 "a legacy fence (no rules) after a fence with rules".into(),
             )),

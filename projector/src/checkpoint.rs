@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use keel_kafka::{PartitionGate, StreamHead, hash_bytes};
-use keel_schemas::{StreamRef, TopicPartition, TrustedKeys, UNBOUND_FENCE_RULES, Writer};
+use keel_schemas::{StreamRef, TopicPartition, TrustedKeys, Writer};
 use sqlx::{PgConnection, PgPool};
 
 /// One partition of a generation: where it has been read to, and the gate's state there.
@@ -135,12 +135,11 @@ impl Checkpoints {
             i64,
             i64,
             Option<String>,
-            bool,
             i32,
         );
         let checkpoints: Vec<Row> = sqlx::query_as(
             "SELECT topic, partition, next_offset, owner_instance, owner_epoch, highest_epoch, accepted, rejected,
-                owner_key_id, ruled, fence_rules
+                owner_key_id, fence_rules
              FROM keel_checkpoints WHERE projection = $1 AND generation = $2",
         )
         .bind(projection)
@@ -203,7 +202,6 @@ impl Checkpoints {
             accepted,
             rejected,
             owner_key,
-            ruled,
             fence_rules,
         ) in checkpoints
         {
@@ -217,13 +215,7 @@ impl Checkpoints {
             });
             state.next_offset = next_offset;
             (state.deltas, state.delta_entries) = deltas.get(&at).copied().unwrap_or_default();
-            // Rows saved before fence rules were kept knew only whether a signed fence had
-            // counted: one of the rules of that time.
-            let rules = u32::try_from(fence_rules).unwrap_or(0).max(if ruled {
-                UNBOUND_FENCE_RULES
-            } else {
-                0
-            });
+            let rules = u32::try_from(fence_rules).unwrap_or(0);
             state.gate = PartitionGate::restore(
                 Arc::clone(policy),
                 &at,
@@ -333,8 +325,8 @@ impl Checkpoints {
         if !touched.is_empty() {
             sqlx::query(
                 "INSERT INTO keel_checkpoints (projection, generation, topic, partition, next_offset, owner_instance,
-                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, ruled, fence_rules, updated_at)
-                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, fr > 0, fr, now() FROM UNNEST($3::text[], $4::int[],
+                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, fence_rules, updated_at)
+                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, fr, now() FROM UNNEST($3::text[], $4::int[],
                     $5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[],
                     $12::int[])
                     AS u(t, p, o, oi, oe, he, a, r, ok, fr)
@@ -342,8 +334,8 @@ impl Checkpoints {
                     next_offset = EXCLUDED.next_offset, owner_instance = EXCLUDED.owner_instance,
                     owner_epoch = EXCLUDED.owner_epoch, highest_epoch = EXCLUDED.highest_epoch,
                     accepted = EXCLUDED.accepted, rejected = EXCLUDED.rejected,
-                    owner_key_id = EXCLUDED.owner_key_id, ruled = EXCLUDED.ruled,
-                    fence_rules = EXCLUDED.fence_rules, updated_at = now()",
+                    owner_key_id = EXCLUDED.owner_key_id, fence_rules = EXCLUDED.fence_rules,
+                    updated_at = now()",
             )
             .bind(name)
             .bind(generation)

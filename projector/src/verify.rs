@@ -506,7 +506,8 @@ pub struct ExportLine {
     pub accepted: bool,
     /// Why the gate skipped it, if it did.
     pub rejection: Option<String>,
-    /// The record exactly as written (its hash recomputes from this object).
+    /// The record exactly as written. Its hash recomputes from the fields Keel defines
+    /// (what every reader's gate hashes); a field no Keel writer wrote is not covered.
     pub record: Value,
 }
 

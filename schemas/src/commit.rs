@@ -530,6 +530,33 @@ mod tests {
         );
     }
 
+    /// What a fence's signature signs, pinned: a fence of the rules before claims (as
+    /// logs already hold them) digests as it did, so the signatures in those logs still
+    /// verify; a fence of today's rules covers its claim.
+    #[test]
+    fn fence_digests_are_pinned() {
+        let fence = |raw: &str| -> FenceRecord {
+            match LogRecord::decode(raw.as_bytes()).unwrap() {
+                LogRecord::Fence(fence) => fence,
+                other => panic!("not a fence: {other:?}"),
+            }
+        };
+        let unbound = fence(
+            r#"{"kind":"fence","writer":{"instance":"cmd-1","epoch":3},"recorded_at":"2026-11-21T12:00:00.123Z","rules":2}"#,
+        );
+        assert_eq!(
+            unbound.digest(),
+            "8e61905f3ca3a90b755b98481d35035a33858f4377ae04b977329b89997a38af"
+        );
+        let claiming = fence(
+            r#"{"kind":"fence","writer":{"instance":"cmd-1","epoch":3},"recorded_at":"2026-11-21T12:00:00.123Z","rules":3,"claims":{"stream_type":"order","partition":5}}"#,
+        );
+        assert_eq!(
+            claiming.digest(),
+            "718a384dfec2f01c3c2ab5b81a9ada4fa80279a85cf771a7a248415b795bdc21"
+        );
+    }
+
     #[test]
     fn fences_round_trip() {
         let fence = LogRecord::Fence(FenceRecord {

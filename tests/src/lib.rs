@@ -11,7 +11,7 @@ mod postgres;
 mod stack;
 
 pub use auth::TestAuth;
-pub use broker::{Broker, broker_binary};
+pub use broker::{Broker, broker_binary, free_port};
 pub use contract::Contract;
 pub use http::{Reply, send_raw};
 pub use log::{AcceptedCommit, read_accepted, read_receipts};

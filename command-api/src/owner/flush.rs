@@ -335,6 +335,7 @@ where
             })
             .collect();
         let verdicts = self.append_records(&inputs).await;
+        let lost = self.status.get() == Status::Lost;
         let mut failed = false;
         for ((p, _), record) in answers.into_iter().zip(&records) {
             let LogRecord::Receipt(receipt) = record else {
@@ -346,7 +347,7 @@ where
                 Some(&ReadBack {
                     accepted: true,
                     offset,
-                }) => p
+                }) if !lost => p
                     .key
                     .as_ref()
                     .and_then(|key| {
@@ -402,13 +403,18 @@ where
     /// accepted it and every commit ahead of it; `503` from the first one that was not.
     /// True when every commit was accepted, so the state read covers the whole flush.
     fn answer_commits(&mut self, pending: Vec<Pending>, verdicts: &Verdicts) -> bool {
-        let mut failed = false;
+        // An owner that stopped serving while it read back (a fence of rules it cannot
+        // judge) acknowledges nothing more.
+        let mut failed = self.status.get() == Status::Lost;
         for p in pending {
             let answer = match verdicts.get(&p.record.commit_id) {
                 Some(&ReadBack {
                     accepted: true,
                     offset,
                 }) if !failed => Ok(self.outcome_of(&p.record, offset)),
+                _ if failed && self.status.get() == Status::Lost => Err(OwnerError::Unavailable(
+                    "this instance no longer serves the partition; retry with the same Idempotency-Key".into(),
+                )),
                 _ if failed => Err(OwnerError::Unavailable(
                     "a commit ahead of this one in its flush was not accepted, so it was decided on a state the log does not hold; retry with the same Idempotency-Key".into(),
                 )),

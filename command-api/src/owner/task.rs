@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use keel_domain::Aggregate;
 use keel_kafka::{
-    Checked, Gated, KafkaError, LogEntry, PartitionGate, check_records, in_two_halves,
+    Checked, Gated, KafkaError, LogEntry, PartitionGate, Rejection, check_records, in_two_halves,
 };
 use keel_schemas::{
     CommitRecord, FenceRecord, LogRecord, Position, ReceiptRecord, SigningKey, TopicPartition,
@@ -409,6 +409,21 @@ where
                     warn!(new_owner = ?fence.writer, "another writer fenced the partition: no longer serving it");
                     self.status.set(Status::Lost);
                 }
+                None
+            }
+            // A newer writer may have taken the partition under rules this build cannot
+            // judge: acknowledging on would risk answers its readers do not count.
+            (LogRecord::Fence(fence), Err(Rejection::UnknownRules { rules, .. }))
+                if fence.writer.epoch > self.gate.highest_epoch() =>
+            {
+                error!(
+                    offset = entry.offset,
+                    writer = ?fence.writer,
+                    rules,
+                    "a fence of rules this build does not know: a newer command API may own the partition; \
+                     not serving it (stop this instance and run the newer build)"
+                );
+                self.status.set(Status::Lost);
                 None
             }
             (LogRecord::Fence(fence), Err(rejection)) => {

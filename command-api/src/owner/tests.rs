@@ -400,6 +400,49 @@ async fn a_signed_fence_copied_from_another_partition_takes_nothing() {
     assert_eq!(skipped, 2, "the copied fences count for none");
 }
 
+/// A fence of rules this build does not know, above every epoch so far, is most likely a
+/// newer command API's: the owner cannot judge it, so it stops acknowledging rather than
+/// answer what the newer readers may not count.
+#[tokio::test]
+async fn a_fence_of_unknown_rules_stops_the_owner_serving() {
+    let log = MemoryLog::new(TOPIC, 0);
+    let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
+    let LogRecord::Fence(mut newer) =
+        testing::signed_fence(&testing::writer("cmd-new", 50), &key(), &here())
+    else {
+        unreachable!()
+    };
+    newer.rules = Some(keel_schemas::FENCE_RULES + 1);
+    log.handle()
+        .append(&[("", &LogRecord::Fence(newer.signed(&key())), None)])
+        .await;
+    let refused = send(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(OwnerError::Unavailable(_))),
+        "{refused:?}"
+    );
+    // Its commit may be in the log (decided before the owner read the fence); it was not
+    // acknowledged, and the owner takes nothing more.
+    assert_eq!(status.get(), Status::Lost);
+    let again = send(
+        &owner,
+        "p-2",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .await;
+    assert!(
+        matches!(again, Err(OwnerError::Unavailable(_))),
+        "{again:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_from_the_log() {
     let log = MemoryLog::new(TOPIC, 0);

@@ -8,6 +8,7 @@ mod command_api;
 mod contract;
 mod fuzz;
 mod kafka_log;
+mod make_up;
 mod read_path;
 mod rebuild;
 mod schemathesis;
