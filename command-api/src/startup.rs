@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use keel_http::{Edge, EdgeSettings};
@@ -13,6 +14,9 @@ use crate::Settings;
 use crate::owner::KafkaPartition;
 use crate::owners::{OwnerSettings, Owners, Started};
 use crate::routes::{AppState, app};
+
+/// How often start-up asks again where the partitions end before it gives up.
+const END_OFFSET_ATTEMPTS: u32 = 10;
 
 /// A built command API: topics ensured, partition owners started, listener bound.
 pub struct Application {
@@ -67,9 +71,19 @@ impl Application {
                 (0..kafka.partitions).map(move |p| TopicPartition::new(kafka.topic(t), p))
             })
             .collect();
-        let partitions = keel_kafka::end_offsets(kafka, &all)
-            .await
-            .context("reading where the partitions end")?;
+        // Topics just created may not have a leader yet: asked again for a while.
+        let mut attempts = 0;
+        let partitions = loop {
+            match keel_kafka::end_offsets(kafka, &all).await {
+                Ok(ends) => break ends,
+                Err(e) if attempts < END_OFFSET_ATTEMPTS => {
+                    attempts += 1;
+                    warn!(error = %e, "reading where the partitions end failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e).context("reading where the partitions end"),
+            }
+        };
         let mut readers: HashMap<TopicPartition, PartitionReader> =
             PartitionReader::open_many(&settings.kafka, &partitions)
                 .context("opening the partition readers")?
