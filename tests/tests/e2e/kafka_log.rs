@@ -332,3 +332,110 @@ async fn readers_sharing_one_consumer_each_get_only_their_partition_in_order() {
         Err(KafkaError::Reader(_))
     ));
 }
+
+/// A member of a consumer group as the command API instances would join one: the classic
+/// protocol with cooperative-sticky assignment, its rebalances served by polling.
+struct Member {
+    consumer: std::sync::Arc<rdkafka::consumer::StreamConsumer>,
+    _poller: keel_kafka::AbortOnDrop<()>,
+}
+
+impl Member {
+    fn join(settings: &keel_kafka::KafkaSettings, group: &str, topic: &str) -> Self {
+        use rdkafka::consumer::Consumer;
+        let consumer: rdkafka::consumer::StreamConsumer = settings
+            .client_config()
+            .set("group.id", group)
+            .set("group.protocol", "classic")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        let consumer = std::sync::Arc::new(consumer);
+        let polled = std::sync::Arc::clone(&consumer);
+        let poller = keel_kafka::AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let _ = tokio::time::timeout(Duration::from_millis(100), polled.recv()).await;
+            }
+        }));
+        Self {
+            consumer,
+            _poller: poller,
+        }
+    }
+
+    fn partitions(&self) -> Vec<i32> {
+        use rdkafka::consumer::Consumer;
+        let mut owned: Vec<i32> = self
+            .consumer
+            .assignment()
+            .map(|list| list.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        owned.sort_unstable();
+        owned
+    }
+}
+
+/// Waits until `members` own every one of `partitions` partitions exactly once, spread
+/// evenly; returns how long that took.
+async fn settled(members: &[&Member], partitions: i32) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let owned: Vec<Vec<i32>> = members.iter().map(|m| m.partitions()).collect();
+        let mut all: Vec<i32> = owned.iter().flatten().copied().collect();
+        all.sort_unstable();
+        let sizes: Vec<usize> = owned.iter().map(Vec::len).collect();
+        let even = sizes
+            .iter()
+            .max()
+            .zip(sizes.iter().min())
+            .is_some_and(|(max, min)| max - min <= 1);
+        if all == (0..partitions).collect::<Vec<_>>() && even {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the group did not settle: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the write path's assignment can rest on, checked on the broker the tests run: three
+/// members of a group (classic protocol, cooperative-sticky) divide a topic's partitions,
+/// each once and evenly; when one leaves, the other two take its partitions and keep
+/// theirs; when one joins, it gets a share taken from the others and nothing else moves.
+/// On nisshi an empty group's first join waits 3 s (its initial rebalance delay).
+#[tokio::test]
+async fn a_consumer_group_divides_the_partitions_and_rebalances() {
+    let broker = Broker::start().await.unwrap();
+    let settings = broker.settings(&unique_prefix("group"), 8);
+    let topic = ensure_topics(&settings, &["order"])
+        .await
+        .unwrap()
+        .remove(0);
+    let group = unique_prefix("group");
+    let (a, b, c) = (
+        Member::join(&settings, &group, &topic),
+        Member::join(&settings, &group, &topic),
+        Member::join(&settings, &group, &topic),
+    );
+    let joined = settled(&[&a, &b, &c], 8).await;
+    let before = (a.partitions(), b.partitions());
+    drop(c);
+    let left = settled(&[&a, &b], 8).await;
+    // Sticky: the members that stayed keep what they had and take the leaver's share.
+    let kept = |had: &[i32], has: &[i32]| had.iter().all(|p| has.contains(p));
+    assert!(kept(&before.0, &a.partitions()) && kept(&before.1, &b.partitions()));
+    let before = (a.partitions(), b.partitions());
+    let d = Member::join(&settings, &group, &topic);
+    let rejoined = settled(&[&a, &b, &d], 8).await;
+    // The newcomer's share comes from the others; nothing else moves.
+    assert!(kept(&a.partitions(), &before.0) && kept(&b.partitions(), &before.1));
+    eprintln!(
+        "group of 3 settled in {joined:?}; after a leave in {left:?}; after a join in {rejoined:?}"
+    );
+}
