@@ -20,6 +20,7 @@
 //! command API's memory per stream.
 
 mod commands;
+mod order_log;
 mod projections;
 mod ryw;
 mod startup;

@@ -15,16 +15,13 @@ use anyhow::Context;
 use keel_bench::load::answered;
 use keel_bench::plot::{Chart, Series, cdf};
 use keel_bench::report::{Report, Row};
-use keel_bench::{bare_selects, bare_upsert, drain, percentile, system, write_order_log};
-use keel_kafka::ensure_topics;
-use keel_tests::{
-    Broker, CommandApiConfig, Service, TestDatabase, unique_prefix, workspace_binary,
-};
+use keel_bench::{bare_selects, bare_upsert, drain, percentile, system};
+use keel_tests::{Service, TestDatabase, workspace_binary};
 use sqlx::PgPool;
 
+use crate::order_log::{OrderLog, PARTITIONS};
 use crate::{Options, Plots, ms, step};
 
-const PARTITIONS: i32 = 8;
 /// Clients of the closed loop that finds a query's maximum rate.
 const QUERY_CLIENTS: usize = 16;
 
@@ -195,18 +192,13 @@ pub(crate) async fn run(
     plots: &mut Plots,
 ) -> anyhow::Result<()> {
     let events = options.events;
-    step(&format!(
-        "projections: starting a broker (memory storage), writing {events} OrderPlaced commits"
-    ));
-    let broker = Broker::start().await?;
-    let config = CommandApiConfig::new(&broker, &unique_prefix("bench-log"), PARTITIONS, "bench");
-    let settings = broker.settings(&config.prefix, PARTITIONS);
-    let topic = ensure_topics(&settings, &["order"]).await?.remove(0);
-    let total = {
-        let (settings, topic, key) = (settings.clone(), topic.clone(), config.signing_key());
-        tokio::task::spawn_blocking(move || write_order_log(&settings, &topic, events, &key))
-            .await??
-    };
+    let OrderLog {
+        broker,
+        config,
+        settings,
+        topic,
+        total,
+    } = OrderLog::write("projections", "bench-log", events).await?;
 
     step("B_consume: a bare consumer draining the log");
     let consume = {

@@ -6,28 +6,16 @@ use std::time::Instant;
 
 use anyhow::Context;
 use keel_bench::report::{Report, Row};
-use keel_bench::{system, write_order_log};
-use keel_kafka::ensure_topics;
-use keel_tests::{Broker, CommandApiConfig, Service, unique_prefix};
+use keel_bench::system;
+use keel_tests::{CommandApiConfig, Service, unique_prefix};
 
+use crate::order_log::{OrderLog, PARTITIONS};
 use crate::{Options, step};
-
-const PARTITIONS: i32 = 8;
 
 pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     let events = options.events;
-    step(&format!(
-        "start-up: starting a broker (memory storage), writing {events} OrderPlaced commits"
-    ));
-    let broker = Broker::start().await?;
-    let config = CommandApiConfig::new(&broker, &unique_prefix("bench-start"), PARTITIONS, "bench");
-    let settings = broker.settings(&config.prefix, PARTITIONS);
-    let topic = ensure_topics(&settings, &["order"]).await?.remove(0);
-    {
-        let (settings, key) = (settings.clone(), config.signing_key());
-        tokio::task::spawn_blocking(move || write_order_log(&settings, &topic, events, &key))
-            .await??;
-    }
+    let OrderLog { broker, config, .. } =
+        OrderLog::write("start-up", "bench-start", events).await?;
 
     step("command API memory: ready with no streams, then over the log's streams");
     let empty = CommandApiConfig::new(&broker, &unique_prefix("bench-empty"), PARTITIONS, "bench");
