@@ -507,12 +507,7 @@ mod tests {
         let (_db, pool) = crate::testing::database("stale-rebuild").await;
         let orders = crate::testing::orders();
         let live = prepare(&pool, orders.as_ref()).await.unwrap();
-        let job = crate::testing::job(
-            orders,
-            &pool,
-            keel_kafka::KafkaSettings::default(),
-            Arc::new(keel_schemas::TrustedKeys::default()),
-        );
+        let job = crate::testing::offline_job(orders, &pool);
         let stale = Hold::claim(&pool, "rebuild:orders".into()).await.unwrap();
         let successor = Hold::claim(&pool, "rebuild:orders".into()).await.unwrap();
         let (building, resumed) = start_or_resume(&job, live.generation, &successor)
@@ -554,19 +549,8 @@ mod tests {
     async fn a_projector_of_older_code_refuses_to_rebuild_a_newer_generation() {
         let (_db, pool) = crate::testing::database("older-rebuild").await;
         let orders = crate::testing::orders();
-        let live = prepare(&pool, orders.as_ref()).await.unwrap();
-        sqlx::query(
-            "UPDATE keel_projections SET code_version = code_version + 1 WHERE name = 'orders'",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
-        let job = crate::testing::job(
-            orders,
-            &pool,
-            keel_kafka::KafkaSettings::default(),
-            Arc::new(keel_schemas::TrustedKeys::default()),
-        );
+        let live = crate::testing::live_by_newer_code(&pool, orders.as_ref()).await;
+        let job = crate::testing::offline_job(orders, &pool);
         let options = RebuildOptions {
             keep_old: false,
             wait_for_lock: false,

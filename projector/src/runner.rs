@@ -201,19 +201,8 @@ mod tests {
     async fn a_runner_of_older_code_stands_by_without_its_run_lock() {
         let (_db, pool) = crate::testing::database("older-code").await;
         let orders = crate::testing::orders();
-        prepare(&pool, orders.as_ref()).await.unwrap();
-        sqlx::query(
-            "UPDATE keel_projections SET code_version = code_version + 1 WHERE name = 'orders'",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
-        let job = crate::testing::job(
-            orders,
-            &pool,
-            keel_kafka::KafkaSettings::default(),
-            std::sync::Arc::new(keel_schemas::TrustedKeys::default()),
-        );
+        crate::testing::live_by_newer_code(&pool, orders.as_ref()).await;
+        let job = crate::testing::offline_job(orders, &pool);
         let runner = tokio::spawn(async move { Runner::new(job).run().await });
         // Once the runner has looked (it claims the projection first), the lock is free.
         let mut free = false;

@@ -51,3 +51,30 @@ pub(crate) fn job(
         },
     )
 }
+
+/// A job of `projection` on `pool` for tests that stop before reading the log: its broker
+/// settings are the defaults, never reached, and it trusts no key.
+pub(crate) fn offline_job(projection: Arc<dyn Projection>, pool: &PgPool) -> Job {
+    job(
+        projection,
+        pool,
+        KafkaSettings::default(),
+        Arc::new(TrustedKeys::default()),
+    )
+}
+
+/// Prepares `projection`'s live generation and makes it look built by newer code than
+/// this build's: what an older projector meets after a newer one rebuilt it. Returns the
+/// live generation as prepared.
+pub(crate) async fn live_by_newer_code(
+    pool: &PgPool,
+    projection: &dyn Projection,
+) -> crate::generation::Live {
+    let live = crate::generation::prepare(pool, projection).await.unwrap();
+    sqlx::query("UPDATE keel_projections SET code_version = code_version + 1 WHERE name = $1")
+        .bind(projection.name())
+        .execute(pool)
+        .await
+        .unwrap();
+    live
+}
