@@ -4,6 +4,7 @@
 //! against state read from the log, appends one commit record per command, and
 //! acknowledges only after reading the commit back through the partition gate.
 
+pub mod cluster;
 pub mod commands;
 pub mod error;
 pub mod owner;
@@ -13,5 +14,5 @@ mod settings;
 mod startup;
 
 pub use routes::app;
-pub use settings::Settings;
+pub use settings::{Assignment, Settings};
 pub use startup::Application;

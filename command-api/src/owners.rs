@@ -1,38 +1,23 @@
-//! Every partition owner of this instance: one per partition of each aggregate's topic
-//! (the aggregates as `keel_domain::visit_aggregates` lists them),
-//! started over any [`PartitionLog`] (Kafka in production, memory in tests), and the
-//! channels the routes send commands through.
+//! The partition owners of this instance: at most one per partition of each aggregate's
+//! topic, started when the instance is given a partition and stopped when it gives it up,
+//! over any [`PartitionLog`] (Kafka in production, memory in tests), and the channels the
+//! routes send commands through.
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use keel_domain::{AggregateVisitor, ShopAggregate, visit_aggregates};
+use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
 use keel_schemas::{SigningKey, TrustedKeys};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
-use crate::owner::{CommandRequest, PartitionLog, PartitionOwner, StatusCell};
+use crate::owner::{CommandRequest, PartitionLog, PartitionOwner, Status, StatusCell, Stop};
 
 /// Commands that may wait for one partition's owner before new ones get a 503.
 const QUEUE_PER_PARTITION: usize = 4096;
-
-/// The channels to every partition owner: for each aggregate, its owners' senders,
-/// indexed by partition.
-#[derive(Clone, Default)]
-pub struct Owners {
-    /// `Vec<mpsc::Sender<CommandRequest<A>>>` by `A::TYPE`.
-    senders: HashMap<&'static str, Arc<dyn Any + Send + Sync>>,
-}
-
-impl std::fmt::Debug for Owners {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Owners")
-            .field("aggregates", &self.senders.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
 
 /// What an owner of this instance is started with, besides its log.
 #[derive(Clone, Debug)]
@@ -49,98 +34,205 @@ pub struct OwnerSettings {
     pub partitions: i32,
     /// How long an idempotency key is kept from its commit's time.
     pub key_retention: Duration,
+    /// When the owner is one of several instances' (assigned its partition by the group),
+    /// how long after losing the partition to another writer it fences again.
+    pub retake_after: Option<Duration>,
 }
 
-/// Started owners: their channels, their statuses (for readiness), and their tasks.
-pub struct Started {
-    /// The channels to them.
-    pub owners: Owners,
-    /// Their statuses.
-    pub statuses: Vec<StatusCell>,
-    /// Their tasks; each ends when its channel closes.
-    pub tasks: JoinSet<()>,
+/// A running owner.
+struct Slot {
+    /// Its `mpsc::Sender<CommandRequest<A>>`.
+    sender: Arc<dyn Any + Send + Sync>,
+    status: StatusCell,
+    stop: oneshot::Sender<Stop>,
+    task: JoinHandle<()>,
+}
+
+/// The owners of this instance, by stream type and partition.
+#[derive(Default)]
+pub struct Owners {
+    slots: HashMap<&'static str, Vec<RwLock<Option<Slot>>>>,
+}
+
+impl std::fmt::Debug for Owners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owners")
+            .field("aggregates", &self.slots.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Owners {
-    /// The senders to the owners of `A`'s partitions, indexed by partition.
-    pub fn of<A: ShopAggregate>(&self) -> &[mpsc::Sender<CommandRequest<A>>] {
-        self.senders
-            .get(A::TYPE)
-            .and_then(|s| s.downcast_ref::<Vec<mpsc::Sender<CommandRequest<A>>>>())
-            .map_or(&[], Vec::as_slice)
+    /// No owner yet, with room for `partitions` of each aggregate's topic.
+    pub fn new(partitions: i32) -> Self {
+        let slots = keel_domain::STREAM_TYPES
+            .iter()
+            .map(|t| (*t, (0..partitions).map(|_| RwLock::new(None)).collect()))
+            .collect();
+        Self { slots }
     }
 
-    /// Starts one owner per partition of each aggregate's topic over the log `log` gives
-    /// for (stream type, partition), aggregate after aggregate.
-    pub fn start<L: PartitionLog>(
+    /// Starts an owner of every partition of every aggregate's topic, over the log `log`
+    /// gives for (stream type, partition): the instance that owns everything.
+    pub fn start_all<L: PartitionLog>(
         settings: &OwnerSettings,
         mut log: impl FnMut(&'static str, i32) -> anyhow::Result<L>,
-    ) -> anyhow::Result<Started> {
-        struct StartAll<'a, L, F> {
-            settings: &'a OwnerSettings,
-            log: &'a mut F,
-            started: Started,
-            failed: Option<anyhow::Error>,
-            _log: std::marker::PhantomData<L>,
+    ) -> anyhow::Result<Self> {
+        let owners = Self::new(settings.partitions);
+        for stream_type in keel_domain::STREAM_TYPES {
+            for partition in 0..settings.partitions {
+                owners.start(
+                    stream_type,
+                    partition,
+                    log(stream_type, partition)?,
+                    settings,
+                )?;
+            }
         }
-        impl<L, F> AggregateVisitor for StartAll<'_, L, F>
-        where
-            L: PartitionLog,
-            F: FnMut(&'static str, i32) -> anyhow::Result<L>,
-        {
-            fn visit<A: ShopAggregate>(&mut self) {
-                if self.failed.is_some() {
-                    return;
+        Ok(owners)
+    }
+
+    /// The channel to the owner of `A`'s `partition`, if this instance runs one.
+    pub fn of<A: ShopAggregate>(&self, partition: i32) -> Option<mpsc::Sender<CommandRequest<A>>> {
+        let slot = self.slot(A::TYPE, partition)?.read().ok()?;
+        slot.as_ref()?
+            .sender
+            .downcast_ref::<mpsc::Sender<CommandRequest<A>>>()
+            .cloned()
+    }
+
+    /// The statuses of the owners running now.
+    pub fn statuses(&self) -> Vec<StatusCell> {
+        let mut statuses: Vec<StatusCell> = self
+            .slots
+            .values()
+            .flatten()
+            .filter_map(|slot| slot.read().ok()?.as_ref().map(|s| s.status.clone()))
+            .collect();
+        statuses.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        statuses
+    }
+
+    /// True when this instance runs an owner of `stream_type`'s `partition`.
+    pub fn runs(&self, stream_type: &str, partition: i32) -> bool {
+        self.slot(stream_type, partition)
+            .and_then(|slot| slot.read().ok().map(|s| s.is_some()))
+            .unwrap_or(false)
+    }
+
+    fn slot(&self, stream_type: &str, partition: i32) -> Option<&RwLock<Option<Slot>>> {
+        self.slots
+            .get(stream_type)?
+            .get(usize::try_from(partition).ok()?)
+    }
+
+    /// Starts the owner of `stream_type`'s `partition` over `log`; does nothing when one
+    /// runs already.
+    pub fn start<L: PartitionLog>(
+        &self,
+        stream_type: &str,
+        partition: i32,
+        log: L,
+        settings: &OwnerSettings,
+    ) -> anyhow::Result<()> {
+        let slot = self
+            .slot(stream_type, partition)
+            .ok_or_else(|| anyhow::anyhow!("no partition {partition} of {stream_type}"))?;
+        let mut slot = slot
+            .write()
+            .map_err(|_| anyhow::anyhow!("the owners' table is poisoned"))?;
+        if slot.is_some() {
+            return Ok(());
+        }
+        struct Start<'a, L> {
+            log: L,
+            settings: &'a OwnerSettings,
+        }
+        impl<L: PartitionLog> AggregateFn for Start<'_, L> {
+            type Output = Slot;
+            fn call<A: ShopAggregate>(self) -> Slot {
+                let settings = self.settings;
+                let (owner, status) = PartitionOwner::<A, L>::new(
+                    self.log,
+                    &settings.instance,
+                    Arc::clone(&settings.signing_key),
+                    Arc::clone(&settings.policy),
+                    settings.timeout,
+                );
+                let mut owner = owner.with_key_retention(settings.key_retention);
+                if let Some(after) = settings.retake_after {
+                    owner = owner.retaking_after(after);
                 }
-                match start::<A, L>(self.settings, self.log, &mut self.started) {
-                    Ok(senders) => {
-                        self.started
-                            .owners
-                            .senders
-                            .insert(A::TYPE, Arc::new(senders));
-                    }
-                    Err(e) => self.failed = Some(e),
+                let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
+                let (stop, stop_rx) = oneshot::channel();
+                let task = tokio::spawn(owner.run_until(rx, Some(stop_rx)));
+                Slot {
+                    sender: Arc::new(tx),
+                    status,
+                    stop,
+                    task,
                 }
             }
         }
-        let mut all = StartAll {
-            settings,
-            log: &mut log,
-            started: Started {
-                owners: Owners::default(),
-                statuses: Vec::new(),
-                tasks: JoinSet::new(),
-            },
-            failed: None,
-            _log: std::marker::PhantomData,
-        };
-        visit_aggregates(&mut all);
-        match all.failed {
-            Some(e) => Err(e),
-            None => Ok(all.started),
-        }
+        *slot = Some(
+            with_aggregate(stream_type, Start { log, settings })
+                .ok_or_else(|| anyhow::anyhow!("no aggregate of stream type {stream_type}"))?,
+        );
+        Ok(())
     }
-}
 
-fn start<A: ShopAggregate, L: PartitionLog>(
-    settings: &OwnerSettings,
-    log: &mut impl FnMut(&'static str, i32) -> anyhow::Result<L>,
-    started: &mut Started,
-) -> anyhow::Result<Vec<mpsc::Sender<CommandRequest<A>>>> {
-    (0..settings.partitions)
-        .map(|partition| {
-            let (owner, status) = PartitionOwner::<A, L>::new(
-                log(A::TYPE, partition)?,
-                &settings.instance,
-                Arc::clone(&settings.signing_key),
-                Arc::clone(&settings.policy),
-                settings.timeout,
+    /// Stops the owner of `stream_type`'s `partition`, if one runs: new commands for it
+    /// find no owner here at once; it answers those it has taken, then (for a
+    /// [`Stop::Handoff`]) leaves the handoff mark in the log. Returns when it has stopped,
+    /// or after `within`, when it is stopped where it is.
+    pub async fn stop(&self, stream_type: &str, partition: i32, how: Stop, within: Duration) {
+        let Some(slot) = self.slot(stream_type, partition) else {
+            return;
+        };
+        let taken = match slot.write() {
+            Ok(mut slot) => slot.take(),
+            Err(_) => None,
+        };
+        let Some(Slot {
+            status,
+            stop,
+            mut task,
+            ..
+        }) = taken
+        else {
+            return;
+        };
+        let _ = stop.send(how);
+        if tokio::time::timeout(within, &mut task).await.is_err() {
+            warn!(
+                topic = status.topic,
+                partition, "the owner did not stop in time: stopped where it was"
             );
-            let owner = owner.with_key_retention(settings.key_retention);
-            let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
-            started.tasks.spawn(owner.run(rx));
-            started.statuses.push(status);
-            Ok(tx)
-        })
-        .collect()
+            task.abort();
+            // Its log (and the partition's reader) is gone once the task is.
+            let _ = task.await;
+        }
+        info!(topic = status.topic, partition, ?how, "owner stopped");
+    }
+
+    /// Stops every owner (see [`Owners::stop`]), together.
+    pub async fn stop_all(&self, how: Stop, within: Duration) {
+        let running: Vec<(&'static str, i32)> = self
+            .slots
+            .iter()
+            .flat_map(|(t, slots)| {
+                slots.iter().enumerate().filter_map(move |(p, slot)| {
+                    let runs = slot.read().ok().is_some_and(|s| s.is_some());
+                    runs.then(|| (*t, i32::try_from(p).unwrap_or(i32::MAX)))
+                })
+            })
+            .collect();
+        let stops = running.iter().map(|(t, p)| self.stop(t, *p, how, within));
+        futures::future::join_all(stops).await;
+    }
+
+    /// True when every owner running serves.
+    pub fn all_serving(&self) -> bool {
+        self.statuses().iter().all(|s| s.get() == Status::Serving)
+    }
 }

@@ -53,12 +53,61 @@ pub struct Cli {
     /// The public keys verifiers accept.
     #[arg(long, env = "KEEL_TRUSTED_KEYS_FILE", default_value = DEFAULT_TRUSTED_KEYS_FILE, value_name = "PATH")]
     pub trusted_keys_file: PathBuf,
+    /// How this instance gets its partitions: `group` (the instances started against the
+    /// same topics divide them through a Kafka consumer group, and rebalance as instances
+    /// come and go) or `all` (this instance takes every partition, fencing any other out).
+    #[arg(long, env = "KEEL_ASSIGNMENT", default_value = "group", value_parser = ["group", "all"])]
+    pub assignment: String,
+    /// The URL other instances forward commands for this instance's partitions to
+    /// (default: http://<the listener's address>). Set it when the listener's address is
+    /// not the one others reach, such as 0.0.0.0 or behind NAT.
+    #[arg(long, env = "KEEL_ADVERTISED_URL", value_name = "URL")]
+    pub advertised_url: Option<String>,
+    /// The consumer group the instances share (default: <topic prefix>.command-api).
+    #[arg(long, env = "KEEL_GROUP", value_name = "ID")]
+    pub group: Option<String>,
+    /// How long the group waits for a silent instance (killed, cut off, paused) before
+    /// its partitions go to the others, in milliseconds. Every instance must use the same.
+    #[arg(
+        long,
+        env = "KEEL_GROUP_SESSION_TIMEOUT_MS",
+        default_value_t = 6_000,
+        value_name = "MS"
+    )]
+    pub group_session_timeout_ms: u64,
+    /// How long a partition's owner may take to hand it over (finish its flush, leave the
+    /// handoff mark) before the group moves it anyway, in milliseconds.
+    #[arg(
+        long,
+        env = "KEEL_HANDOFF_TIMEOUT_MS",
+        default_value_t = 5_000,
+        value_name = "MS"
+    )]
+    pub handoff_timeout_ms: u64,
     /// Kafka.
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Authentication, limits and TLS.
     #[command(flatten)]
     pub edge: EdgeArgs,
+}
+
+/// How an instance gets its partitions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Assignment {
+    /// It takes every partition.
+    All,
+    /// The instances of a consumer group divide them.
+    Group {
+        /// The group's id.
+        group: String,
+        /// The URL others forward to; `None` for the listener's own.
+        advertised_url: Option<String>,
+        /// How long the group waits for a silent member.
+        session_timeout: Duration,
+        /// How long a handoff may take.
+        handoff_timeout: Duration,
+    },
 }
 
 /// The command API's settings.
@@ -76,6 +125,8 @@ pub struct Settings {
     pub signing_key_file: PathBuf,
     /// The public keys verifiers accept.
     pub trusted_keys_file: PathBuf,
+    /// How this instance gets its partitions.
+    pub assignment: Assignment,
     /// Kafka settings.
     pub kafka: KafkaSettings,
     /// Authentication, limits and TLS.
@@ -98,6 +149,11 @@ impl Settings {
             "KEEL_IDEMPOTENCY_RETENTION_SECS must be at least {MIN_KEY_RETENTION_SECS}: a shorter \
              retention forgets the keys of retries still under way"
         );
+        let kafka = cli.kafka.settings().context("reading the Kafka settings")?;
+        anyhow::ensure!(
+            (1_000..=3_600_000).contains(&cli.group_session_timeout_ms),
+            "KEEL_GROUP_SESSION_TIMEOUT_MS must be between 1000 and 3600000"
+        );
         Ok(Self {
             addr: cli.addr,
             instance,
@@ -105,8 +161,38 @@ impl Settings {
             idempotency_retention: Duration::from_secs(cli.idempotency_retention_secs),
             signing_key_file: cli.signing_key_file,
             trusted_keys_file: cli.trusted_keys_file,
-            kafka: cli.kafka.settings().context("reading the Kafka settings")?,
+            assignment: match cli.assignment.as_str() {
+                "all" => Assignment::All,
+                _ => Assignment::Group {
+                    group: cli
+                        .group
+                        .unwrap_or_else(|| format!("{}.command-api", kafka.topic_prefix)),
+                    advertised_url: match cli.advertised_url {
+                        Some(url) => Some(advertised(&url)?),
+                        None => None,
+                    },
+                    session_timeout: Duration::from_millis(cli.group_session_timeout_ms),
+                    handoff_timeout: Duration::from_millis(cli.handoff_timeout_ms),
+                },
+            },
+            kafka,
             edge: cli.edge.settings().context("reading the HTTP settings")?,
         })
     }
+}
+
+/// An advertised URL, checked: http or https, a host, no path beyond `/`.
+fn advertised(url: &str) -> anyhow::Result<String> {
+    let trimmed = url.trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("KEEL_ADVERTISED_URL must start with http:// or https://: {url:?}")
+        })?;
+    anyhow::ensure!(
+        !rest.is_empty() && !rest.contains('/') && !rest.contains(char::is_whitespace),
+        "KEEL_ADVERTISED_URL must be a scheme and host[:port] only, like http://10.0.0.5:8080: {url:?}"
+    );
+    Ok(trimmed.to_owned())
 }

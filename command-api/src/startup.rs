@@ -4,19 +4,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use keel_http::{Edge, EdgeSettings};
-use keel_kafka::{LogProducer, PartitionReader, ensure_topics};
+use keel_kafka::{LogProducer, PartitionReader, ReaderPool, ensure_topics};
 use keel_schemas::{SigningKey, TopicPartition, TrustedKeys};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::Settings;
-use crate::owner::KafkaPartition;
-use crate::owners::{OwnerSettings, Owners, Started};
-use crate::routes::{AppState, app};
+use crate::cluster::{Cluster, Join};
+use crate::owner::{KafkaPartition, Stop};
+use crate::owners::{OwnerSettings, Owners};
+use crate::routes::{AppState, app, topics as topic_names};
+use crate::settings::Assignment;
 
 /// How often start-up asks again where the partitions end before it gives up.
 const END_OFFSET_ATTEMPTS: u32 = 10;
+
+/// How long the owners left at exit may take to hand their partitions over.
+const HANDOFF_ON_EXIT: Duration = Duration::from_secs(5);
 
 /// A built command API: topics ensured, partition owners started, listener bound.
 pub struct Application {
@@ -24,7 +28,6 @@ pub struct Application {
     state: AppState,
     edge: Edge,
     edge_settings: EdgeSettings,
-    tasks: JoinSet<()>,
 }
 
 impl Application {
@@ -50,21 +53,114 @@ impl Application {
         info!(key_id = signing_key.key_id(), "signing commits");
         let policy = TrustedKeys::read(&settings.trusted_keys_file)
             .context("reading the trusted keys (KEEL_TRUSTED_KEYS_FILE)")?;
+        // Every reader's gate (its own included) would skip this instance's fences: it
+        // could take no partition, and in a group would hold the ones it is given unserved.
         if !policy.trusts(signing_key.key_id()) {
-            // Its own gate, the same as every reader's, will skip its fences.
             error!(
                 key_id = signing_key.key_id(),
                 trusted = %settings.trusted_keys_file.display(),
-                "the signing key is not in the trusted keys file: no reader trusts this instance's fences, so it can take no partition; add its line to the trusted keys file of every process"
+                "the signing key is not in the trusted keys file: no reader would count this instance's fences"
+            );
+            anyhow::bail!(
+                "the signing key {} is not in the trusted keys file {}: no reader would count this \
+                 instance's fences, so it cannot serve; add its line (see `command-api --help`) to \
+                 the trusted keys file of every process",
+                signing_key.key_id(),
+                settings.trusted_keys_file.display()
+            );
+        }
+        if policy.is_retired(signing_key.key_id()) {
+            anyhow::bail!(
+                "the signing key {} is retired in the trusted keys file {}: once a key in service \
+                 owns a partition, fences signed with a retired one take nothing; sign with a key \
+                 in service",
+                signing_key.key_id(),
+                settings.trusted_keys_file.display()
             );
         }
         let signing_key = Arc::new(signing_key);
         let producer = LogProducer::new(&settings.kafka).context("creating the producer")?;
+        let kafka = &settings.kafka;
+        let listener = TcpListener::bind(settings.addr)
+            .await
+            .with_context(|| format!("binding {}", settings.addr))?;
+        let mut owner_settings = OwnerSettings {
+            instance: settings.instance.clone(),
+            signing_key,
+            policy: Arc::new(policy),
+            timeout: settings.kafka.timeout,
+            partitions: settings.kafka.partitions,
+            key_retention: settings.idempotency_retention,
+            retake_after: None,
+        };
+        let (owners, cluster) = match &settings.assignment {
+            Assignment::All => (
+                Arc::new(Self::own_everything(kafka, &producer, &owner_settings).await?),
+                None,
+            ),
+            Assignment::Group {
+                group,
+                advertised_url,
+                session_timeout,
+                handoff_timeout,
+            } => {
+                let url = match advertised_url {
+                    Some(url) => url.clone(),
+                    None => format!("http://{}", listener.local_addr()?),
+                };
+                // An owner the group still names after another writer fenced it (one the
+                // group let go, paused past its session) fences again once that writer
+                // has surely learnt it was let go.
+                owner_settings.retake_after = Some(*session_timeout);
+                let owners = Arc::new(Owners::new(kafka.partitions));
+                // One consumer reads every partition this instance owns, each into its own
+                // queue, as partitions come and go: one fetch request serves them all.
+                let readers = ReaderPool::new(kafka).context("opening the partition readers")?;
+                let cluster = Cluster::join(Join {
+                    kafka,
+                    group: group.clone(),
+                    url: url.clone(),
+                    session_timeout: *session_timeout,
+                    handoff_timeout: *handoff_timeout,
+                    owners: Arc::clone(&owners),
+                    owner_settings,
+                    producer,
+                    readers,
+                })
+                .context("joining the group")?;
+                info!(
+                    group,
+                    url, "joined the group: partitions follow its assignment"
+                );
+                (owners, Some(cluster))
+            }
+        };
+        let state = AppState {
+            owners,
+            cluster,
+            instance: settings.instance.clone(),
+            topics: topic_names(&kafka.topic_prefix),
+            partitions: settings.kafka.partitions,
+            request_timeout: settings.request_timeout,
+        };
+        Ok(Self {
+            listener,
+            state,
+            edge,
+            edge_settings: settings.edge,
+        })
+    }
+
+    /// Starts an owner of every partition: the instance that takes them all.
+    async fn own_everything(
+        kafka: &keel_kafka::KafkaSettings,
+        producer: &LogProducer,
+        owner_settings: &OwnerSettings,
+    ) -> anyhow::Result<Owners> {
         // One consumer reads every partition this instance owns, each into its own queue:
         // one fetch request serves them all, however many partitions there are. It starts
         // where each partition ends now; each owner reads what is before through a history
         // reader of its own (see KafkaPartition).
-        let kafka = &settings.kafka;
         let all: Vec<TopicPartition> = keel_domain::STREAM_TYPES
             .iter()
             .flat_map(|t| {
@@ -85,45 +181,17 @@ impl Application {
             }
         };
         let mut readers: HashMap<TopicPartition, PartitionReader> =
-            PartitionReader::open_many(&settings.kafka, &partitions)
+            PartitionReader::open_many(kafka, &partitions)
                 .context("opening the partition readers")?
                 .into_iter()
                 .map(|r| (TopicPartition::new(r.topic(), r.partition()), r))
                 .collect();
-        let owner_settings = OwnerSettings {
-            instance: settings.instance.clone(),
-            signing_key,
-            policy: Arc::new(policy),
-            timeout: settings.kafka.timeout,
-            partitions: settings.kafka.partitions,
-            key_retention: settings.idempotency_retention,
-        };
-        let Started {
-            owners,
-            statuses,
-            tasks,
-        } = Owners::start(&owner_settings, |stream_type, partition| {
+        Owners::start_all(owner_settings, |stream_type, partition| {
             let at = TopicPartition::new(kafka.topic(stream_type), partition);
             let reader = readers
                 .remove(&at)
                 .with_context(|| format!("no reader for {at}"))?;
             Ok(KafkaPartition::new(producer.clone(), reader, kafka))
-        })?;
-        let listener = TcpListener::bind(settings.addr)
-            .await
-            .with_context(|| format!("binding {}", settings.addr))?;
-        let state = AppState {
-            owners: Arc::new(owners),
-            statuses: Arc::new(statuses),
-            partitions: settings.kafka.partitions,
-            request_timeout: settings.request_timeout,
-        };
-        Ok(Self {
-            listener,
-            state,
-            edge,
-            edge_settings: settings.edge,
-            tasks,
         })
     }
 
@@ -132,9 +200,10 @@ impl Application {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves until Ctrl-C or SIGTERM; then stops accepting, lets in-flight commands
-    /// finish, and stops the partition owners.
-    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
+    /// Serves until Ctrl-C or SIGTERM; then hands every partition over (leaving the group
+    /// first, so the others take them while this instance still forwards), stops
+    /// accepting, and lets in-flight commands finish.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         info!(
             addr = %self.local_addr()?,
             tls = self.edge_settings.tls.is_some(),
@@ -142,17 +211,19 @@ impl Application {
             "command API listening"
         );
         let router = app(self.state.clone(), &self.edge);
-        drop(self.state);
-        keel_http::serve(
-            self.listener,
-            router,
-            &self.edge_settings,
-            keel_telemetry::shutdown_signal(),
-        )
-        .await
-        .context("serving HTTP")?;
-        // The router, and with it every sender, is gone: the owners finish and return.
-        while self.tasks.join_next().await.is_some() {}
+        let state = self.state;
+        let cluster = state.cluster.clone();
+        let stopped = async move {
+            keel_telemetry::shutdown_signal().await;
+            if let Some(cluster) = cluster {
+                cluster.leave().await;
+            }
+        };
+        keel_http::serve(self.listener, router, &self.edge_settings, stopped)
+            .await
+            .context("serving HTTP")?;
+        // Whatever still runs (every owner, when this instance took them all) hands over.
+        state.owners.stop_all(Stop::Handoff, HANDOFF_ON_EXIT).await;
         info!("stopped");
         Ok(())
     }

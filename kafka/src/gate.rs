@@ -93,6 +93,12 @@ pub enum Rejection {
         /// Its rules.
         rules: u32,
     },
+    /// The mark a writer leaves when it hands the partition over: it takes nothing.
+    #[error("handoff by {writer:?}: the writer stopped writing; the mark takes nothing")]
+    Handoff {
+        /// The writer that handed the partition over.
+        writer: Writer,
+    },
     /// A commit whose hash does not recompute from its content.
     #[error("{stream}: the commit's hash does not recompute")]
     BadHash {
@@ -330,6 +336,11 @@ impl PartitionGate {
     /// counts), or why it is skipped.
     fn fence_verdict(&self, fence: &FenceRecord) -> Result<Option<String>, Rejection> {
         let writer = &fence.writer;
+        if fence.handoff {
+            return Err(Rejection::Handoff {
+                writer: writer.clone(),
+            });
+        }
         if self.owner.is_some() && writer.epoch <= self.highest_epoch {
             return Err(Rejection::StaleFence {
                 epoch: writer.epoch,

@@ -10,6 +10,7 @@ mod admin;
 mod error;
 pub mod gate;
 mod gated;
+mod group;
 mod partitioner;
 mod producer;
 mod reader;
@@ -19,9 +20,14 @@ pub use admin::ensure_topics;
 pub use error::KafkaError;
 pub use gate::{GATE_RULES, PartitionGate, Rejection, StreamHead, hash_bytes};
 pub use gated::{Checked, Gated, Verdict, check_records, in_two_halves, read_through_gate};
+pub use group::{
+    GroupEvent, GroupMember, GroupMembership, GroupSettings, GroupView, HandedOver,
+    parse_assignment,
+};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{LogProducer, record_headers};
 pub use reader::{
-    AbortOnDrop, LogEntry, LogReader, PartitionReader, READ_BACK_FETCH_WAIT_MS, end_offsets,
+    AbortOnDrop, LogEntry, LogReader, PartitionReader, READ_BACK_FETCH_WAIT_MS, ReaderPool,
+    end_offsets,
 };
 pub use settings::{KafkaArgs, KafkaSettings};

@@ -228,6 +228,117 @@ pub struct PartitionReader {
     partition: i32,
     next_offset: i64,
     timeout: Duration,
+    /// Opened from a [`ReaderPool`]: its partition leaves the shared consumer's
+    /// assignment when it is dropped.
+    pooled: bool,
+}
+
+impl Drop for PartitionReader {
+    fn drop(&mut self) {
+        if !self.pooled {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.topic, self.partition);
+        if let Err(e) = self.consumer.incremental_unassign(&list) {
+            warn!(topic = %self.topic, partition = self.partition, error = %e, "closing a pooled reader");
+        }
+    }
+}
+
+/// One consumer that readers of single partitions are opened on and closed from one at a
+/// time, as an instance gains and loses partitions: one connection and one fetch request
+/// serve all of them, whichever are open.
+#[derive(Clone)]
+pub struct ReaderPool {
+    consumer: Arc<StreamConsumer>,
+    driver: Arc<AbortOnDrop<()>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ReaderPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReaderPool").finish_non_exhaustive()
+    }
+}
+
+impl ReaderPool {
+    /// A pool with no partition open. Must be called within a Tokio runtime.
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
+        let consumer = Arc::new(reader_consumer(settings, READ_BACK_FETCH_WAIT_MS)?);
+        consumer
+            .assign(&TopicPartitionList::new())
+            .map_err(KafkaError::client("starting a reader pool"))?;
+        let driver = Arc::new(drive(Arc::clone(&consumer)));
+        Ok(Self {
+            consumer,
+            driver,
+            timeout: settings.timeout,
+        })
+    }
+
+    /// Where each of `partitions` ends now: the offset its next record will get.
+    pub async fn end_offsets(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
+        high_watermarks(
+            Arc::clone(&self.consumer),
+            partitions.to_vec(),
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Opens a reader of `at` whose first record will be at `from_offset`. A partition has
+    /// at most one reader open in a pool at a time.
+    pub fn open(
+        &self,
+        at: &TopicPartition,
+        from_offset: i64,
+    ) -> Result<PartitionReader, KafkaError> {
+        let queue = self
+            .consumer
+            .split_partition_queue(&at.topic, at.partition)
+            .ok_or_else(|| KafkaError::Reader(format!("{at} has no queue")))?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&at.topic, at.partition, Offset::Offset(from_offset))
+            .map_err(KafkaError::client(format!("assigning {at}")))?;
+        self.consumer
+            .incremental_assign(&list)
+            .map_err(KafkaError::client(format!("assigning {at}")))?;
+        Ok(PartitionReader {
+            consumer: Arc::clone(&self.consumer),
+            queue,
+            _driver: Arc::clone(&self.driver),
+            topic: at.topic.clone(),
+            partition: at.partition,
+            next_offset: from_offset,
+            timeout: self.timeout,
+            pooled: true,
+        })
+    }
+}
+
+/// Serves a consumer's own queue, which carries errors and client events only (each
+/// partition's records go to the queue split off for it), until dropped.
+fn drive(consumer: Arc<StreamConsumer>) -> AbortOnDrop<()> {
+    AbortOnDrop(tokio::spawn(async move {
+        loop {
+            match consumer.recv().await {
+                Ok(message) => error!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "a record arrived in the consumer's own queue, not its partition's"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "log reader");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }))
 }
 
 /// Aborts a task when dropped: for tasks that serve a value's owner and must not outlive
@@ -329,23 +440,7 @@ impl PartitionReader {
             .map_err(KafkaError::client("assigning partitions"))?;
         // The consumer's own queue carries errors and client events only; it must still
         // be served.
-        let served = Arc::clone(&consumer);
-        let driver = Arc::new(AbortOnDrop(tokio::spawn(async move {
-            loop {
-                match served.recv().await {
-                    Ok(message) => error!(
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        "a record arrived in the consumer's own queue, not its partition's"
-                    ),
-                    Err(e) => {
-                        warn!(error = %e, "log reader");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        })));
+        let driver = Arc::new(drive(Arc::clone(&consumer)));
         Ok(partitions
             .iter()
             .zip(queues)
@@ -357,6 +452,7 @@ impl PartitionReader {
                 partition: at.partition,
                 next_offset: *from_offset,
                 timeout: settings.timeout,
+                pooled: false,
             })
             .collect())
     }

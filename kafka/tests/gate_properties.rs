@@ -559,3 +559,41 @@ fn a_signed_fence_claims_only_the_partition_it_names() {
     ));
     assert_eq!(upgraded.owner(), Some(&owner));
 }
+
+#[test]
+fn a_handoff_mark_takes_nothing_whatever_its_epoch() {
+    let old = Writer {
+        instance: "old".into(),
+        epoch: 1,
+    };
+    let mut gate = PartitionGate::new(policy(), &here());
+    assert!(gate.admit(&fence(&old)).is_ok());
+    let first = commit(&old, stream(0), 0, None, 1);
+    assert!(gate.admit(&first).is_ok());
+    let mark = |writer: &Writer| {
+        LogRecord::Fence(FenceRecord::handoff(writer.clone(), &here()).signed(key()))
+    };
+    // The owner's own mark, and one signed with a higher epoch: neither is a fence.
+    let higher = Writer {
+        instance: "old".into(),
+        epoch: 7,
+    };
+    for record in [mark(&old), mark(&higher)] {
+        assert!(
+            matches!(gate.admit(&record), Err(Rejection::Handoff { .. })),
+            "a handoff mark is never counted as a fence"
+        );
+    }
+    assert_eq!(gate.owner(), Some(&old));
+    assert_eq!(gate.highest_epoch(), 1);
+    // The next owner fences above the highest epoch, as after any owner.
+    let new = Writer {
+        instance: "new".into(),
+        epoch: 2,
+    };
+    assert!(gate.admit(&fence(&new)).is_ok());
+    assert!(
+        gate.admit(&commit(&new, stream(0), 1, Some(hash_of(&first)), 1))
+            .is_ok()
+    );
+}

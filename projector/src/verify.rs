@@ -234,6 +234,8 @@ fn check_record(
                         format!("a fence the gate skipped, so it took nothing: {rejection}"),
                     ));
                 }
+                // A planned handoff's mark: nothing to report.
+                Err(Rejection::Handoff { .. }) => {}
                 Err(rejection) if only.is_none() => report.findings.push(finding(
                     FindingKind::Zombie,
                     None,

@@ -209,6 +209,11 @@ pub struct FenceRecord {
     /// The partition it claims (fences of [`FENCE_RULES`]; absent before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claims: Option<FencedPartition>,
+    /// Set on the mark a writer leaves in the log when it hands the partition over
+    /// (a planned handoff): it has stopped writing there. It takes nothing (readers never
+    /// count it as a fence); the next owner fences as always.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
     /// The writer's Ed25519 signature over [`FenceRecord::digest`], so a fence cannot be
     /// forged by someone who can only write to the broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -231,7 +236,17 @@ impl FenceRecord {
             recorded_at: Timestamp::now(),
             rules: Some(FENCE_RULES),
             claims: Some(FencedPartition::of(at)),
+            handoff: false,
             signature: None,
+        }
+    }
+
+    /// The mark `writer` leaves on the partition `at` when it hands it over, recorded now,
+    /// not yet signed.
+    pub fn handoff(writer: Writer, at: &crate::TopicPartition) -> Self {
+        Self {
+            handoff: true,
+            ..Self::ruled(writer, at)
         }
     }
 
@@ -555,6 +570,20 @@ mod tests {
             claiming.digest(),
             "718a384dfec2f01c3c2ab5b81a9ada4fa80279a85cf771a7a248415b795bdc21"
         );
+        assert!(!claiming.handoff, "a fence without the field is no handoff");
+        let handoff = FenceRecord {
+            handoff: true,
+            ..claiming.clone()
+        };
+        assert_ne!(
+            handoff.digest(),
+            claiming.digest(),
+            "the handoff mark is covered by the signature"
+        );
+        assert_eq!(
+            serde_json::to_value(LogRecord::Fence(handoff)).unwrap()["handoff"],
+            true
+        );
     }
 
     #[test]
@@ -570,6 +599,7 @@ mod tests {
                 stream_type: "order".into(),
                 partition: 2,
             }),
+            handoff: false,
             signature: None,
         });
         let raw: Value = serde_json::from_slice(&fence.encode()).unwrap();

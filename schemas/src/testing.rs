@@ -48,6 +48,7 @@ pub fn fence(writer: &Writer) -> LogRecord {
         recorded_at: Timestamp::now(),
         rules: None,
         claims: None,
+        handoff: false,
         signature: None,
     })
 }

@@ -35,4 +35,4 @@ pub use outcome::{
     Answer, Answered, CommandRequest, EventSummary, NoAnswer, Outcome, OwnerError, Reply,
     RequestMeta, reply_channel,
 };
-pub use task::{PartitionOwner, Status, StatusCell};
+pub use task::{PartitionOwner, Status, StatusCell, Stop};

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use keel_domain::Aggregate;
@@ -23,7 +23,7 @@ use keel_schemas::{
     CommitRecord, FenceRecord, LogRecord, Position, ReceiptRecord, SigningKey, TopicPartition,
     TrustedKeys, Writer, decode_event,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, instrument, warn};
 use uuid::Uuid;
 
@@ -92,6 +92,17 @@ impl Status {
     }
 }
 
+/// Why an owner is asked to stop serving its partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// A planned handoff: it takes no new command, answers those it has taken, and
+    /// leaves the handoff mark in the log, so the next owner fences after it.
+    Handoff,
+    /// The partition was taken away (the group dropped this instance, perhaps while it
+    /// was paused): it answers those it has taken and writes nothing more.
+    Lost,
+}
+
 /// A partition owner's status, shared with the readiness route.
 #[derive(Clone, Debug)]
 pub struct StatusCell {
@@ -100,6 +111,10 @@ pub struct StatusCell {
     /// The partition.
     pub partition: i32,
     cell: Arc<AtomicU8>,
+    /// The writer this owner fenced as, once it did.
+    writer: Arc<std::sync::OnceLock<String>>,
+    /// The epoch of its latest fence (0 before one).
+    epoch: Arc<AtomicU64>,
 }
 
 impl StatusCell {
@@ -108,7 +123,24 @@ impl StatusCell {
             topic: topic.to_owned(),
             partition,
             cell: Arc::new(AtomicU8::new(Status::Starting as u8)),
+            writer: Arc::new(std::sync::OnceLock::new()),
+            epoch: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The writer name this owner fences as, once it has fenced.
+    pub fn writer(&self) -> Option<&str> {
+        self.writer.get().map(String::as_str)
+    }
+
+    /// The epoch of this owner's latest fence; 0 before its first.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn fenced(&self, writer: &Writer) {
+        let _ = self.writer.set(writer.instance.clone());
+        self.epoch.store(writer.epoch, Ordering::Release);
     }
 
     /// The current status.
@@ -163,6 +195,9 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     pub(super) ids: Box<dyn FnMut() -> Uuid + Send>,
     /// Large catch-up chunks are checked on two threads.
     parallel_checks: bool,
+    /// How long after losing the partition to another writer this owner fences again,
+    /// if it does (an owner the assignment still names takes the partition back).
+    retake_after: Option<Duration>,
 }
 
 impl<A: Aggregate, L: PartitionLog> PartitionOwner<A, L>
@@ -198,6 +233,7 @@ where
             signing_key,
             ids: Box::new(Uuid::now_v7),
             parallel_checks: true,
+            retake_after: None,
         };
         (owner, status)
     }
@@ -223,23 +259,71 @@ where
         self
     }
 
+    /// The same owner, fencing again `after` it lost the partition to another writer:
+    /// for an owner the assignment still names (the other writer was one the assignment
+    /// had let go, such as a process that was paused past its session). Long enough for
+    /// that writer to learn it was let go, so the two do not take turns.
+    pub fn retaking_after(mut self, after: Duration) -> Self {
+        self.retake_after = Some(after);
+        self
+    }
+
     /// Takes the partition, then serves commands from `requests` until the channel closes.
+    pub async fn run(self, requests: mpsc::Receiver<CommandRequest<A>>) {
+        self.run_until(requests, None).await;
+    }
+
+    /// Takes the partition, then serves commands from `requests` until the channel closes
+    /// or `stop` asks it to stop: then it takes no new command, answers those already
+    /// queued, and (for a [`Stop::Handoff`]) leaves the handoff mark in the log. Stopped
+    /// before it owns the partition, it returns at once (it has answered nothing).
     #[instrument(name = "partition_owner", skip_all, fields(topic = %self.topic, partition = self.partition))]
-    pub async fn run(mut self, mut requests: mpsc::Receiver<CommandRequest<A>>) {
-        loop {
-            match self.take_ownership().await {
-                Ok(()) => break,
-                Err(e) => {
-                    error!(error = %e, "could not take the partition; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+    pub async fn run_until(
+        mut self,
+        mut requests: mpsc::Receiver<CommandRequest<A>>,
+        mut stop: Option<oneshot::Receiver<Stop>>,
+    ) {
+        let taken = async {
+            loop {
+                match self.take_ownership().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        error!(error = %e, "could not take the partition; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
             }
+        };
+        tokio::select! {
+            () = taken => {}
+            asked = stop_asked(&mut stop) => {
+                info!(?asked, "stopped before owning the partition");
+                return;
+            }
         }
+        let mut stopping: Option<Stop> = None;
+        let mut retake_at: Option<tokio::time::Instant> = None;
         loop {
+            retake_at = match (self.status.get(), self.retake_after) {
+                (Status::Lost, Some(after)) if stopping.is_none() => {
+                    Some(retake_at.unwrap_or_else(|| tokio::time::Instant::now() + after))
+                }
+                _ => None,
+            };
             tokio::select! {
                 biased;
+                asked = stop_asked(&mut stop), if stopping.is_none() => {
+                    info!(?asked, "stopping: taking no new command, answering those queued");
+                    stopping = Some(asked);
+                    requests.close();
+                }
                 request = requests.recv() => {
-                    let Some(first) = request else { return };
+                    let Some(first) = request else {
+                        if stopping == Some(Stop::Handoff) {
+                            self.hand_over().await;
+                        }
+                        return;
+                    };
                     let mut batch = vec![first];
                     while batch.len() < MAX_FLUSH {
                         match requests.try_recv() {
@@ -270,7 +354,32 @@ where
                         warn!(error = %e, "still recovering");
                     }
                 }
+                () = sleep_until(retake_at), if retake_at.is_some() => {
+                    info!("still assigned the partition another writer fenced: taking it back");
+                    if let Err(e) = self.take_ownership().await {
+                        warn!(error = %e, "could not take the partition back; retrying");
+                        self.status.set(Status::Lost);
+                    }
+                }
             }
+        }
+    }
+
+    /// Leaves the handoff mark in the log: this writer has stopped writing here.
+    async fn hand_over(&mut self) {
+        if self.status.get() != Status::Serving {
+            return;
+        }
+        let Some(writer) = self.writer.clone() else {
+            return;
+        };
+        let at = TopicPartition::new(self.topic.clone(), self.partition);
+        let mark = LogRecord::Fence(FenceRecord::handoff(writer, &at).signed(&self.signing_key));
+        match self.log.append_one(("", &mark, None)).await {
+            Ok(offset) => info!(offset, "handed the partition over"),
+            // The next owner fences all the same: the mark only tells it (and the audit)
+            // that this writer stopped.
+            Err(e) => warn!(error = %e, "could not leave the handoff mark"),
         }
     }
 
@@ -296,6 +405,7 @@ where
         let fence =
             LogRecord::Fence(FenceRecord::ruled(writer.clone(), &at).signed(&self.signing_key));
         let offset = self.log.append_one(("", &fence, None)).await?;
+        self.status.fenced(&writer);
         self.writer = Some(writer.clone());
         self.read_through(offset).await?;
         if self.gate.owner() == Some(&writer) {
@@ -424,6 +534,10 @@ where
                      not serving it (stop this instance and run the newer build)"
                 );
                 self.status.set(Status::Lost);
+                None
+            }
+            (LogRecord::Fence(fence), Err(Rejection::Handoff { .. })) => {
+                info!(offset = entry.offset, writer = ?fence.writer, "the partition was handed over");
                 None
             }
             (LogRecord::Fence(fence), Err(rejection)) => {
@@ -596,5 +710,27 @@ where
             }
         }
         Ok(verdicts)
+    }
+}
+
+/// Waits until `stop` asks the owner to stop; forever when it never will.
+async fn stop_asked(stop: &mut Option<oneshot::Receiver<Stop>>) -> Stop {
+    let Some(rx) = stop.as_mut() else {
+        return std::future::pending().await;
+    };
+    let asked = rx.await;
+    *stop = None;
+    match asked {
+        Ok(asked) => asked,
+        // Nobody can ask any more.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`; forever when there is no `at`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

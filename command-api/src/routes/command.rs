@@ -10,14 +10,16 @@ use std::pin::Pin;
 use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
 use keel_http::Principal;
 use keel_kafka::partition_for;
-use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, canonical_json};
+use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, TopicPartition, canonical_json};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::{AppState, MAX_BODY_BYTES};
+use crate::cluster::{DEADLINE_MS, FORWARDED_BY};
 use crate::commands;
 use crate::error::ApiError;
 use crate::owner::{CommandRequest, NoAnswer, Outcome, RequestMeta, reply_channel};
@@ -31,6 +33,7 @@ pub(super) async fn handle(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let spec = commands::find(&collection, &command)?;
     commands::validate_id(&collection, &id)?;
     let body = body.map_err(|rejection| {
@@ -82,11 +85,24 @@ pub(super) async fn handle(
     let stream_type = commands::stream_type(&collection).ok_or_else(|| {
         ApiError::internal("routing a command", &"a parsed command has no stream type")
     })?;
+    let patience = patience(&headers, state.request_timeout)?;
+    let partition = partition_for(id.as_bytes(), state.partitions);
+    let at = TopicPartition::new(state.topic(stream_type), partition);
+    let forwarded = headers.contains_key(FORWARDED_BY);
+    if let Route::There(url) = route(&state, stream_type, &at, forwarded, patience).await?
+        && let Some(cluster) = &state.cluster
+    {
+        let path = format!("/v1/{collection}/{id}/{command}");
+        let left = patience.saturating_sub(started.elapsed());
+        return cluster.forward(&url, &path, &headers, body, left).await;
+    }
     let dispatch = Dispatch {
         state: &state,
         stream_id: id,
+        partition,
         command: parsed.into_any(),
         meta,
+        patience: patience.saturating_sub(started.elapsed()),
     };
     let outcome = with_aggregate(stream_type, dispatch)
         .ok_or_else(|| {
@@ -145,12 +161,74 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     })
 }
 
+/// How long a command whose partition has no owner at the moment (the instances are
+/// rebalancing) waits for one before it is answered 503.
+const OWNERLESS_WAIT: Duration = Duration::from_secs(2);
+
+/// Where a command goes.
+enum Route {
+    /// To this instance's owner of its partition.
+    Here,
+    /// To the instance at this URL, which owns it.
+    There(String),
+}
+
+/// The caller's patience: the request timeout, or less when a forwarding instance says
+/// how much of the caller's is left.
+fn patience(headers: &HeaderMap, request_timeout: Duration) -> Result<Duration, ApiError> {
+    let Some(left) = header_text(headers, DEADLINE_MS)? else {
+        return Ok(request_timeout);
+    };
+    let ms: u64 = left
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("header {DEADLINE_MS} must be milliseconds")))?;
+    Ok(request_timeout.min(Duration::from_millis(ms)))
+}
+
+/// Finds the owner of `at`: this instance's, or another's (never for a command another
+/// instance forwarded: one hop only). While the partition has no owner, waits a little.
+async fn route(
+    state: &AppState,
+    stream_type: &str,
+    at: &TopicPartition,
+    forwarded: bool,
+    patience: Duration,
+) -> Result<Route, ApiError> {
+    let until = Instant::now() + patience.min(OWNERLESS_WAIT);
+    loop {
+        if state.owners.runs(stream_type, at.partition) {
+            return Ok(Route::Here);
+        }
+        let Some(cluster) = &state.cluster else {
+            return Err(ApiError::Unavailable(format!(
+                "this instance does not own {at}"
+            )));
+        };
+        if !forwarded
+            && let Some(url) = cluster.owner_of(at)
+            && url != cluster.url()
+        {
+            return Ok(Route::There(url));
+        }
+        if Instant::now() >= until {
+            return Err(ApiError::Unavailable(if forwarded {
+                format!("{at} moved away from this instance while the command was forwarded; retry")
+            } else {
+                format!("{at} has no owner at the moment (the instances are rebalancing); retry")
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A parsed command on its way to the owner of its stream's partition.
 struct Dispatch<'a> {
     state: &'a AppState,
     stream_id: String,
+    partition: i32,
     command: Box<dyn Any + Send>,
     meta: RequestMeta,
+    patience: Duration,
 }
 
 impl<'a> AggregateFn for Dispatch<'a> {
@@ -162,11 +240,11 @@ impl<'a> AggregateFn for Dispatch<'a> {
                 ApiError::internal("routing a command", &"the command is not its aggregate's")
             })?;
             dispatch(
-                self.state,
-                self.state.owners.of::<A>(),
+                self.state.owners.of::<A>(self.partition),
                 self.stream_id,
                 *command,
                 self.meta,
+                self.patience,
             )
             .await
         })
@@ -174,16 +252,15 @@ impl<'a> AggregateFn for Dispatch<'a> {
 }
 
 async fn dispatch<A: ShopAggregate>(
-    state: &AppState,
-    owners: &[mpsc::Sender<CommandRequest<A>>],
+    owner: Option<mpsc::Sender<CommandRequest<A>>>,
     stream_id: String,
     command: A::Command,
     meta: RequestMeta,
+    patience: Duration,
 ) -> Result<Outcome, ApiError> {
-    let partition = partition_for(stream_id.as_bytes(), state.partitions) as usize;
-    let owner = owners
-        .get(partition)
-        .ok_or_else(|| ApiError::Unavailable("no owner for this partition".into()))?;
+    let owner = owner.ok_or_else(|| {
+        ApiError::Unavailable("this partition's owner stopped here; retry".into())
+    })?;
     let (reply, answer) = reply_channel();
     owner
         .try_send(CommandRequest {
@@ -200,7 +277,7 @@ async fn dispatch<A: ShopAggregate>(
         })?;
     // The request timeout covers the wait in the owner's queue: a command the owner has
     // taken on is answered after its read-back, and one it has not is never appended.
-    match answer.wait(state.request_timeout).await {
+    match answer.wait(patience).await {
         Ok(result) => result.map_err(ApiError::from),
         Err(NoAnswer::OwnerGone) => Err(ApiError::Unavailable(
             "the partition's owner stopped; retry with the same Idempotency-Key".into(),

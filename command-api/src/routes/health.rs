@@ -4,31 +4,127 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::AppState;
-use crate::owner::Status;
+use crate::owner::{Status, StatusCell};
 
 /// `GET /healthz`: the process is alive.
 pub(super) async fn alive() -> Json<Value> {
     Json(json!({"status": "alive"}))
 }
 
-/// `GET /readyz`: 200 when this instance owns and has caught up with every partition;
-/// 503 with each partition's status otherwise.
+/// Where one partition stands, as this instance sees it.
+struct Standing {
+    /// This instance's owner of it, if it runs one.
+    here: Option<StatusCell>,
+    /// The URL of the instance the group gave it to, if known.
+    owner_url: Option<String>,
+}
+
+impl Standing {
+    /// This instance serves the partition, or knows another instance that owns it.
+    fn covered(&self, own_url: Option<&str>) -> bool {
+        match (&self.here, &self.owner_url) {
+            (Some(status), _) => status.get() == Status::Serving,
+            (None, Some(url)) => Some(url.as_str()) != own_url,
+            (None, None) => false,
+        }
+    }
+
+    fn json(&self, topic: &str, partition: i32) -> Value {
+        let mut entry = json!({
+            "topic": topic,
+            "partition": partition,
+            "owner_url": self.owner_url,
+        });
+        if let Some(status) = &self.here {
+            entry["status"] = json!(status.get().as_str());
+            entry["writer"] = json!(status.writer());
+            entry["epoch"] = json!(status.epoch());
+        } else {
+            entry["status"] = json!(if self.owner_url.is_some() {
+                "elsewhere"
+            } else {
+                "unowned"
+            });
+        }
+        entry
+    }
+}
+
+fn standings(state: &AppState) -> Vec<(String, i32, Standing)> {
+    let here = state.owners.statuses();
+    state
+        .every_partition()
+        .into_iter()
+        .map(|(_, at)| {
+            let status = here
+                .iter()
+                .find(|s| s.topic == at.topic && s.partition == at.partition)
+                .cloned();
+            let owner_url = match &state.cluster {
+                Some(cluster) => cluster.owner_of(&at),
+                None => status.as_ref().map(|_| String::new()),
+            };
+            let standing = Standing {
+                here: status,
+                owner_url: owner_url.filter(|u| !u.is_empty()),
+            };
+            (at.topic, at.partition, standing)
+        })
+        .collect()
+}
+
+/// `GET /readyz`: 200 when this instance takes commands for every partition: it serves
+/// each one it owns, and knows which instance owns each of the others; 503 with the
+/// partitions it cannot take commands for otherwise.
 pub(super) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let not_serving: Vec<Value> = state
-        .statuses
+    let own_url = state.cluster.as_ref().map(|c| c.url().to_owned());
+    let all = standings(&state);
+    let owned = all.iter().filter(|(_, _, s)| s.here.is_some()).count();
+    let not_covered: Vec<Value> = all
         .iter()
-        .filter(|s| s.get() != Status::Serving)
-        .map(|s| json!({"topic": s.topic, "partition": s.partition, "status": s.get().as_str()}))
+        .filter(|(_, _, s)| !s.covered(own_url.as_deref()))
+        .map(|(topic, partition, s)| s.json(topic, *partition))
         .collect();
-    if not_serving.is_empty() {
+    if not_covered.is_empty() {
         (
             StatusCode::OK,
-            Json(json!({"status": "ready", "partitions": state.statuses.len()})),
+            Json(json!({"status": "ready", "partitions": all.len(), "owned": owned})),
         )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "not_serving": not_serving})),
+            Json(json!({"status": "not ready", "not_serving": not_covered})),
         )
     }
+}
+
+/// `GET /v1/partitions` (role `admin`): every partition with its owner as this instance
+/// sees it (this instance's own with their writer, epoch and state), and the group.
+pub(super) async fn partitions(State(state): State<AppState>) -> Json<Value> {
+    let partitions: Vec<Value> = standings(&state)
+        .iter()
+        .map(|(topic, partition, s)| s.json(topic, *partition))
+        .collect();
+    let group = state.cluster.as_ref().map(|cluster| {
+        let (view, age, error) = cluster.view();
+        json!({
+            "id": cluster.group(),
+            "state": view.as_ref().map(|v| v.state.clone()),
+            "members": view.as_ref().map(|v| v.members.iter().map(|m| json!({
+                "url": m.url,
+                "member_id": m.member_id,
+                "partitions": m.partitions.len(),
+            })).collect::<Vec<_>>()),
+            "seen_ms_ago": age.map(|a| a.as_millis()),
+            "error": error,
+            "assigned_here": cluster.assigned().len(),
+        })
+    });
+    Json(json!({
+        "instance": state.instance,
+        "url": state.cluster.as_ref().map(|c| c.url().to_owned()),
+        "assignment": if state.cluster.is_some() { "group" } else { "all" },
+        "group": group,
+        "partitions": partitions,
+    }))
 }

@@ -103,7 +103,7 @@ pub fn document() -> Value {
         ("/healthz", "the process is alive"),
         (
             "/readyz",
-            "200 when this instance owns and has caught up with every partition, else 503",
+            "200 when this instance takes commands for every partition (it serves each one it owns and knows the owner of each other one), else 503 naming those it cannot",
         ),
         ("/openapi.json", "this document"),
     ] {
@@ -111,6 +111,13 @@ pub fn document() -> Value {
         keel_http::openapi::open(&mut item["get"]);
         paths.insert(path.into(), item);
     }
+    let mut partitions = json!({"get": {
+        "summary": "Every partition's owner as this instance sees it, and the group",
+        "description": "Each partition with the URL of the instance that owns it; for this instance's own, the writer, epoch and state (starting, serving, recovering, lost). The group: its state, members and their partition counts.",
+        "responses": {"200": {"description": "the partitions", "content": {"application/json": {"schema": {"type": "object"}}}}}
+    }});
+    keel_http::openapi::secure(&mut partitions["get"], Role::Admin);
+    paths.insert("/v1/partitions".into(), partitions);
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Keel command API", "version": env!("CARGO_PKG_VERSION")},
@@ -171,7 +178,9 @@ mod tests {
     async fn every_documented_operation_is_routed() {
         let state = AppState {
             owners: Arc::new(Owners::default()),
-            statuses: Arc::new(Vec::new()),
+            cluster: None,
+            instance: "test".into(),
+            topics: super::super::topics("t"),
             partitions: 1,
             request_timeout: Duration::from_secs(1),
         };
@@ -179,7 +188,7 @@ mod tests {
         let edge = keel_http::Edge::new(&open.unwrap(), "test").unwrap();
         let doc = document();
         let paths = doc["paths"].as_object().unwrap();
-        assert_eq!(paths.len(), CATALOGUE.len() + 3);
+        assert_eq!(paths.len(), CATALOGUE.len() + 4);
         for (path, item) in paths {
             let (method, uri, body) = if item.get("post").is_some() {
                 ("POST", path.replace("{id}", "x-1"), r#"{"not_a_field": 1}"#)
@@ -193,10 +202,11 @@ mod tests {
                 .body(Body::from(body))
                 .unwrap();
             let response = app(state.clone(), &edge).oneshot(request).await.unwrap();
-            let expected = if method == "POST" {
-                StatusCode::UNPROCESSABLE_ENTITY
-            } else {
-                StatusCode::OK
+            let expected = match (method, uri.as_str()) {
+                ("POST", _) => StatusCode::UNPROCESSABLE_ENTITY,
+                // No owner runs here, and there is no group to forward to.
+                (_, "/readyz") => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::OK,
             };
             assert_eq!(response.status(), expected, "{method} {uri}");
         }

@@ -12,11 +12,10 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use keel_http::{Edge, EdgeSettings, Role};
 use keel_schemas::SigningKey;
 use serde_json::{Value, json};
-use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use super::{AppState, app};
-use crate::owner::{MemoryLog, Status};
+use crate::owner::MemoryLog;
 use crate::owners::{OwnerSettings, Owners};
 
 const SECRET: &str = "an-in-process-test-secret-of-32-bytes";
@@ -24,7 +23,6 @@ const SECRET: &str = "an-in-process-test-secret-of-32-bytes";
 struct Api {
     router: Router,
     token: String,
-    _owners: JoinSet<()>,
 }
 
 struct Reply {
@@ -50,8 +48,9 @@ async fn api() -> Api {
         timeout: Duration::from_secs(5),
         partitions: 2,
         key_retention: crate::owner::DEFAULT_KEY_RETENTION,
+        retake_after: None,
     };
-    let started = Owners::start(&settings, |stream_type, partition| {
+    let owners = Owners::start_all(&settings, |stream_type, partition| {
         Ok(MemoryLog::new(
             &format!("t.{stream_type}.events"),
             partition,
@@ -59,15 +58,17 @@ async fn api() -> Api {
     })
     .unwrap();
     tokio::time::timeout(Duration::from_secs(5), async {
-        while started.statuses.iter().any(|s| s.get() != Status::Serving) {
+        while !owners.all_serving() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
     .expect("every owner serves");
     let state = AppState {
-        owners: Arc::new(started.owners),
-        statuses: Arc::new(started.statuses),
+        owners: Arc::new(owners),
+        cluster: None,
+        instance: "cmd-test".into(),
+        topics: super::topics("t"),
         partitions: settings.partitions,
         request_timeout: Duration::from_secs(5),
     };
@@ -78,7 +79,6 @@ async fn api() -> Api {
     Api {
         router: app(state, &edge),
         token: keel_http::testing::token(SECRET.as_bytes(), "alice", &[Role::CommandsWrite]),
-        _owners: started.tasks,
     }
 }
 
@@ -533,6 +533,48 @@ async fn every_role_against_every_route() {
         p.replace("{id}", "role-1")
     })
     .await;
-    let operations = crate::commands::CATALOGUE.len() + 3;
+    let operations = crate::commands::CATALOGUE.len() + 4;
     assert_eq!(sent, operations * (Role::ALL.len() + 2));
+}
+
+/// `/v1/partitions` lists every partition with this instance's owner of it (writer,
+/// epoch, state), and needs `admin`.
+#[tokio::test]
+async fn the_partitions_route_shows_every_partition_and_its_owner() {
+    let api = api().await;
+    let admin = keel_http::testing::token(SECRET.as_bytes(), "ops", &[Role::Admin]);
+    let r = api
+        .send(
+            Request::get("/v1/partitions")
+                .header("authorization", format!("Bearer {admin}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["assignment"], "all");
+    let partitions = r.body["partitions"].as_array().unwrap();
+    assert_eq!(
+        partitions.len(),
+        3 * 2,
+        "two partitions of each of three topics"
+    );
+    for p in partitions {
+        assert_eq!(p["status"], "serving", "{p}");
+        assert_eq!(p["epoch"], 1, "{p}");
+        assert!(
+            p["writer"].as_str().unwrap().starts_with("cmd-test/"),
+            "{p}"
+        );
+    }
+    // A command writer's token is refused.
+    let r = api
+        .send(
+            Request::get("/v1/partitions")
+                .header("authorization", format!("Bearer {}", api.token))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
 }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 
+mod handoff;
 mod keys;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
