@@ -1,9 +1,11 @@
 # The two commands. Both install what is missing and are safe to run twice.
 .PHONY: up test lint bench sim chaos token
 
-## Bring the whole system up in the foreground (Ctrl-C stops it).
+## Bring the whole system up in the foreground (Ctrl-C stops it). INSTANCES=3 starts three
+## command-api instances sharing the partitions (on 8080, 8090 and 8091).
+INSTANCES ?= 1
 up:
-	./scripts/up.sh
+	INSTANCES="$(INSTANCES)" ./scripts/up.sh
 
 ## Run every test, against a real broker and a real PostgreSQL.
 test:

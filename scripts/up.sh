@@ -4,6 +4,8 @@
 #   the broker on 127.0.0.1:9092, its log kept durably in PostgreSQL database keel_log
 #   the topics, the command API on 127.0.0.1:8080, the projector (views in database keel)
 #   and the query API on 127.0.0.1:8081
+# INSTANCES=N starts N command-api instances sharing the partitions (the first on 8080, the
+# others on 8090, 8091, ...); each takes any command and forwards it to its partition's owner.
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 
@@ -46,7 +48,14 @@ say "ensuring the topics"
 
 export KEEL_DATABASE_URL="${KEEL_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/keel?sslmode=disable}"
 trusted="${KEEL_TRUSTED_KEYS_FILE:-.keel/trusted.keys}"
-for port in 8080 8081; do
+instances="${INSTANCES:-1}"
+case "$instances" in
+    '' | *[!0-9]* | 0) echo "INSTANCES must be a number from 1 up, not '$instances'" >&2; exit 1 ;;
+esac
+command_port() { if [ "$1" -eq 1 ]; then echo 8080; else echo $((8088 + $1)); fi; }
+ports="8081"
+for i in $(seq 1 "$instances"); do ports="$ports $(command_port "$i")"; done
+for port in $ports; do
     if port_open "$port"; then
         echo "port $port is taken: is another 'make up' running? Stop it first." >&2
         exit 1
@@ -57,6 +66,11 @@ done
 # file, which the projector's gate needs.
 say "starting command-api on 127.0.0.1:8080 (log: .keel/logs/command-api.log)"
 supervise command-api "$bin/command-api"
+for i in $(seq 2 "$instances"); do
+    port=$(command_port "$i")
+    say "starting command-api instance $i on 127.0.0.1:$port (log: .keel/logs/command-api-$i.log)"
+    supervise "command-api-$i" env KEEL_COMMAND_ADDR="127.0.0.1:$port" KEEL_INSTANCE="cmd-$i" "$bin/command-api"
+done
 for _ in $(seq 1 240); do [ -s "$trusted" ] && break; sleep 0.25; done
 [ -s "$trusted" ] || { echo "no trusted keys at $trusted; see .keel/logs/command-api.log" >&2; exit 1; }
 
@@ -66,7 +80,11 @@ supervise projector "$bin/projector" run
 say "starting query-api on 127.0.0.1:8081 (log: .keel/logs/query-api.log)"
 supervise query-api "$bin/query-api"
 
-say "Keel is up: commands on http://127.0.0.1:8080, queries on http://127.0.0.1:8081. Ctrl-C stops it."
+if [ "$instances" -gt 1 ]; then
+    say "Keel is up: commands on any of $(for i in $(seq 1 "$instances"); do printf 'http://127.0.0.1:%s ' "$(command_port "$i")"; done)(they share the partitions), queries on http://127.0.0.1:8081. Ctrl-C stops it."
+else
+    say "Keel is up: commands on http://127.0.0.1:8080, queries on http://127.0.0.1:8081. Ctrl-C stops it."
+fi
 [ -n "${KEEL_AUTH_HS256_SECRET_FILE:-}" ] &&
     say "every /v1 route needs a token: TOKEN=\$(make -s token ROLE=all SUB=you), then curl -H \"Authorization: Bearer \$TOKEN\""
 say "a service that exits is started again (said here, logs capped at ${KEEL_LOG_MAX_MB:-20} MB in .keel/logs)"

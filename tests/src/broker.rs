@@ -92,6 +92,9 @@ impl Broker {
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", storage])
             .args(["--cluster-id", &format!("keel-test-{port}")])
+            // A group's first member gets its partitions at once, not after 3 s of
+            // waiting for others (tests start their instances one by one).
+            .args(["--group-initial-rebalance-delay", "0s"])
             .env_remove("STORAGE_ENGINE")
             .env_remove("LISTENER_URL")
             .env_remove("ADVERTISED_LISTENER_URL")

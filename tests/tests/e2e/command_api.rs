@@ -246,7 +246,12 @@ async fn restart_continues_streams_and_replays_idempotent_retries() {
 
 #[tokio::test]
 async fn a_newer_instance_fences_the_old_one_and_no_command_is_acknowledged_twice() {
-    let (broker, config, old) = stack("zombie", 2).await;
+    // Both instances take every partition (no group shares them out): the second fences
+    // the first, which is not told and keeps running, a zombie.
+    let broker = Broker::start().await.unwrap();
+    let mut config = CommandApiConfig::new(&broker, &unique_prefix("zombie"), 2, "cmd-a");
+    config.extra_env.push(("KEEL_ASSIGNMENT", "all".into()));
+    let old = CommandApi::command_api_ready(&config).await.unwrap();
     for i in 0..4 {
         post(
             &old,

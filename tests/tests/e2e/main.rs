@@ -13,3 +13,4 @@ mod read_path;
 mod rebuild;
 mod schemathesis;
 mod security;
+mod write_path;

@@ -1,0 +1,331 @@
+//! Several command-api instances sharing the partitions through a consumer group: every
+//! partition owned by exactly one of them once settled, any command sent to any instance
+//! (forwarded to the owner and answered), planned handoffs that leave their mark, and
+//! failover after a kill or a pause, with nothing acknowledged by an instance fenced out.
+
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use keel_http::Role;
+use keel_kafka::{Rejection, partition_for, read_through_gate};
+use keel_schemas::LogRecord;
+use keel_tests::{Broker, CommandApi, CommandApiConfig, read_accepted, unique_prefix};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// Partitions per topic in these tests: twelve partitions over three topics.
+const PARTITIONS: i32 = 4;
+
+fn eur(n: i64) -> Value {
+    json!({"amount_minor": n, "currency": "EUR"})
+}
+
+/// Starts one instance per name, each on the same topics and keys.
+async fn start(config: &CommandApiConfig, names: &[&str]) -> Vec<CommandApi> {
+    let mut apis = Vec::new();
+    for name in names {
+        let api = CommandApi::command_api(&CommandApiConfig {
+            instance: (*name).into(),
+            ..config.clone()
+        })
+        .await
+        .unwrap();
+        apis.push(api);
+    }
+    apis
+}
+
+/// `GET /v1/partitions` of `api`.
+async fn partitions(api: &CommandApi) -> Value {
+    api.client
+        .get(api.url("/v1/partitions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The partitions `api` serves: (topic, partition).
+async fn served(api: &CommandApi) -> BTreeSet<(String, i64)> {
+    partitions(api).await["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"] == "serving")
+        .map(|p| {
+            (
+                p["topic"].as_str().unwrap().to_owned(),
+                p["partition"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `apis` serve every partition exactly once between them and each is ready;
+/// returns which serves what.
+async fn settled(apis: &[&CommandApi]) -> Vec<BTreeSet<(String, i64)>> {
+    let total = 3 * PARTITIONS as usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut each = Vec::new();
+        for api in apis {
+            each.push(served(api).await);
+        }
+        let sum: usize = each.iter().map(BTreeSet::len).sum();
+        let union: BTreeSet<_> = each.iter().flatten().cloned().collect();
+        let mut ready = true;
+        for api in apis {
+            let status = reqwest::get(api.url("/readyz")).await.unwrap().status();
+            ready &= status == StatusCode::OK;
+        }
+        if sum == total && union.len() == total && ready {
+            return each;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the instances did not settle: {:?}",
+            each.iter().map(BTreeSet::len).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn post(
+    client: &reqwest::Client,
+    api: &CommandApi,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let mut request = client.post(api.url(path)).json(&body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    (status, headers, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The handoff marks in `topic`, by writer.
+async fn handoff_marks(config: &CommandApiConfig, broker: &Broker, topic: &str) -> Vec<String> {
+    let settings = broker.settings(&config.prefix, config.partitions);
+    let partitions: Vec<i32> = (0..config.partitions).collect();
+    let mut marks = Vec::new();
+    read_through_gate(&settings, &config.policy(), topic, &partitions, |read| {
+        if let Ok((LogRecord::Fence(fence), Err(Rejection::Handoff { .. }))) = read.record {
+            marks.push(fence.writer.instance);
+        }
+    })
+    .await
+    .unwrap();
+    marks
+}
+
+#[tokio::test]
+async fn three_instances_share_the_partitions_forward_commands_and_hand_over_on_shutdown() {
+    let broker = Broker::start().await.unwrap();
+    let config = CommandApiConfig::new(&broker, &unique_prefix("three"), PARTITIONS, "cmd");
+    let mut apis = start(&config, &["cmd-a", "cmd-b", "cmd-c"]).await;
+    let shares = settled(&apis.iter().collect::<Vec<_>>()).await;
+    assert!(
+        shares.iter().all(|s| !s.is_empty()),
+        "every instance owns some partitions: {shares:?}"
+    );
+
+    // Commands round-robin over the three: most land on an instance that does not own
+    // their stream's partition, and are forwarded.
+    let alice = config.auth.client("alice", &[Role::CommandsWrite]);
+    let topic = broker
+        .settings(&config.prefix, PARTITIONS)
+        .topic("product");
+    let owner_of = |id: &str| {
+        let at = (topic.clone(), i64::from(partition_for(id.as_bytes(), PARTITIONS)));
+        shares.iter().position(|s| s.contains(&at)).unwrap()
+    };
+    let mut forwarded = 0;
+    for i in 0..24 {
+        let id = format!("P-{i}");
+        let (status, _, body) = post(
+            &alice,
+            &apis[i % 3],
+            &format!("/v1/products/{id}/register"),
+            json!({"name": "Lamp", "price": eur(100)}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["version"], 1);
+        forwarded += usize::from(owner_of(&id) != i % 3);
+    }
+    for round in 0..3u64 {
+        for i in 0..24 {
+            let (status, headers, body) = post(
+                &alice,
+                &apis[(i + round as usize + 1) % 3],
+                &format!("/v1/products/P-{i}/restock"),
+                json!({"quantity": 1}),
+                &[("if-match", &format!("\"{}\"", round + 1))],
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["version"], round + 2);
+            assert_eq!(headers["etag"], format!("\"{}\"", round + 2));
+            assert!(headers.contains_key("keel-consistency-token"));
+        }
+    }
+    assert!(forwarded >= 8, "only {forwarded} of 24 were forwarded");
+
+    // A keyed command retried through another instance gets the first answer.
+    let id = "P-0";
+    let key = [("idempotency-key", "restock-p0-once")];
+    let path = format!("/v1/products/{id}/restock");
+    let mut answers = Vec::new();
+    for api in &apis {
+        answers.push(post(&alice, api, &path, json!({"quantity": 2}), &key).await);
+    }
+    assert!(answers.iter().all(|(s, _, _)| *s == StatusCode::OK));
+    assert!(answers.iter().all(|(_, _, b)| b == &answers[0].2));
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|(_, h, _)| h.contains_key("idempotent-replayed"))
+            .count(),
+        2,
+        "the two retries are replays"
+    );
+
+    // What the log holds: every stream at version 5, every commit by alice.
+    let settings = broker.settings(&config.prefix, PARTITIONS);
+    let (commits, _) = read_accepted(&settings, &config.policy(), &topic)
+        .await
+        .unwrap();
+    let mut versions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for c in &commits {
+        assert_eq!(c.commit.command.actor, "alice", "the caller's subject");
+        versions
+            .entry(c.commit.stream.id.clone())
+            .or_default()
+            .push(c.commit.next_version());
+    }
+    assert_eq!(versions.len(), 24);
+    for (id, v) in &versions {
+        let expected: Vec<u64> = if id == "P-0" {
+            (1..=5).collect()
+        } else {
+            (1..=4).collect()
+        };
+        assert_eq!(v, &expected, "{id}");
+    }
+
+    // A planned handoff: the third instance stops; its partitions go to the other two,
+    // each with the handoff mark of the writer that held it.
+    let third = apis.pop().unwrap();
+    let third_share = shares[2].clone();
+    assert!(third.stop().await.unwrap().success());
+    settled(&apis.iter().collect::<Vec<_>>()).await;
+    let marks = handoff_marks(&config, &broker, &topic).await;
+    let product_partitions_of_third = third_share.iter().filter(|(t, _)| *t == topic).count();
+    assert_eq!(
+        marks.iter().filter(|w| w.starts_with("cmd-c/")).count(),
+        product_partitions_of_third,
+        "one handoff mark per partition the stopped instance held: {marks:?}"
+    );
+    for i in 0..24 {
+        let (status, _, body) = post(
+            &alice,
+            &apis[i % 2],
+            &format!("/v1/products/P-{i}/restock"),
+            json!({"quantity": 1}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_instance_s_partitions_are_taken_over_and_a_paused_one_acknowledges_nothing() {
+    let broker = Broker::start().await.unwrap();
+    let config = CommandApiConfig::new(&broker, &unique_prefix("failover"), PARTITIONS, "cmd");
+    let alice = config.auth.client("alice", &[Role::CommandsWrite]);
+    let mut apis = start(&config, &["cmd-a", "cmd-b"]).await;
+    settled(&apis.iter().collect::<Vec<_>>()).await;
+    for i in 0..12 {
+        let (status, _, body) = post(
+            &alice,
+            &apis[i % 2],
+            &format!("/v1/products/P-{i}/register"),
+            json!({"name": "Lamp", "price": eur(100)}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    // Unplanned: b is killed; a takes everything once the group notices.
+    let b = apis.pop().unwrap();
+    b.kill().await.unwrap();
+    let started = Instant::now();
+    settled(&[&apis[0]]).await;
+    eprintln!("failover after a kill took {:?}", started.elapsed());
+
+    // A third instance joins; then it is paused past its session.
+    let c = start(&config, &["cmd-c"]).await.pop().unwrap();
+    settled(&[&apis[0], &c]).await;
+    let pid = c.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP");
+    settled(&[&apis[0]]).await;
+    // Meanwhile a serves every stream.
+    for i in 0..12 {
+        let (status, _, body) = post(
+            &alice,
+            &apis[0],
+            &format!("/v1/products/P-{i}/restock"),
+            json!({"quantity": 1}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["version"], 2);
+    }
+    // c wakes up fenced out: it may rejoin and take partitions again (by fencing anew),
+    // but every command it answers is right, and the log shows no version twice.
+    signal("-CONT");
+    settled(&[&apis[0], &c]).await;
+    for i in 0..12 {
+        let (status, _, body) = post(
+            &alice,
+            &c,
+            &format!("/v1/products/P-{i}/restock"),
+            json!({"quantity": 1}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["version"], 3);
+    }
+    let settings = broker.settings(&config.prefix, PARTITIONS);
+    let topic = settings.topic("product");
+    let (commits, _) = read_accepted(&settings, &config.policy(), &topic)
+        .await
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    for c in &commits {
+        assert!(
+            seen.insert((c.commit.stream.id.clone(), c.commit.next_version())),
+            "a stream version accepted twice"
+        );
+    }
+    assert_eq!(seen.len(), 36);
+}
