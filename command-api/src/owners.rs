@@ -37,6 +37,8 @@ pub struct OwnerSettings {
     /// When the owner is one of several instances' (assigned its partition by the group),
     /// how long after losing the partition to another writer it fences again.
     pub retake_after: Option<Duration>,
+    /// Records an owner applies between two snapshots of its state; `None`: no snapshots.
+    pub snapshot_every: Option<u64>,
 }
 
 /// A running owner.
@@ -162,6 +164,9 @@ impl Owners {
                 let mut owner = owner.with_key_retention(settings.key_retention);
                 if let Some(after) = settings.retake_after {
                     owner = owner.retaking_after(after);
+                }
+                if let Some(every) = settings.snapshot_every {
+                    owner = owner.with_snapshots(every);
                 }
                 let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
                 let (stop, stop_rx) = oneshot::channel();

@@ -84,6 +84,16 @@ pub struct Cli {
         value_name = "MS"
     )]
     pub handoff_timeout_ms: u64,
+    /// Records a partition's owner applies between two snapshots of its state (written to
+    /// `<prefix>.<aggregate>.snapshots`, and when it hands the partition over), so the next
+    /// owner reads only what follows the latest one; 0 writes none.
+    #[arg(
+        long,
+        env = "KEEL_SNAPSHOT_EVERY",
+        default_value_t = 10_000,
+        value_name = "RECORDS"
+    )]
+    pub snapshot_every: u64,
     /// Kafka.
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -127,6 +137,8 @@ pub struct Settings {
     pub trusted_keys_file: PathBuf,
     /// How this instance gets its partitions.
     pub assignment: Assignment,
+    /// Records between two snapshots; `None`: none are written.
+    pub snapshot_every: Option<u64>,
     /// Kafka settings.
     pub kafka: KafkaSettings,
     /// Authentication, limits and TLS.
@@ -161,6 +173,7 @@ impl Settings {
             idempotency_retention: Duration::from_secs(cli.idempotency_retention_secs),
             signing_key_file: cli.signing_key_file,
             trusted_keys_file: cli.trusted_keys_file,
+            snapshot_every: (cli.snapshot_every > 0).then_some(cli.snapshot_every),
             assignment: match cli.assignment.as_str() {
                 "all" => Assignment::All,
                 _ => Assignment::Group {

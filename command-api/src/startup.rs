@@ -38,7 +38,11 @@ impl Application {
         let topics = ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
             .await
             .context("ensuring the topics")?;
-        info!(?topics, instance = %settings.instance, "topics ready");
+        let snapshot_topics =
+            keel_kafka::ensure_snapshot_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
+                .await
+                .context("ensuring the snapshot topics")?;
+        info!(?topics, ?snapshot_topics, instance = %settings.instance, "topics ready");
         let (signing_key, generated) =
             SigningKey::read_or_generate(&settings.signing_key_file, &settings.trusted_keys_file)
                 .context("reading the signing key (KEEL_SIGNING_KEY_FILE)")?;
@@ -92,6 +96,7 @@ impl Application {
             partitions: settings.kafka.partitions,
             key_retention: settings.idempotency_retention,
             retake_after: None,
+            snapshot_every: settings.snapshot_every,
         };
         let (owners, cluster) = match &settings.assignment {
             Assignment::All => (

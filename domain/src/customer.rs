@@ -54,7 +54,7 @@ impl DomainEvent for CustomerEvent {
 }
 
 /// A customer: not yet registered, or registered with a profile.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Customer {
     /// No customer with this id exists.

@@ -149,7 +149,7 @@ impl OrderStatus {
 }
 
 /// A placed order's state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderState {
     /// The customer.
     pub customer_id: CustomerId,
@@ -168,7 +168,7 @@ pub struct OrderState {
 }
 
 /// An order: not yet placed, or placed with its state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Order {
     /// No order with this id exists.

@@ -101,7 +101,7 @@ impl DomainEvent for ProductEvent {
 }
 
 /// A registered product's state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProductState {
     /// Display name.
     pub name: Text,
@@ -128,7 +128,7 @@ impl ProductState {
 }
 
 /// A product: not yet registered, or registered with its state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Product {
     /// No product with this SKU exists.

@@ -39,11 +39,13 @@ impl From<OrderEvent> for AnyEvent {
     }
 }
 
-/// An aggregate of the shop, as the services handle it: its state serialises (time
-/// travel shows it), its commands and events cross tasks, its events are [`AnyEvent`]s.
+/// An aggregate of the shop, as the services handle it: its state serialises and reads
+/// back (time travel shows it, the command API's snapshots keep it), its commands and
+/// events cross tasks, its events are [`AnyEvent`]s.
 pub trait ShopAggregate:
     Aggregate<Command: Send + Sync + 'static, Event: Send + Sync + 'static + Into<AnyEvent>>
     + Serialize
+    + serde::de::DeserializeOwned
     + Send
     + Sync
     + 'static
@@ -53,6 +55,7 @@ pub trait ShopAggregate:
 impl<T> ShopAggregate for T where
     T: Aggregate<Command: Send + Sync + 'static, Event: Send + Sync + 'static + Into<AnyEvent>>
         + Serialize
+        + serde::de::DeserializeOwned
         + Send
         + Sync
         + 'static

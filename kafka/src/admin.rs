@@ -16,21 +16,50 @@ pub async fn ensure_topics(
     settings: &KafkaSettings,
     stream_types: &[&str],
 ) -> Result<Vec<String>, KafkaError> {
+    let topics: Vec<String> = stream_types.iter().map(|t| settings.topic(t)).collect();
+    create(
+        settings,
+        topics,
+        &[("retention.ms", "-1"), ("cleanup.policy", "delete")],
+    )
+    .await
+}
+
+/// Creates the topics of `stream_types`' partition snapshots when missing
+/// (`<prefix>.<aggregate>.snapshots`, as many partitions as the events' topics,
+/// `cleanup.policy=compact`: the newest snapshot of each partition is kept, the ones before
+/// it go), and checks existing ones as [`ensure_topics`] does.
+pub async fn ensure_snapshot_topics(
+    settings: &KafkaSettings,
+    stream_types: &[&str],
+) -> Result<Vec<String>, KafkaError> {
+    let topics: Vec<String> = stream_types
+        .iter()
+        .map(|t| settings.snapshot_topic(t))
+        .collect();
+    create(settings, topics, &[("cleanup.policy", "compact")]).await
+}
+
+async fn create(
+    settings: &KafkaSettings,
+    topics: Vec<String>,
+    config: &[(&str, &str)],
+) -> Result<Vec<String>, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = settings
         .client_config()
         .create()
         .map_err(KafkaError::client("creating the admin client"))?;
-    let topics: Vec<String> = stream_types.iter().map(|t| settings.topic(t)).collect();
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|name| {
-            NewTopic::new(
-                name,
-                settings.partitions,
-                TopicReplication::Fixed(settings.replication_factor),
+            config.iter().fold(
+                NewTopic::new(
+                    name,
+                    settings.partitions,
+                    TopicReplication::Fixed(settings.replication_factor),
+                ),
+                |topic, (key, value)| topic.set(key, value),
             )
-            .set("retention.ms", "-1")
-            .set("cleanup.policy", "delete")
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(settings.timeout));

@@ -16,7 +16,7 @@ mod producer;
 mod reader;
 mod settings;
 
-pub use admin::ensure_topics;
+pub use admin::{ensure_snapshot_topics, ensure_topics};
 pub use error::KafkaError;
 pub use gate::{GATE_RULES, PartitionGate, Rejection, StreamHead, hash_bytes};
 pub use gated::{Checked, Gated, Verdict, check_records, in_two_halves, read_through_gate};

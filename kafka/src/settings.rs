@@ -202,6 +202,12 @@ impl KafkaSettings {
         keel_schemas::topic_name(&self.topic_prefix, stream_type)
     }
 
+    /// The topic of an aggregate's partition snapshots: `<prefix>.<aggregate>.snapshots`,
+    /// compacted, partitioned as its events' topic.
+    pub fn snapshot_topic(&self, stream_type: &str) -> String {
+        format!("{}.{stream_type}.snapshots", self.topic_prefix)
+    }
+
     /// A client configuration with the brokers and every passed-through property.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();

@@ -16,7 +16,9 @@ pub const CONSISTENCY_TOKEN_HEADER: &str = "keel-consistency-token";
 pub const MAX_TOKEN_LEN: usize = 4096;
 
 /// A record's place in the log.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Position {
     /// The topic.
     pub topic: String,

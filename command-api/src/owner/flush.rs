@@ -71,7 +71,8 @@ enum At {
 /// got there.
 type Head<A> = (A, u64, Option<String>, At);
 
-impl<A: Aggregate, L: PartitionLog> PartitionOwner<A, L>
+impl<A: Aggregate + serde::Serialize + serde::de::DeserializeOwned, L: PartitionLog>
+    PartitionOwner<A, L>
 where
     A::Command: Send,
 {

@@ -21,6 +21,9 @@ pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 type Key = (String, String);
 
+/// A key as a snapshot keeps it: the key, its request digest, its answer and its time.
+pub(super) type HeldKey = (Key, Option<String>, Answered, DateTime<Utc>);
+
 /// A remembered key's request digest and answer (a commit's outcome, or the answer a
 /// receipt recorded), and when it was recorded.
 struct Remembered {
@@ -126,6 +129,42 @@ impl IdempotencyKeys {
     /// How many keys are held.
     pub(super) fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Every key held, in the order it was remembered, with its request digest, answer
+    /// and time; and the log's time. What a snapshot keeps of the keys.
+    pub(super) fn export(&self) -> (Vec<HeldKey>, Option<DateTime<Utc>>) {
+        let held = self
+            .order
+            .iter()
+            .filter_map(|(at, key)| {
+                let r = self.keys.get(key).filter(|r| r.at == *at)?;
+                Some((key.clone(), r.digest.clone(), r.answer.clone(), r.at))
+            })
+            .collect();
+        (held, self.log_time)
+    }
+
+    /// The keys [`IdempotencyKeys::export`] gave, kept for `retention` by the log's time
+    /// `log_time`.
+    pub(super) fn import(
+        retention: Duration,
+        held: Vec<HeldKey>,
+        log_time: Option<DateTime<Utc>>,
+    ) -> Self {
+        let mut keys = Self::with_retention(retention);
+        keys.log_time = log_time;
+        for (key, digest, answer, at) in held {
+            keys.order.push_back((at, key.clone()));
+            keys.keys.insert(key, Remembered { digest, answer, at });
+        }
+        keys.expire();
+        keys
+    }
+
+    /// The retention.
+    pub(super) fn retention(&self) -> Duration {
+        self.retention.to_std().unwrap_or(Duration::MAX)
     }
 }
 

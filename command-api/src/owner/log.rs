@@ -6,6 +6,8 @@ use std::future::Future;
 use keel_kafka::{KafkaError, KafkaSettings, LogEntry, LogProducer, PartitionReader};
 use keel_schemas::{LogRecord, TopicPartition};
 
+use super::snapshot::StoredSnapshot;
+
 /// One record to append: its key, the record, and the trace context for its headers.
 pub type Append<'a> = (&'a str, &'a LogRecord, Option<&'a str>);
 
@@ -33,7 +35,32 @@ pub trait PartitionLog: Send + 'static {
         &self,
         record: Append<'_>,
     ) -> impl Future<Output = Result<i64, KafkaError>> + Send;
+    /// The latest snapshot of the partition, if the log keeps snapshots and has one.
+    fn latest_snapshot(
+        &self,
+    ) -> impl Future<Output = Result<Option<StoredSnapshot>, KafkaError>> + Send {
+        std::future::ready(Ok(None))
+    }
+    /// Stores a snapshot of the partition (under key set `key_set`, 0 or 1: a snapshot
+    /// written halfway never replaces the chunks of the one before under compaction).
+    fn write_snapshot(
+        &self,
+        _snapshot: StoredSnapshot,
+        _key_set: u64,
+    ) -> impl Future<Output = Result<(), KafkaError>> + Send + 'static {
+        std::future::ready(Ok(()))
+    }
+    /// Reads from `offset` on: before the first read only.
+    fn seek(&mut self, _offset: i64) {}
 }
+
+/// Bytes of a snapshot per record of the snapshot topic.
+const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
+/// The `keel-kind` of a snapshot's records.
+const SNAPSHOT_CHUNK: &str = "snapshot-chunk";
+const SNAPSHOT_MANIFEST: &str = "snapshot-manifest";
+/// The header of a manifest record listing its chunks' offsets.
+const SNAPSHOT_CHUNKS_HEADER: &str = "keel-chunks";
 
 /// A partition of a Kafka topic: the shared producer and the partition's reader.
 ///
@@ -46,6 +73,9 @@ pub struct KafkaPartition {
     producer: LogProducer,
     reader: PartitionReader,
     history: Option<History>,
+    settings: KafkaSettings,
+    /// The topic of the partition's snapshots (the same partition of it).
+    snapshots: String,
 }
 
 /// The partition's records before the serving reader's first offset.
@@ -66,11 +96,67 @@ impl KafkaPartition {
             next: 0,
             reader: None,
         });
+        let snapshots = match keel_schemas::stream_type_of(reader.topic()) {
+            Some(stream_type) => settings.snapshot_topic(stream_type),
+            None => format!("{}.snapshots", reader.topic()),
+        };
         Self {
             producer,
             reader,
             history,
+            settings: settings.clone(),
+            snapshots,
         }
+    }
+
+    async fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, KafkaError> {
+        let at = TopicPartition::new(self.snapshots.clone(), self.reader.partition());
+        let end = keel_kafka::end_offsets(&self.settings, std::slice::from_ref(&at))
+            .await?
+            .first()
+            .map_or(0, |(_, end)| *end);
+        if end == 0 {
+            return Ok(None);
+        }
+        let timeout = self.settings.timeout;
+        // The manifest is the last record a snapshot writes.
+        let mut reader = PartitionReader::open_history(&self.settings, &at, end - 1)?;
+        let last = read_within(&mut reader, timeout).await?;
+        if last.header("keel-kind") != Some(SNAPSHOT_MANIFEST) {
+            return Err(KafkaError::Reader(format!(
+                "the last record of {at} is not a snapshot manifest (a snapshot written halfway)"
+            )));
+        }
+        let chunks: Vec<i64> = last
+            .header(SNAPSHOT_CHUNKS_HEADER)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|e| KafkaError::Reader(format!("a manifest's chunk list: {e}")))?;
+        let mut body = Vec::new();
+        if let Some(first) = chunks.first() {
+            let mut reader = PartitionReader::open_history(&self.settings, &at, *first)?;
+            for wanted in &chunks {
+                let entry = loop {
+                    let entry = read_within(&mut reader, timeout).await?;
+                    if entry.offset >= *wanted {
+                        break entry;
+                    }
+                };
+                if entry.offset != *wanted {
+                    return Err(KafkaError::Reader(format!(
+                        "the snapshot's chunk at {wanted} of {at} is gone"
+                    )));
+                }
+                body.extend_from_slice(&entry.payload);
+            }
+        }
+        Ok(Some(StoredSnapshot {
+            manifest: last.payload,
+            body,
+        }))
     }
 }
 
@@ -134,4 +220,68 @@ impl PartitionLog for KafkaPartition {
             .append_record(topic, partition, key, record, traceparent)
             .await
     }
+
+    async fn latest_snapshot(&self) -> Result<Option<StoredSnapshot>, KafkaError> {
+        self.read_snapshot().await
+    }
+
+    fn write_snapshot(
+        &self,
+        snapshot: StoredSnapshot,
+        key_set: u64,
+    ) -> impl Future<Output = Result<(), KafkaError>> + Send + 'static {
+        let producer = self.producer.clone();
+        let (topic, partition) = (self.snapshots.clone(), self.reader.partition());
+        async move {
+            let mut offsets = Vec::new();
+            for (i, chunk) in snapshot.body.chunks(SNAPSHOT_CHUNK_BYTES).enumerate() {
+                let key = format!("chunk-{}-{i}", key_set % 2);
+                let offset = producer
+                    .append(
+                        &topic,
+                        partition,
+                        &key,
+                        chunk,
+                        &[("keel-kind", SNAPSHOT_CHUNK)],
+                    )
+                    .await?;
+                offsets.push(offset.to_string());
+            }
+            let chunks = offsets.join(",");
+            producer
+                .append(
+                    &topic,
+                    partition,
+                    "manifest",
+                    &snapshot.manifest,
+                    &[
+                        ("keel-kind", SNAPSHOT_MANIFEST),
+                        (SNAPSHOT_CHUNKS_HEADER, &chunks),
+                    ],
+                )
+                .await?;
+            Ok(())
+        }
+    }
+
+    fn seek(&mut self, offset: i64) {
+        if offset < self.reader.next_offset() {
+            self.history = Some(History {
+                settings: self.settings.clone(),
+                next: offset,
+                reader: None,
+            });
+        }
+    }
+}
+
+/// The next record of `reader`, within `timeout`.
+async fn read_within(
+    reader: &mut PartitionReader,
+    timeout: std::time::Duration,
+) -> Result<LogEntry, KafkaError> {
+    let offset = reader.next_offset();
+    tokio::time::timeout(timeout, reader.next())
+        .await
+        .map_err(|_| KafkaError::Timeout(format!("reading the snapshot at {offset}")))?
 }

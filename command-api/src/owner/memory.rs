@@ -8,6 +8,7 @@ use keel_kafka::{KafkaError, LogEntry, record_headers};
 use tokio::sync::watch;
 
 use super::log::{Append, PartitionLog};
+use super::snapshot::StoredSnapshot;
 
 struct Shared {
     topic: String,
@@ -19,6 +20,8 @@ struct Shared {
     len: watch::Sender<usize>,
     /// Offsets whose next read fails, and how many times.
     failing_reads: Mutex<Vec<(i64, usize)>>,
+    /// The snapshots written, in order.
+    snapshots: Mutex<Vec<StoredSnapshot>>,
 }
 
 /// One partition's records in memory, and a reader's position in them.
@@ -38,6 +41,7 @@ impl MemoryLog {
                 appends: Mutex::new(Vec::new()),
                 len: watch::Sender::new(0),
                 failing_reads: Mutex::new(Vec::new()),
+                snapshots: Mutex::new(Vec::new()),
             }),
             next_offset: 0,
         }
@@ -59,6 +63,18 @@ impl MemoryLog {
     /// Every record appended so far, in order.
     pub fn entries(&self) -> Vec<LogEntry> {
         self.records().clone()
+    }
+
+    /// The snapshots written so far, in order.
+    pub fn snapshots(&self) -> Vec<StoredSnapshot> {
+        lock(&self.shared.snapshots).clone()
+    }
+
+    /// Changes the latest snapshot with `change` (to tamper with it, or cut it short).
+    pub fn change_latest_snapshot(&self, change: impl FnOnce(&mut StoredSnapshot)) {
+        if let Some(latest) = lock(&self.shared.snapshots).last_mut() {
+            change(latest);
+        }
     }
 
     /// Each append so far, in order.
@@ -156,5 +172,22 @@ impl PartitionLog for MemoryLog {
         self.push(&[record])
             .pop()
             .unwrap_or_else(|| Err(KafkaError::NotSent("nothing was appended".into())))
+    }
+
+    async fn latest_snapshot(&self) -> Result<Option<StoredSnapshot>, KafkaError> {
+        Ok(lock(&self.shared.snapshots).last().cloned())
+    }
+
+    fn write_snapshot(
+        &self,
+        snapshot: StoredSnapshot,
+        _key_set: u64,
+    ) -> impl std::future::Future<Output = Result<(), KafkaError>> + Send + 'static {
+        lock(&self.shared.snapshots).push(snapshot);
+        std::future::ready(Ok(()))
+    }
+
+    fn seek(&mut self, offset: i64) {
+        self.next_offset = offset;
     }
 }

@@ -23,6 +23,7 @@ mod outcome;
 mod receipt;
 #[cfg(test)]
 mod sim;
+mod snapshot;
 mod task;
 #[cfg(test)]
 mod tests;
@@ -35,4 +36,5 @@ pub use outcome::{
     Answer, Answered, CommandRequest, EventSummary, NoAnswer, Outcome, OwnerError, Reply,
     RequestMeta, reply_channel,
 };
+pub use snapshot::{Manifest, SNAPSHOT_FORMAT, StoredSnapshot};
 pub use task::{PartitionOwner, Status, StatusCell, Stop};

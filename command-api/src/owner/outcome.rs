@@ -134,7 +134,7 @@ impl Answer {
 }
 
 /// One event of an accepted command, as the response lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct EventSummary {
     /// The event's id.
     pub event_id: Uuid,
@@ -146,7 +146,7 @@ pub struct EventSummary {
 }
 
 /// The result of an accepted command.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Outcome {
     /// The stream.
     pub stream: StreamRef,

@@ -48,6 +48,22 @@ impl Recorded {
     }
 }
 
+impl Recorded {
+    /// The refusal this records (a snapshot keeps refusals this way; `Unchanged` is an
+    /// outcome, kept as one).
+    pub(super) fn into_error(self) -> OwnerError {
+        match self {
+            Recorded::VersionMismatch { expected, actual } => {
+                OwnerError::VersionMismatch { expected, actual }
+            }
+            Recorded::Refused { error } => OwnerError::Domain(error),
+            Recorded::Unchanged => {
+                OwnerError::Unavailable("this key's answer cannot be replayed; retry".into())
+            }
+        }
+    }
+}
+
 /// The answer `receipt`, read at `position`, records; `None` when this build cannot read
 /// it (a newer build's answer): the key is then treated as unused.
 pub(super) fn answer_of(receipt: &ReceiptRecord, position: Position) -> Option<Answered> {

@@ -31,6 +31,7 @@ use super::idempotency::IdempotencyKeys;
 use super::log::PartitionLog;
 use super::outcome::{CommandRequest, EventSummary, Outcome, OwnerError};
 use super::receipt;
+use super::snapshot;
 
 /// Commands decided and appended together at most.
 const MAX_FLUSH: usize = 512;
@@ -115,6 +116,9 @@ pub struct StatusCell {
     writer: Arc<std::sync::OnceLock<String>>,
     /// The epoch of its latest fence (0 before one).
     epoch: Arc<AtomicU64>,
+    /// The offset the snapshot it started from covers up to; -1 when it read the
+    /// partition from its first record.
+    snapshot: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl StatusCell {
@@ -125,7 +129,15 @@ impl StatusCell {
             cell: Arc::new(AtomicU8::new(Status::Starting as u8)),
             writer: Arc::new(std::sync::OnceLock::new()),
             epoch: Arc::new(AtomicU64::new(0)),
+            snapshot: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
         }
+    }
+
+    /// Where the snapshot this owner started from ends (the first offset it read after
+    /// it); `None` when it read the partition from its first record.
+    pub fn started_from(&self) -> Option<i64> {
+        let at = self.snapshot.load(Ordering::Acquire);
+        (at >= 0).then_some(at)
     }
 
     /// The writer name this owner fences as, once it has fenced.
@@ -198,9 +210,22 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     /// How long after losing the partition to another writer this owner fences again,
     /// if it does (an owner the assignment still names takes the partition back).
     retake_after: Option<Duration>,
+    /// Records applied between two snapshots this owner writes; `None`: it writes none.
+    snapshot_every: Option<u64>,
+    /// Records applied since the last snapshot (written or loaded).
+    since_snapshot: u64,
+    /// The generation of the last snapshot written or loaded.
+    snapshot_generation: u64,
+    /// The snapshot being written, if one is.
+    snapshot_write: Option<tokio::task::JoinHandle<Result<(), KafkaError>>>,
+    /// The last record applied: its offset and bytes (a snapshot's anchor).
+    last_record: Option<(i64, Vec<u8>)>,
+    /// The latest snapshot was looked for (once, before the first catch-up).
+    snapshot_sought: bool,
 }
 
-impl<A: Aggregate, L: PartitionLog> PartitionOwner<A, L>
+impl<A: Aggregate + serde::Serialize + serde::de::DeserializeOwned, L: PartitionLog>
+    PartitionOwner<A, L>
 where
     A::Command: Send,
 {
@@ -234,6 +259,12 @@ where
             ids: Box::new(Uuid::now_v7),
             parallel_checks: true,
             retake_after: None,
+            snapshot_every: None,
+            since_snapshot: 0,
+            snapshot_generation: 0,
+            snapshot_write: None,
+            last_record: None,
+            snapshot_sought: false,
         };
         (owner, status)
     }
@@ -265,6 +296,13 @@ where
     /// that writer to learn it was let go, so the two do not take turns.
     pub fn retaking_after(mut self, after: Duration) -> Self {
         self.retake_after = Some(after);
+        self
+    }
+
+    /// The same owner, writing a snapshot of its state every `every` records it applies
+    /// (and when it hands the partition over), and starting from the latest snapshot.
+    pub fn with_snapshots(mut self, every: u64) -> Self {
+        self.snapshot_every = Some(every.max(1));
         self
     }
 
@@ -304,6 +342,7 @@ where
         let mut stopping: Option<Stop> = None;
         let mut retake_at: Option<tokio::time::Instant> = None;
         loop {
+            self.snapshot_if_due();
             retake_at = match (self.status.get(), self.retake_after) {
                 (Status::Lost, Some(after)) if stopping.is_none() => {
                     Some(retake_at.unwrap_or_else(|| tokio::time::Instant::now() + after))
@@ -365,7 +404,8 @@ where
         }
     }
 
-    /// Leaves the handoff mark in the log: this writer has stopped writing here.
+    /// Leaves a snapshot and the handoff mark in the log: this writer has stopped writing
+    /// here, and the next owner reads only what follows.
     async fn hand_over(&mut self) {
         if self.status.get() != Status::Serving {
             return;
@@ -373,6 +413,18 @@ where
         let Some(writer) = self.writer.clone() else {
             return;
         };
+        if self.snapshot_every.is_some() && self.since_snapshot > 0 {
+            if let Some(earlier) = self.snapshot_write.take() {
+                let _ = earlier.await;
+            }
+            if let Some(write) = self.snapshot_now() {
+                match tokio::time::timeout(self.timeout, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "could not write the handoff snapshot"),
+                    Err(_) => warn!("the handoff snapshot was not written in time"),
+                }
+            }
+        }
         let at = TopicPartition::new(self.topic.clone(), self.partition);
         let mark = LogRecord::Fence(FenceRecord::handoff(writer, &at).signed(&self.signing_key));
         match self.log.append_one(("", &mark, None)).await {
@@ -383,8 +435,151 @@ where
         }
     }
 
+    /// Starts a snapshot's write when enough records were applied since the last one and
+    /// no other is being written.
+    fn snapshot_if_due(&mut self) {
+        let due = self
+            .snapshot_every
+            .is_some_and(|every| self.since_snapshot >= every)
+            && self.status.get() == Status::Serving
+            && self.snapshot_write.as_ref().is_none_or(|w| w.is_finished());
+        if !due {
+            return;
+        }
+        if let Some(write) = self.snapshot_now() {
+            self.snapshot_write = Some(tokio::spawn(write));
+        }
+    }
+
+    /// A snapshot of the owner's state now (everything applied so far), to be written.
+    fn snapshot_now(
+        &mut self,
+    ) -> Option<impl std::future::Future<Output = Result<(), KafkaError>> + Send + 'static> {
+        let writer = self.writer.clone()?;
+        let (offset, payload) = self.last_record.as_ref()?;
+        let at = TopicPartition::new(self.topic.clone(), self.partition);
+        let started = std::time::Instant::now();
+        let holding = snapshot::Holding {
+            at: &at,
+            next_offset: offset + 1,
+            anchor: snapshot::anchor_of(payload),
+            gate: &self.gate,
+            streams: &self.streams,
+            keys: self.keys.export(),
+            undecodable: self.undecodable,
+            writer: &writer,
+            generation: self.snapshot_generation + 1,
+        };
+        let next_offset = holding.next_offset;
+        match snapshot::write(holding, &self.signing_key) {
+            Ok(stored) => {
+                self.snapshot_generation += 1;
+                self.since_snapshot = 0;
+                info!(
+                    next_offset,
+                    streams = self.streams.len(),
+                    bytes = stored.body.len(),
+                    took_ms = started.elapsed().as_millis(),
+                    "writing a snapshot"
+                );
+                Some(self.log.write_snapshot(stored, self.snapshot_generation))
+            }
+            Err(e) => {
+                warn!(error = %e, "could not make a snapshot");
+                None
+            }
+        }
+    }
+
+    /// Starts from the partition's latest snapshot, once it is checked: its signature,
+    /// body, partition and build, and its last record against the log's. Otherwise (no
+    /// snapshot, or one that fails a check) reads the partition from its first record.
+    async fn load_snapshot(&mut self) {
+        let at = TopicPartition::new(self.topic.clone(), self.partition);
+        let stored = match self.log.latest_snapshot().await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "the partition's snapshot cannot be read: reading the partition from its first record");
+                return;
+            }
+        };
+        let manifest = match snapshot::check::<A>(&stored, self.gate.policy(), &at) {
+            Ok(manifest) => manifest,
+            Err(reason) => {
+                warn!(%reason, "ignoring the partition's snapshot: reading the partition from its first record");
+                return;
+            }
+        };
+        let anchor_at = manifest.next_offset - 1;
+        let end = match self.log.end().await {
+            Ok(end) => end,
+            Err(e) => {
+                warn!(error = %e, "reading where the partition ends");
+                return;
+            }
+        };
+        if manifest.next_offset > end {
+            warn!(
+                next_offset = manifest.next_offset,
+                end, "ignoring a snapshot of more records than the partition holds"
+            );
+            return;
+        }
+        self.log.seek(anchor_at);
+        let anchored = match tokio::time::timeout(self.timeout, self.log.next()).await {
+            Ok(Ok(entry)) => {
+                let same = entry.offset == anchor_at
+                    && snapshot::anchor_of(&entry.payload) == manifest.anchor;
+                if same { Some(entry) } else { None }
+            }
+            _ => None,
+        };
+        let Some(anchor) = anchored else {
+            warn!(
+                offset = anchor_at,
+                "ignoring the partition's snapshot: its last record is not the log's; reading the partition from its first record"
+            );
+            self.log.seek(0);
+            return;
+        };
+        let generation = manifest.generation;
+        let next_offset = manifest.next_offset;
+        match snapshot::restore::<A>(manifest, &stored.body, Arc::clone(self.gate.policy()), &at) {
+            Ok(restored) => {
+                self.gate = restored.gate;
+                self.streams = restored.streams;
+                self.keys = IdempotencyKeys::import(
+                    self.keys.retention(),
+                    restored.keys,
+                    restored.log_time,
+                );
+                self.undecodable = restored.undecodable;
+                self.snapshot_generation = generation;
+                self.since_snapshot = 0;
+                self.last_record = Some((anchor.offset, anchor.payload));
+                self.status.snapshot.store(next_offset, Ordering::Release);
+                info!(
+                    next_offset,
+                    generation,
+                    streams = self.streams.len(),
+                    written_by = ?restored.manifest.written_by,
+                    "starting from the partition's snapshot"
+                );
+            }
+            Err(reason) => {
+                warn!(%reason, "ignoring the partition's snapshot: reading the partition from its first record");
+                self.log.seek(0);
+            }
+        }
+    }
+
     async fn take_ownership(&mut self) -> Result<(), KafkaError> {
         self.status.set(Status::Starting);
+        if !self.snapshot_sought && self.log.next_offset() == 0 {
+            self.snapshot_sought = true;
+            self.load_snapshot().await;
+        }
         self.catch_up().await?;
         // The writer's name is the configured one and a part drawn at this owner's start:
         // two processes started with one KEEL_INSTANCE that read the same end of the log
@@ -504,7 +699,11 @@ where
 
     /// Applies a record the gate has just read.
     fn apply_gated(&mut self, gated: Gated) -> Option<(Uuid, ReadBack)> {
-        let Gated { entry, record, .. } = gated;
+        let Gated {
+            mut entry, record, ..
+        } = gated;
+        self.since_snapshot += 1;
+        self.last_record = Some((entry.offset, std::mem::take(&mut entry.payload)));
         let (record, verdict) = match record {
             Ok(read) => read,
             Err(e) => {

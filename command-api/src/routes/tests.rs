@@ -49,6 +49,7 @@ async fn api() -> Api {
         partitions: 2,
         key_retention: crate::owner::DEFAULT_KEY_RETENTION,
         retake_after: None,
+        snapshot_every: None,
     };
     let owners = Owners::start_all(&settings, |stream_type, partition| {
         Ok(MemoryLog::new(

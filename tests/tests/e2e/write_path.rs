@@ -108,7 +108,11 @@ async fn post(
     let response = request.send().await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
-    (status, headers, response.json().await.unwrap_or(Value::Null))
+    (
+        status,
+        headers,
+        response.json().await.unwrap_or(Value::Null),
+    )
 }
 
 /// The handoff marks in `topic`, by writer.
@@ -140,11 +144,12 @@ async fn three_instances_share_the_partitions_forward_commands_and_hand_over_on_
     // Commands round-robin over the three: most land on an instance that does not own
     // their stream's partition, and are forwarded.
     let alice = config.auth.client("alice", &[Role::CommandsWrite]);
-    let topic = broker
-        .settings(&config.prefix, PARTITIONS)
-        .topic("product");
+    let topic = broker.settings(&config.prefix, PARTITIONS).topic("product");
     let owner_of = |id: &str| {
-        let at = (topic.clone(), i64::from(partition_for(id.as_bytes(), PARTITIONS)));
+        let at = (
+            topic.clone(),
+            i64::from(partition_for(id.as_bytes(), PARTITIONS)),
+        );
         shares.iter().position(|s| s.contains(&at)).unwrap()
     };
     let mut forwarded = 0;

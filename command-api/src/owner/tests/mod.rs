@@ -16,6 +16,7 @@ use super::*;
 
 mod handoff;
 mod keys;
+mod snapshots;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
