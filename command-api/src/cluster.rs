@@ -56,6 +56,17 @@ const RELAYED_RESPONSE_HEADERS: [&str; 6] = [
 
 /// How often the group's view is read from the coordinator when nothing asks sooner.
 const VIEW_REFRESH: Duration = Duration::from_secs(1);
+/// How long a member may take to say which partitions it serves.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What `GET /owned` answers: the instance's URL and the partitions it serves.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Owned {
+    /// The instance's URL, if it is one of a group.
+    pub url: Option<String>,
+    /// (topic, partition) of each partition it serves.
+    pub serving: Vec<(String, i32)>,
+}
 
 /// The group as this instance sees it.
 pub struct Cluster {
@@ -86,7 +97,7 @@ struct Seen {
     at: Option<Instant>,
     /// Why the last read failed, if it did.
     error: Option<String>,
-    /// Each partition's owner URL, from the last view of a stable group.
+    /// Each partition's owner URL: the instance that says it serves it.
     owner_of: HashMap<TopicPartition, String>,
 }
 
@@ -137,6 +148,7 @@ impl Cluster {
                 revoke_timeout: join.handoff_timeout + Duration::from_secs(1),
             },
         )?;
+        keel_http::serve::use_ring_provider();
         let cluster = Arc::new(Self {
             url: join.url,
             instance: join.owner_settings.instance.clone(),
@@ -146,7 +158,8 @@ impl Cluster {
             refresh: Notify::new(),
             client: reqwest::Client::builder()
                 .pool_idle_timeout(Duration::from_secs(30))
-                .build()?,
+                .build()
+                .map_err(|e| anyhow::anyhow!("building the forwarding client: {e:?}"))?,
         });
         let follower = Follower {
             owners: join.owners,
@@ -206,25 +219,25 @@ impl Cluster {
         self.membership.leave().await;
     }
 
-    /// Reads the group's view every [`VIEW_REFRESH`] or when asked, while the cluster
-    /// lives.
+    /// Reads the group's view every [`VIEW_REFRESH`] or when asked, and asks each other
+    /// member which partitions it serves (`GET /owned`: not every coordinator reports
+    /// members' assignments, and an assignment is not yet an owner that serves), while
+    /// the cluster lives.
     async fn watch(cluster: std::sync::Weak<Self>) {
         loop {
             let Some(this) = cluster.upgrade() else {
                 return;
             };
             let read = this.membership.view().await;
+            let owner_of = match &read {
+                Ok(view) => Some(this.ask_members(view).await),
+                Err(_) => None,
+            };
             if let Ok(mut seen) = this.seen.write() {
                 match read {
                     Ok(view) => {
-                        if view.state == "Stable" {
-                            seen.owner_of = view
-                                .members
-                                .iter()
-                                .flat_map(|m| {
-                                    m.partitions.iter().map(|p| (p.clone(), m.url.clone()))
-                                })
-                                .collect();
+                        if let Some(owner_of) = owner_of {
+                            seen.owner_of = owner_of;
                         }
                         seen.view = Some(view);
                         seen.at = Some(Instant::now());
@@ -239,6 +252,42 @@ impl Cluster {
                 () = tokio::time::sleep(VIEW_REFRESH) => {}
             }
         }
+    }
+
+    /// Which member serves each partition: this instance's own (its URL, for the
+    /// partitions the group gave it), and what each other member says it serves.
+    async fn ask_members(&self, view: &GroupView) -> HashMap<TopicPartition, String> {
+        let mut owner_of: HashMap<TopicPartition, String> = self
+            .membership
+            .assigned()
+            .into_iter()
+            .map(|at| (at, self.url.clone()))
+            .collect();
+        let others: std::collections::BTreeSet<&str> = view
+            .members
+            .iter()
+            .map(|m| m.url.as_str())
+            .filter(|url| *url != self.url && !url.is_empty())
+            .collect();
+        let asked = others.into_iter().map(|url| async move {
+            let answer = self
+                .client
+                .get(format!("{url}/owned"))
+                .timeout(ASK_TIMEOUT)
+                .send()
+                .await
+                .ok()?
+                .json::<Owned>()
+                .await
+                .ok()?;
+            Some((url.to_owned(), answer))
+        });
+        for (url, owned) in futures::future::join_all(asked).await.into_iter().flatten() {
+            for (topic, partition) in owned.serving {
+                owner_of.entry(TopicPartition::new(topic, partition)).or_insert_with(|| url.clone());
+            }
+        }
+        owner_of
     }
 
     /// Forwards a command (its path, the headers that matter, its body) to the instance

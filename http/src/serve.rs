@@ -59,13 +59,18 @@ fn tuned<A: axum_server::Address, Acc>(
     server
 }
 
+/// Makes ring the process's TLS provider (for servers and for clients such as the
+/// command API's forwarding one). Installing twice is harmless: the first one stays.
+pub fn use_ring_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The rustls configuration of a PEM certificate chain and key, with ring as the provider.
 pub async fn tls_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<RustlsConfig> {
-    // Installing twice fails harmlessly: the first provider stays.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    use_ring_provider();
     RustlsConfig::from_pem_file(cert, key)
         .await
         .with_context(|| {

@@ -11,9 +11,10 @@
 //! until the instance has handed the partitions over, so that a planned handoff never has
 //! two writers at work.
 //!
-//! Each member's `client.id` is its advertised URL: [`GroupMembership::members`] reads the
-//! group's members and their assignments from the group coordinator, so an instance learns
-//! where to forward a command without a database.
+//! Each member's `client.id` is its advertised URL: [`GroupMembership::view`] reads the
+//! group's members from the group coordinator (and their assignments, where the
+//! coordinator reports them), so an instance learns where the others are without a
+//! database.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -221,7 +222,8 @@ impl GroupMembership {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "latest")
-            .set("fetch.max.bytes", "1024")
+            // It fetches as little as the client allows before its partitions are paused.
+            .set("queued.min.messages", "1")
             .set("enable.partition.eof", "false");
         let consumer: BaseConsumer<GroupContext> = config
             .create_with_context(context)
@@ -322,7 +324,7 @@ impl GroupMembership {
                     .iter()
                     .map(|m| GroupMember {
                         member_id: m.id().to_owned(),
-                        url: m.client_id().to_owned(),
+                        url: client_id_of(m.client_id(), m.id()).to_owned(),
                         partitions: m
                             .assignment()
                             .and_then(parse_assignment)
@@ -349,6 +351,20 @@ impl GroupMembership {
 impl Drop for GroupMembership {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// A member's client id: as the coordinator reports it, or else from its member id, which
+/// coordinators make as `<client id>-<UUID>`.
+fn client_id_of<'a>(client_id: &'a str, member_id: &'a str) -> &'a str {
+    if !client_id.is_empty() {
+        return client_id;
+    }
+    match member_id.len().checked_sub(37) {
+        Some(at) if member_id.is_char_boundary(at) && member_id[at..].starts_with('-') => {
+            &member_id[..at]
+        }
+        _ => member_id,
     }
 }
 
@@ -398,6 +414,19 @@ pub fn parse_assignment(bytes: &[u8]) -> Option<Vec<TopicPartition>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_s_client_id_comes_from_its_member_id_when_not_reported() {
+        assert_eq!(
+            client_id_of(
+                "",
+                "http://127.0.0.1:8080-c156601a-653e-41dc-9748-666c7ed52819"
+            ),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(client_id_of("http://a:1", "whatever"), "http://a:1");
+        assert_eq!(client_id_of("", "short"), "short");
+    }
 
     #[test]
     fn an_assignment_reads_as_its_topics_partitions() {

@@ -128,3 +128,18 @@ pub(super) async fn partitions(State(state): State<AppState>) -> Json<Value> {
         "partitions": partitions,
     }))
 }
+
+/// `GET /owned`: the partitions this instance serves, for the other instances of its group
+/// to route commands by.
+pub(super) async fn owned(State(state): State<AppState>) -> Json<crate::cluster::Owned> {
+    Json(crate::cluster::Owned {
+        url: state.cluster.as_ref().map(|c| c.url().to_owned()),
+        serving: state
+            .owners
+            .statuses()
+            .into_iter()
+            .filter(|s| s.get() == Status::Serving)
+            .map(|s| (s.topic, s.partition))
+            .collect(),
+    })
+}

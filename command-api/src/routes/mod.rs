@@ -78,6 +78,7 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         .merge(edge.limit(edge.guard(admin, Role::Admin)))
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
+        .route("/owned", get(health::owned))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|| async {
             ApiError::NotFound {

@@ -105,6 +105,7 @@ pub fn document() -> Value {
             "/readyz",
             "200 when this instance takes commands for every partition (it serves each one it owns and knows the owner of each other one), else 503 naming those it cannot",
         ),
+        ("/owned", "the partitions this instance serves: `{url, serving: [[topic, partition]…]}`, for the other instances of its group to forward commands by"),
         ("/openapi.json", "this document"),
     ] {
         let mut item = json!({"get": {"responses": {"200": {"description": description}}}});
@@ -188,7 +189,7 @@ mod tests {
         let edge = keel_http::Edge::new(&open.unwrap(), "test").unwrap();
         let doc = document();
         let paths = doc["paths"].as_object().unwrap();
-        assert_eq!(paths.len(), CATALOGUE.len() + 4);
+        assert_eq!(paths.len(), CATALOGUE.len() + 5);
         for (path, item) in paths {
             let (method, uri, body) = if item.get("post").is_some() {
                 ("POST", path.replace("{id}", "x-1"), r#"{"not_a_field": 1}"#)

@@ -534,7 +534,7 @@ async fn every_role_against_every_route() {
         p.replace("{id}", "role-1")
     })
     .await;
-    let operations = crate::commands::CATALOGUE.len() + 4;
+    let operations = crate::commands::CATALOGUE.len() + 5;
     assert_eq!(sent, operations * (Role::ALL.len() + 2));
 }
 
