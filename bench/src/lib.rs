@@ -158,6 +158,71 @@ pub fn write_order_log(
     Ok(events as i64 + i64::from(settings.partitions))
 }
 
+/// Writes a fence per partition, then `streams` products of `commits` commits each (a
+/// registration, then restocks, each chained onto the one before), keyed and partitioned
+/// as the command API would, round by round over the streams so every partition grows
+/// evenly; all signed with `key`. Returns the records written in all.
+pub fn write_product_log(
+    settings: &KafkaSettings,
+    topic: &str,
+    streams: usize,
+    commits: usize,
+    key: &SigningKey,
+) -> anyhow::Result<i64> {
+    let producer = bare_producer(settings)?;
+    let writer = Writer {
+        instance: "bench".into(),
+        epoch: 1,
+    };
+    for p in 0..settings.partitions {
+        send(
+            &producer,
+            topic,
+            p,
+            "",
+            &signed_fence(&writer, key, &TopicPartition::new(topic, p)).encode(),
+        )?;
+    }
+    let mut heads: Vec<Option<String>> = vec![None; streams];
+    for version in 0..commits {
+        for (i, head) in heads.iter_mut().enumerate() {
+            let id = format!("bp-{i}");
+            let fixture = commit(&writer, stream("product", id.clone()), version as u64);
+            let fixture = if version == 0 {
+                fixture.event(
+                    "ProductRegistered",
+                    1,
+                    json!({"name": format!("Product {i}"), "price": {"amount_minor": 500, "currency": "EUR"}}),
+                )
+            } else {
+                fixture.event("ProductRestocked", 1, json!({"quantity": 1}))
+            };
+            let record = fixture
+                .command(
+                    if version == 0 {
+                        "RegisterProduct"
+                    } else {
+                        "Restock"
+                    },
+                    "bench",
+                )
+                .prev_hash(head.take())
+                .signed(key);
+            *head = Some(record.hash.clone());
+            let partition = partition_for(id.as_bytes(), settings.partitions);
+            send(
+                &producer,
+                topic,
+                partition,
+                &id,
+                &LogRecord::Commit(record).encode(),
+            )?;
+        }
+    }
+    producer.flush(Duration::from_secs(600))?;
+    Ok((streams * commits) as i64 + i64::from(settings.partitions))
+}
+
 /// **B_produce**: `records` records the size of `order_placed`'s over the partitions of
 /// `topic` with the bare producer; returns records/s.
 pub fn bare_produce(settings: &KafkaSettings, topic: &str, records: usize) -> anyhow::Result<f64> {

@@ -121,6 +121,8 @@ pub struct Join<'a> {
     pub producer: LogProducer,
     /// The consumer their readers share.
     pub readers: ReaderPool,
+    /// PEM certificates trusted when forwarding over https.
+    pub roots_pem: Vec<u8>,
 }
 
 impl Cluster {
@@ -149,6 +151,17 @@ impl Cluster {
             },
         )?;
         keel_http::serve::use_ring_provider();
+        let mut client = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30));
+        if !join.roots_pem.is_empty() {
+            for root in reqwest::Certificate::from_pem_bundle(&join.roots_pem)
+                .map_err(|e| anyhow::anyhow!("reading the forwarding CA certificates: {e}"))?
+            {
+                client = client.add_root_certificate(root);
+            }
+        }
+        let client = client
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the forwarding client: {e:?}"))?;
         let cluster = Arc::new(Self {
             url: join.url,
             instance: join.owner_settings.instance.clone(),
@@ -156,10 +169,7 @@ impl Cluster {
             membership,
             seen: RwLock::new(Seen::default()),
             refresh: Notify::new(),
-            client: reqwest::Client::builder()
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build()
-                .map_err(|e| anyhow::anyhow!("building the forwarding client: {e:?}"))?,
+            client,
         });
         let follower = Follower {
             owners: join.owners,
@@ -284,7 +294,9 @@ impl Cluster {
         });
         for (url, owned) in futures::future::join_all(asked).await.into_iter().flatten() {
             for (topic, partition) in owned.serving {
-                owner_of.entry(TopicPartition::new(topic, partition)).or_insert_with(|| url.clone());
+                owner_of
+                    .entry(TopicPartition::new(topic, partition))
+                    .or_insert_with(|| url.clone());
             }
         }
         owner_of

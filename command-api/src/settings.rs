@@ -63,6 +63,11 @@ pub struct Cli {
     /// not the one others reach, such as 0.0.0.0 or behind NAT.
     #[arg(long, env = "KEEL_ADVERTISED_URL", value_name = "URL")]
     pub advertised_url: Option<String>,
+    /// PEM certificates trusted when forwarding to another instance over https (default:
+    /// this instance's own KEEL_TLS_CERT, right when the instances share a certificate or
+    /// it is their CA's).
+    #[arg(long, env = "KEEL_FORWARD_CA_FILE", value_name = "PATH")]
+    pub forward_ca_file: Option<PathBuf>,
     /// The consumer group the instances share (default: <topic prefix>.command-api).
     #[arg(long, env = "KEEL_GROUP", value_name = "ID")]
     pub group: Option<String>,
@@ -117,6 +122,8 @@ pub enum Assignment {
         session_timeout: Duration,
         /// How long a handoff may take.
         handoff_timeout: Duration,
+        /// Certificates trusted when forwarding over https.
+        forward_ca_file: Option<PathBuf>,
     },
 }
 
@@ -186,6 +193,7 @@ impl Settings {
                     },
                     session_timeout: Duration::from_millis(cli.group_session_timeout_ms),
                     handoff_timeout: Duration::from_millis(cli.handoff_timeout_ms),
+                    forward_ca_file: cli.forward_ca_file,
                 },
             },
             kafka,

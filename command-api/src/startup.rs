@@ -108,7 +108,17 @@ impl Application {
                 advertised_url,
                 session_timeout,
                 handoff_timeout,
+                forward_ca_file,
             } => {
+                let roots = match forward_ca_file
+                    .clone()
+                    .or_else(|| settings.edge.tls.as_ref().map(|tls| tls.cert.clone()))
+                {
+                    Some(path) => std::fs::read(&path).with_context(|| {
+                        format!("reading the forwarding CA file {}", path.display())
+                    })?,
+                    None => Vec::new(),
+                };
                 let url = match advertised_url {
                     Some(url) => url.clone(),
                     None => format!("http://{}", listener.local_addr()?),
@@ -131,6 +141,7 @@ impl Application {
                     owner_settings,
                     producer,
                     readers,
+                    roots_pem: roots,
                 })
                 .context("joining the group")?;
                 info!(

@@ -39,6 +39,7 @@ impl Standing {
             entry["status"] = json!(status.get().as_str());
             entry["writer"] = json!(status.writer());
             entry["epoch"] = json!(status.epoch());
+            entry["started_from_snapshot_at"] = json!(status.started_from());
         } else {
             entry["status"] = json!(if self.owner_url.is_some() {
                 "elsewhere"

@@ -105,7 +105,10 @@ pub fn document() -> Value {
             "/readyz",
             "200 when this instance takes commands for every partition (it serves each one it owns and knows the owner of each other one), else 503 naming those it cannot",
         ),
-        ("/owned", "the partitions this instance serves: `{url, serving: [[topic, partition]…]}`, for the other instances of its group to forward commands by"),
+        (
+            "/owned",
+            "the partitions this instance serves: `{url, serving: [[topic, partition]…]}`, for the other instances of its group to forward commands by",
+        ),
         ("/openapi.json", "this document"),
     ] {
         let mut item = json!({"get": {"responses": {"200": {"description": description}}}});

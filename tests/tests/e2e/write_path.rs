@@ -334,3 +334,101 @@ async fn a_killed_instance_s_partitions_are_taken_over_and_a_paused_one_acknowle
     }
     assert_eq!(seen.len(), 36);
 }
+
+/// The `started_from_snapshot_at` of each of this instance's partitions of `topic`.
+async fn started_from(api: &CommandApi, topic: &str) -> Vec<Option<i64>> {
+    partitions(api).await["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == topic)
+        .map(|p| p["started_from_snapshot_at"].as_i64())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_new_owner_starts_from_its_predecessor_s_snapshot_and_ignores_a_broken_one() {
+    let broker = Broker::start().await.unwrap();
+    let mut config = CommandApiConfig::new(&broker, &unique_prefix("snapshots"), PARTITIONS, "cmd");
+    config.extra_env.push(("KEEL_SNAPSHOT_EVERY", "10".into()));
+    let alice = config.auth.client("alice", &[Role::CommandsWrite]);
+    let settings = broker.settings(&config.prefix, PARTITIONS);
+    let topic = settings.topic("product");
+    let first = start(&config, &["cmd-a"]).await.pop().unwrap();
+    settled(&[&first]).await;
+    for i in 0..40 {
+        let (status, _, body) = post(
+            &alice,
+            &first,
+            &format!("/v1/products/P-{i}/register"),
+            json!({"name": "Lamp", "price": eur(100)}),
+            &[("idempotency-key", &format!("register-{i}"))],
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    // A planned handoff leaves a snapshot of everything before its mark.
+    assert!(first.stop().await.unwrap().success());
+    let second = start(&config, &["cmd-b"]).await.pop().unwrap();
+    settled(&[&second]).await;
+    let from = started_from(&second, &topic).await;
+    assert!(
+        from.iter().all(|f| f.is_some_and(|at| at > 0)),
+        "every product partition started from a snapshot: {from:?}"
+    );
+    // It serves on from there: versions, keys and all.
+    for i in 0..40 {
+        let (status, headers, body) = post(
+            &alice,
+            &second,
+            &format!("/v1/products/P-{i}/register"),
+            json!({"name": "Lamp", "price": eur(100)}),
+            &[("idempotency-key", &format!("register-{i}"))],
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(headers["idempotent-replayed"], "true");
+        let (status, _, body) = post(
+            &alice,
+            &second,
+            &format!("/v1/products/P-{i}/restock"),
+            json!({"quantity": 1}),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["version"], 2);
+    }
+    assert!(second.stop().await.unwrap().success());
+
+    // A manifest that is not one, last in partition 0's snapshots: ignored, and that
+    // partition is read from its first record; the others start from their snapshots.
+    let producer = keel_kafka::LogProducer::new(&settings).unwrap();
+    producer
+        .append(
+            &settings.snapshot_topic("product"),
+            0,
+            "manifest",
+            b"{\"format\": 1, \"not\": \"a manifest\"}",
+            &[("keel-kind", "snapshot-manifest"), ("keel-chunks", "")],
+        )
+        .await
+        .unwrap();
+    let third = start(&config, &["cmd-c"]).await.pop().unwrap();
+    settled(&[&third]).await;
+    let from = started_from(&third, &topic).await;
+    assert_eq!(from[0], None, "the broken snapshot was ignored: {from:?}");
+    assert!(from[1..].iter().all(Option::is_some), "{from:?}");
+    for i in 0..40 {
+        let (status, _, body) = post(
+            &alice,
+            &third,
+            &format!("/v1/products/P-{i}/restock"),
+            json!({"quantity": 1}),
+            &[("if-match", "\"2\"")],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["version"], 3);
+    }
+}

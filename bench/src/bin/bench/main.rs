@@ -12,17 +12,19 @@
 //! * `--markdown`: the file whose `<!-- bench:begin -->`…`<!-- bench:end -->` block gets
 //!   the results (`BENCHMARKS.md`); the file is created when missing;
 //! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams) to check the harness;
-//! * `--only commands,ryw,projections,startup`: some of the scenarios, printed only (for
+//! * `--only commands,ryw,projections,startup,scale`: some of the scenarios, printed only (for
 //!   profiling).
 //!
 //! Scenarios, in order: commands (64 and 256 clients, and on durable storage),
-//! read-your-writes, catch-up, queries, rebuilds, queries during a rebuild, and the
-//! command API's memory per stream.
+//! read-your-writes, catch-up, queries, rebuilds, queries during a rebuild, the
+//! command API's memory per stream, and the write path on several instances (commands/s
+//! with 1 to 3, handoffs, a failover, take-over with and without a snapshot).
 
 mod commands;
 mod order_log;
 mod projections;
 mod ryw;
+mod scale;
 mod startup;
 
 use std::path::PathBuf;
@@ -44,11 +46,11 @@ const USAGE: &str =
   --out DIR        where report.json and the plots go (docs/bench)
   --markdown FILE  the file whose bench:begin/bench:end block gets the results (BENCHMARKS.md)
   --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams)
-  --only GROUPS    some of commands,ryw,projections,startup (all by default); for profiling: the
+  --only GROUPS    some of commands,ryw,projections,startup,scale (all by default); for profiling: the
                    report and the Markdown are written only by a run of them all";
 
 /// The scenario groups, in the order they run.
-const GROUPS: [&str; 4] = ["commands", "ryw", "projections", "startup"];
+const GROUPS: [&str; 5] = ["commands", "ryw", "projections", "startup", "scale"];
 
 /// What a run measures, from the command line.
 #[derive(Clone, Debug)]
@@ -187,6 +189,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
         && let Err(e) = startup::run(&options, &mut report).await
     {
         failed(&mut report, "start-up", &e);
+    }
+    if wanted("scale")
+        && let Err(e) = scale::run(&options, &mut report).await
+    {
+        failed(&mut report, "scale-out", &e);
     }
     if options.only.is_some() {
         println!("{}", report.markdown(&options.out.display().to_string()));

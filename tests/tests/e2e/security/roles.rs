@@ -92,6 +92,8 @@ const ROUTES: &[(Api, &str, &str, Option<Role>)] = &[
     ),
     (Api::Command, "GET", "/healthz", None),
     (Api::Command, "GET", "/readyz", None),
+    (Api::Command, "GET", "/owned", None),
+    (Api::Command, "GET", "/v1/partitions", Some(Role::Admin)),
     (Api::Command, "GET", "/openapi.json", None),
     (Api::Query, "GET", "/v1/orders", Some(Role::QueriesRead)),
     (

@@ -1,0 +1,484 @@
+//! Scenario 7: the write path on several command-api instances sharing the partitions:
+//! commands/s with 1, 2 and 3 instances (clients spread over all of them, each command
+//! forwarded to its partition's owner when it lands elsewhere), resident memory per
+//! instance, the unavailability of each partition that moves in a planned handoff (an
+//! instance joining, one stopped gracefully) and in a failover (one killed), and the
+//! take-over time of a partition with and without a snapshot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_bench::load::{self, Rng, Workload};
+use keel_bench::report::{Report, Row};
+use keel_bench::system;
+use keel_kafka::partition_for;
+use keel_tests::{Broker, CommandApiConfig, Service, unique_prefix};
+use serde_json::Value;
+
+use crate::{Options, step};
+
+/// Partitions of each topic.
+const PARTITIONS: i32 = 8;
+/// Clients of the timed loads.
+const CLIENTS: usize = 64;
+
+/// One command's completion: when, for which partition, with which status (0: no answer).
+struct Done {
+    at: Duration,
+    partition: (String, i32),
+    status: u16,
+}
+
+/// The partition of a command path `/v1/{collection}/{id}/{command}`.
+fn partition_of(path: &str) -> (String, i32) {
+    let mut parts = path.split('/').skip(2);
+    let collection = parts.next().unwrap_or_default().to_owned();
+    let id = parts.next().unwrap_or_default();
+    let partition = partition_for(id.as_bytes(), PARTITIONS);
+    (collection, partition)
+}
+
+/// The collection of a topic `<prefix>.<type>.events`.
+fn collection_of(topic: &str) -> String {
+    match keel_schemas::stream_type_of(topic).unwrap_or_default() {
+        "product" => "products".into(),
+        "customer" => "customers".into(),
+        _ => "orders".into(),
+    }
+}
+
+/// A closed loop of [`CLIENTS`] clients over `bases` (each client sends each command to
+/// the next instance in turn) until `stop`; every completion.
+fn drive(
+    client: &reqwest::Client,
+    bases: Arc<std::sync::RwLock<Vec<String>>>,
+    workload: Arc<Workload>,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+) -> tokio::task::JoinSet<Vec<Done>> {
+    let mut workers = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let (client, bases, workload, stop) = (
+            client.clone(),
+            bases.clone(),
+            workload.clone(),
+            stop.clone(),
+        );
+        workers.spawn(async move {
+            let mut rng = Rng::new(c as u64 + 101);
+            let mut done = Vec::new();
+            let mut turn = c;
+            while !stop.load(Ordering::Relaxed) {
+                let base = {
+                    let bases = bases.read().map(|b| b.clone()).unwrap_or_default();
+                    turn += 1;
+                    bases[turn % bases.len().max(1)].clone()
+                };
+                let (path, body) = workload.next(&mut rng);
+                let status = match client
+                    .post(format!("{base}{path}"))
+                    .timeout(Duration::from_secs(15))
+                    .json(&body)
+                    .send()
+                    .await
+                {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        status
+                    }
+                    Err(_) => 0,
+                };
+                done.push(Done {
+                    at: started.elapsed(),
+                    partition: partition_of(&path),
+                    status,
+                });
+            }
+            done
+        });
+    }
+    workers
+}
+
+async fn collect(mut workers: tokio::task::JoinSet<Vec<Done>>) -> Vec<Done> {
+    let mut all = Vec::new();
+    while let Some(done) = workers.join_next().await {
+        all.extend(done.unwrap_or_default());
+    }
+    all.sort_by_key(|d| d.at);
+    all
+}
+
+/// Which instance (by index in `apis`) serves each partition, once every partition is
+/// served by exactly one of them.
+async fn settled(apis: &[&Service]) -> anyhow::Result<BTreeMap<(String, i32), usize>> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut owners: BTreeMap<(String, i32), Vec<usize>> = BTreeMap::new();
+        for (i, api) in apis.iter().enumerate() {
+            let body: Value = match api.client.get(api.url("/v1/partitions")).send().await {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => Value::Null,
+            };
+            for p in body["partitions"].as_array().into_iter().flatten() {
+                if p["status"] == "serving" {
+                    let topic = p["topic"].as_str().unwrap_or_default();
+                    let partition = p["partition"].as_i64().unwrap_or_default() as i32;
+                    owners
+                        .entry((collection_of(topic), partition))
+                        .or_default()
+                        .push(i);
+                }
+            }
+        }
+        if owners.len() == 3 * PARTITIONS as usize && owners.values().all(|o| o.len() == 1) {
+            return Ok(owners.into_iter().map(|(k, v)| (k, v[0])).collect());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the instances did not settle in 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn start(config: &CommandApiConfig, name: &str) -> anyhow::Result<Service> {
+    Service::command_api(&CommandApiConfig {
+        instance: name.into(),
+        ..config.clone()
+    })
+    .await
+}
+
+/// For each partition in `moved`, the longest time between two acknowledged commands of
+/// it within `window`: how long it could not be written.
+fn gaps(
+    done: &[Done],
+    moved: &BTreeSet<(String, i32)>,
+    window: (Duration, Duration),
+) -> Vec<Duration> {
+    let mut acked: BTreeMap<&(String, i32), Vec<Duration>> = BTreeMap::new();
+    for d in done {
+        if (200..300).contains(&d.status) && moved.contains(&d.partition) {
+            acked.entry(&d.partition).or_default().push(d.at);
+        }
+    }
+    let mut gaps: Vec<Duration> = moved
+        .iter()
+        .map(|p| {
+            let times = acked.get(p).cloned().unwrap_or_default();
+            let mut edges = vec![window.0];
+            edges.extend(
+                times
+                    .into_iter()
+                    .filter(|t| *t >= window.0 && *t <= window.1),
+            );
+            edges.push(window.1);
+            edges
+                .windows(2)
+                .map(|w| w[1].saturating_sub(w[0]))
+                .max()
+                .unwrap_or_default()
+        })
+        .collect();
+    gaps.sort();
+    gaps
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    keel_bench::percentile(sorted, p).as_secs_f64() * 1000.0
+}
+
+/// The share of commands within `window` answered 503 (or not at all).
+fn unavailable_share(done: &[Done], window: (Duration, Duration)) -> f64 {
+    let within: Vec<&Done> = done
+        .iter()
+        .filter(|d| d.at >= window.0 && d.at <= window.1)
+        .collect();
+    let failed = within
+        .iter()
+        .filter(|d| d.status == 503 || d.status == 0)
+        .count();
+    failed as f64 / within.len().max(1) as f64 * 100.0
+}
+
+/// Runs the scenarios and adds their rows.
+pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
+    throughput_and_memory(options, report).await?;
+    handoffs(options, report).await?;
+    takeover(options, report).await?;
+    Ok(())
+}
+
+/// Seconds from an instance's start until it serves every partition of a log of
+/// `streams` products of `commits` commits each: reading the whole log, then from the
+/// snapshot its predecessor left at its planned handoff.
+async fn takeover(options: &Options, report: &mut Report) -> anyhow::Result<()> {
+    let streams = (options.events / 50).max(1000);
+    for commits in [10, 100] {
+        step(&format!(
+            "scale: take-over over {streams} products of {commits} commits, without and with a snapshot"
+        ));
+        let broker = Broker::start().await?;
+        let config = CommandApiConfig::new(
+            &broker,
+            &unique_prefix("bench-takeover"),
+            PARTITIONS,
+            "bench",
+        );
+        let settings = broker.settings(&config.prefix, PARTITIONS);
+        let topic = keel_kafka::ensure_topics(&settings, &["product"])
+            .await?
+            .remove(0);
+        {
+            let (settings, topic, key) = (settings.clone(), topic.clone(), config.signing_key());
+            tokio::task::spawn_blocking(move || {
+                keel_bench::write_product_log(&settings, &topic, streams, commits, &key)
+            })
+            .await??;
+        }
+        let with_snapshots = |every: &str| {
+            let mut config = config.clone();
+            config
+                .extra_env
+                .push(("KEEL_SNAPSHOT_EVERY", every.to_owned()));
+            config
+        };
+        let timed = |config: CommandApiConfig, name: &'static str| async move {
+            let started = Instant::now();
+            let api = start(&config, name).await?;
+            settled(&[&api]).await?;
+            anyhow::Ok((started.elapsed().as_secs_f64(), api))
+        };
+        let (without, api) = timed(with_snapshots("0"), "bench-full").await?;
+        api.stop().await?;
+        // This one reads the log too, and leaves a snapshot of it at its handoff.
+        let (_, api) = timed(with_snapshots("10000"), "bench-writer").await?;
+        api.stop().await?;
+        let (with, api) = timed(with_snapshots("10000"), "bench-from-snapshot").await?;
+        api.stop().await?;
+        report.rows.push(Row::beside(
+            &format!("Take-over over {streams} streams of {commits} commits"),
+            "seconds to ready, from the snapshot",
+            with,
+            "reading the whole log",
+            without,
+        ));
+        drop(broker);
+    }
+    Ok(())
+}
+
+/// Commands/s and memory with 1, 2 and 3 instances.
+async fn throughput_and_memory(options: &Options, report: &mut Report) -> anyhow::Result<()> {
+    let mut per_one = None;
+    for n in 1..=3usize {
+        step(&format!(
+            "scale: {n} instance(s), {CLIENTS} clients for {} s",
+            options.seconds
+        ));
+        let broker = Broker::start().await?;
+        let config =
+            CommandApiConfig::new(&broker, &unique_prefix("bench-scale"), PARTITIONS, "bench");
+        let mut apis = Vec::new();
+        for i in 0..n {
+            apis.push(start(&config, &format!("bench-{i}")).await?);
+        }
+        settled(&apis.iter().collect::<Vec<_>>()).await?;
+        let workload = Arc::new(Workload::new(options.streams));
+        let setup = workload.setup();
+        let failed = load::post_all(&apis[0].client, &apis[0].url(""), setup, 64).await;
+        anyhow::ensure!(failed == 0, "{failed} set-up commands failed");
+        let bases = Arc::new(std::sync::RwLock::new(
+            apis.iter().map(|a| a.url("")).collect::<Vec<_>>(),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let workers = drive(&apis[0].client, bases, workload, stop.clone(), started);
+        tokio::time::sleep(Duration::from_secs(options.seconds)).await;
+        stop.store(true, Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64();
+        let done = collect(workers).await;
+        let ok = done
+            .iter()
+            .filter(|d| (200..300).contains(&d.status))
+            .count();
+        let rate = ok as f64 / elapsed;
+        let rss: Vec<u64> = apis
+            .iter()
+            .filter_map(|a| a.pid().and_then(system::rss_bytes))
+            .collect();
+        let mean_rss = rss.iter().sum::<u64>() as f64 / rss.len().max(1) as f64 / 1e6;
+        match per_one {
+            None => {
+                per_one = Some((rate, mean_rss));
+                report.rows.push(Row::plain(
+                    "Commands on 1 instance",
+                    &format!("commands/s, {CLIENTS} clients"),
+                    rate,
+                ));
+                report.rows.push(Row::plain(
+                    "Memory of 1 instance",
+                    &format!("resident MB over {} streams", options.streams),
+                    mean_rss,
+                ));
+            }
+            Some((one_rate, one_rss)) => {
+                report.rows.push(Row::beside(
+                    &format!("Commands on {n} instances"),
+                    &format!("commands/s, {CLIENTS} clients over all"),
+                    rate,
+                    "1 instance",
+                    one_rate,
+                ));
+                report.rows.push(Row::beside(
+                    &format!("Memory per instance of {n}"),
+                    &format!("resident MB over {} streams", options.streams),
+                    mean_rss,
+                    "1 instance",
+                    one_rss,
+                ));
+            }
+        }
+        for api in apis {
+            api.stop().await?;
+        }
+        drop(broker);
+    }
+    Ok(())
+}
+
+/// Planned handoffs (an instance joins, one stops) and a failover (one is killed) under
+/// load: each moved partition's longest time without an acknowledged command.
+async fn handoffs(options: &Options, report: &mut Report) -> anyhow::Result<()> {
+    step(
+        "scale: handoffs and a failover under load (two instances, a third joins, one stops, one is killed)",
+    );
+    let broker = Broker::start().await?;
+    let config = CommandApiConfig::new(
+        &broker,
+        &unique_prefix("bench-handoff"),
+        PARTITIONS,
+        "bench",
+    );
+    let a = start(&config, "bench-a").await?;
+    let b = start(&config, "bench-b").await?;
+    let before = settled(&[&a, &b]).await?;
+    let workload = Arc::new(Workload::new(options.streams));
+    let failed = load::post_all(&a.client, &a.url(""), workload.setup(), 64).await;
+    anyhow::ensure!(failed == 0, "{failed} set-up commands failed");
+    let bases = Arc::new(std::sync::RwLock::new(vec![a.url(""), b.url("")]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers = drive(&a.client, bases.clone(), workload, stop.clone(), started);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A third instance joins: partitions move to it.
+    let join_at = started.elapsed();
+    let c = start(&config, "bench-c").await?;
+    let joined = settled(&[&a, &b, &c]).await?;
+    bases
+        .write()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .push(c.url(""));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let join_window = (join_at, started.elapsed());
+    let moved_join: BTreeSet<_> = joined
+        .iter()
+        .filter(|(p, owner)| before.get(*p).is_some_and(|o| *o != **owner))
+        .map(|(p, _)| p.clone())
+        .collect();
+
+    // b stops gracefully: its partitions go to a and c.
+    bases
+        .write()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .retain(|u| *u != b.url(""));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stop_at = started.elapsed();
+    let b_held: BTreeSet<_> = joined
+        .iter()
+        .filter(|(_, o)| **o == 1)
+        .map(|(p, _)| p.clone())
+        .collect();
+    b.stop().await?;
+    let after_stop = settled(&[&a, &c]).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stop_window = (stop_at, started.elapsed());
+
+    // c is killed: its partitions go to a once the group notices.
+    bases
+        .write()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .retain(|u| *u != c.url(""));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let kill_at = started.elapsed();
+    let c_held: BTreeSet<_> = after_stop
+        .iter()
+        .filter(|(_, o)| **o == 1)
+        .map(|(p, _)| p.clone())
+        .collect();
+    c.kill().await?;
+    settled(&[&a]).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kill_window = (kill_at, started.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let done = collect(workers).await;
+
+    let mut planned = gaps(&done, &moved_join, join_window);
+    planned.extend(gaps(&done, &b_held, stop_window));
+    planned.sort();
+    let failover = gaps(&done, &c_held, kill_window);
+    step(&format!(
+        "scale: {} partitions moved in planned handoffs, {} in the failover",
+        planned.len(),
+        failover.len()
+    ));
+    report.rows.push(Row::plain(
+        "Planned handoff, per moved partition",
+        "p50 ms without an acknowledged command",
+        percentile(&planned, 0.5),
+    ));
+    report.rows.push(Row::plain(
+        "Planned handoff, per moved partition",
+        "p99 ms without an acknowledged command",
+        percentile(&planned, 0.99),
+    ));
+    let mut handoff_done: Vec<&Done> = Vec::new();
+    for window in [join_window, stop_window] {
+        handoff_done.extend(done.iter().filter(|d| d.at >= window.0 && d.at <= window.1));
+    }
+    let share = handoff_done
+        .iter()
+        .filter(|d| d.status == 503 || d.status == 0)
+        .count() as f64
+        / handoff_done.len().max(1) as f64
+        * 100.0;
+    report.rows.push(Row::plain(
+        "Planned handoffs",
+        "% of commands answered 503 meanwhile",
+        share,
+    ));
+    report.rows.push(Row::plain(
+        "Failover after a kill, per moved partition",
+        "p50 ms without an acknowledged command",
+        percentile(&failover, 0.5),
+    ));
+    report.rows.push(Row::plain(
+        "Failover after a kill, per moved partition",
+        "p99 ms without an acknowledged command",
+        percentile(&failover, 0.99),
+    ));
+    report.rows.push(Row::plain(
+        "Failover after a kill",
+        "% of commands answered 503 meanwhile",
+        unavailable_share(&done, kill_window),
+    ));
+    a.stop().await.context("stopping the last instance")?;
+    drop(broker);
+    Ok(())
+}
