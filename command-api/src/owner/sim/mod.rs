@@ -36,7 +36,8 @@ use self::check::{Attempt, Ending, Fold};
 pub(crate) use self::world::Fault;
 use self::world::{Shared, SimLog, World, lock};
 use super::{
-    CommandRequest, NoAnswer, PartitionOwner, RequestMeta, Status, StatusCell, reply_channel,
+    CommandRequest, NoAnswer, PartitionOwner, RequestMeta, Status, StatusCell, Stop,
+    reply_channel,
 };
 
 /// How long an owner waits for each read, in the simulation.
@@ -63,11 +64,13 @@ pub(crate) fn run(seed: u64, enabled: &[Fault]) -> Report {
     runtime.block_on(simulate(seed, enabled))
 }
 
-/// One simulated command-api process: its owner's channel and task.
+/// One simulated command-api process: its owner's channel and task, and the way to ask
+/// it to stop (until it was asked).
 struct Process {
     requests: mpsc::Sender<CommandRequest<Product>>,
     task: JoinHandle<()>,
     status: StatusCell,
+    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
 }
 
 type Processes = Arc<Mutex<Vec<Process>>>;
@@ -86,15 +89,20 @@ fn start_process(world: &Shared, all: &Processes, key: &Arc<SigningKey>) {
     let policy = Arc::clone(&lock(world).policy);
     let (owner, status) =
         PartitionOwner::<Product, _>::new(log, "cmd-sim", Arc::clone(key), policy, TIMEOUT);
+    // Snapshots every few records, so that most starts begin from one.
+    let every = lock(world).rng.gen_range(3..=30);
     let owner = owner
         .with_ids(move || uuid::Builder::from_random_bytes(ids.r#gen()).into_uuid())
-        .checking_on_one_thread();
+        .checking_on_one_thread()
+        .with_snapshots(every);
     let (requests, rx) = mpsc::channel(256);
-    let task = tokio::spawn(owner.run(rx));
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(owner.run_until(rx, Some(stop_rx)));
     list.push(Process {
         requests,
         task,
         status,
+        stop: Some(stop),
     });
     lock(world).note(format!("process {id} starts"));
 }
@@ -103,10 +111,39 @@ fn start_process(world: &Shared, all: &Processes, key: &Arc<SigningKey>) {
 async fn operate(world: Shared, all: Processes, key: Arc<SigningKey>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (crash, twin) = {
+        let (crash, twin, handoff, lost, tamper) = {
             let mut w = lock(&world);
-            (w.chance(world::Fault::Crash), w.chance(world::Fault::Twin))
+            (
+                w.chance(world::Fault::Crash),
+                w.chance(world::Fault::Twin),
+                w.chance(world::Fault::Handoff),
+                w.chance(world::Fault::Lost),
+                w.chance(world::Fault::TamperSnapshot),
+            )
         };
+        if tamper {
+            let mut w = lock(&world);
+            let cut = w.rng.gen_bool(0.5);
+            let at: usize = w.rng.r#gen();
+            w.log.change_latest_snapshot(|s| {
+                if cut {
+                    s.body.truncate(s.body.len() / 2);
+                } else if !s.body.is_empty() {
+                    let i = at % s.body.len();
+                    s.body[i] ^= 0x20;
+                }
+            });
+            w.note("the latest snapshot is tampered with");
+        }
+        if handoff || lost {
+            let how = if handoff { Stop::Handoff } else { Stop::Lost };
+            let newest = processes(&all).len() - 1;
+            if let Some(stop) = processes(&all)[newest].stop.take() {
+                let _ = stop.send(how);
+                lock(&world).note(format!("process {newest} is asked to stop: {how:?}"));
+            }
+            start_process(&world, &all, &key);
+        }
         if crash {
             let newest = processes(&all).len() - 1;
             processes(&all)[newest].task.abort();

@@ -24,6 +24,7 @@ use uuid::Uuid;
 use super::check::Fold;
 use crate::owner::log::{Append, PartitionLog};
 use crate::owner::memory::MemoryLog;
+use crate::owner::snapshot::StoredSnapshot;
 
 /// The topic of the simulated partition.
 pub(crate) const SIM_TOPIC: &str = "sim.product.events";
@@ -64,11 +65,19 @@ pub(crate) enum Fault {
     Twin,
     /// Clients give up waiting and retry.
     ClientGivesUp,
+    /// The owner's process hands the partition over (a planned handoff: it answers what
+    /// it has taken, writes a snapshot and the handoff mark) and a new one starts.
+    Handoff,
+    /// The owner's process is told its partition was lost (the group dropped it): it
+    /// answers what it has taken and stops; a new one starts.
+    Lost,
+    /// The latest snapshot is tampered with or cut short.
+    TamperSnapshot,
 }
 
 impl Fault {
     /// Every kind.
-    pub(crate) const ALL: [Fault; 13] = [
+    pub(crate) const ALL: [Fault; 16] = [
         Fault::AppendFails,
         Fault::TimedOutButPersisted,
         Fault::PersistedLater,
@@ -82,6 +91,9 @@ impl Fault {
         Fault::Crash,
         Fault::Twin,
         Fault::ClientGivesUp,
+        Fault::Handoff,
+        Fault::Lost,
+        Fault::TamperSnapshot,
     ];
 }
 
@@ -116,7 +128,13 @@ impl Faults {
             Fault::FetchFails | Fault::FetchStalls => 0.03,
             Fault::EndFails => 0.1,
             // Per second of simulated time.
-            Fault::RivalFences | Fault::Forgery | Fault::Crash | Fault::Twin => 0.05,
+            Fault::RivalFences
+            | Fault::Forgery
+            | Fault::Crash
+            | Fault::Twin
+            | Fault::Handoff
+            | Fault::Lost
+            | Fault::TamperSnapshot => 0.05,
             Fault::ClientGivesUp => 0.5,
         }
     }
@@ -481,6 +499,23 @@ impl PartitionLog for SimLog {
             .await
             .pop()
             .unwrap_or_else(|| Err(KafkaError::NotSent("nothing was appended".into())))
+    }
+
+    async fn latest_snapshot(&self) -> Result<Option<StoredSnapshot>, KafkaError> {
+        tokio::task::yield_now().await;
+        self.inner.latest_snapshot().await
+    }
+
+    fn write_snapshot(
+        &self,
+        snapshot: StoredSnapshot,
+        key_set: u64,
+    ) -> impl std::future::Future<Output = Result<(), KafkaError>> + Send + 'static {
+        self.inner.write_snapshot(snapshot, key_set)
+    }
+
+    fn seek(&mut self, offset: i64) {
+        self.inner.seek(offset);
     }
 }
 
