@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use keel_kafka::{
     GroupEvent, GroupMembership, GroupSettings, GroupView, KafkaSettings, LogProducer, ReaderPool,
 };
-use keel_schemas::TopicPartition;
+use keel_schemas::{SignatureCheck, SigningKey, TopicPartition, TrustedKeys};
 use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
@@ -59,13 +59,49 @@ const VIEW_REFRESH: Duration = Duration::from_secs(1);
 /// How long a member may take to say which partitions it serves.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What `GET /owned` answers: the instance's URL and the partitions it serves.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// How old a member's signed answer may be.
+const OWNED_FRESH_MS: i64 = 30_000;
+
+/// What `GET /owned` answers: the instance's URL and the partitions it serves, when, signed
+/// with its signing key. Commands (with their callers' tokens) are forwarded only to an
+/// instance whose answer a trusted key signed, so a stranger that joins the group gets
+/// none.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Owned {
     /// The instance's URL, if it is one of a group.
     pub url: Option<String>,
     /// (topic, partition) of each partition it serves.
     pub serving: Vec<(String, i32)>,
+    /// When it answered, in milliseconds since the epoch.
+    #[serde(default)]
+    pub at_ms: i64,
+    /// Its signature over [`Owned::digest`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<keel_schemas::Signature>,
+}
+
+impl Owned {
+    /// What the signature signs: the hex SHA-256 of the answer without it.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        let unsigned = Self {
+            signature: None,
+            ..self.clone()
+        };
+        hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(&unsigned).unwrap_or_default(),
+        ))
+    }
+
+    /// True when a key `policy` trusts (not retired) signed it, for `url`, lately.
+    fn holds(&self, policy: &TrustedKeys, url: &str) -> bool {
+        let fresh = (chrono::Utc::now().timestamp_millis() - self.at_ms).abs() <= OWNED_FRESH_MS;
+        let signer = self.signature.as_ref().map(|s| s.key_id.as_str());
+        fresh
+            && self.url.as_deref() == Some(url)
+            && signer.is_some_and(|k| !policy.is_retired(k))
+            && policy.check(&self.digest(), self.signature.as_ref()) == SignatureCheck::Valid
+    }
 }
 
 /// The group as this instance sees it.
@@ -74,6 +110,8 @@ pub struct Cluster {
     instance: String,
     group: String,
     membership: GroupMembership,
+    signing_key: Arc<SigningKey>,
+    policy: Arc<TrustedKeys>,
     seen: RwLock<Seen>,
     refresh: Notify,
     client: reqwest::Client,
@@ -167,23 +205,41 @@ impl Cluster {
             instance: join.owner_settings.instance.clone(),
             group: join.group,
             membership,
+            signing_key: Arc::clone(&join.owner_settings.signing_key),
+            policy: Arc::clone(&join.owner_settings.policy),
             seen: RwLock::new(Seen::default()),
             refresh: Notify::new(),
             client,
         });
         let follower = Follower {
-            owners: join.owners,
-            owner_settings: join.owner_settings,
-            producer: join.producer,
-            readers: join.readers,
-            kafka: kafka.clone(),
-            stream_types,
+            starter: Arc::new(Starter {
+                owners: join.owners,
+                owner_settings: join.owner_settings,
+                producer: join.producer,
+                readers: join.readers,
+                kafka: kafka.clone(),
+                stream_types,
+            }),
             handoff_timeout: join.handoff_timeout,
             cluster: Arc::downgrade(&cluster),
         };
         tokio::spawn(follower.follow(events));
         tokio::spawn(Self::watch(Arc::downgrade(&cluster)));
         Ok(cluster)
+    }
+
+    /// This instance's answer to `GET /owned`: `serving`, signed.
+    pub fn owned(&self, serving: Vec<(String, i32)>) -> Owned {
+        let unsigned = Owned {
+            url: Some(self.url.clone()),
+            serving,
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            signature: None,
+        };
+        Owned {
+            signature: Some(self.signing_key.sign(&unsigned.digest())),
+            ..unsigned
+        }
     }
 
     /// This instance's URL.
@@ -293,6 +349,13 @@ impl Cluster {
             Some((url.to_owned(), answer))
         });
         for (url, owned) in futures::future::join_all(asked).await.into_iter().flatten() {
+            if !owned.holds(&self.policy, &url) {
+                warn!(
+                    member = url,
+                    "a member's answer is not signed by a trusted key: nothing is forwarded to it"
+                );
+                continue;
+            }
             for (topic, partition) in owned.serving {
                 owner_of
                     .entry(TopicPartition::new(topic, partition))
@@ -358,24 +421,42 @@ impl Cluster {
 }
 
 /// Starts and stops this instance's owners as the group assigns and revokes partitions.
+/// Each owner is started by a task of its own (retrying while the broker does not
+/// answer), so a revocation is never held up behind a start: it cancels the partition's
+/// start, if one is under way, and stops its owner.
 struct Follower {
+    starter: Arc<Starter>,
+    handoff_timeout: Duration,
+    cluster: std::sync::Weak<Cluster>,
+}
+
+/// What starting an owner takes.
+struct Starter {
     owners: Arc<Owners>,
     owner_settings: OwnerSettings,
     producer: LogProducer,
     readers: ReaderPool,
     kafka: KafkaSettings,
     stream_types: HashMap<String, &'static str>,
-    handoff_timeout: Duration,
-    cluster: std::sync::Weak<Cluster>,
 }
 
 impl Follower {
     async fn follow(self, mut events: mpsc::UnboundedReceiver<GroupEvent>) {
+        let mut starting: HashMap<TopicPartition, tokio::task::JoinHandle<()>> = HashMap::new();
         while let Some(event) = events.recv().await {
+            starting.retain(|_, task| !task.is_finished());
             match event {
                 GroupEvent::Assigned(partitions) => {
-                    for at in &partitions {
-                        self.start(at).await;
+                    for at in partitions {
+                        if starting.contains_key(&at) {
+                            continue;
+                        }
+                        let starter = Arc::clone(&self.starter);
+                        let task = tokio::spawn({
+                            let at = at.clone();
+                            async move { starter.start(&at).await }
+                        });
+                        starting.insert(at, task);
                     }
                 }
                 GroupEvent::Revoked {
@@ -383,13 +464,22 @@ impl Follower {
                     lost,
                     handed_over,
                 } => {
+                    for at in &partitions {
+                        if let Some(task) = starting.remove(at) {
+                            task.abort();
+                            let _ = task.await;
+                        }
+                    }
                     let how = if lost { Stop::Lost } else { Stop::Handoff };
+                    let starter = &self.starter;
                     let stops = partitions.iter().filter_map(|at| {
-                        let stream_type = self.stream_types.get(&at.topic)?;
-                        Some(
-                            self.owners
-                                .stop(stream_type, at.partition, how, self.handoff_timeout),
-                        )
+                        let stream_type = starter.stream_types.get(&at.topic)?;
+                        Some(starter.owners.stop(
+                            stream_type,
+                            at.partition,
+                            how,
+                            self.handoff_timeout,
+                        ))
                     });
                     futures::future::join_all(stops).await;
                     handed_over.done();
@@ -400,16 +490,22 @@ impl Follower {
             }
         }
     }
+}
 
+impl Starter {
     /// Starts the owner of `at`, reading it from where it ends now on (and its history
-    /// through a reader of its own); tries again while the broker does not answer.
+    /// through a reader of its own); tries again, ever more patiently, while the broker
+    /// does not answer (the task is cancelled if the partition is revoked meanwhile).
     async fn start(&self, at: &TopicPartition) {
         let Some(stream_type) = self.stream_types.get(&at.topic) else {
             warn!(%at, "assigned a partition of a topic that is not an aggregate's");
             return;
         };
-        let mut attempt = 0u32;
+        let mut wait = Duration::from_millis(250);
         loop {
+            if self.owners.runs(stream_type, at.partition) {
+                return;
+            }
             let started = async {
                 let ends = self.readers.end_offsets(std::slice::from_ref(at)).await?;
                 let end = ends.first().map_or(0, |(_, end)| *end);
@@ -420,16 +516,64 @@ impl Follower {
             };
             match started.await {
                 Ok(()) => return,
-                Err(e) if attempt < 10 => {
-                    attempt += 1;
-                    warn!(%at, error = %e, "starting the partition's owner failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
                 Err(e) => {
-                    warn!(%at, error = %e, "could not start the partition's owner: it stays unserved until the next rebalance");
-                    return;
+                    warn!(%at, error = %e, retry_ms = wait.as_millis(), "starting the partition's owner failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use super::*;
+
+    fn signed(key: &SigningKey, url: &str, at_ms: i64) -> Owned {
+        let unsigned = Owned {
+            url: Some(url.into()),
+            serving: vec![("t.order.events".into(), 3)],
+            at_ms,
+            signature: None,
+        };
+        Owned {
+            signature: Some(key.sign(&unsigned.digest())),
+            ..unsigned
+        }
+    }
+
+    /// Only a fresh answer for the URL asked, signed by a key in service, routes
+    /// commands there.
+    #[test]
+    fn a_member_s_answer_counts_only_signed_by_a_trusted_key_fresh_and_for_its_url() {
+        let (ours, stranger) = (SigningKey::generate(), SigningKey::generate());
+        let mut policy = TrustedKeys::default();
+        policy.add(&ours);
+        let now = chrono::Utc::now().timestamp_millis();
+        let url = "http://10.0.0.5:8080";
+        assert!(signed(&ours, url, now).holds(&policy, url));
+        assert!(
+            !signed(&stranger, url, now).holds(&policy, url),
+            "untrusted"
+        );
+        assert!(
+            !signed(&ours, url, now).holds(&policy, "http://elsewhere:1"),
+            "another URL"
+        );
+        assert!(
+            !signed(&ours, url, now - 120_000).holds(&policy, url),
+            "stale"
+        );
+        let mut widened = signed(&ours, url, now);
+        widened.serving.push(("t.order.events".into(), 4));
+        assert!(!widened.holds(&policy, url), "changed after signing");
+        let unsigned = Owned {
+            signature: None,
+            ..signed(&ours, url, now)
+        };
+        assert!(!unsigned.holds(&policy, url), "unsigned");
     }
 }

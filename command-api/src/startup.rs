@@ -121,7 +121,15 @@ impl Application {
                 };
                 let url = match advertised_url {
                     Some(url) => url.clone(),
-                    None => format!("http://{}", listener.local_addr()?),
+                    None => format!(
+                        "{}://{}",
+                        if settings.edge.tls.is_some() {
+                            "https"
+                        } else {
+                            "http"
+                        },
+                        listener.local_addr()?
+                    ),
                 };
                 // An owner the group still names after another writer fenced it (one the
                 // group let go, paused past its session) fences again once that writer

@@ -228,20 +228,23 @@ pub struct PartitionReader {
     partition: i32,
     next_offset: i64,
     timeout: Duration,
-    /// Opened from a [`ReaderPool`]: its partition leaves the shared consumer's
-    /// assignment when it is dropped.
-    pooled: bool,
+    /// Opened from a [`ReaderPool`] (whose open partitions these are): its partition
+    /// leaves the shared consumer's assignment when it is dropped.
+    pooled: Option<Arc<std::sync::Mutex<std::collections::HashSet<TopicPartition>>>>,
 }
 
 impl Drop for PartitionReader {
     fn drop(&mut self) {
-        if !self.pooled {
+        let Some(open) = self.pooled.take() else {
             return;
-        }
+        };
         let mut list = TopicPartitionList::new();
         list.add_partition(&self.topic, self.partition);
         if let Err(e) = self.consumer.incremental_unassign(&list) {
             warn!(topic = %self.topic, partition = self.partition, error = %e, "closing a pooled reader");
+        }
+        if let Ok(mut open) = open.lock() {
+            open.remove(&TopicPartition::new(self.topic.clone(), self.partition));
         }
     }
 }
@@ -254,6 +257,8 @@ pub struct ReaderPool {
     consumer: Arc<StreamConsumer>,
     driver: Arc<AbortOnDrop<()>>,
     timeout: Duration,
+    /// The partitions with a reader open.
+    open: Arc<std::sync::Mutex<std::collections::HashSet<TopicPartition>>>,
 }
 
 impl std::fmt::Debug for ReaderPool {
@@ -274,6 +279,7 @@ impl ReaderPool {
             consumer,
             driver,
             timeout: settings.timeout,
+            open: Arc::default(),
         })
     }
 
@@ -297,6 +303,33 @@ impl ReaderPool {
         at: &TopicPartition,
         from_offset: i64,
     ) -> Result<PartitionReader, KafkaError> {
+        // A second reader of the partition would take the first one's queue and, dropped,
+        // its assignment.
+        {
+            let mut open = self
+                .open
+                .lock()
+                .map_err(|_| KafkaError::Reader("the reader pool is poisoned".into()))?;
+            if !open.insert(at.clone()) {
+                return Err(KafkaError::Reader(format!(
+                    "{at} already has a reader open in this pool"
+                )));
+            }
+        }
+        let opened = self.open_queue(at, from_offset);
+        if opened.is_err()
+            && let Ok(mut open) = self.open.lock()
+        {
+            open.remove(at);
+        }
+        opened
+    }
+
+    fn open_queue(
+        &self,
+        at: &TopicPartition,
+        from_offset: i64,
+    ) -> Result<PartitionReader, KafkaError> {
         let queue = self
             .consumer
             .split_partition_queue(&at.topic, at.partition)
@@ -315,7 +348,7 @@ impl ReaderPool {
             partition: at.partition,
             next_offset: from_offset,
             timeout: self.timeout,
-            pooled: true,
+            pooled: Some(Arc::clone(&self.open)),
         })
     }
 }
@@ -452,7 +485,7 @@ impl PartitionReader {
                 partition: at.partition,
                 next_offset: *from_offset,
                 timeout: settings.timeout,
-                pooled: false,
+                pooled: None,
             })
             .collect())
     }

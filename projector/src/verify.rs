@@ -234,8 +234,24 @@ fn check_record(
                         format!("a fence the gate skipped, so it took nothing: {rejection}"),
                     ));
                 }
-                // A planned handoff's mark: nothing to report.
-                Err(Rejection::Handoff { .. }) => {}
+                // A planned handoff's mark takes nothing; one no trusted key signed is
+                // someone writing in a writer's name.
+                Err(Rejection::Handoff { .. }) => {
+                    if only.is_none()
+                        && trusted.check(&fence.digest(), fence.signature.as_ref())
+                            != SignatureCheck::Valid
+                    {
+                        report.findings.push(finding(
+                            FindingKind::Violation,
+                            None,
+                            None,
+                            format!(
+                                "a handoff mark in the name of {} (epoch {}) that no trusted key signed",
+                                fence.writer.instance, fence.writer.epoch
+                            ),
+                        ));
+                    }
+                }
                 Err(rejection) if only.is_none() => report.findings.push(finding(
                     FindingKind::Zombie,
                     None,

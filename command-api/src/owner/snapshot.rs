@@ -65,6 +65,9 @@ pub struct Manifest {
     pub anchor: String,
     /// The gate's fence state.
     pub gate: GateMeta,
+    /// How long the idempotency keys in it were kept, in seconds: an owner that keeps
+    /// them longer would miss some, and does not use it.
+    pub key_retention_secs: u64,
     /// Hex SHA-256 of the body.
     pub body_sha256: String,
     /// Streams in the body.
@@ -166,8 +169,10 @@ pub(super) fn build_of<A: Aggregate>() -> String {
         .map(|(t, v)| format!("{t}@{v}"))
         .collect();
     format!(
-        "command-api {} format {SNAPSHOT_FORMAT} {} [{}]",
+        "command-api {} format {SNAPSHOT_FORMAT} gate rules {} fence rules {} {} [{}]",
         env!("CARGO_PKG_VERSION"),
+        keel_kafka::GATE_RULES,
+        keel_schemas::FENCE_RULES,
         A::TYPE,
         schemas.join(",")
     )
@@ -189,6 +194,7 @@ pub(super) struct Holding<'a, A> {
     pub(super) undecodable: u64,
     pub(super) writer: &'a Writer,
     pub(super) generation: u64,
+    pub(super) key_retention: std::time::Duration,
 }
 
 /// A snapshot of what `holding` says, signed with `key`.
@@ -262,6 +268,7 @@ pub(super) fn write<A: Aggregate + Serialize>(
             accepted: gate.accepted(),
             rejected: gate.rejected(),
         },
+        key_retention_secs: holding.key_retention.as_secs(),
         body_sha256: hex::encode(Sha256::digest(&body)),
         streams: holding.streams.len() as u64,
         written_by: holding.writer.clone(),
@@ -280,11 +287,14 @@ pub(super) fn write<A: Aggregate + Serialize>(
 }
 
 /// The manifest of `stored`, checked: a manifest of this format and build, for the
-/// partition `at`, signed by a key `policy` trusts, whose body is the one it names.
+/// partition `at`, signed by the key of the partition's owner as the snapshot has it (a
+/// key `policy` trusts and has not retired), whose body is the one it names, holding the
+/// idempotency keys of at least `key_retention`.
 pub(super) fn check<A: Aggregate>(
     stored: &StoredSnapshot,
     policy: &TrustedKeys,
     at: &TopicPartition,
+    key_retention: std::time::Duration,
 ) -> Result<Manifest, String> {
     let manifest: Manifest = serde_json::from_slice(&stored.manifest)
         .map_err(|e| format!("the manifest does not read: {e}"))?;
@@ -305,6 +315,27 @@ pub(super) fn check<A: Aggregate>(
     match policy.check(&manifest.digest(), manifest.signature.as_ref()) {
         SignatureCheck::Valid => {}
         other => return Err(format!("its signature does not hold: {other:?}")),
+    }
+    let signer = manifest
+        .signature
+        .as_ref()
+        .map(|s| s.key_id.clone())
+        .unwrap_or_default();
+    if policy.is_retired(&signer) {
+        return Err(format!("it is signed with the retired key {signer}"));
+    }
+    if manifest.gate.owner_key.as_deref() != Some(signer.as_str()) {
+        return Err(format!(
+            "it is signed with key {signer}, not the key of the owner it names ({:?})",
+            manifest.gate.owner_key
+        ));
+    }
+    if manifest.key_retention_secs < key_retention.as_secs() {
+        return Err(format!(
+            "it kept idempotency keys for {} s, less than this owner's {} s",
+            manifest.key_retention_secs,
+            key_retention.as_secs()
+        ));
     }
     if manifest.next_offset < 1 {
         return Err("it covers no record".into());

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::FutureExt;
 use keel_domain::Aggregate;
 use keel_kafka::{
     Checked, Gated, KafkaError, LogEntry, PartitionGate, Rejection, check_records, in_two_halves,
@@ -41,6 +42,9 @@ const CHECK_CHUNK: usize = 4096;
 
 /// Chunks of fewer records are checked on the owner's own task.
 const PARALLEL_FROM: usize = 256;
+
+/// How long a handing-over owner may spend on its last snapshot.
+const HANDOFF_SNAPSHOT_WITHIN: Duration = Duration::from_secs(3);
 
 /// How long a recovering owner with no command to serve waits before reading the log
 /// again.
@@ -222,6 +226,9 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     last_record: Option<(i64, Vec<u8>)>,
     /// The latest snapshot was looked for (once, before the first catch-up).
     snapshot_sought: bool,
+    /// A fence of rules this build does not know took the partition: it never takes it
+    /// back.
+    newer_rules: bool,
 }
 
 impl<A: Aggregate + serde::Serialize + serde::de::DeserializeOwned, L: PartitionLog>
@@ -265,6 +272,7 @@ where
             snapshot_write: None,
             last_record: None,
             snapshot_sought: false,
+            newer_rules: false,
         };
         (owner, status)
     }
@@ -344,7 +352,7 @@ where
         loop {
             self.snapshot_if_due();
             retake_at = match (self.status.get(), self.retake_after) {
-                (Status::Lost, Some(after)) if stopping.is_none() => {
+                (Status::Lost, Some(after)) if stopping.is_none() && !self.newer_rules => {
                     Some(retake_at.unwrap_or_else(|| tokio::time::Instant::now() + after))
                 }
                 _ => None,
@@ -363,6 +371,15 @@ where
                         }
                         return;
                     };
+                    if stopping == Some(Stop::Lost) {
+                        // Another instance may own the partition already: nothing more is
+                        // taken on (so nothing more is appended).
+                        let _ = first.reply.send(Err(OwnerError::Unavailable(format!(
+                            "this instance no longer owns {}/{}; retry",
+                            self.topic, self.partition
+                        ))));
+                        continue;
+                    }
                     let mut batch = vec![first];
                     while batch.len() < MAX_FLUSH {
                         match requests.try_recv() {
@@ -395,8 +412,10 @@ where
                 }
                 () = sleep_until(retake_at), if retake_at.is_some() => {
                     info!("still assigned the partition another writer fenced: taking it back");
+                    // The next attempt, if this one fails, waits a whole delay again.
+                    retake_at = None;
                     if let Err(e) = self.take_ownership().await {
-                        warn!(error = %e, "could not take the partition back; retrying");
+                        warn!(error = %e, "could not take the partition back; trying again later");
                         self.status.set(Status::Lost);
                     }
                 }
@@ -404,8 +423,9 @@ where
         }
     }
 
-    /// Leaves a snapshot and the handoff mark in the log: this writer has stopped writing
-    /// here, and the next owner reads only what follows.
+    /// Leaves the handoff mark in the log (this writer has stopped writing here), then a
+    /// snapshot of everything before it, so the next owner reads only what follows; within
+    /// [`HANDOFF_SNAPSHOT_WITHIN`], or the next owner reads more.
     async fn hand_over(&mut self) {
         if self.status.get() != Status::Serving {
             return;
@@ -413,18 +433,6 @@ where
         let Some(writer) = self.writer.clone() else {
             return;
         };
-        if self.snapshot_every.is_some() && self.since_snapshot > 0 {
-            if let Some(earlier) = self.snapshot_write.take() {
-                let _ = earlier.await;
-            }
-            if let Some(write) = self.snapshot_now() {
-                match tokio::time::timeout(self.timeout, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(error = %e, "could not write the handoff snapshot"),
-                    Err(_) => warn!("the handoff snapshot was not written in time"),
-                }
-            }
-        }
         let at = TopicPartition::new(self.topic.clone(), self.partition);
         let mark = LogRecord::Fence(FenceRecord::handoff(writer, &at).signed(&self.signing_key));
         match self.log.append_one(("", &mark, None)).await {
@@ -433,16 +441,41 @@ where
             // that this writer stopped.
             Err(e) => warn!(error = %e, "could not leave the handoff mark"),
         }
+        if self.snapshot_every.is_none() || self.since_snapshot == 0 {
+            return;
+        }
+        let written = async {
+            if let Some(earlier) = self.snapshot_write.take() {
+                let _ = earlier.await;
+            }
+            match self.snapshot_now() {
+                Some(write) => write.await,
+                None => Ok(()),
+            }
+        };
+        match tokio::time::timeout(HANDOFF_SNAPSHOT_WITHIN, written).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not write the handoff snapshot"),
+            Err(_) => warn!("the handoff snapshot was not written in time"),
+        }
     }
 
     /// Starts a snapshot's write when enough records were applied since the last one and
     /// no other is being written.
     fn snapshot_if_due(&mut self) {
+        if self
+            .snapshot_write
+            .as_ref()
+            .is_some_and(|w| w.is_finished())
+            && let Some(Ok(Err(e))) = self.snapshot_write.take().and_then(|w| w.now_or_never())
+        {
+            warn!(error = %e, "writing a snapshot failed: the next one is written as usual");
+        }
         let due = self
             .snapshot_every
             .is_some_and(|every| self.since_snapshot >= every)
             && self.status.get() == Status::Serving
-            && self.snapshot_write.as_ref().is_none_or(|w| w.is_finished());
+            && self.snapshot_write.is_none();
         if !due {
             return;
         }
@@ -469,6 +502,7 @@ where
             undecodable: self.undecodable,
             writer: &writer,
             generation: self.snapshot_generation + 1,
+            key_retention: self.keys.retention(),
         };
         let next_offset = holding.next_offset;
         match snapshot::write(holding, &self.signing_key) {
@@ -504,7 +538,12 @@ where
                 return;
             }
         };
-        let manifest = match snapshot::check::<A>(&stored, self.gate.policy(), &at) {
+        let manifest = match snapshot::check::<A>(
+            &stored,
+            self.gate.policy(),
+            &at,
+            self.keys.retention(),
+        ) {
             Ok(manifest) => manifest,
             Err(reason) => {
                 warn!(%reason, "ignoring the partition's snapshot: reading the partition from its first record");
@@ -732,6 +771,7 @@ where
                     "a fence of rules this build does not know: a newer command API may own the partition; \
                      not serving it (stop this instance and run the newer build)"
                 );
+                self.newer_rules = true;
                 self.status.set(Status::Lost);
                 None
             }

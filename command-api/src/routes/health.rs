@@ -133,14 +133,20 @@ pub(super) async fn partitions(State(state): State<AppState>) -> Json<Value> {
 /// `GET /owned`: the partitions this instance serves, for the other instances of its group
 /// to route commands by.
 pub(super) async fn owned(State(state): State<AppState>) -> Json<crate::cluster::Owned> {
-    Json(crate::cluster::Owned {
-        url: state.cluster.as_ref().map(|c| c.url().to_owned()),
-        serving: state
-            .owners
-            .statuses()
-            .into_iter()
-            .filter(|s| s.get() == Status::Serving)
-            .map(|s| (s.topic, s.partition))
-            .collect(),
+    let serving: Vec<(String, i32)> = state
+        .owners
+        .statuses()
+        .into_iter()
+        .filter(|s| s.get() == Status::Serving)
+        .map(|s| (s.topic, s.partition))
+        .collect();
+    Json(match &state.cluster {
+        Some(cluster) => cluster.owned(serving),
+        None => crate::cluster::Owned {
+            url: None,
+            serving,
+            at_ms: 0,
+            signature: None,
+        },
     })
 }

@@ -36,8 +36,7 @@ use self::check::{Attempt, Ending, Fold};
 pub(crate) use self::world::Fault;
 use self::world::{Shared, SimLog, World, lock};
 use super::{
-    CommandRequest, NoAnswer, PartitionOwner, RequestMeta, Status, StatusCell, Stop,
-    reply_channel,
+    CommandRequest, NoAnswer, PartitionOwner, RequestMeta, Status, StatusCell, Stop, reply_channel,
 };
 
 /// How long an owner waits for each read, in the simulation.

@@ -34,10 +34,17 @@ fn key() -> Arc<SigningKey> {
     Arc::clone(KEY.get_or_init(|| Arc::new(SigningKey::generate())))
 }
 
-/// The key policy every reader applies: the deployment's key is trusted.
+/// A second key every reader trusts, which no owner of these tests signs with.
+fn second_key() -> Arc<SigningKey> {
+    static KEY: std::sync::OnceLock<Arc<SigningKey>> = std::sync::OnceLock::new();
+    Arc::clone(KEY.get_or_init(|| Arc::new(SigningKey::generate())))
+}
+
+/// The key policy every reader applies: the deployment's key (and a second one) trusted.
 fn policy() -> Arc<TrustedKeys> {
     let mut trusted = TrustedKeys::default();
     trusted.add(&key());
+    trusted.add(&second_key());
     Arc::new(trusted)
 }
 

@@ -163,6 +163,25 @@ async fn a_snapshot_that_fails_a_check_is_ignored_and_the_partition_is_read() {
             }),
         ),
         (
+            // Kept keys for a minute: this owner keeps them a day, and would miss some.
+            "holding keys of a shorter retention",
+            Box::new(|s: &mut StoredSnapshot| {
+                let mut m: Manifest = serde_json::from_slice(&s.manifest).unwrap();
+                m.key_retention_secs = 60;
+                m.signature = Some(key().sign(&m.digest()));
+                s.manifest = serde_json::to_vec(&m).unwrap();
+            }),
+        ),
+        (
+            // Signed with a trusted key, but not the owner's.
+            "signed by another trusted key than the owner's",
+            Box::new(|s: &mut StoredSnapshot| {
+                let mut m: Manifest = serde_json::from_slice(&s.manifest).unwrap();
+                m.signature = Some(second_key().sign(&m.digest()));
+                s.manifest = serde_json::to_vec(&m).unwrap();
+            }),
+        ),
+        (
             "anchored on another record",
             Box::new(|s: &mut StoredSnapshot| {
                 let mut m: Manifest = serde_json::from_slice(&s.manifest).unwrap();
