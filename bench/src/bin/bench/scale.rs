@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use keel_bench::load::{self, Rng, Workload};
+use keel_bench::load::{Rng, Workload};
 use keel_bench::report::{Report, Row};
 use keel_bench::system;
 use keel_kafka::partition_for;
@@ -144,6 +144,51 @@ async fn settled(apis: &[&Service]) -> anyhow::Result<BTreeMap<(String, i32), us
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Creates the workload's streams through `api`, 64 at a time, each command retried
+/// while it is answered `503` (a partition moving between instances) or not at all; a
+/// retried registration answered `409` was applied by an attempt before.
+async fn set_up(api: &Service, workload: &Workload) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut failed = 0usize;
+    let mut commands = workload.setup().into_iter();
+    loop {
+        while tasks.len() < 64 {
+            let Some((path, body)) = commands.next() else {
+                break;
+            };
+            let (client, url) = (api.client.clone(), api.url(&path));
+            tasks.spawn(async move {
+                for attempt in 0..20u32 {
+                    let status = match client
+                        .post(&url)
+                        .timeout(Duration::from_secs(15))
+                        .json(&body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) => r.status().as_u16(),
+                        Err(_) => 0,
+                    };
+                    match status {
+                        200..=299 => return true,
+                        409 if attempt > 0 => return true,
+                        503 | 0 => tokio::time::sleep(Duration::from_millis(250)).await,
+                        _ => return false,
+                    }
+                }
+                false
+            });
+        }
+        match tasks.join_next().await {
+            Some(Ok(true)) => {}
+            Some(_) => failed += 1,
+            None => break,
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} set-up commands failed");
+    Ok(())
 }
 
 async fn start(config: &CommandApiConfig, name: &str) -> anyhow::Result<Service> {
@@ -290,9 +335,7 @@ async fn throughput_and_memory(options: &Options, report: &mut Report) -> anyhow
         }
         settled(&apis.iter().collect::<Vec<_>>()).await?;
         let workload = Arc::new(Workload::new(options.streams));
-        let setup = workload.setup();
-        let failed = load::post_all(&apis[0].client, &apis[0].url(""), setup, 64).await;
-        anyhow::ensure!(failed == 0, "{failed} set-up commands failed");
+        set_up(&apis[0], &workload).await?;
         let bases = Arc::new(std::sync::RwLock::new(
             apis.iter().map(|a| a.url("")).collect::<Vec<_>>(),
         ));
@@ -369,8 +412,7 @@ async fn handoffs(options: &Options, report: &mut Report) -> anyhow::Result<()> 
     let b = start(&config, "bench-b").await?;
     let before = settled(&[&a, &b]).await?;
     let workload = Arc::new(Workload::new(options.streams));
-    let failed = load::post_all(&a.client, &a.url(""), workload.setup(), 64).await;
-    anyhow::ensure!(failed == 0, "{failed} set-up commands failed");
+    set_up(&a, &workload).await?;
     let bases = Arc::new(std::sync::RwLock::new(vec![a.url(""), b.url("")]));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
