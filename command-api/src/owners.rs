@@ -39,6 +39,8 @@ pub struct OwnerSettings {
     pub retake_after: Option<Duration>,
     /// Records an owner applies between two snapshots of its state; `None`: no snapshots.
     pub snapshot_every: Option<u64>,
+    /// The turns the owners take to write their periodic snapshots (one at a time).
+    pub snapshot_turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// A running owner.
@@ -166,7 +168,9 @@ impl Owners {
                     owner = owner.retaking_after(after);
                 }
                 if let Some(every) = settings.snapshot_every {
-                    owner = owner.with_snapshots(every);
+                    owner = owner
+                        .with_snapshots(every)
+                        .taking_snapshot_turns(Arc::clone(&settings.snapshot_turns));
                 }
                 let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
                 let (stop, stop_rx) = oneshot::channel();

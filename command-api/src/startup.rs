@@ -97,6 +97,7 @@ impl Application {
             key_retention: settings.idempotency_retention,
             retake_after: None,
             snapshot_every: settings.snapshot_every,
+            snapshot_turns: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let (owners, cluster) = match &settings.assignment {
             Assignment::All => (

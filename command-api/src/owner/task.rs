@@ -43,6 +43,9 @@ const CHECK_CHUNK: usize = 4096;
 /// Chunks of fewer records are checked on the owner's own task.
 const PARALLEL_FROM: usize = 256;
 
+/// How often an owner whose snapshot is due, and waits for another's, looks again.
+const SNAPSHOT_RETRY: Duration = Duration::from_millis(500);
+
 /// How long a handing-over owner may spend on its last snapshot.
 const HANDOFF_SNAPSHOT_WITHIN: Duration = Duration::from_secs(3);
 
@@ -229,6 +232,8 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     /// A fence of rules this build does not know took the partition: it never takes it
     /// back.
     newer_rules: bool,
+    /// The turns the owners of one process take to write their snapshots, if shared.
+    snapshot_turns: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl<A: Aggregate + serde::Serialize + serde::de::DeserializeOwned, L: PartitionLog>
@@ -273,6 +278,7 @@ where
             last_record: None,
             snapshot_sought: false,
             newer_rules: false,
+            snapshot_turns: None,
         };
         (owner, status)
     }
@@ -311,6 +317,13 @@ where
     /// (and when it hands the partition over), and starting from the latest snapshot.
     pub fn with_snapshots(mut self, every: u64) -> Self {
         self.snapshot_every = Some(every.max(1));
+        self
+    }
+
+    /// The same owner, writing its periodic snapshots only when it holds one of `turns`
+    /// (shared by the owners of one process, so their snapshots are written one at a time).
+    pub fn taking_snapshot_turns(mut self, turns: Arc<tokio::sync::Semaphore>) -> Self {
+        self.snapshot_turns = Some(turns);
         self
     }
 
@@ -410,6 +423,9 @@ where
                         warn!(error = %e, "still recovering");
                     }
                 }
+                // A snapshot due while another owner's is written: looked at again soon,
+                // also when nothing else happens on the partition.
+                () = tokio::time::sleep(SNAPSHOT_RETRY), if self.snapshot_due() => {}
                 () = sleep_until(retake_at), if retake_at.is_some() => {
                     info!("still assigned the partition another writer fenced: taking it back");
                     // The next attempt, if this one fails, waits a whole delay again.
@@ -471,17 +487,34 @@ where
         {
             warn!(error = %e, "writing a snapshot failed: the next one is written as usual");
         }
-        let due = self
-            .snapshot_every
-            .is_some_and(|every| self.since_snapshot >= every)
-            && self.status.get() == Status::Serving
-            && self.snapshot_write.is_none();
-        if !due {
+        if !self.snapshot_due() {
             return;
         }
+        // Owners sharing a turn write one snapshot at a time, so that at most one body (a
+        // partition's whole state in JSON) is held in memory at once.
+        let turn = match &self.snapshot_turns {
+            Some(turns) => match Arc::clone(turns).try_acquire_owned() {
+                Ok(turn) => Some(turn),
+                Err(_) => return,
+            },
+            None => None,
+        };
         if let Some(write) = self.snapshot_now() {
-            self.snapshot_write = Some(tokio::spawn(write));
+            self.snapshot_write = Some(tokio::spawn(async move {
+                let written = write.await;
+                drop(turn);
+                written
+            }));
         }
+    }
+
+    /// True when enough records were applied since the last snapshot, the owner serves,
+    /// and none of its snapshots is being written.
+    fn snapshot_due(&self) -> bool {
+        self.snapshot_every
+            .is_some_and(|every| self.since_snapshot >= every)
+            && self.status.get() == Status::Serving
+            && self.snapshot_write.is_none()
     }
 
     /// A snapshot of the owner's state now (everything applied so far), to be written.

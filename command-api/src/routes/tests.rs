@@ -50,6 +50,7 @@ async fn api() -> Api {
         key_retention: crate::owner::DEFAULT_KEY_RETENTION,
         retake_after: None,
         snapshot_every: None,
+        snapshot_turns: Arc::new(tokio::sync::Semaphore::new(1)),
     };
     let owners = Owners::start_all(&settings, |stream_type, partition| {
         Ok(MemoryLog::new(

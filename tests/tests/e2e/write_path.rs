@@ -65,7 +65,8 @@ async fn served(api: &CommandApi) -> BTreeSet<(String, i64)> {
         .collect()
 }
 
-/// Waits until `apis` serve every partition exactly once between them and each is ready;
+/// Waits until `apis` serve every partition exactly once between them, evenly (the most
+/// and the fewest differ by one at most: the group has rebalanced), and each is ready;
 /// returns which serves what.
 async fn settled(apis: &[&CommandApi]) -> Vec<BTreeSet<(String, i64)>> {
     let total = 3 * PARTITIONS as usize;
@@ -82,7 +83,9 @@ async fn settled(apis: &[&CommandApi]) -> Vec<BTreeSet<(String, i64)>> {
             let status = reqwest::get(api.url("/readyz")).await.unwrap().status();
             ready &= status == StatusCode::OK;
         }
-        if sum == total && union.len() == total && ready {
+        let sizes: Vec<usize> = each.iter().map(BTreeSet::len).collect();
+        let even = sizes.iter().max().unwrap_or(&0) - sizes.iter().min().unwrap_or(&0) <= 1;
+        if sum == total && union.len() == total && even && ready {
             return each;
         }
         assert!(

@@ -114,7 +114,7 @@ async fn collect(mut workers: tokio::task::JoinSet<Vec<Done>>) -> Vec<Done> {
 }
 
 /// Which instance (by index in `apis`) serves each partition, once every partition is
-/// served by exactly one of them.
+/// served by exactly one of them, evenly.
 async fn settled(apis: &[&Service]) -> anyhow::Result<BTreeMap<(String, i32), usize>> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -135,7 +135,13 @@ async fn settled(apis: &[&Service]) -> anyhow::Result<BTreeMap<(String, i32), us
                 }
             }
         }
-        if owners.len() == 3 * PARTITIONS as usize && owners.values().all(|o| o.len() == 1) {
+        let mut shares = vec![0usize; apis.len()];
+        for o in owners.values().filter(|o| o.len() == 1) {
+            shares[o[0]] += 1;
+        }
+        let even = shares.iter().max().unwrap_or(&0) - shares.iter().min().unwrap_or(&0) <= 1;
+        if owners.len() == 3 * PARTITIONS as usize && owners.values().all(|o| o.len() == 1) && even
+        {
             return Ok(owners.into_iter().map(|(k, v)| (k, v[0])).collect());
         }
         anyhow::ensure!(
