@@ -1,11 +1,14 @@
 //! The chaos suite: the real processes (a durable broker keeping its log in a SQLite
-//! file, command-api, projector,
-//! query-api, and a PostgreSQL server of the suite's own for the views) while clients
-//! restock products and place orders with `Idempotency-Key`s, each retrying until it is
-//! acknowledged. Meanwhile, one fault at a time: a process killed with SIGKILL (and
-//! started again), a process paused with SIGSTOP for longer than its timeouts, PostgreSQL
-//! stopped at once (`-m immediate`, a crash to it) and started again, and the database
-//! sessions of the projector terminated. At the end, against the views and the log:
+//! file, two command-api instances sharing the partitions, projector, query-api, and a
+//! PostgreSQL server of the suite's own for the views) while clients restock products and
+//! place orders with `Idempotency-Key`s, each sending each attempt to the next command-api
+//! instance and retrying until it is acknowledged. Meanwhile, one fault at a time: a
+//! process killed with SIGKILL (and started again), a process paused with SIGSTOP for
+//! longer than its timeouts (a command-api instance past its group session, so its
+//! partitions move and it wakes fenced out), a command-api instance stopped gracefully and
+//! started again (planned handoffs away and back), PostgreSQL stopped at once
+//! (`-m immediate`, a crash to it) and started again, and the database sessions of the
+//! projector terminated. At the end, against the views and the log:
 //! every acknowledged restock counted exactly once in `products`, every acknowledged
 //! order exactly once in `orders`, `daily_sales` equal to the orders, and
 //! `projector verify` clean.
@@ -34,6 +37,11 @@ const CLIENTS: u64 = 4;
 /// How long a paused process stays paused: longer than the command API's request
 /// timeout and the clients' own.
 const PAUSE: Duration = Duration::from_secs(4);
+/// How long a paused command-api instance stays paused: longer than its group session
+/// (6 s), so the other instance takes its partitions.
+const COMMAND_PAUSE: Duration = Duration::from_secs(8);
+/// Command-api instances sharing the partitions.
+const COMMAND_INSTANCES: usize = 2;
 /// How long clients work between two faults.
 const BETWEEN: Duration = Duration::from_millis(1500);
 /// Faults of each kind in `make test`.
@@ -49,19 +57,24 @@ enum Fault {
     DatabaseCrash,
     /// Every session of the views' database terminated (`pg_terminate_backend`).
     SessionsTerminated,
+    /// A command-api instance stopped with SIGTERM (a planned handoff of its partitions),
+    /// then started again (they come back).
+    Handoff,
 }
 
-const FAULTS: [Fault; 4] = [
+const FAULTS: [Fault; 5] = [
     Fault::Kill,
     Fault::Pause,
     Fault::DatabaseCrash,
     Fault::SessionsTerminated,
+    Fault::Handoff,
 ];
 
 /// Where the clients send their requests: the APIs' addresses change when they restart.
 #[derive(Default)]
 struct Addresses {
-    command: String,
+    /// Each command-api instance's.
+    command: Vec<String>,
     query: String,
 }
 
@@ -80,15 +93,19 @@ struct Acknowledged {
 struct Processes {
     config: CommandApiConfig,
     views_url: String,
-    command: Option<Service>,
+    command: Vec<Option<Service>>,
     projector: Option<Service>,
     query: Option<Service>,
     addresses: Arc<RwLock<Addresses>>,
 }
 
 impl Processes {
-    async fn start_command(&mut self) {
-        let api = Service::command_api(&self.config).await.unwrap();
+    async fn start_command(&mut self, i: usize) {
+        let config = CommandApiConfig {
+            instance: format!("chaos-{i}"),
+            ..self.config.clone()
+        };
+        let api = Service::command_api(&config).await.unwrap();
         // Taking the partitions back reads the whole log, which grows through the run.
         let mut ready = api.wait_ready().await;
         for _ in 0..2 {
@@ -105,8 +122,30 @@ impl Processes {
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
-        self.addresses.write().unwrap().command = api.url("");
-        self.command = Some(api);
+        {
+            let mut addresses = self.addresses.write().unwrap();
+            if addresses.command.len() <= i {
+                addresses.command.resize(i + 1, String::new());
+            }
+            addresses.command[i] = api.url("");
+        }
+        if self.command.len() <= i {
+            self.command.resize_with(i + 1, || None);
+        }
+        self.command[i] = Some(api);
+    }
+
+    /// Stops command-api instance `i` with SIGTERM (it hands its partitions over) and
+    /// starts it again.
+    async fn hand_over(&mut self, i: usize) -> String {
+        let started = Instant::now();
+        let status = self.command[i].take().unwrap().stop().await.unwrap();
+        assert!(status.success(), "command-api {i} stopped gracefully: {status}");
+        self.start_command(i).await;
+        format!(
+            "command-api {i} stopped and back in {:.1} s",
+            started.elapsed().as_secs_f64()
+        )
     }
 
     async fn start_projector(&mut self) {
@@ -130,8 +169,9 @@ impl Processes {
         let started = Instant::now();
         let name = match n % 3 {
             0 => {
-                self.command.take().unwrap().kill().await.unwrap();
-                self.start_command().await;
+                let i = (n / 3) % COMMAND_INSTANCES;
+                self.command[i].take().unwrap().kill().await.unwrap();
+                self.start_command(i).await;
                 "command-api"
             }
             1 => {
@@ -150,14 +190,18 @@ impl Processes {
 
     /// Pauses one process (chosen by `n`) for [`PAUSE`].
     async fn pause(&self, n: usize) -> &'static str {
-        let (name, service) = match n % 3 {
-            0 => ("command-api", &self.command),
-            1 => ("projector", &self.projector),
-            _ => ("query-api", &self.query),
+        let (name, service, pause) = match n % 3 {
+            0 => (
+                "command-api",
+                &self.command[(n / 3) % COMMAND_INSTANCES],
+                COMMAND_PAUSE,
+            ),
+            1 => ("projector", &self.projector, PAUSE),
+            _ => ("query-api", &self.query, PAUSE),
         };
         let pid = service.as_ref().and_then(Service::pid).unwrap().to_string();
         signal("-STOP", &pid);
-        tokio::time::sleep(PAUSE).await;
+        tokio::time::sleep(pause).await;
         signal("-CONT", &pid);
         name
     }
@@ -205,12 +249,19 @@ async fn until_acknowledged(
     key: &str,
 ) -> ConsistencyToken {
     let give_up = Instant::now() + Duration::from_secs(180);
-    loop {
+    for attempt in 0usize.. {
         assert!(
             Instant::now() < give_up,
             "{path} ({key}) was not acknowledged within 180 s"
         );
-        let url = format!("{}{path}", addresses.read().unwrap().command);
+        // Each attempt to the next instance: any of them takes any command.
+        let url = {
+            let addresses = addresses.read().unwrap();
+            format!(
+                "{}{path}",
+                addresses.command[(attempt + key.len()) % addresses.command.len()]
+            )
+        };
         let sent = client
             .post(url)
             .header("idempotency-key", key)
@@ -235,6 +286,7 @@ async fn until_acknowledged(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    unreachable!("the attempts never end")
 }
 
 /// A client: restocks and orders until told to stop; the command in hand is always
@@ -318,7 +370,7 @@ async fn read_through(
 }
 
 #[tokio::test]
-async fn acknowledged_work_survives_kills_pauses_and_database_crashes_exactly_once() {
+async fn acknowledged_work_survives_kills_pauses_handoffs_and_database_crashes_exactly_once() {
     let per_kind: usize = std::env::var("KEEL_CHAOS_FAULTS")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -357,12 +409,14 @@ async fn acknowledged_work_survives_kills_pauses_and_database_crashes_exactly_on
     let mut processes = Processes {
         config: config.clone(),
         views_url: views.url("keel_chaos"),
-        command: None,
+        command: Vec::new(),
         projector: None,
         query: None,
         addresses: Arc::clone(&addresses),
     };
-    processes.start_command().await;
+    for i in 0..COMMAND_INSTANCES {
+        processes.start_command(i).await;
+    }
     processes.start_projector().await;
     processes.start_query().await;
     let http = config.auth.full_client();
@@ -403,6 +457,7 @@ async fn acknowledged_work_survives_kills_pauses_and_database_crashes_exactly_on
                     views.crash_and_restart().await.unwrap();
                     "PostgreSQL".to_owned()
                 }
+                Fault::Handoff => processes.hand_over(round % COMMAND_INSTANCES).await,
                 Fault::SessionsTerminated => {
                     let pool = sqlx::PgPool::connect(&admin).await.unwrap();
                     let ended: Vec<bool> = sqlx::query_scalar(
