@@ -30,6 +30,9 @@ use crate::owners::{OwnerSettings, Owners};
 pub const FORWARDED_BY: &str = "keel-forwarded-by";
 /// The header that carries the caller's remaining patience to the owner, in milliseconds.
 pub const DEADLINE_MS: &str = "keel-deadline-ms";
+/// The header of a forwarded command's `503` from an instance that does not own its
+/// partition: the forwarding instance looks for the owner again.
+pub const NOT_OWNER: &str = "keel-not-owner";
 
 /// The request headers a forwarded command keeps: the caller's identity (its token, which
 /// the owner checks itself), and everything the command records or depends on.
@@ -55,7 +58,7 @@ const RELAYED_RESPONSE_HEADERS: [&str; 6] = [
 ];
 
 /// How often the group's view is read from the coordinator when nothing asks sooner.
-const VIEW_REFRESH: Duration = Duration::from_secs(1);
+const VIEW_REFRESH: Duration = Duration::from_millis(500);
 /// How long a member may take to say which partitions it serves.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 

@@ -53,6 +53,10 @@ pub enum ApiError {
     /// 503: try again later.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: a command forwarded to this instance for a partition it does not own (it moved
+    /// meanwhile); the forwarding instance looks for the owner again.
+    #[error("{0}")]
+    NotOwner(String),
     /// 500: a fault of ours; the detail goes to the log, the client gets a request id.
     #[error("internal error {request_id}")]
     Internal {
@@ -108,7 +112,7 @@ impl ApiError {
             ApiError::Invalid(_) | ApiError::IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NotOwner(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -125,6 +129,7 @@ impl ApiError {
             ApiError::Invalid(_) => "invalid-fields",
             ApiError::IdempotencyKeyReused => "idempotency-key-reused",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::NotOwner(_) => "not-owner",
             ApiError::Internal { .. } => "internal",
         }
     }
@@ -163,10 +168,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = keel_http::edge::problem_response(self.status(), self.problem());
-        if matches!(self, ApiError::Unavailable(_)) {
+        if matches!(self, ApiError::Unavailable(_) | ApiError::NotOwner(_)) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        if matches!(self, ApiError::NotOwner(_)) {
+            response
+                .headers_mut()
+                .insert(crate::cluster::NOT_OWNER, HeaderValue::from_static("true"));
         }
         response
     }

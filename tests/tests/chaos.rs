@@ -140,7 +140,10 @@ impl Processes {
     async fn hand_over(&mut self, i: usize) -> String {
         let started = Instant::now();
         let status = self.command[i].take().unwrap().stop().await.unwrap();
-        assert!(status.success(), "command-api {i} stopped gracefully: {status}");
+        assert!(
+            status.success(),
+            "command-api {i} stopped gracefully: {status}"
+        );
         self.start_command(i).await;
         format!(
             "command-api {i} stopped and back in {:.1} s",

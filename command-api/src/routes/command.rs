@@ -89,12 +89,32 @@ pub(super) async fn handle(
     let partition = partition_for(id.as_bytes(), state.partitions);
     let at = TopicPartition::new(state.topic(stream_type), partition);
     let forwarded = headers.contains_key(FORWARDED_BY);
-    if let Route::There(url) = route(&state, stream_type, &at, forwarded, patience).await?
-        && let Some(cluster) = &state.cluster
-    {
+    // Forwarded to an instance that turns out not to own the partition (it moved
+    // meanwhile), the command is routed again, once: still one hop per attempt.
+    let mut moved_from: Option<String> = None;
+    loop {
+        let Route::There(url) = route(&state, stream_type, &at, forwarded, patience).await? else {
+            break;
+        };
+        let Some(cluster) = &state.cluster else {
+            break;
+        };
         let path = format!("/v1/{collection}/{id}/{command}");
         let left = patience.saturating_sub(started.elapsed());
-        return cluster.forward(&url, &path, &headers, body, left).await;
+        let response = cluster
+            .forward(&url, &path, &headers, body.clone(), left)
+            .await?;
+        let not_owner = response.headers().contains_key(crate::cluster::NOT_OWNER);
+        if !not_owner || moved_from.is_some() {
+            return Ok(response);
+        }
+        cluster.refresh_soon();
+        // Until the view no longer names that instance, or patience runs out.
+        let until = Instant::now() + left.min(OWNERLESS_WAIT);
+        while cluster.owner_of(&at).as_deref() == Some(url.as_str()) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        moved_from = Some(url);
     }
     let dispatch = Dispatch {
         state: &state,
@@ -195,6 +215,7 @@ async fn route(
     patience: Duration,
 ) -> Result<Route, ApiError> {
     let until = Instant::now() + patience.min(OWNERLESS_WAIT);
+    let mut first = true;
     loop {
         if state.owners.runs(stream_type, at.partition) {
             return Ok(Route::Here);
@@ -210,12 +231,20 @@ async fn route(
         {
             return Ok(Route::There(url));
         }
+        if forwarded {
+            // The forwarding instance knows others too: it looks again at once.
+            return Err(ApiError::NotOwner(format!(
+                "{at} moved away from this instance while the command was forwarded; retry"
+            )));
+        }
+        if first {
+            cluster.refresh_soon();
+            first = false;
+        }
         if Instant::now() >= until {
-            return Err(ApiError::Unavailable(if forwarded {
-                format!("{at} moved away from this instance while the command was forwarded; retry")
-            } else {
-                format!("{at} has no owner at the moment (the instances are rebalancing); retry")
-            }));
+            return Err(ApiError::Unavailable(format!(
+                "{at} has no owner at the moment (the instances are rebalancing); retry"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
