@@ -115,15 +115,13 @@ pub fn order_placed(i: usize, writer: &Writer) -> CommitRecord {
         .build()
 }
 
-/// Writes a fence per partition, then `events` `OrderPlaced` commits (one per order,
-/// keyed and partitioned as the command API would) to `topic`, all signed with `key`. Returns the records
-/// written in all.
-pub fn write_order_log(
+/// A bare producer to `topic`, after it has written a fence of the writer `bench` (epoch
+/// 1, signed with `key`) to each partition: what the logs the benchmarks write start with.
+fn fenced_producer(
     settings: &KafkaSettings,
     topic: &str,
-    events: usize,
     key: &SigningKey,
-) -> anyhow::Result<i64> {
+) -> anyhow::Result<(BaseProducer, Writer)> {
     let producer = bare_producer(settings)?;
     let writer = Writer {
         instance: "bench".into(),
@@ -138,6 +136,19 @@ pub fn write_order_log(
             &signed_fence(&writer, key, &TopicPartition::new(topic, p)).encode(),
         )?;
     }
+    Ok((producer, writer))
+}
+
+/// Writes a fence per partition, then `events` `OrderPlaced` commits (one per order,
+/// keyed and partitioned as the command API would) to `topic`, all signed with `key`. Returns the records
+/// written in all.
+pub fn write_order_log(
+    settings: &KafkaSettings,
+    topic: &str,
+    events: usize,
+    key: &SigningKey,
+) -> anyhow::Result<i64> {
+    let (producer, writer) = fenced_producer(settings, topic, key)?;
     for i in 0..events {
         let commit = order_placed(i, &writer);
         let commit = CommitRecord {
@@ -169,20 +180,7 @@ pub fn write_product_log(
     commits: usize,
     key: &SigningKey,
 ) -> anyhow::Result<i64> {
-    let producer = bare_producer(settings)?;
-    let writer = Writer {
-        instance: "bench".into(),
-        epoch: 1,
-    };
-    for p in 0..settings.partitions {
-        send(
-            &producer,
-            topic,
-            p,
-            "",
-            &signed_fence(&writer, key, &TopicPartition::new(topic, p)).encode(),
-        )?;
-    }
+    let (producer, writer) = fenced_producer(settings, topic, key)?;
     let mut heads: Vec<Option<String>> = vec![None; streams];
     for version in 0..commits {
         for (i, head) in heads.iter_mut().enumerate() {

@@ -5,36 +5,6 @@
 use super::*;
 use keel_schemas::Writer;
 
-/// An owner of `log` run until `stop` says otherwise, once it serves.
-async fn stoppable_owner(
-    log: MemoryLog,
-    instance: &str,
-    retake: Option<Duration>,
-) -> (
-    mpsc::Sender<CommandRequest<Product>>,
-    StatusCell,
-    tokio::sync::oneshot::Sender<Stop>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (owner, status) =
-        PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
-    let owner = match retake {
-        Some(after) => owner.retaking_after(after),
-        None => owner,
-    };
-    let (tx, rx) = mpsc::channel(512);
-    let (stop, stop_rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(owner.run_until(rx, Some(stop_rx)));
-    tokio::time::timeout(TIMEOUT, async {
-        while status.get() != Status::Serving {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the owner took the partition");
-    (tx, status, stop, task)
-}
-
 fn fences(log: &MemoryLog) -> Vec<keel_schemas::FenceRecord> {
     log.entries()
         .iter()
@@ -48,7 +18,7 @@ fn fences(log: &MemoryLog) -> Vec<keel_schemas::FenceRecord> {
 #[tokio::test]
 async fn a_planned_handoff_answers_the_queued_commands_then_leaves_its_mark() {
     let log = MemoryLog::new(TOPIC, 0);
-    let (owner, status, stop, task) = stoppable_owner(log.handle(), "cmd-a", None).await;
+    let (owner, status, stop, task) = stoppable_owner(log.handle(), "cmd-a", |o| o).await;
     register_product(&owner, "p-1").await.unwrap();
     // Queued before the stop: taken on, so answered.
     let queued: Vec<Answer> = (0..5)
@@ -100,7 +70,7 @@ async fn a_planned_handoff_answers_the_queued_commands_then_leaves_its_mark() {
 #[tokio::test]
 async fn an_owner_stopped_for_a_lost_partition_leaves_no_mark() {
     let log = MemoryLog::new(TOPIC, 0);
-    let (owner, _, stop, task) = stoppable_owner(log.handle(), "cmd-a", None).await;
+    let (owner, _, stop, task) = stoppable_owner(log.handle(), "cmd-a", |o| o).await;
     register_product(&owner, "p-1").await.unwrap();
     stop.send(Stop::Lost).unwrap();
     tokio::time::timeout(TIMEOUT, task).await.unwrap().unwrap();
@@ -138,7 +108,8 @@ async fn an_owner_stopped_before_it_owns_the_partition_writes_nothing() {
 async fn an_owner_still_assigned_takes_the_partition_back_after_its_delay() {
     let log = MemoryLog::new(TOPIC, 0);
     let retake = Duration::from_secs(6);
-    let (owner, status, _stop, _task) = stoppable_owner(log.handle(), "cmd-a", Some(retake)).await;
+    let (owner, status, _stop, _task) =
+        stoppable_owner(log.handle(), "cmd-a", |o| o.retaking_after(retake)).await;
     register_product(&owner, "p-1").await.unwrap();
     // A writer the group let go (paused past its session) fences the partition.
     let zombie = Writer {
@@ -178,7 +149,7 @@ async fn an_owner_still_assigned_takes_the_partition_back_after_its_delay() {
 #[tokio::test(start_paused = true)]
 async fn an_owner_without_a_retake_delay_stays_fenced_out() {
     let log = MemoryLog::new(TOPIC, 0);
-    let (owner, status, _stop, _task) = stoppable_owner(log.handle(), "cmd-a", None).await;
+    let (owner, status, _stop, _task) = stoppable_owner(log.handle(), "cmd-a", |o| o).await;
     register_product(&owner, "p-1").await.unwrap();
     let other = Writer {
         instance: "cmd-b/1".into(),

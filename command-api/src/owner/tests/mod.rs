@@ -111,6 +111,37 @@ async fn serving_owner_keeping_keys(
     (tx, status)
 }
 
+/// An owner run until asked to stop: its channel, status, stop and task.
+type Stoppable = (
+    mpsc::Sender<CommandRequest<Product>>,
+    StatusCell,
+    tokio::sync::oneshot::Sender<Stop>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// An owner of `log`, started as `instance` and made as `configure` says, run on a task of
+/// its own until it is asked to stop; once it serves: its channel, status, the way to ask
+/// it to stop, and its task.
+async fn stoppable_owner(
+    log: MemoryLog,
+    instance: &str,
+    configure: impl FnOnce(PartitionOwner<Product, MemoryLog>) -> PartitionOwner<Product, MemoryLog>,
+) -> Stoppable {
+    let (owner, status) =
+        PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
+    let (tx, rx) = mpsc::channel(512);
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(configure(owner).run_until(rx, Some(stop_rx)));
+    tokio::time::timeout(TIMEOUT, async {
+        while status.get() != Status::Serving {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the owner took the partition");
+    (tx, status, stop, task)
+}
+
 /// Sends a command and waits for its answer.
 async fn send(
     owner: &mpsc::Sender<CommandRequest<Product>>,

@@ -6,30 +6,8 @@
 use super::*;
 
 /// An owner of `log` writing a snapshot every `every` records, run until stopped.
-async fn snapshotting_owner(
-    log: MemoryLog,
-    instance: &str,
-    every: u64,
-) -> (
-    mpsc::Sender<CommandRequest<Product>>,
-    StatusCell,
-    tokio::sync::oneshot::Sender<Stop>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (owner, status) =
-        PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
-    let owner = owner.with_snapshots(every);
-    let (tx, rx) = mpsc::channel(512);
-    let (stop, stop_rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(owner.run_until(rx, Some(stop_rx)));
-    tokio::time::timeout(TIMEOUT, async {
-        while status.get() != Status::Serving {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the owner took the partition");
-    (tx, status, stop, task)
+async fn snapshotting_owner(log: MemoryLog, instance: &str, every: u64) -> Stoppable {
+    stoppable_owner(log, instance, |o| o.with_snapshots(every)).await
 }
 
 /// Ten products, each restocked twice, one restock keyed; then a planned handoff (which
