@@ -90,16 +90,18 @@ impl LogProducer {
             .await
     }
 
-    /// Appends several Keel records to one partition, in order, and returns each one's
-    /// offset or error. The records are enqueued together so they travel in as few
-    /// requests as the client can make (a group commit); after the first record that
-    /// cannot be enqueued, the rest are not sent and fail too.
-    pub async fn append_records(
+    /// Appends several Keel records to one partition, in order: enqueued now (before the
+    /// returned future is first polled) and together, so they travel in as few requests as
+    /// the client can make (a group commit). The future gives each one's offset or error
+    /// and borrows nothing: a caller can enqueue the next records before these are
+    /// acknowledged, and the idempotent producer keeps them in that order. After the first
+    /// record that cannot be enqueued, the rest are not sent and fail too.
+    pub fn enqueue_records(
         &self,
         topic: &str,
         partition: i32,
         records: &[(&str, &LogRecord, Option<&str>)],
-    ) -> Vec<Result<i64, KafkaError>> {
+    ) -> impl std::future::Future<Output = Vec<Result<i64, KafkaError>>> + Send + 'static {
         let mut deliveries = Vec::with_capacity(records.len());
         let mut failed: Option<String> = None;
         for (key, record, traceparent) in records {
@@ -132,21 +134,24 @@ impl LogProducer {
                 }
             }
         }
-        let mut offsets = Vec::with_capacity(deliveries.len());
-        for delivery in deliveries {
-            offsets.push(match delivery {
-                Err(e) => Err(e),
-                Ok(future) => match future.await {
-                    Ok(Ok(delivered)) => Ok(delivered.offset),
-                    Ok(Err((source, _))) => Err(KafkaError::Client {
-                        context: format!("appending to {topic}/{partition}"),
-                        source,
-                    }),
-                    Err(_) => Err(KafkaError::NotSent("the producer was dropped".into())),
-                },
-            });
+        let at = format!("{topic}/{partition}");
+        async move {
+            let mut offsets = Vec::with_capacity(deliveries.len());
+            for delivery in deliveries {
+                offsets.push(match delivery {
+                    Err(e) => Err(e),
+                    Ok(future) => match future.await {
+                        Ok(Ok(delivered)) => Ok(delivered.offset),
+                        Ok(Err((source, _))) => Err(KafkaError::Client {
+                            context: format!("appending to {at}"),
+                            source,
+                        }),
+                        Err(_) => Err(KafkaError::NotSent("the producer was dropped".into())),
+                    },
+                });
+            }
+            offsets
         }
-        offsets
     }
 
     /// Waits until every record sent so far is acknowledged or failed.

@@ -1,30 +1,47 @@
 //! The group commit: commands waiting for the partition are decided in arrival order, each
-//! against the state as read plus the commits of the same flush ahead of it, appended
-//! together, read back, and each acknowledged only if the gate accepted its commit.
+//! against the state as read plus the commits decided ahead of it, appended together (a
+//! flight), read back, and each acknowledged only if the gate accepted its commit.
+//!
+//! Flushes are pipelined: while a flight is being acknowledged and read back, the commands
+//! queued behind it are decided against the state including it, and appended as the next
+//! flight (one flight in the air at a time; the producer keeps their order).
 //!
 //! Two rules keep every answer true of the log:
-//! * **A rejected commit fails the rest of its flush.** Every commit after it was decided
-//!   on a state that included it: each is answered `503`, and the partition is read again
-//!   before anything else is decided.
+//! * **A rejected commit fails everything decided after it.** Every later commit of its
+//!   flight, and every commit of the flight behind it, was decided on a state that
+//!   included it: each is answered `503` (it may be in the log: a retry with its
+//!   `Idempotency-Key` learns its fate), what appended nothing is decided again, and the
+//!   partition is read again before anything else is decided.
 //! * **An answer that appends nothing is confirmed.** A no-op, a `409` or a `412` is given
 //!   only once the owner has read the log past the moment the command arrived (the
-//!   read-back of its flush, or a fresh read to the partition's end when the flush appended
-//!   nothing) and the stream still was at the version the answer was decided on. Otherwise
-//!   the command is decided again, on the state read since. When the command carries an
-//!   `Idempotency-Key`, the confirmed answer is then recorded in a receipt, and given once
-//!   the receipt is read back: a retry gets the same answer, from this owner or another.
+//!   read-back of its flight, or a fresh read to the partition's end when the flight
+//!   appended nothing) and the stream still was at the version the answer was decided on.
+//!   Otherwise the command is decided again, on the state read since. When the command
+//!   carries an `Idempotency-Key`, the confirmed answer is then recorded in a receipt, and
+//!   given once the receipt is read back: a retry gets the same answer, from this owner or
+//!   another. A command whose key the flight ahead holds waits for that flight's answer.
 
 use std::collections::HashMap;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use keel_domain::Aggregate;
-use keel_schemas::{CommandMeta, CommitRecord, LogRecord, ReceiptRecord, StreamRef, encode_event};
+use keel_kafka::KafkaError;
+use keel_schemas::{
+    CommandMeta, CommitRecord, LogRecord, ReceiptRecord, StreamRef, Writer, encode_event,
+};
+use tokio::sync::mpsc;
 use tracing::{error, instrument, warn};
 use uuid::Uuid;
 
-use super::log::PartitionLog;
+use super::log::{Append, PartitionLog};
 use super::outcome::{Answered, CommandRequest, Outcome, OwnerError, Reply, RequestMeta};
 use super::receipt::{self, Recorded};
-use super::task::{PartitionOwner, ReadBack, Status, Verdicts};
+use super::task::{MAX_FLUSH, PartitionOwner, ReadBack, Status, Verdicts};
+
+/// Flights decided while the one ahead is read back, in a row, before the owner looks
+/// again at its other work (a stop, the log between commands).
+const MAX_FLIGHTS: usize = 16;
 
 /// How many times a command whose answer could not be confirmed is decided again before it
 /// gets a `503`.
@@ -71,52 +88,162 @@ enum At {
 /// got there.
 type Head<A> = (A, u64, Option<String>, At);
 
+/// A flush decided and handed to the producer, waiting to be read back and answered.
+struct Flight<A: Aggregate> {
+    pending: Vec<Pending>,
+    provisional: Vec<Provisional<A>>,
+    /// Commands whose key an answer still has to record: decided again once it is.
+    deferred: Vec<CommandRequest<A>>,
+    /// The heads of the streams this flight's commits (and those of the flight ahead of
+    /// it) moved: the state the next flight is decided on.
+    overlay: HashMap<String, Head<A>>,
+    /// The appends' offsets, once acknowledged.
+    appended: Option<BoxFuture<'static, Vec<Result<i64, KafkaError>>>>,
+    /// Decided on a flight that was not wholly accepted: none of its commits is
+    /// acknowledged, and what appended nothing is decided again.
+    doomed: bool,
+    /// The last round for its commands: what cannot be confirmed gets a `503`.
+    last: bool,
+}
+
+impl<A: Aggregate> Flight<A> {
+    /// Waits until the flight's commits are acknowledged (or failed): what appending each
+    /// told; `None` when it appended nothing.
+    async fn acknowledged(&mut self) -> Option<Vec<Result<i64, KafkaError>>> {
+        match self.appended.take() {
+            Some(appended) => Some(appended.await),
+            None => None,
+        }
+    }
+
+    /// True when a command of this flight holds `key`, whose answer is not known yet.
+    fn holds(&self, key: &(String, String)) -> bool {
+        self.pending.iter().any(|p| p.key.as_ref() == Some(key))
+            || self.provisional.iter().any(|p| p.key.as_ref() == Some(key))
+    }
+}
+
 impl<A: Aggregate + serde::Serialize + serde::de::DeserializeOwned, L: PartitionLog>
     PartitionOwner<A, L>
 where
     A::Command: Send,
 {
     /// Decides a batch of commands, appends the commits together, reads them back, and
-    /// answers each one.
+    /// answers each one; meanwhile, the commands queued behind it in `requests` are
+    /// decided (against the state including the flight ahead) and appended as the next
+    /// flight, up to [`MAX_FLIGHTS`] in a row. A flight whose read-back is not wholly
+    /// accepted dooms the one behind it: its commits get `503` and the partition is read
+    /// again before anything else is decided.
     #[instrument(skip_all, fields(commands = batch.len()))]
-    pub(super) async fn flush(&mut self, batch: Vec<CommandRequest<A>>) {
-        let mut batch = batch;
-        for round in 1..=MAX_ROUNDS {
-            if batch.is_empty() {
-                return;
-            }
-            batch = self.flush_round(batch, round == MAX_ROUNDS).await;
-        }
-    }
-
-    /// One round of a flush; returns the commands whose answers could not be confirmed,
-    /// to be decided again (none in the `last` round: they get a `503`).
-    async fn flush_round(
+    pub(super) async fn flush(
         &mut self,
         batch: Vec<CommandRequest<A>>,
+        requests: &mut mpsc::Receiver<CommandRequest<A>>,
+    ) {
+        self.reads = Some(Verdicts::new());
+        let mut again = Vec::new();
+        let mut flight = self.launch(batch, None, MAX_ROUNDS == 1).await;
+        let mut flights = 1;
+        while let Some(mut ahead) = flight.take() {
+            // Once the flight is in the log, the commands queued meanwhile are decided on
+            // it and appended while it is read back.
+            let acks = ahead.acknowledged().await;
+            let next =
+                if flights < MAX_FLIGHTS && !ahead.doomed && self.status.get() == Status::Serving {
+                    let queued = take_queued(requests);
+                    if queued.is_empty() {
+                        None
+                    } else {
+                        flights += 1;
+                        self.status.count_pipelined();
+                        self.launch(queued, Some(&mut ahead), MAX_ROUNDS == 1).await
+                    }
+                } else {
+                    None
+                };
+            let accepted = self.land(ahead, acks, &mut again).await;
+            flight = next.map(|mut next| {
+                if !accepted {
+                    next.doomed = true;
+                    self.status.count_doomed();
+                }
+                next
+            });
+        }
+        // What could not be confirmed is decided again, one flight at a time.
+        for round in 2..=MAX_ROUNDS {
+            if again.is_empty() {
+                break;
+            }
+            let batch = std::mem::take(&mut again);
+            if let Some(mut flight) = self.launch(batch, None, round == MAX_ROUNDS).await {
+                let acks = flight.acknowledged().await;
+                self.land(flight, acks, &mut again).await;
+            }
+        }
+        self.reads = None;
+    }
+
+    /// Decides `batch` against the state read plus the commits of the flight `ahead` (if
+    /// one is in the air) and appends its commits; `None` when there was nothing to append
+    /// or confirm (every command answered already).
+    async fn launch(
+        &mut self,
+        batch: Vec<CommandRequest<A>>,
+        ahead: Option<&mut Flight<A>>,
         last: bool,
-    ) -> Vec<CommandRequest<A>> {
+    ) -> Option<Flight<A>> {
+        if batch.is_empty() {
+            return None;
+        }
         if self.status.get() == Status::Recovering
+            && ahead.is_none()
             && let Err(e) = self.recover().await
         {
             warn!(error = %e, "still recovering");
         }
-        if self.status.get() != Status::Serving {
-            for request in batch {
-                let _ = request.reply.send(Err(self.unavailable()));
+        let writer = match &self.writer {
+            Some(writer) if self.status.get() == Status::Serving => writer.clone(),
+            _ => {
+                for request in batch {
+                    let _ = request.reply.send(Err(self.unavailable()));
+                }
+                return None;
             }
-            return Vec::new();
-        }
-        let Some(writer) = self.writer.clone() else {
-            return Vec::new();
         };
+        let mut flight = self.decide(batch, ahead, writer, last);
+        let records: Vec<LogRecord> = flight
+            .pending
+            .iter()
+            .map(|p| LogRecord::Commit(p.record.clone()))
+            .collect();
+        if !records.is_empty() {
+            let inputs: Vec<Append<'_>> = flight
+                .pending
+                .iter()
+                .zip(&records)
+                .map(|(p, r)| (p.record.stream.id.as_str(), r, p.traceparent.as_deref()))
+                .collect();
+            flight.appended = Some(self.log.append(&inputs).boxed());
+        }
+        Some(flight)
+    }
 
-        // Decide each command against the state read plus the commits ahead of it.
-        let mut overlay: HashMap<String, Head<A>> = HashMap::new();
+    /// Decides each command of `batch` in arrival order, against the state read plus the
+    /// commits decided ahead of it: those of the flight `ahead` and of this one.
+    fn decide(
+        &mut self,
+        batch: Vec<CommandRequest<A>>,
+        mut ahead: Option<&mut Flight<A>>,
+        writer: Writer,
+        last: bool,
+    ) -> Flight<A> {
+        let mut overlay = ahead
+            .as_mut()
+            .map(|a| std::mem::take(&mut a.overlay))
+            .unwrap_or_default();
         let mut pending: Vec<Pending> = Vec::new();
         let mut provisional: Vec<Provisional<A>> = Vec::new();
-        // Commands whose key an answer of this flush still has to record: decided again
-        // once it is, on the receipt.
         let mut deferred: Vec<CommandRequest<A>> = Vec::new();
         for request in batch {
             // A caller that gave up before this point never sees its command appended.
@@ -142,7 +269,11 @@ where
                     }
                     continue;
                 }
-                if provisional.iter().any(|p| p.key.as_ref() == Some(key)) {
+                // A key the flight ahead holds, or an answer of this one still has to
+                // record: decided again once the log has its answer.
+                if provisional.iter().any(|p| p.key.as_ref() == Some(key))
+                    || ahead.as_ref().is_some_and(|a| a.holds(key))
+                {
                     deferred.push(request);
                     continue;
                 }
@@ -231,31 +362,54 @@ where
                 reused: Vec::new(),
             });
         }
+        Flight {
+            pending,
+            provisional,
+            deferred,
+            overlay,
+            appended: None,
+            doomed: false,
+            last,
+        }
+    }
 
-        // Append, read back, answer the commits; then confirm what appended nothing.
-        let appended: Vec<(String, Uuid)> = pending
+    /// Reads a flight back and answers it: its commits from their read-back (`acks`: what
+    /// appending them told), then what appended nothing, once confirmed. Pushes onto
+    /// `again` the commands to decide again; true when every commit of the flight was
+    /// accepted, so the state read holds it.
+    async fn land(
+        &mut self,
+        flight: Flight<A>,
+        acks: Option<Vec<Result<i64, KafkaError>>>,
+        again: &mut Vec<CommandRequest<A>>,
+    ) -> bool {
+        let appended: Vec<(String, Uuid)> = flight
+            .pending
             .iter()
             .map(|p| (p.record.stream.id.clone(), p.record.commit_id))
             .collect();
-        let (current, verdicts) = if pending.is_empty() {
-            (self.confirm_current().await, Verdicts::new())
-        } else {
-            let verdicts = self.append_and_read_back(&pending).await;
-            (self.answer_commits(pending, &verdicts), verdicts)
+        let current = match acks {
+            Some(_) if flight.doomed => self.answer_commits(flight.pending, true),
+            Some(acks) => {
+                self.read_back(&acks).await;
+                self.answer_commits(flight.pending, false)
+            }
+            None if flight.doomed => false,
+            None => self.confirm_current().await,
         };
-        let mut again = Vec::new();
+        let last = flight.last;
         let mut to_record = Vec::new();
-        for p in provisional {
+        for p in flight.provisional {
             let stream = &p.request.stream_id;
             let unmoved = self.streams.get(stream).map_or(0, |s| s.version) == p.decided_on;
             // A keyed answer is recorded at the version it was decided on, so it is
             // confirmed only while the stream is still there; one that a later commit of
-            // the flush moved past is decided again.
+            // the flight moved past is decided again.
             let confirmed = current
                 && (unmoved
                     || (p.key.is_none() && appended[p.ahead..].iter().any(|(s, _)| s == stream)));
             if confirmed {
-                let answer = self.provisional_answer(&p, &verdicts);
+                let answer = self.provisional_answer(&p);
                 match Recorded::of(&answer) {
                     Some(recorded) if p.key.is_some() => to_record.push((p, recorded)),
                     _ => {
@@ -273,7 +427,7 @@ where
         if !to_record.is_empty() {
             self.record_receipts(to_record).await;
         }
-        for request in deferred {
+        for request in flight.deferred {
             if last {
                 let _ = request.reply.send(Err(OwnerError::Unavailable(
                     "another request with this Idempotency-Key was being answered; retry".into(),
@@ -282,7 +436,7 @@ where
                 again.push(request);
             }
         }
-        again
+        current
     }
 
     /// Records the confirmed answers of keyed commands that appended nothing in receipts,
@@ -324,7 +478,7 @@ where
                 LogRecord::Receipt(receipt)
             })
             .collect();
-        let inputs: Vec<(&str, &LogRecord, Option<&str>)> = answers
+        let inputs: Vec<Append<'_>> = answers
             .iter()
             .zip(&records)
             .map(|((p, _), r)| {
@@ -381,11 +535,11 @@ where
     }
 
     /// The answer of a confirmed command that appends nothing.
-    fn provisional_answer(&self, p: &Provisional<A>, verdicts: &Verdicts) -> Answered {
+    fn provisional_answer(&self, p: &Provisional<A>) -> Answered {
         p.answer.clone()?;
         let offset = match p.at {
             At::Read(offset) => offset,
-            At::Commit(id) => verdicts.get(&id).map(|v| v.offset),
+            At::Commit(id) => self.read_back_of(id).map(|v| v.offset),
         };
         Ok(Outcome {
             stream: StreamRef {
@@ -400,16 +554,17 @@ where
         })
     }
 
-    /// Answers each commit of the flush from its read-back: acknowledged if the gate
-    /// accepted it and every commit ahead of it; `503` from the first one that was not.
-    /// True when every commit was accepted, so the state read covers the whole flush.
-    fn answer_commits(&mut self, pending: Vec<Pending>, verdicts: &Verdicts) -> bool {
+    /// Answers each commit of a flight from its read-back: acknowledged if the gate
+    /// accepted it and every commit ahead of it (in this flight and the one before it,
+    /// which was `doomed` if it was not wholly accepted); `503` from the first one that was
+    /// not. True when every commit was accepted, so the state read covers the whole flight.
+    fn answer_commits(&mut self, pending: Vec<Pending>, doomed: bool) -> bool {
         // An owner that stopped serving while it read back (a fence of rules it cannot
         // judge) acknowledges nothing more.
-        let mut failed = self.status.get() == Status::Lost;
+        let mut failed = doomed || self.status.get() == Status::Lost;
         for p in pending {
-            let answer = match verdicts.get(&p.record.commit_id) {
-                Some(&ReadBack {
+            let answer = match self.read_back_of(p.record.commit_id) {
+                Some(ReadBack {
                     accepted: true,
                     offset,
                 }) if !failed => Ok(self.outcome_of(&p.record, offset)),
@@ -417,7 +572,7 @@ where
                     "this instance no longer serves the partition; retry with the same Idempotency-Key".into(),
                 )),
                 _ if failed => Err(OwnerError::Unavailable(
-                    "a commit ahead of this one in its flush was not accepted, so it was decided on a state the log does not hold; retry with the same Idempotency-Key".into(),
+                    "a commit decided ahead of this one was not accepted, so it was decided on a state the log does not hold; retry with the same Idempotency-Key".into(),
                 )),
                 Some(_) => Err(OwnerError::Unavailable(
                     "the log did not accept the commit (the partition changed hands or the stream moved on); retry".into(),
@@ -467,25 +622,16 @@ where
         }
     }
 
-    /// Appends the flush's commits and reads the partition until all of them are read
-    /// back; returns the gate's verdict and offset per commit id.
-    async fn append_and_read_back(&mut self, pending: &[Pending]) -> Verdicts {
-        let records: Vec<LogRecord> = pending
-            .iter()
-            .map(|p| LogRecord::Commit(p.record.clone()))
-            .collect();
-        let inputs: Vec<(&str, &LogRecord, Option<&str>)> = pending
-            .iter()
-            .zip(&records)
-            .map(|(p, r)| (p.record.stream.id.as_str(), r, p.traceparent.as_deref()))
-            .collect();
-        self.append_records(&inputs).await
-    }
-
     /// Appends `inputs` (key, record, traceparent) together and reads the partition until
     /// all of them are read back; returns the gate's verdict and offset per record id.
-    async fn append_records(&mut self, inputs: &[(&str, &LogRecord, Option<&str>)]) -> Verdicts {
+    async fn append_records(&mut self, inputs: &[Append<'_>]) -> Verdicts {
         let results = self.log.append(inputs).await;
+        self.read_back(&results).await
+    }
+
+    /// Reads the partition until every record appended with `results` is read back (or,
+    /// after an error, to its end); returns the verdicts of what it read.
+    async fn read_back(&mut self, results: &[Result<i64, KafkaError>]) -> Verdicts {
         let last = results
             .iter()
             .filter_map(|r| r.as_ref().ok())
@@ -510,6 +656,28 @@ where
             }
         }
     }
+
+    /// What reading the record with id `id` told, if it was read during this flush.
+    fn read_back_of(&self, id: Uuid) -> Option<ReadBack> {
+        self.reads
+            .as_ref()
+            .and_then(|reads| reads.get(&id))
+            .copied()
+    }
+}
+
+/// The commands queued now, up to a flight's worth.
+fn take_queued<A: Aggregate>(
+    requests: &mut mpsc::Receiver<CommandRequest<A>>,
+) -> Vec<CommandRequest<A>> {
+    let mut batch = Vec::new();
+    while batch.len() < MAX_FLUSH {
+        match requests.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// The command's part of a commit or receipt, with the id `id`.

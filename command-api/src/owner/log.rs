@@ -25,10 +25,14 @@ pub trait PartitionLog: Send + 'static {
     fn next(&mut self) -> impl Future<Output = Result<LogEntry, KafkaError>> + Send;
     /// Appends `records` (a flush) in order, together; each one's offset or why it failed.
     /// A full producer queue fails them at once, so the owner recovers instead of waiting.
+    ///
+    /// The records are handed to the producer when this is called, before the future is
+    /// polled, and the future borrows nothing: an owner appends its next flush while this
+    /// one is being read back, and records appended later follow these in the log.
     fn append(
         &self,
         records: &[Append<'_>],
-    ) -> impl Future<Output = Vec<Result<i64, KafkaError>>> + Send;
+    ) -> impl Future<Output = Vec<Result<i64, KafkaError>>> + Send + 'static;
     /// Appends one record (a fence): its offset, waiting for room in the producer's queue
     /// within the producer's timeout.
     fn append_one(
@@ -207,11 +211,12 @@ impl PartitionLog for KafkaPartition {
         Ok(entry)
     }
 
-    async fn append(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
+    fn append(
+        &self,
+        records: &[Append<'_>],
+    ) -> impl Future<Output = Vec<Result<i64, KafkaError>>> + Send + 'static {
         let (topic, partition) = (self.reader.topic(), self.reader.partition());
-        self.producer
-            .append_records(topic, partition, records)
-            .await
+        self.producer.enqueue_records(topic, partition, records)
     }
 
     async fn append_one(&self, (key, record, traceparent): Append<'_>) -> Result<i64, KafkaError> {

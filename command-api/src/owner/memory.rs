@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use keel_kafka::{KafkaError, LogEntry, record_headers};
+use keel_schemas::LogRecord;
 use tokio::sync::watch;
 
 use super::log::{Append, PartitionLog};
@@ -22,6 +23,8 @@ struct Shared {
     failing_reads: Mutex<Vec<(i64, usize)>>,
     /// The snapshots written, in order.
     snapshots: Mutex<Vec<StoredSnapshot>>,
+    /// The first commit of the next flush reaches the log with a broken hash.
+    garble_next: std::sync::atomic::AtomicBool,
 }
 
 /// One partition's records in memory, and a reader's position in them.
@@ -42,6 +45,7 @@ impl MemoryLog {
                 len: watch::Sender::new(0),
                 failing_reads: Mutex::new(Vec::new()),
                 snapshots: Mutex::new(Vec::new()),
+                garble_next: std::sync::atomic::AtomicBool::new(false),
             }),
             next_offset: 0,
         }
@@ -58,6 +62,14 @@ impl MemoryLog {
     /// Makes the next `times` reads of `offset`, by any handle, fail as a broken fetch.
     pub fn fail_reads_at(&self, offset: i64, times: usize) {
         lock(&self.shared.failing_reads).push((offset, times));
+    }
+
+    /// Makes the first commit of the next flush appended, by any handle, reach the log
+    /// with a broken hash (a record damaged on its way): the gate refuses it.
+    pub fn garble_next_flush(&self) {
+        self.shared
+            .garble_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Every record appended so far, in order.
@@ -162,9 +174,29 @@ impl PartitionLog for MemoryLog {
         Ok(entry)
     }
 
-    async fn append(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
+    fn append(
+        &self,
+        records: &[Append<'_>],
+    ) -> impl std::future::Future<Output = Vec<Result<i64, KafkaError>>> + Send + 'static {
         lock(&self.shared.appends).push(Appended::Together(records.len()));
-        self.push(records)
+        let garble = self
+            .shared
+            .garble_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let garbled = match records.first() {
+            Some((key, LogRecord::Commit(commit), traceparent)) if garble => {
+                let mut commit = commit.clone();
+                commit.hash = "0".repeat(64);
+                Some((*key, LogRecord::Commit(commit), *traceparent))
+            }
+            _ => None,
+        };
+        let Some((key, first, traceparent)) = &garbled else {
+            return std::future::ready(self.push(records));
+        };
+        let mut records = records.to_vec();
+        records[0] = (key, first, *traceparent);
+        std::future::ready(self.push(&records))
     }
 
     async fn append_one(&self, record: Append<'_>) -> Result<i64, KafkaError> {

@@ -35,7 +35,7 @@ use super::receipt;
 use super::snapshot;
 
 /// Commands decided and appended together at most.
-const MAX_FLUSH: usize = 512;
+pub(super) const MAX_FLUSH: usize = 512;
 
 /// Records a catch-up reads before it applies them.
 const CHECK_CHUNK: usize = 4096;
@@ -126,6 +126,10 @@ pub struct StatusCell {
     /// The offset the snapshot it started from covers up to; -1 when it read the
     /// partition from its first record.
     snapshot: Arc<std::sync::atomic::AtomicI64>,
+    /// Flights decided and appended while the one ahead of them was read back.
+    pipelined: Arc<AtomicU64>,
+    /// Of those, the flights answered `503` because the one ahead was not wholly accepted.
+    doomed: Arc<AtomicU64>,
 }
 
 impl StatusCell {
@@ -137,7 +141,29 @@ impl StatusCell {
             writer: Arc::new(std::sync::OnceLock::new()),
             epoch: Arc::new(AtomicU64::new(0)),
             snapshot: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
+            pipelined: Arc::new(AtomicU64::new(0)),
+            doomed: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How many flights this owner decided and appended while the one ahead of them was
+    /// being read back.
+    pub fn pipelined(&self) -> u64 {
+        self.pipelined.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn count_pipelined(&self) {
+        self.pipelined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many of the pipelined flights were answered `503` because a commit of the
+    /// flight ahead of them was not accepted.
+    pub fn doomed(&self) -> u64 {
+        self.doomed.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn count_doomed(&self) {
+        self.doomed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Where the snapshot this owner started from ends (the first offset it read after
@@ -234,6 +260,8 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     newer_rules: bool,
     /// The turns the owners of one process take to write their snapshots, if shared.
     snapshot_turns: Option<Arc<tokio::sync::Semaphore>>,
+    /// While a flush is answered: what reading each record told, by record id.
+    pub(super) reads: Option<Verdicts>,
 }
 
 impl<A: Aggregate + serde::Serialize + serde::de::DeserializeOwned, L: PartitionLog>
@@ -279,6 +307,7 @@ where
             snapshot_sought: false,
             newer_rules: false,
             snapshot_turns: None,
+            reads: None,
         };
         (owner, status)
     }
@@ -400,7 +429,7 @@ where
                             Err(_) => break,
                         }
                     }
-                    self.flush(batch).await;
+                    self.flush(batch, &mut requests).await;
                 }
                 entry = self.log.next(), if self.status.get() != Status::Lost => match entry {
                     Ok(entry) => {
@@ -769,8 +798,18 @@ where
         self.apply_gated(gated)
     }
 
-    /// Applies a record the gate has just read.
+    /// Applies a record the gate has just read; while a flush is answered, notes what
+    /// reading it told.
     fn apply_gated(&mut self, gated: Gated) -> Option<(Uuid, ReadBack)> {
+        let read = self.apply_record(gated);
+        if let (Some(reads), Some((id, verdict))) = (self.reads.as_mut(), read) {
+            reads.insert(id, verdict);
+        }
+        read
+    }
+
+    /// Applies a record the gate has just read.
+    fn apply_record(&mut self, gated: Gated) -> Option<(Uuid, ReadBack)> {
         let Gated {
             mut entry, record, ..
         } = gated;

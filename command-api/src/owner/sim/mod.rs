@@ -50,6 +50,9 @@ pub(crate) struct Report {
     pub(crate) injected: Vec<(Fault, u64)>,
     /// Commands acknowledged with a commit.
     pub(crate) acknowledged: usize,
+    /// Flights decided while the one ahead was read back, and those of them failed because
+    /// the one ahead was not wholly accepted.
+    pub(crate) pipelined: (u64, u64),
     pub(crate) attempts: usize,
 }
 
@@ -215,7 +218,7 @@ async fn client(
         tokio::time::sleep(think).await;
         for attempt in 1.. {
             let id = format!("c{client}.{n}.{attempt}");
-            let (owner, requests, patience, sent) = {
+            let (owner, requests, patience, sent, hedge) = {
                 let mut w = lock(&world);
                 let list = processes(&all);
                 let newest = list.len() - 1;
@@ -234,9 +237,16 @@ async fn client(
                 } else {
                     Duration::from_secs(3600)
                 };
-                (owner, list[owner].requests.clone(), patience, w.len())
+                let hedge = (key.is_some() && w.chance(Fault::Hedge))
+                    .then(|| w.between(Duration::ZERO, Duration::from_millis(300)));
+                (
+                    owner,
+                    list[owner].requests.clone(),
+                    patience,
+                    w.len(),
+                    hedge,
+                )
             };
-            let (reply, answer) = reply_channel();
             let meta = RequestMeta {
                 command_type: "Sim",
                 idempotency_key: key.clone(),
@@ -247,25 +257,66 @@ async fn client(
                 causation_id: None,
                 traceparent: None,
             };
-            let request = CommandRequest {
-                stream_id: stream.clone(),
-                command: command.clone(),
-                meta,
-                reply,
+            let send = |meta: RequestMeta| {
+                let (reply, answer) = reply_channel();
+                let request = CommandRequest {
+                    stream_id: stream.clone(),
+                    command: command.clone(),
+                    meta,
+                    reply,
+                };
+                let sent = requests.try_send(request);
+                let world = Arc::clone(&world);
+                async move {
+                    match sent {
+                        Err(_) => Ending::Dropped,
+                        Ok(()) => match answer.wait(patience).await {
+                            Ok(answer) => Ending::Answered(answer),
+                            Err(NoAnswer::OwnerGone) => Ending::Dropped,
+                            Err(NoAnswer::GaveUp) => Ending::GaveUp(lock(&world).len()),
+                        },
+                    }
+                }
             };
-            let ending = match requests.try_send(request) {
-                Err(_) => Ending::Dropped,
-                Ok(()) => match answer.wait(patience).await {
-                    Ok(answer) => Ending::Answered(answer),
-                    Err(NoAnswer::OwnerGone) => Ending::Dropped,
-                    Err(NoAnswer::GaveUp) => Ending::GaveUp(lock(&world).len()),
-                },
+            // The same request again, a moment later, as a hedging client would send it:
+            // judged as an attempt of its own.
+            let hedged = async {
+                let after = hedge?;
+                tokio::time::sleep(after).await;
+                let mut meta = meta.clone();
+                meta.correlation_id = format!("{id}h");
+                let sent = lock(&world).len();
+                let ending = send(meta).await;
+                Some((sent, ending))
             };
+            let (ending, hedged) = tokio::join!(send(meta.clone()), hedged);
             let ended = {
                 let mut w = lock(&world);
                 w.note(format!("{id} {stream} via {owner}: {}", summary(&ending)));
                 w.len()
             };
+            if let Some((sent, ending)) = hedged {
+                let id = format!("{id}h");
+                let mut w = lock(&world);
+                w.note(format!("{id} {stream} via {owner}: {}", summary(&ending)));
+                let ended = w.len();
+                drop(w);
+                record
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .attempts
+                    .push(Attempt {
+                        id,
+                        stream: stream.clone(),
+                        command: command.clone(),
+                        key: key.clone(),
+                        if_match,
+                        owner,
+                        sent,
+                        ended,
+                        ending,
+                    });
+            }
             let retry = matches!(
                 ending,
                 Ending::GaveUp(_)
@@ -380,8 +431,11 @@ async fn simulate(seed: u64, enabled: &[Fault]) -> Report {
     }
     // Let late produces land before judging.
     tokio::time::sleep(TIMEOUT * 10).await;
+    let mut pipelined = (0, 0);
     for p in processes(&all).iter() {
         p.task.abort();
+        pipelined.0 += p.status.pipelined();
+        pipelined.1 += p.status.doomed();
     }
 
     let record = std::mem::take(
@@ -409,6 +463,7 @@ async fn simulate(seed: u64, enabled: &[Fault]) -> Report {
         violations,
         injected: w.injected.clone(),
         acknowledged,
+        pipelined,
         attempts: record.attempts.len(),
     }
 }
@@ -472,7 +527,7 @@ mod tests {
             faults()
         );
         let mut injected: Vec<(Fault, u64)> = Vec::new();
-        let (mut acknowledged, mut attempts) = (0, 0);
+        let (mut acknowledged, mut attempts, mut pipelined) = (0, 0, (0, 0));
         let mut failed = Vec::new();
         let faults = faults();
         for seed in first..first + seeds {
@@ -485,6 +540,8 @@ mod tests {
             }
             acknowledged += report.acknowledged;
             attempts += report.attempts;
+            pipelined.0 += report.pipelined.0;
+            pipelined.1 += report.pipelined.1;
             if !report.violations.is_empty() {
                 println!("seed {}: {:#?}", report.seed, report.violations);
                 failed.push(report.seed);
@@ -492,12 +549,20 @@ mod tests {
         }
         injected.sort();
         println!(
-            "{seeds} seeds, {attempts} attempts, {acknowledged} commands acknowledged; faults injected: {injected:?}"
+            "{seeds} seeds, {attempts} attempts, {acknowledged} commands acknowledged; {} flights pipelined, {} of them failed by the flight ahead; faults injected: {injected:?}",
+            pipelined.0, pipelined.1
         );
         assert!(
             failed.is_empty(),
             "{} seed(s) broke an invariant: {failed:?}; replay one with KEEL_SIM_SEED=<seed>",
             failed.len()
         );
+        // The runs reach the pipeline, and its failure path, often enough to judge them.
+        if seeds >= 200 && faults.len() == Fault::ALL.len() {
+            assert!(
+                pipelined.0 >= seeds / 4 && pipelined.1 > 0,
+                "flights pipelined, and failed by the one ahead: {pipelined:?}"
+            );
+        }
     }
 }

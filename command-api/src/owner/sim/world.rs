@@ -73,11 +73,14 @@ pub(crate) enum Fault {
     Lost,
     /// The latest snapshot is tampered with or cut short.
     TamperSnapshot,
+    /// A client (or a proxy in front) sends a keyed command again shortly after the first
+    /// time, while the first is still being answered.
+    Hedge,
 }
 
 impl Fault {
     /// Every kind.
-    pub(crate) const ALL: [Fault; 16] = [
+    pub(crate) const ALL: [Fault; 17] = [
         Fault::AppendFails,
         Fault::TimedOutButPersisted,
         Fault::PersistedLater,
@@ -94,6 +97,7 @@ impl Fault {
         Fault::Handoff,
         Fault::Lost,
         Fault::TamperSnapshot,
+        Fault::Hedge,
     ];
 }
 
@@ -135,6 +139,7 @@ impl Faults {
             | Fault::Handoff
             | Fault::Lost
             | Fault::TamperSnapshot => 0.05,
+            Fault::Hedge => 0.2,
             Fault::ClientGivesUp => 0.5,
         }
     }
@@ -347,12 +352,13 @@ pub(crate) fn describe(record: &LogRecord) -> String {
 }
 
 /// Appends `records` for `producer` as the world decides: persisted or not, acknowledged
-/// or not, now or later.
-async fn produce(
+/// or not, now or later. What reaches the log is decided (and written) when this is
+/// called, like records handed to a producer; the answer comes after the world's delay.
+fn produce(
     world: &Shared,
     producer: usize,
     records: &[Append<'_>],
-) -> Vec<Result<i64, KafkaError>> {
+) -> impl std::future::Future<Output = Vec<Result<i64, KafkaError>>> + Send + 'static {
     let (how, delay) = {
         let mut w = lock(world);
         w.persist_late_of(producer);
@@ -409,8 +415,10 @@ async fn produce(
             answer
         }
     };
-    tokio::time::sleep(delay).await;
-    answer
+    async move {
+        tokio::time::sleep(delay).await;
+        answer
+    }
 }
 
 /// A partition log that fails as the world decides; one per simulated process, each with
@@ -490,8 +498,11 @@ impl PartitionLog for SimLog {
         self.inner.next().await
     }
 
-    async fn append(&self, records: &[Append<'_>]) -> Vec<Result<i64, KafkaError>> {
-        produce(&self.world, self.producer, records).await
+    fn append(
+        &self,
+        records: &[Append<'_>],
+    ) -> impl std::future::Future<Output = Vec<Result<i64, KafkaError>>> + Send + 'static {
+        produce(&self.world, self.producer, records)
     }
 
     async fn append_one(&self, record: Append<'_>) -> Result<i64, KafkaError> {

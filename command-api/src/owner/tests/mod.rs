@@ -16,9 +16,13 @@ use super::*;
 
 mod handoff;
 mod keys;
+mod pipeline;
 mod snapshots;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Room in the tests' owners' queues: more than one flush holds, so a test can queue two.
+const QUEUE: usize = 2048;
 
 /// The topic of the tests' partitions.
 const TOPIC: &str = "t.product.events";
@@ -99,7 +103,7 @@ async fn serving_owner_keeping_keys(
     let (owner, status) =
         PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
     let owner = owner.with_key_retention(retention);
-    let (tx, rx) = mpsc::channel(512);
+    let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(owner.run(rx));
     tokio::time::timeout(TIMEOUT, async {
         while status.get() != Status::Serving {
@@ -129,7 +133,7 @@ async fn stoppable_owner(
 ) -> Stoppable {
     let (owner, status) =
         PartitionOwner::<Product, _>::new(log, instance, key(), policy(), TIMEOUT);
-    let (tx, rx) = mpsc::channel(512);
+    let (tx, rx) = mpsc::channel(QUEUE);
     let (stop, stop_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(configure(owner).run_until(rx, Some(stop_rx)));
     tokio::time::timeout(TIMEOUT, async {
