@@ -22,7 +22,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
 use crate::error::ApiError;
-use crate::owner::{KafkaPartition, Stop};
+use crate::owner::{AskPredecessor, KafkaPartition, Status, Stop};
 use crate::owners::{OwnerSettings, Owners};
 
 /// The header that marks a request forwarded by another instance (its writer name): the
@@ -62,6 +62,10 @@ const VIEW_REFRESH: Duration = Duration::from_millis(500);
 /// How long a member may take to say which partitions it serves.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a new owner waits for the member serving its partition to hand it over
+/// before it fences all the same.
+const ASK_HANDOFF_WITHIN: Duration = Duration::from_secs(2);
+
 /// How old a member's signed answer may be.
 const OWNED_FRESH_MS: i64 = 30_000;
 
@@ -98,13 +102,62 @@ impl Owned {
 
     /// True when a key `policy` trusts (not retired) signed it, for `url`, lately.
     fn holds(&self, policy: &TrustedKeys, url: &str) -> bool {
-        let fresh = (chrono::Utc::now().timestamp_millis() - self.at_ms).abs() <= OWNED_FRESH_MS;
-        let signer = self.signature.as_ref().map(|s| s.key_id.as_str());
-        fresh
-            && self.url.as_deref() == Some(url)
-            && signer.is_some_and(|k| !policy.is_retired(k))
-            && policy.check(&self.digest(), self.signature.as_ref()) == SignatureCheck::Valid
+        self.url.as_deref() == Some(url)
+            && signed_lately(policy, &self.digest(), self.signature.as_ref(), self.at_ms)
     }
+}
+
+/// What the member marks a `POST /handoff` request with, so that no other signed message
+/// (an `/owned` answer) can stand for one.
+const HANDOFF_PURPOSE: &str = "keel-handoff-v1";
+
+/// What `POST /handoff` carries: a member (`from`) whose owner has read a partition the
+/// group gave it asks the member serving it (`to`) to hand it over; signed with the
+/// asking member's instance key.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct HandoffAsk {
+    /// Always [`HANDOFF_PURPOSE`].
+    pub purpose: String,
+    /// The asking member's URL.
+    pub from: String,
+    /// The URL of the member asked.
+    pub to: String,
+    /// (topic, partition) of each partition asked for.
+    pub partitions: Vec<(String, i32)>,
+    /// When it asked, in milliseconds since the epoch.
+    pub at_ms: i64,
+    /// Its signature over [`HandoffAsk::digest`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<keel_schemas::Signature>,
+}
+
+impl HandoffAsk {
+    /// What the signature signs: the hex SHA-256 of the request without it.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        let unsigned = Self {
+            signature: None,
+            ..self.clone()
+        };
+        hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(&unsigned).unwrap_or_default(),
+        ))
+    }
+}
+
+/// True when `signature` over `digest` is by a key `policy` trusts and has not retired,
+/// and `at_ms` is recent.
+fn signed_lately(
+    policy: &TrustedKeys,
+    digest: &str,
+    signature: Option<&keel_schemas::Signature>,
+    at_ms: i64,
+) -> bool {
+    let fresh = (chrono::Utc::now().timestamp_millis() - at_ms).abs() <= OWNED_FRESH_MS;
+    let signer = signature.map(|s| s.key_id.as_str());
+    fresh
+        && signer.is_some_and(|k| !policy.is_retired(k))
+        && policy.check(digest, signature) == SignatureCheck::Valid
 }
 
 /// The group as this instance sees it.
@@ -140,6 +193,8 @@ struct Seen {
     error: Option<String>,
     /// Each partition's owner URL: the instance that says it serves it.
     owner_of: HashMap<TopicPartition, String>,
+    /// Each partition another member says it serves, and that member's URL.
+    served_by: HashMap<TopicPartition, String>,
 }
 
 /// How an instance joins its group.
@@ -222,6 +277,8 @@ impl Cluster {
                 readers: join.readers,
                 kafka: kafka.clone(),
                 stream_types,
+                cluster: Arc::downgrade(&cluster),
+                handoff_timeout: join.handoff_timeout,
             }),
             handoff_timeout: join.handoff_timeout,
             cluster: Arc::downgrade(&cluster),
@@ -265,6 +322,11 @@ impl Cluster {
         self.seen.read().ok()?.owner_of.get(at).cloned()
     }
 
+    /// The URL of the other member that says it serves `at`, as last seen.
+    pub fn served_by(&self, at: &TopicPartition) -> Option<String> {
+        self.seen.read().ok()?.served_by.get(at).cloned()
+    }
+
     /// The last view of the group, when it was read, and why the last read failed.
     pub fn view(&self) -> (Option<GroupView>, Option<Duration>, Option<String>) {
         match self.seen.read() {
@@ -275,6 +337,15 @@ impl Cluster {
             ),
             Err(_) => (None, None, None),
         }
+    }
+
+    /// True when the last view of the group names a member besides this instance.
+    pub fn has_others(&self) -> bool {
+        self.seen.read().ok().is_some_and(|seen| {
+            seen.view
+                .as_ref()
+                .is_some_and(|view| view.members.iter().any(|m| m.url != self.url))
+        })
     }
 
     /// Asks for the view to be read again now.
@@ -305,8 +376,9 @@ impl Cluster {
             if let Ok(mut seen) = this.seen.write() {
                 match read {
                     Ok(view) => {
-                        if let Some(owner_of) = owner_of {
+                        if let Some((owner_of, served_by)) = owner_of {
                             seen.owner_of = owner_of;
+                            seen.served_by = served_by;
                         }
                         seen.view = Some(view);
                         seen.at = Some(Instant::now());
@@ -324,14 +396,22 @@ impl Cluster {
     }
 
     /// Which member serves each partition: this instance's own (its URL, for the
-    /// partitions the group gave it), and what each other member says it serves.
-    async fn ask_members(&self, view: &GroupView) -> HashMap<TopicPartition, String> {
+    /// partitions the group gave it), and what each other member says it serves; and,
+    /// apart, what the other members say they serve.
+    async fn ask_members(
+        &self,
+        view: &GroupView,
+    ) -> (
+        HashMap<TopicPartition, String>,
+        HashMap<TopicPartition, String>,
+    ) {
         let mut owner_of: HashMap<TopicPartition, String> = self
             .membership
             .assigned()
             .into_iter()
             .map(|at| (at, self.url.clone()))
             .collect();
+        let mut served_by = HashMap::new();
         let others: std::collections::BTreeSet<&str> = view
             .members
             .iter()
@@ -360,12 +440,79 @@ impl Cluster {
                 continue;
             }
             for (topic, partition) in owned.serving {
-                owner_of
-                    .entry(TopicPartition::new(topic, partition))
-                    .or_insert_with(|| url.clone());
+                let at = TopicPartition::new(topic, partition);
+                owner_of.entry(at.clone()).or_insert_with(|| url.clone());
+                served_by.insert(at, url.clone());
             }
         }
-        owner_of
+        (owner_of, served_by)
+    }
+
+    /// Asks the member that serves `at` now, if another does, to hand it over to this
+    /// instance (the group gave it here, and this instance's owner has read it and is about
+    /// to fence); waits until it has, at most `within`. The request ([`HandoffAsk`]) is
+    /// signed with this instance's key: a member hands over only a partition the group took
+    /// from it, and only when another member whose key it trusts asks.
+    pub async fn ask_to_hand_over(&self, at: &TopicPartition, within: Duration) {
+        let serving = self
+            .seen
+            .read()
+            .ok()
+            .and_then(|seen| seen.served_by.get(at).cloned());
+        let Some(url) = serving.filter(|url| *url != self.url) else {
+            return;
+        };
+        let unsigned = HandoffAsk {
+            purpose: HANDOFF_PURPOSE.into(),
+            from: self.url.clone(),
+            to: url.clone(),
+            partitions: vec![(at.topic.clone(), at.partition)],
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            signature: None,
+        };
+        let request = HandoffAsk {
+            signature: Some(self.signing_key.sign(&unsigned.digest())),
+            ..unsigned
+        };
+        let started = Instant::now();
+        let answer = self
+            .client
+            .post(format!("{url}/handoff"))
+            .timeout(within)
+            .json(&request)
+            .send()
+            .await;
+        match answer {
+            Ok(answer) if answer.status().is_success() => {
+                info!(%at, from = url, ms = started.elapsed().as_millis(), "the partition was handed over on request");
+            }
+            Ok(answer) => {
+                info!(%at, from = url, status = answer.status().as_u16(), "the serving member did not hand the partition over: fencing it");
+            }
+            Err(e) => {
+                warn!(%at, from = url, error = %e, "asking the serving member to hand the partition over failed: fencing it")
+            }
+        }
+    }
+
+    /// True when `ask` (a `POST /handoff` body) is for this instance, from another member
+    /// of the group as last seen, and signed by a trusted key in service, lately.
+    pub fn trusts(&self, ask: &HandoffAsk) -> bool {
+        let member = self.seen.read().ok().is_some_and(|seen| {
+            seen.view
+                .as_ref()
+                .is_some_and(|view| view.members.iter().any(|m| m.url == ask.from))
+        });
+        ask.purpose == HANDOFF_PURPOSE
+            && ask.to == self.url
+            && ask.from != self.url
+            && member
+            && signed_lately(
+                &self.policy,
+                &ask.digest(),
+                ask.signature.as_ref(),
+                ask.at_ms,
+            )
     }
 
     /// Forwards a command (its path, the headers that matter, its body) to the instance
@@ -441,6 +588,8 @@ struct Starter {
     readers: ReaderPool,
     kafka: KafkaSettings,
     stream_types: HashMap<String, &'static str>,
+    cluster: std::sync::Weak<Cluster>,
+    handoff_timeout: Duration,
 }
 
 impl Follower {
@@ -473,18 +622,51 @@ impl Follower {
                             let _ = task.await;
                         }
                     }
-                    let how = if lost { Stop::Lost } else { Stop::Handoff };
                     let starter = &self.starter;
-                    let stops = partitions.iter().filter_map(|at| {
-                        let stream_type = starter.stream_types.get(&at.topic)?;
-                        Some(starter.owners.stop(
-                            stream_type,
-                            at.partition,
-                            how,
-                            self.handoff_timeout,
-                        ))
+                    let revoked = partitions.iter().filter_map(|at| {
+                        Some((*starter.stream_types.get(&at.topic)?, at.partition))
                     });
-                    futures::future::join_all(stops).await;
+                    if lost {
+                        // Another instance may own them already: stopped before the group
+                        // goes on.
+                        let stops = revoked.map(|(stream_type, partition)| {
+                            starter.owners.stop(
+                                stream_type,
+                                partition,
+                                Stop::Lost,
+                                self.handoff_timeout,
+                            )
+                        });
+                        futures::future::join_all(stops).await;
+                    } else {
+                        // Make-before-break: each serving owner serves on until its
+                        // successor has read the partition and asks for it, or the handoff
+                        // timeout; one not serving yet stops now.
+                        let (serving, not_yet): (Vec<_>, Vec<_>) = revoked.partition(|(t, p)| {
+                            starter.owners.status_of(t, *p) == Some(Status::Serving)
+                        });
+                        let stops = not_yet.into_iter().map(|(stream_type, partition)| {
+                            starter.owners.stop(
+                                stream_type,
+                                partition,
+                                Stop::Handoff,
+                                self.handoff_timeout,
+                            )
+                        });
+                        futures::future::join_all(stops).await;
+                        for (stream_type, partition) in serving {
+                            if let Some(number) = starter.owners.release(stream_type, partition) {
+                                let owners = Arc::clone(&starter.owners);
+                                let within = self.handoff_timeout;
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(within).await;
+                                    owners
+                                        .stop_released(stream_type, partition, number, within)
+                                        .await;
+                                });
+                            }
+                        }
+                    }
                     handed_over.done();
                 }
             }
@@ -506,16 +688,40 @@ impl Starter {
         };
         let mut wait = Duration::from_millis(250);
         loop {
-            if self.owners.runs(stream_type, at.partition) {
-                return;
+            // Given back before it was handed over: it serves on here (unless another
+            // writer fenced it meanwhile: a fresh owner fences again at once).
+            if self.owners.keep(stream_type, at.partition) {
+                if self.owners.status_of(stream_type, at.partition) != Some(Status::Lost) {
+                    return;
+                }
+                self.owners
+                    .stop(stream_type, at.partition, Stop::Lost, self.handoff_timeout)
+                    .await;
             }
             let started = async {
                 let ends = self.readers.end_offsets(std::slice::from_ref(at)).await?;
                 let end = ends.first().map_or(0, |(_, end)| *end);
                 let reader = self.readers.open(at, end)?;
                 let log = KafkaPartition::new(self.producer.clone(), reader, &self.kafka);
-                self.owners
-                    .start(stream_type, at.partition, log, &self.owner_settings)
+                let (cluster, asked, within) = (
+                    self.cluster.clone(),
+                    at.clone(),
+                    self.handoff_timeout.min(ASK_HANDOFF_WITHIN),
+                );
+                let ask: AskPredecessor = Box::new(move || {
+                    Box::pin(async move {
+                        if let Some(cluster) = cluster.upgrade() {
+                            cluster.ask_to_hand_over(&asked, within).await;
+                        }
+                    })
+                });
+                self.owners.start(
+                    stream_type,
+                    at.partition,
+                    log,
+                    &self.owner_settings,
+                    Some(ask),
+                )
             };
             match started.await {
                 Ok(()) => return,

@@ -16,6 +16,9 @@ pub enum ApiError {
     /// 400: the request is malformed (bad JSON, a bad header).
     #[error("{0}")]
     BadRequest(String),
+    /// 403: a request between instances that no trusted key signed.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: no such collection, command or stream.
     #[error("{detail}")]
     NotFound {
@@ -103,6 +106,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -120,6 +124,7 @@ impl ApiError {
     fn slug(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad-request",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound { .. } => "not-found",
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Conflict(_) => "domain-rule-broken",

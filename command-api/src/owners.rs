@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::owner::{CommandRequest, PartitionLog, PartitionOwner, Status, StatusCell, Stop};
+use crate::owner::{
+    AskPredecessor, CommandRequest, PartitionLog, PartitionOwner, Status, StatusCell, Stop,
+};
 
 /// Commands that may wait for one partition's owner before new ones get a 503.
 const QUEUE_PER_PARTITION: usize = 4096;
@@ -50,12 +52,36 @@ struct Slot {
     status: StatusCell,
     stop: oneshot::Sender<Stop>,
     task: JoinHandle<()>,
+    /// The group took the partition from this instance (by this release's number): the
+    /// owner serves on until its successor asks for it ([`Owners::hand_over_released`])
+    /// or a deadline passes.
+    released: Option<u64>,
+}
+
+/// A handoff under way, counted while it lasts.
+struct Handing<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Handing<'a> {
+    fn start(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Handing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The owners of this instance, by stream type and partition.
 #[derive(Default)]
 pub struct Owners {
     slots: HashMap<&'static str, Vec<RwLock<Option<Slot>>>>,
+    /// The number of the next release.
+    releases: std::sync::atomic::AtomicU64,
+    /// Released owners handing over now.
+    handing_over: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Owners {
@@ -73,7 +99,10 @@ impl Owners {
             .iter()
             .map(|t| (*t, (0..partitions).map(|_| RwLock::new(None)).collect()))
             .collect();
-        Self { slots }
+        Self {
+            slots,
+            ..Self::default()
+        }
     }
 
     /// Starts an owner of every partition of every aggregate's topic, over the log `log`
@@ -90,6 +119,7 @@ impl Owners {
                     partition,
                     log(stream_type, partition)?,
                     settings,
+                    None,
                 )?;
             }
         }
@@ -117,6 +147,12 @@ impl Owners {
         statuses
     }
 
+    /// The status of this instance's owner of `stream_type`'s `partition`, if one runs.
+    pub fn status_of(&self, stream_type: &str, partition: i32) -> Option<Status> {
+        let slot = self.slot(stream_type, partition)?.read().ok()?;
+        slot.as_ref().map(|s| s.status.get())
+    }
+
     /// True when this instance runs an owner of `stream_type`'s `partition`.
     pub fn runs(&self, stream_type: &str, partition: i32) -> bool {
         self.slot(stream_type, partition)
@@ -130,14 +166,16 @@ impl Owners {
             .get(usize::try_from(partition).ok()?)
     }
 
-    /// Starts the owner of `stream_type`'s `partition` over `log`; does nothing when one
-    /// runs already.
+    /// Starts the owner of `stream_type`'s `partition` over `log` (asking its
+    /// `predecessor`, if given, to hand the partition over before it fences); does nothing
+    /// when one runs already.
     pub fn start<L: PartitionLog>(
         &self,
         stream_type: &str,
         partition: i32,
         log: L,
         settings: &OwnerSettings,
+        predecessor: Option<AskPredecessor>,
     ) -> anyhow::Result<()> {
         let slot = self
             .slot(stream_type, partition)
@@ -151,6 +189,7 @@ impl Owners {
         struct Start<'a, L> {
             log: L,
             settings: &'a OwnerSettings,
+            predecessor: Option<AskPredecessor>,
         }
         impl<L: PartitionLog> AggregateFn for Start<'_, L> {
             type Output = Slot;
@@ -172,6 +211,9 @@ impl Owners {
                         .with_snapshots(every)
                         .taking_snapshot_turns(Arc::clone(&settings.snapshot_turns));
                 }
+                if let Some(ask) = self.predecessor {
+                    owner = owner.after_predecessor_hands_over(ask);
+                }
                 let (tx, rx) = mpsc::channel(QUEUE_PER_PARTITION);
                 let (stop, stop_rx) = oneshot::channel();
                 let task = tokio::spawn(owner.run_until(rx, Some(stop_rx)));
@@ -180,12 +222,20 @@ impl Owners {
                     status,
                     stop,
                     task,
+                    released: None,
                 }
             }
         }
         *slot = Some(
-            with_aggregate(stream_type, Start { log, settings })
-                .ok_or_else(|| anyhow::anyhow!("no aggregate of stream type {stream_type}"))?,
+            with_aggregate(
+                stream_type,
+                Start {
+                    log,
+                    settings,
+                    predecessor,
+                },
+            )
+            .ok_or_else(|| anyhow::anyhow!("no aggregate of stream type {stream_type}"))?,
         );
         Ok(())
     }
@@ -195,22 +245,33 @@ impl Owners {
     /// [`Stop::Handoff`]) leaves the handoff mark in the log. Returns when it has stopped,
     /// or after `within`, when it is stopped where it is.
     pub async fn stop(&self, stream_type: &str, partition: i32, how: Stop, within: Duration) {
-        let Some(slot) = self.slot(stream_type, partition) else {
-            return;
-        };
-        let taken = match slot.write() {
-            Ok(mut slot) => slot.take(),
-            Err(_) => None,
-        };
-        let Some(Slot {
+        if let Some(slot) = self.take(stream_type, partition, |_| true) {
+            Self::stop_slot(slot, partition, how, within).await;
+        }
+    }
+
+    /// Takes the owner's slot out of the table if `which` says so of it, under one lock.
+    fn take(
+        &self,
+        stream_type: &str,
+        partition: i32,
+        which: impl FnOnce(&Slot) -> bool,
+    ) -> Option<Slot> {
+        let mut slot = self.slot(stream_type, partition)?.write().ok()?;
+        if slot.as_ref().is_some_and(which) {
+            slot.take()
+        } else {
+            None
+        }
+    }
+
+    async fn stop_slot(slot: Slot, partition: i32, how: Stop, within: Duration) {
+        let Slot {
             status,
             stop,
             mut task,
             ..
-        }) = taken
-        else {
-            return;
-        };
+        } = slot;
         let _ = stop.send(how);
         if tokio::time::timeout(within, &mut task).await.is_err() {
             warn!(
@@ -222,6 +283,96 @@ impl Owners {
             let _ = task.await;
         }
         info!(topic = status.topic, partition, ?how, "owner stopped");
+    }
+
+    /// Marks the owner of `stream_type`'s `partition` released: the group gave the
+    /// partition to another instance, and this one serves on (never taking it back once
+    /// fenced out) until that instance's owner asks for it
+    /// ([`Owners::hand_over_released`]), or until [`Owners::stop_released`] with the
+    /// returned release number after a deadline. `None` when no owner runs.
+    pub fn release(&self, stream_type: &str, partition: i32) -> Option<u64> {
+        let number = self
+            .releases
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.set_released(stream_type, partition, Some(number))
+            .then_some(number)
+    }
+
+    /// Keeps the owner of `stream_type`'s `partition` if it runs (the group gave the
+    /// partition back before it was handed over): true when one runs.
+    pub fn keep(&self, stream_type: &str, partition: i32) -> bool {
+        self.set_released(stream_type, partition, None)
+    }
+
+    fn set_released(&self, stream_type: &str, partition: i32, released: Option<u64>) -> bool {
+        let Some(slot) = self.slot(stream_type, partition) else {
+            return false;
+        };
+        match slot.write() {
+            Ok(mut slot) => slot
+                .as_mut()
+                .map(|s| {
+                    s.released = released;
+                    s.status.set_released(released.is_some());
+                })
+                .is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// Hands the partition over now, if its owner was released (a planned handoff whose
+    /// successor is ready): it answers what it took and leaves the handoff mark. Returns
+    /// false, doing nothing, when it was not released: the group did not give the
+    /// partition away, so nobody may take it from here by asking.
+    pub async fn hand_over_released(
+        &self,
+        stream_type: &str,
+        partition: i32,
+        within: Duration,
+    ) -> bool {
+        let handing = Handing::start(&self.handing_over);
+        let Some(slot) = self.take(stream_type, partition, |s| s.released.is_some()) else {
+            return false;
+        };
+        Self::stop_slot(slot, partition, Stop::HandoffNow, within).await;
+        drop(handing);
+        true
+    }
+
+    /// Stops the owner of `stream_type`'s `partition` with a handoff if it is still
+    /// released by release `number` (its successor never asked).
+    pub async fn stop_released(
+        &self,
+        stream_type: &str,
+        partition: i32,
+        number: u64,
+        within: Duration,
+    ) {
+        let handing = Handing::start(&self.handing_over);
+        let taken = self.take(stream_type, partition, |s| s.released == Some(number));
+        if let Some(slot) = taken {
+            info!(
+                stream_type,
+                partition, "the successor did not ask for the partition in time: handing it over"
+            );
+            Self::stop_slot(slot, partition, Stop::Handoff, within).await;
+        }
+        drop(handing);
+    }
+
+    /// How many owners run released, waiting for their successors, or are handing over.
+    pub fn released(&self) -> usize {
+        let waiting = self
+            .slots
+            .values()
+            .flatten()
+            .filter(|slot| {
+                slot.read()
+                    .ok()
+                    .is_some_and(|s| s.as_ref().is_some_and(|s| s.released.is_some()))
+            })
+            .count();
+        waiting + self.handing_over.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Stops every owner (see [`Owners::stop`]), together.

@@ -28,6 +28,8 @@ pub struct Application {
     state: AppState,
     edge: Edge,
     edge_settings: EdgeSettings,
+    /// How long a released owner waits for its successor to ask for the partition.
+    handoff_timeout: Duration,
 }
 
 impl Application {
@@ -168,10 +170,17 @@ impl Application {
             partitions: settings.kafka.partitions,
             request_timeout: settings.request_timeout,
         };
+        let handoff_timeout = match &settings.assignment {
+            Assignment::Group {
+                handoff_timeout, ..
+            } => *handoff_timeout,
+            Assignment::All => HANDOFF_ON_EXIT,
+        };
         Ok(Self {
             listener,
             state,
             edge,
+            handoff_timeout,
             edge_settings: settings.edge,
         })
     }
@@ -238,10 +247,25 @@ impl Application {
         let router = app(self.state.clone(), &self.edge);
         let state = self.state;
         let cluster = state.cluster.clone();
+        let owners = Arc::clone(&state.owners);
+        let handoff_timeout = self.handoff_timeout;
         let stopped = async move {
             keel_telemetry::shutdown_signal().await;
             if let Some(cluster) = cluster {
+                // Alone in the group, nobody will ask: every owner hands over at once.
+                let others = cluster.has_others();
                 cluster.leave().await;
+                if !others {
+                    return;
+                }
+                // Each released owner serves on until its successor asks for it (this
+                // instance still answers HTTP meanwhile), or its handoff timeout; then it
+                // takes up to that long again to hand over.
+                let until =
+                    std::time::Instant::now() + handoff_timeout * 2 + Duration::from_secs(1);
+                while owners.released() > 0 && std::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         };
         keel_http::serve(self.listener, router, &self.edge_settings, stopped)

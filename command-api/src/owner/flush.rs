@@ -94,8 +94,8 @@ struct Flight<A: Aggregate> {
     provisional: Vec<Provisional<A>>,
     /// Commands whose key an answer still has to record: decided again once it is.
     deferred: Vec<CommandRequest<A>>,
-    /// The heads of the streams this flight's commits (and those of the flight ahead of
-    /// it) moved: the state the next flight is decided on.
+    /// The heads of the streams this flight's commits moved: with the state read once the
+    /// flight ahead of it has landed, what the next flight is decided on.
     overlay: HashMap<String, Head<A>>,
     /// The appends' offsets, once acknowledged.
     appended: Option<BoxFuture<'static, Vec<Result<i64, KafkaError>>>>,
@@ -120,6 +120,15 @@ impl<A: Aggregate> Flight<A> {
     fn holds(&self, key: &(String, String)) -> bool {
         self.pending.iter().any(|p| p.key.as_ref() == Some(key))
             || self.provisional.iter().any(|p| p.key.as_ref() == Some(key))
+    }
+
+    /// True when this flight may still record a receipt on `stream` (a keyed answer that
+    /// appended nothing): the receipt links onto the stream, so nothing else is decided on
+    /// it until the flight has landed.
+    fn may_record_on(&self, stream: &str) -> bool {
+        self.provisional
+            .iter()
+            .any(|p| p.key.is_some() && p.request.stream_id == stream)
     }
 }
 
@@ -155,8 +164,11 @@ where
                         None
                     } else {
                         flights += 1;
-                        self.status.count_pipelined();
-                        self.launch(queued, Some(&mut ahead), MAX_ROUNDS == 1).await
+                        let next = self.launch(queued, Some(&mut ahead), MAX_ROUNDS == 1).await;
+                        if next.is_some() {
+                            self.status.count_pipelined();
+                        }
+                        next
                     }
                 } else {
                     None
@@ -238,10 +250,13 @@ where
         writer: Writer,
         last: bool,
     ) -> Flight<A> {
-        let mut overlay = ahead
+        // The heads the flight ahead moved (every flight before it has landed, so the
+        // state read holds those, with any receipts they recorded), then this flight's.
+        let ahead_heads = ahead
             .as_mut()
             .map(|a| std::mem::take(&mut a.overlay))
             .unwrap_or_default();
+        let mut overlay: HashMap<String, Head<A>> = HashMap::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut provisional: Vec<Provisional<A>> = Vec::new();
         let mut deferred: Vec<CommandRequest<A>> = Vec::new();
@@ -278,6 +293,13 @@ where
                     continue;
                 }
             }
+            if ahead
+                .as_ref()
+                .is_some_and(|a| a.may_record_on(&request.stream_id))
+            {
+                deferred.push(request);
+                continue;
+            }
             let committed = self.streams.get(&request.stream_id);
             if let Some(reason) = committed.and_then(|s| s.unreadable.as_ref()) {
                 let _ = request.reply.send(Err(OwnerError::Unavailable(format!(
@@ -286,7 +308,10 @@ where
                 ))));
                 continue;
             }
-            let (state, version, last_hash, at) = match overlay.get(&request.stream_id) {
+            let moved = overlay
+                .get(&request.stream_id)
+                .or_else(|| ahead_heads.get(&request.stream_id));
+            let (state, version, last_hash, at) = match moved {
                 Some(ahead) => ahead.clone(),
                 None => committed.map_or_else(
                     || (A::default(), 0, None, At::Read(None)),

@@ -106,6 +106,10 @@ pub enum Stop {
     /// A planned handoff: it takes no new command, answers those it has taken, and
     /// leaves the handoff mark in the log, so the next owner fences after it.
     Handoff,
+    /// A planned handoff to a successor that has read the partition already and waits to
+    /// fence: as [`Stop::Handoff`], without the snapshot (the successor does not need it,
+    /// and waits for the mark).
+    HandoffNow,
     /// The partition was taken away (the group dropped this instance, perhaps while it
     /// was paused): it answers those it has taken and writes nothing more.
     Lost,
@@ -130,6 +134,9 @@ pub struct StatusCell {
     pipelined: Arc<AtomicU64>,
     /// Of those, the flights answered `503` because the one ahead was not wholly accepted.
     doomed: Arc<AtomicU64>,
+    /// The group gave the partition to another instance: the owner serves on until asked
+    /// to hand over, and never takes the partition back once fenced out.
+    released: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StatusCell {
@@ -143,7 +150,20 @@ impl StatusCell {
             snapshot: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
             pipelined: Arc::new(AtomicU64::new(0)),
             doomed: Arc::new(AtomicU64::new(0)),
+            released: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
+    }
+
+    /// True when the group gave the partition to another instance and this owner serves on
+    /// only until it hands it over.
+    pub fn released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Marks the owner released (or kept again): a released owner never takes the
+    /// partition back after another writer fenced it.
+    pub fn set_released(&self, released: bool) {
+        self.released.store(released, Ordering::Release);
     }
 
     /// How many flights this owner decided and appended while the one ahead of them was
@@ -262,7 +282,13 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     snapshot_turns: Option<Arc<tokio::sync::Semaphore>>,
     /// While a flush is answered: what reading each record told, by record id.
     pub(super) reads: Option<Verdicts>,
+    /// Asks the writer serving the partition to hand it over (make-before-break): called
+    /// once, when this owner has caught up and is about to fence.
+    predecessor: Option<AskPredecessor>,
 }
+
+/// Asks the partition's current writer to hand it over, and waits (boundedly) until it has.
+pub type AskPredecessor = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>;
 
 impl<A: Aggregate + serde::Serialize + serde::de::DeserializeOwned, L: PartitionLog>
     PartitionOwner<A, L>
@@ -308,6 +334,7 @@ where
             newer_rules: false,
             snapshot_turns: None,
             reads: None,
+            predecessor: None,
         };
         (owner, status)
     }
@@ -356,6 +383,17 @@ where
         self
     }
 
+    /// The same owner, calling `ask` once it has read the partition (from the latest
+    /// snapshot) up to its end and before it fences, when another writer holds the
+    /// partition: that writer, still serving meanwhile, hands it over (its last flush, its
+    /// handoff mark), and this owner fences right after. A planned handoff then costs the
+    /// partition only a few round trips without an owner, not the new owner's whole start.
+    /// Safety does not depend on it: whatever `ask` does, the fence decides.
+    pub fn after_predecessor_hands_over(mut self, ask: AskPredecessor) -> Self {
+        self.predecessor = Some(ask);
+        self
+    }
+
     /// Takes the partition, then serves commands from `requests` until the channel closes.
     pub async fn run(self, requests: mpsc::Receiver<CommandRequest<A>>) {
         self.run_until(requests, None).await;
@@ -394,7 +432,9 @@ where
         loop {
             self.snapshot_if_due();
             retake_at = match (self.status.get(), self.retake_after) {
-                (Status::Lost, Some(after)) if stopping.is_none() && !self.newer_rules => {
+                (Status::Lost, Some(after))
+                    if stopping.is_none() && !self.newer_rules && !self.status.released() =>
+                {
                     Some(retake_at.unwrap_or_else(|| tokio::time::Instant::now() + after))
                 }
                 _ => None,
@@ -408,8 +448,10 @@ where
                 }
                 request = requests.recv() => {
                     let Some(first) = request else {
-                        if stopping == Some(Stop::Handoff) {
-                            self.hand_over().await;
+                        match stopping {
+                            Some(Stop::Handoff) => self.hand_over(true).await,
+                            Some(Stop::HandoffNow) => self.hand_over(false).await,
+                            _ => {}
                         }
                         return;
                     };
@@ -455,7 +497,7 @@ where
                 // A snapshot due while another owner's is written: looked at again soon,
                 // also when nothing else happens on the partition.
                 () = tokio::time::sleep(SNAPSHOT_RETRY), if self.snapshot_due() => {}
-                () = sleep_until(retake_at), if retake_at.is_some() => {
+                () = sleep_until(retake_at), if retake_at.is_some() && !self.status.released() => {
                     info!("still assigned the partition another writer fenced: taking it back");
                     // The next attempt, if this one fails, waits a whole delay again.
                     retake_at = None;
@@ -471,7 +513,7 @@ where
     /// Leaves the handoff mark in the log (this writer has stopped writing here), then a
     /// snapshot of everything before it, so the next owner reads only what follows; within
     /// [`HANDOFF_SNAPSHOT_WITHIN`], or the next owner reads more.
-    async fn hand_over(&mut self) {
+    async fn hand_over(&mut self, with_snapshot: bool) {
         if self.status.get() != Status::Serving {
             return;
         }
@@ -486,7 +528,7 @@ where
             // that this writer stopped.
             Err(e) => warn!(error = %e, "could not leave the handoff mark"),
         }
-        if self.snapshot_every.is_none() || self.since_snapshot == 0 {
+        if !with_snapshot || self.snapshot_every.is_none() || self.since_snapshot == 0 {
             return;
         }
         let written = async {
@@ -682,6 +724,13 @@ where
             self.load_snapshot().await;
         }
         self.catch_up().await?;
+        if self.writer.is_none()
+            && self.gate.owner().is_some()
+            && let Some(ask) = self.predecessor.take()
+        {
+            ask().await;
+            self.catch_up().await?;
+        }
         // The writer's name is the configured one and a part drawn at this owner's start:
         // two processes started with one KEEL_INSTANCE that read the same end of the log
         // both fence with the same epoch, and only the one whose fence the gate accepted

@@ -22,7 +22,7 @@ use super::{AppState, MAX_BODY_BYTES};
 use crate::cluster::{DEADLINE_MS, FORWARDED_BY};
 use crate::commands;
 use crate::error::ApiError;
-use crate::owner::{CommandRequest, NoAnswer, Outcome, RequestMeta, reply_channel};
+use crate::owner::{CommandRequest, NoAnswer, Outcome, RequestMeta, Status, reply_channel};
 
 /// `POST /v1/{collection}/{id}/{command}`.
 #[instrument(skip(state, principal, headers, body), fields(collection = %collection, id = %id, command = %command))]
@@ -93,7 +93,15 @@ pub(super) async fn handle(
     // meanwhile), the command is routed again, once: still one hop per attempt.
     let mut moved_from: Option<String> = None;
     loop {
-        let Route::There(url) = route(&state, stream_type, &at, forwarded, patience).await? else {
+        let routed = route(
+            &state,
+            stream_type,
+            &at,
+            forwarded,
+            moved_from.as_deref(),
+            patience,
+        );
+        let Route::There(url) = routed.await? else {
             break;
         };
         let Some(cluster) = &state.cluster else {
@@ -185,6 +193,9 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 /// rebalancing) waits for one before it is answered 503.
 const OWNERLESS_WAIT: Duration = Duration::from_secs(2);
 
+/// How often a command waiting for its partition's owner has the group's view read again.
+const OWNERLESS_LOOK: Duration = Duration::from_millis(100);
+
 /// Where a command goes.
 enum Route {
     /// To this instance's owner of its partition.
@@ -206,25 +217,48 @@ fn patience(headers: &HeaderMap, request_timeout: Duration) -> Result<Duration, 
 }
 
 /// Finds the owner of `at`: this instance's, or another's (never for a command another
-/// instance forwarded: one hop only). While the partition has no owner, waits a little.
+/// instance forwarded: one hop only; never `moved_from`, which said it no longer owns it).
+/// While the partition has no owner, waits a little.
 async fn route(
     state: &AppState,
     stream_type: &str,
     at: &TopicPartition,
     forwarded: bool,
+    moved_from: Option<&str>,
     patience: Duration,
 ) -> Result<Route, ApiError> {
     let until = Instant::now() + patience.min(OWNERLESS_WAIT);
-    let mut first = true;
+    let mut asked: Option<Instant> = None;
     loop {
-        if state.owners.runs(stream_type, at.partition) {
-            return Ok(Route::Here);
-        }
+        let here = state.owners.status_of(stream_type, at.partition);
         let Some(cluster) = &state.cluster else {
-            return Err(ApiError::Unavailable(format!(
-                "this instance does not own {at}"
-            )));
+            return match here {
+                Some(_) => Ok(Route::Here),
+                None => Err(ApiError::Unavailable(format!(
+                    "this instance does not own {at}"
+                ))),
+            };
         };
+        match here {
+            Some(Status::Serving) => return Ok(Route::Here),
+            // An owner starting here (or fenced out) while another member still serves
+            // the partition: that member answers until it hands the partition over.
+            Some(_) if !forwarded => match cluster.served_by(at) {
+                Some(url) if url != cluster.url() && Some(url.as_str()) != moved_from => {
+                    return Ok(Route::There(url));
+                }
+                _ => return Ok(Route::Here),
+            },
+            // Forwarded here, to an owner fenced out meanwhile: the forwarding instance
+            // looks again.
+            Some(Status::Lost) => {
+                return Err(ApiError::NotOwner(format!(
+                    "{at} moved away from this instance while the command was forwarded; retry"
+                )));
+            }
+            Some(_) => return Ok(Route::Here),
+            None => {}
+        }
         if !forwarded
             && let Some(url) = cluster.owner_of(at)
             && url != cluster.url()
@@ -237,9 +271,10 @@ async fn route(
                 "{at} moved away from this instance while the command was forwarded; retry"
             )));
         }
-        if first {
+        // The view is read again every so often while the partition has no owner.
+        if asked.is_none_or(|at| at.elapsed() >= OWNERLESS_LOOK) {
             cluster.refresh_soon();
-            first = false;
+            asked = Some(Instant::now());
         }
         if Instant::now() >= until {
             return Err(ApiError::Unavailable(format!(

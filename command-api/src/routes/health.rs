@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::AppState;
+use crate::error::ApiError;
 use crate::owner::{Status, StatusCell};
 
 /// `GET /healthz`: the process is alive.
@@ -149,4 +150,57 @@ pub(super) async fn owned(State(state): State<AppState>) -> Json<crate::cluster:
             signature: None,
         },
     })
+}
+
+/// `POST /handoff`: another member of the group, whose owner has read a partition the group
+/// gave it and is about to fence, asks this instance to hand it over now. The body is that
+/// member's signed [`HandoffAsk`](crate::cluster::HandoffAsk) naming the partitions (a
+/// member as last seen, a trusted key, fresh). Only a partition the group took from this
+/// instance is handed over (its owner
+/// serves on, released, until asked or its handoff timeout): the answer lists those, once
+/// each has answered what it took and left its handoff mark.
+pub(super) async fn handoff(
+    State(state): State<AppState>,
+    Json(request): Json<crate::cluster::HandoffAsk>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(cluster) = &state.cluster else {
+        return Err(ApiError::NotFound {
+            detail: "this instance is not one of a group".into(),
+            rule: None,
+        });
+    };
+    // A member that joined moments ago may be missing from the view: read it again.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while !cluster.trusts(&request) && std::time::Instant::now() < until {
+        cluster.refresh_soon();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if !cluster.trusts(&request) {
+        return Err(ApiError::Forbidden(
+            "a handoff request must come from another member of the group, for this instance, signed lately by a key it trusts".into(),
+        ));
+    }
+    let mut handed_over = Vec::new();
+    for (topic, partition) in request.partitions {
+        let stream_type = keel_domain::STREAM_TYPES
+            .iter()
+            .find(|t| state.topic(t) == topic);
+        let Some(stream_type) = stream_type else {
+            continue;
+        };
+        if state
+            .owners
+            .hand_over_released(stream_type, partition, state.request_timeout)
+            .await
+        {
+            handed_over.push(json!({"topic": topic, "partition": partition}));
+        }
+    }
+    if handed_over.is_empty() {
+        return Err(ApiError::NotFound {
+            detail: "this instance is not handing any of those partitions over".into(),
+            rule: None,
+        });
+    }
+    Ok(Json(json!({"handed_over": handed_over})))
 }

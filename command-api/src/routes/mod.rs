@@ -79,6 +79,7 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/owned", get(health::owned))
+        .route("/handoff", post(health::handoff))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|| async {
             ApiError::NotFound {

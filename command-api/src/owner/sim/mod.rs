@@ -84,6 +84,18 @@ fn processes(p: &Processes) -> std::sync::MutexGuard<'_, Vec<Process>> {
 /// Starts a process: a partition owner named as every process is configured here (one
 /// `KEEL_INSTANCE` for all), over its own view of the log.
 fn start_process(world: &Shared, all: &Processes, key: &Arc<SigningKey>) {
+    start_process_after(world, all, key, None);
+}
+
+/// Starts a process (see [`start_process`]) whose owner, once it has read the log and
+/// before it fences, asks the process `predecessor` to hand the partition over, and waits
+/// for it to stop (make-before-break: that process serves until then).
+fn start_process_after(
+    world: &Shared,
+    all: &Processes,
+    key: &Arc<SigningKey>,
+    predecessor: Option<usize>,
+) {
     let mut list = processes(all);
     let id = list.len();
     let log = SimLog::new(world, id);
@@ -93,10 +105,29 @@ fn start_process(world: &Shared, all: &Processes, key: &Arc<SigningKey>) {
         PartitionOwner::<Product, _>::new(log, "cmd-sim", Arc::clone(key), policy, TIMEOUT);
     // Snapshots every few records, so that most starts begin from one.
     let every = lock(world).rng.gen_range(3..=30);
-    let owner = owner
+    let mut owner = owner
         .with_ids(move || uuid::Builder::from_random_bytes(ids.r#gen()).into_uuid())
         .checking_on_one_thread()
         .with_snapshots(every);
+    if let Some(old) = predecessor {
+        let (all, world) = (Arc::clone(all), Arc::clone(world));
+        owner = owner.after_predecessor_hands_over(Box::new(move || {
+            Box::pin(async move {
+                let stop = processes(&all)[old].stop.take();
+                if let Some(stop) = stop {
+                    let _ = stop.send(Stop::HandoffNow);
+                    lock(&world).note(format!("process {old} is asked to hand over: HandoffNow"));
+                }
+                // Waits (boundedly) for it to stop, as a new owner waits for the answer.
+                for _ in 0..500 {
+                    if processes(&all)[old].task.is_finished() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        }));
+    }
     let (requests, rx) = mpsc::channel(256);
     let (stop, stop_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(owner.run_until(rx, Some(stop_rx)));
@@ -137,9 +168,13 @@ async fn operate(world: Shared, all: Processes, key: Arc<SigningKey>) {
             });
             w.note("the latest snapshot is tampered with");
         }
-        if handoff || lost {
+        let newest = processes(&all).len() - 1;
+        if handoff && lock(&world).rng.gen_bool(0.5) {
+            // Make-before-break: the next process reads the log while this one serves,
+            // then asks it to hand over.
+            start_process_after(&world, &all, &key, Some(newest));
+        } else if handoff || lost {
             let how = if handoff { Stop::Handoff } else { Stop::Lost };
-            let newest = processes(&all).len() - 1;
             if let Some(stop) = processes(&all)[newest].stop.take() {
                 let _ = stop.send(how);
                 lock(&world).note(format!("process {newest} is asked to stop: {how:?}"));

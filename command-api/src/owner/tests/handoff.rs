@@ -162,3 +162,79 @@ async fn an_owner_without_a_retake_delay_stays_fenced_out() {
     assert_eq!(status.get(), Status::Lost);
     assert_eq!(fences(&log).len(), 2, "it never fenced again");
 }
+
+#[tokio::test]
+async fn a_new_owner_asks_its_predecessor_to_hand_over_once_it_has_read_the_log() {
+    let log = MemoryLog::new(TOPIC, 0);
+    let (old, old_status, stop, old_task) =
+        stoppable_owner(log.handle(), "cmd-a", |o| o.with_snapshots(1_000)).await;
+    register_product(&old, "p-1").await.unwrap();
+
+    // The successor's ask: the old owner still serves when it is called (a command sent
+    // to it then is acknowledged), then hands over on request.
+    let (asked_tx, asked_rx) = tokio::sync::oneshot::channel::<Result<Outcome, OwnerError>>();
+    let ask_old = old.clone();
+    let ask: AskPredecessor = Box::new(move || {
+        Box::pin(async move {
+            let served = send(&ask_old, "p-1", restock(3), meta("Restock", None, None)).await;
+            let _ = asked_tx.send(served);
+            stop.send(Stop::HandoffNow).unwrap();
+            tokio::time::timeout(TIMEOUT, old_task)
+                .await
+                .unwrap()
+                .unwrap();
+        })
+    });
+    let (next, next_status, _next_stop, _next_task) = stoppable_owner(log.handle(), "cmd-b", |o| {
+        o.after_predecessor_hands_over(ask)
+    })
+    .await;
+
+    let served_meanwhile = asked_rx.await.unwrap().unwrap();
+    assert_eq!(
+        served_meanwhile.version, 2,
+        "the old owner served while asked"
+    );
+    assert_eq!(
+        (old_status.epoch(), next_status.epoch()),
+        (1, 2),
+        "the new owner fenced above the old one"
+    );
+    // The log: the old owner's fence, its commits, its mark, then the new fence; and no
+    // snapshot (the successor had read the log already).
+    let marks: Vec<(bool, u64)> = fences(&log)
+        .iter()
+        .map(|f| (f.handoff, f.writer.epoch))
+        .collect();
+    assert_eq!(marks, vec![(false, 1), (true, 1), (false, 2)]);
+    assert!(log.snapshots().is_empty());
+    let outcome = send(&next, "p-1", restock(1), meta("Restock", None, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.version, 3,
+        "decided on everything the old owner acknowledged"
+    );
+}
+
+#[tokio::test]
+async fn an_owner_taking_a_fresh_partition_asks_nobody() {
+    let log = MemoryLog::new(TOPIC, 0);
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&asked);
+    let ask: AskPredecessor = Box::new(move || {
+        Box::pin(async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    });
+    let (owner, status, _stop, _task) = stoppable_owner(log.handle(), "cmd-a", |o| {
+        o.after_predecessor_hands_over(ask)
+    })
+    .await;
+    register_product(&owner, "p-1").await.unwrap();
+    assert_eq!(status.epoch(), 1);
+    assert!(
+        !asked.load(std::sync::atomic::Ordering::SeqCst),
+        "no writer held the partition"
+    );
+}

@@ -152,3 +152,40 @@ async fn a_rejected_commit_fails_the_flight_behind_it_too_and_retries_learn_what
         "the refused one and its retry"
     );
 }
+
+#[tokio::test]
+async fn a_command_behind_a_keyed_refusal_on_its_stream_waits_for_the_refusal_s_receipt() {
+    let log = MemoryLog::new(TOPIC, 0);
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
+    register_product(&owner, "lamp").await.unwrap();
+
+    // The first flight refuses a keyed restock (If-Match on another version): its answer
+    // is recorded in a receipt linked onto the lamp's stream once the flight has landed.
+    // The second flight restocks the lamp.
+    let refused = queue(
+        &owner,
+        "lamp",
+        restock(1),
+        meta("Restock", Some("k-412"), Some(7)),
+    );
+    let registered = queue_registrations(&owner, 0..MAX_FLUSH - 1);
+    let restocked = queue(&owner, "lamp", restock(2), meta("Restock", None, None));
+
+    assert_eq!(
+        answer(refused).await,
+        Err(OwnerError::VersionMismatch {
+            expected: 7,
+            actual: 1
+        }),
+        "the refusal's receipt was not overtaken by a commit on its stream"
+    );
+    assert_eq!(answer(restocked).await.unwrap().version, 2);
+    for (_, answer) in registered {
+        super::answer(answer).await.unwrap();
+    }
+    let (_, skipped) = accepted(&log);
+    assert_eq!(
+        skipped, 0,
+        "every record counts: the receipt and the commits"
+    );
+}
