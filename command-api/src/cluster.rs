@@ -195,7 +195,14 @@ struct Seen {
     owner_of: HashMap<TopicPartition, String>,
     /// Each partition another member says it serves, and that member's URL.
     served_by: HashMap<TopicPartition, String>,
+    /// Every member's URL and when the group last named it: a member that left lately
+    /// (stopping, it serves on until its successors ask for its partitions) is still
+    /// asked what it serves.
+    lately: HashMap<String, Instant>,
 }
+
+/// How long a member that left the group is still asked which partitions it serves.
+const LEFT_LATELY: Duration = Duration::from_secs(15);
 
 /// How an instance joins its group.
 pub struct Join<'a> {
@@ -369,8 +376,19 @@ impl Cluster {
                 return;
             };
             let read = this.membership.view().await;
+            let asked: Vec<String> = match (&read, this.seen.write()) {
+                (Ok(view), Ok(mut seen)) => {
+                    let now = Instant::now();
+                    for member in &view.members {
+                        seen.lately.insert(member.url.clone(), now);
+                    }
+                    seen.lately.retain(|_, at| at.elapsed() <= LEFT_LATELY);
+                    seen.lately.keys().cloned().collect()
+                }
+                _ => Vec::new(),
+            };
             let owner_of = match &read {
-                Ok(view) => Some(this.ask_members(view).await),
+                Ok(_) => Some(this.ask_members(&asked).await),
                 Err(_) => None,
             };
             if let Ok(mut seen) = this.seen.write() {
@@ -396,11 +414,12 @@ impl Cluster {
     }
 
     /// Which member serves each partition: this instance's own (its URL, for the
-    /// partitions the group gave it), and what each other member says it serves; and,
-    /// apart, what the other members say they serve.
+    /// partitions the group gave it), and what each other member (`members`: their URLs,
+    /// those that left lately included) says it serves; and, apart, what the other
+    /// members say they serve.
     async fn ask_members(
         &self,
-        view: &GroupView,
+        members: &[String],
     ) -> (
         HashMap<TopicPartition, String>,
         HashMap<TopicPartition, String>,
@@ -412,10 +431,9 @@ impl Cluster {
             .map(|at| (at, self.url.clone()))
             .collect();
         let mut served_by = HashMap::new();
-        let others: std::collections::BTreeSet<&str> = view
-            .members
+        let others: std::collections::BTreeSet<&str> = members
             .iter()
-            .map(|m| m.url.as_str())
+            .map(String::as_str)
             .filter(|url| *url != self.url && !url.is_empty())
             .collect();
         let asked = others.into_iter().map(|url| async move {

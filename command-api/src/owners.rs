@@ -360,16 +360,18 @@ impl Owners {
         drop(handing);
     }
 
-    /// How many owners run released, waiting for their successors, or are handing over.
+    /// How many owners run released and still serve, waiting for their successors, or
+    /// are handing over (one fenced out by its successor has nothing left to hand over).
     pub fn released(&self) -> usize {
         let waiting = self
             .slots
             .values()
             .flatten()
             .filter(|slot| {
-                slot.read()
-                    .ok()
-                    .is_some_and(|s| s.as_ref().is_some_and(|s| s.released.is_some()))
+                slot.read().ok().is_some_and(|s| {
+                    s.as_ref()
+                        .is_some_and(|s| s.released.is_some() && s.status.get() == Status::Serving)
+                })
             })
             .count();
         waiting + self.handing_over.load(std::sync::atomic::Ordering::Acquire)

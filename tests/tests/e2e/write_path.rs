@@ -136,7 +136,12 @@ async fn handoff_marks(config: &CommandApiConfig, broker: &Broker, topic: &str) 
 #[tokio::test]
 async fn three_instances_share_the_partitions_forward_commands_and_hand_over_on_shutdown() {
     let broker = Broker::start().await.unwrap();
-    let config = CommandApiConfig::new(&broker, &unique_prefix("three"), PARTITIONS, "cmd");
+    let mut config = CommandApiConfig::new(&broker, &unique_prefix("three"), PARTITIONS, "cmd");
+    // Long enough that a handoff nobody asked for would stand out (it also leaves a
+    // snapshot): each successor asks once it has read the partition.
+    config
+        .extra_env
+        .push(("KEEL_HANDOFF_TIMEOUT_MS", "30000".into()));
     let mut apis = start(&config, &["cmd-a", "cmd-b", "cmd-c"]).await;
     let shares = settled(&apis.iter().collect::<Vec<_>>()).await;
     assert!(
@@ -242,6 +247,30 @@ async fn three_instances_share_the_partitions_forward_commands_and_hand_over_on_
         marks.iter().filter(|w| w.starts_with("cmd-c/")).count(),
         product_partitions_of_third,
         "one handoff mark per partition the stopped instance held: {marks:?}"
+    );
+    // Make-before-break: each successor read its partition while the third instance
+    // still served it, then asked for it; a handoff nobody asks for (after the timeout)
+    // writes a snapshot after its mark, and none was written.
+    let settings = broker.settings(&config.prefix, PARTITIONS);
+    let snapshots: Vec<keel_schemas::TopicPartition> = third_share
+        .iter()
+        .filter(|(t, _)| *t == topic)
+        .map(|(_, p)| {
+            keel_schemas::TopicPartition::new(
+                settings.snapshot_topic("product"),
+                i32::try_from(*p).unwrap(),
+            )
+        })
+        .collect();
+    let written: Vec<i64> = keel_kafka::end_offsets(&settings, &snapshots)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, end)| end)
+        .collect();
+    assert!(
+        written.iter().all(|end| *end == 0),
+        "no handoff waited for its timeout: {written:?}"
     );
     for i in 0..24 {
         let (status, _, body) = post(
