@@ -43,6 +43,8 @@ pub struct OwnerSettings {
     pub snapshot_every: Option<u64>,
     /// The turns the owners take to write their periodic snapshots (one at a time).
     pub snapshot_turns: Arc<tokio::sync::Semaphore>,
+    /// Flushes an owner decides in a row while the one ahead is read back.
+    pub flush_pipeline: usize,
 }
 
 /// A running owner.
@@ -202,7 +204,9 @@ impl Owners {
                     Arc::clone(&settings.policy),
                     settings.timeout,
                 );
-                let mut owner = owner.with_key_retention(settings.key_retention);
+                let mut owner = owner
+                    .with_key_retention(settings.key_retention)
+                    .pipelining(settings.flush_pipeline);
                 if let Some(after) = settings.retake_after {
                     owner = owner.retaking_after(after);
                 }

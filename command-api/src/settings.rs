@@ -99,6 +99,17 @@ pub struct Cli {
         value_name = "RECORDS"
     )]
     pub snapshot_every: u64,
+    /// Flushes an owner decides and appends in a row while the one ahead of each is read
+    /// back (pipelined flushes); 1 decides each flush only once the one before it is
+    /// answered.
+    #[arg(
+        long,
+        env = "KEEL_FLUSH_PIPELINE",
+        default_value_t = 16,
+        value_name = "FLUSHES",
+        value_parser = clap::value_parser!(u32).range(1..=1024)
+    )]
+    pub flush_pipeline: u32,
     /// Kafka.
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -146,6 +157,8 @@ pub struct Settings {
     pub assignment: Assignment,
     /// Records between two snapshots; `None`: none are written.
     pub snapshot_every: Option<u64>,
+    /// Flushes decided in a row while the one ahead is read back.
+    pub flush_pipeline: usize,
     /// Kafka settings.
     pub kafka: KafkaSettings,
     /// Authentication, limits and TLS.
@@ -181,6 +194,7 @@ impl Settings {
             signing_key_file: cli.signing_key_file,
             trusted_keys_file: cli.trusted_keys_file,
             snapshot_every: (cli.snapshot_every > 0).then_some(cli.snapshot_every),
+            flush_pipeline: cli.flush_pipeline as usize,
             assignment: match cli.assignment.as_str() {
                 "all" => Assignment::All,
                 _ => Assignment::Group {

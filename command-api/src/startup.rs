@@ -99,6 +99,7 @@ impl Application {
             key_retention: settings.idempotency_retention,
             retake_after: None,
             snapshot_every: settings.snapshot_every,
+            flush_pipeline: settings.flush_pipeline,
             snapshot_turns: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let (owners, cluster) = match &settings.assignment {

@@ -39,10 +39,6 @@ use super::outcome::{Answered, CommandRequest, Outcome, OwnerError, Reply, Reque
 use super::receipt::{self, Recorded};
 use super::task::{MAX_FLUSH, PartitionOwner, ReadBack, Status, Verdicts};
 
-/// Flights decided while the one ahead is read back, in a row, before the owner looks
-/// again at its other work (a stop, the log between commands).
-const MAX_FLIGHTS: usize = 16;
-
 /// How many times a command whose answer could not be confirmed is decided again before it
 /// gets a `503`.
 const MAX_ROUNDS: usize = 3;
@@ -140,7 +136,8 @@ where
     /// Decides a batch of commands, appends the commits together, reads them back, and
     /// answers each one; meanwhile, the commands queued behind it in `requests` are
     /// decided (against the state including the flight ahead) and appended as the next
-    /// flight, up to [`MAX_FLIGHTS`] in a row. A flight whose read-back is not wholly
+    /// flight, up to the owner's pipeline length in a row (then it looks at its other work: a
+    /// stop, the log between commands). A flight whose read-back is not wholly
     /// accepted dooms the one behind it: its commits get `503` and the partition is read
     /// again before anything else is decided.
     #[instrument(skip_all, fields(commands = batch.len()))]
@@ -157,22 +154,24 @@ where
             // Once the flight is in the log, the commands queued meanwhile are decided on
             // it and appended while it is read back.
             let acks = ahead.acknowledged().await;
-            let next =
-                if flights < MAX_FLIGHTS && !ahead.doomed && self.status.get() == Status::Serving {
-                    let queued = take_queued(requests);
-                    if queued.is_empty() {
-                        None
-                    } else {
-                        flights += 1;
-                        let next = self.launch(queued, Some(&mut ahead), MAX_ROUNDS == 1).await;
-                        if next.is_some() {
-                            self.status.count_pipelined();
-                        }
-                        next
-                    }
-                } else {
+            let next = if flights < self.flights
+                && !ahead.doomed
+                && self.status.get() == Status::Serving
+            {
+                let queued = take_queued(requests);
+                if queued.is_empty() {
                     None
-                };
+                } else {
+                    flights += 1;
+                    let next = self.launch(queued, Some(&mut ahead), MAX_ROUNDS == 1).await;
+                    if next.is_some() {
+                        self.status.count_pipelined();
+                    }
+                    next
+                }
+            } else {
+                None
+            };
             let accepted = self.land(ahead, acks, &mut again).await;
             flight = next.map(|mut next| {
                 if !accepted {

@@ -37,4 +37,4 @@ pub use outcome::{
     RequestMeta, reply_channel,
 };
 pub use snapshot::{Manifest, SNAPSHOT_FORMAT, StoredSnapshot};
-pub use task::{AskPredecessor, PartitionOwner, Status, StatusCell, Stop};
+pub use task::{AskPredecessor, DEFAULT_FLIGHTS, PartitionOwner, Status, StatusCell, Stop};

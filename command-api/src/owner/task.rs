@@ -34,6 +34,9 @@ use super::outcome::{CommandRequest, EventSummary, Outcome, OwnerError};
 use super::receipt;
 use super::snapshot;
 
+/// Flushes an owner decides in a row while the one ahead is read back, unless told.
+pub const DEFAULT_FLIGHTS: usize = 16;
+
 /// Commands decided and appended together at most.
 pub(super) const MAX_FLUSH: usize = 512;
 
@@ -285,6 +288,8 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     /// Asks the writer serving the partition to hand it over (make-before-break): called
     /// once, when this owner has caught up and is about to fence.
     predecessor: Option<AskPredecessor>,
+    /// Flushes decided in a row while the one ahead is read back (1: none).
+    pub(super) flights: usize,
 }
 
 /// Asks the partition's current writer to hand it over, and waits (boundedly) until it has.
@@ -335,6 +340,7 @@ where
             snapshot_turns: None,
             reads: None,
             predecessor: None,
+            flights: DEFAULT_FLIGHTS,
         };
         (owner, status)
     }
@@ -350,6 +356,13 @@ where
     /// time instead of [`DEFAULT_KEY_RETENTION`](super::DEFAULT_KEY_RETENTION).
     pub fn with_key_retention(mut self, retention: Duration) -> Self {
         self.keys = IdempotencyKeys::with_retention(retention);
+        self
+    }
+
+    /// The same owner, deciding up to `flights` flushes in a row while the one ahead of
+    /// each is read back; 1 decides each flush only once the one before is answered.
+    pub fn pipelining(mut self, flights: usize) -> Self {
+        self.flights = flights.max(1);
         self
     }
 

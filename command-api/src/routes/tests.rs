@@ -51,6 +51,7 @@ async fn api() -> Api {
         retake_after: None,
         snapshot_every: None,
         snapshot_turns: Arc::new(tokio::sync::Semaphore::new(1)),
+        flush_pipeline: crate::owner::DEFAULT_FLIGHTS,
     };
     let owners = Owners::start_all(&settings, |stream_type, partition| {
         Ok(MemoryLog::new(

@@ -21,8 +21,12 @@ async fn ready_api(
     broker: &Broker,
     name: &str,
     streams: usize,
+    env: &[(&'static str, &str)],
 ) -> anyhow::Result<(Service, CommandApiConfig, Arc<Workload>)> {
-    let config = CommandApiConfig::new(broker, &unique_prefix(name), PARTITIONS, "bench");
+    let mut config = CommandApiConfig::new(broker, &unique_prefix(name), PARTITIONS, "bench");
+    for (name, value) in env {
+        config.extra_env.push((name, (*value).to_owned()));
+    }
     let api = Service::command_api_ready(&config).await?;
     let workload = Arc::new(Workload::new(streams));
     let setup = workload.setup();
@@ -52,7 +56,8 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     step("commands: starting a broker (memory storage) and the command API");
     let broker = Broker::start().await?;
-    let (api, config, workload) = ready_api(&broker, "bench-commands", options.streams).await?;
+    let (api, config, workload) =
+        ready_api(&broker, "bench-commands", options.streams, &[]).await?;
     let pid = api.pid().context("the command API exited")?;
     let idle_rss = system::rss_bytes(pid).unwrap_or_default();
     let http = load::baseline_http().await?;
@@ -60,6 +65,7 @@ pub(crate) async fn run(
     let mut throughput = Vec::new();
     let mut latency = Vec::new();
     let mut first = None;
+    let mut pipelined = Vec::new();
     for clients in [64, 256] {
         step(&format!(
             "commands: {clients} clients for {} s over {} streams",
@@ -113,9 +119,50 @@ pub(crate) async fn run(
             latency.push(Series::new(name, cdf(&r.latencies)));
         }
         first.get_or_insert(keel.rate());
+        pipelined.push((clients, keel.rate(), keel.percentile(0.99)));
     }
     let loaded_rss = system::rss_bytes(pid).unwrap_or_default();
     api.stop().await?;
+
+    // The same load on an instance that decides each flush only once the one before it
+    // is answered: what pipelining the flushes gives, in this run.
+    step("commands: the same loads, one flush at a time (KEEL_FLUSH_PIPELINE=1)");
+    // On a broker of its own, as fresh as the first one was.
+    let serial_broker = Broker::start().await?;
+    let (api, _, workload) = ready_api(
+        &serial_broker,
+        "bench-commands-serial",
+        options.streams,
+        &[("KEEL_FLUSH_PIPELINE", "1")],
+    )
+    .await?;
+    for (clients, rate, p99) in pipelined {
+        let serial = load::closed_loop(
+            &api.client,
+            &api.url(""),
+            workload.clone(),
+            clients,
+            options.seconds,
+        )
+        .await;
+        let scenario = format!("Commands, {clients} clients, pipelined flushes");
+        report.rows.push(Row::beside(
+            &scenario,
+            "commands/s",
+            rate,
+            "one flush at a time",
+            serial.rate(),
+        ));
+        report.rows.push(Row::beside(
+            &scenario,
+            "p99 ms",
+            ms(p99),
+            "one flush at a time",
+            ms(serial.percentile(0.99)),
+        ));
+    }
+    api.stop().await?;
+    drop(serial_broker);
 
     step("B_produce: bare producer, memory storage");
     let settings = broker.settings(&unique_prefix("bench-produce"), PARTITIONS);
@@ -151,7 +198,8 @@ pub(crate) async fn run(
     step("commands on durable storage: a broker keeping its log in PostgreSQL");
     let db = TestDatabase::created("bench_log").await?;
     let durable = Broker::start_durable(&db.url()).await?;
-    let (api, _config, workload) = ready_api(&durable, "bench-durable", options.streams).await?;
+    let (api, _config, workload) =
+        ready_api(&durable, "bench-durable", options.streams, &[]).await?;
     step(&format!(
         "commands (durable): 64 clients for {} s",
         options.seconds
