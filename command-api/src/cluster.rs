@@ -62,10 +62,6 @@ const VIEW_REFRESH: Duration = Duration::from_millis(500);
 /// How long a member may take to say which partitions it serves.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a new owner waits for the member serving its partition to hand it over
-/// before it fences all the same.
-const ASK_HANDOFF_WITHIN: Duration = Duration::from_secs(2);
-
 /// How old a member's signed answer may be.
 const OWNED_FRESH_MS: i64 = 30_000;
 
@@ -171,6 +167,7 @@ pub struct Cluster {
     seen: RwLock<Seen>,
     refresh: Notify,
     client: reqwest::Client,
+    handoff_timeout: Duration,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -201,8 +198,11 @@ struct Seen {
     lately: HashMap<String, Instant>,
 }
 
-/// How long a member that left the group is still asked which partitions it serves.
-const LEFT_LATELY: Duration = Duration::from_secs(15);
+/// How long, besides twice the handoff timeout, a member that left the group is still
+/// asked which partitions it serves.
+const LEFT_LATELY: Duration = Duration::from_secs(5);
+/// How long a member that left the group may take to say what it still serves.
+const ASK_LEFT_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// How an instance joins its group.
 pub struct Join<'a> {
@@ -275,6 +275,7 @@ impl Cluster {
             seen: RwLock::new(Seen::default()),
             refresh: Notify::new(),
             client,
+            handoff_timeout: join.handoff_timeout,
         });
         let follower = Follower {
             starter: Arc::new(Starter {
@@ -382,13 +383,17 @@ impl Cluster {
                     for member in &view.members {
                         seen.lately.insert(member.url.clone(), now);
                     }
-                    seen.lately.retain(|_, at| at.elapsed() <= LEFT_LATELY);
+                    let lately = this.handoff_timeout * 2 + LEFT_LATELY;
+                    seen.lately.retain(|_, at| at.elapsed() <= lately);
                     seen.lately.keys().cloned().collect()
                 }
                 _ => Vec::new(),
             };
             let owner_of = match &read {
-                Ok(_) => Some(this.ask_members(&asked).await),
+                Ok(view) => {
+                    let members: Vec<&str> = view.members.iter().map(|m| m.url.as_str()).collect();
+                    Some(this.ask_members(&asked, &members).await)
+                }
                 Err(_) => None,
             };
             if let Ok(mut seen) = this.seen.write() {
@@ -420,6 +425,7 @@ impl Cluster {
     async fn ask_members(
         &self,
         members: &[String],
+        current: &[&str],
     ) -> (
         HashMap<TopicPartition, String>,
         HashMap<TopicPartition, String>,
@@ -437,10 +443,15 @@ impl Cluster {
             .filter(|url| *url != self.url && !url.is_empty())
             .collect();
         let asked = others.into_iter().map(|url| async move {
+            let timeout = if current.contains(&url) {
+                ASK_TIMEOUT
+            } else {
+                ASK_LEFT_TIMEOUT
+            };
             let answer = self
                 .client
                 .get(format!("{url}/owned"))
-                .timeout(ASK_TIMEOUT)
+                .timeout(timeout)
                 .send()
                 .await
                 .ok()?
@@ -513,24 +524,27 @@ impl Cluster {
         }
     }
 
-    /// True when `ask` (a `POST /handoff` body) is for this instance, from another member
-    /// of the group as last seen, and signed by a trusted key in service, lately.
-    pub fn trusts(&self, ask: &HandoffAsk) -> bool {
-        let member = self.seen.read().ok().is_some_and(|seen| {
-            seen.view
-                .as_ref()
-                .is_some_and(|view| view.members.iter().any(|m| m.url == ask.from))
-        });
+    /// True when `ask` (a `POST /handoff` body) is for this instance, from another
+    /// instance, and signed by a trusted key in service, lately.
+    pub fn signed_for_here(&self, ask: &HandoffAsk) -> bool {
         ask.purpose == HANDOFF_PURPOSE
             && ask.to == self.url
             && ask.from != self.url
-            && member
             && signed_lately(
                 &self.policy,
                 &ask.digest(),
                 ask.signature.as_ref(),
                 ask.at_ms,
             )
+    }
+
+    /// True when `url` is a member of the group as last seen.
+    pub fn is_member(&self, url: &str) -> bool {
+        self.seen.read().ok().is_some_and(|seen| {
+            seen.view
+                .as_ref()
+                .is_some_and(|view| view.members.iter().any(|m| m.url == url))
+        })
     }
 
     /// Forwards a command (its path, the headers that matter, its body) to the instance
@@ -709,9 +723,11 @@ impl Starter {
             // Given back before it was handed over: it serves on here (unless another
             // writer fenced it meanwhile: a fresh owner fences again at once).
             if self.owners.keep(stream_type, at.partition) {
-                if self.owners.status_of(stream_type, at.partition) != Some(Status::Lost) {
+                if self.owners.status_of(stream_type, at.partition) == Some(Status::Serving) {
                     return;
                 }
+                // Not serving (fenced out, or about to find out): a fresh owner asks
+                // whoever serves now, then fences.
                 self.owners
                     .stop(stream_type, at.partition, Stop::Lost, self.handoff_timeout)
                     .await;
@@ -721,11 +737,8 @@ impl Starter {
                 let end = ends.first().map_or(0, |(_, end)| *end);
                 let reader = self.readers.open(at, end)?;
                 let log = KafkaPartition::new(self.producer.clone(), reader, &self.kafka);
-                let (cluster, asked, within) = (
-                    self.cluster.clone(),
-                    at.clone(),
-                    self.handoff_timeout.min(ASK_HANDOFF_WITHIN),
-                );
+                let (cluster, asked, within) =
+                    (self.cluster.clone(), at.clone(), self.handoff_timeout);
                 let ask: AskPredecessor = Box::new(move || {
                     Box::pin(async move {
                         if let Some(cluster) = cluster.upgrade() {

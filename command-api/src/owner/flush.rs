@@ -154,8 +154,14 @@ where
             // Once the flight is in the log, the commands queued meanwhile are decided on
             // it and appended while it is read back.
             let acks = ahead.acknowledged().await;
+            // Only on a flight wholly in the log: one that could not be appended dooms
+            // whatever would be decided on it.
+            let appended = acks
+                .as_ref()
+                .is_none_or(|acks| acks.iter().all(Result::is_ok));
             let next = if flights < self.flights
                 && !ahead.doomed
+                && appended
                 && self.status.get() == Status::Serving
             {
                 let queued = take_queued(requests);

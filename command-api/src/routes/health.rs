@@ -169,15 +169,20 @@ pub(super) async fn handoff(
             rule: None,
         });
     };
+    if !cluster.signed_for_here(&request) {
+        return Err(ApiError::Forbidden(
+            "a handoff request must be for this instance, signed lately by a key it trusts".into(),
+        ));
+    }
     // A member that joined moments ago may be missing from the view: read it again.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    while !cluster.trusts(&request) && std::time::Instant::now() < until {
+    while !cluster.is_member(&request.from) && std::time::Instant::now() < until {
         cluster.refresh_soon();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    if !cluster.trusts(&request) {
+    if !cluster.is_member(&request.from) {
         return Err(ApiError::Forbidden(
-            "a handoff request must come from another member of the group, for this instance, signed lately by a key it trusts".into(),
+            "a handoff request must come from a member of the group".into(),
         ));
     }
     let mut handed_over = Vec::new();
@@ -188,11 +193,14 @@ pub(super) async fn handoff(
         let Some(stream_type) = stream_type else {
             continue;
         };
-        if state
-            .owners
-            .hand_over_released(stream_type, partition, state.request_timeout)
-            .await
-        {
+        // On a task of its own: a caller that hangs up does not cut the handoff short.
+        let (owners, within) = (std::sync::Arc::clone(&state.owners), state.request_timeout);
+        let handed = tokio::spawn(async move {
+            owners
+                .hand_over_released(stream_type, partition, within)
+                .await
+        });
+        if handed.await.unwrap_or(false) {
             handed_over.push(json!({"topic": topic, "partition": partition}));
         }
     }

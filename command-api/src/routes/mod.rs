@@ -73,13 +73,15 @@ pub fn topics(prefix: &str) -> Arc<HashMap<&'static str, String>> {
 pub fn app(state: AppState, edge: &Edge) -> Router {
     let commands = Router::new().route("/v1/{collection}/{id}/{command}", post(command::handle));
     let admin = Router::new().route("/v1/partitions", get(health::partitions));
+    // Between instances: checked by its signature, not a token; limited like the rest.
+    let handoff = Router::new().route("/handoff", post(health::handoff));
     Router::new()
         .merge(edge.limit(edge.guard(commands, Role::CommandsWrite)))
         .merge(edge.limit(edge.guard(admin, Role::Admin)))
+        .merge(edge.limit(handoff))
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/owned", get(health::owned))
-        .route("/handoff", post(health::handoff))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|| async {
             ApiError::NotFound {

@@ -235,6 +235,65 @@ async fn three_instances_share_the_partitions_forward_commands_and_hand_over_on_
         assert_eq!(v, &expected, "{id}");
     }
 
+    // POST /handoff hands nothing over to a stranger: not a replayed /owned answer (signed,
+    // but for another purpose), not an ask signed by an untrusted key, not one that is
+    // unsigned; and none of them is a 2xx.
+    let anyone = reqwest::Client::new();
+    let owned: Value = anyone
+        .get(apis[0].url("/owned"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let stranger = keel_schemas::SigningKey::generate();
+    let mut forged = json!({
+        "purpose": "keel-handoff-v1",
+        "from": apis[1].url(""),
+        "to": apis[0].url(""),
+        "partitions": owned["serving"],
+        "at_ms": now_ms,
+    });
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(serde_json::to_vec(&forged).unwrap()))
+    };
+    let unsigned = forged.clone();
+    forged["signature"] = serde_json::to_value(stranger.sign(&digest)).unwrap();
+    for body in [owned.clone(), forged, unsigned] {
+        let answer = anyone
+            .post(apis[0].url("/handoff"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            answer.status().is_client_error(),
+            "a handoff request from a stranger: {}",
+            answer.status()
+        );
+    }
+    let still: Value = anyone
+        .get(apis[0].url("/owned"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        still["serving"], owned["serving"],
+        "nothing was handed over"
+    );
+
     // A planned handoff: the third instance stops; its partitions go to the other two,
     // each with the handoff mark of the writer that held it.
     let third = apis.pop().unwrap();
