@@ -86,14 +86,10 @@ pub struct Owned {
 impl Owned {
     /// What the signature signs: the hex SHA-256 of the answer without it.
     pub fn digest(&self) -> String {
-        use sha2::Digest;
-        let unsigned = Self {
+        sha256_of(&Self {
             signature: None,
             ..self.clone()
-        };
-        hex::encode(sha2::Sha256::digest(
-            serde_json::to_vec(&unsigned).unwrap_or_default(),
-        ))
+        })
     }
 
     /// True when a key `policy` trusts (not retired) signed it, for `url`, lately.
@@ -130,15 +126,20 @@ pub struct HandoffAsk {
 impl HandoffAsk {
     /// What the signature signs: the hex SHA-256 of the request without it.
     pub fn digest(&self) -> String {
-        use sha2::Digest;
-        let unsigned = Self {
+        sha256_of(&Self {
             signature: None,
             ..self.clone()
-        };
-        hex::encode(sha2::Sha256::digest(
-            serde_json::to_vec(&unsigned).unwrap_or_default(),
-        ))
+        })
     }
+}
+
+/// The hex SHA-256 of `unsigned`'s JSON: what an instance's signature over a message
+/// between instances signs.
+fn sha256_of(unsigned: &impl serde::Serialize) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(unsigned).unwrap_or_default(),
+    ))
 }
 
 /// True when `signature` over `digest` is by a key `policy` trusts and has not retired,

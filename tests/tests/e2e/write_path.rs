@@ -239,14 +239,11 @@ async fn three_instances_share_the_partitions_forward_commands_and_hand_over_on_
     // but for another purpose), not an ask signed by an untrusted key, not one that is
     // unsigned; and none of them is a 2xx.
     let anyone = reqwest::Client::new();
-    let owned: Value = anyone
-        .get(apis[0].url("/owned"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let owned_by = |api: &CommandApi| {
+        let request = anyone.get(api.url("/owned")).send();
+        async move { request.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let owned = owned_by(&apis[0]).await;
     let now_ms = i64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -281,14 +278,7 @@ async fn three_instances_share_the_partitions_forward_commands_and_hand_over_on_
             answer.status()
         );
     }
-    let still: Value = anyone
-        .get(apis[0].url("/owned"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let still = owned_by(&apis[0]).await;
     assert_eq!(
         still["serving"], owned["serving"],
         "nothing was handed over"

@@ -325,44 +325,20 @@ async fn client(
                 Some((sent, ending))
             };
             let (ending, hedged) = tokio::join!(send(meta.clone()), hedged);
-            let ended = {
-                let mut w = lock(&world);
-                w.note(format!("{id} {stream} via {owner}: {}", summary(&ending)));
-                w.len()
-            };
-            if let Some((sent, ending)) = hedged {
-                let id = format!("{id}h");
-                let mut w = lock(&world);
-                w.note(format!("{id} {stream} via {owner}: {}", summary(&ending)));
-                let ended = w.len();
-                drop(w);
-                record
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .attempts
-                    .push(Attempt {
-                        id,
-                        stream: stream.clone(),
-                        command: command.clone(),
-                        key: key.clone(),
-                        if_match,
-                        owner,
-                        sent,
-                        ended,
-                        ending,
-                    });
-            }
             let retry = matches!(
                 ending,
                 Ending::GaveUp(_)
                     | Ending::Dropped
                     | Ending::Answered(Err(super::OwnerError::Unavailable(_)))
             );
-            record
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .attempts
-                .push(Attempt {
+            // Each attempt noted in the trace as it ends, and judged with where the log was.
+            let judged = |id: String, sent: usize, ending: Ending| {
+                let ended = {
+                    let mut w = lock(&world);
+                    w.note(format!("{id} {stream} via {owner}: {}", summary(&ending)));
+                    w.len()
+                };
+                Attempt {
                     id,
                     stream: stream.clone(),
                     command: command.clone(),
@@ -372,7 +348,17 @@ async fn client(
                     sent,
                     ended,
                     ending,
-                });
+                }
+            };
+            let attempt = judged(id.clone(), sent, ending);
+            let hedged = hedged.map(|(sent, ending)| judged(format!("{id}h"), sent, ending));
+            {
+                let mut record = record
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                record.attempts.extend(hedged);
+                record.attempts.push(attempt);
+            }
             if !retry || key.is_none() {
                 break;
             }
