@@ -83,7 +83,9 @@ impl Broker {
 
     fn spawn(port: u16, storage: &str) -> anyhow::Result<Child> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::env::var_os("TEST_LOG").is_some();
+        // Its own variable, not TEST_LOG: at `info` the broker logs every request, and
+        // a benchmark's worth of them fills the disk within minutes.
+        let log = std::env::var("TEST_BROKER_LOG").ok();
         Command::new(broker_binary()?)
             // A file storage (`sqlite://<file>`) lives in the temporary directory, never
             // in the clone.
@@ -98,10 +100,18 @@ impl Broker {
             .env_remove("STORAGE_ENGINE")
             .env_remove("LISTENER_URL")
             .env_remove("ADVERTISED_LISTENER_URL")
-            .env("RUST_LOG", if log { "info" } else { "error" })
+            .env("RUST_LOG", log.as_deref().unwrap_or("error"))
             .stdin(Stdio::null())
-            .stdout(if log { Stdio::inherit() } else { Stdio::null() })
-            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .stdout(if log.is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stderr(if log.is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .context("starting the broker")

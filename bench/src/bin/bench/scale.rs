@@ -24,9 +24,14 @@ use crate::{Options, step};
 const PARTITIONS: i32 = 8;
 /// Clients of the timed loads.
 const CLIENTS: usize = 64;
+/// Commands a second of the open-loop load under which partitions are handed over: under
+/// half of what the instances take on this machine, so that what is measured is the
+/// handoff, not a queue.
+const OPEN_RATE: f64 = 1000.0;
 
 /// One command's completion: when, for which partition, with which status (0: no answer).
 struct Done {
+    sent: Duration,
     at: Duration,
     partition: (String, i32),
     status: u16,
@@ -48,6 +53,42 @@ fn collection_of(topic: &str) -> String {
         "customer" => "customers".into(),
         _ => "orders".into(),
     }
+}
+
+/// Sends one command to `base`: its completion (status 0 when there was no answer).
+async fn send_one(
+    client: &reqwest::Client,
+    base: &str,
+    (path, body): (String, Value),
+    started: Instant,
+) -> Done {
+    let sent = started.elapsed();
+    let status = match client
+        .post(format!("{base}{path}"))
+        .timeout(Duration::from_secs(15))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            status
+        }
+        Err(_) => 0,
+    };
+    Done {
+        sent,
+        at: started.elapsed(),
+        partition: partition_of(&path),
+        status,
+    }
+}
+
+/// The instance the `turn`th command goes to.
+fn base_for(bases: &std::sync::RwLock<Vec<String>>, turn: usize) -> String {
+    let bases = bases.read().map(|b| b.clone()).unwrap_or_default();
+    bases[turn % bases.len().max(1)].clone()
 }
 
 /// A closed loop of [`CLIENTS`] clients over `bases` (each client sends each command to
@@ -72,35 +113,54 @@ fn drive(
             let mut done = Vec::new();
             let mut turn = c;
             while !stop.load(Ordering::Relaxed) {
-                let base = {
-                    let bases = bases.read().map(|b| b.clone()).unwrap_or_default();
-                    turn += 1;
-                    bases[turn % bases.len().max(1)].clone()
-                };
-                let (path, body) = workload.next(&mut rng);
-                let status = match client
-                    .post(format!("{base}{path}"))
-                    .timeout(Duration::from_secs(15))
-                    .json(&body)
-                    .send()
-                    .await
-                {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let _ = r.bytes().await;
-                        status
-                    }
-                    Err(_) => 0,
-                };
-                done.push(Done {
-                    at: started.elapsed(),
-                    partition: partition_of(&path),
-                    status,
-                });
+                turn += 1;
+                let base = base_for(&bases, turn);
+                done.push(send_one(&client, &base, workload.next(&mut rng), started).await);
             }
             done
         });
     }
+    workers
+}
+
+/// Commands sent at [`OPEN_RATE`] a second over `bases` (each to the next instance in
+/// turn), each at its time whatever the others wait for, until `stop`; every completion.
+/// An open loop: a partition that stalls holds up its own commands only. (Closed-loop
+/// clients pile up on a partition that moves, and every other partition then sees fewer
+/// commands: its longest gap would include the other partitions' handoffs.)
+fn drive_open(
+    client: &reqwest::Client,
+    bases: Arc<std::sync::RwLock<Vec<String>>>,
+    workload: Arc<Workload>,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+) -> tokio::task::JoinSet<Vec<Done>> {
+    let client = client.clone();
+    let mut workers = tokio::task::JoinSet::new();
+    workers.spawn(async move {
+        let mut rng = Rng::new(101);
+        let mut sent = tokio::task::JoinSet::new();
+        let mut done = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / OPEN_RATE));
+        let mut turn = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            while let Some(finished) = sent.try_join_next() {
+                done.extend(finished.ok());
+            }
+            turn += 1;
+            let (client, base, command) = (
+                client.clone(),
+                base_for(&bases, turn),
+                workload.next(&mut rng),
+            );
+            sent.spawn(async move { send_one(&client, &base, command, started).await });
+        }
+        while let Some(finished) = sent.join_next().await {
+            done.extend(finished.ok());
+        }
+        done
+    });
     workers
 }
 
@@ -214,39 +274,80 @@ async fn start(config: &CommandApiConfig, name: &str) -> anyhow::Result<Service>
     .await
 }
 
-/// For each partition in `moved`, the longest time between two acknowledged commands of
-/// it within `window`: how long it could not be written.
-fn gaps(
-    done: &[Done],
-    moved: &BTreeSet<(String, i32)>,
-    window: (Duration, Duration),
-) -> Vec<Duration> {
-    let mut acked: BTreeMap<&(String, i32), Vec<Duration>> = BTreeMap::new();
-    for d in done {
-        if (200..300).contains(&d.status) && moved.contains(&d.partition) {
-            acked.entry(&d.partition).or_default().push(d.at);
-        }
+/// The longest time a partition went without an acknowledged command: from when.
+struct Gap {
+    partition: (String, i32),
+    from: Duration,
+    length: Duration,
+}
+
+/// For each partition in `moved`, the longest a command sent to it within `window` waited
+/// for the partition to acknowledge one: from its sending to the first acknowledgement of
+/// a command sent at or after it (its own, or a later one's when it was answered `503`).
+/// Across a handoff that is the time from the old owner's last acknowledgement to the new
+/// owner's first, plus at most one command's latency (the first command the old owner
+/// did not take was sent before its last acknowledgement); a moment when no command
+/// happened to be sent to the partition is not counted as one it could not be written.
+/// A partition sent no command within the window counts the whole window.
+fn gaps(done: &[Done], moved: &BTreeSet<(String, i32)>, window: (Duration, Duration)) -> Vec<Gap> {
+    let mut sent: BTreeMap<&(String, i32), Vec<&Done>> = BTreeMap::new();
+    for d in done.iter().filter(|d| moved.contains(&d.partition)) {
+        sent.entry(&d.partition).or_default().push(d);
     }
-    let mut gaps: Vec<Duration> = moved
+    let mut gaps: Vec<Gap> = moved
         .iter()
         .map(|p| {
-            let times = acked.get(p).cloned().unwrap_or_default();
-            let mut edges = vec![window.0];
-            edges.extend(
-                times
-                    .into_iter()
-                    .filter(|t| *t >= window.0 && *t <= window.1),
-            );
-            edges.push(window.1);
-            edges
-                .windows(2)
-                .map(|w| w[1].saturating_sub(w[0]))
-                .max()
-                .unwrap_or_default()
+            let mut commands = sent.get(p).cloned().unwrap_or_default();
+            commands.sort_by_key(|d| d.sent);
+            // From the last sent back: the first acknowledgement of any command sent at
+            // or after each one.
+            let mut first_ack: Option<Duration> = None;
+            let mut longest = (window.0, Duration::ZERO);
+            let mut any = false;
+            for d in commands.iter().rev() {
+                if (200..300).contains(&d.status) {
+                    first_ack = Some(first_ack.map_or(d.at, |a| a.min(d.at)));
+                }
+                if d.sent < window.0 || d.sent > window.1 {
+                    continue;
+                }
+                any = true;
+                let waited = first_ack.unwrap_or(window.1).saturating_sub(d.sent);
+                if waited > longest.1 {
+                    longest = (d.sent, waited);
+                }
+            }
+            if !any {
+                longest = (window.0, window.1.saturating_sub(window.0));
+            }
+            Gap {
+                partition: p.clone(),
+                from: longest.0,
+                length: longest.1,
+            }
         })
         .collect();
-    gaps.sort();
+    gaps.sort_by_key(|g| g.length);
     gaps
+}
+
+/// The longest of `gaps`, for the log: which partition, from when (since the load
+/// started), how long.
+fn longest(gaps: &[Gap]) -> String {
+    gaps.iter()
+        .rev()
+        .take(3)
+        .map(|g| {
+            format!(
+                "{}/{} {} ms from {:.3} s",
+                g.partition.0,
+                g.partition.1,
+                g.length.as_millis(),
+                g.from.as_secs_f64()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -432,7 +533,10 @@ async fn handoffs(options: &Options, report: &mut Report) -> anyhow::Result<()> 
     let bases = Arc::new(std::sync::RwLock::new(vec![a.url(""), b.url("")]));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let workers = drive(&a.client, bases.clone(), workload, stop.clone(), started);
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let workers = drive_open(&a.client, bases.clone(), workload, stop.clone(), started);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // A third instance joins: partitions move to it.
@@ -489,13 +593,35 @@ async fn handoffs(options: &Options, report: &mut Report) -> anyhow::Result<()> 
 
     let mut planned = gaps(&done, &moved_join, join_window);
     planned.extend(gaps(&done, &b_held, stop_window));
-    planned.sort();
+    planned.sort_by_key(|g| g.length);
     let failover = gaps(&done, &c_held, kill_window);
     step(&format!(
-        "scale: {} partitions moved in planned handoffs, {} in the failover",
+        "scale: {} partitions moved in planned handoffs (longest: {}; the load started at {:.3} s since the epoch), {} in the failover",
         planned.len(),
+        longest(&planned),
+        started_unix.as_secs_f64(),
         failover.len()
     ));
+    if std::env::var_os("KEEL_BENCH_GAPS").is_some() {
+        for g in planned.iter().rev().take(3) {
+            let end = g.from + g.length + Duration::from_millis(50);
+            for d in done
+                .iter()
+                .filter(|d| d.partition == g.partition && d.at >= g.from && d.at <= end)
+            {
+                eprintln!(
+                    "{}/{}: sent {:.3} answered {:.3} status {}",
+                    g.partition.0,
+                    g.partition.1,
+                    d.sent.as_secs_f64(),
+                    d.at.as_secs_f64(),
+                    d.status
+                );
+            }
+        }
+    }
+    let planned: Vec<Duration> = planned.iter().map(|g| g.length).collect();
+    let failover: Vec<Duration> = failover.iter().map(|g| g.length).collect();
     report.rows.push(Row::plain(
         "Planned handoff, per moved partition",
         "p50 ms without an acknowledged command",
