@@ -33,6 +33,10 @@ pub const DEADLINE_MS: &str = "keel-deadline-ms";
 /// The header of a forwarded command's `503` from an instance that does not own its
 /// partition: the forwarding instance looks for the owner again.
 pub const NOT_OWNER: &str = "keel-not-owner";
+/// The header of such a `503` naming the member the partition moved to, when the
+/// instance knows it (it handed the partition over to that member moments ago): the
+/// forwarding instance sends the command there without waiting to read the group again.
+pub const MOVED_TO: &str = "keel-moved-to";
 
 /// The request headers a forwarded command keeps: the caller's identity (its token, which
 /// the owner checks itself), and everything the command records or depends on.
@@ -197,7 +201,49 @@ struct Seen {
     /// (stopping, it serves on until its successors ask for its partitions) is still
     /// asked what it serves.
     lately: HashMap<String, Instant>,
+    /// Partitions handed over moments ago, the member each went to, and when that was
+    /// learnt: newer than the view until a view read after it names a member serving the
+    /// partition, or [`MOVED_FRESH`] passes.
+    moved: HashMap<TopicPartition, (String, Instant)>,
 }
+
+impl Seen {
+    /// The member `at` moved to, if it moved lately and no view read since says who
+    /// serves it.
+    fn moved_to(&self, at: &TopicPartition) -> Option<&String> {
+        self.moved
+            .get(at)
+            .filter(|(url, when)| when.elapsed() <= MOVED_FRESH && self.is_member(url))
+            .map(|(url, _)| url)
+    }
+
+    /// True when the last view names `url` among the group's members.
+    fn is_member(&self, url: &str) -> bool {
+        self.view
+            .as_ref()
+            .is_some_and(|view| view.members.iter().any(|m| m.url == url))
+    }
+
+    /// Takes the members' answers of a view read that started at `started`: a
+    /// partition moved before then, which a member now says it serves, is routed by the
+    /// view again.
+    fn answered(
+        &mut self,
+        owner_of: HashMap<TopicPartition, String>,
+        served_by: HashMap<TopicPartition, String>,
+        started: Instant,
+    ) {
+        self.moved.retain(|at, (_, when)| {
+            when.elapsed() <= MOVED_FRESH && (*when >= started || !served_by.contains_key(at))
+        });
+        self.owner_of = owner_of;
+        self.served_by = served_by;
+    }
+}
+
+/// How long a partition's move learnt from a handoff routes its commands, unless a view
+/// of the group read since says who serves it.
+const MOVED_FRESH: Duration = Duration::from_secs(5);
 
 /// How long, besides twice the handoff timeout, a member that left the group is still
 /// asked which partitions it serves.
@@ -326,14 +372,46 @@ impl Cluster {
         self.membership.assigned()
     }
 
-    /// The URL of the instance that owns `at`, as last seen.
+    /// The URL of the instance that owns `at`, as last seen (or learnt since from its
+    /// handoff).
     pub fn owner_of(&self, at: &TopicPartition) -> Option<String> {
-        self.seen.read().ok()?.owner_of.get(at).cloned()
+        let seen = self.seen.read().ok()?;
+        seen.moved_to(at).or_else(|| seen.owner_of.get(at)).cloned()
     }
 
-    /// The URL of the other member that says it serves `at`, as last seen.
+    /// The URL of the other member that says it serves `at`, as last seen (or the member
+    /// it was handed over to since).
     pub fn served_by(&self, at: &TopicPartition) -> Option<String> {
-        self.seen.read().ok()?.served_by.get(at).cloned()
+        let seen = self.seen.read().ok()?;
+        seen.moved_to(at)
+            .or_else(|| seen.served_by.get(at))
+            .cloned()
+    }
+
+    /// Notes that `at` moved to the member at `url` (this instance handed it over to
+    /// that member, or the member that did says so): commands for it go there while it
+    /// fences, instead of waiting until a member says it serves the partition. Ignored
+    /// unless `url` is another member of the group as last seen: commands carry their
+    /// callers' tokens, so they go to members only. Routing only: the fence decides who
+    /// owns the partition, and a member that does not answers `503`.
+    pub fn note_moved(&self, at: &TopicPartition, url: &str) {
+        if url == self.url || !self.is_member(url) {
+            return;
+        }
+        if let Ok(mut seen) = self.seen.write() {
+            seen.moved
+                .insert(at.clone(), (url.to_owned(), Instant::now()));
+        }
+    }
+
+    /// Forgets a move to `url` noted by [`Cluster::note_moved`] (the handoff did not
+    /// happen); a move noted since, elsewhere, stays.
+    pub fn forget_moved(&self, at: &TopicPartition, url: &str) {
+        if let Ok(mut seen) = self.seen.write()
+            && seen.moved.get(at).is_some_and(|(to, _)| to == url)
+        {
+            seen.moved.remove(at);
+        }
     }
 
     /// The last view of the group, when it was read, and why the last read failed.
@@ -377,6 +455,7 @@ impl Cluster {
             let Some(this) = cluster.upgrade() else {
                 return;
             };
+            let started = Instant::now();
             let read = this.membership.view().await;
             let asked: Vec<String> = match (&read, this.seen.write()) {
                 (Ok(view), Ok(mut seen)) => {
@@ -401,8 +480,7 @@ impl Cluster {
                 match read {
                     Ok(view) => {
                         if let Some((owner_of, served_by)) = owner_of {
-                            seen.owner_of = owner_of;
-                            seen.served_by = served_by;
+                            seen.answered(owner_of, served_by, started);
                         }
                         seen.view = Some(view);
                         seen.at = Some(Instant::now());
@@ -541,11 +619,10 @@ impl Cluster {
 
     /// True when `url` is a member of the group as last seen.
     pub fn is_member(&self, url: &str) -> bool {
-        self.seen.read().ok().is_some_and(|seen| {
-            seen.view
-                .as_ref()
-                .is_some_and(|view| view.members.iter().any(|m| m.url == url))
-        })
+        self.seen
+            .read()
+            .ok()
+            .is_some_and(|seen| seen.is_member(url))
     }
 
     /// Forwards a command (its path, the headers that matter, its body) to the instance
@@ -558,7 +635,7 @@ impl Cluster {
         headers: &HeaderMap,
         body: Bytes,
         within: Duration,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Forwarded, ApiError> {
         let mut request = self
             .client
             .post(format!("{url}{path}"))
@@ -596,11 +673,31 @@ impl Cluster {
                 relayed.insert(name, value);
             }
         }
+        // Between instances only: never relayed to the caller.
+        let not_owner = answer.headers().contains_key(NOT_OWNER).then(|| {
+            answer
+                .headers()
+                .get(MOVED_TO)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
         let body = answer.bytes().await.map_err(unreachable)?;
         let mut response = (status, body).into_response();
         response.headers_mut().extend(relayed);
-        Ok(response)
+        Ok(Forwarded {
+            response,
+            not_owner,
+        })
     }
+}
+
+/// A forwarded command's answer, to relay.
+pub struct Forwarded {
+    /// The answer as the caller gets it.
+    pub response: Response,
+    /// Set when the instance said it does not own the partition: where it went, when that
+    /// instance knows.
+    pub not_owner: Option<Option<String>>,
 }
 
 /// Starts and stops this instance's owners as the group assigns and revokes partitions.
@@ -736,7 +833,7 @@ impl Starter {
             let started = async {
                 let ends = self.readers.end_offsets(std::slice::from_ref(at)).await?;
                 let end = ends.first().map_or(0, |(_, end)| *end);
-                let reader = self.readers.open(at, end)?;
+                let reader = self.readers.open(at, end).await?;
                 let log = KafkaPartition::new(self.producer.clone(), reader, &self.kafka);
                 let (cluster, asked, within) =
                     (self.cluster.clone(), at.clone(), self.handoff_timeout);
@@ -816,5 +913,60 @@ mod tests {
             ..signed(&ours, url, now)
         };
         assert!(!unsigned.holds(&policy, url), "unsigned");
+    }
+
+    /// A partition handed over routes by its move until a view read after the move says
+    /// who serves it, or the move is no longer fresh.
+    #[test]
+    fn a_move_routes_until_a_view_read_after_it_names_who_serves_the_partition() {
+        let (at, other) = (
+            TopicPartition::new("t.order.events".to_owned(), 3),
+            TopicPartition::new("t.order.events".to_owned(), 4),
+        );
+        let (old, new) = ("http://old:1".to_owned(), "http://new:1".to_owned());
+        let member = |url: &str| keel_kafka::GroupMember {
+            member_id: url.to_owned(),
+            url: url.to_owned(),
+            partitions: Vec::new(),
+        };
+        let mut seen = Seen {
+            view: Some(GroupView {
+                state: "Stable".into(),
+                members: vec![member(&old), member(&new)],
+            }),
+            ..Seen::default()
+        };
+        let before = Instant::now();
+        seen.moved.insert(at.clone(), (new.clone(), Instant::now()));
+        seen.moved
+            .insert(other.clone(), (new.clone(), Instant::now()));
+        assert_eq!(seen.moved_to(&at), Some(&new));
+
+        // A read that started before the move hears the old member still serving it: the
+        // move stands.
+        let stale = HashMap::from([(at.clone(), old.clone())]);
+        seen.answered(stale.clone(), stale, before);
+        assert_eq!(seen.moved_to(&at), Some(&new), "a read older than the move");
+
+        // A read that started after it names who serves it: the view routes again; a
+        // partition nobody says it serves yet keeps its move.
+        let fresh = HashMap::from([(at.clone(), new.clone())]);
+        seen.answered(fresh.clone(), fresh, Instant::now());
+        assert_eq!(seen.moved_to(&at), None, "the view knows");
+        assert_eq!(seen.moved_to(&other), Some(&new), "nobody serves it yet");
+
+        // A move is a hint for moments, not for good.
+        let long_ago = Instant::now()
+            .checked_sub(MOVED_FRESH + Duration::from_secs(1))
+            .unwrap();
+        seen.moved.insert(other.clone(), (new.clone(), long_ago));
+        assert_eq!(seen.moved_to(&other), None, "stale");
+
+        // Nor to a member that has left since: commands carry their callers' tokens.
+        seen.moved.insert(other.clone(), (new, Instant::now()));
+        if let Some(view) = seen.view.as_mut() {
+            view.members.retain(|m| m.url == old);
+        }
+        assert_eq!(seen.moved_to(&other), None, "no longer a member");
     }
 }

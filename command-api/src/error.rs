@@ -57,9 +57,15 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(String),
     /// 503: a command forwarded to this instance for a partition it does not own (it moved
-    /// meanwhile); the forwarding instance looks for the owner again.
-    #[error("{0}")]
-    NotOwner(String),
+    /// meanwhile); the forwarding instance looks for the owner again, starting with
+    /// `moved_to` when this instance knows where the partition went.
+    #[error("{detail}")]
+    NotOwner {
+        /// What happened.
+        detail: String,
+        /// The member the partition moved to, if known here.
+        moved_to: Option<String>,
+    },
     /// 500: a fault of ours; the detail goes to the log, the client gets a request id.
     #[error("internal error {request_id}")]
     Internal {
@@ -116,7 +122,7 @@ impl ApiError {
             ApiError::Invalid(_) | ApiError::IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            ApiError::Unavailable(_) | ApiError::NotOwner(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NotOwner { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -134,7 +140,7 @@ impl ApiError {
             ApiError::Invalid(_) => "invalid-fields",
             ApiError::IdempotencyKeyReused => "idempotency-key-reused",
             ApiError::Unavailable(_) => "unavailable",
-            ApiError::NotOwner(_) => "not-owner",
+            ApiError::NotOwner { .. } => "not-owner",
             ApiError::Internal { .. } => "internal",
         }
     }
@@ -173,15 +179,20 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = keel_http::edge::problem_response(self.status(), self.problem());
-        if matches!(self, ApiError::Unavailable(_) | ApiError::NotOwner(_)) {
+        if matches!(self, ApiError::Unavailable(_) | ApiError::NotOwner { .. }) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
-        if matches!(self, ApiError::NotOwner(_)) {
-            response
-                .headers_mut()
-                .insert(crate::cluster::NOT_OWNER, HeaderValue::from_static("true"));
+        if let ApiError::NotOwner { moved_to, .. } = &self {
+            let headers = response.headers_mut();
+            headers.insert(crate::cluster::NOT_OWNER, HeaderValue::from_static("true"));
+            if let Some(url) = moved_to
+                .as_deref()
+                .and_then(|u| HeaderValue::from_str(u).ok())
+            {
+                headers.insert(crate::cluster::MOVED_TO, url);
+            }
         }
         response
     }

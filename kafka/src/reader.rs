@@ -96,8 +96,25 @@ pub async fn end_offsets(
     settings: &KafkaSettings,
     partitions: &[TopicPartition],
 ) -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
-    let consumer = Arc::new(reader_consumer(settings, 25)?);
-    high_watermarks(consumer, partitions.to_vec(), settings.timeout).await
+    // A client is made and destroyed for it: both wait on librdkafka's threads, so both
+    // happen on the blocking pool, with the query.
+    let (settings, partitions) = (settings.clone(), partitions.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let consumer = reader_consumer(&settings, 25)?;
+        partitions
+            .into_iter()
+            .map(|at| {
+                consumer
+                    .fetch_watermarks(&at.topic, at.partition, settings.timeout)
+                    .map_err(KafkaError::client(format!(
+                        "reading the watermarks of {at}"
+                    )))
+                    .map(|(_, high)| (at, high))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
 }
 
 async fn high_watermarks(
@@ -231,21 +248,86 @@ pub struct PartitionReader {
     /// Opened from a [`ReaderPool`] (whose open partitions these are): its partition
     /// leaves the shared consumer's assignment when it is dropped.
     pooled: Option<Arc<std::sync::Mutex<std::collections::HashSet<TopicPartition>>>>,
+    /// The only reader of its consumer ([`PartitionReader::open_history`]).
+    own_consumer: bool,
 }
 
 impl Drop for PartitionReader {
     fn drop(&mut self) {
         let Some(open) = self.pooled.take() else {
+            // A consumer of its own (a history reader's): destroying it waits for
+            // librdkafka's threads to end, so the last reference goes on the blocking pool.
+            // (Readers opened together share theirs: the last of them destroys it.)
+            if self.own_consumer
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                let consumer = Arc::clone(&self.consumer);
+                drop(runtime.spawn_blocking(move || destroy_when_last(consumer)));
+            }
             return;
         };
-        let mut list = TopicPartitionList::new();
-        list.add_partition(&self.topic, self.partition);
-        if let Err(e) = self.consumer.incremental_unassign(&list) {
-            warn!(topic = %self.topic, partition = self.partition, error = %e, "closing a pooled reader");
+        let (consumer, at) = (
+            Arc::clone(&self.consumer),
+            TopicPartition::new(self.topic.clone(), self.partition),
+        );
+        // Changing a consumer's assignment waits for librdkafka's own thread: never on a
+        // runtime thread, where it would hold up every task behind it. The partition
+        // counts as open until it has left the assignment, so a reader opened again
+        // cannot have its assignment taken by this one's leaving.
+        let close = move || {
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&at.topic, at.partition);
+            if let Err(e) = consumer.incremental_unassign(&list) {
+                warn!(%at, error = %e, "closing a pooled reader");
+            }
+            if let Ok(mut open) = open.lock() {
+                open.remove(&at);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(close)),
+            Err(_) => close(),
         }
-        if let Ok(mut open) = open.lock() {
-            open.remove(&TopicPartition::new(self.topic.clone(), self.partition));
+    }
+}
+
+/// A partition marked open in a [`ReaderPool`] while its reader is being opened: unmarked
+/// when dropped, unless kept (the reader opened, and unmarks it when it goes).
+struct OpenMark {
+    open: Arc<std::sync::Mutex<std::collections::HashSet<TopicPartition>>>,
+    at: Option<TopicPartition>,
+}
+
+impl OpenMark {
+    fn keep(mut self) {
+        self.at = None;
+    }
+}
+
+impl Drop for OpenMark {
+    fn drop(&mut self) {
+        if let Some(at) = self.at.take()
+            && let Ok(mut open) = self.open.lock()
+        {
+            open.remove(&at);
         }
+    }
+}
+
+/// Drops `consumer` once it is the last reference to it (the reader's queue and the task
+/// serving the consumer's own queue let theirs go moments after the reader), so that its
+/// destruction, which waits for librdkafka's threads, happens here: on the blocking pool.
+fn destroy_when_last(mut consumer: Arc<StreamConsumer>) {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        match Arc::try_unwrap(consumer) {
+            Ok(last) => {
+                drop(last);
+                return;
+            }
+            Err(shared) => consumer = shared,
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -297,8 +379,11 @@ impl ReaderPool {
     }
 
     /// Opens a reader of `at` whose first record will be at `from_offset`. A partition has
-    /// at most one reader open in a pool at a time.
-    pub fn open(
+    /// at most one reader open in a pool at a time. The consumer's assignment changes on
+    /// the blocking pool: librdkafka's own thread answers it, after up to a tick of its
+    /// loop, and an instance taking several partitions at once must not stall its
+    /// runtime meanwhile (commands, handoffs and fences all wait behind it).
+    pub async fn open(
         &self,
         at: &TopicPartition,
         from_offset: i64,
@@ -316,13 +401,22 @@ impl ReaderPool {
                 )));
             }
         }
-        let opened = self.open_queue(at, from_offset);
-        if opened.is_err()
-            && let Ok(mut open) = self.open.lock()
-        {
-            open.remove(at);
-        }
-        opened
+        // Until the reader is open, the partition is marked open by `marked`, which unmarks
+        // it if opening fails or the caller stops waiting (the partition was revoked).
+        let marked = OpenMark {
+            open: Arc::clone(&self.open),
+            at: Some(at.clone()),
+        };
+        let (pool, opening) = (self.clone(), at.clone());
+        tokio::task::spawn_blocking(move || {
+            let opened = pool.open_queue(&opening, from_offset);
+            if opened.is_ok() {
+                marked.keep();
+            }
+            opened
+        })
+        .await
+        .unwrap_or_else(|e| Err(KafkaError::Reader(format!("opening a reader of {at}: {e}"))))
     }
 
     fn open_queue(
@@ -349,6 +443,7 @@ impl ReaderPool {
             next_offset: from_offset,
             timeout: self.timeout,
             pooled: Some(Arc::clone(&self.open)),
+            own_consumer: false,
         })
     }
 }
@@ -423,23 +518,34 @@ impl PartitionReader {
     /// answer while the reader catches up) and a bounded read-ahead (at most
     /// [`HISTORY_READ_AHEAD`] records are buffered, not the client's default of 100,000 per
     /// partition), with a consumer of its own that goes when the reader does.
-    pub fn open_history(
+    ///
+    /// The client is made and assigned on the blocking pool (both wait on librdkafka's
+    /// threads), and destroyed there when the reader goes: an instance taking several
+    /// partitions at once never stalls its runtime, where its commands and handoffs run.
+    pub async fn open_history(
         settings: &KafkaSettings,
         at: &TopicPartition,
         from_offset: i64,
     ) -> Result<Self, KafkaError> {
-        let mut config = reader_config(settings, 100);
-        config.set("queued.min.messages", HISTORY_READ_AHEAD.to_string());
-        if !settings.client.contains_key("queued.max.messages.kbytes") {
-            config.set("queued.max.messages.kbytes", "16384");
-        }
-        let consumer: StreamConsumer = config
-            .create()
-            .map_err(KafkaError::client("creating a history reader"))?;
-        let mut readers = Self::open_many_with(consumer, settings, &[(at.clone(), from_offset)])?;
-        readers
-            .pop()
-            .ok_or_else(|| KafkaError::Reader("no reader was opened".into()))
+        let (settings, at) = (settings.clone(), at.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut config = reader_config(&settings, 100);
+            config.set("queued.min.messages", HISTORY_READ_AHEAD.to_string());
+            if !settings.client.contains_key("queued.max.messages.kbytes") {
+                config.set("queued.max.messages.kbytes", "16384");
+            }
+            let consumer: StreamConsumer = config
+                .create()
+                .map_err(KafkaError::client("creating a history reader"))?;
+            let mut readers = Self::open_many_with(consumer, &settings, &[(at, from_offset)])?;
+            let mut reader = readers
+                .pop()
+                .ok_or_else(|| KafkaError::Reader("no reader was opened".into()))?;
+            reader.own_consumer = true;
+            Ok(reader)
+        })
+        .await
+        .map_err(|e| KafkaError::Reader(format!("opening a history reader: {e}")))?
     }
 
     fn open_many_with(
@@ -486,6 +592,7 @@ impl PartitionReader {
                 next_offset: *from_offset,
                 timeout: settings.timeout,
                 pooled: None,
+                own_consumer: false,
             })
             .collect())
     }

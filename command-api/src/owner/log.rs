@@ -124,7 +124,7 @@ impl KafkaPartition {
         }
         let timeout = self.settings.timeout;
         // The manifest is the last record a snapshot writes.
-        let mut reader = PartitionReader::open_history(&self.settings, &at, end - 1)?;
+        let mut reader = PartitionReader::open_history(&self.settings, &at, end - 1).await?;
         let last = read_within(&mut reader, timeout).await?;
         if last.header("keel-kind") != Some(SNAPSHOT_MANIFEST) {
             return Err(KafkaError::Reader(format!(
@@ -141,7 +141,7 @@ impl KafkaPartition {
             .map_err(|e| KafkaError::Reader(format!("a manifest's chunk list: {e}")))?;
         let mut body = Vec::new();
         if let Some(first) = chunks.first() {
-            let mut reader = PartitionReader::open_history(&self.settings, &at, *first)?;
+            let mut reader = PartitionReader::open_history(&self.settings, &at, *first).await?;
             for wanted in &chunks {
                 let entry = loop {
                     let entry = read_within(&mut reader, timeout).await?;
@@ -191,11 +191,14 @@ impl PartitionLog for KafkaPartition {
         };
         let reader = match &mut history.reader {
             Some(reader) => reader,
-            None => history.reader.insert(PartitionReader::open_history(
-                &history.settings,
-                &TopicPartition::new(self.reader.topic(), self.reader.partition()),
-                history.next,
-            )?),
+            None => history.reader.insert(
+                PartitionReader::open_history(
+                    &history.settings,
+                    &TopicPartition::new(self.reader.topic(), self.reader.partition()),
+                    history.next,
+                )
+                .await?,
+            ),
         };
         let entry = reader.next().await?;
         if entry.offset >= serving_from {

@@ -25,6 +25,8 @@ struct Shared {
     snapshots: Mutex<Vec<StoredSnapshot>>,
     /// The first commit of the next flush reaches the log with a broken hash.
     garble_next: std::sync::atomic::AtomicBool,
+    /// How many times a handle was asked where the log ends.
+    ends_read: std::sync::atomic::AtomicUsize,
 }
 
 /// One partition's records in memory, and a reader's position in them.
@@ -46,6 +48,7 @@ impl MemoryLog {
                 failing_reads: Mutex::new(Vec::new()),
                 snapshots: Mutex::new(Vec::new()),
                 garble_next: std::sync::atomic::AtomicBool::new(false),
+                ends_read: std::sync::atomic::AtomicUsize::new(0),
             }),
             next_offset: 0,
         }
@@ -70,6 +73,13 @@ impl MemoryLog {
         self.shared
             .garble_next
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many times any handle was asked where the log ends.
+    pub fn ends_read(&self) -> usize {
+        self.shared
+            .ends_read
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every record appended so far, in order.
@@ -153,6 +163,9 @@ impl PartitionLog for MemoryLog {
     }
 
     async fn end(&self) -> Result<i64, KafkaError> {
+        self.shared
+            .ends_read
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(self.records().len() as i64)
     }
 

@@ -741,8 +741,11 @@ where
             && self.gate.owner().is_some()
             && let Some(ask) = self.predecessor.take()
         {
+            // The predecessor answers once it has answered what it took and left its mark:
+            // the fence goes straight after them, and reading it back reads them too.
+            // Nothing is decided before that read, and the gate rules on the fence by its
+            // place in the log, whatever was appended before it.
             ask().await;
-            self.catch_up().await?;
         }
         // The writer's name is the configured one and a part drawn at this owner's start:
         // two processes started with one KEEL_INSTANCE that read the same end of the log

@@ -109,12 +109,18 @@ pub(super) async fn handle(
         };
         let path = format!("/v1/{collection}/{id}/{command}");
         let left = patience.saturating_sub(started.elapsed());
-        let response = cluster
+        let forwarded = cluster
             .forward(&url, &path, &headers, body.clone(), left)
             .await?;
-        let not_owner = response.headers().contains_key(crate::cluster::NOT_OWNER);
-        if !not_owner || moved_from.is_some() {
-            return Ok(response);
+        let Some(moved_to) = forwarded.not_owner else {
+            return Ok(forwarded.response);
+        };
+        if moved_from.is_some() {
+            return Ok(forwarded.response);
+        }
+        // It handed the partition over moments ago, and says to whom.
+        if let Some(to) = moved_to {
+            cluster.note_moved(&at, &to);
         }
         cluster.refresh_soon();
         // Until the view no longer names that instance, or patience runs out.
@@ -251,11 +257,7 @@ async fn route(
             },
             // Forwarded here, to an owner fenced out meanwhile: the forwarding instance
             // looks again.
-            Some(Status::Lost) => {
-                return Err(ApiError::NotOwner(format!(
-                    "{at} moved away from this instance while the command was forwarded; retry"
-                )));
-            }
+            Some(Status::Lost) => return Err(not_owner(cluster, at)),
             Some(_) => return Ok(Route::Here),
             None => {}
         }
@@ -267,9 +269,7 @@ async fn route(
         }
         if forwarded {
             // The forwarding instance knows others too: it looks again at once.
-            return Err(ApiError::NotOwner(format!(
-                "{at} moved away from this instance while the command was forwarded; retry"
-            )));
+            return Err(not_owner(cluster, at));
         }
         // The view is read again every so often while the partition has no owner.
         if asked.is_none_or(|at| at.elapsed() >= OWNERLESS_LOOK) {
@@ -282,6 +282,17 @@ async fn route(
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The answer to a command forwarded here for a partition this instance does not own
+/// (any more): with the member it went to, when this instance knows.
+fn not_owner(cluster: &crate::cluster::Cluster, at: &TopicPartition) -> ApiError {
+    ApiError::NotOwner {
+        detail: format!(
+            "{at} moved away from this instance while the command was forwarded; retry"
+        ),
+        moved_to: cluster.owner_of(at).filter(|url| url != cluster.url()),
     }
 }
 

@@ -1,6 +1,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use keel_schemas::TopicPartition;
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -193,6 +194,10 @@ pub(super) async fn handoff(
         let Some(stream_type) = stream_type else {
             continue;
         };
+        // Commands for it go to the asker from now on: they wait in its owner's queue
+        // while it fences, rather than here while the group's view catches up.
+        let at = TopicPartition::new(topic.clone(), partition);
+        cluster.note_moved(&at, &request.from);
         // On a task of its own: a caller that hangs up does not cut the handoff short.
         let (owners, within) = (std::sync::Arc::clone(&state.owners), state.request_timeout);
         let handed = tokio::spawn(async move {
@@ -202,6 +207,8 @@ pub(super) async fn handoff(
         });
         if handed.await.unwrap_or(false) {
             handed_over.push(json!({"topic": topic, "partition": partition}));
+        } else {
+            cluster.forget_moved(&at, &request.from);
         }
     }
     if handed_over.is_empty() {

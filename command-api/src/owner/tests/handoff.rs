@@ -174,6 +174,8 @@ async fn a_new_owner_asks_its_predecessor_to_hand_over_once_it_has_read_the_log(
     // to it then is acknowledged), then hands over on request.
     let (asked_tx, asked_rx) = tokio::sync::oneshot::channel::<Result<Outcome, OwnerError>>();
     let ask_old = old.clone();
+    let ends_read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (ask_log, ask_ends_read) = (log.handle(), Arc::clone(&ends_read));
     let ask: AskPredecessor = Box::new(move || {
         Box::pin(async move {
             let served = send(&ask_old, "p-1", restock(3), meta("Restock", None, None)).await;
@@ -183,6 +185,7 @@ async fn a_new_owner_asks_its_predecessor_to_hand_over_once_it_has_read_the_log(
                 .await
                 .unwrap()
                 .unwrap();
+            ask_ends_read.store(ask_log.ends_read(), std::sync::atomic::Ordering::SeqCst);
         })
     });
     let (next, next_status, _next_stop, _next_task) = stoppable_owner(log.handle(), "cmd-b", |o| {
@@ -208,6 +211,11 @@ async fn a_new_owner_asks_its_predecessor_to_hand_over_once_it_has_read_the_log(
         .collect();
     assert_eq!(marks, vec![(false, 1), (true, 1), (false, 2)]);
     assert!(log.snapshots().is_empty());
+    assert_eq!(
+        log.ends_read(),
+        ends_read.load(std::sync::atomic::Ordering::SeqCst),
+        "it fenced on its predecessor's answer, without asking where the log ends again"
+    );
     let outcome = send(&next, "p-1", restock(1), meta("Restock", None, None))
         .await
         .unwrap();
