@@ -395,13 +395,21 @@ impl Cluster {
     /// callers' tokens, so they go to members only. Routing only: the fence decides who
     /// owns the partition, and a member that does not answers `503`.
     pub fn note_moved(&self, at: &TopicPartition, url: &str) {
-        if url == self.url || !self.is_member(url) {
+        let Ok(mut seen) = self.seen.write() else {
             return;
-        }
-        if let Ok(mut seen) = self.seen.write() {
+        };
+        if url == self.url {
+            // It moved here: whatever was noted before is past.
+            seen.moved.remove(at);
+        } else if seen.is_member(url) {
             seen.moved
                 .insert(at.clone(), (url.to_owned(), Instant::now()));
         }
+    }
+
+    /// The member this instance handed `at` over to moments ago, if it did.
+    pub fn moved_to(&self, at: &TopicPartition) -> Option<String> {
+        self.seen.read().ok()?.moved_to(at).cloned()
     }
 
     /// Forgets a move to `url` noted by [`Cluster::note_moved`] (the handoff did not

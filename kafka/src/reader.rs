@@ -291,6 +291,10 @@ impl Drop for PartitionReader {
     }
 }
 
+/// How long [`ReaderPool::open`] waits for a reader of the same partition, closed moments
+/// ago, to leave the consumer's assignment.
+const CLOSING_WAIT: Duration = Duration::from_secs(2);
+
 /// A partition marked open in a [`ReaderPool`] while its reader is being opened: unmarked
 /// when dropped, unless kept (the reader opened, and unmarks it when it goes).
 struct OpenMark {
@@ -389,17 +393,24 @@ impl ReaderPool {
         from_offset: i64,
     ) -> Result<PartitionReader, KafkaError> {
         // A second reader of the partition would take the first one's queue and, dropped,
-        // its assignment.
-        {
-            let mut open = self
+        // its assignment. One closed moments ago leaves the assignment on the blocking
+        // pool: it is waited for, briefly.
+        let until = tokio::time::Instant::now() + CLOSING_WAIT;
+        loop {
+            let inserted = self
                 .open
                 .lock()
-                .map_err(|_| KafkaError::Reader("the reader pool is poisoned".into()))?;
-            if !open.insert(at.clone()) {
+                .map_err(|_| KafkaError::Reader("the reader pool is poisoned".into()))?
+                .insert(at.clone());
+            if inserted {
+                break;
+            }
+            if tokio::time::Instant::now() >= until {
                 return Err(KafkaError::Reader(format!(
                     "{at} already has a reader open in this pool"
                 )));
             }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Until the reader is open, the partition is marked open by `marked`, which unmarks
         // it if opening fails or the caller stops waiting (the partition was revoked).

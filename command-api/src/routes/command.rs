@@ -92,6 +92,10 @@ pub(super) async fn handle(
     // Forwarded to an instance that turns out not to own the partition (it moved
     // meanwhile), the command is routed again, once: still one hop per attempt.
     let mut moved_from: Option<String> = None;
+    // One deadline for every hop and wait: the caller's patience.
+    let deadline = started + patience;
+    let out_of_patience =
+        || ApiError::Unavailable("the partition's owner did not answer in time; retry".into());
     loop {
         let routed = route(
             &state,
@@ -99,7 +103,7 @@ pub(super) async fn handle(
             &at,
             forwarded,
             moved_from.as_deref(),
-            patience,
+            deadline.saturating_duration_since(Instant::now()),
         );
         let Route::There(url) = routed.await? else {
             break;
@@ -108,7 +112,10 @@ pub(super) async fn handle(
             break;
         };
         let path = format!("/v1/{collection}/{id}/{command}");
-        let left = patience.saturating_sub(started.elapsed());
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(out_of_patience());
+        }
         let forwarded = cluster
             .forward(&url, &path, &headers, body.clone(), left)
             .await?;
@@ -118,15 +125,19 @@ pub(super) async fn handle(
         if moved_from.is_some() {
             return Ok(forwarded.response);
         }
-        // It handed the partition over moments ago, and says to whom.
-        if let Some(to) = moved_to {
-            cluster.note_moved(&at, &to);
-        }
-        cluster.refresh_soon();
-        // Until the view no longer names that instance, or patience runs out.
-        let until = Instant::now() + left.min(OWNERLESS_WAIT);
-        while cluster.owner_of(&at).as_deref() == Some(url.as_str()) && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        match moved_to {
+            // It handed the partition over moments ago, and says to whom.
+            Some(to) => cluster.note_moved(&at, &to),
+            None => {
+                cluster.refresh_soon();
+                // Until the view no longer names that instance, or patience runs out.
+                let until = deadline.min(Instant::now() + OWNERLESS_WAIT);
+                while cluster.owner_of(&at).as_deref() == Some(url.as_str())
+                    && Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
         moved_from = Some(url);
     }
@@ -264,6 +275,7 @@ async fn route(
         if !forwarded
             && let Some(url) = cluster.owner_of(at)
             && url != cluster.url()
+            && Some(url.as_str()) != moved_from
         {
             return Ok(Route::There(url));
         }
@@ -286,13 +298,14 @@ async fn route(
 }
 
 /// The answer to a command forwarded here for a partition this instance does not own
-/// (any more): with the member it went to, when this instance knows.
+/// (any more): with the member it handed the partition to moments ago, if it did (never a
+/// guess from its view of the group, which the forwarding instance has too).
 fn not_owner(cluster: &crate::cluster::Cluster, at: &TopicPartition) -> ApiError {
     ApiError::NotOwner {
         detail: format!(
             "{at} moved away from this instance while the command was forwarded; retry"
         ),
-        moved_to: cluster.owner_of(at).filter(|url| url != cluster.url()),
+        moved_to: cluster.moved_to(at),
     }
 }
 
