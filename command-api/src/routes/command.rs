@@ -116,14 +116,14 @@ pub(super) async fn handle(
         if left.is_zero() {
             return Err(out_of_patience());
         }
-        let forwarded = cluster
+        let answer = cluster
             .forward(&url, &path, &headers, body.clone(), left)
             .await?;
-        let Some(moved_to) = forwarded.not_owner else {
-            return Ok(forwarded.response);
+        let Some(moved_to) = answer.not_owner else {
+            return Ok(answer.response);
         };
         if moved_from.is_some() {
-            return Ok(forwarded.response);
+            return Ok(answer.response);
         }
         match moved_to {
             // It handed the partition over moments ago, and says to whom.
