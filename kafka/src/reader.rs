@@ -99,22 +99,11 @@ pub async fn end_offsets(
     // A client is made and destroyed for it: both wait on librdkafka's threads, so both
     // happen on the blocking pool, with the query.
     let (settings, partitions) = (settings.clone(), partitions.to_vec());
-    tokio::task::spawn_blocking(move || {
+    on_blocking_pool(move || {
         let consumer = reader_consumer(&settings, 25)?;
-        partitions
-            .into_iter()
-            .map(|at| {
-                consumer
-                    .fetch_watermarks(&at.topic, at.partition, settings.timeout)
-                    .map_err(KafkaError::client(format!(
-                        "reading the watermarks of {at}"
-                    )))
-                    .map(|(_, high)| (at, high))
-            })
-            .collect()
+        watermarks_of(&consumer, partitions, settings.timeout)
     })
     .await
-    .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
 }
 
 async fn high_watermarks(
@@ -122,21 +111,36 @@ async fn high_watermarks(
     partitions: Vec<TopicPartition>,
     timeout: Duration,
 ) -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
-    tokio::task::spawn_blocking(move || {
-        partitions
-            .into_iter()
-            .map(|at| {
-                consumer
-                    .fetch_watermarks(&at.topic, at.partition, timeout)
-                    .map_err(KafkaError::client(format!(
-                        "reading the watermarks of {at}"
-                    )))
-                    .map(|(_, high)| (at, high))
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
+    on_blocking_pool(move || watermarks_of(&consumer, partitions, timeout)).await
+}
+
+/// Each of `partitions` with its high watermark, asked of the broker through `consumer`
+/// (a blocking call: run it on the blocking pool).
+fn watermarks_of(
+    consumer: &StreamConsumer,
+    partitions: Vec<TopicPartition>,
+    timeout: Duration,
+) -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
+    partitions
+        .into_iter()
+        .map(|at| {
+            consumer
+                .fetch_watermarks(&at.topic, at.partition, timeout)
+                .map_err(KafkaError::client(format!(
+                    "reading the watermarks of {at}"
+                )))
+                .map(|(_, high)| (at, high))
+        })
+        .collect()
+}
+
+/// Runs a watermark query on the blocking pool.
+async fn on_blocking_pool<T: Send + 'static>(
+    query: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    tokio::task::spawn_blocking(query)
+        .await
+        .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
 }
 
 /// The fetch wait of the readers a command API reads its partitions back through. A
@@ -625,18 +629,11 @@ impl PartitionReader {
 
     /// The partition's high watermark: the offset the next appended record will get.
     pub async fn high_watermark(&self) -> Result<i64, KafkaError> {
-        let consumer = Arc::clone(&self.consumer);
-        let (topic, partition, timeout) = (self.topic.clone(), self.partition, self.timeout);
-        let (_, high) = tokio::task::spawn_blocking(move || {
-            consumer.fetch_watermarks(&topic, partition, timeout)
-        })
-        .await
-        .map_err(|e| KafkaError::Timeout(format!("reading watermarks: {e}")))?
-        .map_err(KafkaError::client(format!(
-            "reading the watermarks of {}/{}",
-            self.topic, self.partition
-        )))?;
-        Ok(high)
+        let at = TopicPartition::new(self.topic.clone(), self.partition);
+        let ends = high_watermarks(Arc::clone(&self.consumer), vec![at], self.timeout).await?;
+        ends.first()
+            .map(|(_, high)| *high)
+            .ok_or_else(|| KafkaError::Reader("the broker named no watermark".into()))
     }
 
     /// Reads every record from the current position up to the high watermark as it is now,
