@@ -737,6 +737,13 @@ where
             self.load_snapshot().await;
         }
         self.catch_up().await?;
+        if self.newer_rules {
+            // A newer command API fenced the partition under rules this build cannot
+            // judge: a fence of its own would rank below that one for the newer readers,
+            // which would then skip everything this owner acknowledged.
+            self.status.set(Status::Lost);
+            return Ok(());
+        }
         if self.writer.is_none()
             && self.gate.owner().is_some()
             && let Some(ask) = self.predecessor.take()
@@ -769,7 +776,7 @@ where
         self.status.fenced(&writer);
         self.writer = Some(writer.clone());
         self.read_through(offset).await?;
-        if self.gate.owner() == Some(&writer) {
+        if self.gate.owner() == Some(&writer) && !self.newer_rules {
             info!(
                 epoch = writer.epoch,
                 streams = self.streams.len(),
@@ -1078,7 +1085,9 @@ where
     pub(super) async fn recover(&mut self) -> Result<Verdicts, KafkaError> {
         let verdicts = self.catch_up().await?;
         if self.status.get() == Status::Recovering {
-            if self.gate.owner() == self.writer.as_ref() {
+            // A fence of rules this build does not know leaves the gate's owner as it was,
+            // and stops this owner for good.
+            if self.gate.owner() == self.writer.as_ref() && !self.newer_rules {
                 info!("recovered: serving again");
                 self.status.set(Status::Serving);
             } else {

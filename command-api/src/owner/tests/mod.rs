@@ -479,6 +479,71 @@ async fn a_fence_of_unknown_rules_stops_the_owner_serving() {
     );
 }
 
+/// A newer command API's fence of unknown rules stops an owner for good: a read-back that
+/// fails after it (the owner recovering) does not make it serve again.
+#[tokio::test(start_paused = true)]
+async fn an_owner_stopped_by_a_fence_of_unknown_rules_does_not_recover_into_serving() {
+    let log = MemoryLog::new(TOPIC, 0);
+    let (owner, status) = serving_owner(log.handle(), "cmd-a").await;
+    log.handle()
+        .append(&[("", &newer_rules_fence(), None)])
+        .await;
+    // The next command's read-back reads the newer fence, then fails at its own commit.
+    log.fail_reads_at(2, 1);
+    let refused = register_product(&owner, "p-1").await;
+    assert!(
+        matches!(refused, Err(OwnerError::Unavailable(_))),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(status.get(), Status::Lost, "it does not serve again");
+    let again = register_product(&owner, "p-2").await;
+    assert!(
+        matches!(again, Err(OwnerError::Unavailable(_))),
+        "{again:?}"
+    );
+}
+
+/// An owner started over a log whose last fence is of rules this build does not know
+/// fences nothing and serves nothing: its fence would rank below the newer one for the
+/// newer readers, which would skip whatever it acknowledged.
+#[tokio::test]
+async fn a_new_owner_over_a_fence_of_unknown_rules_does_not_fence() {
+    let log = MemoryLog::new(TOPIC, 0);
+    let (_first, _) = serving_owner(log.handle(), "cmd-a").await;
+    log.handle()
+        .append(&[("", &newer_rules_fence(), None)])
+        .await;
+    let (owner, status) =
+        PartitionOwner::<Product, _>::new(log.handle(), "cmd-b", key(), policy(), TIMEOUT);
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::spawn(owner.run(rx));
+    tokio::time::timeout(TIMEOUT, async {
+        while status.get() != Status::Lost {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the new owner stops");
+    assert_eq!(log.entries().len(), 2, "it appended no fence");
+    let refused = register_product(&tx, "p-1").await;
+    assert!(
+        matches!(refused, Err(OwnerError::Unavailable(_))),
+        "{refused:?}"
+    );
+}
+
+/// A fence signed by a trusted key, of rules above this build's, at a high epoch.
+fn newer_rules_fence() -> LogRecord {
+    let LogRecord::Fence(mut newer) =
+        testing::signed_fence(&testing::writer("cmd-new", 50), &key(), &here())
+    else {
+        unreachable!()
+    };
+    newer.rules = Some(keel_schemas::FENCE_RULES + 1);
+    LogRecord::Fence(newer.signed(&key()))
+}
+
 #[tokio::test]
 async fn a_fenced_owner_stops_acknowledging_and_its_successor_reads_the_state_from_the_log() {
     let log = MemoryLog::new(TOPIC, 0);
