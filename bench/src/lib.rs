@@ -33,6 +33,23 @@ pub fn bare_producer(settings: &KafkaSettings) -> anyhow::Result<BaseProducer> {
         .create()?)
 }
 
+/// A producer that writes a log in bulk: idempotent, `acks=all`, batches of up to 1 MB
+/// filled for up to 200 ms. A log written in large batches is what a compacting or bulk
+/// import leaves; it also spares the memory broker, which lists every stored batch of a
+/// partition on each fetch (a fetch deep into a log of small batches costs it time in
+/// proportion to the log, where Kafka looks the offset up in its index).
+fn bulk_producer(settings: &KafkaSettings) -> anyhow::Result<BaseProducer> {
+    Ok(settings
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "200")
+        .set("batch.size", "1000000")
+        .set("batch.num.messages", "100000")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?)
+}
+
 /// Enqueues one record, waiting while the producer's queue is full.
 pub fn send(
     producer: &BaseProducer,
@@ -118,11 +135,11 @@ pub fn order_placed(i: usize, writer: &Writer) -> CommitRecord {
 /// A bare producer to `topic`, after it has written a fence of the writer `bench` (epoch
 /// 1, signed with `key`) to each partition: what the logs the benchmarks write start with.
 fn fenced_producer(
+    producer: BaseProducer,
     settings: &KafkaSettings,
     topic: &str,
     key: &SigningKey,
 ) -> anyhow::Result<(BaseProducer, Writer)> {
-    let producer = bare_producer(settings)?;
     let writer = Writer {
         instance: "bench".into(),
         epoch: 1,
@@ -148,7 +165,7 @@ pub fn write_order_log(
     events: usize,
     key: &SigningKey,
 ) -> anyhow::Result<i64> {
-    let (producer, writer) = fenced_producer(settings, topic, key)?;
+    let (producer, writer) = fenced_producer(bare_producer(settings)?, settings, topic, key)?;
     for i in 0..events {
         let commit = order_placed(i, &writer);
         let commit = CommitRecord {
@@ -180,7 +197,7 @@ pub fn write_product_log(
     commits: usize,
     key: &SigningKey,
 ) -> anyhow::Result<i64> {
-    let (producer, writer) = fenced_producer(settings, topic, key)?;
+    let (producer, writer) = fenced_producer(bulk_producer(settings)?, settings, topic, key)?;
     let mut heads: Vec<Option<String>> = vec![None; streams];
     for version in 0..commits {
         for (i, head) in heads.iter_mut().enumerate() {

@@ -3,15 +3,18 @@
 //!
 //! ```sh
 //! make bench                     # builds in release mode and runs this
-//! target/release/bench [--events N] [--seconds S] [--streams N] [--out DIR] [--markdown FILE] [--quick] [--only GROUPS]
+//! target/release/bench [--events N] [--seconds S] [--streams N] [--takeover-streams N] [--out DIR] [--markdown FILE] [--quick] [--only GROUPS]
 //! ```
 //! * `--events`: events in the log the projections and the start-up read (1,000,000);
 //! * `--seconds`: length of each timed load (10);
 //! * `--streams`: streams of the command workload (10,000);
+//! * `--takeover-streams`: streams of the take-over logs, of 10 and of 100 commits each
+//!   (100,000);
 //! * `--out`: where `report.json` and the plots go (`docs/bench`);
 //! * `--markdown`: the file whose `<!-- bench:begin -->`…`<!-- bench:end -->` block gets
 //!   the results (`BENCHMARKS.md`); the file is created when missing;
-//! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams) to check the harness;
+//! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams, 1,000 take-over
+//!   streams) to check the harness;
 //! * `--only commands,ryw,projections,startup,scale`: some of the scenarios, printed only (for
 //!   profiling).
 //!
@@ -38,14 +41,17 @@ use keel_bench::system;
 use keel_tests::broker_binary;
 
 const USAGE: &str =
-    "bench [--events N] [--seconds S] [--streams N] [--out DIR] [--markdown FILE] [--quick] [--only GROUPS]
+    "bench [--events N] [--seconds S] [--streams N] [--takeover-streams N] [--out DIR] [--markdown FILE] [--quick] [--only GROUPS]
 
   --events N       events in the log the projections and the start-up read (1000000)
   --seconds S      length of each timed load (10)
   --streams N      streams of the command workload (10000)
+  --takeover-streams N
+                   streams of the take-over logs, of 10 and of 100 commits each (100000)
   --out DIR        where report.json and the plots go (docs/bench)
   --markdown FILE  the file whose bench:begin/bench:end block gets the results (BENCHMARKS.md)
-  --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams)
+  --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams,
+                   1000 take-over streams)
   --only GROUPS    some of commands,ryw,projections,startup,scale (all by default); for profiling: the
                    report and the Markdown are written only by a run of them all";
 
@@ -58,6 +64,7 @@ pub(crate) struct Options {
     events: usize,
     seconds: u64,
     streams: usize,
+    takeover_streams: usize,
     out: PathBuf,
     markdown: PathBuf,
     only: Option<Vec<String>>,
@@ -69,6 +76,7 @@ impl Options {
             events: 1_000_000,
             seconds: 10,
             streams: 10_000,
+            takeover_streams: 100_000,
             out: PathBuf::from("docs/bench"),
             markdown: PathBuf::from("BENCHMARKS.md"),
             only: None,
@@ -80,6 +88,9 @@ impl Options {
                 "--events" => options.events = value()?.parse().context("--events")?,
                 "--seconds" => options.seconds = value()?.parse().context("--seconds")?,
                 "--streams" => options.streams = value()?.parse().context("--streams")?,
+                "--takeover-streams" => {
+                    options.takeover_streams = value()?.parse().context("--takeover-streams")?
+                }
                 "--out" => options.out = PathBuf::from(value()?),
                 "--markdown" => options.markdown = PathBuf::from(value()?),
                 "--only" => {
@@ -97,6 +108,7 @@ impl Options {
                     options.events = 20_000;
                     options.seconds = 2;
                     options.streams = 1_000;
+                    options.takeover_streams = 1_000;
                 }
                 other => anyhow::bail!("unknown argument {other:?}\n\n{USAGE}"),
             }
@@ -104,6 +116,10 @@ impl Options {
         anyhow::ensure!(options.events >= 1000, "--events must be at least 1000");
         anyhow::ensure!(options.seconds >= 1, "--seconds must be at least 1");
         anyhow::ensure!(options.streams >= 100, "--streams must be at least 100");
+        anyhow::ensure!(
+            options.takeover_streams >= 100,
+            "--takeover-streams must be at least 100"
+        );
         Ok(options)
     }
 }

@@ -421,7 +421,7 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
 /// `streams` products of `commits` commits each: reading the whole log, then from the
 /// snapshot its predecessor left at its planned handoff.
 async fn takeover(options: &Options, report: &mut Report) -> anyhow::Result<()> {
-    let streams = (options.events / 50).max(1000);
+    let streams = options.takeover_streams;
     for commits in [10, 100] {
         step(&format!(
             "scale: take-over over {streams} products of {commits} commits, without and with a snapshot"
