@@ -34,6 +34,18 @@ pub(crate) struct Applier<'j> {
 }
 
 impl<'j> Applier<'j> {
+    /// A batch's transaction: it proves this process still holds its work, and for the live
+    /// generation takes the projection's lock shared and checks the generation is still
+    /// live ([`generation::enter_live`]), all before it writes a row.
+    async fn begin(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.job.pool.begin().await?;
+        self.hold.prove(&mut tx).await?;
+        if self.mode == Mode::Live {
+            generation::enter_live(&mut tx, self.job.name(), self.generation).await?;
+        }
+        Ok(tx)
+    }
+
     /// Proves, inside `tx`, that this process still holds the work it applies.
     pub(crate) async fn prove_hold(&self, tx: &mut sqlx::PgConnection) -> anyhow::Result<()> {
         self.hold.prove(tx).await
@@ -47,7 +59,7 @@ impl<'j> Applier<'j> {
         mode: Mode,
         hold: &'j Hold,
     ) -> anyhow::Result<Self> {
-        let checkpoints = Self::load_checkpoints(job, generation).await?;
+        let checkpoints = Self::load_checkpoints(job, generation, hold).await?;
         Ok(Self {
             job,
             generation,
@@ -58,11 +70,17 @@ impl<'j> Applier<'j> {
         })
     }
 
-    async fn load_checkpoints(job: &Job, generation: i32) -> anyhow::Result<Checkpoints> {
-        let partitions = job.projection.stream_types().iter().flat_map(|t| {
-            let topic = job.kafka.topic(t);
-            (0..job.kafka.partitions).map(move |p| TopicPartition::new(topic.clone(), p))
-        });
+    /// The checkpoints of the partitions `hold` covers: the units a live run holds, or
+    /// every partition the projection reads.
+    async fn load_checkpoints(
+        job: &Job,
+        generation: i32,
+        hold: &Hold,
+    ) -> anyhow::Result<Checkpoints> {
+        let partitions = match hold.partitions() {
+            Some(units) => units.to_vec(),
+            None => job.partitions(),
+        };
         Checkpoints::load(
             &job.pool,
             job.name(),
@@ -75,7 +93,31 @@ impl<'j> Applier<'j> {
     }
 
     async fn reload(&mut self) -> anyhow::Result<()> {
-        self.checkpoints = Self::load_checkpoints(self.job, self.generation).await?;
+        self.checkpoints = Self::load_checkpoints(self.job, self.generation, self.hold).await?;
+        Ok(())
+    }
+
+    /// Marks the live projection running again when it had stopped on a dead letter in a
+    /// partition this applier applies: that record is read again now.
+    pub(crate) async fn resume(&self) -> anyhow::Result<()> {
+        if self.mode != Mode::Live {
+            return Ok(());
+        }
+        let partitions: Vec<TopicPartition> =
+            self.assignment().into_iter().map(|(at, _)| at).collect();
+        sqlx::query(
+            "UPDATE keel_projections SET state = 'running', error = NULL, updated_at = now()
+             WHERE name = $1 AND generation = $2 AND state = 'stopped'
+               AND EXISTS (SELECT 1 FROM keel_dead_letters d
+                           WHERE d.projection = $1 AND d.generation = $2 AND NOT d.skipped
+                             AND (d.topic, d.partition) IN (SELECT * FROM UNNEST($3::text[], $4::int[])))",
+        )
+        .bind(self.job.name())
+        .bind(self.generation)
+        .bind(partitions.iter().map(|p| p.topic.clone()).collect::<Vec<_>>())
+        .bind(partitions.iter().map(|p| p.partition).collect::<Vec<_>>())
+        .execute(&self.job.pool)
+        .await?;
         Ok(())
     }
 
@@ -180,8 +222,12 @@ impl<'j> Applier<'j> {
             if entry.offset < state.next_offset {
                 continue;
             }
+            if entry.timestamp_ms.is_some() {
+                state.last_record_ms = entry.timestamp_ms;
+            }
             match decoded.admit(state) {
                 Ok(admitted) => {
+                    state.batch_events += admitted.len() as u64;
                     events.extend(admitted);
                     state.next_offset = entry.offset + 1;
                     state.touched = true;
@@ -201,8 +247,7 @@ impl<'j> Applier<'j> {
                 }
             }
         }
-        let mut tx = self.job.pool.begin().await?;
-        self.hold.prove(&mut tx).await?;
+        let mut tx = self.begin().await?;
         self.job
             .projection
             .apply(&mut tx, self.generation, &events)
@@ -241,8 +286,7 @@ impl<'j> Applier<'j> {
                 decoded.pass_over(state);
             }
         }
-        let mut tx = self.job.pool.begin().await?;
-        self.hold.prove(&mut tx).await?;
+        let mut tx = self.begin().await?;
         self.save(&mut tx, std::slice::from_ref(&dead), 0, stopped)
             .await?;
         tx.commit().await?;

@@ -26,6 +26,10 @@ pub(crate) struct PartitionState {
     pub(crate) touched_streams: HashSet<StreamRef>,
     /// Whether the batch being applied moved this partition's checkpoint.
     pub(crate) touched: bool,
+    /// Events the batch being applied takes from this partition.
+    pub(crate) batch_events: u64,
+    /// The log time (ms since the epoch) of the last record applied, when the log gave one.
+    pub(crate) last_record_ms: Option<i64>,
     /// Rows of `keel_gate_versions` since the partition's last snapshot.
     deltas: u32,
     /// Stream versions those rows hold.
@@ -39,6 +43,8 @@ impl PartitionState {
             gate: PartitionGate::new(Arc::clone(policy), at),
             touched_streams: HashSet::new(),
             touched: false,
+            batch_events: 0,
+            last_record_ms: None,
             deltas: 0,
             delta_entries: 0,
         }
@@ -325,12 +331,15 @@ impl Checkpoints {
         if !touched.is_empty() {
             sqlx::query(
                 "INSERT INTO keel_checkpoints (projection, generation, topic, partition, next_offset, owner_instance,
-                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, fence_rules, updated_at)
-                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, fr, now() FROM UNNEST($3::text[], $4::int[],
-                    $5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[],
-                    $12::int[])
-                    AS u(t, p, o, oi, oe, he, a, r, ok, fr)
+                    owner_epoch, highest_epoch, accepted, rejected, owner_key_id, fence_rules, events, last_record_at,
+                    updated_at)
+                 SELECT $1, $2, t, p, o, oi, oe, he, a, r, ok, fr, e, to_timestamp(lr / 1000.0), now()
+                 FROM UNNEST($3::text[], $4::int[], $5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[],
+                    $10::bigint[], $11::text[], $12::int[], $13::bigint[], $14::bigint[])
+                    AS u(t, p, o, oi, oe, he, a, r, ok, fr, e, lr)
                  ON CONFLICT (projection, generation, topic, partition) DO UPDATE SET
+                    events = keel_checkpoints.events + EXCLUDED.events,
+                    last_record_at = COALESCE(EXCLUDED.last_record_at, keel_checkpoints.last_record_at),
                     next_offset = EXCLUDED.next_offset, owner_instance = EXCLUDED.owner_instance,
                     owner_epoch = EXCLUDED.owner_epoch, highest_epoch = EXCLUDED.highest_epoch,
                     accepted = EXCLUDED.accepted, rejected = EXCLUDED.rejected,
@@ -349,6 +358,8 @@ impl Checkpoints {
             .bind(touched.iter().map(|(_, s)| s.gate.rejected() as i64).collect::<Vec<_>>())
             .bind(touched.iter().map(|(_, s)| s.gate.owner_key().map(str::to_owned)).collect::<Vec<_>>())
             .bind(touched.iter().map(|(_, s)| s.gate.fence_rules() as i32).collect::<Vec<_>>())
+            .bind(touched.iter().map(|(_, s)| s.batch_events as i64).collect::<Vec<_>>())
+            .bind(touched.iter().map(|(_, s)| s.last_record_ms).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -371,6 +382,7 @@ impl Checkpoints {
                 };
             }
             state.touched = false;
+            state.batch_events = 0;
             state.touched_streams.clear();
         }
     }

@@ -1,4 +1,5 @@
 use std::str::FromStr;
+use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -8,6 +9,16 @@ use tracing::info;
 /// Connects to the database of `url`, creating it when missing, and runs the projector's
 /// migrations.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    connect_with(url, None).await
+}
+
+/// [`connect`] for a process that shares units of work with others: each connection ends a
+/// transaction left idle longer than `claim_timeout` ([`crate::units::idle_bound`]).
+pub async fn connect_sharing(url: &str, claim_timeout: Duration) -> anyhow::Result<PgPool> {
+    connect_with(url, Some(claim_timeout)).await
+}
+
+async fn connect_with(url: &str, claim_timeout: Option<Duration>) -> anyhow::Result<PgPool> {
     let options =
         PgConnectOptions::from_str(url).context("KEEL_DATABASE_URL is not a PostgreSQL URL")?;
     let name = options.get_database().unwrap_or("postgres").to_owned();
@@ -39,6 +50,14 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
         }
     }
     admin.close().await.ok();
+    // Named, so that an operator tells its sessions apart in `pg_stat_activity`.
+    let mut options = options.application_name("keel-projector");
+    if let Some(timeout) = claim_timeout {
+        options = options.options([(
+            "idle_in_transaction_session_timeout",
+            crate::units::idle_bound(timeout),
+        )]);
+    }
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .connect_with(options)

@@ -183,10 +183,37 @@ pub(crate) struct BatchReport<'a> {
     pub(crate) generation: i32,
 }
 
-/// Records a batch against its generation in the batch's transaction `tx`. For the live
-/// generation this is also the check that it is still live (a swap that committed first
-/// makes this match nothing, and one that waits sees this batch first), and it notifies
-/// waiting queries on commit.
+/// Starts a live batch in its transaction `tx`, before it writes anything: takes the
+/// projection's transaction lock shared, then checks that `generation` is still live.
+/// Batches of several units (and processes) go on side by side; a swap or a prepare
+/// (which take the lock exclusive) waits for those in flight, and those that come after it
+/// find their generation gone. Taken first, before any of the view's tables, as the swap
+/// and the prepare take it: a batch holding a table while it waits for the lock would
+/// deadlock with a prepare that holds the lock while it waits for the table.
+pub(crate) async fn enter_live(
+    tx: &mut PgConnection,
+    projection: &str,
+    generation: i32,
+) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtext($1))")
+        .bind(projection)
+        .execute(&mut *tx)
+        .await?;
+    let live: Option<i32> =
+        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
+            .bind(projection)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if live != Some(generation) {
+        return Err(GenerationChanged(generation).into());
+    }
+    Ok(())
+}
+
+/// Records a batch against its generation in the batch's transaction `tx` (for the live
+/// generation, one [`enter_live`] began): a live one notifies waiting queries on commit,
+/// and records a stop. The events are counted on the checkpoints, where each unit writes
+/// anyway.
 pub(crate) async fn record_batch(
     tx: &mut PgConnection,
     report: BatchReport<'_>,
@@ -202,19 +229,15 @@ pub(crate) async fn record_batch(
     let state_word = stopped.as_ref().map_or("running", |_| "stopped");
     match mode {
         Mode::Live => {
-            let updated = sqlx::query(
-                "UPDATE keel_projections SET events = events + $2, state = $3, error = $4, updated_at = now()
-                 WHERE name = $1 AND generation = $5",
-            )
-            .bind(projection)
-            .bind(events as i64)
-            .bind(state_word)
-            .bind(&stopped)
-            .bind(generation)
-            .execute(&mut *tx)
-            .await?;
-            if updated.rows_affected() == 0 {
-                return Err(GenerationChanged(generation).into());
+            if stopped.is_some() {
+                sqlx::query(
+                    "UPDATE keel_projections SET state = $2, error = $3, updated_at = now() WHERE name = $1",
+                )
+                .bind(projection)
+                .bind(state_word)
+                .bind(&stopped)
+                .execute(&mut *tx)
+                .await?;
             }
             notify(tx, projection).await?;
         }
@@ -263,18 +286,14 @@ pub(crate) async fn make_live(
     keep_previous: bool,
 ) -> Result<(), sqlx::Error> {
     let name = projection.name();
-    let events: i64 = sqlx::query_scalar("SELECT events FROM keel_rebuilds WHERE projection = $1")
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
+    // The new generation's events are counted on its checkpoints.
     sqlx::query(
-        "UPDATE keel_projections SET generation = $2, code_version = $3, gate_rules = $5, events = $4,
+        "UPDATE keel_projections SET generation = $2, code_version = $3, gate_rules = $4, events = 0,
             state = 'running', error = NULL, updated_at = now() WHERE name = $1",
     )
     .bind(name)
     .bind(generation)
     .bind(projection.version())
-    .bind(events)
     .bind(GATE_RULES)
     .execute(&mut *tx)
     .await?;

@@ -1,21 +1,29 @@
 //! Who holds a unit of projection work, proved inside every batch transaction.
 //!
-//! A runner (or a rebuild) takes its session advisory lock, then claims its unit of work in
-//! `keel_holders` under an id of its own. Every batch transaction first reads the unit's
-//! row `FOR SHARE` and goes on only if this process still holds it. A runner whose lock
-//! session died (a PostgreSQL restart, `pg_terminate_backend`, an idle-session timeout)
-//! while a standby took the lock and claimed the unit finds the standby's id there, and
-//! applies nothing more. The share lock makes a claim wait until the batch that read the
-//! row commits, so two holders never apply at once.
+//! A live run holds partitions of its projection, claimed in `keel_units` by this
+//! process's membership ([`crate::units`]). A rebuild takes its session advisory lock, then
+//! claims its work in `keel_holders` under an id of its own. Either way every batch
+//! transaction first reads the rows of what it holds `FOR SHARE` and goes on only if this
+//! process still holds all of it. A process that lost a unit (paused past the claim
+//! timeout, or its lock session died while a standby took over) finds another's id there,
+//! and applies nothing more. The share lock makes a claim wait until the batch that read
+//! the row commits, so two holders never apply at once.
 
+use keel_schemas::TopicPartition;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// This process's claim on a unit of work.
 #[derive(Debug)]
-pub(crate) struct Hold {
-    work: String,
-    holder: Uuid,
+pub(crate) enum Hold {
+    /// Work claimed whole in `keel_holders` (`rebuild:<projection>`).
+    Work { work: String, holder: Uuid },
+    /// Partitions of a live projection, claimed in `keel_units` by this process.
+    Units {
+        projection: &'static str,
+        process: Uuid,
+        units: Vec<TopicPartition>,
+    },
 }
 
 /// The unit of work is held by another process now: stop applying, and stand by.
@@ -39,22 +47,82 @@ impl Hold {
         .bind(holder)
         .execute(pool)
         .await?;
-        Ok(Self { work, holder })
+        Ok(Self::Work { work, holder })
+    }
+
+    /// The partitions `units` of `projection`, as this process's membership claimed them.
+    pub(crate) fn units(
+        projection: &'static str,
+        process: Uuid,
+        mut units: Vec<TopicPartition>,
+    ) -> Self {
+        units.sort();
+        Self::Units {
+            projection,
+            process,
+            units,
+        }
+    }
+
+    /// The partitions held, for a live run's units; `None` for work held whole.
+    pub(crate) fn partitions(&self) -> Option<&[TopicPartition]> {
+        match self {
+            Self::Work { .. } => None,
+            Self::Units { units, .. } => Some(units),
+        }
     }
 
     /// Proves, inside the transaction `tx`, that this process still holds the work; the
     /// share lock it takes keeps a new claim waiting until `tx` ends.
     pub(crate) async fn prove(&self, tx: &mut PgConnection) -> anyhow::Result<()> {
-        let holder: Option<Uuid> =
-            sqlx::query_scalar("SELECT holder FROM keel_holders WHERE work = $1 FOR SHARE")
-                .bind(&self.work)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if holder != Some(self.holder) {
-            return Err(LostHold {
-                work: self.work.clone(),
+        match self {
+            Self::Work { work, holder } => {
+                let now: Option<Uuid> =
+                    sqlx::query_scalar("SELECT holder FROM keel_holders WHERE work = $1 FOR SHARE")
+                        .bind(work)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if now != Some(*holder) {
+                    return Err(LostHold { work: work.clone() }.into());
+                }
             }
-            .into());
+            Self::Units {
+                projection,
+                process,
+                units,
+            } => {
+                // Rows locked in one order (the key's), as every batch of every process
+                // locks them.
+                let held: Vec<(String, i32, Option<Uuid>)> = sqlx::query_as(
+                    "SELECT topic, partition, holder FROM keel_units
+                     WHERE kind = $1 AND projection = $2
+                       AND (topic, partition) IN (SELECT * FROM UNNEST($3::text[], $4::int[]))
+                     ORDER BY topic, partition FOR SHARE",
+                )
+                .bind(crate::units::RUN)
+                .bind(projection)
+                .bind(units.iter().map(|u| u.topic.clone()).collect::<Vec<_>>())
+                .bind(units.iter().map(|u| u.partition).collect::<Vec<_>>())
+                .fetch_all(&mut *tx)
+                .await?;
+                let lost: Vec<String> = units
+                    .iter()
+                    .filter(|at| {
+                        !held.iter().any(|(topic, partition, holder)| {
+                            *topic == at.topic
+                                && *partition == at.partition
+                                && *holder == Some(*process)
+                        })
+                    })
+                    .map(|at| format!("{projection} {at}"))
+                    .collect();
+                if !lost.is_empty() {
+                    return Err(LostHold {
+                        work: lost.join(", "),
+                    }
+                    .into());
+                }
+            }
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_kafka::KafkaSettings;
-use keel_schemas::TrustedKeys;
+use keel_schemas::{TopicPartition, TrustedKeys};
 use sqlx::PgPool;
 
 use crate::projection::Projection;
@@ -66,5 +66,17 @@ impl Job {
     /// The projection's name.
     pub fn name(&self) -> &'static str {
         self.projection.name()
+    }
+
+    /// Every partition the projection reads, in order.
+    pub fn partitions(&self) -> Vec<TopicPartition> {
+        self.projection
+            .stream_types()
+            .iter()
+            .flat_map(|t| {
+                let topic = self.kafka.topic(t);
+                (0..self.kafka.partitions).map(move |p| TopicPartition::new(topic.clone(), p))
+            })
+            .collect()
     }
 }

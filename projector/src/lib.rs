@@ -9,8 +9,10 @@
 //! |---|---|
 //! | [`projection`] | the trait a view implements, and the events it receives |
 //! | [`views`] | the shop's projections |
-//! | [`runner`] | one projection's loop: the run lock, the live generation, prefetched batches |
-//! | `applier` | the batch transaction: gate, apply, checkpoint, dead letters, report |
+//! | [`units`] | partitions shared among projector processes: heartbeats, claims, shares |
+//! | [`runner`] | one projection's loop on this process's share: the live generation, prefetched batches |
+//! | `applier` | the batch transaction: proof of the units held, gate, apply, checkpoint, dead letters, report |
+//! | `hold` | what a batch proves it holds: a live run's units, a rebuild's claim |
 //! | `checkpoint` | checkpoints and the gate's state: loading, saving, snapshots |
 //! | `decode` | records decoded and put through the gate |
 //! | `dead_letter` | records that cannot be decoded or applied |
@@ -40,6 +42,7 @@ mod settings;
 pub mod status;
 #[cfg(test)]
 mod testing;
+pub mod units;
 pub mod verify;
 pub mod views;
 

@@ -14,6 +14,7 @@ use keel_kafka::{KafkaSettings, end_offsets, ensure_topics};
 use keel_schemas::{TopicPartition, TrustedKeys};
 use projector::rebuild::{Progress, RebuildOptions};
 use projector::runner::Runner;
+use projector::units::Membership;
 use projector::{Job, OnError, Settings, SettingsArgs, db, report, status, verify, views};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -145,36 +146,60 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
     let topics = ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
         .await
         .context("ensuring the topics")?;
-    let pool = db::connect(&settings.database.database_url).await?;
+    let pool = db::connect_sharing(&settings.database.database_url, settings.claim_timeout).await?;
     record_topics(&pool, &topics, settings.kafka.partitions).await?;
     let options = settings.run_options(on_error)?;
-    let mut tasks = JoinSet::new();
-    for projection in all
+    let jobs: Vec<Job> = all
         .into_iter()
         .filter(|p| only.is_empty() || only.iter().any(|n| n == p.name()))
-    {
-        let runner = Runner::new(Job::new(
-            projection,
-            pool.clone(),
-            settings.kafka.clone(),
-            options.clone(),
-        ));
+        .map(|projection| {
+            Job::new(
+                projection,
+                pool.clone(),
+                settings.kafka.clone(),
+                options.clone(),
+            )
+        })
+        .collect();
+    // The projections' partitions are shared with the other projector processes.
+    let (membership, mut assignments) = Membership::new(
+        pool.clone(),
+        settings.claim_timeout,
+        jobs.iter().map(|job| (job.name(), job.partitions())),
+    );
+    let leaving = membership.leaving();
+    let mut tasks = JoinSet::new();
+    for job in jobs {
+        let assignment = assignments
+            .remove(job.name())
+            .context("every projection has its assignment")?;
+        let runner = Runner::new(job, assignment);
         tasks.spawn(async move { runner.run().await });
     }
+    let membership = keel_kafka::AbortOnDrop(tokio::spawn(membership.run()));
     let shutdown = keel_telemetry::shutdown_signal();
     tokio::pin!(shutdown);
-    loop {
+    let ended = loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break Ok(()),
             done = tasks.join_next() => match done {
                 // Every projection stopped on a dead letter: nothing is left to run.
-                None => return Ok(()),
+                None => break Ok(()),
                 Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => return Err(e),
-                Some(Err(e)) => return Err(e).context("a projection task failed"),
+                Some(Ok(Err(e))) => break Err(e),
+                Some(Err(e)) => break Err(e).context("a projection task failed"),
             },
         }
+    };
+    // The runners stop (a batch in flight rolls back), then the others take the units at
+    // once instead of after the claim timeout.
+    tasks.shutdown().await;
+    drop(membership);
+    pool.close().await;
+    if let Err(e) = leaving.leave().await {
+        tracing::warn!(error = %format!("{e:#}"), "could not let go of the units: the others take them after the claim timeout");
     }
+    ended
 }
 
 /// Tells the query API which topics and partitions there are, so it refuses a consistency
@@ -207,6 +232,7 @@ async fn rebuild(
     let rebuild_options = RebuildOptions {
         keep_old,
         wait_for_lock: false,
+        only_if_older: false,
         progress: Progress::Terminal,
     };
     let work = async {

@@ -52,6 +52,10 @@ pub struct RebuildOptions {
     pub keep_old: bool,
     /// Wait for another rebuild of the projection to finish instead of refusing.
     pub wait_for_lock: bool,
+    /// Rebuild only while the live generation was built by older code: the automatic
+    /// rebuild of a runner, which another process may have done while this one waited
+    /// ([`AlreadyRebuilt`]).
+    pub only_if_older: bool,
     /// How progress is shown.
     pub progress: Progress,
 }
@@ -97,6 +101,12 @@ impl std::fmt::Display for RebuildReport {
         )
     }
 }
+
+/// The live generation was already rebuilt by this code (by another process, while this
+/// one waited for the rebuild's lock): nothing to do.
+#[derive(Debug, thiserror::Error)]
+#[error("the live generation of {0} is already built by this code")]
+pub struct AlreadyRebuilt(String);
 
 /// Rebuilds `job`'s projection into its next generation and swaps it in.
 pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<RebuildReport> {
@@ -144,6 +154,9 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     let hold = Hold::claim(&job.pool, format!("rebuild:{name}")).await?;
     // Read under the lock: a rebuild that finished while this one waited moved it on.
     let live = prepare(&job.pool, projection).await?;
+    if options.only_if_older && live.built(projection) != Built::Older {
+        return Err(AlreadyRebuilt(name.to_owned()).into());
+    }
     if live.built(projection) == Built::Newer {
         bail!(
             "the live generation of {name} was built by newer code than this projector's (code version {}, \
@@ -554,6 +567,7 @@ mod tests {
         let options = RebuildOptions {
             keep_old: false,
             wait_for_lock: false,
+            only_if_older: false,
             progress: Progress::Log,
         };
         let refused = tokio::time::timeout(Duration::from_secs(30), rebuild(&job, &options))

@@ -90,13 +90,16 @@ pub fn status_text(before: &[ProjectionStatus], now: &[ProjectionStatus]) -> Str
         }
         for part in &p.partitions {
             out.push_str(&format!(
-                "  {}/{}: next offset {}, end {}, lag {}, gate skipped {}\n",
+                "  {}/{}: next offset {}, end {}, lag {} ({}), gate skipped {}, held by {}\n",
                 part.topic,
                 part.partition,
                 part.next_offset,
                 part.end_offset.map_or("?".into(), |e| e.to_string()),
                 part.lag.map_or("?".into(), |l| l.to_string()),
-                part.rejected
+                part.lag_seconds
+                    .map_or("? s".into(), |s| format!("{s:.1} s")),
+                part.rejected,
+                part.held_by.as_deref().unwrap_or("nobody")
             ));
         }
     }

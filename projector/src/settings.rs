@@ -30,6 +30,12 @@ pub struct SettingsArgs {
     #[arg(long, env = "KEEL_GATE_SNAPSHOT_EVERY", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
     pub gate_snapshot_every: u32,
+    /// How long a projector process may go without a heartbeat (stalled, cut off, dead)
+    /// before the others take its partitions, in milliseconds. Also how long its
+    /// connections may leave a transaction idle.
+    #[arg(long, env = "KEEL_PROJECTOR_CLAIM_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(200..), value_name = "MS")]
+    pub claim_timeout_ms: u64,
     /// The public keys `verify` accepts commit signatures from (where the embedded
     /// default's command API puts its key).
     #[arg(
@@ -57,6 +63,8 @@ pub struct Settings {
     pub snapshot_every: u32,
     /// The public keys `verify` accepts commit signatures from.
     pub trusted_keys_file: PathBuf,
+    /// How long a process may go without a heartbeat before the others take its partitions.
+    pub claim_timeout: Duration,
     /// Kafka settings.
     pub kafka: KafkaSettings,
 }
@@ -70,6 +78,7 @@ impl Settings {
             linger: Duration::from_millis(args.batch_linger_ms),
             snapshot_every: args.gate_snapshot_every,
             trusted_keys_file: args.trusted_keys_file,
+            claim_timeout: Duration::from_millis(args.claim_timeout_ms),
             kafka: args
                 .kafka
                 .settings()

@@ -78,3 +78,55 @@ pub(crate) async fn live_by_newer_code(
         .unwrap();
     live
 }
+
+/// A signing key and a key policy that trusts it.
+pub(crate) fn trusted_key() -> (keel_schemas::SigningKey, Arc<TrustedKeys>) {
+    let key = keel_schemas::SigningKey::generate();
+    let mut policy = TrustedKeys::default();
+    policy.add(&key);
+    (key, Arc::new(policy))
+}
+
+/// An `OrderPlaced` commit of order `id` (its first), written by `writer`, signed by `key`.
+pub(crate) fn placed(
+    writer: &keel_schemas::Writer,
+    key: &keel_schemas::SigningKey,
+    id: &str,
+) -> keel_schemas::LogRecord {
+    use keel_schemas::testing;
+    keel_schemas::LogRecord::Commit(
+        testing::commit(writer, testing::stream("order", id), 0)
+            .event(
+                "OrderPlaced",
+                2,
+                serde_json::json!({"customer_id": "c-1",
+                    "lines": [{"sku": "S-1", "quantity": 1, "unit_price": {"amount_minor": 100, "currency": "EUR"}}],
+                    "total": {"amount_minor": 100, "currency": "EUR"}}),
+            )
+            .signed(key),
+    )
+}
+
+/// `records` as read from partition 0 of the order topic of `kafka`, from offset `first`,
+/// decoded under `policy`.
+pub(crate) fn read_orders(
+    kafka: &KafkaSettings,
+    policy: &TrustedKeys,
+    first: i64,
+    records: &[keel_schemas::LogRecord],
+) -> Vec<crate::decode::Decoded> {
+    let entries = records
+        .iter()
+        .enumerate()
+        .map(|(n, record)| keel_kafka::LogEntry {
+            topic: kafka.topic("order"),
+            partition: 0,
+            offset: first + n as i64,
+            key: None,
+            payload: record.encode(),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        })
+        .collect();
+    crate::decode::Decoded::all(entries, policy)
+}

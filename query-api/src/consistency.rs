@@ -18,12 +18,39 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
 /// The longest `Keel-Consistency-Timeout` accepted.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// How often a query API on a hot standby looks whether the standby replayed more of the
+/// primary's log.
+const REPLAY_POLL: Duration = Duration::from_millis(5);
+
 /// Bumps a counter each time the projector commits a batch (its `NOTIFY`), and once a
 /// second regardless, so a lost notification delays a waiting query by a second at most.
+/// On a hot standby, which cannot `LISTEN` (notifications are not replicated either), the
+/// counter moves instead whenever the standby has replayed more of the primary's log,
+/// looked at every [`REPLAY_POLL`]: a batch's checkpoint and rows arrive in one replayed
+/// transaction, so a token is passed on the standby exactly when both are there.
 pub fn spawn_listener(pool: PgPool) -> watch::Receiver<u64> {
     let (tx, rx) = watch::channel(0u64);
     tokio::spawn(async move {
         loop {
+            if tx.is_closed() {
+                return;
+            }
+            match sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
+                .fetch_one(&pool)
+                .await
+            {
+                Ok(true) => {
+                    follow_replay(&pool, &tx).await;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "cannot reach the database; polling instead");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tx.send_modify(|n| *n += 1);
+                    continue;
+                }
+            }
             let mut listener = match PgListener::connect_with(&pool).await {
                 Ok(l) => l,
                 Err(e) => {
@@ -51,6 +78,37 @@ pub fn spawn_listener(pool: PgPool) -> watch::Receiver<u64> {
         }
     });
     rx
+}
+
+/// On a hot standby: bumps the counter each time the standby's replayed position moves,
+/// until the database is no longer in recovery (promoted: it can `LISTEN` then) or cannot
+/// be reached.
+async fn follow_replay(pool: &PgPool, tx: &watch::Sender<u64>) {
+    let mut last: Option<String> = None;
+    loop {
+        let read: Result<(bool, Option<String>), _> =
+            sqlx::query_as("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text")
+                .fetch_one(pool)
+                .await;
+        match read {
+            Ok((true, lsn)) => {
+                if lsn != last {
+                    last = lsn;
+                    tx.send_modify(|n| *n += 1);
+                }
+            }
+            Ok((false, _)) => return,
+            Err(e) => {
+                warn!(error = %e, "reading the standby's replay position failed");
+                tx.send_modify(|n| *n += 1);
+                return;
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(REPLAY_POLL).await;
+    }
 }
 
 /// Each projection's checkpoints as last read, with the notification count they were read

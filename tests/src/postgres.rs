@@ -21,19 +21,7 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// Creates a cluster and starts it.
     pub async fn start(name: &str) -> anyhow::Result<Self> {
-        let bin = server_binaries()?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = std::env::temp_dir().join(format!(
-            "keel-pg-{name}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let server = Self { bin, dir, port };
-        if is_root() {
-            run(Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&server.dir))?;
-        }
+        let server = Self::place(name)?;
         let data = server.data();
         server.as_owner("initdb", |c| {
             c.args([
@@ -49,6 +37,51 @@ impl PrivatePostgres {
         })?;
         server.start_server().await?;
         Ok(server)
+    }
+
+    /// A free port and a directory of its own, owned by the server's user.
+    fn place(name: &str) -> anyhow::Result<Self> {
+        let bin = server_binaries()?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = std::env::temp_dir().join(format!(
+            "keel-pg-{name}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let server = Self { bin, dir, port };
+        if is_root() {
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&server.dir))?;
+        }
+        Ok(server)
+    }
+
+    /// A hot standby of this server: a base backup taken with `pg_basebackup -R` (which
+    /// tells the copy to stream this server's log), started on a free port of its own.
+    /// Read-only; it replays what this server commits, a little later. Stopped and
+    /// removed when dropped.
+    pub async fn standby(&self, name: &str) -> anyhow::Result<Self> {
+        let standby = Self::place(name)?;
+        let (data, port) = (standby.data(), self.port.to_string());
+        standby.as_owner("pg_basebackup", |c| {
+            c.args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ])
+        })?;
+        standby.start_server().await?;
+        Ok(standby)
     }
 
     /// Its URL for database `database` (which the projector creates on first use).

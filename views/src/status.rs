@@ -23,8 +23,30 @@ pub struct PartitionStatus {
     pub end_offset: Option<i64>,
     /// Records between the checkpoint and the end.
     pub lag: Option<i64>,
+    /// How far behind the partition is in time: the age of the last record applied while
+    /// records wait, 0 when none do.
+    pub lag_seconds: Option<f64>,
+    /// The log time of the last record applied.
+    pub last_record_at: Option<DateTime<Utc>>,
+    /// The projector process (`host:pid`) holding the partition, while its heartbeat holds.
+    pub held_by: Option<String>,
     /// Records the gate skipped.
     pub rejected: i64,
+}
+
+impl PartitionStatus {
+    /// Sets the partition's end, and so its lag in records and in seconds.
+    fn end_at(&mut self, end: Option<i64>) {
+        self.end_offset = end;
+        self.lag = end.map(|end| (end - self.next_offset).max(0));
+        self.lag_seconds = match self.lag {
+            Some(0) => Some(0.0),
+            Some(_) => self
+                .last_record_at
+                .map(|at| ((Utc::now() - at).num_milliseconds().max(0) as f64) / 1000.0),
+            None => None,
+        };
+    }
 }
 
 /// A rebuild in progress.
@@ -97,17 +119,17 @@ impl ProjectionStatus {
     /// Fills in each partition's end and lag, and the total lag, from where the log ends.
     pub fn measure_lag(&mut self, ends: &HashMap<TopicPartition, i64>) {
         for p in &mut self.partitions {
-            p.end_offset = ends
+            let end = ends
                 .get(&TopicPartition::new(p.topic.clone(), p.partition))
                 .copied();
-            p.lag = p.end_offset.map(|end| (end - p.next_offset).max(0));
+            p.end_at(end);
         }
         self.lag = Some(self.partitions.iter().filter_map(|p| p.lag).sum());
     }
 }
 
-/// Reads every projection's status from the database, without the log's ends (`lag` and
-/// `end_offset` are `None`).
+/// Reads every projection's status from the database, with the log's ends as the
+/// projectors last measured them (`None` where none did).
 pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
     type Row = (
         String,
@@ -120,15 +142,35 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
         i64,
     );
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT p.name, p.generation, p.code_version, p.state, p.error, p.events, p.updated_at,
+        "SELECT p.name, p.generation, p.code_version, p.state, p.error,
+                p.events + COALESCE(c.events, 0)::bigint, GREATEST(p.updated_at, c.updated_at),
                 (SELECT count(*) FROM keel_dead_letters d WHERE d.projection = p.name AND d.generation = p.generation)
-         FROM keel_projections p ORDER BY p.name",
+         FROM keel_projections p
+         LEFT JOIN LATERAL (SELECT sum(events) AS events, max(updated_at) AS updated_at FROM keel_checkpoints
+                            WHERE projection = p.name AND generation = p.generation) c ON true
+         ORDER BY p.name",
     )
     .fetch_all(pool)
     .await?;
-    let checkpoints: Vec<(String, String, i32, i64, i64)> = sqlx::query_as(
-        "SELECT c.projection, c.topic, c.partition, c.next_offset, c.rejected FROM keel_checkpoints c
+    type Checkpoint = (
+        String,
+        String,
+        i32,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+        Option<String>,
+        Option<i64>,
+    );
+    let checkpoints: Vec<Checkpoint> = sqlx::query_as(
+        "SELECT c.projection, c.topic, c.partition, c.next_offset, c.rejected, c.last_record_at, h.name,
+                e.end_offset
+         FROM keel_checkpoints c
          JOIN keel_projections p ON p.name = c.projection AND p.generation = c.generation
+         LEFT JOIN keel_units u ON u.kind = 'run' AND u.projection = c.projection AND u.topic = c.topic
+                                AND u.partition = c.partition
+         LEFT JOIN keel_projector_processes h ON h.id = u.holder AND h.expires_at > now()
+         LEFT JOIN keel_partition_ends e ON e.topic = c.topic AND e.partition = c.partition
          ORDER BY c.projection, c.topic, c.partition",
     )
     .fetch_all(pool)
@@ -147,20 +189,37 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
         .into_iter()
         .map(
             |(name, generation, code_version, state, error, events, updated_at, dead_letters)| {
-                let partitions = checkpoints
+                let partitions: Vec<PartitionStatus> = checkpoints
                     .iter()
                     .filter(|c| c.0 == name)
                     .map(
-                        |(_, topic, partition, next_offset, rejected)| PartitionStatus {
-                            topic: topic.clone(),
-                            partition: *partition,
-                            next_offset: *next_offset,
-                            end_offset: None,
-                            lag: None,
-                            rejected: *rejected,
+                        |(
+                            _,
+                            topic,
+                            partition,
+                            next_offset,
+                            rejected,
+                            last_record_at,
+                            held_by,
+                            end,
+                        )| {
+                            let mut status = PartitionStatus {
+                                topic: topic.clone(),
+                                partition: *partition,
+                                next_offset: *next_offset,
+                                end_offset: None,
+                                lag: None,
+                                lag_seconds: None,
+                                last_record_at: *last_record_at,
+                                held_by: held_by.clone(),
+                                rejected: *rejected,
+                            };
+                            status.end_at(*end);
+                            status
                         },
                     )
                     .collect();
+                let lag = partitions.iter().map(|p| p.lag).sum::<Option<i64>>();
                 let rebuild = rebuilds.remove(&name);
                 ProjectionStatus {
                     name,
@@ -170,7 +229,7 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
                     error,
                     events,
                     dead_letters,
-                    lag: None,
+                    lag,
                     updated_at,
                     rebuild,
                     partitions,

@@ -121,6 +121,7 @@ impl Projection for Customers {
             }
         };
         let ids: Vec<String> = events.iter().filter_map(&customer_of).collect();
+        lock_customers(db, generation, &ids).await?;
         let mut rows: HashMap<String, Row> = sqlx::query_as::<_, Row>(&format!(
             "SELECT customer_id, email, name, order_count, lifetime_value::text AS lifetime_value,
                     updated_at, version FROM {t} WHERE customer_id = ANY($1)"
@@ -155,7 +156,9 @@ impl Projection for Customers {
                 }
                 _ => continue,
             }
-            row.updated_at = at;
+            // The latest event's time whatever the order: units of the customer and order
+            // topics apply concurrently.
+            row.updated_at = row.updated_at.max(at);
             touched.push(id);
         }
         if !new_links.is_empty() {
@@ -191,4 +194,40 @@ impl Projection for Customers {
         .await?;
         Ok(())
     }
+}
+
+/// Locks `ids` against the batches of other units (a customer's row is fed by the customer
+/// topic and every partition of the order topic, applied concurrently by several
+/// processes): one transaction lock per customer, taken in the order of their keys, so
+/// that two batches never wait for each other in a circle. The rows are read, changed and
+/// written whole, so without it two batches would each add to what they read and one
+/// addition would be lost. A row that does not exist yet is covered too, which a row lock
+/// would not do.
+async fn lock_customers(
+    db: &mut PgConnection,
+    generation: i32,
+    ids: &[String],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut keys: Vec<i32> = ids.iter().map(|id| lock_key(id.as_bytes())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // The two-key form: its locks never meet the one-key locks of the projection itself.
+    sqlx::query("SELECT pg_advisory_xact_lock($1, k) FROM UNNEST($2::int[]) AS k")
+        .bind(lock_key(table("customers", generation).as_bytes()))
+        .bind(&keys)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// A 32-bit FNV-1a hash: the same in every process and build. Two customers that share a
+/// key only wait for each other.
+fn lock_key(bytes: &[u8]) -> i32 {
+    let hash = bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    });
+    i32::from_ne_bytes(hash.to_ne_bytes())
 }

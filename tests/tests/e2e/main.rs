@@ -10,6 +10,7 @@ mod fuzz;
 mod kafka_log;
 mod make_up;
 mod read_path;
+mod read_scale;
 mod rebuild;
 mod schemathesis;
 mod security;
