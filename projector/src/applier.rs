@@ -77,10 +77,7 @@ impl<'j> Applier<'j> {
         generation: i32,
         hold: &Hold,
     ) -> anyhow::Result<Checkpoints> {
-        let partitions = match hold.partitions() {
-            Some(units) => units.to_vec(),
-            None => job.partitions(),
-        };
+        let partitions = hold.partitions().unwrap_or_else(|| job.partitions());
         Checkpoints::load(
             &job.pool,
             job.name(),
@@ -98,7 +95,8 @@ impl<'j> Applier<'j> {
     }
 
     /// Marks the live projection running again when it had stopped on a dead letter in a
-    /// partition this applier applies: that record is read again now.
+    /// partition this applier applies: that record is read again now. Fails with
+    /// [`generation::ProjectionStopped`] when it stays stopped (on another partition).
     pub(crate) async fn resume(&self) -> anyhow::Result<()> {
         if self.mode != Mode::Live {
             return Ok(());
@@ -118,6 +116,14 @@ impl<'j> Applier<'j> {
         .bind(partitions.iter().map(|p| p.partition).collect::<Vec<_>>())
         .execute(&self.job.pool)
         .await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM keel_projections WHERE name = $1")
+                .bind(self.job.name())
+                .fetch_optional(&self.job.pool)
+                .await?;
+        if state.as_deref() == Some("stopped") {
+            return Err(generation::ProjectionStopped(self.job.name().to_owned()).into());
+        }
         Ok(())
     }
 

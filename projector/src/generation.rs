@@ -23,6 +23,14 @@ pub(crate) enum Mode {
     Rebuild,
 }
 
+/// The projection stopped on a dead letter (in `stop` mode), on this process or another:
+/// no live batch applies until the runner holding that record's partition starts again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the {0} projection stopped on a dead letter (see `projector status`); it goes on once the process holding that partition starts again"
+)]
+pub(crate) struct ProjectionStopped(pub(crate) String);
+
 /// The live generation is no longer the one this runner applies: a rebuild swapped in.
 #[derive(Debug, thiserror::Error)]
 #[error("generation {0} is no longer live: a rebuild swapped another generation in")]
@@ -126,6 +134,22 @@ pub(crate) async fn lock(tx: &mut PgConnection, projection: &str) -> Result<(), 
     Ok(())
 }
 
+/// The live generation as recorded, if the projection has one, read without its lock:
+/// enough to tell whether newer code built it.
+pub(crate) async fn peek(pool: &PgPool, projection: &str) -> Result<Option<Live>, sqlx::Error> {
+    let row: Option<(i32, i32, i32)> = sqlx::query_as(
+        "SELECT generation, code_version, gate_rules FROM keel_projections WHERE name = $1",
+    )
+    .bind(projection)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(generation, code_version, gate_rules)| Live {
+        generation,
+        code_version,
+        gate_rules,
+    }))
+}
+
 /// The live generation's number, if the projection has one.
 pub(crate) async fn live(pool: &PgPool, projection: &str) -> Result<Option<i32>, sqlx::Error> {
     sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
@@ -199,15 +223,19 @@ pub(crate) async fn enter_live(
         .bind(projection)
         .execute(&mut *tx)
         .await?;
-    let live: Option<i32> =
-        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
+    let live: Option<(i32, String)> =
+        sqlx::query_as("SELECT generation, state FROM keel_projections WHERE name = $1")
             .bind(projection)
             .fetch_optional(&mut *tx)
             .await?;
-    if live != Some(generation) {
-        return Err(GenerationChanged(generation).into());
+    match live {
+        Some((live, _)) if live != generation => Err(GenerationChanged(generation).into()),
+        None => Err(GenerationChanged(generation).into()),
+        Some((_, state)) if state == "stopped" => {
+            Err(ProjectionStopped(projection.to_owned()).into())
+        }
+        Some(_) => Ok(()),
     }
-    Ok(())
 }
 
 /// Records a batch against its generation in the batch's transaction `tx` (for the live

@@ -13,16 +13,19 @@ use keel_schemas::TopicPartition;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::units::Unit;
+
 /// This process's claim on a unit of work.
 #[derive(Debug)]
 pub(crate) enum Hold {
     /// Work claimed whole in `keel_holders` (`rebuild:<projection>`).
     Work { work: String, holder: Uuid },
-    /// Partitions of a live projection, claimed in `keel_units` by this process.
+    /// Partitions of a live projection, claimed in `keel_units` by this process, each
+    /// under the claim its state was loaded under.
     Units {
         projection: &'static str,
         process: Uuid,
-        units: Vec<TopicPartition>,
+        units: Vec<Unit>,
     },
 }
 
@@ -51,11 +54,7 @@ impl Hold {
     }
 
     /// The partitions `units` of `projection`, as this process's membership claimed them.
-    pub(crate) fn units(
-        projection: &'static str,
-        process: Uuid,
-        mut units: Vec<TopicPartition>,
-    ) -> Self {
+    pub(crate) fn units(projection: &'static str, process: Uuid, mut units: Vec<Unit>) -> Self {
         units.sort();
         Self::Units {
             projection,
@@ -65,10 +64,10 @@ impl Hold {
     }
 
     /// The partitions held, for a live run's units; `None` for work held whole.
-    pub(crate) fn partitions(&self) -> Option<&[TopicPartition]> {
+    pub(crate) fn partitions(&self) -> Option<Vec<TopicPartition>> {
         match self {
             Self::Work { .. } => None,
-            Self::Units { units, .. } => Some(units),
+            Self::Units { units, .. } => Some(units.iter().map(|u| u.at.clone()).collect()),
         }
     }
 
@@ -93,28 +92,32 @@ impl Hold {
             } => {
                 // Rows locked in one order (the key's), as every batch of every process
                 // locks them.
-                let held: Vec<(String, i32, Option<Uuid>)> = sqlx::query_as(
-                    "SELECT topic, partition, holder FROM keel_units
+                let held: Vec<(String, i32, Option<Uuid>, i64)> = sqlx::query_as(
+                    "SELECT topic, partition, holder, claims FROM keel_units
                      WHERE kind = $1 AND projection = $2
                        AND (topic, partition) IN (SELECT * FROM UNNEST($3::text[], $4::int[]))
                      ORDER BY topic, partition FOR SHARE",
                 )
                 .bind(crate::units::RUN)
                 .bind(projection)
-                .bind(units.iter().map(|u| u.topic.clone()).collect::<Vec<_>>())
-                .bind(units.iter().map(|u| u.partition).collect::<Vec<_>>())
+                .bind(units.iter().map(|u| u.at.topic.clone()).collect::<Vec<_>>())
+                .bind(units.iter().map(|u| u.at.partition).collect::<Vec<_>>())
                 .fetch_all(&mut *tx)
                 .await?;
+                // Held by this process, and under the claim the state was loaded under: a
+                // process that lost a unit and claimed it back holds it under a later claim,
+                // and state loaded before would apply again what another applied meanwhile.
                 let lost: Vec<String> = units
                     .iter()
-                    .filter(|at| {
-                        !held.iter().any(|(topic, partition, holder)| {
-                            *topic == at.topic
-                                && *partition == at.partition
+                    .filter(|unit| {
+                        !held.iter().any(|(topic, partition, holder, claims)| {
+                            *topic == unit.at.topic
+                                && *partition == unit.at.partition
                                 && *holder == Some(*process)
+                                && *claims == unit.claim
                         })
                     })
-                    .map(|at| format!("{projection} {at}"))
+                    .map(|unit| format!("{projection} {}", unit.at))
                     .collect();
                 if !lost.is_empty() {
                     return Err(LostHold {

@@ -9,20 +9,22 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use keel_kafka::{AbortOnDrop, GATE_RULES, LogReader};
-use keel_schemas::TopicPartition;
 use tracing::{error, info, instrument, warn};
 
 use crate::applier::Halted;
 use crate::applier::{Applier, Flow};
-use crate::generation::{Built, GenerationChanged, Live, Mode, prepare};
+use crate::generation::{Built, GenerationChanged, Live, Mode, ProjectionStopped, peek, prepare};
 use crate::hold::{Hold, LostHold};
 use crate::job::Job;
 use crate::prefetch::Prefetch;
 use crate::rebuild::{AlreadyRebuilt, Progress, RebuildOptions, rebuild};
-use crate::units::Assignment;
+use crate::units::{Assignment, Unit};
 
 /// How long a runner of older code waits before it looks at the projection again.
 const NEWER_CODE_PAUSE: Duration = Duration::from_secs(10);
+
+/// How often a runner looks again at a projection that stopped on a dead letter elsewhere.
+const STOPPED_PAUSE: Duration = Duration::from_secs(5);
 
 /// How often a runner records where its partitions end.
 const ENDS_INTERVAL: Duration = Duration::from_secs(1);
@@ -117,6 +119,11 @@ impl Runner {
                     error!(error = %format!("{e:#}"), "the projection stopped");
                     return Err(e);
                 }
+                // Stopped on a dead letter elsewhere: nothing applies until it goes on.
+                Err(e) if e.downcast_ref::<ProjectionStopped>().is_some() => {
+                    warn!(error = %e, "waiting");
+                    tokio::time::sleep(STOPPED_PAUSE).await;
+                }
                 Err(e) if e.downcast_ref::<GenerationChanged>().is_some() => {
                     info!("{e}; following the new generation");
                     live = None;
@@ -143,8 +150,8 @@ impl Runner {
         }
     }
 
-    /// The partitions this process holds of the projection, once it holds any.
-    async fn units(&mut self) -> anyhow::Result<Vec<TopicPartition>> {
+    /// The units this process holds of the projection, once it holds any.
+    async fn units(&mut self) -> anyhow::Result<Vec<Unit>> {
         loop {
             let units = self.assignment.units.borrow_and_update().clone();
             if !units.is_empty() {
@@ -162,6 +169,18 @@ impl Runner {
     /// older code (prepare it again). Fails with [`NewerCode`] when newer code built it.
     async fn prepared(&self) -> anyhow::Result<Option<Live>> {
         let job = &self.job;
+        // Looked at first: preparing takes the projection's lock exclusive (holding every
+        // live batch back) and points its views, which code older than the live
+        // generation's must not do.
+        if let Some(live) = peek(&job.pool, job.name()).await?
+            && live.built(job.projection.as_ref()) == Built::Newer
+        {
+            return Err(NewerCode {
+                live: (live.code_version, live.gate_rules),
+                code: (job.projection.version(), GATE_RULES),
+            }
+            .into());
+        }
         let live = loop {
             match prepare(&job.pool, job.projection.as_ref()).await {
                 Ok(live) => break live,
@@ -219,11 +238,7 @@ impl Runner {
 
     /// Applies the log of `units` to `generation` until the process's share changes, a
     /// dead letter stops the projection, or an error.
-    async fn run_live(
-        &mut self,
-        generation: i32,
-        units: Vec<TopicPartition>,
-    ) -> anyhow::Result<Exit> {
+    async fn run_live(&mut self, generation: i32, units: Vec<Unit>) -> anyhow::Result<Exit> {
         let Self { job, assignment } = self;
         let hold = Hold::units(job.name(), assignment.process, units);
         let mut applier = Applier::load(job, generation, Mode::Live, &hold).await?;

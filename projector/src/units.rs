@@ -2,20 +2,25 @@
 //! (projection, topic, partition), claimed in `keel_units`.
 //!
 //! Every process runs a [`Membership`]: each tick it moves its heartbeat forward in
-//! `keel_projector_processes`, counts the live processes, and claims or releases units
-//! until it holds its share (the units over the processes, the first processes by id
-//! taking one more where they do not divide evenly), so that the most and the fewest units
-//! per process differ by at most one once settled. A unit is free when it has no holder,
-//! or its holder's heartbeat expired (the claim timeout): a process that dies or stalls
-//! loses its units to the others after that long.
+//! `keel_projector_processes`, and for each projection counts the live processes running
+//! it and claims or releases units until it holds its share: the projection's units over
+//! those processes, the ones left over going one each to the processes in turn, carrying
+//! on from one projection to the next. When every process runs the same projections, the
+//! most and the fewest units per process differ by at most one once settled, and so do
+//! each projection's. A unit is free when it has no holder, or its holder's heartbeat
+//! expired (the claim timeout): a process that dies or stalls loses its units to the
+//! others after that long.
 //!
 //! Who makes progress is decided here; who may commit is proved in each batch transaction
 //! ([`crate::hold::Hold::Units`]): the batch reads its units' rows `FOR SHARE` and applies
-//! nothing unless this process still holds every one. A claim is an `UPDATE` of the row,
-//! so it waits for a batch that holds the row and then sees its new holder; a process
-//! paused past the claim timeout finds its units held by another when it wakes, and its
-//! batch rolls back. Its connections end a transaction left idle for longer than the claim
-//! timeout ([`idle_bound`]), so a process stopped inside a batch keeps nobody waiting past it.
+//! nothing unless each still names this process and the claim its state was loaded under
+//! (`claims`, counted up by every claim: a fencing token). A claim updates the row, and
+//! skips a row a batch holds (trying again at the next tick) rather than wait for it; the
+//! batch after the claim sees it. A process paused past the claim timeout finds its units
+//! held by another when it wakes, and its batch rolls back; one that got a unit back
+//! meanwhile holds it under a later claim, and reloads its state before it applies. Its
+//! connections end a transaction left idle for longer than the claim timeout
+//! ([`idle_bound`]), so a process stopped inside a batch keeps nobody out past it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -32,9 +37,6 @@ use uuid::Uuid;
 /// The kind of a live run's units in `keel_units`.
 pub(crate) const RUN: &str = "run";
 
-/// How long a claim or a release may wait for a batch holding the unit's row.
-const CLAIM_LOCK_TIMEOUT: &str = "1s";
-
 /// How long after its heartbeat expired a process's row is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
@@ -46,12 +48,22 @@ pub fn idle_bound(claim_timeout: Duration) -> String {
     claim_timeout.as_millis().max(1).to_string()
 }
 
+/// A partition of a projection this process holds, with the claim it holds it under.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Unit {
+    /// The partition.
+    pub(crate) at: TopicPartition,
+    /// The unit's claim count when this process claimed it: a batch proves the row still
+    /// has it, so state loaded under an earlier claim is never applied under a later one.
+    pub(crate) claim: i64,
+}
+
 /// What a projection's runner applies: the units this process holds of it, as they change.
 pub struct Assignment {
     /// This process's id, which its claims name.
     pub(crate) process: Uuid,
-    /// The partitions of the projection this process holds, sorted.
-    pub(crate) units: watch::Receiver<Vec<TopicPartition>>,
+    /// The units of the projection this process holds, sorted.
+    pub(crate) units: watch::Receiver<Vec<Unit>>,
     /// Wakes the membership for a tick now: a batch found a unit held by another.
     pub(crate) nudge: Arc<Notify>,
     /// Set while the runner stands by (newer code built the live generation): the
@@ -68,13 +80,17 @@ pub struct Membership {
     timeout: Duration,
     /// Each projection this process runs, with the partitions it reads.
     units: BTreeMap<&'static str, Vec<TopicPartition>>,
-    assigned: HashMap<&'static str, watch::Sender<Vec<TopicPartition>>>,
+    assigned: HashMap<&'static str, watch::Sender<Vec<Unit>>>,
     standing_by: HashMap<&'static str, Arc<AtomicBool>>,
     nudge: Arc<Notify>,
 }
 
-/// A unit as `keel_units` holds it: (projection, topic, partition, holder, holder alive).
-type UnitRow = (String, String, i32, Option<Uuid>, bool);
+/// A unit as `keel_units` holds it: (projection, topic, partition, holder, holder alive,
+/// claims).
+type UnitRow = (String, String, i32, Option<Uuid>, bool, i64);
+
+/// A live process and the projections it runs, as its heartbeat says.
+type Member = (Uuid, Vec<String>);
 
 impl Membership {
     /// A membership for `projections` (each with the partitions it reads), on `pool`, with
@@ -206,7 +222,8 @@ impl Membership {
         sqlx::query(
             "INSERT INTO keel_projector_processes (id, name, projections, expires_at)
              VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')
-             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at",
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at,
+                projections = EXCLUDED.projections",
         )
         .bind(self.id)
         .bind(&self.name)
@@ -214,26 +231,24 @@ impl Membership {
         .bind(self.timeout.as_millis() as f64)
         .execute(&self.pool)
         .await?;
-        let members: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM keel_projector_processes WHERE expires_at > now() AND projections && $1::text[]
-             ORDER BY id",
+        let members: Vec<Member> = sqlx::query_as(
+            "SELECT id, projections FROM keel_projector_processes WHERE expires_at > now() ORDER BY id",
         )
-        .bind(&names)
         .fetch_all(&self.pool)
         .await?;
         let rows: Vec<UnitRow> = sqlx::query_as(
             "SELECT u.projection, u.topic, u.partition, u.holder,
-                EXISTS (SELECT 1 FROM keel_projector_processes p WHERE p.id = u.holder AND p.expires_at > now())
-             FROM keel_units u WHERE u.kind = $1 AND u.projection = ANY($2::text[])
+                EXISTS (SELECT 1 FROM keel_projector_processes p WHERE p.id = u.holder AND p.expires_at > now()),
+                u.claims
+             FROM keel_units u WHERE u.kind = $1
              ORDER BY u.projection, u.topic, u.partition",
         )
         .bind(RUN)
-        .bind(&all)
         .fetch_all(&self.pool)
         .await?;
         let mut plan = Plan::of(self.id, &members, &running, &rows);
         // Whatever it holds of a projection it stands by for goes.
-        for (projection, topic, partition, holder, _) in &rows {
+        for (projection, topic, partition, holder, _, _) in &rows {
             if *holder == Some(self.id)
                 && let Some(name) = all.iter().copied().find(|n| *n == projection.as_str())
                 && !running.contains_key(name)
@@ -243,7 +258,9 @@ impl Membership {
             }
         }
         for (projection, at) in &plan.release {
-            // The runner lets go first; the row's release then waits for a batch of it.
+            // The runner lets go first. A batch of it that still holds the row keeps the
+            // unit this process's until a later tick, which releases it again; the runner
+            // applies it no more meanwhile.
             self.publish_without(projection, at);
             if let Err(e) = self.release(projection, at).await {
                 warn!(projection, topic = %at.topic, partition = at.partition, error = %e,
@@ -253,15 +270,21 @@ impl Membership {
         let mut claimed = Vec::new();
         for (projection, at) in &plan.claim {
             match self.claim(projection, at).await {
-                Ok(true) => claimed.push((*projection, at.clone())),
-                Ok(false) => {}
+                Ok(Some(claim)) => claimed.push((
+                    *projection,
+                    Unit {
+                        at: at.clone(),
+                        claim,
+                    },
+                )),
+                Ok(None) => {}
                 Err(e) => {
                     warn!(projection, topic = %at.topic, partition = at.partition, error = %e,
-                                "claiming a unit failed; the next tick tries again")
+                          "claiming a unit failed; the next tick tries again")
                 }
             }
         }
-        if !plan.claim.is_empty() || !plan.release.is_empty() {
+        if !claimed.is_empty() || !plan.release.is_empty() {
             info!(
                 members = members.len(),
                 share = plan.share,
@@ -270,13 +293,13 @@ impl Membership {
                 "rebalanced the units of work"
             );
         }
-        let mut held: BTreeMap<&'static str, BTreeSet<TopicPartition>> =
+        let mut held: BTreeMap<&'static str, BTreeSet<Unit>> =
             self.units.keys().map(|n| (*n, BTreeSet::new())).collect();
-        for (projection, at) in plan.kept.into_iter().chain(claimed) {
-            held.entry(projection).or_default().insert(at);
+        for (projection, unit) in plan.kept.into_iter().chain(claimed) {
+            held.entry(projection).or_default().insert(unit);
         }
         for (projection, units) in held {
-            let units: Vec<TopicPartition> = units.into_iter().collect();
+            let units: Vec<Unit> = units.into_iter().collect();
             if let Some(tx) = self.assigned.get(projection) {
                 tx.send_if_modified(|now| {
                     let changed = *now != units;
@@ -301,62 +324,52 @@ impl Membership {
         if let Some(tx) = self.assigned.get(projection) {
             tx.send_if_modified(|now| {
                 let before = now.len();
-                now.retain(|u| u != at);
+                now.retain(|u| u.at != *at);
                 now.len() != before
             });
         }
     }
 
-    /// Claims a free unit; false when another process holds it (or claimed it first).
-    async fn claim(&self, projection: &str, at: &TopicPartition) -> anyhow::Result<bool> {
-        let claimed = self
-            .update_unit(
-                "UPDATE keel_units u SET holder = $5, claims = claims + 1, claimed_at = now()
-                 WHERE kind = $1 AND projection = $2 AND topic = $3 AND partition = $4
-                   AND (holder IS NULL OR NOT EXISTS (
-                       SELECT 1 FROM keel_projector_processes p WHERE p.id = u.holder AND p.expires_at > now()))",
-                projection,
-                at,
-            )
-            .await?;
-        Ok(claimed == 1)
+    /// Claims a free unit: the claim it holds it under; `None` when another process holds
+    /// it (or claimed it first), or a batch still holds its row (the next tick tries again).
+    async fn claim(&self, projection: &str, at: &TopicPartition) -> anyhow::Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "UPDATE keel_units u SET holder = $5, claims = u.claims + 1, claimed_at = now()
+             FROM (SELECT kind, projection, topic, partition FROM keel_units v
+                   WHERE v.kind = $1 AND v.projection = $2 AND v.topic = $3 AND v.partition = $4
+                     AND (v.holder IS NULL OR NOT EXISTS (
+                         SELECT 1 FROM keel_projector_processes p WHERE p.id = v.holder AND p.expires_at > now()))
+                   FOR UPDATE SKIP LOCKED) free
+             WHERE (u.kind, u.projection, u.topic, u.partition) = (free.kind, free.projection, free.topic, free.partition)
+             RETURNING u.claims",
+        )
+        .bind(RUN)
+        .bind(projection)
+        .bind(&at.topic)
+        .bind(at.partition)
+        .bind(self.id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
+    /// Lets go of a unit this process holds, unless a batch still holds its row.
     async fn release(&self, projection: &str, at: &TopicPartition) -> anyhow::Result<()> {
-        self.update_unit(
-            "UPDATE keel_units SET holder = NULL
-             WHERE kind = $1 AND projection = $2 AND topic = $3 AND partition = $4 AND holder = $5",
-            projection,
-            at,
+        sqlx::query(
+            "UPDATE keel_units u SET holder = NULL
+             FROM (SELECT kind, projection, topic, partition FROM keel_units v
+                   WHERE v.kind = $1 AND v.projection = $2 AND v.topic = $3 AND v.partition = $4
+                     AND v.holder = $5
+                   FOR UPDATE SKIP LOCKED) mine
+             WHERE (u.kind, u.projection, u.topic, u.partition) = (mine.kind, mine.projection, mine.topic, mine.partition)",
         )
+        .bind(RUN)
+        .bind(projection)
+        .bind(&at.topic)
+        .bind(at.partition)
+        .bind(self.id)
+        .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    /// Runs `update` (`$1` kind, `$2` projection, `$3` topic, `$4` partition, `$5` this
-    /// process) on one unit's row, waiting at most [`CLAIM_LOCK_TIMEOUT`] for a batch
-    /// holding it; the rows it changed.
-    async fn update_unit(
-        &self,
-        update: &str,
-        projection: &str,
-        at: &TopicPartition,
-    ) -> anyhow::Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(&format!("SET LOCAL lock_timeout = '{CLAIM_LOCK_TIMEOUT}'"))
-            .execute(&mut *tx)
-            .await?;
-        let changed = sqlx::query(update)
-            .bind(RUN)
-            .bind(projection)
-            .bind(&at.topic)
-            .bind(at.partition)
-            .bind(self.id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(changed)
     }
 
     /// What lets go of this process's units when it ends.
@@ -398,91 +411,78 @@ impl Leaving {
 /// What one tick does: the units this process keeps, claims and releases.
 #[derive(Debug, Default, PartialEq)]
 struct Plan {
-    /// How many units this process should hold.
+    /// How many units this process should hold, over its projections.
     share: usize,
-    kept: Vec<(&'static str, TopicPartition)>,
+    kept: Vec<(&'static str, Unit)>,
     claim: Vec<(&'static str, TopicPartition)>,
     release: Vec<(&'static str, TopicPartition)>,
 }
 
 impl Plan {
-    /// The plan of process `me` among `members` (the live processes, sorted by id), over
-    /// the units of `projections` as `rows` hold them. The share is the units over the
-    /// members, one more for the first `units % members` members. Claims and releases keep
-    /// each projection's units spread too: a process claims first for the projection it
-    /// holds the fewest of, and releases first from the one it holds the most of.
+    /// The plan of process `me` among `members` (the live processes, sorted by id, with
+    /// the projections each runs), for the projections it runs, `projections`, over every
+    /// unit as `rows` hold them. Each projection's units are shared by the members that run
+    /// it: as many each as divide evenly, and the ones left over one each to the members in
+    /// turn, the turn carrying on from projection to projection (all of them, in name
+    /// order, so that every member reckons the same turns), and no member collects every
+    /// projection's leftover. A member holding more than its share of a projection lets
+    /// the last go; one holding fewer claims free units up to it.
     fn of(
         me: Uuid,
-        members: &[Uuid],
+        members: &[Member],
         projections: &BTreeMap<&'static str, Vec<TopicPartition>>,
         rows: &[UnitRow],
     ) -> Self {
-        let name_of = |row: &str| projections.keys().copied().find(|n| *n == row);
-        let rank = members
-            .iter()
-            .position(|m| *m == me)
-            .unwrap_or(members.len());
-        let count = members.len().max(rank + 1);
-        let total = rows.iter().filter(|r| name_of(&r.0).is_some()).count();
-        let share = total / count + usize::from(rank < total % count);
-        let mut mine: BTreeMap<&'static str, Vec<TopicPartition>> = BTreeMap::new();
-        let mut free: BTreeMap<&'static str, Vec<TopicPartition>> = BTreeMap::new();
-        for (projection, topic, partition, holder, alive) in rows {
-            let Some(name) = name_of(projection) else {
+        let mut plan = Plan::default();
+        let mut turn = 0;
+        let names: BTreeSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        for every in names {
+            let mut running: Vec<Uuid> = members
+                .iter()
+                .filter(|(_, runs)| runs.iter().any(|r| r == every))
+                .map(|(id, _)| *id)
+                .collect();
+            let name = projections.keys().copied().find(|n| *n == every);
+            if name.is_some() && !running.contains(&me) {
+                running.push(me);
+                running.sort();
+            }
+            let total = rows.iter().filter(|r| r.0 == every).count();
+            let count = running.len().max(1);
+            let left_over = total % count;
+            let first_extra = turn % count;
+            turn += left_over;
+            // Only the projections this process runs are its to plan.
+            let Some(name) = name else {
                 continue;
             };
-            let at = TopicPartition::new(topic.clone(), *partition);
-            if *holder == Some(me) {
-                mine.entry(name).or_default().push(at);
-            } else if holder.is_none() || !alive {
-                free.entry(name).or_default().push(at);
-            }
-        }
-        let held: usize = mine.values().map(Vec::len).sum();
-        let mut plan = Plan {
-            share,
-            ..Self::default()
-        };
-        if held > share {
-            for _ in share..held {
-                // From the projection this process holds the most of; its last unit.
-                let Some((name, units)) = mine
-                    .iter_mut()
-                    .filter(|(_, u)| !u.is_empty())
-                    .max_by_key(|(n, u)| (u.len(), std::cmp::Reverse(**n)))
-                else {
-                    break;
-                };
-                if let Some(at) = units.pop() {
-                    plan.release.push((*name, at));
+            let rank = running.iter().position(|m| *m == me).unwrap_or(0);
+            let (mut mine, mut free) = (Vec::new(), Vec::new());
+            for (projection, topic, partition, holder, alive, claims) in rows {
+                if projection != name {
+                    continue;
+                }
+                let at = TopicPartition::new(topic.clone(), *partition);
+                if *holder == Some(me) {
+                    mine.push(Unit { at, claim: *claims });
+                } else if holder.is_none() || !alive {
+                    free.push(at);
                 }
             }
-        } else {
-            let mut counts: BTreeMap<&'static str, usize> = projections
-                .keys()
-                .map(|n| (*n, mine.get(n).map_or(0, Vec::len)))
-                .collect();
-            for _ in held..share {
-                // For the projection this process holds the fewest of that has a free unit.
-                let Some(name) = counts
-                    .iter()
-                    .filter(|(n, _)| free.get(*n).is_some_and(|f| !f.is_empty()))
-                    .min_by_key(|(n, c)| (**c, **n))
-                    .map(|(n, _)| *n)
-                else {
-                    break;
-                };
-                let at = free.get_mut(name).map(|f| f.remove(0));
-                if let Some(at) = at {
-                    plan.claim.push((name, at));
-                    *counts.entry(name).or_default() += 1;
+            let share =
+                total / count + usize::from((rank + count - first_extra) % count < left_over);
+            plan.share += share;
+            while mine.len() > share {
+                if let Some(unit) = mine.pop() {
+                    plan.release.push((name, unit.at));
                 }
             }
+            let wanted = share - mine.len();
+            for at in free.into_iter().take(wanted) {
+                plan.claim.push((name, at));
+            }
+            plan.kept.extend(mine.into_iter().map(|unit| (name, unit)));
         }
-        plan.kept = mine
-            .into_iter()
-            .flat_map(|(name, units)| units.into_iter().map(move |at| (name, at)))
-            .collect();
         plan
     }
 }
@@ -514,10 +514,28 @@ mod tests {
         projections: &BTreeMap<&'static str, Vec<TopicPartition>>,
         rows: &mut [UnitRow],
     ) -> Vec<usize> {
+        let running: Vec<Member> = members
+            .iter()
+            .map(|m| (*m, projections.keys().map(|n| n.to_string()).collect()))
+            .collect();
+        settle_running(&running, projections, rows)
+    }
+
+    /// [`settle`] with members that may run different projections.
+    fn settle_running(
+        members: &[Member],
+        projections: &BTreeMap<&'static str, Vec<TopicPartition>>,
+        rows: &mut [UnitRow],
+    ) -> Vec<usize> {
         for _ in 0..20 {
             let mut changed = false;
-            for me in members {
-                let plan = Plan::of(*me, members, projections, rows);
+            for (me, runs) in members {
+                let mine: BTreeMap<&'static str, Vec<TopicPartition>> = projections
+                    .iter()
+                    .filter(|(n, _)| runs.iter().any(|r| r == *n))
+                    .map(|(n, u)| (*n, u.clone()))
+                    .collect();
+                let plan = Plan::of(*me, members, &mine, rows);
                 for row in rows.iter_mut() {
                     let at = TopicPartition::new(row.1.clone(), row.2);
                     if plan.release.iter().any(|(n, u)| *n == row.0 && *u == at) {
@@ -528,6 +546,7 @@ mod tests {
                     if plan.claim.iter().any(|(n, u)| *n == row.0 && *u == at) {
                         row.3 = Some(*me);
                         row.4 = true;
+                        row.5 += 1;
                         changed = true;
                     }
                 }
@@ -538,7 +557,7 @@ mod tests {
         }
         members
             .iter()
-            .map(|m| rows.iter().filter(|r| r.3 == Some(*m)).count())
+            .map(|(m, _)| rows.iter().filter(|r| r.3 == Some(*m)).count())
             .collect()
     }
 
@@ -553,6 +572,7 @@ mod tests {
                         at.partition,
                         None,
                         false,
+                        0,
                     )
                 })
             })
@@ -580,10 +600,11 @@ mod tests {
         };
         let job = crate::testing::job(orders, &pool, kafka.clone(), Arc::clone(&policy));
         let timeout = Duration::from_millis(300);
-        let (mut a, _) = Membership::new(pool.clone(), timeout, [("orders", job.partitions())]);
+        let (mut a, a_units) =
+            Membership::new(pool.clone(), timeout, [("orders", job.partitions())]);
         a.create_units().await.unwrap();
         a.tick().await.unwrap();
-        let hold = Hold::units("orders", a.id(), job.partitions());
+        let hold = Hold::units("orders", a.id(), a_units["orders"].units.borrow().clone());
         let mut applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
         let writer = keel_schemas::testing::writer("w", 1);
         let at = TopicPartition::new(kafka.topic("order"), 0);
@@ -598,7 +619,8 @@ mod tests {
 
         // A stalls past its claim timeout; B starts and takes the unit.
         tokio::time::sleep(timeout * 2).await;
-        let (mut b, _) = Membership::new(pool.clone(), timeout, [("orders", job.partitions())]);
+        let (mut b, b_units) =
+            Membership::new(pool.clone(), timeout, [("orders", job.partitions())]);
         b.tick().await.unwrap();
         let holder: Option<Uuid> = sqlx::query_scalar("SELECT holder FROM keel_units")
             .fetch_one(&pool)
@@ -625,38 +647,91 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next, 2, "the checkpoint stays where A's last batch left it");
+
+        // B applies o-2 and stalls in turn; A gets the unit back. A's state was loaded
+        // under its first claim, before B's batch: it must not apply o-2 again.
+        let b_hold = Hold::units("orders", b.id(), b_units["orders"].units.borrow().clone());
+        let mut b_applier = Applier::load(&job, live, Mode::Live, &b_hold)
+            .await
+            .unwrap();
+        b_applier
+            .apply(&crate::testing::read_orders(&kafka, &policy, 2, &second))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE keel_projector_processes SET expires_at = now() - interval '1 second' WHERE id = $1")
+            .bind(b.id())
+            .execute(&pool)
+            .await
+            .unwrap();
+        a.tick().await.unwrap();
+        let holder: Option<Uuid> = sqlx::query_scalar("SELECT holder FROM keel_units")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(holder, Some(a.id()), "A holds the unit again");
+        let Err(refused) = applier
+            .apply(&crate::testing::read_orders(&kafka, &policy, 2, &second))
+            .await
+        else {
+            panic!("A's state from before its new claim applies nothing");
+        };
+        assert!(refused.downcast_ref::<LostHold>().is_some(), "{refused:#}");
+        let placed: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(placed, 2, "o-1 and o-2, each once");
+        // Loaded again under the new claim, A goes on from B's checkpoint.
+        let hold = Hold::units("orders", a.id(), a_units["orders"].units.borrow().clone());
+        let mut applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
+        let third = [crate::testing::placed(&writer, &key, "o-3")];
+        applier
+            .apply(&crate::testing::read_orders(&kafka, &policy, 3, &third))
+            .await
+            .unwrap();
+        let next: i64 = sqlx::query_scalar("SELECT next_offset FROM keel_checkpoints")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(next, 4);
         pool.close().await;
     }
 
-    /// A claim waits for a batch that proved the unit to end: the batch's share lock on the
-    /// unit's row holds the claim's update back, so the two never overlap.
+    /// A claim never overlaps a batch that proved the unit: it skips a row a batch holds
+    /// (without waiting, so a stalled batch holds no tick up) and takes the unit at a
+    /// tick after the batch ended.
     #[tokio::test]
-    async fn a_claim_waits_for_the_batch_that_proved_the_unit() {
+    async fn a_claim_skips_a_unit_a_batch_holds_and_takes_it_after() {
         use crate::hold::Hold;
 
-        let (_db, pool) = crate::testing::database("claim-waits").await;
+        let (_db, pool) = crate::testing::database("claim-skips").await;
         let partitions = vec![TopicPartition::new("t.order.events", 0)];
         let timeout = Duration::from_millis(300);
-        let (mut a, _) = Membership::new(pool.clone(), timeout, [("orders", partitions.clone())]);
+        let (mut a, a_units) =
+            Membership::new(pool.clone(), timeout, [("orders", partitions.clone())]);
         a.create_units().await.unwrap();
         a.tick().await.unwrap();
-        let hold = Hold::units("orders", a.id(), partitions.clone());
+        let hold = Hold::units("orders", a.id(), a_units["orders"].units.borrow().clone());
         let mut batch = pool.begin().await.unwrap();
         hold.prove(&mut batch).await.unwrap();
         // A's heartbeat expires while its batch is open; B tries to take the unit.
         tokio::time::sleep(timeout * 2).await;
         let (mut b, _) = Membership::new(pool.clone(), timeout, [("orders", partitions)]);
-        let b_id = b.id();
-        let claiming = tokio::spawn(async move { b.tick().await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!claiming.is_finished(), "the claim waits for the batch");
+        b.tick().await.unwrap();
+        let holder = || async {
+            sqlx::query_scalar::<_, Option<Uuid>>("SELECT holder FROM keel_units")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        };
+        assert_eq!(holder().await, Some(a.id()), "not while the batch holds it");
         batch.commit().await.unwrap();
-        claiming.await.unwrap().unwrap();
-        let holder: Option<Uuid> = sqlx::query_scalar("SELECT holder FROM keel_units")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(holder, Some(b_id), "B holds the unit once the batch ended");
+        b.tick().await.unwrap();
+        assert_eq!(
+            holder().await,
+            Some(b.id()),
+            "B holds the unit once the batch ended"
+        );
         pool.close().await;
     }
 
@@ -711,9 +786,45 @@ mod tests {
         let mut ids: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
         ids.sort();
         settle(&ids, &projections, &mut rows);
-        let before = rows.clone();
-        let plan = Plan::of(ids[0], &ids, &projections, &rows);
+        let members: Vec<Member> = ids.iter().map(|id| (*id, vec!["orders".into()])).collect();
+        let plan = Plan::of(ids[0], &members, &projections, &rows);
         assert!(plan.claim.is_empty() && plan.release.is_empty(), "{plan:?}");
-        assert_eq!(rows, before);
+        assert_eq!(plan.kept.len(), 2);
+    }
+
+    /// Processes that run different projections (one standing by for a projection newer
+    /// code rebuilt, one started with `--projection`): every unit is held all the same,
+    /// each by a process that runs its projection.
+    #[test]
+    fn every_unit_is_held_when_processes_run_different_projections() {
+        let projections = projections(&[("orders", 4), ("customers", 8)]);
+        let mut rows = rows_of(&projections);
+        let mut ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        ids.sort();
+        let members: Vec<Member> = vec![
+            (ids[0], vec!["customers".into()]),
+            (ids[1], vec!["orders".into(), "customers".into()]),
+            (ids[2], vec!["orders".into()]),
+        ];
+        let counts = settle_running(&members, &projections, &mut rows);
+        assert_eq!(
+            counts.iter().sum::<usize>(),
+            12,
+            "every unit held: {counts:?}"
+        );
+        for name in ["orders", "customers"] {
+            let holders: BTreeSet<Uuid> = rows
+                .iter()
+                .filter(|r| r.0 == name)
+                .filter_map(|r| r.3)
+                .collect();
+            for (id, runs) in &members {
+                assert_eq!(
+                    holders.contains(id),
+                    runs.iter().any(|r| r == name),
+                    "{name} held by exactly those that run it"
+                );
+            }
+        }
     }
 }
