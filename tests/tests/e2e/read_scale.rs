@@ -224,11 +224,10 @@ async fn three_projectors_share_the_work_through_a_kill_a_pause_and_a_join() {
     for process in [b, c, d] {
         assert!(process.stop().await.unwrap().success());
     }
-    let held: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM keel_units WHERE holder IS NOT NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_units WHERE holder IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(held, 0, "the stopped processes let go of every unit");
     pool.close().await;
 }
