@@ -3,8 +3,9 @@
 --
 -- A process says it is alive by moving its `expires_at` forward (its heartbeat). A unit is
 -- free when it has no holder or its holder's heartbeat expired; a process claims a free
--- unit with a conditional UPDATE, which waits for a batch transaction that holds the row
--- FOR SHARE (every batch proves its units that way) and then sees the unit's new holder.
+-- unit with a conditional UPDATE that skips a row a batch transaction holds FOR SHARE
+-- (every batch proves its units that way), and counts `claims` up: a batch proves its
+-- units still name its process and the claim its state was loaded under.
 CREATE TABLE IF NOT EXISTS keel_projector_processes (
     id            uuid PRIMARY KEY,
     name          text NOT NULL,

@@ -94,8 +94,9 @@ impl<'j> Applier<'j> {
         Ok(())
     }
 
-    /// Marks the live projection running again when it had stopped on a dead letter in a
-    /// partition this applier applies: that record is read again now. Fails with
+    /// Marks the live projection running again when it stopped on a dead letter that still
+    /// holds back a partition this applier applies (the partition's checkpoint is at it):
+    /// that record is read again now. Fails with
     /// [`generation::ProjectionStopped`] when it stays stopped (on another partition).
     pub(crate) async fn resume(&self) -> anyhow::Result<()> {
         if self.mode != Mode::Live {
@@ -107,7 +108,10 @@ impl<'j> Applier<'j> {
             "UPDATE keel_projections SET state = 'running', error = NULL, updated_at = now()
              WHERE name = $1 AND generation = $2 AND state = 'stopped'
                AND EXISTS (SELECT 1 FROM keel_dead_letters d
+                           JOIN keel_checkpoints c ON c.projection = d.projection AND c.generation = d.generation
+                                                  AND c.topic = d.topic AND c.partition = d.partition
                            WHERE d.projection = $1 AND d.generation = $2 AND NOT d.skipped
+                             AND d.\"offset\" = c.next_offset
                              AND (d.topic, d.partition) IN (SELECT * FROM UNNEST($3::text[], $4::int[])))",
         )
         .bind(self.job.name())
@@ -505,6 +509,70 @@ mod tests {
             failed.downcast_ref::<GenerationChanged>().is_some(),
             "the runner follows the new generation: {failed:#}"
         );
+        pool.close().await;
+    }
+
+    /// A projection stopped on a dead letter goes on only once the runner of the partition
+    /// that record still holds back starts again: a dead letter dealt with long ago (the
+    /// checkpoint moved past it) resumes nothing.
+    #[tokio::test]
+    async fn only_the_dead_letter_still_holding_its_partition_back_resumes_a_stop() {
+        let (_db, pool) = crate::testing::database("resume").await;
+        let orders = crate::testing::orders();
+        let live = crate::generation::prepare(&pool, orders.as_ref())
+            .await
+            .unwrap()
+            .generation;
+        let (_, policy) = crate::testing::trusted_key();
+        let kafka = keel_kafka::KafkaSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        let job = crate::testing::job(orders, &pool, kafka.clone(), policy);
+        let topic = kafka.topic("order");
+        sqlx::query(
+            "INSERT INTO keel_checkpoints (projection, generation, topic, partition, next_offset)
+             VALUES ('orders', $1, $2, 0, 5)",
+        )
+        .bind(live)
+        .bind(&topic)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let dead_letter = |offset: i64| {
+            sqlx::query(
+                r#"INSERT INTO keel_dead_letters (projection, generation, topic, partition, "offset", error, payload, skipped)
+                   VALUES ('orders', $1, $2, 0, $3, 'bad', decode('00', 'hex'), false)"#,
+            )
+            .bind(live)
+            .bind(&topic)
+            .bind(offset)
+            .execute(&pool)
+        };
+        dead_letter(2).await.unwrap();
+        sqlx::query("UPDATE keel_projections SET state = 'stopped', error = 'elsewhere' WHERE name = 'orders'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let hold = crate::hold::Hold::claim(&pool, "run:orders".into())
+            .await
+            .unwrap();
+        let applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
+        let waits = applier.resume().await.expect_err("still stopped");
+        assert!(
+            waits
+                .downcast_ref::<generation::ProjectionStopped>()
+                .is_some(),
+            "{waits:#}"
+        );
+        dead_letter(5).await.unwrap();
+        applier.resume().await.unwrap();
+        let state: String =
+            sqlx::query_scalar("SELECT state FROM keel_projections WHERE name = 'orders'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(state, "running");
         pool.close().await;
     }
 

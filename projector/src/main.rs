@@ -183,7 +183,7 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             done = tasks.join_next() => match done {
-                // Every projection stopped on a dead letter: nothing is left to run.
+                // No projection to run.
                 None => break Ok(()),
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => break Err(e),

@@ -46,14 +46,13 @@ struct NewerCode {
 
 /// Why [`Runner::run_live`] returned.
 enum Exit {
-    /// A dead letter stopped the projection (in `stop` mode).
+    /// A dead letter stopped the projection (in `stop` mode) on this process.
     Stopped,
     /// The process's share of the partitions changed.
     Reassigned,
 }
 
-/// Runs one projection, on the partitions its process holds, until it stops on a dead
-/// letter (in `stop` mode) or the process ends.
+/// Runs one projection, on the partitions its process holds, until the process ends.
 pub struct Runner {
     job: Job,
     assignment: Assignment,
@@ -106,7 +105,17 @@ impl Runner {
             let units = self.units().await?;
             info!(generation, partitions = units.len(), "running");
             match self.run_live(generation, units).await {
-                Ok(Exit::Stopped) => return Ok(()),
+                // This process does not read that record again by itself: it waits, as the
+                // others do, until the process holding the partition starts again (or a
+                // rebuild swaps a new generation in), and then goes on with what it holds.
+                Ok(Exit::Stopped) => {
+                    error!(
+                        "the projection stopped on a dead letter (see `projector status`): \
+                         waiting until the process holding its partition starts again"
+                    );
+                    self.wait_while_stopped().await;
+                    live = None;
+                }
                 Ok(Exit::Reassigned) => {}
                 Err(e) if e.downcast_ref::<LostHold>().is_some() => {
                     warn!(error = %e, "a partition is held by another process now");
@@ -133,6 +142,23 @@ impl Runner {
                     live = None;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+            }
+        }
+    }
+
+    /// Waits until the projection is no longer stopped.
+    async fn wait_while_stopped(&self) {
+        loop {
+            tokio::time::sleep(STOPPED_PAUSE).await;
+            let state: Result<Option<String>, _> =
+                sqlx::query_scalar("SELECT state FROM keel_projections WHERE name = $1")
+                    .bind(self.job.name())
+                    .fetch_optional(&self.job.pool)
+                    .await;
+            match state {
+                Ok(Some(state)) if state == "stopped" => {}
+                Ok(_) => return,
+                Err(e) => warn!(error = %e, "reading whether the projection still stops failed"),
             }
         }
     }
@@ -172,7 +198,8 @@ impl Runner {
         // Looked at first: preparing takes the projection's lock exclusive (holding every
         // live batch back) and points its views, which code older than the live
         // generation's must not do.
-        if let Some(live) = peek(&job.pool, job.name()).await?
+        // (A failed look is left to the prepare below, which retries.)
+        if let Ok(Some(live)) = peek(&job.pool, job.name()).await
             && live.built(job.projection.as_ref()) == Built::Newer
         {
             return Err(NewerCode {
