@@ -442,27 +442,13 @@ mod tests {
     /// stop the projection.
     #[tokio::test]
     async fn a_batch_whose_generation_was_swapped_out_and_dropped_follows_the_new_one() {
-        use keel_schemas::{LogRecord, SigningKey, TrustedKeys, testing};
-
         let (_db, pool) = crate::testing::database("swapped-out").await;
-        let orders = crate::testing::orders();
-        let live = crate::generation::prepare(&pool, orders.as_ref())
-            .await
-            .unwrap()
-            .generation;
-        let key = SigningKey::generate();
-        let mut policy = TrustedKeys::default();
-        policy.add(&key);
-        let policy = std::sync::Arc::new(policy);
-        let kafka = keel_kafka::KafkaSettings {
-            partitions: 1,
-            ..Default::default()
-        };
-        let job = crate::testing::job(orders, &pool, kafka.clone(), std::sync::Arc::clone(&policy));
+        let one = crate::testing::OneOrderPartition::prepare(&pool).await;
+        let (job, live) = (&one.job, one.live);
         let hold = crate::hold::Hold::claim(&pool, "run:orders".into())
             .await
             .unwrap();
-        let mut applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
+        let mut applier = Applier::load(job, live, Mode::Live, &hold).await.unwrap();
         // A swap to the next generation commits, and the old one is dropped.
         sqlx::query("UPDATE keel_projections SET generation = $1 WHERE name = 'orders'")
             .bind(live + 1)
@@ -473,37 +459,14 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-        let writer = testing::writer("w", 1);
-        let placed = testing::commit(&writer, testing::stream("order", "o-1"), 0)
-            .event(
-                "OrderPlaced",
-                2,
-                serde_json::json!({"customer_id": "c-1",
-                    "lines": [{"sku": "S-1", "quantity": 1, "unit_price": {"amount_minor": 100, "currency": "EUR"}}],
-                    "total": {"amount_minor": 100, "currency": "EUR"}}),
-            )
-            .signed(&key);
-        let entries = [
-            testing::signed_fence(
-                &writer,
-                &key,
-                &keel_schemas::TopicPartition::new(kafka.topic("order"), 0),
-            ),
-            LogRecord::Commit(placed),
-        ]
-        .iter()
-        .enumerate()
-        .map(|(offset, record)| keel_kafka::LogEntry {
-            topic: kafka.topic("order"),
-            partition: 0,
-            offset: offset as i64,
-            key: None,
-            payload: record.encode(),
-            headers: Vec::new(),
-            timestamp_ms: None,
-        })
-        .collect();
-        let batch = crate::decode::Decoded::all(entries, &policy);
+        let writer = keel_schemas::testing::writer("w", 1);
+        let batch = one.read(
+            0,
+            &[
+                one.fence(&writer),
+                crate::testing::placed(&writer, &one.key, "o-1"),
+            ],
+        );
         let failed = applier.apply(&batch).await.err().expect("the batch fails");
         assert!(
             failed.downcast_ref::<GenerationChanged>().is_some(),
@@ -518,18 +481,9 @@ mod tests {
     #[tokio::test]
     async fn only_the_dead_letter_still_holding_its_partition_back_resumes_a_stop() {
         let (_db, pool) = crate::testing::database("resume").await;
-        let orders = crate::testing::orders();
-        let live = crate::generation::prepare(&pool, orders.as_ref())
-            .await
-            .unwrap()
-            .generation;
-        let (_, policy) = crate::testing::trusted_key();
-        let kafka = keel_kafka::KafkaSettings {
-            partitions: 1,
-            ..Default::default()
-        };
-        let job = crate::testing::job(orders, &pool, kafka.clone(), policy);
-        let topic = kafka.topic("order");
+        let one = crate::testing::OneOrderPartition::prepare(&pool).await;
+        let (job, live) = (&one.job, one.live);
+        let topic = one.kafka.topic("order");
         sqlx::query(
             "INSERT INTO keel_checkpoints (projection, generation, topic, partition, next_offset)
              VALUES ('orders', $1, $2, 0, 5)",
@@ -557,7 +511,7 @@ mod tests {
         let hold = crate::hold::Hold::claim(&pool, "run:orders".into())
             .await
             .unwrap();
-        let applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
+        let applier = Applier::load(job, live, Mode::Live, &hold).await.unwrap();
         let waits = applier.resume().await.expect_err("still stopped");
         assert!(
             waits

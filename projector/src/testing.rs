@@ -130,3 +130,60 @@ pub(crate) fn read_orders(
         .collect();
     crate::decode::Decoded::all(entries, policy)
 }
+
+/// The `orders` projection prepared on `pool`, and a job of it over one partition of the
+/// order topic, trusting a key of its own: what the tests of a batch against a real
+/// PostgreSQL start from.
+pub(crate) struct OneOrderPartition {
+    /// The live generation.
+    pub(crate) live: i32,
+    /// The job.
+    pub(crate) job: Job,
+    /// Its Kafka settings (one partition).
+    pub(crate) kafka: KafkaSettings,
+    /// The key it trusts.
+    pub(crate) key: keel_schemas::SigningKey,
+    /// Its key policy.
+    pub(crate) policy: Arc<TrustedKeys>,
+}
+
+impl OneOrderPartition {
+    pub(crate) async fn prepare(pool: &PgPool) -> Self {
+        let orders = orders();
+        let live = crate::generation::prepare(pool, orders.as_ref())
+            .await
+            .unwrap()
+            .generation;
+        let (key, policy) = trusted_key();
+        let kafka = KafkaSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        let job = job(orders, pool, kafka.clone(), Arc::clone(&policy));
+        Self {
+            live,
+            job,
+            kafka,
+            key,
+            policy,
+        }
+    }
+
+    /// `records` as read from the partition from offset `first`, decoded.
+    pub(crate) fn read(
+        &self,
+        first: i64,
+        records: &[keel_schemas::LogRecord],
+    ) -> Vec<crate::decode::Decoded> {
+        read_orders(&self.kafka, &self.policy, first, records)
+    }
+
+    /// A fence of `writer` for the partition, signed with the trusted key.
+    pub(crate) fn fence(&self, writer: &keel_schemas::Writer) -> keel_schemas::LogRecord {
+        keel_schemas::testing::signed_fence(
+            writer,
+            &self.key,
+            &keel_schemas::TopicPartition::new(self.kafka.topic("order"), 0),
+        )
+    }
+}

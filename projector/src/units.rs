@@ -579,6 +579,14 @@ mod tests {
             .collect()
     }
 
+    /// The holder of the only unit of the test's database.
+    async fn holder(pool: &PgPool) -> Option<Uuid> {
+        sqlx::query_scalar("SELECT holder FROM keel_units")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
     /// A process stalled past the claim timeout loses its unit to another, and its next
     /// batch applies nothing: the proof in its transaction finds the other holder.
     #[tokio::test]
@@ -588,52 +596,32 @@ mod tests {
         use crate::hold::{Hold, LostHold};
 
         let (_db, pool) = crate::testing::database("lost-unit").await;
-        let orders = crate::testing::orders();
-        let live = crate::generation::prepare(&pool, orders.as_ref())
-            .await
-            .unwrap()
-            .generation;
-        let (key, policy) = crate::testing::trusted_key();
-        let kafka = keel_kafka::KafkaSettings {
-            partitions: 1,
-            ..Default::default()
-        };
-        let job = crate::testing::job(orders, &pool, kafka.clone(), Arc::clone(&policy));
+        let one = crate::testing::OneOrderPartition::prepare(&pool).await;
+        let (job, live) = (&one.job, one.live);
         let timeout = Duration::from_millis(300);
         let (mut a, a_units) =
             Membership::new(pool.clone(), timeout, [("orders", job.partitions())]);
         a.create_units().await.unwrap();
         a.tick().await.unwrap();
         let hold = Hold::units("orders", a.id(), a_units["orders"].units.borrow().clone());
-        let mut applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
+        let mut applier = Applier::load(job, live, Mode::Live, &hold).await.unwrap();
         let writer = keel_schemas::testing::writer("w", 1);
-        let at = TopicPartition::new(kafka.topic("order"), 0);
         let first = [
-            keel_schemas::testing::signed_fence(&writer, &key, &at),
-            crate::testing::placed(&writer, &key, "o-1"),
+            one.fence(&writer),
+            crate::testing::placed(&writer, &one.key, "o-1"),
         ];
-        applier
-            .apply(&crate::testing::read_orders(&kafka, &policy, 0, &first))
-            .await
-            .unwrap();
+        applier.apply(&one.read(0, &first)).await.unwrap();
 
         // A stalls past its claim timeout; B starts and takes the unit.
         tokio::time::sleep(timeout * 2).await;
         let (mut b, b_units) =
             Membership::new(pool.clone(), timeout, [("orders", job.partitions())]);
         b.tick().await.unwrap();
-        let holder: Option<Uuid> = sqlx::query_scalar("SELECT holder FROM keel_units")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(holder, Some(b.id()), "B took the unit");
+        assert_eq!(holder(&pool).await, Some(b.id()), "B took the unit");
 
         // A wakes with a batch in hand.
-        let second = [crate::testing::placed(&writer, &key, "o-2")];
-        let Err(refused) = applier
-            .apply(&crate::testing::read_orders(&kafka, &policy, 2, &second))
-            .await
-        else {
+        let second = [crate::testing::placed(&writer, &one.key, "o-2")];
+        let Err(refused) = applier.apply(&one.read(2, &second)).await else {
             panic!("A applies nothing more");
         };
         assert!(refused.downcast_ref::<LostHold>().is_some(), "{refused:#}");
@@ -651,28 +639,16 @@ mod tests {
         // B applies o-2 and stalls in turn; A gets the unit back. A's state was loaded
         // under its first claim, before B's batch: it must not apply o-2 again.
         let b_hold = Hold::units("orders", b.id(), b_units["orders"].units.borrow().clone());
-        let mut b_applier = Applier::load(&job, live, Mode::Live, &b_hold)
-            .await
-            .unwrap();
-        b_applier
-            .apply(&crate::testing::read_orders(&kafka, &policy, 2, &second))
-            .await
-            .unwrap();
+        let mut b_applier = Applier::load(job, live, Mode::Live, &b_hold).await.unwrap();
+        b_applier.apply(&one.read(2, &second)).await.unwrap();
         sqlx::query("UPDATE keel_projector_processes SET expires_at = now() - interval '1 second' WHERE id = $1")
             .bind(b.id())
             .execute(&pool)
             .await
             .unwrap();
         a.tick().await.unwrap();
-        let holder: Option<Uuid> = sqlx::query_scalar("SELECT holder FROM keel_units")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(holder, Some(a.id()), "A holds the unit again");
-        let Err(refused) = applier
-            .apply(&crate::testing::read_orders(&kafka, &policy, 2, &second))
-            .await
-        else {
+        assert_eq!(holder(&pool).await, Some(a.id()), "A holds the unit again");
+        let Err(refused) = applier.apply(&one.read(2, &second)).await else {
             panic!("A's state from before its new claim applies nothing");
         };
         assert!(refused.downcast_ref::<LostHold>().is_some(), "{refused:#}");
@@ -683,12 +659,9 @@ mod tests {
         assert_eq!(placed, 2, "o-1 and o-2, each once");
         // Loaded again under the new claim, A goes on from B's checkpoint.
         let hold = Hold::units("orders", a.id(), a_units["orders"].units.borrow().clone());
-        let mut applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
-        let third = [crate::testing::placed(&writer, &key, "o-3")];
-        applier
-            .apply(&crate::testing::read_orders(&kafka, &policy, 3, &third))
-            .await
-            .unwrap();
+        let mut applier = Applier::load(job, live, Mode::Live, &hold).await.unwrap();
+        let third = [crate::testing::placed(&writer, &one.key, "o-3")];
+        applier.apply(&one.read(3, &third)).await.unwrap();
         let next: i64 = sqlx::query_scalar("SELECT next_offset FROM keel_checkpoints")
             .fetch_one(&pool)
             .await
@@ -718,17 +691,15 @@ mod tests {
         tokio::time::sleep(timeout * 2).await;
         let (mut b, _) = Membership::new(pool.clone(), timeout, [("orders", partitions)]);
         b.tick().await.unwrap();
-        let holder = || async {
-            sqlx::query_scalar::<_, Option<Uuid>>("SELECT holder FROM keel_units")
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        };
-        assert_eq!(holder().await, Some(a.id()), "not while the batch holds it");
+        assert_eq!(
+            holder(&pool).await,
+            Some(a.id()),
+            "not while the batch holds it"
+        );
         batch.commit().await.unwrap();
         b.tick().await.unwrap();
         assert_eq!(
-            holder().await,
+            holder(&pool).await,
             Some(b.id()),
             "B holds the unit once the batch ended"
         );
