@@ -7,7 +7,8 @@ use keel_schemas::TopicPartition;
 use tracing::warn;
 
 use crate::checkpoint::Checkpoints;
-use crate::dead_letter::{self, DeadLetter};
+use crate::checkpoint::PartitionState;
+use crate::dead_letter::{self, Action, DeadLetter, Parked, Request, Status};
 use crate::decode::Decoded;
 use crate::generation::{self, BatchReport, GenerationChanged, Mode};
 use crate::hold::Hold;
@@ -188,7 +189,7 @@ impl<'j> Applier<'j> {
                             self.ensure_live().await?;
                             self.reload().await?;
                             if let Flow::Stopped =
-                                self.dead_letter_alone(decoded, format!("{e:#}")).await?
+                                self.dead_letter_alone(decoded, record_error(&e)).await?
                             {
                                 return Ok(Flow::Stopped);
                             }
@@ -200,6 +201,226 @@ impl<'j> Applier<'j> {
             }
             other => other,
         }
+    }
+
+    /// Carries out the operators' requests waiting on parked streams of the partitions this
+    /// applier applies, oldest first.
+    pub(crate) async fn settle_requests(&mut self) -> anyhow::Result<()> {
+        let partitions: Vec<TopicPartition> =
+            self.assignment().into_iter().map(|(at, _)| at).collect();
+        let pending = dead_letter::pending(
+            &self.job.pool,
+            self.job.name(),
+            self.generation,
+            &partitions,
+        )
+        .await?;
+        for request in pending {
+            self.settle(&request).await?;
+        }
+        Ok(())
+    }
+
+    /// Carries out one request on a parked stream, in one transaction that proves the hold
+    /// (and, live, the generation), so that it is done once whichever process holds the
+    /// unit: a retry applies the held-back records in order, up to the first that still
+    /// fails (which stays parked with the records after it); a discard drops them all from
+    /// the view, recording the reason and the actor.
+    async fn settle(&mut self, request: &Request) -> anyhow::Result<()> {
+        let (name, generation) = (self.job.name(), self.generation);
+        let mut tx = self.begin().await?;
+        let open: Option<bool> = sqlx::query_scalar(
+            "SELECT done_at IS NULL FROM keel_stream_requests WHERE id = $1 FOR UPDATE",
+        )
+        .bind(request.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if open != Some(true) {
+            return Ok(());
+        }
+        let records =
+            dead_letter::held_back(&mut tx, name, generation, &request.at, &request.stream)
+                .await?;
+        let outcome = if records.is_empty() {
+            Outcome {
+                ok: false,
+                text: format!("{} is not parked", request.stream),
+                settled_offsets: Vec::new(),
+                events: 0,
+                rest: None,
+            }
+        } else {
+            match request.action {
+                Action::Discard => Outcome {
+                    ok: true,
+                    text: format!("discarded {} records", records.len()),
+                    settled_offsets: records.iter().map(|(e, _)| e.offset).collect(),
+                    events: 0,
+                    rest: None,
+                },
+                Action::Retry => self.retry(&mut tx, records).await?,
+            }
+        };
+        let status = match request.action {
+            Action::Retry => "retried",
+            Action::Discard => "discarded",
+        };
+        sqlx::query(
+            r#"UPDATE keel_dead_letters SET status = $7, resolved_at = now(), resolved_by = $8, resolution = $9
+               WHERE projection = $1 AND generation = $2 AND topic = $3 AND partition = $4
+                 AND stream_type = $5 AND stream_id = $6 AND status = 'parked' AND "offset" = ANY($10)"#,
+        )
+        .bind(name)
+        .bind(generation)
+        .bind(&request.at.topic)
+        .bind(request.at.partition)
+        .bind(&request.stream.stream_type)
+        .bind(&request.stream.id)
+        .bind(status)
+        .bind(&request.actor)
+        .bind(&request.reason)
+        .bind(&outcome.settled_offsets)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE keel_stream_requests SET done_at = now(), ok = $2, outcome = $3 WHERE id = $1",
+        )
+        .bind(request.id)
+        .bind(outcome.ok)
+        .bind(&outcome.text)
+        .execute(&mut *tx)
+        .await?;
+        // Nothing held back any more (or it was not parked): the stream flows again.
+        let parked_now = outcome.rest.clone();
+        match &parked_now {
+            None => {
+                sqlx::query(
+                    "DELETE FROM keel_parked_streams WHERE projection = $1 AND generation = $2
+                     AND stream_type = $3 AND stream_id = $4",
+                )
+                .bind(name)
+                .bind(generation)
+                .bind(&request.stream.stream_type)
+                .bind(&request.stream.id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(rest) => {
+                dead_letter::save_parked(
+                    &mut tx,
+                    name,
+                    generation,
+                    &request.at,
+                    std::iter::once((&request.stream, rest)),
+                )
+                .await?;
+            }
+        }
+        if self.mode == Mode::Live {
+            generation::notify(&mut tx, name).await?;
+        }
+        tx.commit().await?;
+        if let Some(state) = self
+            .checkpoints
+            .partition_mut(&request.at.topic, request.at.partition)
+        {
+            match parked_now {
+                Some(mut rest) => {
+                    rest.dirty = false;
+                    state.parked.insert(request.stream.clone(), rest);
+                }
+                None => {
+                    state.parked.remove(&request.stream);
+                }
+            }
+        }
+        self.events += outcome.events as u64;
+        tracing::info!(stream = %request.stream, action = request.action.as_str(), actor = %request.actor,
+                       outcome = %outcome.text, "a parked stream's request was carried out");
+        Ok(())
+    }
+
+    /// Applies the held-back `records` of a stream in `tx`, in order, each behind a
+    /// savepoint, up to the first that still cannot be decoded or applied.
+    async fn retry(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        records: Vec<(keel_kafka::LogEntry, bool)>,
+    ) -> anyhow::Result<Outcome> {
+        let (entries, admitted): (Vec<_>, Vec<bool>) = records.into_iter().unzip();
+        let decoded = Decoded::all(entries, &self.job.options.policy);
+        let total = decoded.len();
+        let mut settled = Vec::new();
+        let mut events = 0;
+        for (record, admitted) in decoded.iter().zip(admitted) {
+            let offset = record.entry.offset;
+            let failed = if admitted {
+                match record.events_taken() {
+                    Err(e) => Some(e),
+                    Ok(applied) => {
+                        sqlx::query("SAVEPOINT keel_retry")
+                            .execute(&mut *tx)
+                            .await?;
+                        match self
+                            .job
+                            .projection
+                            .apply(tx, self.generation, &applied)
+                            .await
+                            .map_err(|e| anyhow::Error::new(ApplyError(e)))
+                            .map_err(halt_on)
+                        {
+                            Ok(()) => {
+                                sqlx::query("RELEASE SAVEPOINT keel_retry")
+                                    .execute(&mut *tx)
+                                    .await?;
+                                events += applied.len();
+                                None
+                            }
+                            Err(e) if is_apply_error(&e) => {
+                                sqlx::query("ROLLBACK TO SAVEPOINT keel_retry")
+                                    .execute(&mut *tx)
+                                    .await?;
+                                Some(record_error(&e))
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            } else {
+                Some(
+                    "the record was not one the partition gate could take when it was read; \
+                     only a rebuild with code that reads it can apply it"
+                        .to_owned(),
+                )
+            };
+            if let Some(error) = failed {
+                let rest = Parked {
+                    first_offset: offset,
+                    last_offset: decoded.last().map_or(offset, |d| d.entry.offset),
+                    records: i32::try_from(total - settled.len()).unwrap_or(i32::MAX),
+                    error: error.clone(),
+                    dirty: true,
+                };
+                return Ok(Outcome {
+                    ok: false,
+                    text: format!(
+                        "applied {} of {total} records; still parked at offset {offset}: {error}",
+                        settled.len()
+                    ),
+                    settled_offsets: settled,
+                    events,
+                    rest: Some(rest),
+                });
+            }
+            settled.push(offset);
+        }
+        Ok(Outcome {
+            ok: true,
+            text: format!("applied {total} records ({events} events)"),
+            settled_offsets: settled,
+            events,
+            rest: None,
+        })
     }
 
     /// In live mode, fails with [`GenerationChanged`] when the generation is no longer live.
@@ -237,22 +458,40 @@ impl<'j> Applier<'j> {
             }
             match decoded.admit(state) {
                 Ok(admitted) => {
-                    state.batch_events += admitted.len() as u64;
-                    events.extend(admitted);
                     state.next_offset = entry.offset + 1;
                     state.touched = true;
+                    // A parked stream's later records are held back behind its first, in
+                    // order: the gate took them, their events wait.
+                    if !state.parked.is_empty()
+                        && let Some(stream) = admitted.first().map(|e| &e.commit.stream)
+                        && let Some(parked) = state.parked.get_mut(stream)
+                    {
+                        parked.hold(entry.offset);
+                        dead.push(DeadLetter {
+                            entry: entry.clone(),
+                            error: format!(
+                                "held back: its stream is parked since offset {}",
+                                parked.first_offset
+                            ),
+                            stream: Some(stream.clone()),
+                            status: Status::Parked,
+                            gate_admitted: true,
+                        });
+                        continue;
+                    }
+                    state.batch_events += admitted.len() as u64;
+                    events.extend(admitted);
                 }
                 Err(error) => {
                     warn!(topic = %entry.topic, partition = entry.partition, offset = entry.offset, %error, "dead letter");
                     state.touched = true;
-                    dead.push(DeadLetter {
-                        entry: entry.clone(),
-                        error,
-                    });
-                    if on_error == OnError::Stop {
+                    let letter = dead_letter_of(decoded, error, on_error, state);
+                    if letter.status == Status::Stopped {
+                        dead.push(letter);
                         stopped = true;
                         break;
                     }
+                    dead.push(letter);
                     decoded.pass_over(state);
                 }
             }
@@ -280,21 +519,25 @@ impl<'j> Applier<'j> {
         decoded: &Decoded,
         error: String,
     ) -> anyhow::Result<Flow> {
-        let dead = DeadLetter {
-            entry: decoded.entry.clone(),
-            error,
-        };
-        warn!(topic = %dead.entry.topic, partition = dead.entry.partition, offset = dead.entry.offset,
-              error = %dead.error, "dead letter");
-        let stopped = self.job.options.on_error == OnError::Stop;
-        if let Some(state) = self
+        let entry = &decoded.entry;
+        warn!(topic = %entry.topic, partition = entry.partition, offset = entry.offset,
+              %error, "dead letter");
+        let on_error = self.job.options.on_error;
+        let Some(state) = self
             .checkpoints
-            .partition_mut(&dead.entry.topic, dead.entry.partition)
-        {
-            state.touched = true;
-            if !stopped {
-                decoded.pass_over(state);
-            }
+            .partition_mut(&entry.topic, entry.partition)
+        else {
+            anyhow::bail!(
+                "{}/{} is not a partition this applier applies",
+                entry.topic,
+                entry.partition
+            );
+        };
+        state.touched = true;
+        let dead = dead_letter_of(decoded, error, on_error, state);
+        let stopped = dead.status == Status::Stopped;
+        if !stopped {
+            decoded.pass_over(state);
         }
         let mut tx = self.begin().await?;
         self.save(&mut tx, std::slice::from_ref(&dead), 0, stopped)
@@ -323,7 +566,7 @@ impl<'j> Applier<'j> {
         Box::pin(async move {
             let (name, generation) = (self.job.name(), self.generation);
             self.checkpoints.save(tx).await?;
-            dead_letter::record(tx, name, generation, dead, !stopped).await?;
+            dead_letter::record(tx, name, generation, dead).await?;
             let stopped = dead.last().filter(|_| stopped).map(DeadLetter::stop_reason);
             generation::record_batch(
                 tx,
@@ -338,6 +581,55 @@ impl<'j> Applier<'j> {
             )
             .await
         })
+    }
+}
+
+/// What a request on a parked stream came to.
+struct Outcome {
+    ok: bool,
+    /// Told to the operator.
+    text: String,
+    /// The offsets of the records it applied or discarded.
+    settled_offsets: Vec<i64>,
+    /// Events it applied.
+    events: usize,
+    /// What the stream still holds back, when anything.
+    rest: Option<Parked>,
+}
+
+/// The dead letter of a record that failed with `error`, as `on_error` handles it: with
+/// [`OnError::Park`] its stream is parked on it (or, already parked, holds it back too);
+/// a record that names no stream is skipped, since no stream's view waits for it.
+fn dead_letter_of(
+    decoded: &Decoded,
+    error: String,
+    on_error: OnError,
+    state: &mut PartitionState,
+) -> DeadLetter {
+    let stream = decoded.stream();
+    let status = match (on_error, &stream) {
+        (OnError::Stop, _) => Status::Stopped,
+        (OnError::Skip, _) | (OnError::Park, None) => Status::Skipped,
+        (OnError::Park, Some(stream)) => {
+            let offset = decoded.entry.offset;
+            match state.parked.get_mut(stream) {
+                Some(parked) => parked.hold(offset),
+                None => {
+                    warn!(%stream, offset, "parking the stream");
+                    state
+                        .parked
+                        .insert(stream.clone(), Parked::new(offset, error.clone()));
+                }
+            }
+            Status::Parked
+        }
+    };
+    DeadLetter {
+        entry: decoded.entry.clone(),
+        error,
+        stream,
+        status,
+        gate_admitted: decoded.is_record(),
     }
 }
 
@@ -406,6 +698,15 @@ fn failure(e: &anyhow::Error) -> Option<(Failure, String)> {
         // every time, so no retry settles it.
         Some(ApplyError(other)) => Some((Failure::Halt, format!("none ({other})"))),
         None => None,
+    }
+}
+
+/// What a dead letter says of the error a record's statements failed with: the message
+/// and its SQLSTATE.
+fn record_error(e: &anyhow::Error) -> String {
+    match failure(e) {
+        Some((_, code)) if !code.is_empty() => format!("{e:#} (SQLSTATE {code})"),
+        _ => format!("{e:#}"),
     }
 }
 
@@ -527,6 +828,233 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(state, "running");
+        pool.close().await;
+    }
+
+    /// The default: a record that fails in PostgreSQL (a data error) or cannot be decoded
+    /// parks its stream; the stream's later records are held back behind it, every other
+    /// stream is applied, and the checkpoint moves past them all. A retry with the code
+    /// still failing leaves the stream parked; with the fixed code it applies the held-back
+    /// records in order, once (a second retry finds nothing parked); a process that lost
+    /// the unit carries out nothing; a discard drops the records with its reason.
+    #[tokio::test]
+    async fn a_failing_record_parks_its_stream_and_a_retry_with_the_fix_applies_it_once() {
+        use keel_schemas::testing::{commit, stream, writer};
+        use serde_json::json;
+
+        let (_db, pool) = crate::testing::database("park").await;
+        let one = crate::testing::OneOrderPartition::prepare(&pool).await;
+        let fixable = crate::testing::Fixable::orders("o-2");
+        let mut job = one.job.clone();
+        job.projection = fixable.clone();
+        job.options.on_error = OnError::Park;
+        let live = one.live;
+        let key = &one.key;
+        let writer = writer("w", 1);
+        let eur = json!({"amount_minor": 100, "currency": "EUR"});
+        let placed = |id: &str| {
+            commit(&writer, stream("order", id), 0)
+                .event(
+                    "OrderPlaced",
+                    2,
+                    json!({"customer_id": "c-1", "total": eur,
+                           "lines": [{"sku": "S-1", "quantity": 1, "unit_price": eur}]}),
+                )
+                .signed(key)
+        };
+        let (o1, o2, o4) = (placed("o-1"), placed("o-2"), placed("o-4"));
+        // Not an OrderPlaced this code can read.
+        let o3 = commit(&writer, stream("order", "o-3"), 0)
+            .event("OrderPlaced", 2, json!({"nonsense": true}))
+            .signed(key);
+        let paid2 = crate::testing::order_commit(
+            &writer,
+            key,
+            "o-2",
+            &o2,
+            (
+                "PaymentRecorded",
+                json!({"amount": eur, "payment_ref": "p-1"}),
+            ),
+        );
+        let cancelled3 = crate::testing::order_commit(
+            &writer,
+            key,
+            "o-3",
+            &o3,
+            ("OrderCancelled", json!({"reason": "changed my mind"})),
+        );
+        use keel_schemas::LogRecord::Commit;
+        let records = [
+            one.fence(&writer),
+            Commit(o1),
+            Commit(o2.clone()),
+            Commit(o3),
+            Commit(paid2.clone()),
+            Commit(o4),
+            Commit(cancelled3),
+        ];
+        let hold = crate::hold::Hold::claim(&pool, "run:orders".into())
+            .await
+            .unwrap();
+        let mut applier = Applier::load(&job, live, Mode::Live, &hold).await.unwrap();
+        assert!(matches!(
+            applier.apply(&one.read(0, &records)).await.unwrap(),
+            Flow::Continue
+        ));
+
+        let orders = || async {
+            sqlx::query_as::<_, (String, i64)>(
+                "SELECT order_id, paid_minor FROM orders ORDER BY order_id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        };
+        let parked = || async {
+            sqlx::query_as::<_, (String, i64, i32, String)>(
+                "SELECT stream_id, first_offset, records, error FROM keel_parked_streams ORDER BY stream_id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        };
+        let statuses = || async {
+            sqlx::query_as::<_, (i64, String, Option<String>, Option<String>)>(
+                r#"SELECT "offset", status, resolved_by, resolution FROM keel_dead_letters ORDER BY "offset""#,
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        };
+        assert_eq!(
+            orders().await,
+            [("o-1".to_owned(), 0), ("o-4".to_owned(), 0)],
+            "every other stream is applied"
+        );
+        let next: i64 = sqlx::query_scalar("SELECT next_offset FROM keel_checkpoints")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(next, 7, "the checkpoint moves past the parked records");
+        let held = parked().await;
+        assert_eq!(
+            held.iter()
+                .map(|(id, first, n, _)| (id.as_str(), *first, *n))
+                .collect::<Vec<_>>(),
+            [("o-2", 2, 2), ("o-3", 3, 2)]
+        );
+        assert!(held[0].3.contains("22012"), "{}", held[0].3);
+        assert_eq!(
+            statuses()
+                .await
+                .iter()
+                .map(|(o, s, _, _)| (*o, s.as_str()))
+                .collect::<Vec<_>>(),
+            [(2, "parked"), (3, "parked"), (4, "parked"), (6, "parked")]
+        );
+
+        let request = |id: &str, action| {
+            let pool = pool.clone();
+            let id = id.to_owned();
+            async move {
+                crate::quarantine::request(
+                    &pool,
+                    "orders",
+                    &stream("order", &id),
+                    action,
+                    (action == Action::Discard).then_some("cannot be read; re-placed as o-5"),
+                    "ops",
+                )
+                .await
+            }
+        };
+        // The code still fails: the retry changes nothing but the error.
+        request("o-2", Action::Retry).await.unwrap();
+        request("o-3", Action::Retry).await.unwrap();
+        applier.settle_requests().await.unwrap();
+        assert_eq!(orders().await.len(), 2);
+        assert_eq!(
+            parked()
+                .await
+                .iter()
+                .map(|(id, first, n, _)| (id.as_str(), *first, *n))
+                .collect::<Vec<_>>(),
+            [("o-2", 2, 2), ("o-3", 3, 2)]
+        );
+
+        // A process that lost the unit carries out nothing.
+        fixable.fix();
+        request("o-2", Action::Retry).await.unwrap();
+        let thief = crate::hold::Hold::claim(&pool, "run:orders".into())
+            .await
+            .unwrap();
+        let lost = applier
+            .settle_requests()
+            .await
+            .expect_err("the hold is lost");
+        assert!(
+            lost.downcast_ref::<crate::hold::LostHold>().is_some(),
+            "{lost:#}"
+        );
+        assert_eq!(orders().await.len(), 2);
+
+        // The holder with the fixed code applies o-2's records in order, once.
+        let mut applier = Applier::load(&job, live, Mode::Live, &thief).await.unwrap();
+        applier.settle_requests().await.unwrap();
+        assert_eq!(
+            orders().await,
+            [
+                ("o-1".to_owned(), 0),
+                ("o-2".to_owned(), 100),
+                ("o-4".to_owned(), 0)
+            ]
+        );
+        applier.settle_requests().await.unwrap();
+        let again = request("o-2", Action::Retry).await.expect_err("not parked");
+        assert!(format!("{again:#}").contains("not parked"), "{again:#}");
+        // It flows again: its next record is applied at once.
+        let paid = crate::testing::order_commit(
+            &writer,
+            key,
+            "o-2",
+            &paid2,
+            ("OrderPaid", json!({"total": eur})),
+        );
+        applier.apply(&one.read(7, &[Commit(paid)])).await.unwrap();
+        let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = 'o-2'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(status, "paid");
+
+        // A discard drops o-3's records, with its reason and actor.
+        request("o-3", Action::Discard).await.unwrap();
+        applier.settle_requests().await.unwrap();
+        assert!(parked().await.is_empty());
+        assert_eq!(
+            statuses()
+                .await
+                .iter()
+                .map(|(o, s, by, why)| (*o, s.as_str(), by.as_deref(), why.is_some()))
+                .collect::<Vec<_>>(),
+            [
+                (2, "retried", Some("ops"), false),
+                (3, "discarded", Some("ops"), true),
+                (4, "retried", Some("ops"), false),
+                (6, "discarded", Some("ops"), true)
+            ]
+        );
+        let outcomes: Vec<(bool, String)> =
+            sqlx::query_as("SELECT ok, outcome FROM keel_stream_requests ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            outcomes.iter().map(|(ok, _)| *ok).collect::<Vec<_>>(),
+            [false, false, true, true]
+        );
+        assert!(outcomes[2].1.contains("applied 2 records"), "{outcomes:?}");
         pool.close().await;
     }
 

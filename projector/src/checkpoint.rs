@@ -16,6 +16,8 @@ use keel_kafka::{PartitionGate, StreamHead, hash_bytes};
 use keel_schemas::{StreamRef, TopicPartition, TrustedKeys, Writer};
 use sqlx::{PgConnection, PgPool};
 
+use crate::dead_letter::{self, Parked};
+
 /// One partition of a generation: where it has been read to, and the gate's state there.
 pub(crate) struct PartitionState {
     /// The next offset to apply.
@@ -30,6 +32,8 @@ pub(crate) struct PartitionState {
     pub(crate) batch_events: u64,
     /// The log time (ms since the epoch) of the last record applied, when the log gave one.
     pub(crate) last_record_ms: Option<i64>,
+    /// The streams of the partition the generation holds back, with their held records.
+    pub(crate) parked: HashMap<StreamRef, Parked>,
     /// Rows of `keel_gate_versions` since the partition's last snapshot.
     deltas: u32,
     /// Stream versions those rows hold.
@@ -45,6 +49,7 @@ impl PartitionState {
             touched: false,
             batch_events: 0,
             last_record_ms: None,
+            parked: HashMap::new(),
             deltas: 0,
             delta_entries: 0,
         }
@@ -182,6 +187,11 @@ impl Checkpoints {
         .bind(generation)
         .fetch_all(pool)
         .await?;
+        for (at, stream, parked) in dead_letter::load_parked(pool, projection, generation).await? {
+            if let Some(state) = states.get_mut(&at) {
+                state.parked.insert(stream, parked);
+            }
+        }
         let mut deltas: HashMap<TopicPartition, (u32, u64)> = HashMap::new();
         for (topic, partition, snapshot, bytes) in rows {
             let decoded: Vec<SavedHead> = serde_json::from_slice(&bytes).with_context(|| {
@@ -328,6 +338,9 @@ impl Checkpoints {
             .execute(&mut *tx)
             .await?;
         }
+        for (at, state) in &touched {
+            dead_letter::save_parked(tx, name, generation, at, state.parked.iter()).await?;
+        }
         if !touched.is_empty() {
             sqlx::query(
                 "INSERT INTO keel_checkpoints (projection, generation, topic, partition, next_offset, owner_instance,
@@ -383,6 +396,9 @@ impl Checkpoints {
             }
             state.touched = false;
             state.batch_events = 0;
+            for parked in state.parked.values_mut() {
+                parked.dirty = false;
+            }
             state.touched_streams.clear();
         }
     }

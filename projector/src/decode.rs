@@ -7,7 +7,8 @@ use std::sync::Arc;
 use keel_domain::{AggregateFn, ShopAggregate, with_aggregate};
 use keel_kafka::{LogEntry, check_records};
 use keel_schemas::{
-    CommitCheck, CommitRecord, FenceRecord, LogRecord, ReceiptRecord, TrustedKeys, decode_event,
+    CommitCheck, CommitRecord, FenceRecord, LogRecord, ReceiptRecord, StreamRef, TrustedKeys,
+    decode_event, stream_type_of,
 };
 
 use crate::checkpoint::PartitionState;
@@ -83,8 +84,48 @@ impl Decoded {
         let events = events.as_ref().map_err(Clone::clone)?;
         let _ = state.gate.admit_commit_checked(commit, check);
         state.touched_streams.insert(commit.stream.clone());
+        Ok(self.projected(commit, events))
+    }
+
+    /// The stream the record belongs to: its commit's or receipt's, or, for a record that
+    /// cannot be read as one, the stream its key names on its topic. A fence has none.
+    pub(crate) fn stream(&self) -> Option<StreamRef> {
+        match &self.parsed {
+            Ok(Parsed::Commit(commit, _, _)) => Some(commit.stream.clone()),
+            Ok(Parsed::Receipt(receipt)) => Some(receipt.stream.clone()),
+            Ok(Parsed::Fence(_)) => None,
+            Err(_) => {
+                let stream_type = stream_type_of(&self.entry.topic)?;
+                let id = std::str::from_utf8(self.entry.key.as_deref()?).ok()?;
+                (!id.is_empty()).then(|| StreamRef {
+                    stream_type: stream_type.to_owned(),
+                    id: id.to_owned(),
+                })
+            }
+        }
+    }
+
+    /// Whether the record could be read as a record (the gate takes only those).
+    pub(crate) fn is_record(&self) -> bool {
+        self.parsed.is_ok()
+    }
+
+    /// The events of a record the gate took when it was read, for a retry of its parked
+    /// stream: the gate has moved on and is not asked again.
+    pub(crate) fn events_taken(&self) -> Result<Vec<ProjectedEvent>, String> {
+        match &self.parsed {
+            Err(e) => Err(e.clone()),
+            Ok(Parsed::Fence(_) | Parsed::Receipt(_)) => Ok(Vec::new()),
+            Ok(Parsed::Commit(commit, _, events)) => {
+                let events = events.as_ref().map_err(Clone::clone)?;
+                Ok(self.projected(commit, events))
+            }
+        }
+    }
+
+    fn projected(&self, commit: &Arc<CommitRecord>, events: &[AnyEvent]) -> Vec<ProjectedEvent> {
         let entry = &self.entry;
-        Ok(events
+        events
             .iter()
             .enumerate()
             .map(|(index, event)| ProjectedEvent {
@@ -95,7 +136,7 @@ impl Decoded {
                 commit: Arc::clone(commit),
                 event: event.clone(),
             })
-            .collect())
+            .collect()
     }
 
     /// Moves past a dead-lettered record: the gate takes it as every other reader does.

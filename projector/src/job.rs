@@ -13,7 +13,11 @@ use crate::projection::Projection;
 /// What a projection does with a record it cannot decode or apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnError {
-    /// Record it as a dead letter and stop the projection (the default).
+    /// Park its stream (the default): record it as a dead letter and hold the stream's
+    /// later records back behind it, in order, while every other stream flows on, until an
+    /// operator retries or discards the stream (`projector dead-letters`).
+    Park,
+    /// Record it as a dead letter and stop the projection.
     Stop,
     /// Record it as a dead letter, count it, and go on.
     Skip,

@@ -15,7 +15,8 @@
 //! | `hold` | what a batch proves it holds: a live run's units, a rebuild's claim |
 //! | `checkpoint` | checkpoints and the gate's state: loading, saving, snapshots |
 //! | `decode` | records decoded and put through the gate |
-//! | `dead_letter` | records that cannot be decoded or applied |
+//! | `dead_letter` | records that cannot be decoded or applied; parked streams and requests on them |
+//! | [`quarantine`] | `dead-letters`: parked streams listed, retried, discarded |
 //! | `generation` | generations: the live one, views, batch reports, dropping old ones |
 //! | `prefetch` | the next batches read and decoded while one is applied |
 //! | [`rebuild`] | blue/green rebuilds and the swap |
@@ -35,6 +36,7 @@ pub mod job;
 mod prefetch;
 mod progress;
 pub mod projection;
+pub mod quarantine;
 pub mod rebuild;
 pub mod report;
 pub mod runner;

@@ -1,4 +1,5 @@
-//! Keel's projector binary: `run`, `rebuild`, `verify`, `export`, `status`, `topics`.
+//! Keel's projector binary: `run`, `rebuild`, `verify`, `export`, `status`, `dead-letters`,
+//! `topics`.
 
 /// mimalloc: the services allocate and free many small objects per record and request,
 /// which glibc's allocator serves several times slower.
@@ -11,11 +12,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keel_kafka::{KafkaSettings, end_offsets, ensure_topics};
-use keel_schemas::{TopicPartition, TrustedKeys};
+use keel_schemas::{StreamRef, TopicPartition, TrustedKeys};
 use projector::rebuild::{Progress, RebuildOptions};
 use projector::runner::Runner;
 use projector::units::Membership;
-use projector::{Job, OnError, Settings, SettingsArgs, db, report, status, verify, views};
+use projector::{
+    Job, OnError, Settings, SettingsArgs, db, quarantine, report, status, verify, views,
+};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
@@ -40,9 +43,10 @@ enum Command {
         /// Run only these projections (repeatable); all of them by default.
         #[arg(long = "projection", value_name = "NAME")]
         projections: Vec<String>,
-        /// What to do with a record that cannot be decoded or applied: record it as a dead
-        /// letter and stop the projection, or record it, count it and go on.
-        #[arg(long, value_enum, default_value = "stop")]
+        /// What to do with a record that cannot be decoded or applied: park its stream
+        /// (hold the stream back, in order, while the others flow on, until `dead-letters
+        /// retry` or `discard`), stop the projection, or record it, count it and go on.
+        #[arg(long, value_enum, default_value = "park")]
         on_error: OnError,
     },
     /// Rebuilds projections blue/green: builds the next generation beside the live one from
@@ -60,7 +64,7 @@ enum Command {
         #[arg(long)]
         keep_old: bool,
         /// What to do with a record that cannot be decoded or applied.
-        #[arg(long, value_enum, default_value = "stop")]
+        #[arg(long, value_enum, default_value = "park")]
         on_error: OnError,
         /// Print each finished rebuild's report as a JSON line on standard output.
         #[arg(long)]
@@ -94,9 +98,69 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Lists the streams the projections hold back (parked on a record they could not
+    /// decode or apply), and retries or discards them: the process holding a stream's
+    /// partition carries the request out, once.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetters,
+    },
     /// Creates the topics that are missing (KEEL_PARTITIONS partitions, infinite retention),
     /// checks the existing ones, and prints each topic's partitions and record counts.
     Topics,
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// Lists the parked streams with their error and the records they hold back.
+    List {
+        /// Only this projection's.
+        #[arg(long, value_name = "NAME")]
+        projection: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Applies a parked stream's records again, in order, with the code running now (after
+    /// a fix); a record that still fails stays parked with the records after it. Exits 1
+    /// unless every record applied.
+    Retry {
+        /// The projection.
+        projection: String,
+        /// The stream, as <type>/<id> (e.g. order/o-42).
+        #[arg(value_name = "TYPE/ID", required_unless_present = "all")]
+        stream: Option<String>,
+        /// Retry every stream the projection holds back.
+        #[arg(long, conflicts_with = "stream")]
+        all: bool,
+        #[command(flatten)]
+        request: RequestArgs,
+    },
+    /// Drops a parked stream's held-back records from the view for good, recording the
+    /// reason; the stream's later records are applied again.
+    Discard {
+        /// The projection.
+        projection: String,
+        /// The stream, as <type>/<id>.
+        #[arg(value_name = "TYPE/ID")]
+        stream: String,
+        /// Why (recorded with each discarded record).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        request: RequestArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct RequestArgs {
+    /// Who asks (recorded); `$USER` by default.
+    #[arg(long)]
+    actor: Option<String>,
+    /// How long to wait for a projector process to carry the request out, in seconds (it
+    /// stays queued after that).
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
 }
 
 #[tokio::main]
@@ -123,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Verify { stream, json } => verify(&settings, stream.as_deref(), json).await,
         Command::Export { stream, output } => export(&settings, &stream, output.as_deref()).await,
         Command::Status { json } => print_status(&settings, json).await,
+        Command::DeadLetters { command } => dead_letters(&settings, command).await,
         Command::Topics => topics(&settings.kafka).await,
     }
 }
@@ -333,6 +398,117 @@ async fn print_status(settings: &Settings, json: bool) -> anyhow::Result<()> {
     std::io::stdout()
         .write_all(out.as_bytes())
         .context("writing to stdout")
+}
+
+async fn dead_letters(settings: &Settings, command: DeadLetters) -> anyhow::Result<()> {
+    let pool = db::connect(&settings.database.database_url).await?;
+    let (projection, streams, action, reason, args) = match command {
+        DeadLetters::List { projection, json } => {
+            if let Some(name) = &projection {
+                check_names(std::slice::from_ref(name))?;
+            }
+            let parked = quarantine::list(&pool, projection.as_deref()).await?;
+            let out = if json {
+                serde_json::to_string_pretty(&parked)? + "\n"
+            } else {
+                report::parked_text(&parked)
+            };
+            return std::io::stdout()
+                .write_all(out.as_bytes())
+                .context("writing to stdout");
+        }
+        DeadLetters::Retry {
+            projection,
+            stream,
+            all,
+            request,
+        } => {
+            check_names(std::slice::from_ref(&projection))?;
+            let streams = if all {
+                quarantine::list(&pool, Some(&projection))
+                    .await?
+                    .into_iter()
+                    .map(|p| StreamRef {
+                        stream_type: p.stream_type,
+                        id: p.stream_id,
+                    })
+                    .collect()
+            } else {
+                vec![verify::parse_stream(stream.as_deref().unwrap_or_default())?]
+            };
+            (
+                projection,
+                streams,
+                quarantine::Action::Retry,
+                None,
+                request,
+            )
+        }
+        DeadLetters::Discard {
+            projection,
+            stream,
+            reason,
+            request,
+        } => {
+            check_names(std::slice::from_ref(&projection))?;
+            let stream = verify::parse_stream(&stream)?;
+            (
+                projection,
+                vec![stream],
+                quarantine::Action::Discard,
+                Some(reason),
+                request,
+            )
+        }
+    };
+    if streams.is_empty() {
+        println!("{projection} holds back no stream");
+        return Ok(());
+    }
+    let actor = args
+        .actor
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "operator".to_owned());
+    let mut failed = 0;
+    for stream in streams {
+        let requested = quarantine::request(
+            &pool,
+            &projection,
+            &stream,
+            action,
+            reason.as_deref(),
+            &actor,
+        )
+        .await?;
+        let done = quarantine::wait(&pool, &requested, Duration::from_secs(args.wait), |after| {
+            eprintln!(
+                "waiting {}s for the projector process holding {} to carry out request {}…",
+                after.as_secs(),
+                requested.unit,
+                requested.id
+            );
+        })
+        .await?;
+        match done {
+            Some(done) => {
+                println!("{stream}: {}", done.outcome);
+                if !done.ok {
+                    failed += 1;
+                }
+            }
+            None => anyhow::bail!(
+                "request {} on {stream} is still queued after {}s: is a projector running {projection} \
+                 (`projector run`)? It is carried out once one holds {}",
+                requested.id,
+                args.wait,
+                requested.unit
+            ),
+        }
+    }
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn topics(kafka: &KafkaSettings) -> anyhow::Result<()> {

@@ -199,7 +199,7 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     let stopped = || {
         anyhow::anyhow!(
             "the rebuild of {name} generation {generation} stopped on a dead letter (see `projector status`); \
-             the live view is untouched. Fix the cause, or rerun with --on-error skip"
+             the live view is untouched. Fix the cause, or rerun with --on-error park (the default) or skip"
         )
     };
     let mut indexed = false;

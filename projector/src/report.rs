@@ -1,8 +1,8 @@
-//! How `projector status`, `verify` and `topics` print what they found, for a person.
+//! How `projector status`, `verify`, `dead-letters list` and `topics` print what they found, for a person.
 //! (`--json` prints the same structures as JSON.)
 
 use keel_schemas::TopicPartition;
-use keel_views::status::ProjectionStatus;
+use keel_views::status::{ParkedStream, ProjectionStatus};
 
 use crate::verify::{FindingKind, VerifyReport};
 
@@ -59,14 +59,15 @@ pub fn status_text(before: &[ProjectionStatus], now: &[ProjectionStatus]) -> Str
             .find(|b| b.name == p.name)
             .map_or(0, |b| p.events - b.events);
         out.push_str(&format!(
-            "{} (generation {}, code v{}): {}, {} events, {rate} events/s, lag {}, {} dead letters\n",
+            "{} (generation {}, code v{}): {}, {} events, {rate} events/s, lag {}, {} dead letters, {} parked streams\n",
             p.name,
             p.generation,
             p.code_version,
             p.state,
             p.events,
             p.lag.map_or("?".into(), |l| l.to_string()),
-            p.dead_letters
+            p.dead_letters,
+            p.parked_streams
         ));
         if let Some(error) = &p.error {
             out.push_str(&format!("  stopped: {error}\n"));
@@ -101,7 +102,48 @@ pub fn status_text(before: &[ProjectionStatus], now: &[ProjectionStatus]) -> Str
                 part.rejected,
                 part.held_by.as_deref().unwrap_or("nobody")
             ));
+            for parked in &part.parked {
+                out.push_str(&format!(
+                    "    parked {}/{} from offset {} ({} records): {}\n",
+                    parked.stream_type,
+                    parked.stream_id,
+                    parked.first_offset,
+                    parked.records,
+                    parked.error
+                ));
+            }
+            if part.parked_streams > part.parked.len() as i64 {
+                out.push_str(&format!(
+                    "    … and {} more parked streams (projector dead-letters list)\n",
+                    part.parked_streams - part.parked.len() as i64
+                ));
+            }
         }
+    }
+    out
+}
+
+/// The parked streams, one line each: the projection, the stream, where it is held back
+/// from, how many records, since when, and the error.
+pub fn parked_text(parked: &[ParkedStream]) -> String {
+    if parked.is_empty() {
+        return "no stream is parked\n".to_owned();
+    }
+    let mut out = String::new();
+    for p in parked {
+        out.push_str(&format!(
+            "{} {}/{}: held back at {}/{} from offset {} to {} ({} records) since {}: {}\n",
+            p.projection,
+            p.stream_type,
+            p.stream_id,
+            p.topic,
+            p.partition,
+            p.first_offset,
+            p.last_offset,
+            p.records,
+            p.parked_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            p.error
+        ));
     }
     out
 }

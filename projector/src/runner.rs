@@ -28,6 +28,8 @@ const STOPPED_PAUSE: Duration = Duration::from_secs(5);
 
 /// How often a runner records where its partitions end.
 const ENDS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a live runner looks for operators' requests on its parked streams.
+const REQUESTS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a runner that found a unit held by another waits for its share to be told again.
 const LOST_UNIT_WAIT: Duration = Duration::from_secs(2);
@@ -272,6 +274,9 @@ impl Runner {
         applier.resume().await?;
         let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
         let _ends = record_ends(job, Arc::clone(&reader));
+        applier.settle_requests().await?;
+        let mut requests = tokio::time::interval(REQUESTS_INTERVAL);
+        requests.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batches = Prefetch::start(
             reader,
             Arc::clone(&job.options.policy),
@@ -285,6 +290,10 @@ impl Runner {
                 changed = assignment.units.changed() => {
                     changed.map_err(|_| anyhow::anyhow!("the membership of this process ended"))?;
                     return Ok(Exit::Reassigned);
+                }
+                _ = requests.tick() => {
+                    applier.settle_requests().await?;
+                    continue;
                 }
             };
             if let Flow::Stopped = applier.apply(&batch).await? {

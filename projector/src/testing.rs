@@ -187,3 +187,78 @@ impl OneOrderPartition {
         )
     }
 }
+
+/// The `orders` projection as two code versions: before the fix, a batch holding an event
+/// of stream `poison` fails with a real data error (division by zero, SQLSTATE 22012);
+/// after [`Fixable::fix`], it applies like `orders`.
+pub(crate) struct Fixable {
+    inner: Arc<dyn Projection>,
+    poison: String,
+    fixed: std::sync::atomic::AtomicBool,
+}
+
+impl Fixable {
+    /// `orders`, failing on the events of order `poison` until fixed.
+    pub(crate) fn orders(poison: &str) -> Arc<Self> {
+        Arc::new(Self {
+            inner: orders(),
+            poison: poison.to_owned(),
+            fixed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Deploys the fixed code.
+    pub(crate) fn fix(&self) {
+        self.fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl Projection for Fixable {
+    fn spec(&self) -> &'static keel_views::ProjectionSpec {
+        self.inner.spec()
+    }
+
+    async fn create(
+        &self,
+        db: &mut sqlx::PgConnection,
+        generation: i32,
+    ) -> Result<(), sqlx::Error> {
+        self.inner.create(db, generation).await
+    }
+
+    fn indexes(&self, generation: i32) -> Vec<String> {
+        self.inner.indexes(generation)
+    }
+
+    async fn apply(
+        &self,
+        db: &mut sqlx::PgConnection,
+        generation: i32,
+        events: &[crate::projection::ProjectedEvent],
+    ) -> Result<(), sqlx::Error> {
+        if !self.fixed.load(std::sync::atomic::Ordering::SeqCst)
+            && events.iter().any(|e| e.stream_id() == self.poison)
+        {
+            sqlx::query("SELECT 1 / 0").execute(&mut *db).await?;
+        }
+        self.inner.apply(db, generation, events).await
+    }
+}
+
+/// A commit of order `id` after `version` (chained to `prev`, the stream's previous
+/// commit), holding one event, signed by `key`.
+pub(crate) fn order_commit(
+    writer: &keel_schemas::Writer,
+    key: &keel_schemas::SigningKey,
+    id: &str,
+    prev: &keel_schemas::CommitRecord,
+    event: (&str, serde_json::Value),
+) -> keel_schemas::CommitRecord {
+    use keel_schemas::testing;
+    let version = prev.expected_version + prev.events.len() as u64;
+    testing::commit(writer, testing::stream("order", id), version)
+        .prev_hash(Some(prev.hash.clone()))
+        .event(event.0, 1, event.1)
+        .signed(key)
+}

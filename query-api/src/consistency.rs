@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use keel_schemas::{ConsistencyToken, Position, TopicPartition, stream_type_of};
 use keel_views::NOTIFY_CHANNEL;
+use keel_views::positions::HeldBack;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
@@ -118,8 +119,18 @@ async fn follow_replay(pool: &PgPool, tx: &watch::Sender<u64>) {
 #[derive(Clone, Debug, Default)]
 pub struct CheckpointCache(Arc<Mutex<HashMap<String, (u64, Checkpoints)>>>);
 
-/// Next offset per partition.
-pub type Checkpoints = Arc<HashMap<TopicPartition, i64>>;
+/// Where a projection's live generation stands.
+pub type Checkpoints = Arc<Positions>;
+
+/// Where a projection's live generation stands: how far it has read each partition, and
+/// what it holds back there.
+#[derive(Debug, Default)]
+pub struct Positions {
+    /// Next offset per partition.
+    pub next: HashMap<TopicPartition, i64>,
+    /// The partitions where parked streams are held back.
+    pub held: HashMap<TopicPartition, HeldBack>,
+}
 
 impl CheckpointCache {
     async fn read(
@@ -137,7 +148,11 @@ impl CheckpointCache {
         {
             return Ok(Arc::clone(read));
         }
-        let read = Arc::new(keel_views::positions::read(pool, projection).await?);
+        // Read after the checkpoints: a stream parked at or before a checkpoint read was
+        // parked in the same transaction that moved it, so it is seen here.
+        let next = keel_views::positions::read(pool, projection).await?;
+        let held = keel_views::positions::held_back(pool, projection).await?;
+        let read = Arc::new(Positions { next, held });
         if let Ok(mut cache) = self.0.lock() {
             cache.insert(projection.to_owned(), (seq, Arc::clone(&read)));
         }
@@ -256,6 +271,7 @@ pub async fn wait_for(
                 let relevant = stream_type_of(&p.topic).is_some_and(|t| stream_types.contains(&t));
                 !relevant
                     || read
+                        .next
                         .get(&TopicPartition::new(p.topic.clone(), p.partition))
                         .is_some_and(|next| *next > p.offset)
             })
@@ -272,6 +288,54 @@ pub async fn wait_for(
                     wait.as_millis()
                 )));
             }
+        }
+    }
+}
+
+/// Refuses to serve as current a view that lacks a record `token` names: once the view has
+/// passed the token, a parked stream that holds back a record at or before one of the
+/// token's positions (in `held`, the partitions `stream_types` are read from) answers 503
+/// naming the stream. Returns how many parked streams the answer is served without.
+pub async fn check_held_back(
+    pool: &PgPool,
+    read: &Positions,
+    projection: &str,
+    stream: Option<(&str, &str)>,
+    token: Option<&ConsistencyToken>,
+) -> Result<i64, ApiError> {
+    if read.held.is_empty() {
+        return Ok(0);
+    }
+    let covers = |at: &TopicPartition, first: i64| {
+        token.is_some_and(|t| {
+            t.positions()
+                .any(|p| p.topic == at.topic && p.partition == at.partition && p.offset >= first)
+        })
+    };
+    match stream {
+        Some((stream_type, id)) => {
+            match keel_views::positions::held_back_stream(pool, projection, stream_type, id).await?
+            {
+                None => Ok(0),
+                Some((at, first)) if covers(&at, first) => Err(ApiError::Unavailable(format!(
+                    "the {projection} view holds back stream {stream_type}/{id} from offset {first} of {}/{} on, \
+                     which the consistency token covers: the stream is parked on a record the projection \
+                     could not apply (see GET /v1/projections); it is not served as if current",
+                    at.topic, at.partition
+                ))),
+                Some(_) => Ok(1),
+            }
+        }
+        None => {
+            if let Some((at, held)) = read.held.iter().find(|(at, h)| covers(at, h.first_offset)) {
+                return Err(ApiError::Unavailable(format!(
+                    "the {projection} view holds back {} parked stream(s) in {}/{} from offset {} on, which \
+                     the consistency token covers: a stream is parked on a record the projection could not \
+                     apply (see GET /v1/projections); the answer is not served as if current",
+                    held.streams, at.topic, at.partition, held.first_offset
+                )));
+            }
+            Ok(read.held.values().map(|h| h.streams).sum())
         }
     }
 }

@@ -25,6 +25,69 @@ pub async fn read(
         .collect())
 }
 
+/// Per partition, the streams the live generation of `projection` holds back: how many,
+/// and the oldest record any of them holds back. Empty when none are (or when the schema
+/// predates parking).
+pub async fn held_back(
+    pool: &PgPool,
+    projection: &str,
+) -> Result<HashMap<TopicPartition, HeldBack>, sqlx::Error> {
+    let rows: Result<Vec<(String, i32, i64, i64)>, sqlx::Error> = sqlx::query_as(
+        "SELECT s.topic, s.partition, count(*), min(s.first_offset) FROM keel_parked_streams s
+         JOIN keel_projections p ON p.name = s.projection AND p.generation = s.generation
+         WHERE s.projection = $1 GROUP BY 1, 2",
+    )
+    .bind(projection)
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Ok(rows) => Ok(rows
+            .into_iter()
+            .map(|(topic, partition, streams, first_offset)| {
+                (
+                    TopicPartition::new(topic, partition),
+                    HeldBack {
+                        streams,
+                        first_offset,
+                    },
+                )
+            })
+            .collect()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(HashMap::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a partition of a view holds back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldBack {
+    /// Parked streams.
+    pub streams: i64,
+    /// The oldest record one of them holds back.
+    pub first_offset: i64,
+}
+
+/// Where the live generation of `projection` holds back the stream `stream_type`/`id`: its
+/// partition and the oldest record it holds back; `None` when it flows.
+pub async fn held_back_stream(
+    pool: &PgPool,
+    projection: &str,
+    stream_type: &str,
+    id: &str,
+) -> Result<Option<(TopicPartition, i64)>, sqlx::Error> {
+    let row: Option<(String, i32, i64)> = sqlx::query_as(
+        "SELECT s.topic, s.partition, s.first_offset FROM keel_parked_streams s
+         JOIN keel_projections p ON p.name = s.projection AND p.generation = s.generation
+         WHERE s.projection = $1 AND s.stream_type = $2 AND s.stream_id = $3",
+    )
+    .bind(projection)
+    .bind(stream_type)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(topic, partition, first)| (TopicPartition::new(topic, partition), first)))
+}
+
 /// The topics the projector reads, with their partition counts, as it last recorded them;
 /// empty before a projector has started (or when its schema predates the record).
 pub async fn topics(pool: &PgPool) -> Result<HashMap<String, i32>, sqlx::Error> {

@@ -32,6 +32,64 @@ pub struct PartitionStatus {
     pub held_by: Option<String>,
     /// Records the gate skipped.
     pub rejected: i64,
+    /// Streams of the partition the projection holds back (parked on a record it could
+    /// not decode or apply).
+    pub parked_streams: i64,
+    /// The oldest of them, up to [`PARKED_LISTED`].
+    pub parked: Vec<ParkedStream>,
+}
+
+/// Parked streams listed per partition; `parked_streams` counts them all.
+pub const PARKED_LISTED: i64 = 100;
+
+/// A stream a projection holds back.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct ParkedStream {
+    /// The projection.
+    pub projection: String,
+    /// The stream's type.
+    pub stream_type: String,
+    /// The stream's id.
+    pub stream_id: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The oldest record held back: a token naming this offset or a later one covers a
+    /// record the view lacks.
+    pub first_offset: i64,
+    /// The newest record held back.
+    pub last_offset: i64,
+    /// Records held back.
+    pub records: i32,
+    /// The error the stream was parked on.
+    pub error: String,
+    /// When.
+    pub parked_at: DateTime<Utc>,
+}
+
+/// The streams `projection`'s live generation holds back (all of them when `projection` is
+/// `None`), oldest first per partition, at most `per_partition` of each partition.
+pub async fn parked(
+    pool: &PgPool,
+    projection: Option<&str>,
+    per_partition: i64,
+) -> Result<Vec<ParkedStream>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT projection, stream_type, stream_id, topic, partition, first_offset, last_offset, records, error,
+                parked_at
+         FROM (SELECT s.*, row_number() OVER (PARTITION BY s.projection, s.topic, s.partition
+                                              ORDER BY s.first_offset, s.stream_type, s.stream_id) AS n
+               FROM keel_parked_streams s
+               JOIN keel_projections p ON p.name = s.projection AND p.generation = s.generation
+               WHERE $1::text IS NULL OR s.projection = $1) ranked
+         WHERE n <= $2
+         ORDER BY projection, topic, partition, first_offset, stream_type, stream_id",
+    )
+    .bind(projection)
+    .bind(per_partition)
+    .fetch_all(pool)
+    .await
 }
 
 impl PartitionStatus {
@@ -96,8 +154,10 @@ pub struct ProjectionStatus {
     pub error: Option<String>,
     /// Events applied so far.
     pub events: i64,
-    /// Dead letters recorded (stopped on or skipped).
+    /// Dead letters recorded (stopped on, skipped, parked, retried or discarded).
     pub dead_letters: i64,
+    /// Streams it holds back, over every partition.
+    pub parked_streams: i64,
     /// Total lag over its partitions, when known.
     pub lag: Option<i64>,
     /// When it last applied a batch.
@@ -175,6 +235,27 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
     )
     .fetch_all(pool)
     .await?;
+    let counts: Vec<(String, String, i32, i64)> = sqlx::query_as(
+        "SELECT s.projection, s.topic, s.partition, count(*) FROM keel_parked_streams s
+         JOIN keel_projections p ON p.name = s.projection AND p.generation = s.generation
+         GROUP BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await?;
+    let counts: HashMap<(String, TopicPartition), i64> = counts
+        .into_iter()
+        .map(|(name, topic, partition, n)| ((name, TopicPartition::new(topic, partition)), n))
+        .collect();
+    let mut listed: HashMap<(String, TopicPartition), Vec<ParkedStream>> = HashMap::new();
+    for p in parked(pool, None, PARKED_LISTED).await? {
+        listed
+            .entry((
+                p.projection.clone(),
+                TopicPartition::new(p.topic.clone(), p.partition),
+            ))
+            .or_default()
+            .push(p);
+    }
     let mut rebuilds: HashMap<String, RebuildStatus> = sqlx::query_as::<_, RebuildStatus>(
         "SELECT projection, generation, code_version, state, error, events, records_done, records_total,
             events_per_second, eta_seconds, owner, started_at, updated_at
@@ -203,7 +284,11 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
                             held_by,
                             end,
                         )| {
+                            let key =
+                                (name.clone(), TopicPartition::new(topic.clone(), *partition));
                             let mut status = PartitionStatus {
+                                parked_streams: counts.get(&key).copied().unwrap_or(0),
+                                parked: listed.remove(&key).unwrap_or_default(),
                                 topic: topic.clone(),
                                 partition: *partition,
                                 next_offset: *next_offset,
@@ -220,6 +305,7 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
                     )
                     .collect();
                 let lag = partitions.iter().map(|p| p.lag).sum::<Option<i64>>();
+                let parked_streams = partitions.iter().map(|p| p.parked_streams).sum();
                 let rebuild = rebuilds.remove(&name);
                 ProjectionStatus {
                     name,
@@ -229,6 +315,7 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
                     error,
                     events,
                     dead_letters,
+                    parked_streams,
                     lag,
                     updated_at,
                     rebuild,

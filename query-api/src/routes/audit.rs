@@ -103,7 +103,7 @@ pub(super) async fn stream_history(
         body["stream"] = json!({"type": kind, "id": id});
         Ok(body)
     };
-    serve(&state, &headers, AUDIT_LOG, body).await
+    serve(&state, &headers, AUDIT_LOG, Some((kind, &id)), body).await
 }
 
 #[derive(Deserialize)]
@@ -172,7 +172,7 @@ pub(super) async fn search(
             vec![at, r["event_id"].as_str().unwrap_or_default().to_owned()]
         }))
     };
-    serve(&state, &headers, AUDIT_LOG, body).await
+    serve(&state, &headers, AUDIT_LOG, None, body).await
 }
 
 #[derive(Deserialize)]
@@ -292,5 +292,5 @@ pub(super) async fn stream_state(
             "state": folded,
         }))
     };
-    serve(&state, &headers, AUDIT_LOG, body).await
+    serve(&state, &headers, AUDIT_LOG, Some((kind, &id)), body).await
 }

@@ -30,6 +30,9 @@ use crate::error::ApiError;
 pub const CONSISTENCY_TIMEOUT_HEADER: &str = "keel-consistency-timeout";
 /// Header: where the serving view has read to, as a consistency token.
 pub const PROJECTION_POSITION_HEADER: &str = "keel-projection-position";
+/// Header: how many parked streams the answer is served without (absent when none): the
+/// stream read, or the streams a list or report leaves out; `GET /v1/projections` names them.
+pub const HELD_BACK_HEADER: &str = "keel-held-back";
 /// Default page size.
 pub const DEFAULT_LIMIT: i64 = 50;
 /// Largest page size; larger requests are capped.
@@ -151,12 +154,16 @@ fn consistency(headers: &HeaderMap) -> Result<(Option<ConsistencyToken>, Duratio
     Ok((token, wait))
 }
 
-/// Serves a read of `projection`: waits for the request's consistency token, runs `query`,
-/// and answers with an `ETag` (304 on a matching `If-None-Match`) and the view's position.
+/// Serves a read of `projection` (of one `stream` of it, or of many): waits for the
+/// request's consistency token, refuses (503) when a parked stream the read depends on
+/// holds back a record the token covers, runs `query`, and answers with an `ETag` (304 on
+/// a matching `If-None-Match`), the view's position, and `Keel-Held-Back` when parked
+/// streams are held back from the answer.
 async fn serve<F, T>(
     state: &AppState,
     headers: &HeaderMap,
     projection: &str,
+    stream: Option<(&str, &str)>,
     query: F,
 ) -> Result<Response, ApiError>
 where
@@ -178,6 +185,9 @@ where
         wait,
     )
     .await?;
+    let held_back =
+        consistency::check_held_back(&state.pool, &read, projection, stream, token.as_ref())
+            .await?;
     let body = query.await?;
     let bytes =
         serde_json::to_vec(&body).map_err(|e| ApiError::internal("encoding a response", &e))?;
@@ -207,9 +217,13 @@ where
     if let Ok(v) = HeaderValue::from_str(&etag) {
         out.insert(header::ETAG, v);
     }
-    if let Some(v) = consistency::position_token(&read).and_then(|t| HeaderValue::from_str(&t).ok())
+    if let Some(v) =
+        consistency::position_token(&read.next).and_then(|t| HeaderValue::from_str(&t).ok())
     {
         out.insert(PROJECTION_POSITION_HEADER, v);
+    }
+    if held_back > 0 {
+        out.insert(HELD_BACK_HEADER, HeaderValue::from(held_back));
     }
     Ok(response)
 }

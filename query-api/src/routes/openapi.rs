@@ -11,13 +11,15 @@ fn get(summary: &str, params: Value, cacheable: bool, role: Role) -> Value {
         "200": {"description": "the view, as of the position in Keel-Projection-Position",
                 "headers": {"ETag": {"schema": {"type": "string"}},
                             "Keel-Projection-Position": {"schema": {"type": "string"},
-                                "description": "how far the view has read, as a consistency token"}},
+                                "description": "how far the view has read, as a consistency token"},
+                            "Keel-Held-Back": {"schema": {"type": "integer", "minimum": 1},
+                                "description": "present when parked streams are held back from the answer: 1 for a read of a parked stream, or the parked streams a list or report leaves out (GET /v1/projections names them)"}},
                 "content": {"application/json": {"schema": {"type": "object"}}}},
         "400": {"description": "a malformed parameter, cursor or consistency token",
                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
         "404": {"description": "no such resource",
                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
-        "503": {"description": "the view did not reach the consistency token in time, or is not built yet; retry after Retry-After",
+        "503": {"description": "the view did not reach the consistency token in time, or is not built yet, or the token covers a record a parked stream holds back (the problem names it); retry after Retry-After",
                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
     });
     if cacheable {

@@ -296,9 +296,197 @@ async fn batches_whose_sessions_die_are_applied_once_by_the_projectors_sharing_t
     assert_eq!(holders, 2, "both projectors hold some of the partitions");
 }
 
+/// GETs `path` from the query API with `token` (waiting up to 30 s): status, the
+/// `Keel-Held-Back` header, body.
+async fn get_held(
+    stack: &Stack,
+    path: &str,
+    token: Option<&ConsistencyToken>,
+) -> (StatusCode, Option<String>, Value) {
+    let mut request = stack.client.get(stack.query.url(path));
+    if let Some(token) = token {
+        request = request
+            .header("keel-consistency-token", token.encode())
+            .header("keel-consistency-timeout", "30000");
+    }
+    let r = request.send().await.unwrap();
+    let held = r
+        .headers()
+        .get("keel-held-back")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (r.status(), held, r.json().await.unwrap_or_default())
+}
+
+/// The default: a poison record parks its stream only. The stream's later records are held
+/// back, the partition's other streams flow; reads of the stream say it is held back, and a
+/// token covering a held-back record answers 503 rather than the stale view; `dead-letters`
+/// lists it, a retry with code that still cannot read it leaves it parked, and a discard
+/// with a reason lets the stream flow again.
+#[tokio::test]
+async fn a_poison_record_parks_only_its_stream_until_an_operator_discards_it() {
+    let stack = Stack::start("park", 2).await;
+    let body = json!({"customer_id": "c-1", "lines": [{"sku": "S", "quantity": 1, "unit_price": eur(100)}]});
+    let (_, _, first) = stack.post("/v1/orders/p-1/place", body.clone()).await;
+    stack.get("/v1/orders/p-1", first.as_ref()).await;
+    let settings = stack
+        .broker
+        .settings(&stack.config.prefix, stack.config.partitions);
+    let topic = settings.topic("order");
+    let partition = partition_for(b"p-1", stack.config.partitions);
+    let poison = LogProducer::new(&settings)
+        .unwrap()
+        .append(&topic, partition, "p-1", b"{not json", &[])
+        .await
+        .unwrap();
+    let (status, _, paid) = stack
+        .post(
+            "/v1/orders/p-1/pay",
+            json!({"amount": eur(100), "payment_ref": "pay-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let second = (2..)
+        .map(|i| format!("p-{i}"))
+        .find(|id| partition_for(id.as_bytes(), stack.config.partitions) == partition)
+        .unwrap();
+    let (_, _, after) = stack
+        .post(&format!("/v1/orders/{second}/place"), body.clone())
+        .await;
+
+    // The partition's other stream flows, and is not held back.
+    let (status, held, order) =
+        get_held(&stack, &format!("/v1/orders/{second}"), after.as_ref()).await;
+    assert_eq!((status, held), (StatusCode::OK, None), "{order}");
+    // The parked stream: held back, and never served as current for a token covering it.
+    let (status, held, problem) = get_held(&stack, "/v1/orders/p-1", paid.as_ref()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert_eq!(held, None);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("order/p-1") && detail.contains(&format!("offset {poison}")),
+        "{detail}"
+    );
+    let (status, held, order) = get_held(&stack, "/v1/orders/p-1", None).await;
+    assert_eq!(
+        (status, held.as_deref(), order["status"].as_str()),
+        (StatusCode::OK, Some("1"), Some("placed")),
+        "served without a token, it says it is held back"
+    );
+    let (status, _, _) = get_held(&stack, "/v1/orders?limit=10", paid.as_ref()).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a list covering it"
+    );
+    let (status, _, _) = get_held(&stack, "/v1/orders?limit=10", after.as_ref()).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a list whose token covers a later record of the partition covers the parked one too"
+    );
+    let (status, held, page) = get_held(&stack, "/v1/orders?limit=10", first.as_ref()).await;
+    assert_eq!(
+        (status, held.as_deref()),
+        (StatusCode::OK, Some("1")),
+        "a list whose token comes before the parked record says one is held back: {page}"
+    );
+    let orders = stack.projection("orders").await;
+    assert_eq!(
+        (orders["state"].as_str(), orders["parked_streams"].as_i64()),
+        (Some("running"), Some(1))
+    );
+    let unit = orders["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["topic"] == topic.as_str() && p["partition"] == partition)
+        .unwrap();
+    let parked = &unit["parked"][0];
+    assert_eq!(
+        (
+            parked["stream_id"].as_str(),
+            parked["first_offset"].as_i64(),
+            parked["records"].as_i64()
+        ),
+        (Some("p-1"), Some(poison), Some(2)),
+        "{unit}"
+    );
+
+    // The command line lists it; a retry cannot read it either; a discard needs a reason.
+    let (code, out, err) = stack
+        .projector_command(&["dead-letters", "list"], &[])
+        .await
+        .unwrap();
+    assert!(code.success(), "{err}");
+    assert!(
+        out.contains("orders order/p-1") && out.contains(&format!("from offset {poison}")),
+        "{out}"
+    );
+    let (code, out, err) = stack
+        .projector_command(&["dead-letters", "retry", "orders", "order/p-1"], &[])
+        .await
+        .unwrap();
+    assert_eq!(code.code(), Some(1), "{out}{err}");
+    assert!(
+        out.contains(&format!("still parked at offset {poison}")),
+        "{out}"
+    );
+    let (code, _, err) = stack
+        .projector_command(&["dead-letters", "discard", "orders", "order/p-1"], &[])
+        .await
+        .unwrap();
+    assert!(!code.success() && err.contains("--reason"), "{err}");
+    let (code, out, err) = stack
+        .projector_command(
+            &[
+                "dead-letters",
+                "discard",
+                "orders",
+                "order/p-1",
+                "--reason",
+                "corrupt record written by hand",
+                "--actor",
+                "ops-ada",
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(code.success(), "{out}{err}");
+    assert!(out.contains("discarded 2 records"), "{out}");
+    let pool = stack.pool().await;
+    let discarded: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(
+        r#"SELECT "offset", status, resolved_by, resolution FROM keel_dead_letters
+           WHERE projection = 'orders' ORDER BY "offset""#,
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(discarded.len(), 2);
+    assert!(
+        discarded
+            .iter()
+            .all(|(_, status, by, why)| status == "discarded"
+                && by.as_deref() == Some("ops-ada")
+                && why.as_deref() == Some("corrupt record written by hand")),
+        "{discarded:?}"
+    );
+    assert_eq!(discarded[0].0, poison);
+    // It flows again: nothing is held back, and the token is served.
+    let (status, held, _) = get_held(&stack, "/v1/orders/p-1", paid.as_ref()).await;
+    assert_eq!((status, held), (StatusCode::OK, None));
+    assert_eq!(stack.projection("orders").await["parked_streams"], 0);
+}
+
 #[tokio::test]
 async fn a_poison_record_stops_the_projection_or_is_skipped_and_counted() {
     let mut stack = Stack::start("poison", 2).await;
+    stack.projector.take().unwrap().stop().await.unwrap();
+    stack.projector = Some(
+        Service::projector(&stack.config, &stack.db.url(), &["--on-error", "stop"])
+            .await
+            .unwrap(),
+    );
     let body = json!({"customer_id": "c-1", "lines": [{"sku": "S", "quantity": 1, "unit_price": eur(100)}]});
     let (_, _, first) = stack.post("/v1/orders/p-1/place", body.clone()).await;
     stack.get("/v1/orders/p-1", first.as_ref()).await;
@@ -322,7 +510,7 @@ async fn a_poison_record_stops_the_projection_or_is_skipped_and_counted() {
         .post(&format!("/v1/orders/{second}/place"), body.clone())
         .await;
 
-    // Stop (the default): the dead letter names the offset; nothing after it is applied.
+    // Stop: the dead letter names the offset; nothing after it is applied.
     let pool = stack.pool().await;
     let waited = Instant::now();
     let state = loop {

@@ -1,0 +1,352 @@
+//! The operator's side of parked streams (`projector dead-letters`): list them, and ask
+//! for a retry or a discard through a request row, which the process holding the stream's
+//! unit carries out in a batch transaction (see `applier`), so it is done exactly once.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_schemas::StreamRef;
+use keel_views::status::ParkedStream;
+use sqlx::PgPool;
+
+pub use crate::dead_letter::Action;
+
+/// The streams the live generations hold back (of `projection` only, when given), oldest
+/// first per partition.
+pub async fn list(pool: &PgPool, projection: Option<&str>) -> anyhow::Result<Vec<ParkedStream>> {
+    keel_views::status::parked(pool, projection, i64::MAX)
+        .await
+        .context("reading the parked streams")
+}
+
+/// A request recorded for the process holding a parked stream's unit.
+#[derive(Clone, Debug)]
+pub struct Requested {
+    /// The request's id.
+    pub id: i64,
+    /// The stream.
+    pub stream: StreamRef,
+    /// Where it is: `topic/partition`.
+    pub unit: String,
+}
+
+/// Asks for `action` on `stream` of `projection`'s live generation, by `actor` (a discard
+/// needs a `reason`). Fails when the stream is not parked there.
+pub async fn request(
+    pool: &PgPool,
+    projection: &str,
+    stream: &StreamRef,
+    action: Action,
+    reason: Option<&str>,
+    actor: &str,
+) -> anyhow::Result<Requested> {
+    if action == Action::Discard {
+        anyhow::ensure!(
+            reason.is_some_and(|r| !r.trim().is_empty()),
+            "a discard needs a reason (--reason), which is recorded with the discarded records"
+        );
+    }
+    let row: Option<(i64, String, i32)> = sqlx::query_as(
+        "INSERT INTO keel_stream_requests (projection, generation, topic, partition, stream_type, stream_id,
+             action, reason, actor)
+         SELECT s.projection, s.generation, s.topic, s.partition, s.stream_type, s.stream_id, $4, $5, $6
+         FROM keel_parked_streams s JOIN keel_projections p ON p.name = s.projection AND p.generation = s.generation
+         WHERE s.projection = $1 AND s.stream_type = $2 AND s.stream_id = $3
+         RETURNING id, topic, partition",
+    )
+    .bind(projection)
+    .bind(&stream.stream_type)
+    .bind(&stream.id)
+    .bind(action.as_str())
+    .bind(reason)
+    .bind(actor)
+    .fetch_optional(pool)
+    .await
+    .context("recording the request")?;
+    let (id, topic, partition) = row.with_context(|| {
+        format!("the {projection} projection does not hold back {stream}: it is not parked")
+    })?;
+    Ok(Requested {
+        id,
+        stream: stream.clone(),
+        unit: format!("{topic}/{partition}"),
+    })
+}
+
+/// What came of a request.
+#[derive(Clone, Debug)]
+pub struct Done {
+    /// Whether it did all it asked.
+    pub ok: bool,
+    /// What it did, or why not.
+    pub outcome: String,
+}
+
+/// Waits up to `wait` for the request to be carried out, calling `waiting` every few
+/// seconds while it is not; `None` when it is still queued at the end.
+pub async fn wait(
+    pool: &PgPool,
+    requested: &Requested,
+    wait: Duration,
+    mut waiting: impl FnMut(Duration),
+) -> anyhow::Result<Option<Done>> {
+    let started = Instant::now();
+    let mut told = Instant::now();
+    loop {
+        let row: Option<(Option<bool>, Option<String>)> = sqlx::query_as(
+            "SELECT ok, outcome FROM keel_stream_requests WHERE id = $1 AND done_at IS NOT NULL",
+        )
+        .bind(requested.id)
+        .fetch_optional(pool)
+        .await?;
+        if let Some((ok, outcome)) = row {
+            return Ok(Some(Done {
+                ok: ok.unwrap_or(false),
+                outcome: outcome.unwrap_or_default(),
+            }));
+        }
+        if started.elapsed() >= wait {
+            return Ok(None);
+        }
+        if told.elapsed() >= Duration::from_secs(3) {
+            waiting(started.elapsed());
+            told = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use std::collections::HashMap;
+
+    use keel_kafka::{AbortOnDrop, LogProducer, partition_for};
+    use keel_schemas::testing::{commit, stream, writer};
+    use keel_schemas::{CommitRecord, LogRecord, TopicPartition};
+    use serde_json::json;
+
+    use super::*;
+    use crate::job::{Job, OnError, RunOptions};
+    use crate::rebuild::{Progress, RebuildOptions};
+    use crate::runner::Runner;
+    use crate::units::Membership;
+
+    const ORDERS: usize = 100_000;
+
+    /// One stream among 100,000 events fails in PostgreSQL (a data error) and another cannot
+    /// be decoded: each is parked with its later record, every other stream's view is
+    /// complete, and after a retry with the fixed code the view equals a fresh rebuild
+    /// (which parks the undecodable stream just the same).
+    #[tokio::test]
+    async fn two_poison_streams_among_100k_events_park_alone_and_a_retry_with_the_fix_equals_a_rebuild()
+     {
+        let broker = keel_tests::Broker::start().await.unwrap();
+        let kafka = broker.settings(&keel_tests::unique_prefix("park-100k"), 4);
+        keel_kafka::ensure_topics(&kafka, &["order"]).await.unwrap();
+        let (_db, pool) = crate::testing::database("park-100k").await;
+        let (key, policy) = crate::testing::trusted_key();
+        let topic = kafka.topic("order");
+        let writer = writer("w", 1);
+        let eur = json!({"amount_minor": 100, "currency": "EUR"});
+        let placed = |id: &str| {
+            commit(&writer, stream("order", id), 0)
+                .event(
+                    "OrderPlaced",
+                    2,
+                    json!({"customer_id": "c-1", "total": eur,
+                           "lines": [{"sku": "S-1", "quantity": 1, "unit_price": eur}]}),
+                )
+                .signed(&key)
+        };
+        let mut log: HashMap<i32, Vec<(String, LogRecord)>> = (0..kafka.partitions)
+            .map(|p| {
+                let fence = keel_schemas::testing::signed_fence(
+                    &writer,
+                    &key,
+                    &TopicPartition::new(topic.clone(), p),
+                );
+                (p, vec![(String::new(), fence)])
+            })
+            .collect();
+        let mut push = |id: &str, record: CommitRecord| {
+            log.get_mut(&partition_for(id.as_bytes(), kafka.partitions))
+                .unwrap()
+                .push((id.to_owned(), LogRecord::Commit(record)));
+        };
+        let bad = placed("o-bad");
+        let unreadable = commit(&writer, stream("order", "o-unreadable"), 0)
+            .event("OrderPlaced", 2, json!({"nonsense": true}))
+            .signed(&key);
+        for i in 0..ORDERS - 2 {
+            let id = format!("o-{i}");
+            push(&id, placed(&id));
+            if i == ORDERS / 3 {
+                push("o-bad", bad.clone());
+                push("o-unreadable", unreadable.clone());
+            }
+            if i == 2 * ORDERS / 3 {
+                let paid = crate::testing::order_commit(
+                    &writer,
+                    &key,
+                    "o-bad",
+                    &bad,
+                    (
+                        "PaymentRecorded",
+                        json!({"amount": eur, "payment_ref": "p-1"}),
+                    ),
+                );
+                push("o-bad", paid);
+                let cancelled = crate::testing::order_commit(
+                    &writer,
+                    &key,
+                    "o-unreadable",
+                    &unreadable,
+                    ("OrderCancelled", json!({"reason": "changed my mind"})),
+                );
+                push("o-unreadable", cancelled);
+            }
+        }
+        let producer = LogProducer::new(&kafka).unwrap();
+        let mut records = 0;
+        for (partition, entries) in &log {
+            for chunk in entries.chunks(5_000) {
+                let refs: Vec<(&str, &LogRecord, Option<&str>)> =
+                    chunk.iter().map(|(k, r)| (k.as_str(), r, None)).collect();
+                for offset in producer.enqueue_records(&topic, *partition, &refs).await {
+                    offset.unwrap();
+                }
+            }
+            records += entries.len() as i64;
+        }
+
+        let fixable = crate::testing::Fixable::orders("o-bad");
+        let job = Job::new(
+            fixable.clone(),
+            pool.clone(),
+            kafka.clone(),
+            RunOptions {
+                on_error: OnError::Park,
+                batch_size: 2_000,
+                linger: std::time::Duration::from_millis(5),
+                snapshot_every: 100,
+                policy,
+            },
+        );
+        let (membership, mut assignments) = Membership::new(
+            pool.clone(),
+            std::time::Duration::from_secs(2),
+            [(job.name(), job.partitions())],
+        );
+        let _membership = AbortOnDrop(tokio::spawn(membership.run()));
+        let runner = Runner::new(job.clone(), assignments.remove("orders").unwrap());
+        let runner = AbortOnDrop(tokio::spawn(runner.run()));
+        let read = || async {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT sum(c.next_offset)::bigint FROM keel_checkpoints c
+                 JOIN keel_projections p ON p.name = c.projection AND p.generation = c.generation",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            .unwrap_or(0)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while read().await < records {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read {} of {records} records in 300 s",
+                read().await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let healthy: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            healthy,
+            (ORDERS - 2) as i64,
+            "every other stream is applied"
+        );
+        let parked = list(&pool, Some("orders")).await.unwrap();
+        assert_eq!(
+            parked
+                .iter()
+                .map(|p| (p.stream_id.as_str(), p.records))
+                .collect::<std::collections::BTreeSet<_>>(),
+            [("o-bad", 2), ("o-unreadable", 2)].into_iter().collect(),
+            "each poison parks its stream with its later record"
+        );
+
+        // The fix deployed, a retry applies o-bad's records; o-unreadable stays parked.
+        fixable.fix();
+        let retry = |id: &'static str| {
+            let pool = pool.clone();
+            async move {
+                let requested = request(
+                    &pool,
+                    "orders",
+                    &stream("order", id),
+                    Action::Retry,
+                    None,
+                    "test",
+                )
+                .await
+                .unwrap();
+                wait(
+                    &pool,
+                    &requested,
+                    std::time::Duration::from_secs(60),
+                    |_| {},
+                )
+                .await
+                .unwrap()
+                .expect("carried out")
+            }
+        };
+        let done = retry("o-bad").await;
+        assert!(
+            done.ok && done.outcome.contains("applied 2 records"),
+            "{done:?}"
+        );
+        assert!(!retry("o-unreadable").await.ok);
+        drop(runner);
+
+        // A fresh rebuild with the fixed code, beside the live generation: row for row.
+        let live: i32 =
+            sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = 'orders'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let options = RebuildOptions {
+            keep_old: true,
+            wait_for_lock: false,
+            only_if_older: false,
+            progress: Progress::Log,
+        };
+        crate::rebuild::rebuild(&job, &options).await.unwrap();
+        let fresh: i32 =
+            sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = 'orders'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_ne!(fresh, live);
+        let differ: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM ((TABLE orders_g{live} EXCEPT TABLE orders_g{fresh})
+                                   UNION ALL (TABLE orders_g{fresh} EXCEPT TABLE orders_g{live})) d"
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(differ, 0, "the retried view equals a fresh rebuild");
+        let paid: i64 =
+            sqlx::query_scalar("SELECT paid_minor FROM orders WHERE order_id = 'o-bad'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(paid, 100);
+        pool.close().await;
+    }
+}
