@@ -239,8 +239,7 @@ impl<'j> Applier<'j> {
             return Ok(());
         }
         let records =
-            dead_letter::held_back(&mut tx, name, generation, &request.at, &request.stream)
-                .await?;
+            dead_letter::held_back(&mut tx, name, generation, &request.at, &request.stream).await?;
         let outcome = if records.is_empty() {
             Outcome {
                 ok: false,

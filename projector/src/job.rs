@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub linger: Duration,
     /// Batch rows of a partition's gate state between two snapshots of it.
     pub snapshot_every: u32,
+    /// How a rebuild paces itself.
+    pub rebuild_pace: crate::pace::Pace,
     /// The key policy the gate applies.
     pub policy: Arc<TrustedKeys>,
 }

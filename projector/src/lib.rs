@@ -20,6 +20,8 @@
 //! | `generation` | generations: the live one, views, batch reports, dropping old ones |
 //! | `prefetch` | the next batches read and decoded while one is applied |
 //! | [`rebuild`] | blue/green rebuilds and the swap |
+//! | [`requests`] | rebuilds requested through PostgreSQL, carried out by running processes |
+//! | [`pace`] | how fast a rebuild goes: adaptive (backing off for live reads), a set rate, or unpaced |
 //! | [`verify`] | `verify` and `export`: the log checked and handed to auditors |
 //! | [`status`] | `status`: the read contract's status plus the log's ends |
 //! | [`report`] | how the commands print what they found |
@@ -33,12 +35,14 @@ mod decode;
 mod generation;
 mod hold;
 pub mod job;
+pub mod pace;
 mod prefetch;
 mod progress;
 pub mod projection;
 pub mod quarantine;
 pub mod rebuild;
 pub mod report;
+pub mod requests;
 pub mod runner;
 mod settings;
 pub mod status;

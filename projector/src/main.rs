@@ -69,6 +69,11 @@ enum Command {
         /// Print each finished rebuild's report as a JSON line on standard output.
         #[arg(long)]
         json: bool,
+        /// Ask the running `projector run` processes to rebuild (a row in
+        /// `keel_rebuild_requests`, which one of them takes) and follow it, instead of
+        /// rebuilding in this process.
+        #[arg(long, conflicts_with = "json")]
+        request: bool,
     },
     /// Re-reads the topics through the partition gate and checks every stream: versions
     /// contiguous from 1, hashes, the prev_hash chain, signatures (KEEL_TRUSTED_KEYS_FILE),
@@ -183,7 +188,14 @@ async fn main() -> anyhow::Result<()> {
             keep_old,
             on_error,
             json,
-        } => rebuild(&settings, &projections, all, keep_old, on_error, json).await,
+            request,
+        } => {
+            if request {
+                request_rebuilds(&settings, &projections, all, keep_old).await
+            } else {
+                rebuild(&settings, &projections, all, keep_old, on_error, json).await
+            }
+        }
         Command::Verify { stream, json } => verify(&settings, stream.as_deref(), json).await,
         Command::Export { stream, output } => export(&settings, &stream, output.as_deref()).await,
         Command::Status { json } => print_status(&settings, json).await,
@@ -233,6 +245,12 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
         jobs.iter().map(|job| (job.name(), job.partitions())),
     );
     let leaving = membership.leaving();
+    // Rebuilds asked for through PostgreSQL, carried out by this process.
+    let requests = keel_kafka::AbortOnDrop(tokio::spawn(projector::requests::serve(
+        pool.clone(),
+        membership.id(),
+        jobs.clone(),
+    )));
     let mut tasks = JoinSet::new();
     for job in jobs {
         let assignment = assignments
@@ -259,6 +277,7 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
     // The runners stop (a batch in flight rolls back), then the others take the units at
     // once instead of after the claim timeout.
     tasks.shutdown().await;
+    drop(requests);
     drop(membership);
     pool.close().await;
     if let Err(e) = leaving.leave().await {
@@ -324,6 +343,60 @@ async fn rebuild(
             )
         }
     }
+}
+
+/// Asks the running processes to rebuild `only` (or every projection), one request each,
+/// and follows them to their outcome.
+async fn request_rebuilds(
+    settings: &Settings,
+    only: &[String],
+    all: bool,
+    keep_old: bool,
+) -> anyhow::Result<()> {
+    check_names(only)?;
+    let pool = db::connect(&settings.database.database_url).await?;
+    let actor = std::env::var("USER").unwrap_or_else(|_| "operator".to_owned());
+    let chosen: Vec<&'static str> = views::all()
+        .into_iter()
+        .map(|p| p.name())
+        .filter(|name| all || only.iter().any(|n| n == name))
+        .collect();
+    for name in chosen {
+        let id = projector::requests::request(&pool, name, keep_old, &actor).await?;
+        eprintln!(
+            "{name}: rebuild requested (request {id}); waiting for a `projector run` process to take it"
+        );
+        let started = std::time::Instant::now();
+        let mut told = std::time::Instant::now();
+        let (ok, outcome) = loop {
+            if let Some(done) = projector::requests::outcome(&pool, id).await? {
+                break done;
+            }
+            if told.elapsed() >= Duration::from_secs(5) {
+                told = std::time::Instant::now();
+                let progress: Option<(i64, i64, Option<f64>)> = sqlx::query_as(
+                    "SELECT records_done, records_total, eta_seconds FROM keel_rebuilds WHERE projection = $1",
+                )
+                .bind(name)
+                .fetch_optional(&pool)
+                .await?;
+                match progress {
+                    Some((done, total, eta)) => eprintln!(
+                        "{name}: {done}/{total} records, ETA {}",
+                        eta.map_or("?".into(), |e| format!("{e:.0}s"))
+                    ),
+                    None => eprintln!(
+                        "{name}: not started after {}s: is `projector run` running {name}?",
+                        started.elapsed().as_secs()
+                    ),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        println!("{name}: {outcome}");
+        anyhow::ensure!(ok, "the rebuild of {name} failed");
+    }
+    Ok(())
 }
 
 async fn verify(settings: &Settings, stream: Option<&str>, json: bool) -> anyhow::Result<()> {

@@ -231,6 +231,7 @@ mod tests {
                 batch_size: 2_000,
                 linger: std::time::Duration::from_millis(5),
                 snapshot_every: 100,
+                rebuild_pace: crate::pace::Pace::Adaptive,
                 policy,
             },
         );

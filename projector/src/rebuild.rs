@@ -22,6 +22,7 @@ use crate::checkpoint;
 use crate::generation::{self, Built, Mode, create_tables, discard, point_views, prepare};
 use crate::hold::Hold;
 use crate::job::Job;
+use crate::pace::Pacer;
 use crate::prefetch::Prefetch;
 pub use crate::progress::Progress;
 use crate::progress::ProgressView;
@@ -83,6 +84,10 @@ pub struct RebuildReport {
     pub swap_lock_ms: f64,
     /// Whether the old generation's tables were kept.
     pub kept_old: bool,
+    /// How it paced itself.
+    pub pace: String,
+    /// How long it paused for its pace, in seconds.
+    pub paused_seconds: f64,
 }
 
 impl std::fmt::Display for RebuildReport {
@@ -98,7 +103,15 @@ impl std::fmt::Display for RebuildReport {
             self.swap_lock_ms,
             self.previous,
             if self.kept_old { "kept" } else { "dropped" }
-        )
+        )?;
+        if self.paused_seconds > 0.0 {
+            write!(
+                f,
+                "; paced ({}), it paused {:.1}s",
+                self.pace, self.paused_seconds
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -202,6 +215,7 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
              the live view is untouched. Fix the cause, or rerun with --on-error park (the default) or skip"
         )
     };
+    let mut pacer = Pacer::start(job.options.rebuild_pace, &job.pool, name).await;
     let mut indexed = false;
     let mut batches = Prefetch::start(
         Arc::clone(&reader),
@@ -212,10 +226,12 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     );
     let swapped = loop {
         let batch = batches.next().await?;
+        let before = applier.events();
         if let Flow::Stopped = applier.apply(&batch).await? {
             view.abandon();
             return Err(stopped());
         }
+        pacer.after_batch(applier.events() - before).await;
         // A fresh measure of the head, when there is one; an empty batch waits for it.
         if batch.is_empty() {
             ends_rx.changed().await?;
@@ -309,6 +325,8 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
         events_per_second: applier.events() as f64 / seconds.max(0.001),
         swap_lock_ms: held.as_secs_f64() * 1000.0,
         kept_old: options.keep_old,
+        pace: job.options.rebuild_pace.to_string(),
+        paused_seconds: pacer.paused().as_secs_f64(),
     };
     view.finish(&report.to_string());
     Ok(report)

@@ -36,6 +36,15 @@ pub struct SettingsArgs {
     #[arg(long, env = "KEEL_PROJECTOR_CLAIM_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(200..), value_name = "MS")]
     pub claim_timeout_ms: u64,
+    /// How rebuilds pace themselves: `adaptive` (back off while live reads slow down or
+    /// the live projection falls behind), `off`, or at most N events per second.
+    #[arg(
+        long,
+        env = "KEEL_REBUILD_PACE",
+        default_value = "adaptive",
+        value_name = "PACE"
+    )]
+    pub rebuild_pace: crate::pace::Pace,
     /// The public keys `verify` accepts commit signatures from (where the embedded
     /// default's command API puts its key).
     #[arg(
@@ -65,6 +74,8 @@ pub struct Settings {
     pub trusted_keys_file: PathBuf,
     /// How long a process may go without a heartbeat before the others take its partitions.
     pub claim_timeout: Duration,
+    /// How rebuilds pace themselves.
+    pub rebuild_pace: crate::pace::Pace,
     /// Kafka settings.
     pub kafka: KafkaSettings,
 }
@@ -79,6 +90,7 @@ impl Settings {
             snapshot_every: args.gate_snapshot_every,
             trusted_keys_file: args.trusted_keys_file,
             claim_timeout: Duration::from_millis(args.claim_timeout_ms),
+            rebuild_pace: args.rebuild_pace,
             kafka: args
                 .kafka
                 .settings()
@@ -98,6 +110,7 @@ impl Settings {
             batch_size: self.batch_size,
             linger: self.linger,
             snapshot_every: self.snapshot_every,
+            rebuild_pace: self.rebuild_pace,
             policy: std::sync::Arc::new(self.trusted_keys()?),
         })
     }

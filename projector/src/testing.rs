@@ -47,6 +47,7 @@ pub(crate) fn job(
             batch_size: 100,
             linger: Duration::ZERO,
             snapshot_every: 100,
+            rebuild_pace: crate::pace::Pace::Off,
             policy,
         },
     )

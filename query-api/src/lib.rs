@@ -6,6 +6,7 @@
 
 pub mod consistency;
 pub mod error;
+pub mod latency;
 pub mod routes;
 
 use std::net::SocketAddr;

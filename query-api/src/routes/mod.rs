@@ -51,12 +51,16 @@ pub struct AppState {
     pub checkpoints: consistency::CheckpointCache,
     /// The topics and partition counts the projector reads, as last read.
     pub topics: consistency::TopicCache,
+    /// The latencies of the reads served this second (published for rebuild pacing).
+    pub latencies: crate::latency::Latencies,
 }
 
 impl AppState {
     /// State over `pool`, listening for the projector's notifications.
     pub fn new(pool: PgPool) -> Self {
         let changes = consistency::spawn_listener(pool.clone());
+        let latencies = crate::latency::Latencies::default();
+        crate::latency::spawn_publisher(pool.clone(), latencies.clone());
         let projections = keel_views::PROJECTIONS
             .iter()
             .map(|p| (p.name, p.stream_types))
@@ -67,6 +71,7 @@ impl AppState {
             projections: Arc::new(projections),
             checkpoints: consistency::CheckpointCache::default(),
             topics: consistency::TopicCache::default(),
+            latencies,
         }
     }
 }
@@ -91,6 +96,11 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         )
         .route("/v1/audit/events", get(audit::search));
     let admin = Router::new().route("/v1/projections", get(projections::list));
+    // The reads of views are timed, for the pacing of rebuilds.
+    let views = views.layer(axum::middleware::from_fn_with_state(
+        state.latencies.clone(),
+        crate::latency::measure,
+    ));
     let guarded = edge
         .guard(views, Role::QueriesRead)
         .merge(edge.guard(audit, Role::AuditRead))

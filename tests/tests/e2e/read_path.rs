@@ -476,6 +476,23 @@ async fn a_poison_record_parks_only_its_stream_until_an_operator_discards_it() {
     let (status, held, _) = get_held(&stack, "/v1/orders/p-1", paid.as_ref()).await;
     assert_eq!((status, held), (StatusCode::OK, None));
     assert_eq!(stack.projection("orders").await["parked_streams"], 0);
+
+    // The query API published the latency of the reads it served, for rebuild pacing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let published = loop {
+        let windows: Option<(i64, f32)> =
+            sqlx::query_as("SELECT sum(requests)::bigint, max(p99_ms) FROM keel_query_windows")
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .and_then(|(n, p99): (Option<i64>, Option<f32>)| n.zip(p99));
+        if windows.is_some_and(|(n, _)| n >= 8) || Instant::now() > deadline {
+            break windows;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (reads, p99) = published.expect("the query API publishes its latencies");
+    assert!(reads >= 8 && p99 > 0.0, "{reads} reads, p99 {p99} ms");
 }
 
 #[tokio::test]

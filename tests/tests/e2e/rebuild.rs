@@ -330,3 +330,38 @@ async fn a_killed_rebuild_leaves_the_live_view_and_resumes() {
     }
     assert_eq!(snapshot(&pool).await, live);
 }
+
+/// A rebuild asked for through PostgreSQL (`projector rebuild --request`, a row in
+/// `keel_rebuild_requests`) is carried out by the running `projector run` process: the
+/// next generation is swapped in with the same rows, and the request records its outcome
+/// and actor.
+#[tokio::test]
+async fn a_rebuild_requested_through_postgres_is_carried_out_by_the_running_projector() {
+    let stack = Stack::start("rebuild-request", 2).await;
+    let token = place_orders(&stack, 0..40).await;
+    caught_up(&stack, &token).await;
+    let pool = stack.pool().await;
+    let before = snapshot(&pool).await;
+    let (generation_before, _) = generation(&stack, "orders").await;
+    let (code, out, err) = stack
+        .projector_command(
+            &["rebuild", "orders", "--request"],
+            &[("USER", "ops-ada".to_owned())],
+        )
+        .await
+        .unwrap();
+    assert!(code.success(), "{out}{err}");
+    assert!(out.contains("orders: swapped in"), "{out}");
+    assert_eq!(
+        generation(&stack, "orders").await.0,
+        generation_before + 1,
+        "the running projector swapped the next generation in"
+    );
+    assert_eq!(snapshot(&pool).await, before, "with the same rows");
+    let (actor, ok, taken): (String, bool, bool) =
+        sqlx::query_as("SELECT actor, ok, taken_by IS NOT NULL FROM keel_rebuild_requests")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((actor.as_str(), ok, taken), ("ops-ada", true, true));
+}

@@ -145,6 +145,36 @@ async fn queries(
     runs
 }
 
+/// Runs a projector command that prints JSON lines (a `rebuild --json`) with rebuilds
+/// paced `pace`, to its end; the lines.
+async fn rebuild_json(
+    env: &[(&'static str, String)],
+    args: &[&str],
+    pace: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let output = tokio::process::Command::new(workspace_binary("projector")?)
+        .args(args)
+        .envs(env.iter().cloned())
+        .env("KEEL_REBUILD_PACE", pace)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running projector rebuild")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "projector {} failed: {}",
+        args.join(" "),
+        output.status
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).context("the rebuild's --json output"))
+        .collect()
+}
+
 /// Seconds since `start` and the sum of `projection`'s checkpoints, sampled with the
 /// projector's resident memory until the checkpoints reach `total`.
 async fn follow_catch_up(
@@ -312,14 +342,14 @@ pub(crate) async fn run(
         .push(Row::plain("Baselines", "B_select p99 ms", b99));
     let idle = queries(&query.client, &query.url(""), events, options.seconds, None).await;
     let mut latency = vec![Series::new("B_select", cdf(&bare))];
-    let query_rows = |report: &mut Report, runs: &[QueryRun], during: bool| {
+    let query_rows = |report: &mut Report, runs: &[QueryRun], during: Option<&str>| {
         for ((name, _), run) in query_paths().iter().zip(runs) {
             let scenario = format!(
                 "Queries, {name}, at {:.0}/s{}",
                 run.rate,
-                if during { ", during a rebuild" } else { "" }
+                during.map_or(String::new(), |d| format!(", {d}"))
             );
-            if !during {
+            if during.is_none() {
                 report
                     .rows
                     .push(Row::plain(&scenario, "max requests/s", run.max));
@@ -331,7 +361,7 @@ pub(crate) async fn run(
                 "B_select p50",
                 ms(percentile(&bare, 0.5)),
             ));
-            let (rule, bound) = if during {
+            let (rule, bound) = if during.is_some() {
                 ("≤ 2 × (3 × B_select p99 + 2 ms)", 2.0 * (3.0 * b99 + 2.0))
             } else {
                 ("≤ 3 × B_select p99 + 2 ms", 3.0 * b99 + 2.0)
@@ -353,7 +383,7 @@ pub(crate) async fn run(
             }
         }
     };
-    query_rows(report, &idle, false);
+    query_rows(report, &idle, None);
     for ((name, _), run) in query_paths().iter().zip(&idle) {
         latency.push(Series::new(format!("{name}, idle"), cdf(&run.latencies)));
     }
@@ -441,42 +471,92 @@ pub(crate) async fn run(
         },
     );
 
-    step("queries during a rebuild of orders");
-    let mut rebuilding = Service::start("projector", &["rebuild", "orders"], &env, None).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let done: Option<i64> = sqlx::query_scalar(
-            "SELECT records_done FROM keel_rebuilds WHERE projection = 'orders'",
-        )
-        .fetch_optional(&pool)
-        .await?;
-        if done.is_some_and(|d| d > 0) || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let rates: Vec<f64> = idle.iter().map(|r| r.rate).collect();
-    let during = queries(
-        &query.client,
-        &query.url(""),
-        events,
-        options.seconds,
-        Some(&rates),
-    )
-    .await;
-    if rebuilding.exited() {
-        report.notes.push(
-            "The rebuild ended before the queries measured during it did: their figures are partly without a rebuild."
-                .into(),
+    // The same rebuild unpaced, with nothing else running: adaptive pacing must not slow a
+    // rebuild that protects nothing (at least 70% of the unpaced rate).
+    step("rebuild: projector rebuild orders, unpaced");
+    let adaptive = report
+        .rows
+        .iter()
+        .find(|r| {
+            r.scenario == format!("Rebuild, orders, {events} events") && r.measure == "events/s"
+        })
+        .map(|r| r.keel);
+    let unpaced = rebuild_json(&env, &["rebuild", "orders", "--json"], "off").await?;
+    if let (Some(adaptive), Some(unpaced)) = (adaptive, unpaced.first()) {
+        let unpaced = unpaced["events_per_second"].as_f64().unwrap_or_default();
+        report.rows.push(
+            Row::beside(
+                &format!("Rebuild, orders, {events} events"),
+                "events/s, adaptive pacing, nothing else running",
+                adaptive,
+                "unpaced",
+                unpaced,
+            )
+            .at_least(0.7),
         );
     }
-    rebuilding.kill().await?;
-    query_rows(report, &during, true);
-    for ((name, _), run) in query_paths().iter().zip(&during) {
-        latency.push(Series::new(
-            format!("{name}, during a rebuild"),
-            cdf(&run.latencies),
+
+    // Queries during a rebuild of orders, with the rebuild paced adaptively (the default)
+    // and unpaced; and the rebuild's own pace meanwhile.
+    let rates: Vec<f64> = idle.iter().map(|r| r.rate).collect();
+    for pace in ["adaptive", "off"] {
+        step(&format!(
+            "queries during a rebuild of orders, pacing {pace}"
         ));
+        let mut paced_env = env.clone();
+        paced_env.push(("KEEL_REBUILD_PACE", pace.to_owned()));
+        let mut rebuilding =
+            Service::start("projector", &["rebuild", "orders"], &paced_env, None).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let done: Option<i64> = sqlx::query_scalar(
+                "SELECT records_done FROM keel_rebuilds WHERE projection = 'orders'",
+            )
+            .fetch_optional(&pool)
+            .await?;
+            if done.is_some_and(|d| d > 0) || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rebuilt = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT records_done FROM keel_rebuilds WHERE projection = 'orders'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+        };
+        let (first, from) = (rebuilt().await, Instant::now());
+        let during = queries(
+            &query.client,
+            &query.url(""),
+            events,
+            options.seconds,
+            Some(&rates),
+        )
+        .await;
+        let (last, seconds) = (rebuilt().await, from.elapsed().as_secs_f64());
+        if rebuilding.exited() {
+            report.notes.push(format!(
+                "The rebuild (pacing {pace}) ended before the queries measured during it did: their figures are \
+                 partly without a rebuild."
+            ));
+        }
+        rebuilding.kill().await?;
+        let label = format!("during a rebuild, pacing {pace}");
+        query_rows(report, &during, Some(&label));
+        if let (Some(first), Some(last)) = (first, last) {
+            report.rows.push(Row::plain(
+                &format!("Rebuild of orders while queries run, pacing {pace}"),
+                "records/s",
+                (last - first) as f64 / seconds.max(0.001),
+            ));
+        }
+        for ((name, _), run) in query_paths().iter().zip(&during) {
+            latency.push(Series::new(format!("{name}, {label}"), cdf(&run.latencies)));
+        }
     }
     plots.add(
         "queries-latency.svg",

@@ -1,0 +1,282 @@
+//! How fast a rebuild goes: unpaced, at a rate the operator sets, or (the default)
+//! adaptively, backing off while live reads slow down or the live projection falls
+//! behind, the way PostgreSQL's vacuum cost delay protects foreground work.
+//!
+//! The adaptive pacer looks every [`CHECK_INTERVAL`] at the query APIs' latency of the
+//! last second (`keel_query_windows`, which each query API writes) and at the live
+//! generation's lag; while either is above its bound it doubles the pause it makes after
+//! each batch (from [`FIRST_PAUSE`] up to [`MAX_PAUSE`]), and otherwise shrinks it by a
+//! fifth, down to none. With nothing else running it never pauses: a rebuild alone runs
+//! at its unpaced rate, less the cost of the checks (one query each).
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tracing::debug;
+
+/// How often the adaptive pacer looks at the live reads and lag.
+const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// The first pause after a batch once the pacer backs off.
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// The longest pause after a batch.
+const MAX_PAUSE: Duration = Duration::from_millis(500);
+/// A second with fewer reads than this says too little about their latency.
+const MIN_REQUESTS: i64 = 20;
+/// The bound on the live reads' p99 when no baseline is known, in milliseconds.
+const DEFAULT_TARGET_MS: f64 = 10.0;
+
+/// How a rebuild paces itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pace {
+    /// As fast as it can.
+    Off,
+    /// At most this many events per second.
+    Rate(f64),
+    /// Backs off while live reads slow down or the live projection falls behind.
+    Adaptive,
+}
+
+impl FromStr for Pace {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "off" => Ok(Pace::Off),
+            "adaptive" => Ok(Pace::Adaptive),
+            n => match n.parse::<f64>() {
+                Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(Pace::Rate(rate)),
+                _ => Err(format!(
+                    "{s:?}: expected `adaptive`, `off`, or a rate in events per second (at least 1)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Pace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pace::Off => write!(f, "off"),
+            Pace::Rate(rate) => write!(f, "{rate} events/s"),
+            Pace::Adaptive => write!(f, "adaptive"),
+        }
+    }
+}
+
+/// Paces one rebuild's batches.
+pub(crate) struct Pacer {
+    pace: Pace,
+    pool: PgPool,
+    projection: &'static str,
+    started: Instant,
+    events: u64,
+    pause: Duration,
+    checked: Option<Instant>,
+    /// The bound on the live reads' p99, in milliseconds.
+    target_ms: f64,
+    /// The live generation's lag when the rebuild started.
+    lag_at_start: i64,
+    paused: Duration,
+}
+
+impl Pacer {
+    /// A pacer of `projection`'s rebuild; the adaptive one takes the live reads' p99 over
+    /// the last minute (the median of its busy seconds) as their baseline, and the bound
+    /// as twice that plus a millisecond.
+    pub(crate) async fn start(pace: Pace, pool: &PgPool, projection: &'static str) -> Self {
+        let mut pacer = Self {
+            pace,
+            pool: pool.clone(),
+            projection,
+            started: Instant::now(),
+            events: 0,
+            pause: Duration::ZERO,
+            checked: None,
+            target_ms: DEFAULT_TARGET_MS,
+            lag_at_start: 0,
+            paused: Duration::ZERO,
+        };
+        if pace == Pace::Adaptive {
+            let baseline: Option<f64> = sqlx::query_scalar(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY p99)::float8 FROM (
+                     SELECT max(p99_ms) AS p99 FROM keel_query_windows
+                     WHERE second > now() - interval '60 seconds'
+                     GROUP BY second HAVING sum(requests) >= $1) busy",
+            )
+            .bind(MIN_REQUESTS)
+            .fetch_one(pool)
+            .await
+            .ok()
+            .flatten();
+            if let Some(baseline) = baseline {
+                pacer.target_ms = 2.0 * baseline + 1.0;
+            }
+            pacer.lag_at_start = pacer.live_lag().await.unwrap_or(0);
+        }
+        pacer
+    }
+
+    /// How long it paused in all.
+    pub(crate) fn paused(&self) -> Duration {
+        self.paused
+    }
+
+    /// After a batch of `events`: waits as the pace asks.
+    pub(crate) async fn after_batch(&mut self, events: u64) {
+        self.events += events;
+        let wait = match self.pace {
+            Pace::Off => Duration::ZERO,
+            Pace::Rate(rate) => {
+                let due = Duration::from_secs_f64(self.events as f64 / rate);
+                due.saturating_sub(self.started.elapsed())
+            }
+            Pace::Adaptive => {
+                if self.checked.is_none_or(|t| t.elapsed() >= CHECK_INTERVAL) {
+                    self.checked = Some(Instant::now());
+                    self.adapt().await;
+                }
+                self.pause
+            }
+        };
+        if !wait.is_zero() {
+            self.paused += wait;
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Doubles the pause while live reads or the live projection suffer, and shrinks it
+    /// otherwise.
+    async fn adapt(&mut self) {
+        let p99: Option<(f64, i64)> = sqlx::query_as(
+            "SELECT max(p99_ms)::float8, sum(requests)::bigint FROM keel_query_windows
+             WHERE second = date_trunc('second', now()) - interval '1 second'",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|(p99, n): (Option<f64>, Option<i64>)| p99.zip(n));
+        let slow_reads = p99.is_some_and(|(p99, n)| n >= MIN_REQUESTS && p99 > self.target_ms);
+        let lag = self.live_lag().await.unwrap_or(0);
+        let behind = lag > (2 * self.lag_at_start).max(self.lag_at_start + 5_000);
+        self.pause = if slow_reads || behind {
+            (self.pause * 2).clamp(FIRST_PAUSE, MAX_PAUSE)
+        } else {
+            let shrunk = self.pause * 4 / 5;
+            if shrunk < Duration::from_millis(1) {
+                Duration::ZERO
+            } else {
+                shrunk
+            }
+        };
+        debug!(projection = self.projection, ?p99, target_ms = self.target_ms, lag, pause = ?self.pause,
+               "rebuild pacing");
+    }
+
+    /// Records the live generation still has to read, as the projectors last measured
+    /// the partitions' ends.
+    async fn live_lag(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(sum(GREATEST(e.end_offset - c.next_offset, 0)), 0)::bigint
+             FROM keel_checkpoints c
+             JOIN keel_projections p ON p.name = c.projection AND p.generation = c.generation
+             JOIN keel_partition_ends e ON e.topic = c.topic AND e.partition = c.partition
+             WHERE c.projection = $1",
+        )
+        .bind(self.projection)
+        .fetch_one(&self.pool)
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use super::*;
+
+    #[test]
+    fn a_pace_reads_as_off_adaptive_or_a_rate() {
+        assert_eq!("off".parse::<Pace>(), Ok(Pace::Off));
+        assert_eq!("adaptive".parse::<Pace>(), Ok(Pace::Adaptive));
+        assert_eq!("5000".parse::<Pace>(), Ok(Pace::Rate(5000.0)));
+        for bad in ["0", "-3", "fast", "NaN", "inf"] {
+            assert!(bad.parse::<Pace>().is_err(), "{bad}");
+        }
+    }
+
+    /// Adaptive pacing pauses while the live reads' p99 is above its bound, and stops
+    /// pausing once they are fast again; with no reads at all it never pauses.
+    #[tokio::test]
+    async fn adaptive_pacing_backs_off_while_live_reads_are_slow_and_not_otherwise() {
+        let (_db, pool) = crate::testing::database("pace").await;
+        let window = |p99: f64| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query(
+                    "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
+                     VALUES ('q', date_trunc('second', now()) - interval '1 second', 100, 1, $1)
+                     ON CONFLICT (instance, second) DO UPDATE SET p99_ms = EXCLUDED.p99_ms",
+                )
+                .bind(p99 as f32)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+        };
+        // Idle: no reads, no lag, no pause.
+        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders").await;
+        for _ in 0..5 {
+            pacer.checked = None;
+            pacer.after_batch(100).await;
+        }
+        assert_eq!(pacer.paused(), Duration::ZERO);
+        // A baseline of 2 ms: the bound is 5 ms.
+        sqlx::query(
+            "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
+             SELECT 'q', date_trunc('second', now()) - s * interval '1 second', 100, 1, 2
+             FROM generate_series(2, 30) s",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders").await;
+        assert!((pacer.target_ms - 5.0).abs() < 0.01, "{}", pacer.target_ms);
+        window(50.0).await;
+        for _ in 0..3 {
+            pacer.checked = None;
+            pacer.after_batch(100).await;
+        }
+        assert_eq!(
+            pacer.pause,
+            FIRST_PAUSE * 4,
+            "it doubles while reads are slow"
+        );
+        window(2.0).await;
+        for _ in 0..40 {
+            pacer.checked = None;
+            pacer.after_batch(100).await;
+        }
+        assert_eq!(pacer.pause, Duration::ZERO, "and stops once they are fast");
+        pool.close().await;
+    }
+
+    /// A set rate holds the events per second to it.
+    #[tokio::test]
+    async fn a_set_rate_holds_the_rebuild_to_it() {
+        let (_db, pool) = crate::testing::database("pace-rate").await;
+        let mut pacer = Pacer::start(Pace::Rate(2_000.0), &pool, "orders").await;
+        let started = Instant::now();
+        for _ in 0..5 {
+            pacer.after_batch(100).await;
+        }
+        // 500 events at 2,000/s: a quarter of a second at least.
+        assert!(
+            started.elapsed() >= Duration::from_millis(249),
+            "{:?}",
+            started.elapsed()
+        );
+        pool.close().await;
+    }
+}

@@ -1,0 +1,178 @@
+//! Rebuilds requested through PostgreSQL (`keel_rebuild_requests`): each `projector run`
+//! process looks for a waiting request on the projections it runs, takes the oldest (or
+//! one whose taker's heartbeat expired), rebuilds the projection blue/green with the same
+//! code as `projector rebuild`, and records the outcome. A rebuild taken again after its
+//! taker died resumes from the new generation's checkpoints; the rebuild's own lock and
+//! claim keep two from building one projection.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::job::Job;
+use crate::progress::Progress;
+use crate::rebuild::{RebuildOptions, rebuild};
+
+/// How often a process looks for a rebuild request.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Records a request to rebuild `projection` by `actor`; its id.
+pub async fn request(
+    pool: &PgPool,
+    projection: &str,
+    keep_old: bool,
+    actor: &str,
+) -> anyhow::Result<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO keel_rebuild_requests (projection, keep_old, actor) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(projection)
+    .bind(keep_old)
+    .bind(actor)
+    .fetch_one(pool)
+    .await
+    .context("recording the rebuild request")
+}
+
+/// A request's outcome, once it has one: whether it succeeded and what it says.
+pub async fn outcome(pool: &PgPool, id: i64) -> anyhow::Result<Option<(bool, String)>> {
+    let row: Option<(Option<bool>, Option<String>)> = sqlx::query_as(
+        "SELECT ok, outcome FROM keel_rebuild_requests WHERE id = $1 AND done_at IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(ok, outcome)| (ok.unwrap_or(false), outcome.unwrap_or_default())))
+}
+
+/// Carries out the rebuild requests on `jobs`' projections, as process `process`, until
+/// dropped.
+pub async fn serve(pool: PgPool, process: Uuid, jobs: Vec<Job>) {
+    let names: Vec<&'static str> = jobs.iter().map(Job::name).collect();
+    loop {
+        tokio::time::sleep(LOOK_EVERY).await;
+        let taken = match take(&pool, process, &names).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "looking for rebuild requests failed");
+                continue;
+            }
+        };
+        let Some((id, name, keep_old, actor)) = taken else {
+            continue;
+        };
+        let Some(job) = jobs.iter().find(|j| j.name() == name) else {
+            continue;
+        };
+        info!(request = id, projection = %name, %actor, "rebuilding on request");
+        let options = RebuildOptions {
+            keep_old,
+            wait_for_lock: true,
+            only_if_older: false,
+            progress: Progress::Log,
+        };
+        let (ok, outcome) = match rebuild(job, &options).await {
+            Ok(report) => (true, report.to_string()),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        if !ok {
+            warn!(request = id, projection = %name, %outcome, "the requested rebuild failed");
+        }
+        let recorded = sqlx::query(
+            "UPDATE keel_rebuild_requests SET done_at = now(), ok = $3, outcome = $4
+             WHERE id = $1 AND taken_by = $2 AND done_at IS NULL",
+        )
+        .bind(id)
+        .bind(process)
+        .bind(ok)
+        .bind(&outcome)
+        .execute(&pool)
+        .await;
+        if let Err(e) = recorded {
+            warn!(request = id, error = %e, "recording the rebuild's outcome failed");
+        }
+    }
+}
+
+/// Takes the oldest waiting request on `projections` (one taken by a process whose
+/// heartbeat expired counts as waiting).
+async fn take(
+    pool: &PgPool,
+    process: Uuid,
+    projections: &[&str],
+) -> anyhow::Result<Option<(i64, String, bool, String)>> {
+    Ok(sqlx::query_as(
+        "UPDATE keel_rebuild_requests r SET taken_by = $1, taken_at = now()
+         WHERE r.id = (
+             SELECT q.id FROM keel_rebuild_requests q
+             WHERE q.done_at IS NULL AND q.projection = ANY($2)
+               AND (q.taken_by IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM keel_projector_processes p
+                        WHERE p.id = q.taken_by AND p.expires_at > now()))
+             ORDER BY q.id LIMIT 1 FOR UPDATE SKIP LOCKED)
+         RETURNING r.id, r.projection, r.keep_old, r.actor",
+    )
+    .bind(process)
+    .bind(projections)
+    .fetch_optional(pool)
+    .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
+
+    use super::*;
+
+    /// The oldest waiting request is taken once; one whose taker is alive is not taken
+    /// again, and one whose taker's heartbeat expired is.
+    #[tokio::test]
+    async fn a_request_is_taken_once_and_again_only_after_its_taker_died() {
+        let (_db, pool) = crate::testing::database("rebuild-requests").await;
+        let (alive, dead, me) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        for (id, expires) in [
+            (alive, "now() + interval '1 minute'"),
+            (me, "now() + interval '1 minute'"),
+            (dead, "now() - interval '1 second'"),
+        ] {
+            sqlx::query(&format!(
+                "INSERT INTO keel_projector_processes (id, name, projections, expires_at)
+                 VALUES ($1, 'p', '{{orders}}', {expires})"
+            ))
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let first = request(&pool, "orders", false, "ops").await.unwrap();
+        let second = request(&pool, "orders", true, "ops").await.unwrap();
+        let other = request(&pool, "customers", false, "ops").await.unwrap();
+        let taken = take(&pool, alive, &["orders"]).await.unwrap().unwrap();
+        assert_eq!((taken.0, taken.2), (first, false), "the oldest first");
+        let taken = take(&pool, alive, &["orders"]).await.unwrap().unwrap();
+        assert_eq!((taken.0, taken.2), (second, true));
+        assert!(
+            take(&pool, me, &["orders"]).await.unwrap().is_none(),
+            "a live taker keeps its requests"
+        );
+        sqlx::query("UPDATE keel_rebuild_requests SET taken_by = $1 WHERE id = $2")
+            .bind(dead)
+            .bind(first)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let again = take(&pool, me, &["orders"]).await.unwrap().unwrap();
+        assert_eq!(again.0, first, "a dead taker's request is taken again");
+        assert!(take(&pool, me, &["orders"]).await.unwrap().is_none());
+        let taken = take(&pool, me, &["customers", "orders"])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(taken.0, other);
+        assert_eq!(outcome(&pool, first).await.unwrap(), None);
+        pool.close().await;
+    }
+}

@@ -1,0 +1,150 @@
+//! The latency of the reads this query API serves, per second, published in
+//! `keel_query_windows` so that a rebuild's adaptive pacing backs off while live queries
+//! slow down. On a hot standby (read only) or before the projector created the table,
+//! nothing is published.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use sqlx::PgPool;
+use tracing::info;
+
+/// Most latencies kept per second; beyond them a second's percentiles come from a sample.
+const KEPT: usize = 50_000;
+/// How long the published rows are kept.
+const KEEP_ROWS: &str = "2 minutes";
+
+/// The latencies of the reads served in the current second, in microseconds.
+#[derive(Clone, Debug, Default)]
+pub struct Latencies(Arc<Mutex<Window>>);
+
+#[derive(Debug, Default)]
+struct Window {
+    micros: Vec<u32>,
+    seen: u64,
+}
+
+impl Latencies {
+    fn record(&self, took: Duration) {
+        if let Ok(mut w) = self.0.lock() {
+            w.seen += 1;
+            let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+            if w.micros.len() < KEPT {
+                w.micros.push(micros);
+            } else {
+                // Reservoir sampling keeps a fair sample of a very busy second.
+                let slot = (w.seen.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % w.seen;
+                if let Some(kept) = w.micros.get_mut(slot as usize) {
+                    *kept = micros;
+                }
+            }
+        }
+    }
+
+    /// The second's requests and p50/p99 in milliseconds, and a new second begun.
+    fn take(&self) -> Option<(u64, f64, f64)> {
+        let mut w = self.0.lock().ok()?;
+        let Window { mut micros, seen } = std::mem::take(&mut *w);
+        drop(w);
+        if seen == 0 {
+            return None;
+        }
+        micros.sort_unstable();
+        let at = |q: f64| {
+            let i = ((micros.len() as f64 * q) as usize).min(micros.len() - 1);
+            f64::from(micros[i]) / 1000.0
+        };
+        Some((seen, at(0.5), at(0.99)))
+    }
+}
+
+/// Times each request that reaches the routes behind it.
+pub async fn measure(State(latencies): State<Latencies>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let response = next.run(request).await;
+    latencies.record(started.elapsed());
+    response
+}
+
+/// Publishes each second's window while the database takes it.
+pub fn spawn_publisher(pool: PgPool, latencies: Latencies) {
+    let instance = format!(
+        "{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+        std::process::id()
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut published = 0u64;
+        loop {
+            tick.tick().await;
+            let Some((requests, p50, p99)) = latencies.take() else {
+                continue;
+            };
+            let written = sqlx::query(
+                "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
+                 VALUES ($1, date_trunc('second', now()), $2, $3, $4)
+                 ON CONFLICT (instance, second) DO UPDATE SET requests = EXCLUDED.requests,
+                     p50_ms = EXCLUDED.p50_ms, p99_ms = EXCLUDED.p99_ms",
+            )
+            .bind(&instance)
+            .bind(i32::try_from(requests).unwrap_or(i32::MAX))
+            .bind(p50 as f32)
+            .bind(p99 as f32)
+            .execute(&pool)
+            .await;
+            match written {
+                Ok(_) => {
+                    published += 1;
+                    if published % 30 == 1 {
+                        let _ = sqlx::query(&format!(
+                            "DELETE FROM keel_query_windows WHERE instance = $1
+                             AND second < now() - interval '{KEEP_ROWS}'"
+                        ))
+                        .bind(&instance)
+                        .execute(&pool)
+                        .await;
+                    }
+                }
+                // Read only (a hot standby), or the projector has not created the table:
+                // nothing to publish to.
+                Err(sqlx::Error::Database(e))
+                    if matches!(e.code().as_deref(), Some("25006" | "42P01")) =>
+                {
+                    info!(reason = %e, "not publishing query latencies for rebuild pacing");
+                    if e.code().as_deref() == Some("25006") {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_gives_its_count_and_percentiles_and_the_next_starts_empty() {
+        let latencies = Latencies::default();
+        assert_eq!(latencies.take(), None);
+        for ms in 1..=100u64 {
+            latencies.record(Duration::from_millis(ms));
+        }
+        assert_eq!(latencies.take(), Some((100, 51.0, 100.0)));
+        assert_eq!(latencies.take(), None, "a new second begins empty");
+        // A busy second keeps a sample of its latencies, and counts them all.
+        for _ in 0..KEPT + 1000 {
+            latencies.record(Duration::from_micros(500));
+        }
+        let (n, p50, p99) = latencies.take().unwrap_or_default();
+        assert_eq!((n, p50, p99), ((KEPT + 1000) as u64, 0.5, 0.5));
+    }
+}
