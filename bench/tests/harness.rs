@@ -47,14 +47,53 @@ fn the_harness_reports_every_scenario_beside_its_baseline() {
     assert_eq!(with_target("Commands, 64 clients"), 1, "{rows:#?}");
     assert_eq!(with_target("Commands, 256 clients"), 1);
     assert_eq!(with_target("Catch-up"), 1);
-    assert_eq!(with_target("Rebuild, orders"), 1);
+    assert_eq!(
+        with_target("Rebuild, orders"),
+        2,
+        "beside B_consume/B_upsert, and adaptive beside unpaced"
+    );
     assert_eq!(with_target("Rebuild, daily_sales"), 1);
     assert_eq!(
         with_target("Queries, by id"),
-        2,
-        "idle and during a rebuild"
+        3,
+        "idle, and during a rebuild paced and unpaced"
     );
-    assert_eq!(with_target("Queries, list"), 2);
+    assert_eq!(with_target("Queries, list"), 3);
+    let named = |prefix: &str| {
+        rows.iter()
+            .filter(|r| {
+                r["scenario"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(prefix))
+            })
+            .count()
+    };
+    for processes in 1..=3 {
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r["scenario"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("Catch-up of orders")
+                        && s.ends_with(&format!("{processes} processes"))))
+                .count(),
+            1,
+            "catch-up with {processes} processes"
+        );
+    }
+    assert_eq!(
+        named("A killed projector's partitions move"),
+        2,
+        "SIGKILL and SIGTERM"
+    );
+    assert_eq!(named("Rebuild of orders while queries run"), 2);
+    assert_eq!(
+        named("Read-your-writes of healthy streams, one stream parked"),
+        2
+    );
+    assert_eq!(
+        named("Read-your-writes through a query API on a hot standby"),
+        2
+    );
     assert_eq!(with_target("Read-your-writes"), 1);
     assert_eq!(with_target("Projector memory"), 1);
     for row in rows {

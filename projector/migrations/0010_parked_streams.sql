@@ -64,6 +64,9 @@ CREATE TABLE IF NOT EXISTS keel_stream_requests (
     actor         text NOT NULL,
     requested_at  timestamptz NOT NULL DEFAULT now(),
     done_at       timestamptz,
+    -- Records applied or discarded so far (a long stream is settled in several
+    -- transactions).
+    settled       integer NOT NULL DEFAULT 0,
     -- What came of it: how many records were applied or discarded, or why it failed.
     outcome       text,
     ok            boolean

@@ -7,6 +7,9 @@ CREATE TABLE IF NOT EXISTS keel_rebuild_requests (
     id            bigserial PRIMARY KEY,
     projection    text NOT NULL,
     keep_old      boolean NOT NULL DEFAULT false,
+    -- The live generation when it was asked for: a request taken after another rebuild
+    -- already replaced that generation is done without rebuilding again.
+    generation    integer,
     actor         text NOT NULL,
     requested_at  timestamptz NOT NULL DEFAULT now(),
     taken_by      uuid,

@@ -13,6 +13,7 @@ use crate::decode::Decoded;
 use crate::generation::{self, BatchReport, GenerationChanged, Mode};
 use crate::hold::Hold;
 use crate::job::{Job, OnError};
+use crate::projection::ProjectedEvent;
 use crate::{BoxFuture, generation::live};
 
 /// What a batch left the projection doing.
@@ -204,30 +205,40 @@ impl<'j> Applier<'j> {
     }
 
     /// Carries out the operators' requests waiting on parked streams of the partitions this
-    /// applier applies, oldest first.
+    /// applier applies, oldest first. Live, it first closes the requests that named a
+    /// generation a rebuild has since replaced: their streams are no longer read.
     pub(crate) async fn settle_requests(&mut self) -> anyhow::Result<()> {
+        let (name, generation) = (self.job.name(), self.generation);
+        if self.mode == Mode::Live {
+            sqlx::query(
+                "UPDATE keel_stream_requests SET done_at = now(), ok = false,
+                     outcome = 'the generation it named was replaced by a rebuild; ask again'
+                 WHERE projection = $1 AND generation < $2 AND done_at IS NULL",
+            )
+            .bind(name)
+            .bind(generation)
+            .execute(&self.job.pool)
+            .await?;
+        }
         let partitions: Vec<TopicPartition> =
             self.assignment().into_iter().map(|(at, _)| at).collect();
-        let pending = dead_letter::pending(
-            &self.job.pool,
-            self.job.name(),
-            self.generation,
-            &partitions,
-        )
-        .await?;
+        let pending = dead_letter::pending(&self.job.pool, name, generation, &partitions).await?;
         for request in pending {
-            self.settle(&request).await?;
+            while !self.settle(&request).await? {}
         }
         Ok(())
     }
 
-    /// Carries out one request on a parked stream, in one transaction that proves the hold
-    /// (and, live, the generation), so that it is done once whichever process holds the
-    /// unit: a retry applies the held-back records in order, up to the first that still
-    /// fails (which stays parked with the records after it); a discard drops them all from
-    /// the view, recording the reason and the actor.
-    async fn settle(&mut self, request: &Request) -> anyhow::Result<()> {
+    /// Carries out (up to [`RETRY_CHUNK`] records of) one request on a parked stream, in
+    /// one transaction that proves the hold (and, live, the generation), so that it is
+    /// done once whichever process holds the unit: a retry applies the held-back records
+    /// in order, up to the first that still fails (which stays parked with the records
+    /// after it); a discard drops them from the view, recording the reason and the actor.
+    /// Returns whether the request is done.
+    async fn settle(&mut self, request: &Request) -> anyhow::Result<bool> {
         let (name, generation) = (self.job.name(), self.generation);
+        let at = &request.at;
+        let stream = &request.stream;
         let mut tx = self.begin().await?;
         let open: Option<bool> = sqlx::query_scalar(
             "SELECT done_at IS NULL FROM keel_stream_requests WHERE id = $1 FOR UPDATE",
@@ -236,29 +247,18 @@ impl<'j> Applier<'j> {
         .fetch_optional(&mut *tx)
         .await?;
         if open != Some(true) {
-            return Ok(());
+            return Ok(true);
         }
-        let records =
-            dead_letter::held_back(&mut tx, name, generation, &request.at, &request.stream).await?;
-        let outcome = if records.is_empty() {
-            Outcome {
-                ok: false,
-                text: format!("{} is not parked", request.stream),
-                settled_offsets: Vec::new(),
-                events: 0,
-                rest: None,
-            }
-        } else {
-            match request.action {
-                Action::Discard => Outcome {
-                    ok: true,
-                    text: format!("discarded {} records", records.len()),
-                    settled_offsets: records.iter().map(|(e, _)| e.offset).collect(),
-                    events: 0,
-                    rest: None,
-                },
-                Action::Retry => self.retry(&mut tx, records).await?,
-            }
+        let (records, more) =
+            dead_letter::held_back(&mut tx, name, generation, at, stream, RETRY_CHUNK).await?;
+        let step = match request.action {
+            _ if records.is_empty() => Step::default(),
+            Action::Discard => Step {
+                settled: records.iter().map(|(e, _)| e.offset).collect(),
+                more,
+                ..Step::default()
+            },
+            Action::Retry => self.retry(&mut tx, records, more).await?,
         };
         let status = match request.action {
             Action::Retry => "retried",
@@ -271,155 +271,185 @@ impl<'j> Applier<'j> {
         )
         .bind(name)
         .bind(generation)
-        .bind(&request.at.topic)
-        .bind(request.at.partition)
-        .bind(&request.stream.stream_type)
-        .bind(&request.stream.id)
+        .bind(&at.topic)
+        .bind(at.partition)
+        .bind(&stream.stream_type)
+        .bind(&stream.id)
         .bind(status)
         .bind(&request.actor)
         .bind(&request.reason)
-        .bind(&outcome.settled_offsets)
+        .bind(&step.settled)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE keel_stream_requests SET done_at = now(), ok = $2, outcome = $3 WHERE id = $1",
+        if step.events > 0 {
+            sqlx::query(
+                "UPDATE keel_checkpoints SET events = events + $5
+                 WHERE projection = $1 AND generation = $2 AND topic = $3 AND partition = $4",
+            )
+            .bind(name)
+            .bind(generation)
+            .bind(&at.topic)
+            .bind(at.partition)
+            .bind(step.events as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // What the stream still holds back, from the records themselves.
+        let parked_now = dead_letter::reckon_parked(
+            &mut tx,
+            name,
+            generation,
+            at,
+            stream,
+            step.error.as_deref(),
+        )
+        .await?;
+        let settled: i32 = sqlx::query_scalar(
+            "UPDATE keel_stream_requests SET settled = settled + $2 WHERE id = $1 RETURNING settled",
         )
         .bind(request.id)
-        .bind(outcome.ok)
-        .bind(&outcome.text)
-        .execute(&mut *tx)
+        .bind(i32::try_from(step.settled.len()).unwrap_or(i32::MAX))
+        .fetch_one(&mut *tx)
         .await?;
-        // Nothing held back any more (or it was not parked): the stream flows again.
-        let parked_now = outcome.rest.clone();
-        match &parked_now {
-            None => {
-                sqlx::query(
-                    "DELETE FROM keel_parked_streams WHERE projection = $1 AND generation = $2
-                     AND stream_type = $3 AND stream_id = $4",
-                )
-                .bind(name)
-                .bind(generation)
-                .bind(&request.stream.stream_type)
-                .bind(&request.stream.id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some(rest) => {
-                dead_letter::save_parked(
-                    &mut tx,
-                    name,
-                    generation,
-                    &request.at,
-                    std::iter::once((&request.stream, rest)),
-                )
-                .await?;
-            }
+        let done = !step.more || step.error.is_some();
+        if done {
+            let (ok, outcome) = match (request.action, &step.error) {
+                _ if settled == 0 && step.error.is_none() => {
+                    (false, format!("{stream} is not parked"))
+                }
+                (Action::Discard, _) => (true, format!("discarded {settled} records")),
+                (Action::Retry, None) => (true, format!("applied {settled} records")),
+                (Action::Retry, Some(error)) => (
+                    false,
+                    format!(
+                        "applied {settled} records; still parked at offset {}: {error}",
+                        parked_now.as_ref().map_or(-1, |p| p.first_offset)
+                    ),
+                ),
+            };
+            sqlx::query(
+                "UPDATE keel_stream_requests SET done_at = now(), ok = $2, outcome = $3 WHERE id = $1",
+            )
+            .bind(request.id)
+            .bind(ok)
+            .bind(&outcome)
+            .execute(&mut *tx)
+            .await?;
+            tracing::info!(%stream, action = request.action.as_str(), actor = %request.actor, %outcome,
+                           "a parked stream's request was carried out");
         }
         if self.mode == Mode::Live {
             generation::notify(&mut tx, name).await?;
         }
         tx.commit().await?;
-        if let Some(state) = self
-            .checkpoints
-            .partition_mut(&request.at.topic, request.at.partition)
-        {
+        if let Some(state) = self.checkpoints.partition_mut(&at.topic, at.partition) {
             match parked_now {
-                Some(mut rest) => {
-                    rest.dirty = false;
-                    state.parked.insert(request.stream.clone(), rest);
+                Some(parked) => {
+                    state.parked.insert(stream.clone(), parked);
                 }
                 None => {
-                    state.parked.remove(&request.stream);
+                    state.parked.remove(stream);
                 }
             }
         }
-        self.events += outcome.events as u64;
-        tracing::info!(stream = %request.stream, action = request.action.as_str(), actor = %request.actor,
-                       outcome = %outcome.text, "a parked stream's request was carried out");
-        Ok(())
+        self.events += step.events as u64;
+        Ok(done)
     }
 
-    /// Applies the held-back `records` of a stream in `tx`, in order, each behind a
-    /// savepoint, up to the first that still cannot be decoded or applied.
+    /// Applies the held-back `records` of a stream in `tx`, in order, up to the first that
+    /// still cannot be decoded or applied: all of them behind one savepoint, and record by
+    /// record (a savepoint each) only when that fails. Fails only on an error a later
+    /// attempt may not meet (a transient one, a lost connection): any other keeps the
+    /// record parked and ends the request.
     async fn retry(
         &self,
         tx: &mut sqlx::PgConnection,
         records: Vec<(keel_kafka::LogEntry, bool)>,
-    ) -> anyhow::Result<Outcome> {
+        more: bool,
+    ) -> anyhow::Result<Step> {
         let (entries, admitted): (Vec<_>, Vec<bool>) = records.into_iter().unzip();
-        let decoded = Decoded::all(entries, &self.job.options.policy);
-        let total = decoded.len();
-        let mut settled = Vec::new();
-        let mut events = 0;
+        let policy = std::sync::Arc::clone(&self.job.options.policy);
+        // The costly part (hashes and signatures) off the async workers.
+        let decoded = tokio::task::spawn_blocking(move || Decoded::all(entries, &policy)).await?;
+        let mut readable = Vec::new();
+        let mut error = None;
         for (record, admitted) in decoded.iter().zip(admitted) {
-            let offset = record.entry.offset;
-            let failed = if admitted {
-                match record.events_taken() {
-                    Err(e) => Some(e),
-                    Ok(applied) => {
-                        sqlx::query("SAVEPOINT keel_retry")
-                            .execute(&mut *tx)
-                            .await?;
-                        match self
-                            .job
-                            .projection
-                            .apply(tx, self.generation, &applied)
-                            .await
-                            .map_err(|e| anyhow::Error::new(ApplyError(e)))
-                            .map_err(halt_on)
-                        {
-                            Ok(()) => {
-                                sqlx::query("RELEASE SAVEPOINT keel_retry")
-                                    .execute(&mut *tx)
-                                    .await?;
-                                events += applied.len();
-                                None
-                            }
-                            Err(e) if is_apply_error(&e) => {
-                                sqlx::query("ROLLBACK TO SAVEPOINT keel_retry")
-                                    .execute(&mut *tx)
-                                    .await?;
-                                Some(record_error(&e))
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
+            let events = if admitted {
+                record.events_taken()
             } else {
-                Some(
+                Err(
                     "the record was not one the partition gate could take when it was read; \
                      only a rebuild with code that reads it can apply it"
                         .to_owned(),
                 )
             };
-            if let Some(error) = failed {
-                let rest = Parked {
-                    first_offset: offset,
-                    last_offset: decoded.last().map_or(offset, |d| d.entry.offset),
-                    records: i32::try_from(total - settled.len()).unwrap_or(i32::MAX),
-                    error: error.clone(),
-                    dirty: true,
-                };
-                return Ok(Outcome {
-                    ok: false,
-                    text: format!(
-                        "applied {} of {total} records; still parked at offset {offset}: {error}",
-                        settled.len()
-                    ),
-                    settled_offsets: settled,
-                    events,
-                    rest: Some(rest),
-                });
+            match events {
+                Ok(events) => readable.push((record.entry.offset, events)),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
             }
-            settled.push(offset);
         }
-        Ok(Outcome {
-            ok: true,
-            text: format!("applied {total} records ({events} events)"),
-            settled_offsets: settled,
-            events,
-            rest: None,
-        })
+        let all: Vec<ProjectedEvent> = readable
+            .iter()
+            .flat_map(|(_, events)| events.iter().cloned())
+            .collect();
+        let mut step = Step {
+            more,
+            ..Step::default()
+        };
+        if self.apply_saved(tx, &all).await?.is_none() {
+            step.settled = readable.iter().map(|(offset, _)| *offset).collect();
+            step.events = all.len();
+        } else {
+            for (offset, events) in &readable {
+                if let Some(failed) = self.apply_saved(tx, events).await? {
+                    error = Some(failed);
+                    break;
+                }
+                step.settled.push(*offset);
+                step.events += events.len();
+            }
+        }
+        step.error = error;
+        Ok(step)
+    }
+
+    /// Applies `events` in `tx` behind a savepoint: `None` once applied, or why they
+    /// cannot be (rolled back to the savepoint). Fails on a transient error, or when the
+    /// statements did not fail on their own (the connection went).
+    async fn apply_saved(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        events: &[ProjectedEvent],
+    ) -> anyhow::Result<Option<String>> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        sqlx::query("SAVEPOINT keel_retry")
+            .execute(&mut *tx)
+            .await?;
+        match self.job.projection.apply(tx, self.generation, events).await {
+            Ok(()) => {
+                sqlx::query("RELEASE SAVEPOINT keel_retry")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(None)
+            }
+            Err(e) => {
+                let e = anyhow::Error::new(ApplyError(e));
+                match failure(&e) {
+                    Some((Failure::Record | Failure::Halt, _)) => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT keel_retry")
+                            .execute(&mut *tx)
+                            .await?;
+                        Ok(Some(record_error(&e)))
+                    }
+                    _ => Err(e),
+                }
+            }
+        }
     }
 
     /// In live mode, fails with [`GenerationChanged`] when the generation is no longer live.
@@ -583,17 +613,20 @@ impl<'j> Applier<'j> {
     }
 }
 
-/// What a request on a parked stream came to.
-struct Outcome {
-    ok: bool,
-    /// Told to the operator.
-    text: String,
+/// Most held-back records one transaction of a request settles.
+const RETRY_CHUNK: i64 = 2_000;
+
+/// What one transaction of a request on a parked stream did.
+#[derive(Default)]
+struct Step {
     /// The offsets of the records it applied or discarded.
-    settled_offsets: Vec<i64>,
+    settled: Vec<i64>,
     /// Events it applied.
     events: usize,
-    /// What the stream still holds back, when anything.
-    rest: Option<Parked>,
+    /// Why the record it stopped at still fails, when one does.
+    error: Option<String>,
+    /// Whether more records are held back than it looked at.
+    more: bool,
 }
 
 /// The dead letter of a record that failed with `error`, as `on_error` handles it: with
@@ -606,7 +639,18 @@ fn dead_letter_of(
     state: &mut PartitionState,
 ) -> DeadLetter {
     let stream = decoded.stream();
+    let parked = stream
+        .as_ref()
+        .is_some_and(|s| state.parked.contains_key(s));
     let status = match (on_error, &stream) {
+        // A stream already parked holds every later record back, whatever the mode: a
+        // retry applies them in order.
+        (_, Some(stream)) if parked => {
+            if let Some(p) = state.parked.get_mut(stream) {
+                p.hold(decoded.entry.offset);
+            }
+            Status::Parked
+        }
         (OnError::Stop, _) => Status::Stopped,
         (OnError::Skip, _) | (OnError::Park, None) => Status::Skipped,
         (OnError::Park, Some(stream)) => {
@@ -982,6 +1026,18 @@ mod tests {
             [("o-2", 2, 2), ("o-3", 3, 2)]
         );
 
+        // Code failing on an error no record causes: the stream stays parked, the request
+        // fails, and the runner goes on (it does not halt).
+        fixable.break_badly();
+        request("o-2", Action::Retry).await.unwrap();
+        applier.settle_requests().await.unwrap();
+        assert_eq!(orders().await.len(), 2);
+        assert!(
+            parked().await[0].3.contains("42P01"),
+            "{:?}",
+            parked().await
+        );
+
         // A process that lost the unit carries out nothing.
         fixable.fix();
         request("o-2", Action::Retry).await.unwrap();
@@ -1051,9 +1107,9 @@ mod tests {
                 .unwrap();
         assert_eq!(
             outcomes.iter().map(|(ok, _)| *ok).collect::<Vec<_>>(),
-            [false, false, true, true]
+            [false, false, false, true, true]
         );
-        assert!(outcomes[2].1.contains("applied 2 records"), "{outcomes:?}");
+        assert!(outcomes[3].1.contains("applied 2 records"), "{outcomes:?}");
         pool.close().await;
     }
 

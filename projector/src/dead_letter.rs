@@ -317,14 +317,15 @@ pub(crate) async fn pending(
 }
 
 /// The records `stream` holds back in `generation`, in log order, as they were read, with
-/// whether the gate took each.
+/// whether the gate took each: the first `limit`, and whether it holds back more.
 pub(crate) async fn held_back(
     tx: &mut PgConnection,
     projection: &str,
     generation: i32,
     at: &TopicPartition,
     stream: &StreamRef,
-) -> Result<Vec<(LogEntry, bool)>, sqlx::Error> {
+    limit: i64,
+) -> Result<(Vec<(LogEntry, bool)>, bool), sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
         offset: i64,
@@ -332,11 +333,11 @@ pub(crate) async fn held_back(
         payload: Vec<u8>,
         gate_admitted: bool,
     }
-    let rows: Vec<Row> = sqlx::query_as(
+    let mut rows: Vec<Row> = sqlx::query_as(
         r#"SELECT "offset", key, payload, gate_admitted FROM keel_dead_letters
            WHERE projection = $1 AND generation = $2 AND topic = $3 AND partition = $4
              AND stream_type = $5 AND stream_id = $6 AND status = 'parked'
-           ORDER BY "offset""#,
+           ORDER BY "offset" LIMIT $7"#,
     )
     .bind(projection)
     .bind(generation)
@@ -344,9 +345,12 @@ pub(crate) async fn held_back(
     .bind(at.partition)
     .bind(&stream.stream_type)
     .bind(&stream.id)
+    .bind(limit + 1)
     .fetch_all(&mut *tx)
     .await?;
-    Ok(rows
+    let more = rows.len() as i64 > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let records = rows
         .into_iter()
         .map(|r| {
             (
@@ -362,5 +366,69 @@ pub(crate) async fn held_back(
                 r.gate_admitted,
             )
         })
-        .collect())
+        .collect();
+    Ok((records, more))
+}
+
+/// Sets `stream`'s row in `keel_parked_streams` from the records it still holds back (its
+/// error replaced by `error` when given), or deletes it when none are left; what it holds
+/// back now.
+pub(crate) async fn reckon_parked(
+    tx: &mut PgConnection,
+    projection: &str,
+    generation: i32,
+    at: &TopicPartition,
+    stream: &StreamRef,
+    error: Option<&str>,
+) -> Result<Option<Parked>, sqlx::Error> {
+    let (first, last, records): (Option<i64>, Option<i64>, i64) = sqlx::query_as(
+        r#"SELECT min("offset"), max("offset"), count(*) FROM keel_dead_letters
+           WHERE projection = $1 AND generation = $2 AND topic = $3 AND partition = $4
+             AND stream_type = $5 AND stream_id = $6 AND status = 'parked'"#,
+    )
+    .bind(projection)
+    .bind(generation)
+    .bind(&at.topic)
+    .bind(at.partition)
+    .bind(&stream.stream_type)
+    .bind(&stream.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (Some(first_offset), Some(last_offset)) = (first, last) else {
+        sqlx::query(
+            "DELETE FROM keel_parked_streams WHERE projection = $1 AND generation = $2
+             AND stream_type = $3 AND stream_id = $4",
+        )
+        .bind(projection)
+        .bind(generation)
+        .bind(&stream.stream_type)
+        .bind(&stream.id)
+        .execute(&mut *tx)
+        .await?;
+        return Ok(None);
+    };
+    let records = i32::try_from(records).unwrap_or(i32::MAX);
+    let error: Option<String> = sqlx::query_scalar(
+        "UPDATE keel_parked_streams SET first_offset = $5, last_offset = $6, records = $7,
+             error = COALESCE($8, error), updated_at = now()
+         WHERE projection = $1 AND generation = $2 AND stream_type = $3 AND stream_id = $4
+         RETURNING error",
+    )
+    .bind(projection)
+    .bind(generation)
+    .bind(&stream.stream_type)
+    .bind(&stream.id)
+    .bind(first_offset)
+    .bind(last_offset)
+    .bind(records)
+    .bind(error)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(Some(Parked {
+        first_offset,
+        last_offset,
+        records,
+        error: error.unwrap_or_default(),
+        dirty: false,
+    }))
 }

@@ -69,6 +69,10 @@ enum Command {
         /// Print each finished rebuild's report as a JSON line on standard output.
         #[arg(long)]
         json: bool,
+        /// Swap the new generation in even when it holds back more parked streams than the
+        /// live one (by default the rebuild stops before the swap, keeping the live view).
+        #[arg(long)]
+        allow_parked: bool,
         /// Ask the running `projector run` processes to rebuild (a row in
         /// `keel_rebuild_requests`, which one of them takes) and follow it, instead of
         /// rebuilding in this process.
@@ -189,11 +193,19 @@ async fn main() -> anyhow::Result<()> {
             on_error,
             json,
             request,
+            allow_parked,
         } => {
             if request {
                 request_rebuilds(&settings, &projections, all, keep_old).await
             } else {
-                rebuild(&settings, &projections, all, keep_old, on_error, json).await
+                let options = RebuildOptions {
+                    keep_old,
+                    wait_for_lock: false,
+                    only_if_older: false,
+                    progress: Progress::Terminal,
+                    allow_parked,
+                };
+                rebuild(&settings, &projections, all, &options, on_error, json).await
             }
         }
         Command::Verify { stream, json } => verify(&settings, stream.as_deref(), json).await,
@@ -298,7 +310,7 @@ async fn rebuild(
     settings: &Settings,
     only: &[String],
     all: bool,
-    keep_old: bool,
+    rebuild_options: &RebuildOptions,
     on_error: OnError,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -313,12 +325,6 @@ async fn rebuild(
         .into_iter()
         .filter(|p| all || only.iter().any(|n| n == p.name()))
         .collect();
-    let rebuild_options = RebuildOptions {
-        keep_old,
-        wait_for_lock: false,
-        only_if_older: false,
-        progress: Progress::Terminal,
-    };
     let work = async {
         for projection in chosen {
             let job = Job::new(
@@ -327,7 +333,7 @@ async fn rebuild(
                 settings.kafka.clone(),
                 options.clone(),
             );
-            let report = projector::rebuild::rebuild(&job, &rebuild_options).await?;
+            let report = projector::rebuild::rebuild(&job, rebuild_options).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             }

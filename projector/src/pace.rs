@@ -77,6 +77,8 @@ pub(crate) struct Pacer {
     target_ms: f64,
     /// The live generation's lag when the rebuild started.
     lag_at_start: i64,
+    /// Records the live generation had read at the last check.
+    live_read: Option<i64>,
     paused: Duration,
 }
 
@@ -95,6 +97,7 @@ impl Pacer {
             checked: None,
             target_ms: DEFAULT_TARGET_MS,
             lag_at_start: 0,
+            live_read: None,
             paused: Duration::ZERO,
         };
         if pace == Pace::Adaptive {
@@ -112,7 +115,7 @@ impl Pacer {
             if let Some(baseline) = baseline {
                 pacer.target_ms = 2.0 * baseline + 1.0;
             }
-            pacer.lag_at_start = pacer.live_lag().await.unwrap_or(0);
+            pacer.lag_at_start = pacer.live().await.map_or(0, |(lag, _)| lag);
         }
         pacer
     }
@@ -122,8 +125,10 @@ impl Pacer {
         self.paused
     }
 
-    /// After a batch of `events`: waits as the pace asks.
-    pub(crate) async fn after_batch(&mut self, events: u64) {
+    /// After a batch of `events` that took `took` to apply: waits as the pace asks, never
+    /// (adaptive) more than twice what the batch took, so a rebuild keeps at least a third
+    /// of the pace it has, and always reaches the head.
+    pub(crate) async fn after_batch(&mut self, events: u64, took: Duration) {
         self.events += events;
         let wait = match self.pace {
             Pace::Off => Duration::ZERO,
@@ -136,7 +141,7 @@ impl Pacer {
                     self.checked = Some(Instant::now());
                     self.adapt().await;
                 }
-                self.pause
+                self.pause.min(took * 2)
             }
         };
         if !wait.is_zero() {
@@ -158,8 +163,13 @@ impl Pacer {
         .flatten()
         .and_then(|(p99, n): (Option<f64>, Option<i64>)| p99.zip(n));
         let slow_reads = p99.is_some_and(|(p99, n)| n >= MIN_REQUESTS && p99 > self.target_ms);
-        let lag = self.live_lag().await.unwrap_or(0);
-        let behind = lag > (2 * self.lag_at_start).max(self.lag_at_start + 5_000);
+        // The live projection falling behind counts only while it is applied: during an
+        // automatic rebuild (or with the projection stopped) nobody applies it, and a
+        // pause would help no one.
+        let (lag, read) = self.live().await.unwrap_or((0, 0));
+        let advancing = self.live_read.is_some_and(|before| read > before);
+        self.live_read = Some(read);
+        let behind = advancing && lag > (2 * self.lag_at_start).max(self.lag_at_start + 5_000);
         self.pause = if slow_reads || behind {
             (self.pause * 2).clamp(FIRST_PAUSE, MAX_PAUSE)
         } else {
@@ -175,13 +185,14 @@ impl Pacer {
     }
 
     /// Records the live generation still has to read, as the projectors last measured
-    /// the partitions' ends.
-    async fn live_lag(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT COALESCE(sum(GREATEST(e.end_offset - c.next_offset, 0)), 0)::bigint
+    /// the partitions' ends, and records it has read.
+    async fn live(&self) -> Result<(i64, i64), sqlx::Error> {
+        sqlx::query_as(
+            "SELECT COALESCE(sum(GREATEST(e.end_offset - c.next_offset, 0)), 0)::bigint,
+                    COALESCE(sum(c.next_offset), 0)::bigint
              FROM keel_checkpoints c
              JOIN keel_projections p ON p.name = c.projection AND p.generation = c.generation
-             JOIN keel_partition_ends e ON e.topic = c.topic AND e.partition = c.partition
+             LEFT JOIN keel_partition_ends e ON e.topic = c.topic AND e.partition = c.partition
              WHERE c.projection = $1",
         )
         .bind(self.projection)
@@ -195,6 +206,9 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
     use super::*;
+
+    /// What a batch took to apply, in the tests.
+    const BATCH: Duration = Duration::from_secs(1);
 
     #[test]
     fn a_pace_reads_as_off_adaptive_or_a_rate() {
@@ -214,9 +228,12 @@ mod tests {
         let window = |p99: f64| {
             let pool = pool.clone();
             async move {
+                // This second and the one before: the pacer reads the second before its
+                // own, which is one of them even when a second ends in between.
                 sqlx::query(
                     "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
-                     VALUES ('q', date_trunc('second', now()) - interval '1 second', 100, 1, $1)
+                     SELECT 'q', date_trunc('second', now()) - s * interval '1 second', 100, 1, $1
+                     FROM generate_series(0, 1) s
                      ON CONFLICT (instance, second) DO UPDATE SET p99_ms = EXCLUDED.p99_ms",
                 )
                 .bind(p99 as f32)
@@ -229,7 +246,7 @@ mod tests {
         let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders").await;
         for _ in 0..5 {
             pacer.checked = None;
-            pacer.after_batch(100).await;
+            pacer.after_batch(100, BATCH).await;
         }
         assert_eq!(pacer.paused(), Duration::ZERO);
         // A baseline of 2 ms: the bound is 5 ms.
@@ -246,17 +263,21 @@ mod tests {
         window(50.0).await;
         for _ in 0..3 {
             pacer.checked = None;
-            pacer.after_batch(100).await;
+            pacer.after_batch(100, BATCH).await;
         }
         assert_eq!(
             pacer.pause,
             FIRST_PAUSE * 4,
             "it doubles while reads are slow"
         );
+        // Never more than twice what the batch took.
+        let before = pacer.paused();
+        pacer.after_batch(100, Duration::from_millis(1)).await;
+        assert_eq!(pacer.paused() - before, Duration::from_millis(2));
         window(2.0).await;
         for _ in 0..40 {
             pacer.checked = None;
-            pacer.after_batch(100).await;
+            pacer.after_batch(100, BATCH).await;
         }
         assert_eq!(pacer.pause, Duration::ZERO, "and stops once they are fast");
         pool.close().await;
@@ -269,7 +290,7 @@ mod tests {
         let mut pacer = Pacer::start(Pace::Rate(2_000.0), &pool, "orders").await;
         let started = Instant::now();
         for _ in 0..5 {
-            pacer.after_batch(100).await;
+            pacer.after_batch(100, Duration::ZERO).await;
         }
         // 500 events at 2,000/s: a quarter of a second at least.
         assert!(

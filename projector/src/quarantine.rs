@@ -121,6 +121,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
     use std::collections::HashMap;
+    use std::sync::Arc;
 
     use keel_kafka::{AbortOnDrop, LogProducer, partition_for};
     use keel_schemas::testing::{commit, stream, writer};
@@ -326,6 +327,7 @@ mod tests {
             wait_for_lock: false,
             only_if_older: false,
             progress: Progress::Log,
+            allow_parked: false,
         };
         crate::rebuild::rebuild(&job, &options).await.unwrap();
         let fresh: i32 =
@@ -348,6 +350,99 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(paid, 100);
+        pool.close().await;
+    }
+
+    /// A rebuild whose new code parks a stream the live generation does not is not swapped
+    /// in: the live view keeps serving. With `allow_parked` it resumes and swaps.
+    #[tokio::test]
+    async fn a_rebuild_that_parks_more_streams_than_the_live_generation_is_not_swapped_in() {
+        let broker = keel_tests::Broker::start().await.unwrap();
+        let kafka = broker.settings(&keel_tests::unique_prefix("park-swap"), 1);
+        keel_kafka::ensure_topics(&kafka, &["order"]).await.unwrap();
+        let (_db, pool) = crate::testing::database("park-swap").await;
+        let (key, policy) = crate::testing::trusted_key();
+        let topic = kafka.topic("order");
+        let writer = writer("w", 1);
+        let mut records = vec![(
+            String::new(),
+            keel_schemas::testing::signed_fence(
+                &writer,
+                &key,
+                &TopicPartition::new(topic.clone(), 0),
+            ),
+        )];
+        for id in ["o-1", "o-bad", "o-2"] {
+            let record = crate::testing::placed(&writer, &key, id);
+            records.push((id.to_owned(), record));
+        }
+        let refs: Vec<(&str, &LogRecord, Option<&str>)> =
+            records.iter().map(|(k, r)| (k.as_str(), r, None)).collect();
+        for offset in LogProducer::new(&kafka)
+            .unwrap()
+            .enqueue_records(&topic, 0, &refs)
+            .await
+        {
+            offset.unwrap();
+        }
+        let job = |projection: Arc<crate::testing::Fixable>| {
+            Job::new(
+                projection,
+                pool.clone(),
+                kafka.clone(),
+                RunOptions {
+                    on_error: OnError::Park,
+                    batch_size: 100,
+                    linger: std::time::Duration::ZERO,
+                    snapshot_every: 100,
+                    rebuild_pace: crate::pace::Pace::Off,
+                    policy: Arc::clone(&policy),
+                },
+            )
+        };
+        let fixed = crate::testing::Fixable::orders("o-bad");
+        fixed.fix();
+        let broken = crate::testing::Fixable::orders("o-bad");
+        let mut options = RebuildOptions {
+            keep_old: false,
+            wait_for_lock: false,
+            only_if_older: false,
+            progress: Progress::Log,
+            allow_parked: false,
+        };
+        crate::rebuild::rebuild(&job(fixed), &options)
+            .await
+            .unwrap();
+        let live = || async {
+            sqlx::query_scalar::<_, i32>(
+                "SELECT generation FROM keel_projections WHERE name = 'orders'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        };
+        let served = live().await;
+        let refused = crate::rebuild::rebuild(&job(Arc::clone(&broken)), &options)
+            .await
+            .expect_err("not swapped in");
+        assert!(
+            refused
+                .downcast_ref::<crate::rebuild::ParkedInRebuild>()
+                .is_some(),
+            "{refused:#}"
+        );
+        assert_eq!(live().await, served, "the live view keeps serving");
+        let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(orders, 3);
+        options.allow_parked = true;
+        crate::rebuild::rebuild(&job(broken), &options)
+            .await
+            .unwrap();
+        assert_eq!(live().await, served + 1);
+        assert_eq!(list(&pool, Some("orders")).await.unwrap().len(), 1);
         pool.close().await;
     }
 }

@@ -59,6 +59,22 @@ pub struct RebuildOptions {
     pub only_if_older: bool,
     /// How progress is shown.
     pub progress: Progress,
+    /// Swap in a new generation that holds back more streams than the live one.
+    pub allow_parked: bool,
+}
+
+/// The new generation parks streams the live one does not: it is not swapped in.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the new generation {generation} of {projection} holds back {new} parked streams where the live one holds back \
+     {live} (see `projector dead-letters list`): it is not swapped in, and the live view keeps serving. Fix the \
+     code and run the rebuild again (it resumes), or rebuild with --allow-parked to swap it in anyway"
+)]
+pub struct ParkedInRebuild {
+    projection: String,
+    generation: i32,
+    new: i64,
+    live: i64,
 }
 
 /// What a finished rebuild did.
@@ -226,12 +242,14 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     );
     let swapped = loop {
         let batch = batches.next().await?;
-        let before = applier.events();
+        let (before, applying) = (applier.events(), Instant::now());
         if let Flow::Stopped = applier.apply(&batch).await? {
             view.abandon();
             return Err(stopped());
         }
-        pacer.after_batch(applier.events() - before).await;
+        pacer
+            .after_batch(applier.events() - before, applying.elapsed())
+            .await;
         // A fresh measure of the head, when there is one; an empty batch waits for it.
         if batch.is_empty() {
             ends_rx.changed().await?;
@@ -290,6 +308,7 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
                 &mut batches,
                 generation,
                 options.keep_old,
+                options.allow_parked,
             )
             .await?
             {
@@ -433,6 +452,7 @@ async fn swap(
     batches: &mut Prefetch,
     generation: i32,
     keep_old: bool,
+    allow_parked: bool,
 ) -> anyhow::Result<Swap> {
     let projection = job.projection.as_ref();
     let name = projection.name();
@@ -468,6 +488,30 @@ async fn swap(
         // only means trying again.
         if sqlx::query("SELECT 1").execute(&mut *tx).await.is_err() {
             return Ok(Swap::Retry);
+        }
+    }
+    // A new generation that holds back more streams than the live one does (new code that
+    // fails where the old did not) is not swapped in unless the operator said so: the
+    // live view keeps serving, and the rebuild can be resumed after a fix.
+    if !allow_parked {
+        let (new, live): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE generation = $2), count(*) FILTER (WHERE generation = $3)
+             FROM keel_parked_streams WHERE projection = $1",
+        )
+        .bind(name)
+        .bind(generation)
+        .bind(previous)
+        .fetch_one(&mut *tx)
+        .await?;
+        if new > live {
+            let _ = tx.rollback().await;
+            return Err(ParkedInRebuild {
+                projection: name.to_owned(),
+                generation,
+                new,
+                live,
+            }
+            .into());
         }
     }
     // Re-pointing the views waits for reads in flight; bounded, so a long read delays the
@@ -587,6 +631,7 @@ mod tests {
             wait_for_lock: false,
             only_if_older: false,
             progress: Progress::Log,
+            allow_parked: false,
         };
         let refused = tokio::time::timeout(Duration::from_secs(30), rebuild(&job, &options))
             .await

@@ -27,7 +27,8 @@ pub async fn request(
     actor: &str,
 ) -> anyhow::Result<i64> {
     sqlx::query_scalar(
-        "INSERT INTO keel_rebuild_requests (projection, keep_old, actor) VALUES ($1, $2, $3) RETURNING id",
+        "INSERT INTO keel_rebuild_requests (projection, keep_old, actor, generation)
+         VALUES ($1, $2, $3, (SELECT generation FROM keel_projections WHERE name = $1)) RETURNING id",
     )
     .bind(projection)
     .bind(keep_old)
@@ -61,7 +62,7 @@ pub async fn serve(pool: PgPool, process: Uuid, jobs: Vec<Job>) {
                 continue;
             }
         };
-        let Some((id, name, keep_old, actor)) = taken else {
+        let Some((id, name, keep_old, actor, asked_of)) = taken else {
             continue;
         };
         let Some(job) = jobs.iter().find(|j| j.name() == name) else {
@@ -73,26 +74,49 @@ pub async fn serve(pool: PgPool, process: Uuid, jobs: Vec<Job>) {
             wait_for_lock: true,
             only_if_older: false,
             progress: Progress::Log,
+            allow_parked: false,
         };
-        let (ok, outcome) = match rebuild(job, &options).await {
-            Ok(report) => (true, report.to_string()),
-            Err(e) => (false, format!("{e:#}")),
+        let live: Option<i32> =
+            sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
+                .bind(&name)
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten();
+        let (ok, outcome) = match (asked_of, live) {
+            // Another rebuild replaced the generation it was asked of (this request was
+            // taken again after its first taker died, say): that was the rebuild asked for.
+            (Some(asked), Some(live)) if live > asked => (
+                true,
+                format!("already rebuilt since the request: generation {live} is live"),
+            ),
+            _ => match rebuild(job, &options).await {
+                Ok(report) => (true, report.to_string()),
+                Err(e) => (false, format!("{e:#}")),
+            },
         };
         if !ok {
             warn!(request = id, projection = %name, %outcome, "the requested rebuild failed");
         }
-        let recorded = sqlx::query(
-            "UPDATE keel_rebuild_requests SET done_at = now(), ok = $3, outcome = $4
-             WHERE id = $1 AND taken_by = $2 AND done_at IS NULL",
-        )
-        .bind(id)
-        .bind(process)
-        .bind(ok)
-        .bind(&outcome)
-        .execute(&pool)
-        .await;
-        if let Err(e) = recorded {
-            warn!(request = id, error = %e, "recording the rebuild's outcome failed");
+        // Recorded even when another process took the request meanwhile (this one's
+        // heartbeat expired while it rebuilt): the rebuild it did is the outcome.
+        for attempt in 1..=5 {
+            let recorded = sqlx::query(
+                "UPDATE keel_rebuild_requests SET done_at = now(), ok = $2, outcome = $3
+                 WHERE id = $1 AND done_at IS NULL",
+            )
+            .bind(id)
+            .bind(ok)
+            .bind(&outcome)
+            .execute(&pool)
+            .await;
+            match recorded {
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(request = id, attempt, error = %e, "recording the rebuild's outcome failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         }
     }
 }
@@ -103,7 +127,7 @@ async fn take(
     pool: &PgPool,
     process: Uuid,
     projections: &[&str],
-) -> anyhow::Result<Option<(i64, String, bool, String)>> {
+) -> anyhow::Result<Option<(i64, String, bool, String, Option<i32>)>> {
     Ok(sqlx::query_as(
         "UPDATE keel_rebuild_requests r SET taken_by = $1, taken_at = now()
          WHERE r.id = (
@@ -113,7 +137,7 @@ async fn take(
                         SELECT 1 FROM keel_projector_processes p
                         WHERE p.id = q.taken_by AND p.expires_at > now()))
              ORDER BY q.id LIMIT 1 FOR UPDATE SKIP LOCKED)
-         RETURNING r.id, r.projection, r.keep_old, r.actor",
+         RETURNING r.id, r.projection, r.keep_old, r.actor, r.generation",
     )
     .bind(process)
     .bind(projections)

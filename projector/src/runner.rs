@@ -17,7 +17,7 @@ use crate::generation::{Built, GenerationChanged, Live, Mode, ProjectionStopped,
 use crate::hold::{Hold, LostHold};
 use crate::job::Job;
 use crate::prefetch::Prefetch;
-use crate::rebuild::{AlreadyRebuilt, Progress, RebuildOptions, rebuild};
+use crate::rebuild::{AlreadyRebuilt, ParkedInRebuild, Progress, RebuildOptions, rebuild};
 use crate::units::{Assignment, Unit};
 
 /// How long a runner of older code waits before it looks at the projection again.
@@ -28,6 +28,9 @@ const STOPPED_PAUSE: Duration = Duration::from_secs(5);
 
 /// How often a runner records where its partitions end.
 const ENDS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an automatic rebuild that parked more streams than the live generation waits
+/// before it tries again.
+const PARKED_REBUILD_PAUSE: Duration = Duration::from_secs(60);
 /// How often a live runner looks for operators' requests on its parked streams.
 const REQUESTS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -244,6 +247,7 @@ impl Runner {
                     wait_for_lock: true,
                     only_if_older: true,
                     progress: Progress::Log,
+                    allow_parked: false,
                 };
                 match rebuild(job, &options).await {
                     Ok(_) => {}
@@ -254,6 +258,12 @@ impl Runner {
                     {
                         error!(error = %format!("{e:#}"), "the automatic rebuild stopped");
                         return Err(e);
+                    }
+                    // The new code parks streams the old did not: the old generation keeps
+                    // serving (frozen) until the code is fixed; tried again now and then.
+                    Err(e) if e.downcast_ref::<ParkedInRebuild>().is_some() => {
+                        error!(error = %format!("{e:#}"), "the automatic rebuild was not swapped in");
+                        tokio::time::sleep(PARKED_REBUILD_PAUSE).await;
                     }
                     Err(e) => {
                         error!(error = %format!("{e:#}"), "the automatic rebuild failed; retrying");

@@ -189,13 +189,15 @@ impl OneOrderPartition {
     }
 }
 
-/// The `orders` projection as two code versions: before the fix, a batch holding an event
-/// of stream `poison` fails with a real data error (division by zero, SQLSTATE 22012);
-/// after [`Fixable::fix`], it applies like `orders`.
+/// The `orders` projection as several code versions: before the fix, a batch holding an
+/// event of stream `poison` fails with a real data error (division by zero, SQLSTATE
+/// 22012); after [`Fixable::fix`], it applies like `orders`; after [`Fixable::break_badly`],
+/// it fails on an error no record causes (a missing table, SQLSTATE 42P01).
 pub(crate) struct Fixable {
     inner: Arc<dyn Projection>,
     poison: String,
-    fixed: std::sync::atomic::AtomicBool,
+    /// 0: a data error; 1: fixed; 2: a missing table.
+    code: std::sync::atomic::AtomicU8,
 }
 
 impl Fixable {
@@ -204,13 +206,18 @@ impl Fixable {
         Arc::new(Self {
             inner: orders(),
             poison: poison.to_owned(),
-            fixed: std::sync::atomic::AtomicBool::new(false),
+            code: std::sync::atomic::AtomicU8::new(0),
         })
     }
 
     /// Deploys the fixed code.
     pub(crate) fn fix(&self) {
-        self.fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.code.store(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Deploys code that fails on the poison stream with an error no record causes.
+    pub(crate) fn break_badly(&self) {
+        self.code.store(2, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -238,10 +245,14 @@ impl Projection for Fixable {
         generation: i32,
         events: &[crate::projection::ProjectedEvent],
     ) -> Result<(), sqlx::Error> {
-        if !self.fixed.load(std::sync::atomic::Ordering::SeqCst)
-            && events.iter().any(|e| e.stream_id() == self.poison)
-        {
-            sqlx::query("SELECT 1 / 0").execute(&mut *db).await?;
+        let code = self.code.load(std::sync::atomic::Ordering::SeqCst);
+        if code != 1 && events.iter().any(|e| e.stream_id() == self.poison) {
+            let failing = if code == 0 {
+                "SELECT 1 / 0"
+            } else {
+                "SELECT * FROM no_such_table"
+            };
+            sqlx::query(failing).execute(&mut *db).await?;
         }
         self.inner.apply(db, generation, events).await
     }

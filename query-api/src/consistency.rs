@@ -317,7 +317,7 @@ pub async fn check_held_back(
             match keel_views::positions::held_back_stream(pool, projection, stream_type, id).await?
             {
                 None => Ok(0),
-                Some((at, first)) if covers(&at, first) => Err(ApiError::Unavailable(format!(
+                Some((at, first)) if covers(&at, first) => Err(ApiError::HeldBack(format!(
                     "the {projection} view holds back stream {stream_type}/{id} from offset {first} of {}/{} on, \
                      which the consistency token covers: the stream is parked on a record the projection \
                      could not apply (see GET /v1/projections); it is not served as if current",
@@ -328,7 +328,7 @@ pub async fn check_held_back(
         }
         None => {
             if let Some((at, held)) = read.held.iter().find(|(at, h)| covers(at, h.first_offset)) {
-                return Err(ApiError::Unavailable(format!(
+                return Err(ApiError::HeldBack(format!(
                     "the {projection} view holds back {} parked stream(s) in {}/{} from offset {} on, which \
                      the consistency token covers: a stream is parked on a record the projection could not \
                      apply (see GET /v1/projections); the answer is not served as if current",

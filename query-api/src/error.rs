@@ -25,6 +25,10 @@ pub enum ApiError {
     /// 503: not ready, or the view has not caught up with the consistency token in time.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: the consistency token covers a record a parked stream holds back; no quick
+    /// retry helps (no `Retry-After`) until an operator retries or discards the stream.
+    #[error("{0}")]
+    HeldBack(String),
     /// 500: a fault of ours; the detail goes to the log, the client gets a request id.
     /// Made by [`ApiError::internal`], which logs.
     #[error("internal error {0}")]
@@ -52,7 +56,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::HeldBack(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +67,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not-found",
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::HeldBack(_) => "held-back",
             ApiError::Internal(_) => "internal",
         }
     }

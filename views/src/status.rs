@@ -39,6 +39,15 @@ pub struct PartitionStatus {
     pub parked: Vec<ParkedStream>,
 }
 
+/// Rows of a table a projector older than this code has not created (SQLSTATE 42P01) are
+/// none.
+fn missing_is_none<T>(rows: Result<Vec<T>, sqlx::Error>) -> Result<Vec<T>, sqlx::Error> {
+    match rows {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 /// Parked streams listed per partition; `parked_streams` counts them all.
 pub const PARKED_LISTED: i64 = 100;
 
@@ -235,19 +244,21 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
     )
     .fetch_all(pool)
     .await?;
-    let counts: Vec<(String, String, i32, i64)> = sqlx::query_as(
-        "SELECT s.projection, s.topic, s.partition, count(*) FROM keel_parked_streams s
-         JOIN keel_projections p ON p.name = s.projection AND p.generation = s.generation
-         GROUP BY 1, 2, 3",
-    )
-    .fetch_all(pool)
-    .await?;
+    let counts: Vec<(String, String, i32, i64)> = missing_is_none(
+        sqlx::query_as(
+            "SELECT s.projection, s.topic, s.partition, count(*) FROM keel_parked_streams s
+             JOIN keel_projections p ON p.name = s.projection AND p.generation = s.generation
+             GROUP BY 1, 2, 3",
+        )
+        .fetch_all(pool)
+        .await,
+    )?;
     let counts: HashMap<(String, TopicPartition), i64> = counts
         .into_iter()
         .map(|(name, topic, partition, n)| ((name, TopicPartition::new(topic, partition)), n))
         .collect();
     let mut listed: HashMap<(String, TopicPartition), Vec<ParkedStream>> = HashMap::new();
-    for p in parked(pool, None, PARKED_LISTED).await? {
+    for p in missing_is_none(parked(pool, None, PARKED_LISTED).await)? {
         listed
             .entry((
                 p.projection.clone(),

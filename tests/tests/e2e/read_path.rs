@@ -366,6 +366,10 @@ async fn a_poison_record_parks_only_its_stream_until_an_operator_discards_it() {
         detail.contains("order/p-1") && detail.contains(&format!("offset {poison}")),
         "{detail}"
     );
+    assert!(
+        problem["type"].as_str().unwrap().ends_with("held-back"),
+        "{problem}"
+    );
     let (status, held, order) = get_held(&stack, "/v1/orders/p-1", None).await;
     assert_eq!(
         (status, held.as_deref(), order["status"].as_str()),
@@ -486,13 +490,14 @@ async fn a_poison_record_parks_only_its_stream_until_an_operator_discards_it() {
                 .await
                 .ok()
                 .and_then(|(n, p99): (Option<i64>, Option<f32>)| n.zip(p99));
-        if windows.is_some_and(|(n, _)| n >= 8) || Instant::now() > deadline {
+        if windows.is_some_and(|(n, _)| n >= 5) || Instant::now() > deadline {
             break windows;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let (reads, p99) = published.expect("the query API publishes its latencies");
-    assert!(reads >= 8 && p99 > 0.0, "{reads} reads, p99 {p99} ms");
+    // The five reads served (not the 503s, which end before the read).
+    assert!(reads >= 5 && p99 > 0.0, "{reads} reads, p99 {p99} ms");
 }
 
 #[tokio::test]

@@ -15,19 +15,23 @@
 //!   the results (`BENCHMARKS.md`); the file is created when missing;
 //! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams, 1,000 take-over
 //!   streams) to check the harness;
-//! * `--only commands,ryw,projections,startup,scale`: some of the scenarios, printed only (for
-//!   profiling).
+//! * `--only commands,ryw,projections,sharing,readpath,startup,scale`: some of the scenarios,
+//!   printed only (for profiling).
 //!
 //! Scenarios, in order: commands (64 and 256 clients, and on durable storage),
-//! read-your-writes, catch-up, queries, rebuilds, queries during a rebuild, the
-//! command API's memory per stream, and the write path on several instances (commands/s
-//! with 1 to 3, handoffs, a failover, take-over with and without a snapshot).
+//! read-your-writes, catch-up, queries, rebuilds (paced and unpaced), queries during a
+//! rebuild (paced and unpaced), catch-up with 1 to 3 projector processes and a killed
+//! one's partitions moving, healthy streams beside a parked one, read-your-writes on a hot
+//! standby, the command API's memory per stream, and the write path on several instances
+//! (commands/s with 1 to 3, handoffs, a failover, take-over with and without a snapshot).
 
 mod commands;
 mod order_log;
 mod projections;
+mod readpath;
 mod ryw;
 mod scale;
+mod sharing;
 mod startup;
 
 use std::path::PathBuf;
@@ -52,11 +56,19 @@ const USAGE: &str =
   --markdown FILE  the file whose bench:begin/bench:end block gets the results (BENCHMARKS.md)
   --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams,
                    1000 take-over streams)
-  --only GROUPS    some of commands,ryw,projections,startup,scale (all by default); for profiling: the
+  --only GROUPS    some of commands,ryw,projections,sharing,readpath,startup,scale (all by default); for profiling: the
                    report and the Markdown are written only by a run of them all";
 
 /// The scenario groups, in the order they run.
-const GROUPS: [&str; 5] = ["commands", "ryw", "projections", "startup", "scale"];
+const GROUPS: [&str; 7] = [
+    "commands",
+    "ryw",
+    "projections",
+    "sharing",
+    "readpath",
+    "startup",
+    "scale",
+];
 
 /// What a run measures, from the command line.
 #[derive(Clone, Debug)]
@@ -68,6 +80,8 @@ pub(crate) struct Options {
     out: PathBuf,
     markdown: PathBuf,
     only: Option<Vec<String>>,
+    /// A small run to check the harness.
+    quick: bool,
 }
 
 impl Options {
@@ -80,6 +94,7 @@ impl Options {
             out: PathBuf::from("docs/bench"),
             markdown: PathBuf::from("BENCHMARKS.md"),
             only: None,
+            quick: false,
         };
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
@@ -105,6 +120,7 @@ impl Options {
                     std::process::exit(0);
                 }
                 "--quick" => {
+                    options.quick = true;
                     options.events = 20_000;
                     options.seconds = 2;
                     options.streams = 1_000;
@@ -200,6 +216,16 @@ async fn run(options: Options) -> anyhow::Result<()> {
         && let Err(e) = projections::run(&options, &mut report, &mut plots).await
     {
         failed(&mut report, "projections", &e);
+    }
+    if wanted("sharing")
+        && let Err(e) = sharing::run(&options, &mut report).await
+    {
+        failed(&mut report, "sharing", &e);
+    }
+    if wanted("readpath")
+        && let Err(e) = readpath::run(&options, &mut report).await
+    {
+        failed(&mut report, "read path", &e);
     }
     if wanted("startup")
         && let Err(e) = startup::run(&options, &mut report).await

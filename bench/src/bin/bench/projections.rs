@@ -503,6 +503,12 @@ pub(crate) async fn run(
         step(&format!(
             "queries during a rebuild of orders, pacing {pace}"
         ));
+        // Each run rebuilds from offset 0: what a killed run before it left is forgotten
+        // (the next rebuild drops its tables), and its lock has gone with its session.
+        sqlx::query("DELETE FROM keel_rebuilds WHERE projection = 'orders'")
+            .execute(&pool)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let mut paced_env = env.clone();
         paced_env.push(("KEEL_REBUILD_PACE", pace.to_owned()));
         let mut rebuilding =
