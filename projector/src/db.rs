@@ -44,8 +44,10 @@ async fn connect_with(url: &str, claim_timeout: Option<Duration>) -> anyhow::Res
         .await;
         match created {
             Ok(_) => info!(database = %name, "created the database"),
-            // Another process created it first.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            // Another process created it first (or at the same moment: the catalog's unique
+            // index refuses the second row).
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
             Err(e) => return Err(e).with_context(|| format!("creating database {name}")),
         }
     }

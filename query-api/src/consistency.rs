@@ -235,15 +235,22 @@ fn refusal(topics: &HashMap<String, i32>, token: &ConsistencyToken) -> Option<St
     })
 }
 
-/// The positions a projection has read, as a token (the last offset read per partition).
-pub fn position_token(read: &HashMap<TopicPartition, i64>) -> Option<String> {
+/// The positions a projection's view holds in full, as a token: the last offset read per
+/// partition, or, where a parked stream holds records back, the offset before the first
+/// of them (a client that sends the token back is then never refused for records the
+/// view it read lacked).
+pub fn position_token(read: &Positions) -> Option<String> {
     let mut token = ConsistencyToken::default();
-    for (at, next) in read {
-        if *next > 0 {
+    for (at, next) in &read.next {
+        let whole = read
+            .held
+            .get(at)
+            .map_or(*next, |held| held.first_offset.min(*next));
+        if whole > 0 {
             token.include(Position {
                 topic: at.topic.clone(),
                 partition: at.partition,
-                offset: next - 1,
+                offset: whole - 1,
             });
         }
     }

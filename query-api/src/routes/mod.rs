@@ -225,8 +225,7 @@ where
     if let Ok(v) = HeaderValue::from_str(&etag) {
         out.insert(header::ETAG, v);
     }
-    if let Some(v) =
-        consistency::position_token(&read.next).and_then(|t| HeaderValue::from_str(&t).ok())
+    if let Some(v) = consistency::position_token(&read).and_then(|t| HeaderValue::from_str(&t).ok())
     {
         out.insert(PROJECTION_POSITION_HEADER, v);
     }

@@ -370,11 +370,40 @@ async fn a_poison_record_parks_only_its_stream_until_an_operator_discards_it() {
         problem["type"].as_str().unwrap().ends_with("held-back"),
         "{problem}"
     );
-    let (status, held, order) = get_held(&stack, "/v1/orders/p-1", None).await;
+    let r = stack
+        .client
+        .get(stack.query.url("/v1/orders/p-1"))
+        .send()
+        .await
+        .unwrap();
+    let position: ConsistencyToken = r.headers()["keel-projection-position"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, held, order) = (
+        r.status(),
+        r.headers()
+            .get("keel-held-back")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        r.json::<Value>().await.unwrap(),
+    );
     assert_eq!(
         (status, held.as_deref(), order["status"].as_str()),
         (StatusCode::OK, Some("1"), Some("placed")),
         "served without a token, it says it is held back"
+    );
+    assert!(
+        position
+            .positions()
+            .all(|p| p.topic != topic || p.partition != partition || p.offset < poison),
+        "the view's position stops before the record it holds back (offset {poison} of {topic}/{partition}): {position:?}"
+    );
+    let (status, _, _) = get_held(&stack, "/v1/orders?limit=10", Some(&position)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the view's own position sent back is served"
     );
     let (status, _, _) = get_held(&stack, "/v1/orders?limit=10", paid.as_ref()).await;
     assert_eq!(

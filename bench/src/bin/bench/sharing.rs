@@ -28,7 +28,8 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
         step(&format!(
             "sharing: catch-up of {events} events with {processes} projector processes"
         ));
-        let db = TestDatabase::new(&format!("bench_share_{processes}"));
+        // Created before the processes start, so they do not race to create it.
+        let db = TestDatabase::created(&format!("bench_share_{processes}")).await?;
         let mut running = Vec::new();
         for _ in 0..processes {
             running.push(
@@ -124,7 +125,7 @@ async fn moves(
                 "sharing: a unit moving after a {how} ({} of {kills})",
                 n + 1
             ));
-            settled(&pool).await?;
+            settled(&pool, running).await?;
             let gone = running.pop().expect("two processes");
             let survivor = running[0].pid().unwrap_or_default();
             let stopped = Instant::now();
@@ -172,9 +173,14 @@ async fn moves(
 }
 
 /// Waits until both processes hold four partitions each.
-async fn settled(pool: &PgPool) -> anyhow::Result<()> {
+async fn settled(pool: &PgPool, running: &mut [Service]) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
+        for p in running.iter_mut() {
+            if p.exited() {
+                anyhow::bail!("a projector process exited: {}", p.log());
+            }
+        }
         let shares: Vec<i64> = sqlx::query_scalar(
             "SELECT count(*) FROM keel_units u JOIN keel_projector_processes p ON p.id = u.holder
              WHERE u.kind = 'run' AND u.projection = 'orders' AND p.expires_at > now()
