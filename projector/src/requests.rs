@@ -121,8 +121,8 @@ pub async fn serve(pool: PgPool, process: Uuid, jobs: Vec<Job>) {
     }
 }
 
-/// Takes the oldest waiting request on `projections` (one taken by a process whose
-/// heartbeat expired counts as waiting).
+/// Takes the oldest waiting request on `projections` that this process's heartbeat names
+/// (one taken by a process whose heartbeat expired counts as waiting).
 async fn take(
     pool: &PgPool,
     process: Uuid,
@@ -133,6 +133,10 @@ async fn take(
          WHERE r.id = (
              SELECT q.id FROM keel_rebuild_requests q
              WHERE q.done_at IS NULL AND q.projection = ANY($2)
+               -- Only projections this process's heartbeat names: not one it stands by
+               -- for (newer code built it), which a process of that code rebuilds.
+               AND q.projection = ANY(SELECT unnest(m.projections) FROM keel_projector_processes m
+                                      WHERE m.id = $1)
                AND (q.taken_by IS NULL OR NOT EXISTS (
                         SELECT 1 FROM keel_projector_processes p
                         WHERE p.id = q.taken_by AND p.expires_at > now()))
@@ -164,7 +168,7 @@ mod tests {
         ] {
             sqlx::query(&format!(
                 "INSERT INTO keel_projector_processes (id, name, projections, expires_at)
-                 VALUES ($1, 'p', '{{orders}}', {expires})"
+                 VALUES ($1, 'p', '{{orders,customers}}', {expires})"
             ))
             .bind(id)
             .execute(&pool)
@@ -191,7 +195,19 @@ mod tests {
         let again = take(&pool, me, &["orders"]).await.unwrap().unwrap();
         assert_eq!(again.0, first, "a dead taker's request is taken again");
         assert!(take(&pool, me, &["orders"]).await.unwrap().is_none());
-        let taken = take(&pool, me, &["customers", "orders"])
+        // Not a projection its heartbeat leaves out (it stands by for newer code).
+        sqlx::query("UPDATE keel_projector_processes SET projections = '{orders}' WHERE id = $1")
+            .bind(me)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(
+            take(&pool, me, &["customers", "orders"])
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let taken = take(&pool, alive, &["customers", "orders"])
             .await
             .unwrap()
             .unwrap();
