@@ -6,76 +6,18 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use keel_bench::report::{Report, Row};
 use keel_kafka::{LogProducer, partition_for};
 use keel_tests::{Broker, CommandApiConfig, PrivatePostgres, Service, Stack, eur, unique_prefix};
 use serde_json::json;
 
+use crate::ryw::CLIENTS;
 use crate::{Options, ms, step};
-
-/// Clients placing orders and reading them back at once.
-const CLIENTS: usize = 8;
 
 /// Runs the scenarios and adds their rows.
 pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     parked(options, report).await?;
     replica(options, report).await
-}
-
-/// Read-your-writes samples of `CLIENTS` clients placing orders `<prefix>-…` through
-/// `command` and reading each back through `query` with its token, for `seconds`.
-async fn ryw(
-    client: &reqwest::Client,
-    command: &str,
-    query: &str,
-    prefix: &str,
-    seconds: u64,
-) -> anyhow::Result<Vec<Duration>> {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..CLIENTS {
-        let (client, command, query) = (client.clone(), command.to_owned(), query.to_owned());
-        let prefix = prefix.to_owned();
-        tasks.spawn(async move {
-            let mut samples = Vec::new();
-            let mut n = 0;
-            while Instant::now() < deadline {
-                n += 1;
-                let id = format!("{prefix}-{c}-{n}");
-                let answer = client
-                    .post(format!("{command}/v1/orders/{id}/place"))
-                    .json(&json!({"customer_id": format!("c-{c}"),
-                                  "lines": [{"sku": "SKU-1", "quantity": 1, "unit_price": eur(500)}]}))
-                    .send()
-                    .await?;
-                anyhow::ensure!(answer.status().is_success(), "placing {id}: {}", answer.status());
-                let body: serde_json::Value = answer.json().await?;
-                let answered = Instant::now();
-                let token = body["consistency_token"]
-                    .as_str()
-                    .context("no consistency token")?
-                    .to_owned();
-                let read = client
-                    .get(format!("{query}/v1/orders/{id}"))
-                    .header("keel-consistency-token", token)
-                    .header("keel-consistency-timeout", "10000")
-                    .send()
-                    .await?;
-                anyhow::ensure!(read.status().is_success(), "reading {id}: {}", read.status());
-                read.bytes().await?;
-                samples.push(answered.elapsed());
-            }
-            anyhow::Ok(samples)
-        });
-    }
-    let mut samples = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        samples.extend(done??);
-    }
-    samples.sort();
-    anyhow::ensure!(!samples.is_empty(), "no read-your-writes sample");
-    Ok(samples)
 }
 
 /// Adds p50 and p99 rows of `samples` beside `baseline`'s.
@@ -107,7 +49,8 @@ async fn parked(options: &Options, report: &mut Report) -> anyhow::Result<()> {
         "parked stream: read-your-writes of healthy streams, {CLIENTS} clients for {} s, nothing parked",
         options.seconds
     ));
-    let without = ryw(&stack.client, &command, &query, "h1", options.seconds).await?;
+    let without =
+        crate::ryw::samples(&stack.client, &command, &query, "h1", options.seconds).await?;
 
     // A poison record parks order `parked`; commands to it keep arriving and are held back.
     let settings = stack
@@ -158,7 +101,7 @@ async fn parked(options: &Options, report: &mut Report) -> anyhow::Result<()> {
         "parked stream: read-your-writes of healthy streams for {} s, one stream parked",
         options.seconds
     ));
-    let with = ryw(&stack.client, &command, &query, "h2", options.seconds).await?;
+    let with = crate::ryw::samples(&stack.client, &command, &query, "h2", options.seconds).await?;
     poking.abort();
     let held: i64 = sqlx::query_scalar(
         "SELECT COALESCE(sum(records), 0)::bigint FROM keel_parked_streams WHERE projection = 'orders'",
@@ -219,7 +162,7 @@ async fn replica(options: &Options, report: &mut Report) -> anyhow::Result<()> {
         "replica: read-your-writes through the primary's query API for {} s",
         options.seconds
     ));
-    let primary_samples = ryw(
+    let primary_samples = crate::ryw::samples(
         &client,
         &command.url(""),
         &on_primary.url(""),
@@ -231,7 +174,7 @@ async fn replica(options: &Options, report: &mut Report) -> anyhow::Result<()> {
         "replica: read-your-writes through the standby's query API for {} s",
         options.seconds
     ));
-    let standby_samples = ryw(
+    let standby_samples = crate::ryw::samples(
         &client,
         &command.url(""),
         &on_standby.url(""),

@@ -15,34 +15,31 @@ use serde_json::json;
 use crate::{Options, Plots, ms, step};
 
 /// Clients placing orders and reading them back at once.
-const CLIENTS: usize = 8;
+pub(crate) const CLIENTS: usize = 8;
 /// The projector's batch linger (`KEEL_BATCH_LINGER_MS`): how long a batch waits for
 /// more records before it is applied.
 const FLUSH_INTERVAL_MS: f64 = 20.0;
 
-/// Runs the scenario and adds its rows and plots.
-pub(crate) async fn run(
-    options: &Options,
-    report: &mut Report,
-    plots: &mut Plots,
-) -> anyhow::Result<()> {
-    step("read-your-writes: starting the whole stack");
-    let stack = Stack::start("bench-ryw", 8).await;
-    let client = stack.client.clone();
-    let deadline = Instant::now() + Duration::from_secs(options.seconds);
-    step(&format!(
-        "read-your-writes: {CLIENTS} clients for {} s",
-        options.seconds
-    ));
+/// Read-your-writes samples of `CLIENTS` clients placing orders `<prefix>-…` through
+/// `command` and reading each back through `query` with its token, for `seconds`.
+pub(crate) async fn samples(
+    client: &reqwest::Client,
+    command: &str,
+    query: &str,
+    prefix: &str,
+    seconds: u64,
+) -> anyhow::Result<Vec<Duration>> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
-        let (client, command, query) = (client.clone(), stack.command.url(""), stack.query.url(""));
+        let (client, command, query) = (client.clone(), command.to_owned(), query.to_owned());
+        let prefix = prefix.to_owned();
         tasks.spawn(async move {
             let mut samples = Vec::new();
             let mut n = 0;
             while Instant::now() < deadline {
                 n += 1;
-                let id = format!("ryw-{c}-{n}");
+                let id = format!("{prefix}-{c}-{n}");
                 let answer = client
                     .post(format!("{command}/v1/orders/{id}/place"))
                     .json(&json!({"customer_id": format!("c-{c}"),
@@ -75,6 +72,29 @@ pub(crate) async fn run(
     }
     samples.sort();
     anyhow::ensure!(!samples.is_empty(), "no read-your-writes sample");
+    Ok(samples)
+}
+
+/// Runs the scenario and adds its rows and plots.
+pub(crate) async fn run(
+    options: &Options,
+    report: &mut Report,
+    plots: &mut Plots,
+) -> anyhow::Result<()> {
+    step("read-your-writes: starting the whole stack");
+    let stack = Stack::start("bench-ryw", 8).await;
+    step(&format!(
+        "read-your-writes: {CLIENTS} clients for {} s",
+        options.seconds
+    ));
+    let samples = samples(
+        &stack.client,
+        &stack.command.url(""),
+        &stack.query.url(""),
+        "ryw",
+        options.seconds,
+    )
+    .await?;
 
     step("B_e2e: bare produce-to-consume round trips");
     let settings = stack.broker.settings(&unique_prefix("bench-e2e"), 1);
