@@ -895,16 +895,7 @@ mod tests {
         let key = &one.key;
         let writer = writer("w", 1);
         let eur = json!({"amount_minor": 100, "currency": "EUR"});
-        let placed = |id: &str| {
-            commit(&writer, stream("order", id), 0)
-                .event(
-                    "OrderPlaced",
-                    2,
-                    json!({"customer_id": "c-1", "total": eur,
-                           "lines": [{"sku": "S-1", "quantity": 1, "unit_price": eur}]}),
-                )
-                .signed(key)
-        };
+        let placed = |id: &str| crate::testing::placed_commit(&writer, key, id);
         let (o1, o2, o4) = (placed("o-1"), placed("o-2"), placed("o-4"));
         // Not an OrderPlaced this code can read.
         let o3 = commit(&writer, stream("order", "o-3"), 0)

@@ -151,16 +151,7 @@ mod tests {
         let topic = kafka.topic("order");
         let writer = writer("w", 1);
         let eur = json!({"amount_minor": 100, "currency": "EUR"});
-        let placed = |id: &str| {
-            commit(&writer, stream("order", id), 0)
-                .event(
-                    "OrderPlaced",
-                    2,
-                    json!({"customer_id": "c-1", "total": eur,
-                           "lines": [{"sku": "S-1", "quantity": 1, "unit_price": eur}]}),
-                )
-                .signed(&key)
-        };
+        let placed = |id: &str| crate::testing::placed_commit(&writer, &key, id);
         let mut log: HashMap<i32, Vec<(String, LogRecord)>> = (0..kafka.partitions)
             .map(|p| {
                 let fence = keel_schemas::testing::signed_fence(

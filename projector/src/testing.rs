@@ -94,18 +94,25 @@ pub(crate) fn placed(
     key: &keel_schemas::SigningKey,
     id: &str,
 ) -> keel_schemas::LogRecord {
+    keel_schemas::LogRecord::Commit(placed_commit(writer, key, id))
+}
+
+/// The commit of [`placed`], to chain later commits of the order onto.
+pub(crate) fn placed_commit(
+    writer: &keel_schemas::Writer,
+    key: &keel_schemas::SigningKey,
+    id: &str,
+) -> keel_schemas::CommitRecord {
     use keel_schemas::testing;
-    keel_schemas::LogRecord::Commit(
-        testing::commit(writer, testing::stream("order", id), 0)
-            .event(
-                "OrderPlaced",
-                2,
-                serde_json::json!({"customer_id": "c-1",
-                    "lines": [{"sku": "S-1", "quantity": 1, "unit_price": {"amount_minor": 100, "currency": "EUR"}}],
-                    "total": {"amount_minor": 100, "currency": "EUR"}}),
-            )
-            .signed(key),
-    )
+    testing::commit(writer, testing::stream("order", id), 0)
+        .event(
+            "OrderPlaced",
+            2,
+            serde_json::json!({"customer_id": "c-1",
+                "lines": [{"sku": "S-1", "quantity": 1, "unit_price": {"amount_minor": 100, "currency": "EUR"}}],
+                "total": {"amount_minor": 100, "currency": "EUR"}}),
+        )
+        .signed(key)
 }
 
 /// `records` as read from partition 0 of the order topic of `kafka`, from offset `first`,
