@@ -193,6 +193,19 @@ impl LogReader {
         })
     }
 
+    /// A reader of nothing that measures where `partitions` end ([`Self::high_watermarks`]):
+    /// for a process following work other processes read.
+    pub fn ends_of(
+        settings: &KafkaSettings,
+        partitions: Vec<TopicPartition>,
+    ) -> Result<Self, KafkaError> {
+        Ok(Self {
+            consumer: Arc::new(reader_consumer(settings, 25)?),
+            partitions,
+            timeout: settings.timeout,
+        })
+    }
+
     /// The high watermark of every partition read: where the log ends now.
     pub async fn high_watermarks(&self) -> Result<Vec<(TopicPartition, i64)>, KafkaError> {
         high_watermarks(

@@ -531,7 +531,7 @@ impl<'j> Applier<'j> {
             .apply(&mut tx, self.generation, &events)
             .await
             .map_err(ApplyError)?;
-        self.save(&mut tx, &dead, events.len(), stopped).await?;
+        self.save(&mut tx, &dead, stopped).await?;
         tx.commit().await?;
         self.events += events.len() as u64;
         self.checkpoints.committed();
@@ -569,7 +569,7 @@ impl<'j> Applier<'j> {
             decoded.pass_over(state);
         }
         let mut tx = self.begin().await?;
-        self.save(&mut tx, std::slice::from_ref(&dead), 0, stopped)
+        self.save(&mut tx, std::slice::from_ref(&dead), stopped)
             .await?;
         tx.commit().await?;
         self.checkpoints.committed();
@@ -589,7 +589,6 @@ impl<'j> Applier<'j> {
         &'a self,
         tx: &'a mut sqlx::PgConnection,
         dead: &'a [DeadLetter],
-        events: usize,
         stopped: bool,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
@@ -600,9 +599,7 @@ impl<'j> Applier<'j> {
             generation::record_batch(
                 tx,
                 BatchReport {
-                    events,
                     stopped,
-                    records_done: self.records_done(),
                     mode: self.mode,
                     projection: name,
                     generation,

@@ -193,12 +193,8 @@ pub(crate) async fn point_views(
 
 /// What one batch did, as its generation's row records it.
 pub(crate) struct BatchReport<'a> {
-    /// Events applied.
-    pub(crate) events: usize,
     /// Why the projection stopped, when a dead letter stopped it.
     pub(crate) stopped: Option<String>,
-    /// Records read so far over every partition (a rebuild's progress).
-    pub(crate) records_done: i64,
     /// Where the batch applied.
     pub(crate) mode: Mode,
     /// The projection.
@@ -247,9 +243,7 @@ pub(crate) async fn record_batch(
     report: BatchReport<'_>,
 ) -> anyhow::Result<()> {
     let BatchReport {
-        events,
         stopped,
-        records_done,
         mode,
         projection,
         generation,
@@ -269,22 +263,34 @@ pub(crate) async fn record_batch(
             }
             notify(tx, projection).await?;
         }
+        // Several processes fill a rebuild's units at once: its progress is read off the
+        // checkpoints by its coordinator, and a batch only checks the rebuild is still on
+        // (without writing its row, which every batch would wait on), or records a stop.
         Mode::Rebuild => {
-            let updated = sqlx::query(
-                "UPDATE keel_rebuilds SET events = events + $2, state = $3, error = $4, records_done = $5,
-                    updated_at = now()
-                 WHERE projection = $1 AND generation = $6",
-            )
-            .bind(projection)
-            .bind(events as i64)
-            .bind(if stopped.is_some() { "stopped" } else { "building" })
-            .bind(&stopped)
-            .bind(records_done)
-            .bind(generation)
-            .execute(&mut *tx)
-            .await?;
+            let on: bool = match &stopped {
+                None => sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM keel_rebuilds WHERE projection = $1 AND generation = $2)",
+                )
+                .bind(projection)
+                .bind(generation)
+                .fetch_one(&mut *tx)
+                .await?,
+                Some(error) => {
+                    sqlx::query(
+                        "UPDATE keel_rebuilds SET state = 'stopped', error = $3, updated_at = now()
+                         WHERE projection = $1 AND generation = $2",
+                    )
+                    .bind(projection)
+                    .bind(generation)
+                    .bind(error)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                        == 1
+                }
+            };
             anyhow::ensure!(
-                updated.rows_affected() == 1,
+                on,
                 "the rebuild of generation {generation} is no longer recorded; it was cancelled or finished elsewhere"
             );
         }

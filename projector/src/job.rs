@@ -23,6 +23,17 @@ pub enum OnError {
     Skip,
 }
 
+impl OnError {
+    /// The mode as `--on-error` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Park => "park",
+            Self::Stop => "stop",
+            Self::Skip => "skip",
+        }
+    }
+}
+
 /// How a projection runs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -36,6 +47,9 @@ pub struct RunOptions {
     pub snapshot_every: u32,
     /// How a rebuild paces itself.
     pub rebuild_pace: crate::pace::Pace,
+    /// How long a process may go without a heartbeat before the others take its units
+    /// (a rebuild's coordinator beats too, so that its helpers stop when it dies).
+    pub claim_timeout: Duration,
     /// The key policy the gate applies.
     pub policy: Arc<TrustedKeys>,
 }

@@ -251,10 +251,15 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
         })
         .collect();
     // The projections' partitions are shared with the other projector processes.
-    let (membership, mut assignments) = Membership::new(
+    let (mut membership, mut assignments) = Membership::new(
         pool.clone(),
         settings.claim_timeout,
         jobs.iter().map(|job| (job.name(), job.partitions())),
+    );
+    // And the rebuilds of those projections, when they are of this process's code.
+    membership.help_rebuilds(
+        jobs.iter()
+            .map(|job| (job.name(), job.projection.version())),
     );
     let leaving = membership.leaving();
     // Rebuilds asked for through PostgreSQL, carried out by this process.

@@ -79,6 +79,8 @@ pub(crate) struct Pacer {
     lag_at_start: i64,
     /// Records the live generation had read at the last check.
     live_read: Option<i64>,
+    /// Whether the live reads were above their bound at the last check.
+    slow_reads: bool,
     paused: Duration,
 }
 
@@ -98,6 +100,7 @@ impl Pacer {
             target_ms: DEFAULT_TARGET_MS,
             lag_at_start: 0,
             live_read: None,
+            slow_reads: false,
             paused: Duration::ZERO,
         };
         if pace == Pace::Adaptive {
@@ -125,9 +128,13 @@ impl Pacer {
         self.paused
     }
 
-    /// After a batch of `events` that took `took` to apply: waits as the pace asks, never
-    /// (adaptive) more than twice what the batch took, so a rebuild keeps at least a third
-    /// of the pace it has, and always reaches the head.
+    /// After a batch of `events` that took `took` to apply: waits as the pace asks. While
+    /// live reads are slow, the adaptive pause is whole (up to [`MAX_PAUSE`] a batch: the
+    /// rebuild still moves a batch at a time, and reaches the head); while only the live
+    /// projection's lag is high, never more than twice what the batch took, so the
+    /// rebuild keeps at least a third of its pace (it competes with the live runner for
+    /// the same database, and a rebuild that crawled would leave the live one behind as
+    /// long).
     pub(crate) async fn after_batch(&mut self, events: u64, took: Duration) {
         self.events += events;
         let wait = match self.pace {
@@ -141,7 +148,11 @@ impl Pacer {
                     self.checked = Some(Instant::now());
                     self.adapt().await;
                 }
-                self.pause.min(took * 2)
+                if self.slow_reads {
+                    self.pause
+                } else {
+                    self.pause.min(took * 2)
+                }
             }
         };
         if !wait.is_zero() {
@@ -163,6 +174,7 @@ impl Pacer {
         .flatten()
         .and_then(|(p99, n): (Option<f64>, Option<i64>)| p99.zip(n));
         let slow_reads = p99.is_some_and(|(p99, n)| n >= MIN_REQUESTS && p99 > self.target_ms);
+        self.slow_reads = slow_reads;
         // The live projection falling behind counts only while it is applied: during an
         // automatic rebuild (or with the projection stopped) nobody applies it, and a
         // pause would help no one.
@@ -270,10 +282,10 @@ mod tests {
             FIRST_PAUSE * 4,
             "it doubles while reads are slow"
         );
-        // Never more than twice what the batch took.
+        // While reads are slow, the whole pause, however short the batch.
         let before = pacer.paused();
         pacer.after_batch(100, Duration::from_millis(1)).await;
-        assert_eq!(pacer.paused() - before, Duration::from_millis(2));
+        assert_eq!(pacer.paused() - before, FIRST_PAUSE * 4);
         window(2.0).await;
         for _ in 0..40 {
             pacer.checked = None;

@@ -224,6 +224,7 @@ mod tests {
                 linger: std::time::Duration::from_millis(5),
                 snapshot_every: 100,
                 rebuild_pace: crate::pace::Pace::Adaptive,
+                claim_timeout: std::time::Duration::from_secs(10),
                 policy,
             },
         );
@@ -387,6 +388,7 @@ mod tests {
                     linger: std::time::Duration::ZERO,
                     snapshot_every: 100,
                     rebuild_pace: crate::pace::Pace::Off,
+                    claim_timeout: std::time::Duration::from_secs(10),
                     policy: Arc::clone(&policy),
                 },
             )

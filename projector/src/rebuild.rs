@@ -8,6 +8,7 @@
 //! generation; all in one transaction. The live runner's waiting batch then finds its
 //! generation gone, rolls back, and follows the new one from its checkpoints.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use crate::prefetch::Prefetch;
 pub use crate::progress::Progress;
 use crate::progress::ProgressView;
 use crate::projection::create_indexes;
+use crate::rebuild_units::{self, Coordinator};
 
 /// How long the swap may keep catching up under its lock before it lets go and retries.
 const SWAP_CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
@@ -45,6 +47,8 @@ const SWAP_DISTANCE: i64 = 100;
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the distance to the head is measured.
 const NEAR_HEAD_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a coordinator reads how far its helpers got.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How a rebuild runs.
 #[derive(Clone, Debug)]
@@ -104,6 +108,8 @@ pub struct RebuildReport {
     pub pace: String,
     /// How long it paused for its pace, in seconds.
     pub paused_seconds: f64,
+    /// How many running projector processes helped fill the new generation.
+    pub helped_by: usize,
 }
 
 impl std::fmt::Display for RebuildReport {
@@ -120,6 +126,9 @@ impl std::fmt::Display for RebuildReport {
             self.previous,
             if self.kept_old { "kept" } else { "dropped" }
         )?;
+        if self.helped_by > 0 {
+            write!(f, "; filled with {} projector processes", self.helped_by)?;
+        }
         if self.paused_seconds > 0.0 {
             write!(
                 f,
@@ -198,13 +207,26 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     }
     finish_discards(&job.pool, projection).await;
     let (generation, resumed) = start_or_resume(job, live.generation, &hold).await?;
-    let mut applier = Applier::load(job, generation, Mode::Rebuild, &hold).await?;
-    let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
+    // The running projector processes help fill the new generation, unit by unit; this
+    // one follows them, then takes every unit to catch up the rest and swap.
+    let coordinator = Coordinator::start(&job.pool, job.options.claim_timeout, name).await?;
+    let partitions = job.partitions();
+    rebuild_units::open(
+        &job.pool,
+        name,
+        generation,
+        &partitions,
+        coordinator.id(),
+        job.options.on_error,
+        &hold,
+    )
+    .await?;
+    let ends_reader = Arc::new(LogReader::ends_of(&job.kafka, partitions.clone())?);
     // Where the log ends, measured beside the work: asking the broker takes a round trip
     // per partition, which the apply loop must not wait for.
     let (ends_tx, mut ends_rx) = tokio::sync::watch::channel(None);
     let watcher = {
-        let reader = Arc::clone(&reader);
+        let reader = Arc::clone(&ends_reader);
         AbortOnDrop(tokio::spawn(async move {
             loop {
                 let ends = reader.high_watermarks().await;
@@ -221,16 +243,47 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
             }
         }))
     };
-    let started = Instant::now();
-    let first_done = applier.records_done();
-    let mut view = ProgressView::new(options.progress, name, generation, resumed, first_done);
-    let mut last_progress: Option<Instant> = None;
+    let first = rebuild_units::filled(&job.pool, name, generation).await?;
+    let mut view = ProgressView::new(options.progress, name, generation, resumed, first.records);
+    let mut tracker = Tracker::new(&first);
     let stopped = || {
         anyhow::anyhow!(
             "the rebuild of {name} generation {generation} stopped on a dead letter (see `projector status`); \
              the live view is untouched. Fix the cause, or rerun with --on-error park (the default) or skip"
         )
     };
+    let mut helped_by = BTreeSet::new();
+    if rebuild_units::helpers(&job.pool, name, projection.version()).await? > 0 {
+        view.note("shared with the projector processes that run it");
+        if !follow_helpers(
+            job,
+            generation,
+            &mut ends_rx,
+            &mut view,
+            &mut tracker,
+            &mut helped_by,
+        )
+        .await?
+        {
+            view.abandon();
+            return Err(stopped());
+        }
+    }
+    // Every unit is this process's now: the helpers' batches in flight ended first, and
+    // their processes apply nothing more to this generation.
+    let units = rebuild_units::take_all(
+        &job.pool,
+        name,
+        generation,
+        projection.version(),
+        &partitions,
+        coordinator.id(),
+        &hold,
+    )
+    .await?;
+    let taken = rebuild_units::filled(&job.pool, name, generation).await?;
+    let mut applier = Applier::load(job, generation, Mode::Rebuild, &units).await?;
+    let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
     let mut pacer = Pacer::start(job.options.rebuild_pace, &job.pool, name).await;
     let mut indexed = false;
     let mut batches = Prefetch::start(
@@ -261,35 +314,22 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
             Some(Err(e)) => anyhow::bail!("reading where the log ends: {e}"),
             None => continue,
         };
-        let total: i64 = ends.iter().map(|(_, end)| end).sum();
-        let done = applier.records_done();
-        let elapsed = started.elapsed().as_secs_f64().max(0.001);
-        let rate = applier.events() as f64 / elapsed;
-        let records_rate = (done - first_done) as f64 / elapsed;
-        if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL) {
-            last_progress = Some(Instant::now());
-            let eta = (records_rate > 0.0).then(|| (total - done).max(0) as f64 / records_rate);
-            sqlx::query(
-                "UPDATE keel_rebuilds SET records_total = $2, events_per_second = $3, eta_seconds = $4,
-                    updated_at = now() WHERE projection = $1",
+        let records_rate = tracker
+            .show(
+                job,
+                generation,
+                &mut view,
+                &ends,
+                applier.records_done(),
+                taken.events + applier.events() as i64,
             )
-            .bind(name)
-            .bind(total)
-            .bind(rate)
-            .bind(eta)
-            .execute(&job.pool)
             .await?;
-            view.show(done, total, applier.events(), rate, eta);
-        }
         // Close enough to the head under load: the swap catches up the rest under its lock.
         let behind: i64 = ends
             .iter()
             .map(|(at, end)| (end - applier.next_offset(at)).max(0))
             .sum();
-        // Under heavy writes the distance never gets that small: then start when the
-        // rest is a quarter of a second of this rebuild's own pace.
-        let distance = SWAP_DISTANCE.max((records_rate / 4.0) as i64);
-        if behind <= distance.min(job.options.batch_size as i64) && !indexed {
+        if behind <= swap_distance(records_rate, job) && !indexed {
             // The secondary indexes are built once, now that the rows are in, instead of
             // kept up to date row by row; then the rebuild catches up again and swaps.
             view.note("caught up with the head; building the indexes");
@@ -300,13 +340,14 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
             indexed = true;
             continue;
         }
-        if behind <= distance.min(job.options.batch_size as i64) {
+        if behind <= swap_distance(records_rate, job) {
             view.note("caught up with the head; swapping");
             match swap(
                 job,
                 &mut applier,
                 &mut batches,
                 generation,
+                &hold,
                 options.keep_old,
                 options.allow_parked,
             )
@@ -332,23 +373,154 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
               "dropping the old generation failed: the next start of the projector drops it");
     }
     drop(lock);
-    let seconds = started.elapsed().as_secs_f64();
+    coordinator.end().await;
+    let seconds = tracker.started.elapsed().as_secs_f64();
+    let events = taken.events + applier.events() as i64 - first.events;
     let report = RebuildReport {
         projection: name.to_owned(),
         generation,
         previous,
         resumed,
-        events: applier.events(),
-        records: applier.records_done() - first_done,
+        events: events as u64,
+        records: applier.records_done() - first.records,
         seconds,
-        events_per_second: applier.events() as f64 / seconds.max(0.001),
+        events_per_second: events as f64 / seconds.max(0.001),
         swap_lock_ms: held.as_secs_f64() * 1000.0,
         kept_old: options.keep_old,
         pace: job.options.rebuild_pace.to_string(),
         paused_seconds: pacer.paused().as_secs_f64(),
+        helped_by: helped_by.len(),
     };
     view.finish(&report.to_string());
     Ok(report)
+}
+
+/// How many records the new generation may still be behind the head to start the swap
+/// (or the indexes before it): close enough, the swap catches up the rest under its lock.
+/// Under heavy writes the distance never gets that small: then a quarter of a second of
+/// this rebuild's own pace.
+fn swap_distance(records_rate: f64, job: &Job) -> i64 {
+    SWAP_DISTANCE
+        .max((records_rate / 4.0) as i64)
+        .min(job.options.batch_size as i64)
+}
+
+/// Where each partition ends, as last measured (or why that failed); `None` before the
+/// first measure.
+type Ends = Option<Result<Vec<(keel_schemas::TopicPartition, i64)>, String>>;
+
+/// Measures a rebuild's progress, and records it in `keel_rebuilds` and its view.
+struct Tracker {
+    started: Instant,
+    first_records: i64,
+    first_events: i64,
+    last: Option<Instant>,
+}
+
+impl Tracker {
+    fn new(first: &rebuild_units::Filled) -> Self {
+        Self {
+            started: Instant::now(),
+            first_records: first.records,
+            first_events: first.events,
+            last: None,
+        }
+    }
+
+    /// Shows `done` records (over every partition, which end at `ends`) and `events` of
+    /// the generation, at most every [`PROGRESS_INTERVAL`]; the rate of records.
+    async fn show(
+        &mut self,
+        job: &Job,
+        generation: i32,
+        view: &mut ProgressView,
+        ends: &[(keel_schemas::TopicPartition, i64)],
+        done: i64,
+        events: i64,
+    ) -> anyhow::Result<f64> {
+        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
+        let records_rate = (done - self.first_records) as f64 / elapsed;
+        if self.last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
+            return Ok(records_rate);
+        }
+        self.last = Some(Instant::now());
+        let rate = (events - self.first_events) as f64 / elapsed;
+        let total: i64 = ends.iter().map(|(_, end)| end).sum();
+        let eta = (records_rate > 0.0).then(|| (total - done).max(0) as f64 / records_rate);
+        sqlx::query(
+            "UPDATE keel_rebuilds SET records_total = $3, records_done = $4, events = $5,
+                events_per_second = $6, eta_seconds = $7, updated_at = now()
+             WHERE projection = $1 AND generation = $2",
+        )
+        .bind(job.name())
+        .bind(generation)
+        .bind(total)
+        .bind(done)
+        .bind(events)
+        .bind(rate)
+        .bind(eta)
+        .execute(&job.pool)
+        .await?;
+        view.show(done, total, events as u64, rate, eta);
+        Ok(records_rate)
+    }
+}
+
+/// Follows the processes filling `generation` until it is near the head: false when a
+/// helper's batch stopped the rebuild on a dead letter. Gives up on them (to finish alone)
+/// when some of the units stay without a live holder for twice the claim timeout: no
+/// running process helps with them (none runs this code, or they all died).
+async fn follow_helpers(
+    job: &Job,
+    generation: i32,
+    ends_rx: &mut tokio::sync::watch::Receiver<Ends>,
+    view: &mut ProgressView,
+    tracker: &mut Tracker,
+    helped_by: &mut BTreeSet<uuid::Uuid>,
+) -> anyhow::Result<bool> {
+    let name = job.name();
+    let grace = job.options.claim_timeout * 2 + Duration::from_secs(1);
+    let mut unheld_since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
+    loop {
+        tick.tick().await;
+        let filled = rebuild_units::filled(&job.pool, name, generation).await?;
+        helped_by.extend(filled.holders.iter().copied());
+        if filled.stopped.is_some() {
+            return Ok(false);
+        }
+        let ends = match ends_rx.borrow_and_update().clone() {
+            Some(Ok(ends)) => ends,
+            Some(Err(e)) => anyhow::bail!("reading where the log ends: {e}"),
+            None => continue,
+        };
+        let records_rate = tracker
+            .show(job, generation, view, &ends, filled.records, filled.events)
+            .await?;
+        let behind: i64 = ends
+            .iter()
+            .map(|(at, end)| {
+                let next = filled
+                    .next
+                    .iter()
+                    .find(|(p, _)| p == at)
+                    .map_or(0, |(_, next)| *next);
+                (end - next).max(0)
+            })
+            .sum();
+        if behind <= swap_distance(records_rate, job) {
+            return Ok(true);
+        }
+        if filled.unheld == 0 {
+            unheld_since = None;
+        } else if unheld_since.get_or_insert_with(Instant::now).elapsed() > grace {
+            view.note(&format!(
+                "no running process helps with {} of the partitions; finishing alone",
+                filled.unheld
+            ));
+            return Ok(true);
+        }
+    }
 }
 
 /// Drops what an earlier swap left to drop (a crash between the swap and the drop); a
@@ -371,7 +543,11 @@ pub(crate) async fn finish_discards(
 
 /// The generation to build: the one an interrupted rebuild of today's code left, resumed
 /// from its checkpoints, or a fresh one after the live generation.
-async fn start_or_resume(job: &Job, live: i32, hold: &Hold) -> anyhow::Result<(i32, bool)> {
+pub(crate) async fn start_or_resume(
+    job: &Job,
+    live: i32,
+    hold: &Hold,
+) -> anyhow::Result<(i32, bool)> {
     let projection = job.projection.as_ref();
     let name = projection.name();
     let owner = format!(
@@ -379,6 +555,9 @@ async fn start_or_resume(job: &Job, live: i32, hold: &Hold) -> anyhow::Result<(i
         std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
         std::process::id()
     );
+    // Whoever helped an earlier coordinator applies nothing more from here on, whatever
+    // this one does with the generation (resume it, or drop it and start again).
+    crate::rebuild_units::fence(&job.pool, name, hold).await?;
     let existing: Option<(i32, i32, i32)> = sqlx::query_as(
         "SELECT generation, code_version, gate_rules FROM keel_rebuilds WHERE projection = $1",
     )
@@ -451,6 +630,7 @@ async fn swap(
     applier: &mut Applier<'_>,
     batches: &mut Prefetch,
     generation: i32,
+    work: &Hold,
     keep_old: bool,
     allow_parked: bool,
 ) -> anyhow::Result<Swap> {
@@ -460,7 +640,10 @@ async fn swap(
     // Idle between statements while it catches up on other connections, a batch at a
     // time; a process stalled longer than SWAP_IDLE loses the session and its locks.
     generation::bound_idle(&mut tx, SWAP_IDLE).await?;
+    // Every unit, and the rebuild itself: a coordinator that lost its lock session while
+    // another took the rebuild over swaps nothing in.
     applier.prove_hold(&mut tx).await?;
+    work.prove(&mut tx).await?;
     generation::lock(&mut tx, name).await?;
     let previous: i32 =
         sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1 FOR UPDATE")
@@ -514,6 +697,8 @@ async fn swap(
             .into());
         }
     }
+    // The helpers' units go with the swap: one still holding a unit finds it gone.
+    rebuild_units::close(&mut tx, name).await?;
     // Re-pointing the views waits for reads in flight; bounded, so a long read delays the
     // swap instead of queueing every new read behind it.
     let repointed = async {

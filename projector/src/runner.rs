@@ -85,6 +85,13 @@ impl Runner {
                 crate::rebuild::finish_discards(&pool, projection.as_ref()).await;
             });
         }
+        // This process helps fill the projection's rebuilds, beside its live work.
+        let _helper = AbortOnDrop(tokio::spawn(crate::helper::help(
+            self.job.clone(),
+            self.assignment.process,
+            self.assignment.rebuild.clone(),
+            Arc::clone(&self.assignment.nudge),
+        )));
         let mut live: Option<Live> = None;
         loop {
             let generation = match live {

@@ -111,6 +111,7 @@ impl Settings {
             linger: self.linger,
             snapshot_every: self.snapshot_every,
             rebuild_pace: self.rebuild_pace,
+            claim_timeout: self.claim_timeout,
             policy: std::sync::Arc::new(self.trusted_keys()?),
         })
     }

@@ -48,6 +48,7 @@ pub(crate) fn job(
             linger: Duration::ZERO,
             snapshot_every: 100,
             rebuild_pace: crate::pace::Pace::Off,
+            claim_timeout: std::time::Duration::from_secs(10),
             policy,
         },
     )

@@ -36,6 +36,8 @@ use uuid::Uuid;
 
 /// The kind of a live run's units in `keel_units`.
 pub(crate) const RUN: &str = "run";
+/// The kind of a rebuild's units in `keel_units`: the partitions of the generation it fills.
+pub(crate) const REBUILD: &str = "rebuild";
 
 /// How long after its heartbeat expired a process's row is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
@@ -48,6 +50,12 @@ pub fn idle_bound(claim_timeout: Duration) -> String {
     claim_timeout.as_millis().max(1).to_string()
 }
 
+/// How a process says it helps fill the rebuilds of `projection` by `code_version` (and
+/// this build's gate rules) in its heartbeat's `helps`.
+pub(crate) fn help_tag(projection: &str, code_version: i32) -> String {
+    format!("{projection}@{code_version}.{}", keel_kafka::GATE_RULES)
+}
+
 /// A partition of a projection this process holds, with the claim it holds it under.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Unit {
@@ -58,12 +66,23 @@ pub(crate) struct Unit {
     pub(crate) claim: i64,
 }
 
+/// The units of a rebuild's generation this process holds, helping fill it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RebuildShare {
+    /// The generation the rebuild fills.
+    pub(crate) generation: i32,
+    /// Its partitions this process holds, sorted.
+    pub(crate) units: Vec<Unit>,
+}
+
 /// What a projection's runner applies: the units this process holds of it, as they change.
 pub struct Assignment {
     /// This process's id, which its claims name.
     pub(crate) process: Uuid,
     /// The units of the projection this process holds, sorted.
     pub(crate) units: watch::Receiver<Vec<Unit>>,
+    /// The units of the projection's rebuild this process holds, when it helps one.
+    pub(crate) rebuild: watch::Receiver<Option<RebuildShare>>,
     /// Wakes the membership for a tick now: a batch found a unit held by another.
     pub(crate) nudge: Arc<Notify>,
     /// Set while the runner stands by (newer code built the live generation): the
@@ -81,8 +100,14 @@ pub struct Membership {
     /// Each projection this process runs, with the partitions it reads.
     units: BTreeMap<&'static str, Vec<TopicPartition>>,
     assigned: HashMap<&'static str, watch::Sender<Vec<Unit>>>,
+    rebuilding: HashMap<&'static str, watch::Sender<Option<RebuildShare>>>,
     standing_by: HashMap<&'static str, Arc<AtomicBool>>,
     nudge: Arc<Notify>,
+    /// The code version of each projection whose rebuilds this process helps fill: only a
+    /// rebuild of the same code (and gate rules) is its to help.
+    helps: HashMap<&'static str, i32>,
+    /// The generation each rebuild unit names, as the last tick read them.
+    generations: HashMap<(&'static str, TopicPartition), Option<i32>>,
 }
 
 /// A unit as `keel_units` holds it: (projection, topic, partition, holder, holder alive,
@@ -104,6 +129,7 @@ impl Membership {
         let nudge = Arc::new(Notify::new());
         let mut units = BTreeMap::new();
         let mut assigned = HashMap::new();
+        let mut rebuilding = HashMap::new();
         let mut standing_by = HashMap::new();
         let mut assignments = HashMap::new();
         for (name, mut partitions) in projections {
@@ -111,6 +137,8 @@ impl Membership {
             units.insert(name, partitions);
             let (tx, rx) = watch::channel(Vec::new());
             assigned.insert(name, tx);
+            let (rebuild_tx, rebuild) = watch::channel(None);
+            rebuilding.insert(name, rebuild_tx);
             let flag = Arc::new(AtomicBool::new(false));
             standing_by.insert(name, Arc::clone(&flag));
             assignments.insert(
@@ -118,6 +146,7 @@ impl Membership {
                 Assignment {
                     process: id,
                     units: rx,
+                    rebuild,
                     nudge: Arc::clone(&nudge),
                     standing_by: flag,
                 },
@@ -136,11 +165,20 @@ impl Membership {
                 timeout,
                 units,
                 assigned,
+                rebuilding,
                 standing_by,
                 nudge,
+                helps: HashMap::new(),
+                generations: HashMap::new(),
             },
             assignments,
         )
+    }
+
+    /// Helps fill the rebuilds of `projections` (each with the code version this process
+    /// runs): claims a share of a rebuild's units when the rebuild is of the same code.
+    pub fn help_rebuilds(&mut self, projections: impl IntoIterator<Item = (&'static str, i32)>) {
+        self.helps.extend(projections);
     }
 
     /// This process's id.
@@ -204,7 +242,7 @@ impl Membership {
 
     /// One round: the heartbeat, then claims or releases towards this process's share,
     /// then each runner told what it holds.
-    async fn tick(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn tick(&mut self) -> anyhow::Result<()> {
         // The projections this process runs now: not those whose runner stands by.
         let running: BTreeMap<&'static str, Vec<TopicPartition>> = self
             .units
@@ -219,16 +257,21 @@ impl Membership {
             .collect();
         let names: Vec<&str> = running.keys().copied().collect();
         let all: Vec<&str> = self.units.keys().copied().collect();
+        let helps: Vec<String> = names
+            .iter()
+            .filter_map(|name| Some(help_tag(name, *self.helps.get(name)?)))
+            .collect();
         sqlx::query(
-            "INSERT INTO keel_projector_processes (id, name, projections, expires_at)
-             VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')
+            "INSERT INTO keel_projector_processes (id, name, projections, expires_at, helps)
+             VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond', $5)
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at,
-                projections = EXCLUDED.projections",
+                projections = EXCLUDED.projections, helps = EXCLUDED.helps",
         )
         .bind(self.id)
         .bind(&self.name)
         .bind(&names)
         .bind(self.timeout.as_millis() as f64)
+        .bind(&helps)
         .execute(&self.pool)
         .await?;
         let members: Vec<Member> = sqlx::query_as(
@@ -246,60 +289,21 @@ impl Membership {
         .bind(RUN)
         .fetch_all(&self.pool)
         .await?;
-        let mut plan = Plan::of(self.id, &members, &running, &rows);
         // Whatever it holds of a projection it stands by for goes.
-        for (projection, topic, partition, holder, _, _) in &rows {
-            if *holder == Some(self.id)
-                && let Some(name) = all.iter().copied().find(|n| *n == projection.as_str())
-                && !running.contains_key(name)
-            {
-                plan.release
-                    .push((name, TopicPartition::new(topic.clone(), *partition)));
-            }
-        }
-        for (projection, at) in &plan.release {
-            // The runner lets go first. A batch of it that still holds the row keeps the
-            // unit this process's until a later tick, which releases it again; the runner
-            // applies it no more meanwhile.
-            self.publish_without(projection, at);
-            if let Err(e) = self.release(projection, at).await {
-                warn!(projection, topic = %at.topic, partition = at.partition, error = %e,
-                      "releasing a unit failed; the next tick tries again");
-            }
-        }
-        let mut claimed = Vec::new();
-        for (projection, at) in &plan.claim {
-            match self.claim(projection, at).await {
-                Ok(Some(claim)) => claimed.push((
-                    *projection,
-                    Unit {
-                        at: at.clone(),
-                        claim,
-                    },
-                )),
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(projection, topic = %at.topic, partition = at.partition, error = %e,
-                          "claiming a unit failed; the next tick tries again")
-                }
-            }
-        }
-        if !claimed.is_empty() || !plan.release.is_empty() {
-            info!(
-                members = members.len(),
-                share = plan.share,
-                claimed = claimed.len(),
-                released = plan.release.len(),
-                "rebalanced the units of work"
-            );
-        }
-        let mut held: BTreeMap<&'static str, BTreeSet<Unit>> =
-            self.units.keys().map(|n| (*n, BTreeSet::new())).collect();
-        for (projection, unit) in plan.kept.into_iter().chain(claimed) {
-            held.entry(projection).or_default().insert(unit);
-        }
+        let standing_by: Vec<(&'static str, TopicPartition)> = rows
+            .iter()
+            .filter(|row| row.3 == Some(self.id))
+            .filter_map(|(projection, topic, partition, ..)| {
+                let name = all.iter().copied().find(|n| *n == projection.as_str())?;
+                (!running.contains_key(name))
+                    .then(|| (name, TopicPartition::new(topic.clone(), *partition)))
+            })
+            .collect();
+        let held = self
+            .rebalance(RUN, &members, &running, &rows, standing_by)
+            .await;
         for (projection, units) in held {
-            let units: Vec<Unit> = units.into_iter().collect();
+            let units: Vec<Unit> = units.into_iter().map(|(unit, _)| unit).collect();
             if let Some(tx) = self.assigned.get(projection) {
                 tx.send_if_modified(|now| {
                     let changed = *now != units;
@@ -309,6 +313,9 @@ impl Membership {
                     changed
                 });
             }
+        }
+        if !self.helps.is_empty() {
+            self.help(&running).await?;
         }
         sqlx::query(
             "DELETE FROM keel_projector_processes WHERE expires_at < now() - $1 * interval '1 second'
@@ -320,8 +327,206 @@ impl Membership {
         Ok(())
     }
 
-    fn publish_without(&self, projection: &str, at: &TopicPartition) {
-        if let Some(tx) = self.assigned.get(projection) {
+    /// Claims and releases units of `kind` towards this process's share of `projections`
+    /// (the ones it runs, or helps rebuild) over `rows`, releasing `also` besides; the
+    /// units of each projection it holds after, each with the generation it names.
+    async fn rebalance(
+        &self,
+        kind: &'static str,
+        members: &[Member],
+        projections: &BTreeMap<&'static str, Vec<TopicPartition>>,
+        rows: &[UnitRow],
+        also: Vec<(&'static str, TopicPartition)>,
+    ) -> BTreeMap<&'static str, BTreeSet<(Unit, Option<i32>)>> {
+        let mut plan = Plan::of(self.id, members, projections, rows);
+        plan.release.extend(also);
+        for (projection, at) in &plan.release {
+            // The runner lets go first. A batch of it that still holds the row keeps the
+            // unit this process's until a later tick, which releases it again; the runner
+            // applies it no more meanwhile.
+            self.publish_without(kind, projection, at);
+            if let Err(e) = self.release(kind, projection, at).await {
+                warn!(kind, projection, topic = %at.topic, partition = at.partition, error = %e,
+                      "releasing a unit failed; the next tick tries again");
+            }
+        }
+        let mut claimed = Vec::new();
+        for (projection, at) in &plan.claim {
+            match self.claim(kind, projection, at).await {
+                Ok(Some((claim, generation))) => claimed.push((
+                    *projection,
+                    Unit {
+                        at: at.clone(),
+                        claim,
+                    },
+                    generation,
+                )),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(kind, projection, topic = %at.topic, partition = at.partition, error = %e,
+                          "claiming a unit failed; the next tick tries again")
+                }
+            }
+        }
+        if !claimed.is_empty() || !plan.release.is_empty() {
+            info!(
+                kind,
+                members = members.len(),
+                share = plan.share,
+                claimed = claimed.len(),
+                released = plan.release.len(),
+                "rebalanced the units of work"
+            );
+        }
+        let mut held: BTreeMap<&'static str, BTreeSet<(Unit, Option<i32>)>> =
+            self.units.keys().map(|n| (*n, BTreeSet::new())).collect();
+        for (projection, unit) in plan.kept {
+            let generation = match kind {
+                REBUILD => self
+                    .generations
+                    .get(&(projection, unit.at.clone()))
+                    .copied(),
+                _ => None,
+            };
+            held.entry(projection)
+                .or_default()
+                .insert((unit, generation.flatten()));
+        }
+        for (projection, unit, generation) in claimed {
+            held.entry(projection)
+                .or_default()
+                .insert((unit, generation));
+        }
+        held
+    }
+
+    /// Helps fill the rebuilds of the projections this process runs with the same code:
+    /// claims its share of their units, lets go of those of a rebuild no longer its to help
+    /// (its coordinator died, or it is of other code), and tells each runner's helper.
+    async fn help(
+        &mut self,
+        running: &BTreeMap<&'static str, Vec<TopicPartition>>,
+    ) -> anyhow::Result<()> {
+        type RebuildRow = (
+            String,
+            String,
+            i32,
+            Option<Uuid>,
+            bool,
+            i64,
+            Option<i32>,
+            Option<i32>,
+            Option<i32>,
+            bool,
+        );
+        let rows: Vec<RebuildRow> = sqlx::query_as(
+            "SELECT u.projection, u.topic, u.partition, u.holder,
+                EXISTS (SELECT 1 FROM keel_projector_processes p WHERE p.id = u.holder AND p.expires_at > now()),
+                u.claims, u.generation, r.code_version, r.gate_rules,
+                EXISTS (SELECT 1 FROM keel_projector_processes p WHERE p.id = r.coordinator AND p.expires_at > now())
+             FROM keel_units u
+             LEFT JOIN keel_rebuilds r ON r.projection = u.projection AND r.generation = u.generation
+             WHERE u.kind = $1
+             ORDER BY u.projection, u.topic, u.partition",
+        )
+        .bind(REBUILD)
+        .fetch_all(&self.pool)
+        .await?;
+        let helping: BTreeMap<&'static str, Vec<TopicPartition>> = running
+            .iter()
+            .filter(|(name, _)| self.helps.contains_key(*name))
+            .map(|(name, units)| (*name, units.clone()))
+            .collect();
+        // The members a rebuild is shared by: the live processes that help with its code.
+        let helpers: Vec<(Uuid, Vec<String>)> = sqlx::query_as(
+            "SELECT id, helps FROM keel_projector_processes WHERE expires_at > now() ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut tags: BTreeMap<String, String> = BTreeMap::new();
+        let mut open = Vec::new();
+        let mut leave = Vec::new();
+        self.generations.clear();
+        for (projection, topic, partition, holder, alive, claims, generation, code, rules, led) in
+            rows
+        {
+            let name = helping.keys().copied().find(|n| *n == projection.as_str());
+            let ours = name.is_some_and(|name| {
+                led && code == self.helps.get(name).copied()
+                    && rules == Some(keel_kafka::GATE_RULES)
+            });
+            let at = TopicPartition::new(topic.clone(), partition);
+            if let Some(name) = name {
+                self.generations.insert((name, at.clone()), generation);
+            }
+            if ours {
+                if let Some(code) = code {
+                    tags.insert(help_tag(&projection, code), projection.clone());
+                }
+                open.push((projection, topic, partition, holder, alive, claims));
+            } else if holder == Some(self.id) {
+                let name = self
+                    .units
+                    .keys()
+                    .copied()
+                    .find(|n| *n == projection.as_str());
+                if let Some(name) = name {
+                    leave.push((name, at));
+                }
+            }
+        }
+        let members: Vec<Member> = helpers
+            .into_iter()
+            .map(|(id, helps)| {
+                let runs = helps
+                    .iter()
+                    .filter_map(|tag| tags.get(tag).cloned())
+                    .collect();
+                (id, runs)
+            })
+            .collect();
+        let held = self
+            .rebalance(REBUILD, &members, &helping, &open, leave)
+            .await;
+        for (projection, units) in held {
+            // One generation at a time: a rebuild started again names a later one, and
+            // units still naming an earlier are proved under an earlier claim anyway.
+            let share = units
+                .iter()
+                .filter_map(|(_, generation)| *generation)
+                .max()
+                .map(|generation| RebuildShare {
+                    generation,
+                    units: units
+                        .iter()
+                        .filter(|(_, g)| *g == Some(generation))
+                        .map(|(unit, _)| unit.clone())
+                        .collect(),
+                });
+            if let Some(tx) = self.rebuilding.get(projection) {
+                tx.send_if_modified(|now| {
+                    let changed = *now != share;
+                    if changed {
+                        now.clone_from(&share);
+                    }
+                    changed
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_without(&self, kind: &str, projection: &str, at: &TopicPartition) {
+        if kind == REBUILD {
+            if let Some(tx) = self.rebuilding.get(projection) {
+                tx.send_if_modified(|now| {
+                    let Some(share) = now else { return false };
+                    let before = share.units.len();
+                    share.units.retain(|u| u.at != *at);
+                    share.units.len() != before
+                });
+            }
+        } else if let Some(tx) = self.assigned.get(projection) {
             tx.send_if_modified(|now| {
                 let before = now.len();
                 now.retain(|u| u.at != *at);
@@ -330,30 +535,51 @@ impl Membership {
         }
     }
 
-    /// Claims a free unit: the claim it holds it under; `None` when another process holds
-    /// it (or claimed it first), or a batch still holds its row (the next tick tries again).
-    async fn claim(&self, projection: &str, at: &TopicPartition) -> anyhow::Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
+    /// Claims a free unit: the claim it holds it under and the generation it names;
+    /// `None` when another process holds it (or claimed it first), or a batch still holds
+    /// its row (the next tick tries again).
+    async fn claim(
+        &self,
+        kind: &str,
+        projection: &str,
+        at: &TopicPartition,
+    ) -> anyhow::Result<Option<(i64, Option<i32>)>> {
+        Ok(sqlx::query_as(
             "UPDATE keel_units u SET holder = $5, claims = u.claims + 1, claimed_at = now()
              FROM (SELECT kind, projection, topic, partition FROM keel_units v
                    WHERE v.kind = $1 AND v.projection = $2 AND v.topic = $3 AND v.partition = $4
                      AND (v.holder IS NULL OR NOT EXISTS (
                          SELECT 1 FROM keel_projector_processes p WHERE p.id = v.holder AND p.expires_at > now()))
-                   FOR UPDATE SKIP LOCKED) free
+                     -- A rebuild's unit, only while the rebuild is of this code and its
+                     -- coordinator lives (read again here: it may have changed since the tick
+                     -- looked).
+                     AND (v.kind <> 'rebuild' OR EXISTS (
+                         SELECT 1 FROM keel_rebuilds r
+                         JOIN keel_projector_processes c ON c.id = r.coordinator AND c.expires_at > now()
+                         WHERE r.projection = v.projection AND r.generation = v.generation
+                           AND r.code_version = $6 AND r.gate_rules = $7))
+                   FOR UPDATE OF v SKIP LOCKED) free
              WHERE (u.kind, u.projection, u.topic, u.partition) = (free.kind, free.projection, free.topic, free.partition)
-             RETURNING u.claims",
+             RETURNING u.claims, u.generation",
         )
-        .bind(RUN)
+        .bind(kind)
         .bind(projection)
         .bind(&at.topic)
         .bind(at.partition)
         .bind(self.id)
+        .bind(self.helps.get(projection).copied().unwrap_or(0))
+        .bind(keel_kafka::GATE_RULES)
         .fetch_optional(&self.pool)
         .await?)
     }
 
     /// Lets go of a unit this process holds, unless a batch still holds its row.
-    async fn release(&self, projection: &str, at: &TopicPartition) -> anyhow::Result<()> {
+    async fn release(
+        &self,
+        kind: &str,
+        projection: &str,
+        at: &TopicPartition,
+    ) -> anyhow::Result<()> {
         sqlx::query(
             "UPDATE keel_units u SET holder = NULL
              FROM (SELECT kind, projection, topic, partition FROM keel_units v
@@ -362,7 +588,7 @@ impl Membership {
                    FOR UPDATE SKIP LOCKED) mine
              WHERE (u.kind, u.projection, u.topic, u.partition) = (mine.kind, mine.projection, mine.topic, mine.partition)",
         )
-        .bind(RUN)
+        .bind(kind)
         .bind(projection)
         .bind(&at.topic)
         .bind(at.partition)

@@ -183,7 +183,18 @@ async fn three_projectors_share_the_work_through_a_kill_a_pause_and_a_join() {
         "batches of several processes on the same customers and days never deadlock"
     );
 
-    // The views equal a fresh single-process rebuild of every projection, row for row.
+    // Stopped gracefully, each lets go of its units at once.
+    for process in [b, c, d] {
+        assert!(process.stop().await.unwrap().success());
+    }
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_units WHERE holder IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(held, 0, "the stopped processes let go of every unit");
+
+    // The views equal a fresh single-process rebuild of every projection (nobody runs to
+    // help fill it), row for row.
     let live: BTreeMap<String, i32> =
         sqlx::query_as::<_, (String, i32)>("SELECT name, generation FROM keel_projections")
             .fetch_all(&pool)
@@ -206,29 +217,134 @@ async fn three_projectors_share_the_work_through_a_kill_a_pause_and_a_join() {
                 .unwrap();
         assert!(new > old, "{} was rebuilt", spec.name);
         for table in spec.tables {
-            let (rows, differ): (i64, i64) = sqlx::query_as(&format!(
-                "SELECT (SELECT count(*) FROM {table}_g{old}),
-                        (SELECT count(*) FROM ((SELECT * FROM {table}_g{old} EXCEPT ALL SELECT * FROM {table}_g{new})
-                          UNION ALL (SELECT * FROM {table}_g{new} EXCEPT ALL SELECT * FROM {table}_g{old})) d)"
-            ))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+            let (rows, differ) = rows_differ(&pool, table, old, new).await;
             assert_eq!(
                 differ, 0,
                 "{table}: the shared run and the fresh rebuild differ in {differ} of {rows} rows"
             );
         }
     }
-    // Stopped gracefully, each lets go of its units at once.
-    for process in [b, c, d] {
-        assert!(process.stop().await.unwrap().success());
+    pool.close().await;
+}
+
+/// The rows of `table` in generation `a` that are not in `b`, and the other way round.
+async fn rows_differ(pool: &PgPool, table: &str, a: i32, b: i32) -> (i64, i64) {
+    sqlx::query_as(&format!(
+        "SELECT (SELECT count(*) FROM {table}_g{a}),
+                (SELECT count(*) FROM ((SELECT * FROM {table}_g{a} EXCEPT ALL SELECT * FROM {table}_g{b})
+                  UNION ALL (SELECT * FROM {table}_g{b} EXCEPT ALL SELECT * FROM {table}_g{a})) d)"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Two running projectors fill a rebuild together; one is killed while it holds some of
+/// the rebuild's partitions. The other (or the coordinator) finishes them, the rebuild
+/// swaps once, and the new generation equals the live one row for row.
+#[tokio::test]
+async fn a_rebuild_filled_by_two_projectors_survives_one_of_them_dying() {
+    let mut stack = Stack::start("shared-rebuild", 4).await;
+    stack.projector.take().unwrap().stop().await.unwrap();
+    let pool = stack.pool().await;
+    // Paced, so that the rebuild lasts long enough to kill a helper in the middle of it.
+    let paced = |pace: &str| {
+        vec![
+            (
+                "KEEL_PROJECTOR_CLAIM_TIMEOUT_MS",
+                CLAIM_TIMEOUT_MS.to_string(),
+            ),
+            ("KEEL_REBUILD_PACE", pace.to_owned()),
+        ]
+    };
+    let a = stack
+        .projector_process(&["run"], &paced("400"))
+        .await
+        .unwrap();
+    let b = stack
+        .projector_process(&["run"], &paced("400"))
+        .await
+        .unwrap();
+    const ORDERS: usize = 3000;
+    let placed = place_orders(&stack, "sr", ORDERS).await;
+    assert_applied_exactly_once(&stack, placed, ORDERS).await;
+    let live: i32 =
+        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = 'orders'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+
+    let unpaced = paced("off");
+    let rebuilding =
+        stack.projector_command(&["rebuild", "orders", "--keep-old", "--json"], &unpaced);
+    let killing = async {
+        // Once the first process holds some of the rebuild's partitions, it dies.
+        let started = Instant::now();
+        loop {
+            let held: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM keel_units u JOIN keel_projector_processes p ON p.id = u.holder
+                 WHERE u.kind = 'rebuild' AND p.name LIKE '%:' || $1",
+            )
+            .bind(a.pid().unwrap().to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if held > 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the first process never helped"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.kill().await.unwrap();
+    };
+    let (rebuilt, ()) = tokio::join!(rebuilding, killing);
+    let (status, stdout, stderr) = rebuilt.unwrap();
+    assert!(status.success(), "{stderr}");
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["generation"], live + 1, "{report}");
+    assert!(
+        report["helped_by"].as_u64().unwrap() >= 1,
+        "the running processes helped: {report}"
+    );
+    let now: i32 =
+        sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = 'orders'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(now, live + 1, "swapped in once");
+    for table in keel_views::PROJECTIONS
+        .iter()
+        .find(|spec| spec.name == "orders")
+        .unwrap()
+        .tables
+    {
+        let (rows, differ) = rows_differ(&pool, table, live, live + 1).await;
+        assert!(rows > 0, "{table} has rows");
+        assert_eq!(
+            differ, 0,
+            "{table}: the shared rebuild differs in {differ} of {rows} rows"
+        );
     }
-    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_units WHERE holder IS NOT NULL")
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_units WHERE kind = 'rebuild'")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(held, 0, "the stopped processes let go of every unit");
+    assert_eq!(left, 0, "the swap deleted the rebuild's units");
+    // The surviving process follows the new generation.
+    let (status, _, token) = stack
+        .post(
+            "/v1/orders/sr-after/place",
+            json!({"customer_id": "c-1", "lines": [{"sku": "S", "quantity": 1, "unit_price": eur(100)}]}),
+        )
+        .await;
+    assert!(status.is_success(), "{status}");
+    let (status, order) = stack.get("/v1/orders/sr-after", token.as_ref()).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert!(b.stop().await.unwrap().success());
     pool.close().await;
 }
 

@@ -251,8 +251,11 @@ async fn a_killed_rebuild_leaves_the_live_view_and_resumes() {
     let live = snapshot(&pool).await;
     assert_eq!(live.0.len(), orders);
 
-    // Small batches make the rebuild slow enough to be caught halfway.
+    // Small batches make the rebuild slow enough to be caught halfway: its own, and those
+    // of the running projector, which helps fill it.
     let slow = [("KEEL_BATCH_SIZE", "2".to_owned())];
+    stack.projector.take().unwrap().stop().await.unwrap();
+    stack.projector = Some(stack.projector_process(&["run"], &slow).await.unwrap());
     let rebuild = stack
         .projector_process(&["rebuild", "orders"], &slow)
         .await

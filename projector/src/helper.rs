@@ -1,0 +1,123 @@
+//! A running projector process helps fill the rebuilds of the projections it runs: its
+//! membership claims a share of a rebuild's units ([`crate::units`]), and this applies the
+//! log of those partitions to the rebuild's generation, paced like the rebuild, each batch
+//! proving its units ([`crate::hold::Hold::Units`]). It stops when its share changes: the
+//! coordinator took the units to swap, another process took one, or the rebuild ended.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_kafka::LogReader;
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::applier::{Applier, Flow};
+use crate::generation::Mode;
+use crate::hold::{Hold, LostHold};
+use crate::job::Job;
+use crate::pace::Pacer;
+use crate::prefetch::Prefetch;
+use crate::units::RebuildShare;
+
+/// How long a helper that failed waits before it tries its share again.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Helps fill `job`'s rebuilds with the units `share` gives `process`, until the
+/// membership ends.
+pub(crate) async fn help(
+    job: Job,
+    process: Uuid,
+    mut share: watch::Receiver<Option<RebuildShare>>,
+    nudge: Arc<Notify>,
+) {
+    loop {
+        let current = share
+            .borrow_and_update()
+            .clone()
+            .filter(|s| !s.units.is_empty());
+        let Some(current) = current else {
+            if share.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        info!(
+            projection = job.name(),
+            generation = current.generation,
+            partitions = current.units.len(),
+            "helping fill a rebuild"
+        );
+        let pause = match fill(&job, process, &current, &mut share).await {
+            Ok(()) => continue,
+            // The membership reads what this process still holds, and says.
+            Err(e) if e.downcast_ref::<LostHold>().is_some() => {
+                info!(projection = job.name(), error = %e, "a rebuild unit is held by another process now");
+                nudge.notify_one();
+                RETRY_PAUSE
+            }
+            Err(e) => {
+                warn!(projection = job.name(), error = %format!("{e:#}"),
+                      "helping fill the rebuild failed; trying again");
+                RETRY_PAUSE
+            }
+        };
+        // Goes on when its share changes, or after a pause with the same one.
+        if let Ok(Err(_)) = tokio::time::timeout(pause, share.changed()).await {
+            return;
+        }
+    }
+}
+
+/// Applies the log of `current`'s units to its generation until the share changes.
+async fn fill(
+    job: &Job,
+    process: Uuid,
+    current: &RebuildShare,
+    share: &mut watch::Receiver<Option<RebuildShare>>,
+) -> anyhow::Result<()> {
+    let hold = Hold::rebuild_units(
+        job.name(),
+        process,
+        current.units.clone(),
+        current.generation,
+        job.projection.version(),
+    );
+    // The rebuild's own way with a record it cannot apply, not this process's.
+    let mut job = job.clone();
+    if let Some(on_error) =
+        crate::rebuild_units::on_error(&job.pool, job.name(), current.generation).await?
+    {
+        job.options.on_error = on_error;
+    }
+    let job = &job;
+    let mut applier = Applier::load(job, current.generation, Mode::Rebuild, &hold).await?;
+    let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
+    let mut pacer = Pacer::start(job.options.rebuild_pace, &job.pool, job.name()).await;
+    let mut batches = Prefetch::start(
+        reader,
+        Arc::clone(&job.options.policy),
+        job.options.batch_size,
+        Duration::from_millis(200),
+        job.options.linger,
+    );
+    loop {
+        let batch = tokio::select! {
+            batch = batches.next() => batch?,
+            changed = share.changed() => {
+                changed?;
+                return Ok(());
+            }
+        };
+        let (before, applying) = (applier.events(), Instant::now());
+        if let Flow::Stopped = applier.apply(&batch).await? {
+            // The coordinator sees the rebuild stopped and gives up; nothing more applies
+            // until the share changes.
+            share.changed().await?;
+            return Ok(());
+        }
+        pacer
+            .after_batch(applier.events() - before, applying.elapsed())
+            .await;
+    }
+}
