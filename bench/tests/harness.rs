@@ -80,6 +80,26 @@ fn the_harness_reports_every_scenario_beside_its_baseline() {
             "catch-up with {processes} processes"
         );
     }
+    for processes in 1..=3 {
+        let rebuilds: Vec<&str> = rows
+            .iter()
+            .filter_map(|r| r["scenario"].as_str())
+            .filter(|s| {
+                s.starts_with("Rebuild of orders")
+                    && s.contains(&format!("filled by {processes} running processes"))
+            })
+            .collect();
+        assert_eq!(
+            rebuilds.len(),
+            1,
+            "a rebuild with {processes} processes running"
+        );
+        assert!(
+            !rebuilds[0].ends_with("(0 helped)"),
+            "the running processes helped fill it: {}",
+            rebuilds[0]
+        );
+    }
     assert_eq!(
         named("A killed projector's partitions move"),
         2,

@@ -147,7 +147,7 @@ async fn queries(
 
 /// Runs a projector command that prints JSON lines (a `rebuild --json`) with rebuilds
 /// paced `pace`, to its end; the lines.
-async fn rebuild_json(
+pub(crate) async fn rebuild_json(
     env: &[(&'static str, String)],
     args: &[&str],
     pace: &str,

@@ -2,6 +2,7 @@
 //! projection scenarios:
 //!
 //! * catch-up of `orders` from offset 0 with 1, 2 and 3 `projector run` processes;
+//! * a rebuild of `orders` filled by those 1, 2 and 3 running processes;
 //! * how long a killed process's partitions take to move to the others (SIGKILL: after
 //!   the claim timeout; SIGTERM: at once).
 
@@ -23,7 +24,7 @@ const MOVES: usize = 3;
 pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     let events = options.events;
     let log = OrderLog::write("sharing", "bench-share", events).await?;
-    let mut one = None;
+    let (mut one, mut one_rebuild) = (None, None);
     for processes in 1..=3usize {
         step(&format!(
             "sharing: catch-up of {events} events with {processes} projector processes"
@@ -48,6 +49,32 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
                 report
                     .rows
                     .push(Row::beside(&scenario, "events/s", rate, "1 process", one))
+            }
+        }
+        // The running processes fill a rebuild together (unpaced: nothing else runs).
+        step(&format!(
+            "sharing: a rebuild of orders filled by {processes} running projector processes"
+        ));
+        let mut env = log.config.env();
+        env.push(("KEEL_DATABASE_URL", db.url()));
+        let rebuilt =
+            crate::projections::rebuild_json(&env, &["rebuild", "orders", "--json"], "off").await?;
+        if let Some(rebuilt) = rebuilt.first() {
+            let rate = rebuilt["events_per_second"].as_f64().unwrap_or_default();
+            let helped = rebuilt["helped_by"].as_u64().unwrap_or_default();
+            let scenario = format!(
+                "Rebuild of orders, {events} events, filled by {processes} running processes ({helped} helped)"
+            );
+            match one_rebuild {
+                None => {
+                    one_rebuild = Some(rate);
+                    report.rows.push(Row::plain(&scenario, "events/s", rate));
+                }
+                Some(one) => {
+                    report
+                        .rows
+                        .push(Row::beside(&scenario, "events/s", rate, "1 process", one))
+                }
             }
         }
         if processes == 2 {
