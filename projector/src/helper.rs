@@ -5,7 +5,7 @@
 //! coordinator took the units to swap, another process took one, or the rebuild ended.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel_kafka::LogReader;
 use tokio::sync::{Notify, watch};
@@ -109,15 +109,11 @@ async fn fill(
                 return Ok(());
             }
         };
-        let (before, applying) = (applier.events(), Instant::now());
-        if let Flow::Stopped = applier.apply(&batch).await? {
+        if let Flow::Stopped = pacer.apply(&mut applier, &batch).await? {
             // The coordinator sees the rebuild stopped and gives up; nothing more applies
             // until the share changes.
             share.changed().await?;
             return Ok(());
         }
-        pacer
-            .after_batch(applier.events() - before, applying.elapsed())
-            .await;
     }
 }

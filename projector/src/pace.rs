@@ -15,12 +15,19 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use tracing::debug;
 
+use crate::applier::{Applier, Flow};
+use crate::decode::Decoded;
+
 /// How often the adaptive pacer looks at the live reads and lag.
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// The first pause after a batch once the pacer backs off.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// The longest pause after a batch.
 const MAX_PAUSE: Duration = Duration::from_millis(500);
+/// How many records a rebuild applies between two pauses while it backs off: small
+/// slices spread its work out between the live reads, where a whole batch would hold the
+/// database (and the cores) for a burst that the reads queue behind.
+const PACED_SLICE: usize = 100;
 /// A second with fewer reads than this says too little about their latency.
 const MIN_REQUESTS: i64 = 20;
 /// The bound on the live reads' p99 when no baseline is known, in milliseconds.
@@ -121,6 +128,35 @@ impl Pacer {
             pacer.lag_at_start = pacer.live().await.map_or(0, |(lag, _)| lag);
         }
         pacer
+    }
+
+    /// Applies `batch` with `applier`, pausing after it as the pace asks; while the pacer
+    /// backs off, a slice of [`PACED_SLICE`] records at a time with a pause after each.
+    pub(crate) async fn apply(
+        &mut self,
+        applier: &mut Applier<'_>,
+        batch: &[Decoded],
+    ) -> anyhow::Result<Flow> {
+        let slice = if self.pause.is_zero() {
+            batch.len()
+        } else {
+            PACED_SLICE
+        };
+        // An empty batch still goes through the applier (it settles nothing, but says the
+        // generation is still there).
+        let mut slices = batch.chunks(slice.max(1)).peekable();
+        if slices.peek().is_none() {
+            return applier.apply(batch).await;
+        }
+        for slice in slices {
+            let (before, applying) = (applier.events(), Instant::now());
+            if let Flow::Stopped = applier.apply(slice).await? {
+                return Ok(Flow::Stopped);
+            }
+            self.after_batch(applier.events() - before, applying.elapsed())
+                .await;
+        }
+        Ok(Flow::Continue)
     }
 
     /// How long it paused in all.
@@ -292,6 +328,46 @@ mod tests {
             pacer.after_batch(100, BATCH).await;
         }
         assert_eq!(pacer.pause, Duration::ZERO, "and stops once they are fast");
+        pool.close().await;
+    }
+
+    /// While it backs off, a rebuild applies a batch a slice at a time with a pause after
+    /// each, so its work is spread out between the live reads; otherwise whole.
+    #[tokio::test]
+    async fn a_backing_off_rebuild_applies_a_batch_in_slices_with_a_pause_after_each() {
+        let (_db, pool) = crate::testing::database("pace-slices").await;
+        let one = crate::testing::OneOrderPartition::prepare(&pool).await;
+        let hold = crate::hold::Hold::claim(&pool, "run:orders".into())
+            .await
+            .unwrap();
+        let mut applier = Applier::load(&one.job, one.live, crate::generation::Mode::Live, &hold)
+            .await
+            .unwrap();
+        let w = keel_schemas::testing::writer("w", 1);
+        let mut records = vec![one.fence(&w)];
+        records.extend((1..250).map(|i| crate::testing::placed(&w, &one.key, &format!("o-{i}"))));
+        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders").await;
+        pacer.checked = Some(Instant::now());
+        pacer.pause = FIRST_PAUSE;
+        pacer.slow_reads = true;
+        let flow = pacer
+            .apply(&mut applier, &one.read(0, &records))
+            .await
+            .unwrap();
+        assert!(matches!(flow, Flow::Continue));
+        assert_eq!(applier.next_offset(&one.job.partitions()[0]), 250);
+        assert_eq!(pacer.paused(), FIRST_PAUSE * 3, "slices of 100, 100 and 50");
+        // Not backing off: the batch whole, no pause.
+        pacer.pause = Duration::ZERO;
+        let more: Vec<_> = (250..260)
+            .map(|i| crate::testing::placed(&w, &one.key, &format!("o-{i}")))
+            .collect();
+        pacer
+            .apply(&mut applier, &one.read(250, &more))
+            .await
+            .unwrap();
+        assert_eq!(applier.next_offset(&one.job.partitions()[0]), 260);
+        assert_eq!(pacer.paused(), FIRST_PAUSE * 3);
         pool.close().await;
     }
 

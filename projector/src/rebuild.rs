@@ -295,14 +295,10 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     );
     let swapped = loop {
         let batch = batches.next().await?;
-        let (before, applying) = (applier.events(), Instant::now());
-        if let Flow::Stopped = applier.apply(&batch).await? {
+        if let Flow::Stopped = pacer.apply(&mut applier, &batch).await? {
             view.abandon();
             return Err(stopped());
         }
-        pacer
-            .after_batch(applier.events() - before, applying.elapsed())
-            .await;
         // A fresh measure of the head, when there is one; an empty batch waits for it.
         if batch.is_empty() {
             ends_rx.changed().await?;

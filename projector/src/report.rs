@@ -74,7 +74,7 @@ pub fn status_text(before: &[ProjectionStatus], now: &[ProjectionStatus]) -> Str
         }
         if let Some(r) = &p.rebuild {
             out.push_str(&format!(
-                "  rebuild of generation {} (code v{}): {}, {}/{} records, {} events/s, ETA {} (by {}, started {})\n",
+                "  rebuild of generation {} (code v{}): {}, {}/{} records, {} events/s, ETA {} (by {}, started {}; {} running processes filling it)\n",
                 r.generation,
                 r.code_version,
                 r.state,
@@ -83,7 +83,8 @@ pub fn status_text(before: &[ProjectionStatus], now: &[ProjectionStatus]) -> Str
                 r.events_per_second.map_or("?".into(), |e| format!("{e:.0}")),
                 r.eta_seconds.map_or("?".into(), |e| format!("{e:.0}s")),
                 r.owner,
-                r.started_at.format("%Y-%m-%d %H:%M:%S UTC")
+                r.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                r.helpers
             ));
             if let Some(error) = &r.error {
                 out.push_str(&format!("    stopped: {error}\n"));

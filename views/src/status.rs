@@ -146,6 +146,9 @@ pub struct RebuildStatus {
     pub started_at: DateTime<Utc>,
     /// When it last made progress.
     pub updated_at: DateTime<Utc>,
+    /// How many running projector processes hold some of its partitions, filling them.
+    #[sqlx(skip)]
+    pub helpers: i64,
 }
 
 /// One projection.
@@ -277,6 +280,23 @@ pub async fn read(pool: &PgPool) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
     .into_iter()
     .map(|r| (r.projection.clone(), r))
     .collect();
+    // Who fills each rebuild: the live holders of its units (none before the units
+    // existed, on a database the projector has not migrated yet).
+    let helpers: Vec<(String, i64)> = missing_is_none(
+        sqlx::query_as(
+            "SELECT u.projection, count(DISTINCT u.holder) FROM keel_units u
+             JOIN keel_projector_processes p ON p.id = u.holder AND p.expires_at > now()
+             WHERE u.kind = 'rebuild' AND cardinality(p.projections) > 0
+             GROUP BY u.projection",
+        )
+        .fetch_all(pool)
+        .await,
+    )?;
+    for (projection, count) in helpers {
+        if let Some(rebuild) = rebuilds.get_mut(&projection) {
+            rebuild.helpers = count;
+        }
+    }
     Ok(rows
         .into_iter()
         .map(

@@ -298,6 +298,18 @@ async fn a_rebuild_filled_by_two_projectors_survives_one_of_them_dying() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // GET /v1/projections says who fills it.
+        loop {
+            let rebuild = stack.projection("orders").await["rebuild"].clone();
+            if rebuild["helpers"].as_i64().is_some_and(|n| n >= 1) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the status never showed the helpers: {rebuild}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         a.kill().await.unwrap();
     };
