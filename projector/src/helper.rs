@@ -12,7 +12,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::applier::{Applier, Flow};
+use crate::applier::{Applier, Flow, Halted};
 use crate::generation::Mode;
 use crate::hold::{Hold, LostHold};
 use crate::job::Job;
@@ -109,11 +109,42 @@ async fn fill(
                 return Ok(());
             }
         };
-        if let Flow::Stopped = pacer.apply(&mut applier, &batch).await? {
+        let flow = match pacer.apply(&mut applier, &batch).await {
+            // An error that is not the record's: the rebuild stops, where its coordinator
+            // sees it, rather than this process trying again for ever.
+            Err(e) if e.downcast_ref::<Halted>().is_some() => {
+                stop_rebuild(job, &hold, current.generation, &format!("{e:#}")).await?;
+                Flow::Stopped
+            }
+            flow => flow?,
+        };
+        if let Flow::Stopped = flow {
             // The coordinator sees the rebuild stopped and gives up; nothing more applies
             // until the share changes.
             share.changed().await?;
             return Ok(());
         }
     }
+}
+
+/// Records the rebuild of `job`'s projection into `generation` as stopped on `error`, in a
+/// transaction that proves `hold`.
+async fn stop_rebuild(job: &Job, hold: &Hold, generation: i32, error: &str) -> anyhow::Result<()> {
+    let mut tx = job.pool.begin().await?;
+    hold.prove(&mut tx).await?;
+    sqlx::query(
+        "UPDATE keel_rebuilds SET state = 'stopped', error = $3, updated_at = now()
+         WHERE projection = $1 AND generation = $2",
+    )
+    .bind(job.name())
+    .bind(generation)
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    warn!(
+        projection = job.name(),
+        generation, error, "the rebuild stopped"
+    );
+    Ok(())
 }

@@ -23,7 +23,7 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// The first pause after a batch once the pacer backs off.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// The longest pause after a batch.
-const MAX_PAUSE: Duration = Duration::from_millis(500);
+const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// How many records a rebuild applies between two pauses while it backs off: small
 /// slices spread its work out between the live reads, where a whole batch would hold the
 /// database (and the cores) for a burst that the reads queue behind.
@@ -89,6 +89,8 @@ pub(crate) struct Pacer {
     /// Whether the live reads were above their bound at the last check.
     slow_reads: bool,
     paused: Duration,
+    /// How many pauses it made.
+    pauses: u32,
 }
 
 impl Pacer {
@@ -109,6 +111,7 @@ impl Pacer {
             live_read: None,
             slow_reads: false,
             paused: Duration::ZERO,
+            pauses: 0,
         };
         if pace == Pace::Adaptive {
             let baseline: Option<f64> = sqlx::query_scalar(
@@ -131,7 +134,9 @@ impl Pacer {
     }
 
     /// Applies `batch` with `applier`, pausing after it as the pace asks; while the pacer
-    /// backs off, a slice of [`PACED_SLICE`] records at a time with a pause after each.
+    /// backs off, a slice of [`PACED_SLICE`] records at a time with its share of the
+    /// batch's pause after each (so the pauses of a batch add up to one, and the rebuild
+    /// keeps the least pace it always had).
     pub(crate) async fn apply(
         &mut self,
         applier: &mut Applier<'_>,
@@ -142,8 +147,7 @@ impl Pacer {
         } else {
             PACED_SLICE
         };
-        // An empty batch still goes through the applier (it settles nothing, but says the
-        // generation is still there).
+        // An empty batch still goes through the applier, which does nothing with it.
         let mut slices = batch.chunks(slice.max(1)).peekable();
         if slices.peek().is_none() {
             return applier.apply(batch).await;
@@ -153,7 +157,8 @@ impl Pacer {
             if let Flow::Stopped = applier.apply(slice).await? {
                 return Ok(Flow::Stopped);
             }
-            self.after_batch(applier.events() - before, applying.elapsed())
+            let share = slice.len() as f64 / batch.len() as f64;
+            self.after_batch(applier.events() - before, applying.elapsed(), share)
                 .await;
         }
         Ok(Flow::Continue)
@@ -164,14 +169,15 @@ impl Pacer {
         self.paused
     }
 
-    /// After a batch of `events` that took `took` to apply: waits as the pace asks. While
+    /// After a batch of `events` that took `took` to apply, or a slice that is `share` of
+    /// its batch: waits as the pace asks (the adaptive pause, that share of it). While
     /// live reads are slow, the adaptive pause is whole (up to [`MAX_PAUSE`] a batch: the
     /// rebuild still moves a batch at a time, and reaches the head); while only the live
     /// projection's lag is high, never more than twice what the batch took, so the
     /// rebuild keeps at least a third of its pace (it competes with the live runner for
     /// the same database, and a rebuild that crawled would leave the live one behind as
     /// long).
-    pub(crate) async fn after_batch(&mut self, events: u64, took: Duration) {
+    async fn after_batch(&mut self, events: u64, took: Duration, share: f64) {
         self.events += events;
         let wait = match self.pace {
             Pace::Off => Duration::ZERO,
@@ -184,14 +190,16 @@ impl Pacer {
                     self.checked = Some(Instant::now());
                     self.adapt().await;
                 }
+                let pause = self.pause.mul_f64(share.clamp(0.0, 1.0));
                 if self.slow_reads {
-                    self.pause
+                    pause
                 } else {
-                    self.pause.min(took * 2)
+                    pause.min(took * 2)
                 }
             }
         };
         if !wait.is_zero() {
+            self.pauses += 1;
             self.paused += wait;
             tokio::time::sleep(wait).await;
         }
@@ -294,7 +302,7 @@ mod tests {
         let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders").await;
         for _ in 0..5 {
             pacer.checked = None;
-            pacer.after_batch(100, BATCH).await;
+            pacer.after_batch(100, BATCH, 1.0).await;
         }
         assert_eq!(pacer.paused(), Duration::ZERO);
         // A baseline of 2 ms: the bound is 5 ms.
@@ -311,7 +319,7 @@ mod tests {
         window(50.0).await;
         for _ in 0..3 {
             pacer.checked = None;
-            pacer.after_batch(100, BATCH).await;
+            pacer.after_batch(100, BATCH, 1.0).await;
         }
         assert_eq!(
             pacer.pause,
@@ -320,12 +328,12 @@ mod tests {
         );
         // While reads are slow, the whole pause, however short the batch.
         let before = pacer.paused();
-        pacer.after_batch(100, Duration::from_millis(1)).await;
+        pacer.after_batch(100, Duration::from_millis(1), 1.0).await;
         assert_eq!(pacer.paused() - before, FIRST_PAUSE * 4);
         window(2.0).await;
         for _ in 0..40 {
             pacer.checked = None;
-            pacer.after_batch(100, BATCH).await;
+            pacer.after_batch(100, BATCH, 1.0).await;
         }
         assert_eq!(pacer.pause, Duration::ZERO, "and stops once they are fast");
         pool.close().await;
@@ -356,7 +364,15 @@ mod tests {
             .unwrap();
         assert!(matches!(flow, Flow::Continue));
         assert_eq!(applier.next_offset(&one.job.partitions()[0]), 250);
-        assert_eq!(pacer.paused(), FIRST_PAUSE * 3, "slices of 100, 100 and 50");
+        assert_eq!(
+            pacer.pauses, 3,
+            "slices of 100, 100 and 50, a pause after each"
+        );
+        let paused = pacer.paused().as_secs_f64();
+        assert!(
+            (paused - FIRST_PAUSE.as_secs_f64()).abs() < 1e-6,
+            "the batch's pause shared among its slices: {paused}"
+        );
         // Not backing off: the batch whole, no pause.
         pacer.pause = Duration::ZERO;
         let more: Vec<_> = (250..260)
@@ -367,7 +383,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(applier.next_offset(&one.job.partitions()[0]), 260);
-        assert_eq!(pacer.paused(), FIRST_PAUSE * 3);
+        assert_eq!(pacer.pauses, 3);
         pool.close().await;
     }
 
@@ -378,7 +394,7 @@ mod tests {
         let mut pacer = Pacer::start(Pace::Rate(2_000.0), &pool, "orders").await;
         let started = Instant::now();
         for _ in 0..5 {
-            pacer.after_batch(100, Duration::ZERO).await;
+            pacer.after_batch(100, Duration::ZERO, 1.0).await;
         }
         // 500 events at 2,000/s: a quarter of a second at least.
         assert!(

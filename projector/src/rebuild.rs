@@ -329,10 +329,14 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
             // The secondary indexes are built once, now that the rows are in, instead of
             // kept up to date row by row; then the rebuild catches up again and swaps.
             view.note("caught up with the head; building the indexes");
-            let mut db = job.pool.acquire().await?;
-            create_indexes(&mut db, job.projection.as_ref(), generation)
+            // Only while this process still holds the rebuild and its units.
+            let mut tx = job.pool.begin().await?;
+            applier.prove_hold(&mut tx).await?;
+            hold.prove(&mut tx).await?;
+            create_indexes(&mut tx, job.projection.as_ref(), generation)
                 .await
                 .with_context(|| format!("indexing generation {generation} of {name}"))?;
+            tx.commit().await?;
             indexed = true;
             continue;
         }

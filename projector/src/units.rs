@@ -620,10 +620,16 @@ impl Leaving {
     /// until the pool closes it, holding its units' rows): it connects on its own.
     pub async fn leave(self) -> anyhow::Result<()> {
         let mut db = PgConnection::connect_with(&self.options).await?;
-        sqlx::query("UPDATE keel_units SET holder = NULL WHERE holder = $1")
-            .bind(self.id)
-            .execute(&mut db)
-            .await?;
+        // In key order, as every batch, claim and rebuild takes the rows.
+        sqlx::query(
+            "UPDATE keel_units u SET holder = NULL
+             FROM (SELECT kind, projection, topic, partition FROM keel_units WHERE holder = $1
+                   ORDER BY kind, projection, topic, partition FOR UPDATE) l
+             WHERE (u.kind, u.projection, u.topic, u.partition) = (l.kind, l.projection, l.topic, l.partition)",
+        )
+        .bind(self.id)
+        .execute(&mut db)
+        .await?;
         sqlx::query("DELETE FROM keel_projector_processes WHERE id = $1")
             .bind(self.id)
             .execute(&mut db)
