@@ -120,10 +120,9 @@ pub async fn wait(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
-    use std::collections::HashMap;
     use std::sync::Arc;
 
-    use keel_kafka::{AbortOnDrop, LogProducer, partition_for};
+    use keel_kafka::{AbortOnDrop, LogProducer};
     use keel_schemas::testing::{commit, stream, writer};
     use keel_schemas::{CommitRecord, LogRecord, TopicPartition};
     use serde_json::json;
@@ -148,25 +147,11 @@ mod tests {
         keel_kafka::ensure_topics(&kafka, &["order"]).await.unwrap();
         let (_db, pool) = crate::testing::database("park-100k").await;
         let (key, policy) = crate::testing::trusted_key();
-        let topic = kafka.topic("order");
         let writer = writer("w", 1);
         let eur = json!({"amount_minor": 100, "currency": "EUR"});
         let placed = |id: &str| crate::testing::placed_commit(&writer, &key, id);
-        let mut log: HashMap<i32, Vec<(String, LogRecord)>> = (0..kafka.partitions)
-            .map(|p| {
-                let fence = keel_schemas::testing::signed_fence(
-                    &writer,
-                    &key,
-                    &TopicPartition::new(topic.clone(), p),
-                );
-                (p, vec![(String::new(), fence)])
-            })
-            .collect();
-        let mut push = |id: &str, record: CommitRecord| {
-            log.get_mut(&partition_for(id.as_bytes(), kafka.partitions))
-                .unwrap()
-                .push((id.to_owned(), LogRecord::Commit(record)));
-        };
+        let mut log = crate::testing::OrderTopicLog::fenced(&kafka, &writer, &key);
+        let mut push = |id: &str, record: CommitRecord| log.push(id, record);
         let bad = placed("o-bad");
         let unreadable = commit(&writer, stream("order", "o-unreadable"), 0)
             .event("OrderPlaced", 2, json!({"nonsense": true}))
@@ -200,18 +185,7 @@ mod tests {
                 push("o-unreadable", cancelled);
             }
         }
-        let producer = LogProducer::new(&kafka).unwrap();
-        let mut records = 0;
-        for (partition, entries) in &log {
-            for chunk in entries.chunks(5_000) {
-                let refs: Vec<(&str, &LogRecord, Option<&str>)> =
-                    chunk.iter().map(|(k, r)| (k.as_str(), r, None)).collect();
-                for offset in producer.enqueue_records(&topic, *partition, &refs).await {
-                    offset.unwrap();
-                }
-            }
-            records += entries.len() as i64;
-        }
+        let records = log.write(&kafka).await;
 
         let fixable = crate::testing::Fixable::orders("o-bad");
         let job = Job::new(

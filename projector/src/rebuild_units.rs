@@ -364,11 +364,9 @@ pub(crate) async fn helpers(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
-    use std::collections::HashMap;
     use std::sync::Arc;
 
-    use keel_kafka::{AbortOnDrop, LogProducer, partition_for};
-    use keel_schemas::LogRecord;
+    use keel_kafka::AbortOnDrop;
     use keel_schemas::testing::writer;
 
     use super::*;
@@ -591,35 +589,14 @@ mod tests {
         keel_kafka::ensure_topics(&kafka, &["order"]).await.unwrap();
         let (_db, pool) = crate::testing::database("shared-rebuild").await;
         let (key, policy) = crate::testing::trusted_key();
-        let topic = kafka.topic("order");
         let w = writer("w", 1);
-        let mut log: HashMap<i32, Vec<(String, LogRecord)>> = (0..kafka.partitions)
-            .map(|p| {
-                let fence = keel_schemas::testing::signed_fence(
-                    &w,
-                    &key,
-                    &TopicPartition::new(topic.clone(), p),
-                );
-                (p, vec![(String::new(), fence)])
-            })
-            .collect();
+        let mut log = crate::testing::OrderTopicLog::fenced(&kafka, &w, &key);
         for i in 0..ORDERS {
             let id = format!("o-{i}");
-            log.get_mut(&partition_for(id.as_bytes(), kafka.partitions))
-                .unwrap()
-                .push((id.clone(), crate::testing::placed(&w, &key, &id)));
+            log.push(&id, crate::testing::placed_commit(&w, &key, &id));
         }
-        let producer = LogProducer::new(&kafka).unwrap();
-        for (partition, entries) in &log {
-            for chunk in entries.chunks(5_000) {
-                let refs: Vec<(&str, &LogRecord, Option<&str>)> =
-                    chunk.iter().map(|(k, r)| (k.as_str(), r, None)).collect();
-                for offset in producer.enqueue_records(&topic, *partition, &refs).await {
-                    offset.unwrap();
-                }
-            }
-        }
-        let records = (ORDERS + log.len()) as i64;
+        let records = log.write(&kafka).await;
+
         let mut job = crate::testing::job(crate::testing::orders(), &pool, kafka, policy);
         job.options.claim_timeout = Duration::from_secs(2);
         job.options.batch_size = 500;

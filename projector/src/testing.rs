@@ -282,3 +282,63 @@ pub(crate) fn order_commit(
         .event(event.0, 1, event.1)
         .signed(key)
 }
+
+/// A log of the order topic of a test's broker, built partition by partition: a fence
+/// signed with the test's key first on each, then records on their streams' partitions.
+pub(crate) struct OrderTopicLog {
+    topic: String,
+    partitions: i32,
+    by_partition: std::collections::HashMap<i32, Vec<(String, keel_schemas::LogRecord)>>,
+}
+
+impl OrderTopicLog {
+    /// A fence by `writer`, signed with `key`, on every partition of the order topic.
+    pub(crate) fn fenced(
+        kafka: &KafkaSettings,
+        writer: &keel_schemas::Writer,
+        key: &keel_schemas::SigningKey,
+    ) -> Self {
+        let topic = kafka.topic("order");
+        let by_partition = (0..kafka.partitions)
+            .map(|p| {
+                let at = keel_schemas::TopicPartition::new(topic.clone(), p);
+                let fence = keel_schemas::testing::signed_fence(writer, key, &at);
+                (p, vec![(String::new(), fence)])
+            })
+            .collect();
+        Self {
+            topic,
+            partitions: kafka.partitions,
+            by_partition,
+        }
+    }
+
+    /// Adds a commit of the order `id` on its partition.
+    pub(crate) fn push(&mut self, id: &str, record: keel_schemas::CommitRecord) {
+        let partition = keel_kafka::partition_for(id.as_bytes(), self.partitions);
+        self.by_partition
+            .entry(partition)
+            .or_default()
+            .push((id.to_owned(), keel_schemas::LogRecord::Commit(record)));
+    }
+
+    /// Writes the log to the broker of `kafka`; the records written, fences included.
+    pub(crate) async fn write(&self, kafka: &KafkaSettings) -> i64 {
+        let producer = keel_kafka::LogProducer::new(kafka).unwrap();
+        let mut records = 0;
+        for (partition, entries) in &self.by_partition {
+            for chunk in entries.chunks(5_000) {
+                let refs: Vec<(&str, &keel_schemas::LogRecord, Option<&str>)> =
+                    chunk.iter().map(|(k, r)| (k.as_str(), r, None)).collect();
+                for offset in producer
+                    .enqueue_records(&self.topic, *partition, &refs)
+                    .await
+                {
+                    offset.unwrap();
+                }
+            }
+            records += entries.len() as i64;
+        }
+        records
+    }
+}

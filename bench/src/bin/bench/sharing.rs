@@ -40,17 +40,7 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
         let seconds = caught_up(&db, log.total).await?;
         let rate = events as f64 / seconds;
         let scenario = format!("Catch-up of orders, {events} events, {processes} processes");
-        match one {
-            None => {
-                one = Some(rate);
-                report.rows.push(Row::plain(&scenario, "events/s", rate));
-            }
-            Some(one) => {
-                report
-                    .rows
-                    .push(Row::beside(&scenario, "events/s", rate, "1 process", one))
-            }
-        }
+        beside_one(report, &mut one, &scenario, rate);
         // The running processes fill a rebuild together (unpaced: nothing else runs).
         step(&format!(
             "sharing: a rebuild of orders filled by {processes} running projector processes"
@@ -65,17 +55,7 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
             let scenario = format!(
                 "Rebuild of orders, {events} events, filled by {processes} running processes ({helped} helped)"
             );
-            match one_rebuild {
-                None => {
-                    one_rebuild = Some(rate);
-                    report.rows.push(Row::plain(&scenario, "events/s", rate));
-                }
-                Some(one) => {
-                    report
-                        .rows
-                        .push(Row::beside(&scenario, "events/s", rate, "1 process", one))
-                }
-            }
+            beside_one(report, &mut one_rebuild, &scenario, rate);
         }
         if processes == 2 {
             let kills = if options.quick { 1 } else { MOVES };
@@ -92,6 +72,20 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
          coordination but no CPU: the total is bound by the cores (with more machines, by PostgreSQL's write rate)."
     ));
     Ok(())
+}
+
+/// Adds the events/s of `scenario`: the first, with 1 process, plainly (and kept in
+/// `one`); the others beside it.
+fn beside_one(report: &mut Report, one: &mut Option<f64>, scenario: &str, rate: f64) {
+    match one {
+        None => {
+            *one = Some(rate);
+            report.rows.push(Row::plain(scenario, "events/s", rate));
+        }
+        Some(one) => report
+            .rows
+            .push(Row::beside(scenario, "events/s", rate, "1 process", *one)),
+    }
 }
 
 /// Seconds until the live checkpoints of `orders` reach `total` records.
