@@ -144,17 +144,16 @@ impl Pacer {
         applier: &mut Applier<'_>,
         batch: &[Decoded],
     ) -> anyhow::Result<Flow> {
+        // An empty batch still goes through the applier, which does nothing with it.
+        if batch.is_empty() {
+            return applier.apply(batch).await;
+        }
         let slice = if self.pause.is_zero() {
             batch.len()
         } else {
             PACED_SLICE
         };
-        // An empty batch still goes through the applier, which does nothing with it.
-        let mut slices = batch.chunks(slice.max(1)).peekable();
-        if slices.peek().is_none() {
-            return applier.apply(batch).await;
-        }
-        for slice in slices {
+        for slice in batch.chunks(slice) {
             let (before, applying) = (applier.events(), Instant::now());
             if let Flow::Stopped = applier.apply(slice).await? {
                 return Ok(Flow::Stopped);

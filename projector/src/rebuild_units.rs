@@ -31,7 +31,8 @@ use crate::units::{REBUILD, Unit};
 pub(crate) struct Coordinator {
     id: Uuid,
     pool: PgPool,
-    _beat: AbortOnDrop<()>,
+    /// The heartbeat's task; `None` once [`Coordinator::end`] stopped it.
+    beat: Option<AbortOnDrop<()>>,
 }
 
 impl Coordinator {
@@ -64,7 +65,7 @@ impl Coordinator {
         Ok(Self {
             id,
             pool: pool.clone(),
-            _beat: beat,
+            beat: Some(beat),
         })
     }
 
@@ -74,28 +75,33 @@ impl Coordinator {
     }
 
     /// Ends the heartbeat now, so the helpers let go at their next tick.
-    pub(crate) async fn end(self) {
-        let _ = sqlx::query("DELETE FROM keel_projector_processes WHERE id = $1")
-            .bind(self.id)
-            .execute(&self.pool)
-            .await;
+    pub(crate) async fn end(mut self) {
+        // The beats stop first, so that none writes the row again after it went.
+        self.beat.take();
+        forget(&self.pool, self.id).await;
     }
 }
 
 impl Drop for Coordinator {
-    /// Ends the heartbeat at once, so the helpers let go of the units now rather than
-    /// after the claim timeout.
+    /// Ends the heartbeat at once (unless [`Coordinator::end`] did), so the helpers let go
+    /// of the units now rather than after the claim timeout.
     fn drop(&mut self) {
+        if self.beat.take().is_none() {
+            return;
+        }
         let (pool, id) = (self.pool.clone(), self.id);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = sqlx::query("DELETE FROM keel_projector_processes WHERE id = $1")
-                    .bind(id)
-                    .execute(&pool)
-                    .await;
-            });
+            runtime.spawn(async move { forget(&pool, id).await });
         }
     }
+}
+
+/// Deletes the heartbeat of coordinator `id`; a failure leaves it to expire.
+async fn forget(pool: &PgPool, id: Uuid) {
+    let _ = sqlx::query("DELETE FROM keel_projector_processes WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await;
 }
 
 /// One heartbeat: a process that runs no projection, so it is nobody's share.

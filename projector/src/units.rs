@@ -106,13 +106,14 @@ pub struct Membership {
     /// The code version of each projection whose rebuilds this process helps fill: only a
     /// rebuild of the same code (and gate rules) is its to help.
     helps: HashMap<&'static str, i32>,
-    /// The generation each rebuild unit names, as the last tick read them.
-    generations: HashMap<(&'static str, TopicPartition), Option<i32>>,
 }
 
 /// A unit as `keel_units` holds it: (projection, topic, partition, holder, holder alive,
 /// claims).
 type UnitRow = (String, String, i32, Option<Uuid>, bool, i64);
+
+/// The generation each rebuild unit names, as a tick read them.
+type Generations = HashMap<(&'static str, TopicPartition), Option<i32>>;
 
 /// A live process and the projections it runs, as its heartbeat says.
 type Member = (Uuid, Vec<String>);
@@ -169,7 +170,6 @@ impl Membership {
                 standing_by,
                 nudge,
                 helps: HashMap::new(),
-                generations: HashMap::new(),
             },
             assignments,
         )
@@ -300,7 +300,14 @@ impl Membership {
             })
             .collect();
         let held = self
-            .rebalance(RUN, &members, &running, &rows, standing_by)
+            .rebalance(
+                RUN,
+                &members,
+                &running,
+                &rows,
+                standing_by,
+                &Generations::new(),
+            )
             .await;
         for (projection, units) in held {
             let units: Vec<Unit> = units.into_iter().map(|(unit, _)| unit).collect();
@@ -329,7 +336,8 @@ impl Membership {
 
     /// Claims and releases units of `kind` towards this process's share of `projections`
     /// (the ones it runs, or helps rebuild) over `rows`, releasing `also` besides; the
-    /// units of each projection it holds after, each with the generation it names.
+    /// units of each projection it holds after, each with the generation it names (as
+    /// `generations` has the ones it keeps, and its claims return).
     async fn rebalance(
         &self,
         kind: &'static str,
@@ -337,6 +345,7 @@ impl Membership {
         projections: &BTreeMap<&'static str, Vec<TopicPartition>>,
         rows: &[UnitRow],
         also: Vec<(&'static str, TopicPartition)>,
+        generations: &Generations,
     ) -> BTreeMap<&'static str, BTreeSet<(Unit, Option<i32>)>> {
         let mut plan = Plan::of(self.id, members, projections, rows);
         plan.release.extend(also);
@@ -381,16 +390,13 @@ impl Membership {
         let mut held: BTreeMap<&'static str, BTreeSet<(Unit, Option<i32>)>> =
             self.units.keys().map(|n| (*n, BTreeSet::new())).collect();
         for (projection, unit) in plan.kept {
-            let generation = match kind {
-                REBUILD => self
-                    .generations
-                    .get(&(projection, unit.at.clone()))
-                    .copied(),
-                _ => None,
-            };
+            let generation = generations
+                .get(&(projection, unit.at.clone()))
+                .copied()
+                .flatten();
             held.entry(projection)
                 .or_default()
-                .insert((unit, generation.flatten()));
+                .insert((unit, generation));
         }
         for (projection, unit, generation) in claimed {
             held.entry(projection)
@@ -404,7 +410,7 @@ impl Membership {
     /// claims its share of their units, lets go of those of a rebuild no longer its to help
     /// (its coordinator died, or it is of other code), and tells each runner's helper.
     async fn help(
-        &mut self,
+        &self,
         running: &BTreeMap<&'static str, Vec<TopicPartition>>,
     ) -> anyhow::Result<()> {
         type RebuildRow = (
@@ -446,7 +452,7 @@ impl Membership {
         let mut tags: BTreeMap<String, String> = BTreeMap::new();
         let mut open = Vec::new();
         let mut leave = Vec::new();
-        self.generations.clear();
+        let mut generations = Generations::new();
         for (projection, topic, partition, holder, alive, claims, generation, code, rules, led) in
             rows
         {
@@ -457,7 +463,7 @@ impl Membership {
             });
             let at = TopicPartition::new(topic.clone(), partition);
             if let Some(name) = name {
-                self.generations.insert((name, at.clone()), generation);
+                generations.insert((name, at.clone()), generation);
             }
             if ours {
                 if let Some(code) = code {
@@ -486,7 +492,7 @@ impl Membership {
             })
             .collect();
         let held = self
-            .rebalance(REBUILD, &members, &helping, &open, leave)
+            .rebalance(REBUILD, &members, &helping, &open, leave, &generations)
             .await;
         for (projection, units) in held {
             // One generation at a time: a rebuild started again names a later one, and
