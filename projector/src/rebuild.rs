@@ -255,7 +255,7 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     let mut helped_by = BTreeSet::new();
     if rebuild_units::helpers(&job.pool, name, projection.version()).await? > 0 {
         view.note("shared with the projector processes that run it");
-        if !follow_helpers(
+        if let Some(reason) = follow_helpers(
             job,
             generation,
             &mut ends_rx,
@@ -266,7 +266,10 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
         .await?
         {
             view.abandon();
-            return Err(stopped());
+            anyhow::bail!(
+                "the rebuild of {name} generation {generation} stopped in a process helping fill it: {reason}; \
+                 the live view is untouched"
+            );
         }
     }
     // Every unit is this process's now: the helpers' batches in flight ended first, and
@@ -466,8 +469,9 @@ impl Tracker {
     }
 }
 
-/// Follows the processes filling `generation` until it is near the head: false when a
-/// helper's batch stopped the rebuild on a dead letter. Gives up on them (to finish alone)
+/// Follows the processes filling `generation` until it is near the head; why, when a
+/// helper's batch stopped the rebuild (a dead letter under `--on-error stop`, or an error
+/// no record causes). Gives up on them (to finish alone)
 /// when some of the units stay without a live holder for twice the claim timeout: no
 /// running process helps with them (none runs this code, or they all died).
 async fn follow_helpers(
@@ -477,7 +481,7 @@ async fn follow_helpers(
     view: &mut ProgressView,
     tracker: &mut Tracker,
     helped_by: &mut BTreeSet<uuid::Uuid>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<String>> {
     let name = job.name();
     let grace = job.options.claim_timeout * 2 + Duration::from_secs(1);
     let mut unheld_since: Option<Instant> = None;
@@ -486,8 +490,8 @@ async fn follow_helpers(
         tick.tick().await;
         let filled = rebuild_units::filled(&job.pool, name, generation).await?;
         helped_by.extend(filled.holders.iter().copied());
-        if filled.stopped.is_some() {
-            return Ok(false);
+        if let Some(reason) = filled.stopped {
+            return Ok(Some(reason));
         }
         let ends = match ends_rx.borrow_and_update().clone() {
             Some(Ok(ends)) => ends,
@@ -509,7 +513,7 @@ async fn follow_helpers(
             })
             .sum();
         if behind <= swap_distance(records_rate, job) {
-            return Ok(true);
+            return Ok(None);
         }
         if filled.unheld == 0 {
             unheld_since = None;
@@ -518,7 +522,7 @@ async fn follow_helpers(
                 "no running process helps with {} of the partitions; finishing alone",
                 filled.unheld
             ));
-            return Ok(true);
+            return Ok(None);
         }
     }
 }

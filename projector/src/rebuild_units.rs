@@ -302,7 +302,7 @@ pub(crate) struct Filled {
     pub(crate) holders: Vec<Uuid>,
     /// Units nobody alive holds.
     pub(crate) unheld: usize,
-    /// Why the rebuild stopped, when a helper's batch stopped it on a dead letter.
+    /// Why the rebuild stopped, when a helper's batch stopped it.
     pub(crate) stopped: Option<String>,
 }
 
@@ -675,6 +675,89 @@ mod tests {
                 .unwrap();
         assert_eq!(left, 0, "the swap deleted the rebuild's units");
         drop(processes);
+        pool.close().await;
+    }
+
+    /// A helper whose batch fails on an error no record causes (a missing table) stops
+    /// the rebuild where its coordinator sees it: the coordinator gives up with the
+    /// helper's error rather than wait for it for ever, and the live view stays.
+    #[tokio::test]
+    async fn a_helper_that_halts_stops_the_rebuild_and_its_coordinator_says_why() {
+        let broker = keel_tests::Broker::start().await.unwrap();
+        let kafka = broker.settings(&keel_tests::unique_prefix("halting-helper"), 2);
+        keel_kafka::ensure_topics(&kafka, &["order"]).await.unwrap();
+        let (_db, pool) = crate::testing::database("halting-helper").await;
+        let (key, policy) = crate::testing::trusted_key();
+        let w = writer("w", 1);
+        let mut log = crate::testing::OrderTopicLog::fenced(&kafka, &w, &key);
+        for i in 0..200 {
+            let id = format!("o-{i}");
+            log.push(&id, crate::testing::placed_commit(&w, &key, &id));
+        }
+        log.write(&kafka).await;
+        let broken = crate::testing::Fixable::orders("o-0");
+        broken.break_badly();
+        let mut job = crate::testing::job(broken, &pool, kafka, policy);
+        job.options.claim_timeout = Duration::from_secs(2);
+        let live = crate::generation::prepare(&pool, job.projection.as_ref())
+            .await
+            .unwrap()
+            .generation;
+
+        let (mut membership, mut assignments) = Membership::new(
+            pool.clone(),
+            job.options.claim_timeout,
+            [(job.name(), job.partitions())],
+        );
+        membership.help_rebuilds([(job.name(), job.projection.version())]);
+        let assignment = assignments.remove("orders").unwrap();
+        let _helper = AbortOnDrop(tokio::spawn(crate::helper::help(
+            job.clone(),
+            assignment.process,
+            assignment.rebuild.clone(),
+            Arc::clone(&assignment.nudge),
+        )));
+        let _membership = AbortOnDrop(tokio::spawn(membership.run()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while helpers(&pool, "orders", job.projection.version())
+            .await
+            .unwrap()
+            < 1
+        {
+            assert!(std::time::Instant::now() < deadline, "the process beats");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let options = RebuildOptions {
+            keep_old: false,
+            wait_for_lock: false,
+            only_if_older: false,
+            progress: Progress::Log,
+            allow_parked: false,
+        };
+        let error = tokio::time::timeout(
+            Duration::from_secs(60),
+            crate::rebuild::rebuild(&job, &options),
+        )
+        .await
+        .expect("the coordinator gives up once the helper stopped the rebuild")
+        .expect_err("the rebuild stops");
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("helping fill it") && message.contains("42P01"),
+            "{message}"
+        );
+        let (state, recorded): (String, Option<String>) =
+            sqlx::query_as("SELECT state, error FROM keel_rebuilds WHERE projection = 'orders'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(state, "stopped");
+        assert!(recorded.is_some_and(|e| e.contains("42P01")));
+        assert_eq!(
+            crate::generation::live(&pool, "orders").await.unwrap(),
+            Some(live),
+            "no swap"
+        );
         pool.close().await;
     }
 }
