@@ -64,6 +64,15 @@ fn entry_of<M: Message>(message: &M) -> LogEntry {
     }
 }
 
+/// Bounds what a reader's client buffers ahead to [`HISTORY_READ_AHEAD`] records a
+/// partition and 16 MB in all, unless the client settings say otherwise.
+fn bound_read_ahead(config: &mut rdkafka::ClientConfig, settings: &KafkaSettings) {
+    config.set("queued.min.messages", HISTORY_READ_AHEAD.to_string());
+    if !settings.client.contains_key("queued.max.messages.kbytes") {
+        config.set("queued.max.messages.kbytes", "16384");
+    }
+}
+
 /// Creates a consumer for readers: no group membership, no committed offsets.
 /// `fetch_wait_ms` is the default fetch wait, unless `KEEL_KAFKA_FETCH_WAIT_MAX_MS` sets one.
 fn reader_consumer(
@@ -177,7 +186,33 @@ impl LogReader {
         settings: &KafkaSettings,
         assignment: &[(TopicPartition, i64)],
     ) -> Result<Self, KafkaError> {
-        let consumer = reader_consumer(settings, 25)?;
+        Self::open_with(reader_consumer(settings, 25)?, settings, assignment)
+    }
+
+    /// [`Self::open`] with a bounded read-ahead, as a history reader has
+    /// ([`PartitionReader::open_history`]): what a rebuild that starts among live reads
+    /// uses. The client's default read-ahead (100,000 records a partition, up to 64 MB)
+    /// is fetched at once when a reader opens on a long log, a burst of the broker's and
+    /// the client's CPU that live reads queue behind and that no pacing of the applied
+    /// batches can spread out. The bound costs throughput, so a reader that runs
+    /// unpaced keeps the default.
+    pub fn open_gently(
+        settings: &KafkaSettings,
+        assignment: &[(TopicPartition, i64)],
+    ) -> Result<Self, KafkaError> {
+        let mut config = reader_config(settings, 25);
+        bound_read_ahead(&mut config, settings);
+        let consumer = config
+            .create()
+            .map_err(KafkaError::client("creating a log reader"))?;
+        Self::open_with(consumer, settings, assignment)
+    }
+
+    fn open_with(
+        consumer: StreamConsumer,
+        settings: &KafkaSettings,
+        assignment: &[(TopicPartition, i64)],
+    ) -> Result<Self, KafkaError> {
         let mut list = TopicPartitionList::new();
         for (at, offset) in assignment {
             list.add_partition_offset(&at.topic, at.partition, Offset::Offset(*offset))
@@ -558,10 +593,7 @@ impl PartitionReader {
         let (settings, at) = (settings.clone(), at.clone());
         tokio::task::spawn_blocking(move || {
             let mut config = reader_config(&settings, 100);
-            config.set("queued.min.messages", HISTORY_READ_AHEAD.to_string());
-            if !settings.client.contains_key("queued.max.messages.kbytes") {
-                config.set("queued.max.messages.kbytes", "16384");
-            }
+            bound_read_ahead(&mut config, &settings);
             let consumer: StreamConsumer = config
                 .create()
                 .map_err(KafkaError::client("creating a history reader"))?;

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_kafka::LogReader;
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -92,12 +91,18 @@ async fn fill(
     }
     let job = &job;
     let mut applier = Applier::load(job, current.generation, Mode::Rebuild, &hold).await?;
-    let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
-    let mut pacer = Pacer::start(job.options.rebuild_pace, &job.pool, job.name()).await;
+    let mut pacer = Pacer::start(
+        job.options.rebuild_pace,
+        &job.pool,
+        job.name(),
+        job.options.batch_size,
+    )
+    .await;
+    let reader = Arc::new(pacer.open_reader(&job.kafka, &applier.assignment())?);
     let mut batches = Prefetch::start(
         reader,
         Arc::clone(&job.options.policy),
-        job.options.batch_size,
+        pacer.batch_size(),
         Duration::from_millis(200),
         job.options.linger,
     );

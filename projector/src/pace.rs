@@ -2,34 +2,44 @@
 //! adaptively, backing off while live reads slow down or the live projection falls
 //! behind, the way PostgreSQL's vacuum cost delay protects foreground work.
 //!
-//! The adaptive pacer looks every [`CHECK_INTERVAL`] at the query APIs' latency of the
-//! last second (`keel_query_windows`, which each query API writes) and at the live
-//! generation's lag; while either is above its bound it doubles the pause it makes after
-//! each batch (from [`FIRST_PAUSE`] up to [`MAX_PAUSE`]), and otherwise shrinks it by a
-//! fifth, down to none. With nothing else running it never pauses: a rebuild alone runs
-//! at its unpaced rate, less the cost of the checks (one query each).
+//! The adaptive pacer looks every [`CHECK_INTERVAL`] at the query APIs' latency of their
+//! latest windows (`keel_query_windows`, which each query API writes four times a
+//! second) and at the live generation's lag; while either is above its bound it doubles
+//! the pause it makes after each batch (from [`FIRST_PAUSE`] up to [`MAX_PAUSE`]), and
+//! otherwise shrinks it by a tenth, down to none: quick to back off, slow to press on
+//! again. A rebuild that starts while live reads are served starts backed off
+//! ([`START_PAUSE`]) rather than at full speed, since the first sign of its harm would
+//! come a window late. With nothing else running it never pauses: a rebuild alone runs at
+//! its unpaced rate, less the cost of the checks (two queries each).
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use keel_kafka::LogReader;
 use sqlx::PgPool;
 use tracing::debug;
 
 use crate::applier::{Applier, Flow};
 use crate::decode::Decoded;
+use crate::prefetch::BatchSize;
 
 /// How often the adaptive pacer looks at the live reads and lag.
-const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+const CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// How far back the pacer looks for the query APIs' windows: the latest one or two of
+/// each (they are 250 ms long).
+const RECENT_WINDOWS: &str = "350 milliseconds";
 /// The first pause after a batch once the pacer backs off.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// The pause a rebuild starts with while live reads are served.
+const START_PAUSE: Duration = Duration::from_millis(50);
 /// The longest pause after a batch.
 const MAX_PAUSE: Duration = Duration::from_millis(500);
 /// How many records a rebuild applies between two pauses while it backs off: small
 /// slices spread its work out between the live reads, where a whole batch would hold the
 /// database (and the cores) for a burst that the reads queue behind.
 const PACED_SLICE: usize = 100;
-/// A second with fewer reads than this says too little about their latency.
-const MIN_REQUESTS: i64 = 20;
+/// Fewer reads than this (in the windows looked at) say too little about their latency.
+const MIN_REQUESTS: i64 = 10;
 /// The bound on the live reads' p99 when no baseline is known, in milliseconds.
 const DEFAULT_TARGET_MS: f64 = 10.0;
 
@@ -86,18 +96,29 @@ pub(crate) struct Pacer {
     lag_at_start: i64,
     /// Records the live generation had read at the last check.
     live_read: Option<i64>,
-    /// Whether the live reads were above their bound at the last check.
-    slow_reads: bool,
+    /// Whether the pause protects live reads: they were slow when it last grew, or were
+    /// served as the rebuild started. Such a pause is whole; one that grew for the live
+    /// projection's lag alone is capped.
+    for_reads: bool,
     paused: Duration,
     /// How many pauses it made.
     pauses: u32,
+    /// The batches the rebuild reads: [`PACED_SLICE`] records while it backs off, else
+    /// `batch_size`.
+    reads: BatchSize,
+    batch_size: usize,
 }
 
 impl Pacer {
     /// A pacer of `projection`'s rebuild; the adaptive one takes the live reads' p99 over
-    /// the last minute (the median of its busy seconds) as their baseline, and the bound
-    /// as twice that plus a millisecond.
-    pub(crate) async fn start(pace: Pace, pool: &PgPool, projection: &'static str) -> Self {
+    /// the last minute (the median of its busy windows) as their baseline, and the bound
+    /// as twice that plus a millisecond. While live reads are served it starts backed off.
+    pub(crate) async fn start(
+        pace: Pace,
+        pool: &PgPool,
+        projection: &'static str,
+        batch_size: usize,
+    ) -> Self {
         let mut pacer = Self {
             pace,
             pool: pool.clone(),
@@ -109,16 +130,17 @@ impl Pacer {
             target_ms: DEFAULT_TARGET_MS,
             lag_at_start: 0,
             live_read: None,
-            slow_reads: false,
+            for_reads: false,
             paused: Duration::ZERO,
             pauses: 0,
+            reads: BatchSize::fixed(batch_size),
+            batch_size,
         };
         if pace == Pace::Adaptive {
             let baseline: Option<f64> = sqlx::query_scalar(
-                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY p99)::float8 FROM (
-                     SELECT max(p99_ms) AS p99 FROM keel_query_windows
-                     WHERE second > now() - interval '60 seconds'
-                     GROUP BY second HAVING sum(requests) >= $1) busy",
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY p99_ms)::float8
+                 FROM keel_query_windows
+                 WHERE ended > now() - interval '60 seconds' AND requests >= $1",
             )
             .bind(MIN_REQUESTS)
             .fetch_one(pool)
@@ -127,6 +149,10 @@ impl Pacer {
             .flatten();
             if let Some(baseline) = baseline {
                 pacer.target_ms = 2.0 * baseline + 1.0;
+            }
+            if pacer.recent_reads().await.is_some() {
+                pacer.set_pause(START_PAUSE);
+                pacer.for_reads = true;
             }
             pacer.lag_at_start = pacer.live().await.map_or(0, |(lag, _)| lag);
         }
@@ -169,12 +195,40 @@ impl Pacer {
         self.paused
     }
 
+    /// Opens the rebuild's reader of `assignment`: with a bounded read-ahead when it starts
+    /// backed off among live reads ([`LogReader::open_gently`]), else as fast as it goes.
+    pub(crate) fn open_reader(
+        &self,
+        kafka: &keel_kafka::KafkaSettings,
+        assignment: &[(keel_schemas::TopicPartition, i64)],
+    ) -> Result<LogReader, keel_kafka::KafkaError> {
+        if self.pause.is_zero() {
+            LogReader::open(kafka, assignment)
+        } else {
+            LogReader::open_gently(kafka, assignment)
+        }
+    }
+
+    /// The size of the batches the rebuild should read, kept up to date by the pacer.
+    pub(crate) fn batch_size(&self) -> BatchSize {
+        self.reads.clone()
+    }
+
+    fn set_pause(&mut self, pause: Duration) {
+        self.pause = pause;
+        self.reads.set(if pause.is_zero() {
+            self.batch_size
+        } else {
+            PACED_SLICE.min(self.batch_size)
+        });
+    }
+
     /// After a batch (or slice) of `events` that took `took` to apply: waits as the pace
-    /// asks. While live reads are slow, the adaptive pause is whole; while only the live
-    /// projection's lag is high, never more than twice what the batch took, so the
-    /// rebuild keeps at least a third of its pace (it competes with the live runner for
-    /// the same database, and a rebuild that crawled would leave the live one behind as
-    /// long).
+    /// asks. A pause that protects live reads is whole, also while it shrinks once they
+    /// are fast again; one that grew for the live projection's lag alone is never more
+    /// than twice what the batch took, so the rebuild keeps at least a third of its pace
+    /// (it competes with the live runner for the same database, and a rebuild that
+    /// crawled would leave the live one behind as long).
     async fn after_batch(&mut self, events: u64, took: Duration) {
         self.events += events;
         let wait = match self.pace {
@@ -188,7 +242,7 @@ impl Pacer {
                     self.checked = Some(Instant::now());
                     self.adapt().await;
                 }
-                if self.slow_reads {
+                if self.for_reads {
                     self.pause
                 } else {
                     self.pause.min(took * 2)
@@ -202,20 +256,24 @@ impl Pacer {
         }
     }
 
+    /// The highest p99 of the query APIs' latest windows, when they served enough reads
+    /// to say.
+    async fn recent_reads(&self) -> Option<f64> {
+        let (p99, n): (Option<f64>, Option<i64>) = sqlx::query_as(&format!(
+            "SELECT max(p99_ms)::float8, sum(requests)::bigint FROM keel_query_windows
+             WHERE ended > now() - interval '{RECENT_WINDOWS}'"
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .ok()?;
+        p99.filter(|_| n.is_some_and(|n| n >= MIN_REQUESTS))
+    }
+
     /// Doubles the pause while live reads or the live projection suffer, and shrinks it
     /// otherwise.
     async fn adapt(&mut self) {
-        let p99: Option<(f64, i64)> = sqlx::query_as(
-            "SELECT max(p99_ms)::float8, sum(requests)::bigint FROM keel_query_windows
-             WHERE second = date_trunc('second', now()) - interval '1 second'",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|(p99, n): (Option<f64>, Option<i64>)| p99.zip(n));
-        let slow_reads = p99.is_some_and(|(p99, n)| n >= MIN_REQUESTS && p99 > self.target_ms);
-        self.slow_reads = slow_reads;
+        let p99 = self.recent_reads().await;
+        let slow_reads = p99.is_some_and(|p99| p99 > self.target_ms);
         // The live projection falling behind counts only while it is applied: during an
         // automatic rebuild (or with the projection stopped) nobody applies it, and a
         // pause would help no one.
@@ -223,16 +281,22 @@ impl Pacer {
         let advancing = self.live_read.is_some_and(|before| read > before);
         self.live_read = Some(read);
         let behind = advancing && lag > (2 * self.lag_at_start).max(self.lag_at_start + 5_000);
-        self.pause = if slow_reads || behind {
+        if slow_reads {
+            self.for_reads = true;
+        } else if behind {
+            self.for_reads = false;
+        }
+        let pause = if slow_reads || behind {
             (self.pause * 2).clamp(FIRST_PAUSE, MAX_PAUSE)
         } else {
-            let shrunk = self.pause * 4 / 5;
+            let shrunk = self.pause * 9 / 10;
             if shrunk < Duration::from_millis(1) {
                 Duration::ZERO
             } else {
                 shrunk
             }
         };
+        self.set_pause(pause);
         debug!(projection = self.projection, ?p99, target_ms = self.target_ms, lag, pause = ?self.pause,
                "rebuild pacing");
     }
@@ -274,20 +338,25 @@ mod tests {
     }
 
     /// Adaptive pacing pauses while the live reads' p99 is above its bound, and stops
-    /// pausing once they are fast again; with no reads at all it never pauses.
+    /// pausing once they are fast again; with no reads at all it never pauses; started
+    /// while reads are served, it starts backed off.
     #[tokio::test]
     async fn adaptive_pacing_backs_off_while_live_reads_are_slow_and_not_otherwise() {
         let (_db, pool) = crate::testing::database("pace").await;
         let window = |p99: f64| {
             let pool = pool.clone();
             async move {
-                // This second and the one before: the pacer reads the second before its
-                // own, which is one of them even when a second ends in between.
+                // The latest window, ending a little ahead so that it stays the latest for
+                // the test's length however slow the machine.
                 sqlx::query(
-                    "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
-                     SELECT 'q', date_trunc('second', now()) - s * interval '1 second', 100, 1, $1
-                     FROM generate_series(0, 1) s
-                     ON CONFLICT (instance, second) DO UPDATE SET p99_ms = EXCLUDED.p99_ms",
+                    "DELETE FROM keel_query_windows WHERE ended > now() - interval '1 second'",
+                )
+                .execute(&pool)
+                .await
+                .unwrap();
+                sqlx::query(
+                    "INSERT INTO keel_query_windows (instance, ended, requests, p50_ms, p99_ms)
+                     VALUES ('q', now() + interval '1 minute', 100, 1, $1)",
                 )
                 .bind(p99 as f32)
                 .execute(&pool)
@@ -296,23 +365,26 @@ mod tests {
             }
         };
         // Idle: no reads, no lag, no pause.
-        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders").await;
+        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
+        assert_eq!(pacer.pause, Duration::ZERO);
         for _ in 0..5 {
             pacer.checked = None;
             pacer.after_batch(100, BATCH).await;
         }
         assert_eq!(pacer.paused(), Duration::ZERO);
-        // A baseline of 2 ms: the bound is 5 ms.
+        // A baseline of 2 ms (windows of the last minute, none of them recent): the bound
+        // is 5 ms.
         sqlx::query(
-            "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
-             SELECT 'q', date_trunc('second', now()) - s * interval '1 second', 100, 1, 2
-             FROM generate_series(2, 30) s",
+            "INSERT INTO keel_query_windows (instance, ended, requests, p50_ms, p99_ms)
+             SELECT 'q', now() - s * interval '250 milliseconds', 100, 1, 2
+             FROM generate_series(8, 120) s",
         )
         .execute(&pool)
         .await
         .unwrap();
-        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders").await;
+        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
         assert!((pacer.target_ms - 5.0).abs() < 0.01, "{}", pacer.target_ms);
+        assert_eq!(pacer.pause, Duration::ZERO, "no reads are served now");
         window(50.0).await;
         for _ in 0..3 {
             pacer.checked = None;
@@ -323,16 +395,40 @@ mod tests {
             FIRST_PAUSE * 4,
             "it doubles while reads are slow"
         );
+        assert_eq!(pacer.batch_size().get(), PACED_SLICE, "it reads in slices");
         // While reads are slow, the whole pause, however short the batch.
         let before = pacer.paused();
         pacer.after_batch(100, Duration::from_millis(1)).await;
         assert_eq!(pacer.paused() - before, FIRST_PAUSE * 4);
+        // Fast again: the pause shrinks by a tenth a check, and stays whole meanwhile.
         window(2.0).await;
+        pacer.checked = None;
+        let before = pacer.paused();
+        pacer.after_batch(100, Duration::from_millis(1)).await;
+        assert_eq!(pacer.pause, FIRST_PAUSE * 4 * 9 / 10);
+        assert_eq!(
+            pacer.paused() - before,
+            pacer.pause,
+            "whole while it shrinks"
+        );
         for _ in 0..40 {
             pacer.checked = None;
             pacer.after_batch(100, BATCH).await;
         }
         assert_eq!(pacer.pause, Duration::ZERO, "and stops once they are fast");
+        assert_eq!(pacer.batch_size().get(), 2_000, "and reads whole batches");
+        // Reads are served as a rebuild starts: it starts backed off, however fast they are.
+        let pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
+        assert_eq!(pacer.pause, START_PAUSE);
+        assert!(pacer.for_reads, "a whole pause");
+        assert_eq!(pacer.batch_size().get(), PACED_SLICE);
+        // Too few reads to say: not.
+        sqlx::query("UPDATE keel_query_windows SET requests = 3 WHERE ended > now()")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
+        assert_eq!(pacer.pause, Duration::ZERO);
         pool.close().await;
     }
 
@@ -351,10 +447,10 @@ mod tests {
         let w = keel_schemas::testing::writer("w", 1);
         let mut records = vec![one.fence(&w)];
         records.extend((1..250).map(|i| crate::testing::placed(&w, &one.key, &format!("o-{i}"))));
-        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders").await;
+        let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
         pacer.checked = Some(Instant::now());
         pacer.pause = FIRST_PAUSE;
-        pacer.slow_reads = true;
+        pacer.for_reads = true;
         let flow = pacer
             .apply(&mut applier, &one.read(0, &records))
             .await
@@ -384,7 +480,7 @@ mod tests {
     #[tokio::test]
     async fn a_set_rate_holds_the_rebuild_to_it() {
         let (_db, pool) = crate::testing::database("pace-rate").await;
-        let mut pacer = Pacer::start(Pace::Rate(2_000.0), &pool, "orders").await;
+        let mut pacer = Pacer::start(Pace::Rate(2_000.0), &pool, "orders", 2_000).await;
         let started = Instant::now();
         for _ in 0..5 {
             pacer.after_batch(100, Duration::ZERO).await;

@@ -286,13 +286,19 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     .await?;
     let taken = rebuild_units::filled(&job.pool, name, generation).await?;
     let mut applier = Applier::load(job, generation, Mode::Rebuild, &units).await?;
-    let reader = Arc::new(LogReader::open(&job.kafka, &applier.assignment())?);
-    let mut pacer = Pacer::start(job.options.rebuild_pace, &job.pool, name).await;
+    let mut pacer = Pacer::start(
+        job.options.rebuild_pace,
+        &job.pool,
+        name,
+        job.options.batch_size,
+    )
+    .await;
+    let reader = Arc::new(pacer.open_reader(&job.kafka, &applier.assignment())?);
     let mut indexed = false;
     let mut batches = Prefetch::start(
         Arc::clone(&reader),
         Arc::clone(&job.options.policy),
-        job.options.batch_size,
+        pacer.batch_size(),
         Duration::from_millis(200),
         job.options.linger,
     );

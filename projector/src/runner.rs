@@ -16,7 +16,7 @@ use crate::applier::{Applier, Flow};
 use crate::generation::{Built, GenerationChanged, Live, Mode, ProjectionStopped, peek, prepare};
 use crate::hold::{Hold, LostHold};
 use crate::job::Job;
-use crate::prefetch::Prefetch;
+use crate::prefetch::{BatchSize, Prefetch};
 use crate::rebuild::{AlreadyRebuilt, ParkedInRebuild, Progress, RebuildOptions, rebuild};
 use crate::units::{Assignment, Unit};
 
@@ -297,7 +297,7 @@ impl Runner {
         let mut batches = Prefetch::start(
             reader,
             Arc::clone(&job.options.policy),
-            job.options.batch_size,
+            BatchSize::fixed(job.options.batch_size),
             Duration::from_millis(500),
             job.options.linger,
         );

@@ -1,7 +1,7 @@
 //! The latency of the reads this query API serves (the read itself, not a wait for a
-//! consistency token), per second, published in
-//! `keel_query_windows` so that a rebuild's adaptive pacing backs off while live queries
-//! slow down. On a hot standby (read only) or before the projector created the table,
+//! consistency token), per window of [`WINDOW`], published in `keel_query_windows` so
+//! that a rebuild's adaptive pacing backs off within a fraction of a second once live
+//! queries slow down. On a hot standby (read only) or before the projector created the table,
 //! nothing is published.
 
 use std::sync::{Arc, Mutex};
@@ -10,12 +10,14 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tracing::info;
 
-/// Most latencies kept per second; beyond them a second's percentiles come from a sample.
+/// How long one published window of reads lasts.
+pub const WINDOW: Duration = Duration::from_millis(250);
+/// Most latencies kept per window; beyond them a window's percentiles come from a sample.
 const KEPT: usize = 50_000;
 /// How long the published rows are kept.
 const KEEP_ROWS: &str = "2 minutes";
 
-/// The latencies of the reads served in the current second, in microseconds.
+/// The latencies of the reads served in the current window, in microseconds.
 #[derive(Clone, Debug, Default)]
 pub struct Latencies(Arc<Mutex<Window>>);
 
@@ -34,7 +36,7 @@ impl Latencies {
             if w.micros.len() < KEPT {
                 w.micros.push(micros);
             } else {
-                // Reservoir sampling keeps a fair sample of a very busy second.
+                // Reservoir sampling keeps a fair sample of a very busy window.
                 let slot = (w.seen.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % w.seen;
                 if let Some(kept) = w.micros.get_mut(slot as usize) {
                     *kept = micros;
@@ -43,7 +45,7 @@ impl Latencies {
         }
     }
 
-    /// The second's requests and p50/p99 in milliseconds, and a new second begun.
+    /// The window's requests and p50/p99 in milliseconds, and a new window begun.
     fn take(&self) -> Option<(u64, f64, f64)> {
         let mut w = self.0.lock().ok()?;
         let Window { mut micros, seen } = std::mem::take(&mut *w);
@@ -60,7 +62,7 @@ impl Latencies {
     }
 }
 
-/// Publishes each second's window while the database takes it.
+/// Publishes each window while the database takes it.
 pub fn spawn_publisher(pool: PgPool, latencies: Latencies) {
     let instance = format!(
         "{}:{}",
@@ -68,7 +70,7 @@ pub fn spawn_publisher(pool: PgPool, latencies: Latencies) {
         std::process::id()
     );
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(WINDOW);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut published = 0u64;
         loop {
@@ -77,10 +79,9 @@ pub fn spawn_publisher(pool: PgPool, latencies: Latencies) {
                 continue;
             };
             let written = sqlx::query(
-                "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
-                 VALUES ($1, date_trunc('second', now()), $2, $3, $4)
-                 ON CONFLICT (instance, second) DO UPDATE SET requests = EXCLUDED.requests,
-                     p50_ms = EXCLUDED.p50_ms, p99_ms = EXCLUDED.p99_ms",
+                "INSERT INTO keel_query_windows (instance, ended, requests, p50_ms, p99_ms)
+                 VALUES ($1, now(), $2, $3, $4)
+                 ON CONFLICT (instance, ended) DO NOTHING",
             )
             .bind(&instance)
             .bind(i32::try_from(requests).unwrap_or(i32::MAX))
@@ -91,10 +92,10 @@ pub fn spawn_publisher(pool: PgPool, latencies: Latencies) {
             match written {
                 Ok(_) => {
                     published += 1;
-                    if published % 30 == 1 {
+                    if published % 120 == 1 {
                         let _ = sqlx::query(&format!(
                             "DELETE FROM keel_query_windows WHERE instance = $1
-                             AND second < now() - interval '{KEEP_ROWS}'"
+                             AND ended < now() - interval '{KEEP_ROWS}'"
                         ))
                         .bind(&instance)
                         .execute(&pool)
@@ -123,15 +124,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_second_gives_its_count_and_percentiles_and_the_next_starts_empty() {
+    fn a_window_gives_its_count_and_percentiles_and_the_next_starts_empty() {
         let latencies = Latencies::default();
         assert_eq!(latencies.take(), None);
         for ms in 1..=100u64 {
             latencies.record(Duration::from_millis(ms));
         }
         assert_eq!(latencies.take(), Some((100, 51.0, 100.0)));
-        assert_eq!(latencies.take(), None, "a new second begins empty");
-        // A busy second keeps a sample of its latencies, and counts them all.
+        assert_eq!(latencies.take(), None, "a new window begins empty");
+        // A busy window keeps a sample of its latencies, and counts them all.
         for _ in 0..KEPT + 1000 {
             latencies.record(Duration::from_micros(500));
         }
