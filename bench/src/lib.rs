@@ -157,15 +157,16 @@ fn fenced_producer(
 }
 
 /// Writes a fence per partition, then `events` `OrderPlaced` commits (one per order,
-/// keyed and partitioned as the command API would) to `topic`, all signed with `key`. Returns the records
-/// written in all.
+/// keyed and partitioned as the command API would) to `topic`, all signed with `key`, in
+/// bulk (see [`bulk_producer`]: the memory broker would otherwise bound a catch-up at
+/// a million records, not the projector). Returns the records written in all.
 pub fn write_order_log(
     settings: &KafkaSettings,
     topic: &str,
     events: usize,
     key: &SigningKey,
 ) -> anyhow::Result<i64> {
-    let (producer, writer) = fenced_producer(bare_producer(settings)?, settings, topic, key)?;
+    let (producer, writer) = fenced_producer(bulk_producer(settings)?, settings, topic, key)?;
     for i in 0..events {
         let commit = order_placed(i, &writer);
         let commit = CommitRecord {

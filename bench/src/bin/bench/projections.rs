@@ -24,6 +24,9 @@ use crate::{Options, Plots, ms, step};
 
 /// Clients of the closed loop that finds a query's maximum rate.
 const QUERY_CLIENTS: usize = 16;
+/// How long live reads run before a rebuild starts among them, as in a running system;
+/// the requests sent meanwhile are not counted.
+const LEAD: Duration = Duration::from_secs(2);
 
 type PathFn = Arc<dyn Fn(usize) -> String + Send + Sync>;
 
@@ -33,7 +36,12 @@ struct QueryRun {
     rate: f64,
     latencies: Vec<Duration>,
     failed: u64,
+    /// The p99 of each [`SPAN`] of requests counted, by when they were sent (seconds, ms).
+    timeline: Vec<(f64, f64)>,
 }
+
+/// The spans of a query run's timeline.
+const SPAN: Duration = Duration::from_millis(500);
 
 /// Successful answers per second with `QUERY_CLIENTS` clients asking as fast as they can.
 async fn closed_max(
@@ -65,19 +73,21 @@ async fn closed_max(
     served as f64 / seconds
 }
 
-/// Requests sent on schedule at `rate` for `seconds`, whatever the answers do; the
-/// latencies of the successful ones, sorted, and the number that failed.
+/// Requests sent on schedule at `rate` for `lead` and then `seconds`, whatever the
+/// answers do; the latencies of the successful ones sent after `lead`, sorted, the
+/// number of those that failed, and their p99 over time.
 async fn open_loop(
     client: &reqwest::Client,
     base: &str,
     path: &PathFn,
     ids: usize,
     rate: f64,
-    seconds: u64,
-) -> (Vec<Duration>, u64) {
+    (lead, seconds): (Duration, u64),
+) -> (Vec<Duration>, u64, Vec<(f64, f64)>) {
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let until = Instant::now() + Duration::from_secs(seconds);
+    let counted = Instant::now() + lead;
+    let until = counted + Duration::from_secs(seconds);
     let mut requests = tokio::task::JoinSet::new();
     let mut i = 0usize;
     while Instant::now() < until {
@@ -87,18 +97,36 @@ async fn open_loop(
         requests.spawn(async move {
             let sent = Instant::now();
             let ok = answered(client.get(url).send().await).await;
-            (ok, sent.elapsed())
+            (ok, sent.checked_duration_since(counted), sent.elapsed())
         });
     }
     let (mut latencies, mut failed) = (Vec::new(), 0);
+    let mut spans: BTreeMap<u128, Vec<Duration>> = BTreeMap::new();
     while let Some(r) = requests.join_next().await {
         match r {
-            Ok((true, latency)) => latencies.push(latency),
+            Ok((_, None, _)) => {}
+            Ok((true, Some(at), latency)) => {
+                latencies.push(latency);
+                spans
+                    .entry(at.as_millis() / SPAN.as_millis())
+                    .or_default()
+                    .push(latency);
+            }
             _ => failed += 1,
         }
     }
     latencies.sort();
-    (latencies, failed)
+    let timeline = spans
+        .into_iter()
+        .map(|(span, mut latencies)| {
+            latencies.sort();
+            (
+                span as f64 * SPAN.as_secs_f64(),
+                ms(percentile(&latencies, 0.99)),
+            )
+        })
+        .collect();
+    (latencies, failed, timeline)
 }
 
 fn query_paths() -> [(&'static str, PathFn); 2] {
@@ -111,12 +139,13 @@ fn query_paths() -> [(&'static str, PathFn); 2] {
     ]
 }
 
-/// Measures both queries: maximum rates (unless `rates` gives them) and latencies at half.
+/// Measures both queries: maximum rates (unless `rates` gives them) and latencies at half,
+/// counted after each has run for `lead`.
 async fn queries(
     client: &reqwest::Client,
     base: &str,
     ids: usize,
-    seconds: u64,
+    (lead, seconds): (Duration, u64),
     rates: Option<&[f64]>,
 ) -> Vec<QueryRun> {
     let mut runs = Vec::new();
@@ -134,12 +163,14 @@ async fn queries(
         step(&format!(
             "queries {name}: {rate:.0} requests/s for {seconds} s"
         ));
-        let (latencies, failed) = open_loop(client, base, path, ids, rate, seconds).await;
+        let (latencies, failed, timeline) =
+            open_loop(client, base, path, ids, rate, (lead, seconds)).await;
         runs.push(QueryRun {
             max,
             rate,
             latencies,
             failed,
+            timeline,
         });
     }
     runs
@@ -340,7 +371,14 @@ pub(crate) async fn run(
     report
         .rows
         .push(Row::plain("Baselines", "B_select p99 ms", b99));
-    let idle = queries(&query.client, &query.url(""), events, options.seconds, None).await;
+    let idle = queries(
+        &query.client,
+        &query.url(""),
+        events,
+        (Duration::ZERO, options.seconds),
+        None,
+    )
+    .await;
     let mut latency = vec![Series::new("B_select", cdf(&bare))];
     let query_rows = |report: &mut Report, runs: &[QueryRun], during: Option<&str>| {
         for ((name, _), run) in query_paths().iter().zip(runs) {
@@ -388,6 +426,9 @@ pub(crate) async fn run(
         latency.push(Series::new(format!("{name}, idle"), cdf(&run.latencies)));
     }
 
+    // Nothing else running: the reads above are over, and no longer the latest windows
+    // of the query API's latency, which a rebuild starting among live reads would heed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     step("rebuild: projector rebuild orders daily_sales");
     let mut env = config.env();
     env.push(("KEEL_DATABASE_URL", db.url()));
@@ -511,39 +552,31 @@ pub(crate) async fn run(
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut paced_env = env.clone();
         paced_env.push(("KEEL_REBUILD_PACE", pace.to_owned()));
-        let mut rebuilding =
-            Service::start("projector", &["rebuild", "orders"], &paced_env, None).await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let done: Option<i64> = sqlx::query_scalar(
-                "SELECT records_done FROM keel_rebuilds WHERE projection = 'orders'",
-            )
-            .fetch_optional(&pool)
-            .await?;
-            if done.is_some_and(|d| d > 0) || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let rebuilt = || async {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT records_done FROM keel_rebuilds WHERE projection = 'orders'",
-            )
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten()
-        };
-        let (first, from) = (rebuilt().await, Instant::now());
+        // The rebuild starts among live reads, `LEAD` into the first query's load, which
+        // is counted from then on.
+        let starting = tokio::spawn(async move {
+            tokio::time::sleep(LEAD).await;
+            let started = Instant::now();
+            let service =
+                Service::start("projector", &["rebuild", "orders"], &paced_env, None).await;
+            (service, started)
+        });
         let during = queries(
             &query.client,
             &query.url(""),
             events,
-            options.seconds,
+            (LEAD, options.seconds),
             Some(&rates),
         )
         .await;
-        let (last, seconds) = (rebuilt().await, from.elapsed().as_secs_f64());
+        let (rebuilding, from) = starting.await?;
+        let mut rebuilding = rebuilding?;
+        let last: Option<i64> = sqlx::query_scalar(
+            "SELECT records_done FROM keel_rebuilds WHERE projection = 'orders'",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        let seconds = from.elapsed().as_secs_f64();
         if rebuilding.exited() {
             report.notes.push(format!(
                 "The rebuild (pacing {pace}) ended before the queries measured during it did: their figures are \
@@ -553,16 +586,39 @@ pub(crate) async fn run(
         rebuilding.kill().await?;
         let label = format!("during a rebuild, pacing {pace}");
         query_rows(report, &during, Some(&label));
-        if let (Some(first), Some(last)) = (first, last) {
+        if let Some(last) = last {
             report.rows.push(Row::plain(
                 &format!("Rebuild of orders while queries run, pacing {pace}"),
                 "records/s",
-                (last - first) as f64 / seconds.max(0.001),
+                last as f64 / seconds.max(0.001),
             ));
         }
         for ((name, _), run) in query_paths().iter().zip(&during) {
             latency.push(Series::new(format!("{name}, {label}"), cdf(&run.latencies)));
         }
+        step(&format!(
+            "queries by id during the rebuild, p99 ms of each half second: {}",
+            during[0]
+                .timeline
+                .iter()
+                .map(|(_, p99)| format!("{p99:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        plots.add(
+            &format!("queries-during-rebuild-{pace}.svg"),
+            &format!(
+                "Queries by id during a rebuild of orders paced {pace} (started {} s into their load): p99 of each half second",
+                LEAD.as_secs()
+            ),
+            Chart {
+                title: format!("Queries by id during a rebuild paced {pace}: p99 over time"),
+                x_label: "seconds since the rebuild started".into(),
+                y_label: "p99, ms".into(),
+                log_x: false,
+                series: vec![Series::new("by id", during[0].timeline.clone())],
+            },
+        );
     }
     plots.add(
         "queries-latency.svg",
