@@ -2,15 +2,17 @@
 //! adaptively, backing off while live reads slow down or the live projection falls
 //! behind, the way PostgreSQL's vacuum cost delay protects foreground work.
 //!
-//! The adaptive pacer looks every [`CHECK_INTERVAL`] at the query APIs' latency of their
-//! latest windows (`keel_query_windows`, which each query API writes four times a
-//! second) and at the live generation's lag; while either is above its bound it doubles
-//! the pause it makes after each batch (from [`FIRST_PAUSE`] up to [`MAX_PAUSE`]), and
-//! otherwise shrinks it by a tenth, down to none: quick to back off, slow to press on
-//! again. A rebuild that starts while live reads are served starts backed off
-//! ([`START_PAUSE`]) rather than at full speed, since the first sign of its harm would
-//! come a window late. With nothing else running it never pauses: a rebuild alone runs at
-//! its unpaced rate, less the cost of the checks (two queries each).
+//! The adaptive pacer looks every [`CHECK_INTERVAL`] at the latest window of each query
+//! API's reads (`keel_query_windows`, which each query API writes four times a second)
+//! and at the live generation's lag. On each new window whose p99 is above its bound, or
+//! while the lag is, it doubles the pause it makes after each slice (from
+//! [`FIRST_PAUSE`] up to [`MAX_PAUSE`]); on each new window below it, it shrinks the
+//! pause by a fifth, down to none; with no reads served at all it shrinks it at every
+//! check. Quick to back off, slower to press on again. A rebuild that starts while live
+//! reads are served starts backed off ([`START_PAUSE`]) rather than at full speed, since
+//! the first sign of its harm would come a window late. With nothing else running it
+//! never pauses: a rebuild alone runs at its unpaced rate, less the cost of the checks
+//! (two queries each).
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -25,9 +27,9 @@ use crate::prefetch::BatchSize;
 
 /// How often the adaptive pacer looks at the live reads and lag.
 const CHECK_INTERVAL: Duration = Duration::from_millis(100);
-/// How far back the pacer looks for the query APIs' windows: the latest one or two of
-/// each (they are 250 ms long).
-const RECENT_WINDOWS: &str = "350 milliseconds";
+/// How far back the pacer looks for each query API's latest window (they are 250 ms
+/// long; a publisher delayed by a busy database may be late).
+const RECENT_WINDOWS: &str = "1 second";
 /// The first pause after a batch once the pacer backs off.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// The pause a rebuild starts with while live reads are served.
@@ -38,7 +40,9 @@ const MAX_PAUSE: Duration = Duration::from_millis(500);
 /// slices spread its work out between the live reads, where a whole batch would hold the
 /// database (and the cores) for a burst that the reads queue behind.
 const PACED_SLICE: usize = 100;
-/// Fewer reads than this (in the windows looked at) say too little about their latency.
+/// A window of fewer reads than this says too little about their latency.
+const MIN_WINDOW_REQUESTS: i32 = 5;
+/// Fewer reads than this, over the query APIs' windows of a moment, say too little.
 const MIN_REQUESTS: i64 = 10;
 /// The bound on the live reads' p99 when no baseline is known, in milliseconds.
 const DEFAULT_TARGET_MS: f64 = 10.0;
@@ -103,6 +107,8 @@ pub(crate) struct Pacer {
     paused: Duration,
     /// How many pauses it made.
     pauses: u32,
+    /// When the newest window of reads it acted on ended (seconds since the epoch).
+    seen: Option<f64>,
     /// The batches the rebuild reads: [`PACED_SLICE`] records while it backs off, else
     /// `batch_size`.
     reads: BatchSize,
@@ -111,8 +117,9 @@ pub(crate) struct Pacer {
 
 impl Pacer {
     /// A pacer of `projection`'s rebuild; the adaptive one takes the live reads' p99 over
-    /// the last minute (the median of its busy windows) as their baseline, and the bound
-    /// as twice that plus a millisecond. While live reads are served it starts backed off.
+    /// the last minute as their baseline (the median, over its busy quarters of a second,
+    /// of the highest p99 of the query APIs' windows), and the bound as twice that plus a
+    /// millisecond. While live reads are served it starts backed off.
     pub(crate) async fn start(
         pace: Pace,
         pool: &PgPool,
@@ -133,15 +140,19 @@ impl Pacer {
             for_reads: false,
             paused: Duration::ZERO,
             pauses: 0,
+            seen: None,
             reads: BatchSize::fixed(batch_size),
             batch_size,
         };
         if pace == Pace::Adaptive {
             let baseline: Option<f64> = sqlx::query_scalar(
-                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY p99_ms)::float8
-                 FROM keel_query_windows
-                 WHERE ended > now() - interval '60 seconds' AND requests >= $1",
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY p99)::float8 FROM (
+                     SELECT max(p99_ms) AS p99 FROM keel_query_windows
+                     WHERE second > now() - interval '60 seconds' AND requests >= $1
+                     GROUP BY date_bin('250 milliseconds', second, timestamptz 'epoch')
+                     HAVING sum(requests) >= $2) busy",
             )
+            .bind(MIN_WINDOW_REQUESTS)
             .bind(MIN_REQUESTS)
             .fetch_one(pool)
             .await
@@ -196,7 +207,9 @@ impl Pacer {
     }
 
     /// Opens the rebuild's reader of `assignment`: with a bounded read-ahead when it starts
-    /// backed off among live reads ([`LogReader::open_gently`]), else as fast as it goes.
+    /// backed off among live reads ([`LogReader::open_gently`]), for as long as the reader
+    /// lasts (a rebuild among live reads reads at most some ten thousand records a second
+    /// on the bench, however fast they are); else as fast as it goes.
     pub(crate) fn open_reader(
         &self,
         kafka: &keel_kafka::KafkaSettings,
@@ -212,6 +225,12 @@ impl Pacer {
     /// The size of the batches the rebuild should read, kept up to date by the pacer.
     pub(crate) fn batch_size(&self) -> BatchSize {
         self.reads.clone()
+    }
+
+    /// Reads whole batches from now on, until the pacer next changes its pause: for a
+    /// swap's catch-up under its lock.
+    pub(crate) fn read_whole(&self) {
+        self.reads.set(self.batch_size);
     }
 
     fn set_pause(&mut self, pause: Duration) {
@@ -256,24 +275,38 @@ impl Pacer {
         }
     }
 
-    /// The highest p99 of the query APIs' latest windows, when they served enough reads
-    /// to say.
-    async fn recent_reads(&self) -> Option<f64> {
-        let (p99, n): (Option<f64>, Option<i64>) = sqlx::query_as(&format!(
-            "SELECT max(p99_ms)::float8, sum(requests)::bigint FROM keel_query_windows
-             WHERE ended > now() - interval '{RECENT_WINDOWS}'"
+    /// The highest p99 of the query APIs' latest windows, and when the newest of them
+    /// ended, when they served enough reads to say.
+    async fn recent_reads(&self) -> Option<(f64, f64)> {
+        let (p99, n, newest): (Option<f64>, Option<i64>, Option<f64>) = sqlx::query_as(&format!(
+            "SELECT max(p99_ms)::float8, sum(requests)::bigint,
+                        extract(epoch FROM max(second))::float8
+                 FROM (SELECT DISTINCT ON (instance) second, requests, p99_ms
+                       FROM keel_query_windows
+                       WHERE second > now() - interval '{RECENT_WINDOWS}' AND requests >= $1
+                       ORDER BY instance, second DESC) latest"
         ))
+        .bind(MIN_WINDOW_REQUESTS)
         .fetch_one(&self.pool)
         .await
         .ok()?;
-        p99.filter(|_| n.is_some_and(|n| n >= MIN_REQUESTS))
+        p99.zip(newest)
+            .filter(|_| n.is_some_and(|n| n >= MIN_REQUESTS))
     }
 
-    /// Doubles the pause while live reads or the live projection suffer, and shrinks it
-    /// otherwise.
+    /// Doubles the pause on a new window of slow live reads or while the live projection
+    /// falls behind; shrinks it on a new window of fast reads, or when none are served.
     async fn adapt(&mut self) {
-        let p99 = self.recent_reads().await;
-        let slow_reads = p99.is_some_and(|p99| p99 > self.target_ms);
+        let reads = self.recent_reads().await;
+        let p99 = reads.map(|(p99, _)| p99);
+        // Each window counts once: a check that finds no new one since the last leaves the
+        // pause as it is (unless the lag says otherwise).
+        let new_window =
+            reads.is_some_and(|(_, newest)| self.seen.is_none_or(|seen| newest > seen));
+        if let Some((_, newest)) = reads {
+            self.seen = Some(newest);
+        }
+        let slow_reads = new_window && p99.is_some_and(|p99| p99 > self.target_ms);
         // The live projection falling behind counts only while it is applied: during an
         // automatic rebuild (or with the projection stopped) nobody applies it, and a
         // pause would help no one.
@@ -288,8 +321,10 @@ impl Pacer {
         }
         let pause = if slow_reads || behind {
             (self.pause * 2).clamp(FIRST_PAUSE, MAX_PAUSE)
+        } else if reads.is_some() && !new_window {
+            self.pause
         } else {
-            let shrunk = self.pause * 9 / 10;
+            let shrunk = self.pause * 4 / 5;
             if shrunk < Duration::from_millis(1) {
                 Duration::ZERO
             } else {
@@ -337,33 +372,37 @@ mod tests {
         }
     }
 
-    /// Adaptive pacing pauses while the live reads' p99 is above its bound, and stops
-    /// pausing once they are fast again; with no reads at all it never pauses; started
-    /// while reads are served, it starts backed off.
+    /// Adaptive pacing pauses while the live reads' p99 is above its bound, each new
+    /// window counting once, and stops pausing once they are fast again; with no reads at
+    /// all it never pauses; started while reads are served, it starts backed off.
     #[tokio::test]
     async fn adaptive_pacing_backs_off_while_live_reads_are_slow_and_not_otherwise() {
         let (_db, pool) = crate::testing::database("pace").await;
+        // Each call publishes a new latest window of query API `q`, ending a little ahead
+        // (each later than the one before) so that it stays the latest for the test's
+        // length however slow the machine.
+        let windows = std::sync::atomic::AtomicI32::new(0);
         let window = |p99: f64| {
-            let pool = pool.clone();
+            let (pool, n) = (
+                pool.clone(),
+                windows.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+            );
             async move {
-                // The latest window, ending a little ahead so that it stays the latest for
-                // the test's length however slow the machine.
                 sqlx::query(
-                    "DELETE FROM keel_query_windows WHERE ended > now() - interval '1 second'",
-                )
-                .execute(&pool)
-                .await
-                .unwrap();
-                sqlx::query(
-                    "INSERT INTO keel_query_windows (instance, ended, requests, p50_ms, p99_ms)
-                     VALUES ('q', now() + interval '1 minute', 100, 1, $1)",
+                    "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
+                     VALUES ('q', now() + interval '10 seconds' + $2 * interval '1 millisecond',
+                             100, 1, $1)",
                 )
                 .bind(p99 as f32)
+                .bind(n)
                 .execute(&pool)
                 .await
                 .unwrap();
             }
         };
+        // No adapting at the next batches, however slow the machine.
+        let hold_checks =
+            |pacer: &mut Pacer| pacer.checked = Some(Instant::now() + Duration::from_secs(3600));
         // Idle: no reads, no lag, no pause.
         let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
         assert_eq!(pacer.pause, Duration::ZERO);
@@ -375,7 +414,7 @@ mod tests {
         // A baseline of 2 ms (windows of the last minute, none of them recent): the bound
         // is 5 ms.
         sqlx::query(
-            "INSERT INTO keel_query_windows (instance, ended, requests, p50_ms, p99_ms)
+            "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
              SELECT 'q', now() - s * interval '250 milliseconds', 100, 1, 2
              FROM generate_series(8, 120) s",
         )
@@ -385,33 +424,40 @@ mod tests {
         let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
         assert!((pacer.target_ms - 5.0).abs() < 0.01, "{}", pacer.target_ms);
         assert_eq!(pacer.pause, Duration::ZERO, "no reads are served now");
-        window(50.0).await;
         for _ in 0..3 {
+            window(50.0).await;
             pacer.checked = None;
             pacer.after_batch(100, BATCH).await;
         }
         assert_eq!(
             pacer.pause,
             FIRST_PAUSE * 4,
-            "it doubles while reads are slow"
+            "it doubles on each slow window"
         );
+        pacer.checked = None;
+        pacer.after_batch(100, BATCH).await;
+        assert_eq!(pacer.pause, FIRST_PAUSE * 4, "a window counts once");
         assert_eq!(pacer.batch_size().get(), PACED_SLICE, "it reads in slices");
         // While reads are slow, the whole pause, however short the batch.
+        hold_checks(&mut pacer);
         let before = pacer.paused();
         pacer.after_batch(100, Duration::from_millis(1)).await;
         assert_eq!(pacer.paused() - before, FIRST_PAUSE * 4);
-        // Fast again: the pause shrinks by a tenth a check, and stays whole meanwhile.
+        // Fast again: the pause shrinks by a fifth a window, and stays whole meanwhile.
         window(2.0).await;
         pacer.checked = None;
+        pacer.after_batch(100, BATCH).await;
+        assert_eq!(pacer.pause, FIRST_PAUSE * 4 * 4 / 5);
+        hold_checks(&mut pacer);
         let before = pacer.paused();
         pacer.after_batch(100, Duration::from_millis(1)).await;
-        assert_eq!(pacer.pause, FIRST_PAUSE * 4 * 9 / 10);
         assert_eq!(
             pacer.paused() - before,
             pacer.pause,
             "whole while it shrinks"
         );
-        for _ in 0..40 {
+        for _ in 0..20 {
+            window(2.0).await;
             pacer.checked = None;
             pacer.after_batch(100, BATCH).await;
         }
@@ -423,7 +469,7 @@ mod tests {
         assert!(pacer.for_reads, "a whole pause");
         assert_eq!(pacer.batch_size().get(), PACED_SLICE);
         // Too few reads to say: not.
-        sqlx::query("UPDATE keel_query_windows SET requests = 3 WHERE ended > now()")
+        sqlx::query("UPDATE keel_query_windows SET requests = 3 WHERE second > now()")
             .execute(&pool)
             .await
             .unwrap();
@@ -448,7 +494,7 @@ mod tests {
         let mut records = vec![one.fence(&w)];
         records.extend((1..250).map(|i| crate::testing::placed(&w, &one.key, &format!("o-{i}"))));
         let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
-        pacer.checked = Some(Instant::now());
+        pacer.checked = Some(Instant::now() + Duration::from_secs(3600));
         pacer.pause = FIRST_PAUSE;
         pacer.for_reads = true;
         let flow = pacer

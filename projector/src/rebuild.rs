@@ -268,7 +268,8 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
             view.abandon();
             anyhow::bail!(
                 "the rebuild of {name} generation {generation} stopped in a process helping fill it: {reason}; \
-                 the live view is untouched"
+                 the live view is untouched (see `projector status`). Fix the cause; a dead letter under \
+                 --on-error stop is parked or skipped instead with --on-error park (the default) or skip"
             );
         }
     }
@@ -351,6 +352,8 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
         }
         if behind <= swap_distance(records_rate, job) {
             view.note("caught up with the head; swapping");
+            // The swap catches up under its lock as fast as it can, not in paced slices.
+            pacer.read_whole();
             match swap(
                 job,
                 &mut applier,

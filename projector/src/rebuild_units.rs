@@ -690,7 +690,7 @@ mod tests {
         let (key, policy) = crate::testing::trusted_key();
         let w = writer("w", 1);
         let mut log = crate::testing::OrderTopicLog::fenced(&kafka, &w, &key);
-        for i in 0..200 {
+        for i in 0..1_000 {
             let id = format!("o-{i}");
             log.push(&id, crate::testing::placed_commit(&w, &key, &id));
         }

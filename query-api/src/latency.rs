@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tracing::info;
+use tracing::{info, warn};
 
 /// How long one published window of reads lasts.
 pub const WINDOW: Duration = Duration::from_millis(250);
@@ -73,15 +73,16 @@ pub fn spawn_publisher(pool: PgPool, latencies: Latencies) {
         let mut tick = tokio::time::interval(WINDOW);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut published = 0u64;
+        let mut failed = false;
         loop {
             tick.tick().await;
             let Some((requests, p50, p99)) = latencies.take() else {
                 continue;
             };
             let written = sqlx::query(
-                "INSERT INTO keel_query_windows (instance, ended, requests, p50_ms, p99_ms)
+                "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
                  VALUES ($1, now(), $2, $3, $4)
-                 ON CONFLICT (instance, ended) DO NOTHING",
+                 ON CONFLICT (instance, second) DO NOTHING",
             )
             .bind(&instance)
             .bind(i32::try_from(requests).unwrap_or(i32::MAX))
@@ -91,11 +92,12 @@ pub fn spawn_publisher(pool: PgPool, latencies: Latencies) {
             .await;
             match written {
                 Ok(_) => {
+                    failed = false;
                     published += 1;
                     if published % 120 == 1 {
                         let _ = sqlx::query(&format!(
                             "DELETE FROM keel_query_windows WHERE instance = $1
-                             AND ended < now() - interval '{KEEP_ROWS}'"
+                             AND second < now() - interval '{KEEP_ROWS}'"
                         ))
                         .bind(&instance)
                         .execute(&pool)
@@ -113,7 +115,14 @@ pub fn spawn_publisher(pool: PgPool, latencies: Latencies) {
                     }
                     tokio::time::sleep(Duration::from_secs(10)).await;
                 }
-                Err(_) => {}
+                // Anything else (the database away for a moment): the next window tries again,
+                // and the first such failure is logged.
+                Err(e) => {
+                    if !failed {
+                        warn!(error = %e, "publishing query latencies for rebuild pacing failed; trying on");
+                        failed = true;
+                    }
+                }
             }
         }
     });
