@@ -4,11 +4,13 @@
 //!
 //! The adaptive pacer looks every [`CHECK_INTERVAL`] at the latest window of each query
 //! API's reads (`keel_query_windows`, which each query API writes four times a second)
-//! and at the live generation's lag. On each new window whose p99 is above its bound, or
-//! while the lag is, it doubles the pause it makes after each slice (from
-//! [`FIRST_PAUSE`] up to [`MAX_PAUSE`]); on each new window below it, it shrinks the
-//! pause by a fifth, down to none; with no reads served at all it shrinks it at every
-//! check. Quick to back off, slower to press on again. A rebuild that starts while live
+//! and at the live generation's lag. While the latest window's p99 is above its bound, or
+//! the lag is, it doubles the pause it makes after each slice at every check (from
+//! [`FIRST_PAUSE`] up to [`MAX_PAUSE`]); on each new window well below it
+//! ([`EASE_BELOW`]), it shrinks the pause by a fifth, but not below the first pause while
+//! reads are served; in between it holds. With no reads served at all it shrinks the
+//! pause at every check, down to none. Quick to back off, slower to press on again, and
+//! never pressing on until the reads slow down. A rebuild that starts while live
 //! reads are served starts backed off ([`START_PAUSE`]) rather than at full speed, since
 //! the first sign of its harm would come a window late. With nothing else running it
 //! never pauses: a rebuild alone runs at its unpaced rate, less the cost of the checks
@@ -32,6 +34,8 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const RECENT_WINDOWS: &str = "1 second";
 /// The first pause after a batch once the pacer backs off.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// Only reads faster than this share of their bound let the pause shrink.
+const EASE_BELOW: f64 = 0.6;
 /// The pause a rebuild starts with while live reads are served.
 const START_PAUSE: Duration = Duration::from_millis(50);
 /// The longest pause after a batch.
@@ -294,19 +298,22 @@ impl Pacer {
             .filter(|_| n.is_some_and(|n| n >= MIN_REQUESTS))
     }
 
-    /// Doubles the pause on a new window of slow live reads or while the live projection
-    /// falls behind; shrinks it on a new window of fast reads, or when none are served.
+    /// Doubles the pause while the latest window of live reads is slow or the live
+    /// projection falls behind; shrinks it on a new window of fast reads, or when none are
+    /// served.
     async fn adapt(&mut self) {
         let reads = self.recent_reads().await;
         let p99 = reads.map(|(p99, _)| p99);
-        // Each window counts once: a check that finds no new one since the last leaves the
-        // pause as it is (unless the lag says otherwise).
+        // A fast window counts once: a check that finds no new one since the last does not
+        // shrink the pause.
         let new_window =
             reads.is_some_and(|(_, newest)| self.seen.is_none_or(|seen| newest > seen));
         if let Some((_, newest)) = reads {
             self.seen = Some(newest);
         }
-        let slow_reads = new_window && p99.is_some_and(|p99| p99 > self.target_ms);
+        // A slow window doubles the pause at every check while it is the latest (two or
+        // three times): backing off is what protects the reads, and cheap to undo.
+        let slow_reads = p99.is_some_and(|p99| p99 > self.target_ms);
         // The live projection falling behind counts only while it is applied: during an
         // automatic rebuild (or with the projection stopped) nobody applies it, and a
         // pause would help no one.
@@ -319,13 +326,19 @@ impl Pacer {
         } else if behind {
             self.for_reads = false;
         }
+        // Between the bound and [`EASE_BELOW`] of it the pause holds: pressing on until
+        // the reads slow down would slow them down every time.
+        let fast_reads = new_window && p99.is_some_and(|p99| p99 < self.target_ms * EASE_BELOW);
         let pause = if slow_reads || behind {
             (self.pause * 2).clamp(FIRST_PAUSE, MAX_PAUSE)
-        } else if reads.is_some() && !new_window {
+        } else if reads.is_some() && !fast_reads {
             self.pause
         } else {
             let shrunk = self.pause * 4 / 5;
-            if shrunk < Duration::from_millis(1) {
+            if reads.is_some() && !self.pause.is_zero() {
+                // Reads are served: a paused rebuild keeps at least the first pause.
+                shrunk.max(FIRST_PAUSE)
+            } else if shrunk < Duration::from_millis(1) {
                 Duration::ZERO
             } else {
                 shrunk
@@ -432,11 +445,8 @@ mod tests {
         assert_eq!(
             pacer.pause,
             FIRST_PAUSE * 4,
-            "it doubles on each slow window"
+            "it doubles at each check while reads are slow"
         );
-        pacer.checked = None;
-        pacer.after_batch(100, BATCH).await;
-        assert_eq!(pacer.pause, FIRST_PAUSE * 4, "a window counts once");
         assert_eq!(pacer.batch_size().get(), PACED_SLICE, "it reads in slices");
         // While reads are slow, the whole pause, however short the batch.
         hold_checks(&mut pacer);
@@ -448,6 +458,13 @@ mod tests {
         pacer.checked = None;
         pacer.after_batch(100, BATCH).await;
         assert_eq!(pacer.pause, FIRST_PAUSE * 4 * 4 / 5);
+        pacer.checked = None;
+        pacer.after_batch(100, BATCH).await;
+        assert_eq!(
+            pacer.pause,
+            FIRST_PAUSE * 4 * 4 / 5,
+            "a fast window counts once"
+        );
         hold_checks(&mut pacer);
         let before = pacer.paused();
         pacer.after_batch(100, Duration::from_millis(1)).await;
@@ -456,14 +473,38 @@ mod tests {
             pacer.pause,
             "whole while it shrinks"
         );
+        // Near the bound, it holds.
+        let held = pacer.pause;
+        window(4.0).await;
+        pacer.checked = None;
+        pacer.after_batch(100, BATCH).await;
+        assert_eq!(pacer.pause, held, "it holds near the bound");
         for _ in 0..20 {
             window(2.0).await;
             pacer.checked = None;
             pacer.after_batch(100, BATCH).await;
         }
-        assert_eq!(pacer.pause, Duration::ZERO, "and stops once they are fast");
+        assert_eq!(
+            pacer.pause, FIRST_PAUSE,
+            "while reads are served, never below the first pause"
+        );
+        // No reads at all: it stops pausing.
+        sqlx::query("DELETE FROM keel_query_windows WHERE second > now()")
+            .execute(&pool)
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            pacer.checked = None;
+            pacer.after_batch(100, BATCH).await;
+        }
+        assert_eq!(
+            pacer.pause,
+            Duration::ZERO,
+            "and stops once no reads are served"
+        );
         assert_eq!(pacer.batch_size().get(), 2_000, "and reads whole batches");
         // Reads are served as a rebuild starts: it starts backed off, however fast they are.
+        window(2.0).await;
         let pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
         assert_eq!(pacer.pause, START_PAUSE);
         assert!(pacer.for_reads, "a whole pause");
