@@ -129,7 +129,7 @@ mod tests {
 
     use super::*;
     use crate::job::{Job, OnError, RunOptions};
-    use crate::rebuild::{Progress, RebuildOptions};
+    use crate::rebuild::RebuildOptions;
     use crate::runner::Runner;
     use crate::units::Membership;
 
@@ -290,10 +290,7 @@ mod tests {
                 .unwrap();
         let options = RebuildOptions {
             keep_old: true,
-            wait_for_lock: false,
-            only_if_older: false,
-            progress: Progress::Log,
-            allow_parked: false,
+            ..crate::testing::rebuild_options()
         };
         crate::rebuild::rebuild(&job, &options).await.unwrap();
         let fresh: i32 =
@@ -370,13 +367,7 @@ mod tests {
         let fixed = crate::testing::Fixable::orders("o-bad");
         fixed.fix();
         let broken = crate::testing::Fixable::orders("o-bad");
-        let mut options = RebuildOptions {
-            keep_old: false,
-            wait_for_lock: false,
-            only_if_older: false,
-            progress: Progress::Log,
-            allow_parked: false,
-        };
+        let mut options = crate::testing::rebuild_options();
         crate::rebuild::rebuild(&job(fixed), &options)
             .await
             .unwrap();

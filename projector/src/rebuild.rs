@@ -824,13 +824,7 @@ mod tests {
         let orders = crate::testing::orders();
         let live = crate::testing::live_by_newer_code(&pool, orders.as_ref()).await;
         let job = crate::testing::offline_job(orders, &pool);
-        let options = RebuildOptions {
-            keep_old: false,
-            wait_for_lock: false,
-            only_if_older: false,
-            progress: Progress::Log,
-            allow_parked: false,
-        };
+        let options = crate::testing::rebuild_options();
         let refused = tokio::time::timeout(Duration::from_secs(30), rebuild(&job, &options))
             .await
             .expect("the rebuild decides at once")

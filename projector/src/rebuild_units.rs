@@ -380,7 +380,6 @@ mod tests {
     use crate::generation::Mode;
     use crate::hold::LostHold;
     use crate::job::OnError;
-    use crate::rebuild::{Progress, RebuildOptions};
     use crate::units::Membership;
 
     async fn next_offset(pool: &PgPool, generation: i32) -> i64 {
@@ -585,6 +584,44 @@ mod tests {
         pool.close().await;
     }
 
+    /// A running process of `job`'s projection that helps fill its rebuilds: its
+    /// membership's and its helper's tasks, and its assignment.
+    fn helping_process(
+        job: &crate::job::Job,
+    ) -> (AbortOnDrop<()>, AbortOnDrop<()>, crate::units::Assignment) {
+        let (mut membership, mut assignments) = Membership::new(
+            job.pool.clone(),
+            job.options.claim_timeout,
+            [(job.name(), job.partitions())],
+        );
+        membership.help_rebuilds([(job.name(), job.projection.version())]);
+        let assignment = assignments.remove(job.name()).unwrap();
+        let helper = AbortOnDrop(tokio::spawn(crate::helper::help(
+            job.clone(),
+            assignment.process,
+            assignment.rebuild.clone(),
+            Arc::clone(&assignment.nudge),
+        )));
+        (
+            AbortOnDrop(tokio::spawn(membership.run())),
+            helper,
+            assignment,
+        )
+    }
+
+    /// Waits until `n` processes beat as helpers of `job`'s rebuilds.
+    async fn beating(job: &crate::job::Job, n: i64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while helpers(&job.pool, job.name(), job.projection.version())
+            .await
+            .unwrap()
+            < n
+        {
+            assert!(std::time::Instant::now() < deadline, "{n} processes beat");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Two running processes fill a rebuild of 20,000 orders over four partitions together
     /// with their helpers; the coordinator swaps once, and the view holds every order once.
     #[tokio::test]
@@ -611,49 +648,11 @@ mod tests {
             .unwrap()
             .generation;
 
-        let mut processes = Vec::new();
-        for _ in 0..2 {
-            let (mut membership, mut assignments) = Membership::new(
-                pool.clone(),
-                job.options.claim_timeout,
-                [(job.name(), job.partitions())],
-            );
-            membership.help_rebuilds([(job.name(), job.projection.version())]);
-            let assignment = assignments.remove("orders").unwrap();
-            let helper = AbortOnDrop(tokio::spawn(crate::helper::help(
-                job.clone(),
-                assignment.process,
-                assignment.rebuild.clone(),
-                Arc::clone(&assignment.nudge),
-            )));
-            processes.push((
-                AbortOnDrop(tokio::spawn(membership.run())),
-                helper,
-                assignment,
-            ));
-        }
-        // Both beat before the rebuild starts.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while helpers(&pool, "orders", job.projection.version())
+        let processes = [helping_process(&job), helping_process(&job)];
+        beating(&job, 2).await;
+        let report = crate::rebuild::rebuild(&job, &crate::testing::rebuild_options())
             .await
-            .unwrap()
-            < 2
-        {
-            assert!(std::time::Instant::now() < deadline, "both processes beat");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let report = crate::rebuild::rebuild(
-            &job,
-            &RebuildOptions {
-                keep_old: false,
-                wait_for_lock: false,
-                only_if_older: false,
-                progress: Progress::Log,
-                allow_parked: false,
-            },
-        )
-        .await
-        .unwrap();
+            .unwrap();
         assert_eq!(report.generation, live + 1);
         assert_eq!(report.helped_by, 2, "{report}");
         assert_eq!(
@@ -704,36 +703,9 @@ mod tests {
             .unwrap()
             .generation;
 
-        let (mut membership, mut assignments) = Membership::new(
-            pool.clone(),
-            job.options.claim_timeout,
-            [(job.name(), job.partitions())],
-        );
-        membership.help_rebuilds([(job.name(), job.projection.version())]);
-        let assignment = assignments.remove("orders").unwrap();
-        let _helper = AbortOnDrop(tokio::spawn(crate::helper::help(
-            job.clone(),
-            assignment.process,
-            assignment.rebuild.clone(),
-            Arc::clone(&assignment.nudge),
-        )));
-        let _membership = AbortOnDrop(tokio::spawn(membership.run()));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while helpers(&pool, "orders", job.projection.version())
-            .await
-            .unwrap()
-            < 1
-        {
-            assert!(std::time::Instant::now() < deadline, "the process beats");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let options = RebuildOptions {
-            keep_old: false,
-            wait_for_lock: false,
-            only_if_older: false,
-            progress: Progress::Log,
-            allow_parked: false,
-        };
+        let _process = helping_process(&job);
+        beating(&job, 1).await;
+        let options = crate::testing::rebuild_options();
         let error = tokio::time::timeout(
             Duration::from_secs(60),
             crate::rebuild::rebuild(&job, &options),

@@ -342,3 +342,14 @@ impl OrderTopicLog {
         records
     }
 }
+
+/// The options of a rebuild started by hand, its progress logged.
+pub(crate) fn rebuild_options() -> crate::rebuild::RebuildOptions {
+    crate::rebuild::RebuildOptions {
+        keep_old: false,
+        wait_for_lock: false,
+        only_if_older: false,
+        progress: crate::rebuild::Progress::Log,
+        allow_parked: false,
+    }
+}
