@@ -7,10 +7,10 @@
 //! and at the live generation's lag. While the latest window's p99 is above its bound, or
 //! the lag is, it doubles the pause it makes after each slice at every check (from
 //! [`FIRST_PAUSE`] up to [`MAX_PAUSE`]); on each new window well below it
-//! ([`EASE_BELOW`]), it shrinks the pause by a fifth, but not below the first pause while
-//! reads are served; in between it holds. With no reads served at all it shrinks the
-//! pause at every check, down to none. Quick to back off, slower to press on again, and
-//! never pressing on until the reads slow down. A rebuild that starts while live
+//! ([`EASE_BELOW`]), it shrinks the pause by a fifth, but once backed off not below the
+//! first pause while reads are served; in between it holds. With no reads served at all
+//! it shrinks the pause at every check, down to none. Quick to back off, slower to press
+//! on again, and it stops pressing on before the reads slow down. A rebuild that starts while live
 //! reads are served starts backed off ([`START_PAUSE`]) rather than at full speed, since
 //! the first sign of its harm would come a window late. With nothing else running it
 //! never pauses: a rebuild alone runs at its unpaced rate, less the cost of the checks
@@ -165,7 +165,9 @@ impl Pacer {
             if let Some(baseline) = baseline {
                 pacer.target_ms = 2.0 * baseline + 1.0;
             }
-            if pacer.recent_reads().await.is_some() {
+            if let Some((_, newest)) = pacer.recent_reads().await {
+                // The windows before the rebuild say nothing of its harm: they count as seen.
+                pacer.seen = Some(newest);
                 pacer.set_pause(START_PAUSE);
                 pacer.for_reads = true;
             }
@@ -231,7 +233,7 @@ impl Pacer {
         self.reads.clone()
     }
 
-    /// Reads whole batches from now on, until the pacer next changes its pause: for a
+    /// Reads whole batches from now on, until the pacer next checks: for a
     /// swap's catch-up under its lock.
     pub(crate) fn read_whole(&self) {
         self.reads.set(self.batch_size);
@@ -312,7 +314,8 @@ impl Pacer {
             self.seen = Some(newest);
         }
         // A slow window doubles the pause at every check while it is the latest (two or
-        // three times): backing off is what protects the reads, and cheap to undo.
+        // three times, more while its publisher is late): backing off is what protects
+        // the reads, and the pause eases again on the fast windows after.
         let slow_reads = p99.is_some_and(|p99| p99 > self.target_ms);
         // The live projection falling behind counts only while it is applied: during an
         // automatic rebuild (or with the projection stopped) nobody applies it, and a
@@ -403,7 +406,7 @@ mod tests {
             async move {
                 sqlx::query(
                     "INSERT INTO keel_query_windows (instance, second, requests, p50_ms, p99_ms)
-                     VALUES ('q', now() + interval '10 seconds' + $2 * interval '1 millisecond',
+                     VALUES ('q', now() + interval '1 hour' + $2 * interval '1 millisecond',
                              100, 1, $1)",
                 )
                 .bind(p99 as f32)
@@ -437,8 +440,8 @@ mod tests {
         let mut pacer = Pacer::start(Pace::Adaptive, &pool, "orders", 2_000).await;
         assert!((pacer.target_ms - 5.0).abs() < 0.01, "{}", pacer.target_ms);
         assert_eq!(pacer.pause, Duration::ZERO, "no reads are served now");
+        window(50.0).await;
         for _ in 0..3 {
-            window(50.0).await;
             pacer.checked = None;
             pacer.after_batch(100, BATCH).await;
         }

@@ -617,7 +617,10 @@ mod tests {
             .unwrap()
             < n
         {
-            assert!(std::time::Instant::now() < deadline, "{n} processes beat");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} helping processes beat"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -51,7 +51,7 @@ pub struct AppState {
     pub checkpoints: consistency::CheckpointCache,
     /// The topics and partition counts the projector reads, as last read.
     pub topics: consistency::TopicCache,
-    /// The latencies of the reads served this second (published for rebuild pacing).
+    /// The latencies of the reads served in the current window (published for rebuild pacing).
     pub latencies: crate::latency::Latencies,
 }
 

@@ -577,6 +577,8 @@ pub(crate) async fn run(
         .fetch_optional(&pool)
         .await?;
         let seconds = from.elapsed().as_secs_f64();
+        // A rebuild that ended swapped and forgot its row: it read the whole log.
+        let last = last.or(rebuilding.exited().then_some(total));
         if rebuilding.exited() {
             report.notes.push(format!(
                 "The rebuild (pacing {pace}) ended before the queries measured during it did: their figures are \
