@@ -584,6 +584,37 @@ mod tests {
         pool.close().await;
     }
 
+    /// A broker of its own whose order topic (`partitions`) holds `orders` placed orders
+    /// after a fence on each partition, and a database of the test `name`: the broker,
+    /// the database, its pool, the Kafka settings, the trusted keys, and the records
+    /// written.
+    async fn placed_orders(
+        name: &str,
+        partitions: i32,
+        orders: usize,
+    ) -> (
+        keel_tests::Broker,
+        keel_tests::TestDatabase,
+        PgPool,
+        keel_kafka::KafkaSettings,
+        Arc<keel_schemas::TrustedKeys>,
+        i64,
+    ) {
+        let broker = keel_tests::Broker::start().await.unwrap();
+        let kafka = broker.settings(&keel_tests::unique_prefix(name), partitions);
+        keel_kafka::ensure_topics(&kafka, &["order"]).await.unwrap();
+        let (db, pool) = crate::testing::database(name).await;
+        let (key, policy) = crate::testing::trusted_key();
+        let w = writer("w", 1);
+        let mut log = crate::testing::OrderTopicLog::fenced(&kafka, &w, &key);
+        for i in 0..orders {
+            let id = format!("o-{i}");
+            log.push(&id, crate::testing::placed_commit(&w, &key, &id));
+        }
+        let records = log.write(&kafka).await;
+        (broker, db, pool, kafka, policy, records)
+    }
+
     /// A running process of `job`'s projection that helps fill its rebuilds: its
     /// membership's and its helper's tasks, and its assignment.
     fn helping_process(
@@ -630,19 +661,8 @@ mod tests {
     #[tokio::test]
     async fn two_processes_fill_a_rebuild_together_and_it_swaps_once() {
         const ORDERS: usize = 20_000;
-        let broker = keel_tests::Broker::start().await.unwrap();
-        let kafka = broker.settings(&keel_tests::unique_prefix("shared-rebuild"), 4);
-        keel_kafka::ensure_topics(&kafka, &["order"]).await.unwrap();
-        let (_db, pool) = crate::testing::database("shared-rebuild").await;
-        let (key, policy) = crate::testing::trusted_key();
-        let w = writer("w", 1);
-        let mut log = crate::testing::OrderTopicLog::fenced(&kafka, &w, &key);
-        for i in 0..ORDERS {
-            let id = format!("o-{i}");
-            log.push(&id, crate::testing::placed_commit(&w, &key, &id));
-        }
-        let records = log.write(&kafka).await;
-
+        let (_broker, _db, pool, kafka, policy, records) =
+            placed_orders("shared-rebuild", 4, ORDERS).await;
         let mut job = crate::testing::job(crate::testing::orders(), &pool, kafka, policy);
         job.options.claim_timeout = Duration::from_secs(2);
         job.options.batch_size = 500;
@@ -685,18 +705,8 @@ mod tests {
     /// helper's error rather than wait for it for ever, and the live view stays.
     #[tokio::test]
     async fn a_helper_that_halts_stops_the_rebuild_and_its_coordinator_says_why() {
-        let broker = keel_tests::Broker::start().await.unwrap();
-        let kafka = broker.settings(&keel_tests::unique_prefix("halting-helper"), 2);
-        keel_kafka::ensure_topics(&kafka, &["order"]).await.unwrap();
-        let (_db, pool) = crate::testing::database("halting-helper").await;
-        let (key, policy) = crate::testing::trusted_key();
-        let w = writer("w", 1);
-        let mut log = crate::testing::OrderTopicLog::fenced(&kafka, &w, &key);
-        for i in 0..1_000 {
-            let id = format!("o-{i}");
-            log.push(&id, crate::testing::placed_commit(&w, &key, &id));
-        }
-        log.write(&kafka).await;
+        let (_broker, _db, pool, kafka, policy, _) =
+            placed_orders("halting-helper", 2, 1_000).await;
         let broken = crate::testing::Fixable::orders("o-0");
         broken.break_badly();
         let mut job = crate::testing::job(broken, &pool, kafka, policy);
