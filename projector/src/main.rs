@@ -202,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
                     keep_old,
                     wait_for_lock: false,
                     only_if_older: false,
+                    replacing: None,
                     progress: Progress::Terminal,
                     allow_parked,
                 };

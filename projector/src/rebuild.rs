@@ -61,6 +61,9 @@ pub struct RebuildOptions {
     /// rebuild of a runner, which another process may have done while this one waited
     /// ([`AlreadyRebuilt`]).
     pub only_if_older: bool,
+    /// Rebuild only while this generation is live: a request asked of it, which another
+    /// rebuild may have answered while this one waited for the lock ([`Replaced`]).
+    pub replacing: Option<i32>,
     /// How progress is shown.
     pub progress: Progress,
     /// Swap in a new generation that holds back more streams than the live one.
@@ -146,6 +149,15 @@ impl std::fmt::Display for RebuildReport {
 #[error("the live generation of {0} is already built by this code")]
 pub struct AlreadyRebuilt(String);
 
+/// The generation a rebuild was asked to replace is no longer live: another rebuild
+/// replaced it while this one waited for the rebuild's lock, and was the rebuild asked for.
+#[derive(Debug, thiserror::Error)]
+#[error("already rebuilt since the request: generation {live} is live")]
+pub struct Replaced {
+    /// The live generation.
+    pub live: i32,
+}
+
 /// Rebuilds `job`'s projection into its next generation and swaps it in.
 pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<RebuildReport> {
     let projection = job.projection.as_ref();
@@ -194,6 +206,14 @@ pub async fn rebuild(job: &Job, options: &RebuildOptions) -> anyhow::Result<Rebu
     let live = prepare(&job.pool, projection).await?;
     if options.only_if_older && live.built(projection) != Built::Older {
         return Err(AlreadyRebuilt(name.to_owned()).into());
+    }
+    if let Some(asked) = options.replacing
+        && live.generation != asked
+    {
+        return Err(Replaced {
+            live: live.generation,
+        }
+        .into());
     }
     if live.built(projection) == Built::Newer {
         bail!(
@@ -837,6 +857,40 @@ mod tests {
         );
         let after = prepare(&pool, job.projection.as_ref()).await.unwrap();
         assert_eq!(after.generation, live.generation, "nothing was swapped");
+        let rebuilds: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_rebuilds")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rebuilds, 0, "no generation was started");
+        pool.close().await;
+    }
+
+    /// A rebuild asked to replace a generation that another rebuild replaced while it
+    /// waited for the lock (a request taken again, two requests, a request beside the
+    /// automatic rebuild) does nothing: checked under the lock, not before it.
+    #[tokio::test]
+    async fn a_rebuild_asked_of_a_replaced_generation_does_nothing() {
+        let (_db, pool) = crate::testing::database("replaced-rebuild").await;
+        let orders = crate::testing::orders();
+        let asked = prepare(&pool, orders.as_ref()).await.unwrap().generation;
+        // Another rebuild swapped while this one waited.
+        sqlx::query(
+            "UPDATE keel_projections SET generation = generation + 1 WHERE name = 'orders'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let job = crate::testing::offline_job(orders, &pool);
+        let options = RebuildOptions {
+            replacing: Some(asked),
+            ..crate::testing::rebuild_options()
+        };
+        let refused = tokio::time::timeout(Duration::from_secs(30), rebuild(&job, &options))
+            .await
+            .expect("the rebuild decides at once")
+            .expect_err("a replaced generation is not rebuilt again");
+        let replaced = refused.downcast_ref::<Replaced>().expect("Replaced");
+        assert_eq!(replaced.live, asked + 1);
         let rebuilds: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_rebuilds")
             .fetch_one(&pool)
             .await

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::job::Job;
 use crate::progress::Progress;
-use crate::rebuild::{RebuildOptions, rebuild};
+use crate::rebuild::{RebuildOptions, Replaced, rebuild};
 
 /// How often a process looks for a rebuild request.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
@@ -73,27 +73,17 @@ pub async fn serve(pool: PgPool, process: Uuid, jobs: Vec<Job>) {
             keep_old,
             wait_for_lock: true,
             only_if_older: false,
+            // Another rebuild may replace the generation it was asked of (this request
+            // taken again after its first taker died, say, or two requests): that was the
+            // rebuild asked for. Checked under the rebuild's lock.
+            replacing: asked_of,
             progress: Progress::Log,
             allow_parked: false,
         };
-        let live: Option<i32> =
-            sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
-                .bind(&name)
-                .fetch_optional(&pool)
-                .await
-                .ok()
-                .flatten();
-        let (ok, outcome) = match (asked_of, live) {
-            // Another rebuild replaced the generation it was asked of (this request was
-            // taken again after its first taker died, say): that was the rebuild asked for.
-            (Some(asked), Some(live)) if live > asked => (
-                true,
-                format!("already rebuilt since the request: generation {live} is live"),
-            ),
-            _ => match rebuild(job, &options).await {
-                Ok(report) => (true, report.to_string()),
-                Err(e) => (false, format!("{e:#}")),
-            },
+        let (ok, outcome) = match rebuild(job, &options).await {
+            Ok(report) => (true, report.to_string()),
+            Err(e) if e.downcast_ref::<Replaced>().is_some() => (true, e.to_string()),
+            Err(e) => (false, format!("{e:#}")),
         };
         if !ok {
             warn!(request = id, projection = %name, %outcome, "the requested rebuild failed");

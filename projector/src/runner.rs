@@ -253,6 +253,7 @@ impl Runner {
                     keep_old: false,
                     wait_for_lock: true,
                     only_if_older: true,
+                    replacing: None,
                     progress: Progress::Log,
                     allow_parked: false,
                 };

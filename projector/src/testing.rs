@@ -349,6 +349,7 @@ pub(crate) fn rebuild_options() -> crate::rebuild::RebuildOptions {
         keep_old: false,
         wait_for_lock: false,
         only_if_older: false,
+        replacing: None,
         progress: crate::rebuild::Progress::Log,
         allow_parked: false,
     }

@@ -210,6 +210,11 @@ impl Applier<'_> {
             step.settled = readable.iter().map(|(offset, _)| *offset).collect();
             step.events = all.len();
         } else {
+            // One record at a time, each keeping the locks it took until the transaction
+            // ends: in record order, not the fixed order a batch takes them in. That cannot
+            // deadlock with the live batches only because one stream feeds at most one
+            // shared row of each view (an order's customer and its day in `daily_sales`);
+            // a view that maps a stream to several shared rows must lock them all first.
             for (offset, events) in &readable {
                 if let Some(failed) = self.apply_saved(tx, events).await? {
                     error = Some(failed);
