@@ -55,10 +55,10 @@ fn the_harness_reports_every_scenario_beside_its_baseline() {
     assert_eq!(with_target("Rebuild, daily_sales"), 1);
     assert_eq!(
         with_target("Queries, by id"),
-        3,
-        "idle, and during a rebuild paced and unpaced"
+        4,
+        "idle, and during a rebuild paced (started by a command and requested) and unpaced"
     );
-    assert_eq!(with_target("Queries, list"), 3);
+    assert_eq!(with_target("Queries, list"), 4);
     let named = |prefix: &str| {
         rows.iter()
             .filter(|r| {
@@ -105,7 +105,7 @@ fn the_harness_reports_every_scenario_beside_its_baseline() {
         2,
         "SIGKILL and SIGTERM"
     );
-    assert_eq!(named("Rebuild of orders while queries run"), 2);
+    assert_eq!(named("Rebuild of orders while queries run"), 3);
     assert_eq!(
         named("Read-your-writes of healthy streams, one stream parked"),
         2

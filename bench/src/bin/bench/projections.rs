@@ -30,6 +30,26 @@ const LEAD: Duration = Duration::from_secs(2);
 
 type PathFn = Arc<dyn Fn(usize) -> String + Send + Sync>;
 
+/// How a rebuild among live reads is started.
+#[derive(Clone, Copy)]
+enum Started {
+    /// `projector rebuild`: a process of its own, started among the reads.
+    Command,
+    /// A row in `keel_rebuild_requests`, which a running `projector run` process takes.
+    Requested,
+}
+
+/// A rebuild started among live reads.
+enum Rebuilding {
+    Process(Box<Service>),
+    /// The request's id.
+    Request(i64),
+}
+
+/// How long a `projector run` started for a requested rebuild has to claim its units
+/// before the reads begin.
+const RUNNER_SETTLES: Duration = Duration::from_secs(3);
+
 /// A query measured: its maximum rate, and latencies at a fixed rate.
 struct QueryRun {
     max: f64,
@@ -540,9 +560,19 @@ pub(crate) async fn run(
     // Queries during a rebuild of orders, with the rebuild paced adaptively (the default)
     // and unpaced; and the rebuild's own pace meanwhile.
     let rates: Vec<f64> = idle.iter().map(|r| r.rate).collect();
-    for pace in ["adaptive", "off"] {
+    for (pace, how) in [
+        ("adaptive", Started::Command),
+        ("off", Started::Command),
+        // Last: a killed `projector run` leaves its heartbeat behind until it expires, and
+        // a rebuild after it would wait that long for it to help.
+        ("adaptive", Started::Requested),
+    ] {
+        let pace_label = match how {
+            Started::Command => pace.to_owned(),
+            Started::Requested => format!("{pace}, requested of a running projector"),
+        };
         step(&format!(
-            "queries during a rebuild of orders, pacing {pace}"
+            "queries during a rebuild of orders, pacing {pace_label}"
         ));
         // Each run rebuilds from offset 0: what a killed run before it left is forgotten
         // (the next rebuild drops its tables), and its lock has gone with its session.
@@ -552,15 +582,49 @@ pub(crate) async fn run(
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut paced_env = env.clone();
         paced_env.push(("KEEL_REBUILD_PACE", pace.to_owned()));
+        // A requested rebuild is taken by a `projector run` process that was running (and
+        // had caught up) before the reads began, as in a deployment; the other starts a
+        // process of its own among the reads.
+        let runner = match how {
+            Started::Command => None,
+            Started::Requested => {
+                let runner = Service::start(
+                    "projector",
+                    &["run", "--projection", "orders"],
+                    &paced_env,
+                    None,
+                )
+                .await?;
+                tokio::time::sleep(RUNNER_SETTLES).await;
+                Some(runner)
+            }
+        };
         // The rebuild starts among live reads, `LEAD` into the first query's load, which
         // is counted from then on.
-        let starting = tokio::spawn(async move {
-            tokio::time::sleep(LEAD).await;
-            let started = Instant::now();
-            let service =
-                Service::start("projector", &["rebuild", "orders"], &paced_env, None).await;
-            (service, started)
-        });
+        let starting = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(LEAD).await;
+                let started = Instant::now();
+                let rebuilding = match how {
+                    Started::Command => {
+                        Service::start("projector", &["rebuild", "orders"], &paced_env, None)
+                            .await
+                            .map(|process| Rebuilding::Process(Box::new(process)))
+                    }
+                    Started::Requested => sqlx::query_scalar(
+                        "INSERT INTO keel_rebuild_requests (projection, actor, generation)
+                         VALUES ('orders', 'bench', (SELECT generation FROM keel_projections WHERE name = 'orders'))
+                         RETURNING id",
+                    )
+                    .fetch_one(&pool)
+                    .await
+                    .map(Rebuilding::Request)
+                    .map_err(anyhow::Error::from),
+                };
+                (rebuilding, started)
+            })
+        };
         let during = queries(
             &query.client,
             &query.url(""),
@@ -576,21 +640,40 @@ pub(crate) async fn run(
         )
         .fetch_optional(&pool)
         .await?;
-        let seconds = from.elapsed().as_secs_f64();
+        let (ended, seconds) = match &mut rebuilding {
+            Rebuilding::Process(process) => (process.exited(), from.elapsed().as_secs_f64()),
+            // Counted from when a process took the request (it looks once a second).
+            Rebuilding::Request(id) => {
+                let (ended, seconds): (bool, Option<f64>) = sqlx::query_as(
+                    "SELECT done_at IS NOT NULL,
+                            extract(epoch FROM coalesce(done_at, now()) - taken_at)::float8
+                       FROM keel_rebuild_requests WHERE id = $1",
+                )
+                .bind(*id)
+                .fetch_one(&pool)
+                .await?;
+                (ended, seconds.unwrap_or_default())
+            }
+        };
         // A rebuild that ended swapped and forgot its row: it read the whole log.
-        let last = last.or(rebuilding.exited().then_some(total));
-        if rebuilding.exited() {
+        let last = last.or(ended.then_some(total));
+        if ended {
             report.notes.push(format!(
-                "The rebuild (pacing {pace}) ended before the queries measured during it did: their figures are \
+                "The rebuild (pacing {pace_label}) ended before the queries measured during it did: their figures are \
                  partly without a rebuild."
             ));
         }
-        rebuilding.kill().await?;
-        let label = format!("during a rebuild, pacing {pace}");
+        if let Rebuilding::Process(process) = rebuilding {
+            process.kill().await?;
+        }
+        if let Some(runner) = runner {
+            runner.kill().await?;
+        }
+        let label = format!("during a rebuild, pacing {pace_label}");
         query_rows(report, &during, Some(&label));
         if let Some(last) = last {
             report.rows.push(Row::plain(
-                &format!("Rebuild of orders while queries run, pacing {pace}"),
+                &format!("Rebuild of orders while queries run, pacing {pace_label}"),
                 "records/s",
                 last as f64 / seconds.max(0.001),
             ));
@@ -607,14 +690,18 @@ pub(crate) async fn run(
                 .collect::<Vec<_>>()
                 .join(" ")
         ));
+        let slug = match how {
+            Started::Command => pace.to_owned(),
+            Started::Requested => format!("{pace}-requested"),
+        };
         plots.add(
-            &format!("queries-during-rebuild-{pace}.svg"),
+            &format!("queries-during-rebuild-{slug}.svg"),
             &format!(
-                "Queries by id during a rebuild of orders paced {pace} (started {} s into their load): p99 of each half second",
+                "Queries by id during a rebuild of orders paced {pace_label} (started {} s into their load): p99 of each half second",
                 LEAD.as_secs()
             ),
             Chart {
-                title: format!("Queries by id during a rebuild paced {pace}: p99 over time"),
+                title: format!("Queries by id during a rebuild paced {pace_label}: p99 over time"),
                 x_label: "seconds since the rebuild started".into(),
                 y_label: "p99, ms".into(),
                 log_x: false,
