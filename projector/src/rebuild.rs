@@ -844,11 +844,7 @@ mod tests {
         let orders = crate::testing::orders();
         let live = crate::testing::live_by_newer_code(&pool, orders.as_ref()).await;
         let job = crate::testing::offline_job(orders, &pool);
-        let options = crate::testing::rebuild_options();
-        let refused = tokio::time::timeout(Duration::from_secs(30), rebuild(&job, &options))
-            .await
-            .expect("the rebuild decides at once")
-            .expect_err("an older projector must not rebuild a newer generation");
+        let refused = refused_at_once(&job, &crate::testing::rebuild_options()).await;
         assert!(
             refused
                 .to_string()
@@ -857,12 +853,21 @@ mod tests {
         );
         let after = prepare(&pool, job.projection.as_ref()).await.unwrap();
         assert_eq!(after.generation, live.generation, "nothing was swapped");
+        pool.close().await;
+    }
+
+    /// Why `job`'s rebuild refused at once, without starting a generation.
+    async fn refused_at_once(job: &Job, options: &RebuildOptions) -> anyhow::Error {
+        let refused = tokio::time::timeout(Duration::from_secs(30), rebuild(job, options))
+            .await
+            .expect("the rebuild decides at once")
+            .expect_err("the rebuild must refuse");
         let rebuilds: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_rebuilds")
-            .fetch_one(&pool)
+            .fetch_one(&job.pool)
             .await
             .unwrap();
         assert_eq!(rebuilds, 0, "no generation was started");
-        pool.close().await;
+        refused
     }
 
     /// A rebuild asked to replace a generation that another rebuild replaced while it
@@ -873,29 +878,41 @@ mod tests {
         let (_db, pool) = crate::testing::database("replaced-rebuild").await;
         let orders = crate::testing::orders();
         let asked = prepare(&pool, orders.as_ref()).await.unwrap().generation;
-        // Another rebuild swapped while this one waited.
+        // Another rebuild runs: it holds the rebuild's lock while this one starts, and
+        // swaps before letting go.
+        let mut other = pool.acquire().await.unwrap().detach();
+        sqlx::query("SELECT pg_advisory_lock(hashtext('keel-rebuild:orders'))")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let job = crate::testing::offline_job(orders, &pool);
+        let options = RebuildOptions {
+            replacing: Some(asked),
+            wait_for_lock: true,
+            ..crate::testing::rebuild_options()
+        };
+        let waiting = {
+            let (job, options) = (job.clone(), options.clone());
+            tokio::spawn(async move { refused_at_once(&job, &options).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
         sqlx::query(
             "UPDATE keel_projections SET generation = generation + 1 WHERE name = 'orders'",
         )
         .execute(&pool)
         .await
         .unwrap();
-        let job = crate::testing::offline_job(orders, &pool);
-        let options = RebuildOptions {
-            replacing: Some(asked),
-            ..crate::testing::rebuild_options()
-        };
-        let refused = tokio::time::timeout(Duration::from_secs(30), rebuild(&job, &options))
-            .await
-            .expect("the rebuild decides at once")
-            .expect_err("a replaced generation is not rebuilt again");
-        let replaced = refused.downcast_ref::<Replaced>().expect("Replaced");
-        assert_eq!(replaced.live, asked + 1);
-        let rebuilds: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_rebuilds")
-            .fetch_one(&pool)
+        sqlx::query("SELECT pg_advisory_unlock(hashtext('keel-rebuild:orders'))")
+            .execute(&mut other)
             .await
             .unwrap();
-        assert_eq!(rebuilds, 0, "no generation was started");
+        let refused = waiting.await.unwrap();
+        let replaced = refused.downcast_ref::<Replaced>().expect("Replaced");
+        assert_eq!(
+            replaced.live,
+            asked + 1,
+            "a replaced generation is not rebuilt again"
+        );
         pool.close().await;
     }
 }

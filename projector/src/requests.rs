@@ -28,7 +28,10 @@ pub async fn request(
 ) -> anyhow::Result<i64> {
     sqlx::query_scalar(
         "INSERT INTO keel_rebuild_requests (projection, keep_old, actor, generation)
-         VALUES ($1, $2, $3, (SELECT generation FROM keel_projections WHERE name = $1)) RETURNING id",
+         VALUES ($1, $2, $3,
+                 -- A projection never run yet gets generation 1 when it first is.
+                 coalesce((SELECT generation FROM keel_projections WHERE name = $1), 1))
+         RETURNING id",
     )
     .bind(projection)
     .bind(keep_old)
