@@ -1,8 +1,10 @@
-//! What every Keel process shares about running: the logging set-up, the shutdown signal,
-//! and reading its command line and environment. The query API links this, not
-//! `keel-kafka`: it reads PostgreSQL only.
+//! What every Keel process shares about running: the logging set-up, its metrics, the
+//! shutdown signal, and reading its command line and environment. The query API links
+//! this, not `keel-kafka`: it reads PostgreSQL only.
 
 use std::io::IsTerminal;
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 
