@@ -1,10 +1,11 @@
 //! Keel's HTTP edge, shared by the command API and the query API: bearer-token
 //! authentication and roles, per-subject rate limits, a cap on requests in flight,
-//! timeouts, and TLS.
+//! timeouts, TLS, and the request metrics.
 
 pub mod auth;
 pub mod edge;
 mod keys;
+pub mod metrics;
 pub mod openapi;
 pub mod serve;
 pub mod settings;
