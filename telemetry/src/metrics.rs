@@ -145,13 +145,13 @@ impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = ProcessStats::read();
         if let Some(seconds) = stats.cpu_seconds {
-            let metric = ConstCounter::new(seconds);
-            metric.encode(encoder.encode_descriptor(
+            emit(
+                &mut encoder,
                 "process_cpu",
                 "Total user and system CPU time spent in seconds.",
                 Some(&Unit::Seconds),
-                metric.metric_type(),
-            )?)?;
+                &ConstCounter::new(seconds),
+            )?;
         }
         let gauges = [
             (
@@ -179,28 +179,39 @@ impl Collector for ProcessCollector {
                 stats.max_fds,
             ),
         ];
-        for (name, help, unit, value) in gauges {
+        for (name, help, unit, value) in &gauges {
             if let Some(value) = value {
-                let metric = ConstGauge::new(value);
-                metric.encode(encoder.encode_descriptor(
+                emit(
+                    &mut encoder,
                     name,
                     help,
                     unit.as_ref(),
-                    metric.metric_type(),
-                )?)?;
+                    &ConstGauge::new(*value),
+                )?;
             }
         }
         if let Some(start) = stats.start_time_seconds {
-            let metric = ConstGauge::new(start);
-            metric.encode(encoder.encode_descriptor(
+            emit(
+                &mut encoder,
                 "process_start_time",
                 "Start time of the process since unix epoch in seconds.",
                 Some(&Unit::Seconds),
-                metric.metric_type(),
-            )?)?;
+                &ConstGauge::new(start),
+            )?;
         }
         Ok(())
     }
+}
+
+/// Writes `metric`'s descriptor and its one sample.
+fn emit<'s>(
+    encoder: &'s mut DescriptorEncoder<'_>,
+    name: &'s str,
+    help: &str,
+    unit: Option<&'s Unit>,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
 }
 
 #[cfg(test)]
