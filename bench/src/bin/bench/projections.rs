@@ -39,6 +39,24 @@ enum Started {
     Requested,
 }
 
+impl Started {
+    /// The pacing as the report names it.
+    fn label(self, pace: &str) -> String {
+        match self {
+            Self::Command => pace.to_owned(),
+            Self::Requested => format!("{pace}, requested of a running projector"),
+        }
+    }
+
+    /// The pacing as a plot's file name holds it.
+    fn slug(self, pace: &str) -> String {
+        match self {
+            Self::Command => pace.to_owned(),
+            Self::Requested => format!("{pace}-requested"),
+        }
+    }
+}
+
 /// A rebuild started among live reads.
 enum Rebuilding {
     Process(Box<Service>),
@@ -567,10 +585,7 @@ pub(crate) async fn run(
         // a rebuild after it would wait that long for it to help.
         ("adaptive", Started::Requested),
     ] {
-        let pace_label = match how {
-            Started::Command => pace.to_owned(),
-            Started::Requested => format!("{pace}, requested of a running projector"),
-        };
+        let pace_label = how.label(pace);
         step(&format!(
             "queries during a rebuild of orders, pacing {pace_label}"
         ));
@@ -612,15 +627,11 @@ pub(crate) async fn run(
                             .await
                             .map(|process| Rebuilding::Process(Box::new(process)))
                     }
-                    Started::Requested => sqlx::query_scalar(
-                        "INSERT INTO keel_rebuild_requests (projection, actor, generation)
-                         VALUES ('orders', 'bench', (SELECT generation FROM keel_projections WHERE name = 'orders'))
-                         RETURNING id",
-                    )
-                    .fetch_one(&pool)
-                    .await
-                    .map(Rebuilding::Request)
-                    .map_err(anyhow::Error::from),
+                    Started::Requested => {
+                        projector::requests::request(&pool, "orders", false, "bench")
+                            .await
+                            .map(Rebuilding::Request)
+                    }
                 };
                 (rebuilding, started)
             })
@@ -690,12 +701,8 @@ pub(crate) async fn run(
                 .collect::<Vec<_>>()
                 .join(" ")
         ));
-        let slug = match how {
-            Started::Command => pace.to_owned(),
-            Started::Requested => format!("{pace}-requested"),
-        };
         plots.add(
-            &format!("queries-during-rebuild-{slug}.svg"),
+            &format!("queries-during-rebuild-{}.svg", how.slug(pace)),
             &format!(
                 "Queries by id during a rebuild of orders paced {pace_label} (started {} s into their load): p99 of each half second",
                 LEAD.as_secs()
