@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod commands;
 pub mod error;
+pub mod metrics;
 pub mod owner;
 pub mod owners;
 pub mod routes;

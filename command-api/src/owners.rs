@@ -45,6 +45,8 @@ pub struct OwnerSettings {
     pub snapshot_turns: Arc<tokio::sync::Semaphore>,
     /// Flushes an owner decides in a row while the one ahead is read back.
     pub flush_pipeline: usize,
+    /// Where the owners record their commands' phases.
+    pub metrics: crate::metrics::CommandMetrics,
 }
 
 /// A running owner.
@@ -206,7 +208,8 @@ impl Owners {
                 );
                 let mut owner = owner
                     .with_key_retention(settings.key_retention)
-                    .pipelining(settings.flush_pipeline);
+                    .pipelining(settings.flush_pipeline)
+                    .with_metrics(settings.metrics.clone());
                 if let Some(after) = settings.retake_after {
                     owner = owner.retaking_after(after);
                 }

@@ -101,7 +101,9 @@ impl Application {
             snapshot_every: settings.snapshot_every,
             flush_pipeline: settings.flush_pipeline,
             snapshot_turns: Arc::new(tokio::sync::Semaphore::new(1)),
+            metrics: crate::metrics::CommandMetrics::default(),
         };
+        let commands = owner_settings.metrics.clone();
         let (owners, cluster) = match &settings.assignment {
             Assignment::All => (
                 Arc::new(Self::own_everything(kafka, &producer, &owner_settings).await?),
@@ -170,7 +172,12 @@ impl Application {
             topics: topic_names(&kafka.topic_prefix),
             partitions: settings.kafka.partitions,
             request_timeout: settings.request_timeout,
-        };
+            telemetry: crate::routes::Telemetry {
+                commands,
+                ..Default::default()
+            },
+        }
+        .exporting(&edge);
         let handoff_timeout = match &settings.assignment {
             Assignment::Group {
                 handoff_timeout, ..

@@ -141,6 +141,21 @@ pub enum AuthError {
     Invalid(String),
 }
 
+/// What [`AuthError::Invalid`] says of a token past its `exp`.
+const EXPIRED: &str = "the token has expired";
+
+impl AuthError {
+    /// The failure as the `reason` label of `keel_auth_failures_total`: `missing`,
+    /// `expired` or `invalid` (a bounded set, never the token's text).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Invalid(text) if text == EXPIRED => "expired",
+            AuthError::Invalid(_) => "invalid",
+        }
+    }
+}
+
 /// Where the verification keys come from.
 #[derive(Clone)]
 pub enum KeySource {
@@ -401,7 +416,7 @@ fn principal(claims: Presented) -> Result<Principal, AuthError> {
 fn describe(e: jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind as K;
     match e.kind() {
-        K::ExpiredSignature => "the token has expired".into(),
+        K::ExpiredSignature => EXPIRED.into(),
         K::ImmatureSignature => "the token is not valid yet (nbf)".into(),
         K::InvalidAudience => "the token is not meant for this API (aud)".into(),
         K::InvalidIssuer => "the token's issuer is not trusted (iss)".into(),

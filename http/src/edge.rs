@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tracing::warn;
 
 use crate::auth::{AuthError, Principal, Role, Verifier};
+use crate::metrics::EdgeMetrics;
 use crate::settings::EdgeSettings;
 
 /// Longest `Authorization` header read; longer ones are refused unread.
@@ -44,6 +45,9 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     timeout: Duration,
+    /// The role `/metrics` needs, if any.
+    metrics_role: Option<Role>,
+    metrics: EdgeMetrics,
 }
 
 impl Edge {
@@ -77,6 +81,8 @@ impl Edge {
                 in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
                 max_in_flight: settings.max_in_flight,
                 timeout: settings.timeout,
+                metrics_role: settings.metrics_role,
+                metrics: EdgeMetrics::default(),
             }),
         })
     }
@@ -92,6 +98,27 @@ impl Edge {
             (self.clone(), role),
             authorize,
         ))
+    }
+
+    /// Registers the edge's refusals (authentication failures, requests a limit turned
+    /// away) in `registry`, the process's `keel_` registry.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(registry);
+    }
+
+    /// `GET /metrics`, serving `metrics`: open, or behind `KEEL_METRICS_ROLE` (and then
+    /// limited like the `/v1` routes).
+    pub fn metrics_route<S: Clone + Send + Sync + 'static>(
+        &self,
+        metrics: Arc<keel_telemetry::metrics::Metrics>,
+    ) -> Router<S> {
+        let route = Router::new()
+            .route("/metrics", axum::routing::get(crate::metrics::serve))
+            .with_state(metrics);
+        match self.inner.metrics_role {
+            Some(role) => self.limit(self.guard(route, role)),
+            None => route,
+        }
     }
 
     /// `router` with the cap on requests in flight and the timeout.
@@ -118,8 +145,10 @@ async fn authorize(
                 if let Some(peer) = peer
                     && let Err(wait) = edge.inner.failures.check(&peer)
                 {
+                    edge.inner.metrics.limited("refused_tokens");
                     return too_many_requests(wait, "this address sent too many refused tokens");
                 }
+                edge.inner.metrics.auth_failed(e.reason());
                 return unauthorized(&e);
             }
         },
@@ -127,12 +156,14 @@ async fn authorize(
     if let Some(limiter) = &edge.inner.limiter
         && let Err(wait) = limiter.check(&principal.subject)
     {
+        edge.inner.metrics.limited("subject");
         return too_many_requests(
             wait,
             "this token's subject sends more requests than allowed",
         );
     }
     if !principal.has(role) {
+        edge.inner.metrics.auth_failed("forbidden");
         return forbidden(role);
     }
     request.extensions_mut().insert(principal);
@@ -141,6 +172,7 @@ async fn authorize(
 
 async fn limits(State(edge): State<Edge>, request: Request, next: Next) -> Response {
     let Ok(_permit) = Arc::clone(&edge.inner.in_flight).try_acquire_owned() else {
+        edge.inner.metrics.limited("in_flight");
         let mut response = problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy",
@@ -446,6 +478,72 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(limiter.buckets.lock().unwrap().by_key.len(), 1);
+    }
+
+    #[cfg(feature = "testing")]
+    /// With `KEEL_METRICS_ROLE`, `/metrics` answers only tokens holding that role, and
+    /// every refusal is counted by its reason, in the scrape the role can read.
+    #[tokio::test]
+    async fn a_metrics_role_guards_the_scrape_and_refusals_are_counted() {
+        use crate::auth::{AuthSettings, KeySource, sign_hs256};
+        use crate::testing::{claims, token};
+        use tower::ServiceExt;
+
+        let secret = b"a-secret-of-at-least-thirty-two-bytes!!";
+        let settings = EdgeSettings {
+            auth: Some(AuthSettings {
+                keys: KeySource::Hs256(secret.to_vec()),
+                issuer: "keel".into(),
+                audience: "keel".into(),
+                leeway: Duration::ZERO,
+            }),
+            rate_per_sec: 0.0,
+            burst: 0.0,
+            max_in_flight: 8,
+            timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(5),
+            tls: None,
+            metrics_role: Some(Role::Admin),
+        };
+        let edge = Edge::new(&settings, "test").unwrap();
+        let mut metrics = keel_telemetry::metrics::Metrics::new();
+        edge.register_metrics(metrics.keel());
+        let router: Router = edge.metrics_route(metrics.shared());
+        let scrape = |bearer: Option<String>| {
+            let router = router.clone();
+            async move {
+                let mut request = Request::get("/metrics");
+                if let Some(t) = bearer {
+                    request = request.header("authorization", format!("Bearer {t}"));
+                }
+                let response = router
+                    .oneshot(request.body(axum::body::Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        let mut expired = claims("ops", &[Role::Admin]);
+        expired.exp = expired.iat - 60;
+        let expired = sign_hs256(secret, &expired).unwrap();
+        assert_eq!(scrape(None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(scrape(Some(expired)).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            scrape(Some("not.a.token".into())).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let reader = token(secret, "ops", &[Role::QueriesRead]);
+        assert_eq!(scrape(Some(reader)).await.0, StatusCode::FORBIDDEN);
+        let (status, text) = scrape(Some(token(secret, "ops", &[Role::Admin]))).await;
+        assert_eq!(status, StatusCode::OK);
+        for reason in ["missing", "expired", "invalid", "forbidden"] {
+            let line = format!("keel_auth_failures_total{{reason=\"{reason}\"}} 1");
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The HTTP metrics of both APIs: requests counted by route template, method and status,
-//! with a histogram of their durations. The labels are bounded: the route is the template
-//! the request matched (`/v1/orders/{id}`, never the id), `unmatched` for a path no route
-//! has, and a method outside the standard ones counts as `other`.
+//! with a histogram of their durations; and the edge's refusals (authentication failures
+//! by reason, requests turned away by a limit). The labels are bounded: the route is the
+//! template the request matched (`/v1/orders/{id}`, never the id), `unmatched` for a path
+//! no route has, and a method outside the standard ones counts as `other`.
 
 use std::time::Instant;
 
@@ -41,26 +42,30 @@ pub struct HttpMetrics {
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
 }
 
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+        }
+    }
+}
+
 impl HttpMetrics {
     /// Registers `http_requests_total` and `http_request_duration_seconds` in `registry`
     /// (the process's `keel_` registry).
-    pub fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            requests: Family::default(),
-            durations: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
-        };
+    pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "http_requests",
             "HTTP requests answered, by route template, method and status",
-            metrics.requests.clone(),
+            self.requests.clone(),
         );
         registry.register_with_unit(
             "http_request_duration",
             "Time from a request's arrival to its answer's headers, by route template, method and status",
             Unit::Seconds,
-            metrics.durations.clone(),
+            self.durations.clone(),
         );
-        metrics
     }
 
     /// Counts `response` to a request of `route` and `method` that took from `started`.
@@ -75,6 +80,71 @@ impl HttpMetrics {
             .observe(started.elapsed().as_secs_f64());
         self.requests.get_or_create(&labels).inc();
     }
+}
+
+/// The label of an authentication failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// The label of a request a limit turned away.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+/// The edge's refusals. Counted from the start; registered with [`EdgeMetrics::register`].
+/// Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct EdgeMetrics {
+    auth_failures: Family<ReasonLabels, Counter>,
+    limited: Family<LimitLabels, Counter>,
+}
+
+impl EdgeMetrics {
+    /// Registers `auth_failures_total` and `http_rate_limited_total` in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "auth_failures",
+            "Requests refused by authentication (401: missing, expired, invalid) or by \
+             their token's roles (403: forbidden)",
+            self.auth_failures.clone(),
+        );
+        registry.register(
+            "http_rate_limited",
+            "Requests turned away by a limit: the token subject's rate (subject), the \
+             client address's refused tokens (refused_tokens), requests in flight (in_flight)",
+            self.limited.clone(),
+        );
+    }
+
+    /// Counts a request refused for `reason`.
+    pub(crate) fn auth_failed(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a request turned away by `limit`.
+    pub(crate) fn limited(&self, limit: &'static str) {
+        self.limited.get_or_create(&LimitLabels { limit }).inc();
+    }
+}
+
+/// `GET /metrics`: `metrics` in the Prometheus text format.
+pub async fn serve(
+    State(metrics): State<std::sync::Arc<keel_telemetry::metrics::Metrics>>,
+) -> Response {
+    use axum::response::IntoResponse;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            keel_telemetry::metrics::CONTENT_TYPE,
+        )],
+        metrics.encode(),
+    )
+        .into_response()
 }
 
 /// A method's label: the standard methods by name, any other as `other`.
@@ -140,7 +210,8 @@ mod tests {
     #[tokio::test]
     async fn requests_are_counted_by_route_template_method_and_status() {
         let mut registry = Registry::with_prefix("keel");
-        let metrics = HttpMetrics::register(&mut registry);
+        let metrics = HttpMetrics::default();
+        metrics.register(&mut registry);
         let app = Router::new()
             .route("/v1/orders/{id}", get(|| async { "an order" }))
             .route(

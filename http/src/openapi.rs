@@ -60,3 +60,18 @@ pub fn secure(operation: &mut Value, role: Role) {
 pub fn open(operation: &mut Value) {
     operation["security"] = json!([]);
 }
+
+/// The `/metrics` path item of both documents: open by default, like `/healthz`.
+pub fn metrics_path() -> Value {
+    let mut item = json!({"get": {
+        "summary": "The process's metrics, in the Prometheus text format",
+        "description": "Every `keel_` metric of the process and the standard `process_` ones \
+                        (CPU, memory, open descriptors), for Prometheus to scrape. Open unless \
+                        KEEL_METRICS_ROLE names the role a token needs to read it.",
+        "responses": {"200": {"description": "the metrics", "content": {
+            "text/plain": {"schema": {"type": "string"}}
+        }}}
+    }});
+    open(&mut item["get"]);
+    item
+}

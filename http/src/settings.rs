@@ -29,6 +29,9 @@ pub struct EdgeSettings {
     pub header_timeout: Duration,
     /// `KEEL_TLS_CERT` and `KEEL_TLS_KEY`: serve HTTPS with this PEM certificate chain and key.
     pub tls: Option<TlsFiles>,
+    /// `KEEL_METRICS_ROLE`: the role a token needs to read `/metrics`; `None` (the
+    /// default): open, like `/healthz`.
+    pub metrics_role: Option<crate::Role>,
 }
 
 /// A PEM certificate chain and its private key.
@@ -134,6 +137,9 @@ pub struct EdgeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "KEEL_TLS_KEY", value_name = "PATH")]
     pub tls_key: Option<String>,
+    /// The role a token needs to read /metrics (default: open, like /healthz).
+    #[arg(long, env = "KEEL_METRICS_ROLE", value_name = "ROLE")]
+    pub metrics_role: Option<String>,
 }
 
 impl EdgeArgs {
@@ -154,6 +160,7 @@ impl EdgeArgs {
             "KEEL_HTTP_HEADER_TIMEOUT_MS" => Some(self.http_header_timeout_ms.clone()),
             "KEEL_TLS_CERT" => self.tls_cert.clone(),
             "KEEL_TLS_KEY" => self.tls_key.clone(),
+            "KEEL_METRICS_ROLE" => self.metrics_role.clone(),
             _ => None,
         })
     }
@@ -194,8 +201,20 @@ impl EdgeSettings {
             }),
             _ => bail!("KEEL_TLS_CERT and KEEL_TLS_KEY go together: set both or neither"),
         };
+        let metrics_role = match var("KEEL_METRICS_ROLE") {
+            None => None,
+            Some(name) => match crate::Role::parse(name.trim()) {
+                Some(role) if auth.is_some() => Some(role),
+                Some(_) => bail!("KEEL_METRICS_ROLE needs authentication on (KEEL_AUTH=on)"),
+                None => bail!(
+                    "KEEL_METRICS_ROLE {name:?} is not a role: use one of {}",
+                    crate::Role::ALL.map(crate::Role::as_str).join(", ")
+                ),
+            },
+        };
         Ok(Self {
             auth,
+            metrics_role,
             rate_per_sec,
             burst,
             max_in_flight,
@@ -319,6 +338,27 @@ mod tests {
             .settings()
             .unwrap();
         assert!(off.auth.is_none());
+    }
+
+    #[test]
+    fn metrics_are_open_unless_a_role_is_named() {
+        let secret = "x".repeat(32);
+        let open = from(&[("KEEL_AUTH_HS256_SECRET", &secret)]).unwrap();
+        assert_eq!(open.metrics_role, None);
+        let guarded = from(&[
+            ("KEEL_AUTH_HS256_SECRET", &secret),
+            ("KEEL_METRICS_ROLE", "admin"),
+        ])
+        .unwrap();
+        assert_eq!(guarded.metrics_role, Some(crate::Role::Admin));
+        let e = from(&[
+            ("KEEL_AUTH_HS256_SECRET", &secret),
+            ("KEEL_METRICS_ROLE", "root"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a role") && e.contains("admin"), "{e}");
+        assert!(from(&[("KEEL_AUTH", "off"), ("KEEL_METRICS_ROLE", "admin")]).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //!   another. A command whose key the flight ahead holds waits for that flight's answer.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -37,6 +38,8 @@ use uuid::Uuid;
 use super::log::{Append, PartitionLog};
 use super::outcome::{Answered, CommandRequest, Outcome, OwnerError, Reply, RequestMeta};
 use super::receipt::{self, Recorded};
+use crate::metrics::{CommandMetrics, Phase};
+
 use super::task::{MAX_FLUSH, PartitionOwner, ReadBack, Status, Verdicts};
 
 /// How many times a command whose answer could not be confirmed is decided again before it
@@ -100,16 +103,22 @@ struct Flight<A: Aggregate> {
     doomed: bool,
     /// The last round for its commands: what cannot be confirmed gets a `503`.
     last: bool,
+    /// When its commits were handed to the producer, if it has any.
+    appending: Option<Instant>,
 }
 
 impl<A: Aggregate> Flight<A> {
     /// Waits until the flight's commits are acknowledged (or failed): what appending each
     /// told; `None` when it appended nothing.
-    async fn acknowledged(&mut self) -> Option<Vec<Result<i64, KafkaError>>> {
-        match self.appended.take() {
-            Some(appended) => Some(appended.await),
-            None => None,
+    async fn acknowledged(
+        &mut self,
+        metrics: &CommandMetrics,
+    ) -> Option<Vec<Result<i64, KafkaError>>> {
+        let acks = self.appended.take()?.await;
+        if let Some(appending) = self.appending {
+            metrics.phase(Phase::Append, appending.elapsed().as_secs_f64());
         }
+        Some(acks)
     }
 
     /// True when a command of this flight holds `key`, whose answer is not known yet.
@@ -153,7 +162,7 @@ where
         while let Some(mut ahead) = flight.take() {
             // Once the flight is in the log, the commands queued meanwhile are decided on
             // it and appended while it is read back.
-            let acks = ahead.acknowledged().await;
+            let acks = ahead.acknowledged(&self.metrics).await;
             // Only on a flight wholly in the log: one that could not be appended dooms
             // whatever would be decided on it.
             let appended = acks
@@ -194,7 +203,7 @@ where
             }
             let batch = std::mem::take(&mut again);
             if let Some(mut flight) = self.launch(batch, None, round == MAX_ROUNDS).await {
-                let acks = flight.acknowledged().await;
+                let acks = flight.acknowledged(&self.metrics).await;
                 self.land(flight, acks, &mut again).await;
             }
         }
@@ -228,7 +237,10 @@ where
                 return None;
             }
         };
+        let deciding = Instant::now();
         let mut flight = self.decide(batch, ahead, writer, last);
+        self.metrics
+            .phase(Phase::Decide, deciding.elapsed().as_secs_f64());
         let records: Vec<LogRecord> = flight
             .pending
             .iter()
@@ -241,7 +253,9 @@ where
                 .zip(&records)
                 .map(|(p, r)| (p.record.stream.id.as_str(), r, p.traceparent.as_deref()))
                 .collect();
+            self.metrics.flight(records.len());
             flight.appended = Some(self.log.append(&inputs).boxed());
+            flight.appending = Some(Instant::now());
         }
         Some(flight)
     }
@@ -266,9 +280,13 @@ where
         let mut provisional: Vec<Provisional<A>> = Vec::new();
         let mut deferred: Vec<CommandRequest<A>> = Vec::new();
         for request in batch {
+            let queued = request.reply.waiting_for();
             // A caller that gave up before this point never sees its command appended.
             if !request.reply.take_on() {
                 continue;
+            }
+            if let Some(queued) = queued {
+                self.metrics.phase(Phase::Queue, queued.as_secs_f64());
             }
             let key = request
                 .meta
@@ -400,6 +418,7 @@ where
             appended: None,
             doomed: false,
             last,
+            appending: None,
         }
     }
 
@@ -408,6 +427,20 @@ where
     /// `again` the commands to decide again; true when every commit of the flight was
     /// accepted, so the state read holds it.
     async fn land(
+        &mut self,
+        flight: Flight<A>,
+        acks: Option<Vec<Result<i64, KafkaError>>>,
+        again: &mut Vec<CommandRequest<A>>,
+    ) -> bool {
+        let landing = Instant::now();
+        let accepted = self.land_flight(flight, acks, again).await;
+        self.metrics
+            .phase(Phase::ReadBack, landing.elapsed().as_secs_f64());
+        accepted
+    }
+
+    /// [`Self::land`], untimed.
+    async fn land_flight(
         &mut self,
         flight: Flight<A>,
         acks: Option<Vec<Result<i64, KafkaError>>>,

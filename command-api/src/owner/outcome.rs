@@ -62,6 +62,8 @@ const ABANDONED: u8 = 2;
 pub struct Reply {
     sender: oneshot::Sender<Answered>,
     state: Arc<AtomicU8>,
+    /// When the command was sent to the owner.
+    sent: std::time::Instant,
 }
 
 /// The caller's end of a command's answer.
@@ -90,6 +92,7 @@ pub fn reply_channel() -> (Reply, Answer) {
         Reply {
             sender,
             state: Arc::clone(&state),
+            sent: std::time::Instant::now(),
         },
         Answer { receiver, state },
     )
@@ -106,6 +109,12 @@ impl Reply {
             Ok(_) => true,
             Err(state) => state == TAKEN,
         }
+    }
+
+    /// How long the command has waited for the owner to take it on: `None` once it has
+    /// been taken on (or given up on).
+    pub fn waiting_for(&self) -> Option<Duration> {
+        (self.state.load(Ordering::Acquire) == WAITING).then(|| self.sent.elapsed())
     }
 
     /// Sends the answer: false if nobody waits for it any more.

@@ -140,6 +140,10 @@ pub struct StatusCell {
     /// The group gave the partition to another instance: the owner serves on until asked
     /// to hand over, and never takes the partition back once fenced out.
     released: Arc<std::sync::atomic::AtomicBool>,
+    /// The offset of the last record the owner read; -1 before any.
+    last_offset: Arc<std::sync::atomic::AtomicI64>,
+    /// The idempotency keys it holds.
+    keys: Arc<AtomicU64>,
 }
 
 impl StatusCell {
@@ -154,7 +158,25 @@ impl StatusCell {
             pipelined: Arc::new(AtomicU64::new(0)),
             doomed: Arc::new(AtomicU64::new(0)),
             released: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            last_offset: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
+            keys: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The offset of the last record the owner read; -1 before any.
+    pub fn last_offset(&self) -> i64 {
+        self.last_offset.load(Ordering::Relaxed)
+    }
+
+    /// The idempotency keys the owner holds.
+    pub fn keys_held(&self) -> u64 {
+        self.keys.load(Ordering::Relaxed)
+    }
+
+    /// Notes what the owner has read: up to `offset`, holding `keys` idempotency keys.
+    fn note_read(&self, offset: i64, keys: usize) {
+        self.last_offset.store(offset, Ordering::Relaxed);
+        self.keys.store(keys as u64, Ordering::Relaxed);
     }
 
     /// True when the group gave the partition to another instance and this owner serves on
@@ -290,6 +312,8 @@ pub struct PartitionOwner<A: Aggregate, L: PartitionLog> {
     predecessor: Option<AskPredecessor>,
     /// Flushes decided in a row while the one ahead is read back (1: none).
     pub(super) flights: usize,
+    /// Where it records the time commands spend in each phase.
+    pub(super) metrics: crate::metrics::CommandMetrics,
 }
 
 /// Asks the partition's current writer to hand it over, and waits (boundedly) until it has.
@@ -341,8 +365,15 @@ where
             reads: None,
             predecessor: None,
             flights: DEFAULT_FLIGHTS,
+            metrics: crate::metrics::CommandMetrics::default(),
         };
         (owner, status)
+    }
+
+    /// The same owner, recording the phases of its commands in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::CommandMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The same owner, taking the ids of what it writes from `ids` instead of UUID v7s
@@ -873,7 +904,9 @@ where
     /// Applies a record the gate has just read; while a flush is answered, notes what
     /// reading it told.
     fn apply_gated(&mut self, gated: Gated) -> Option<(Uuid, ReadBack)> {
+        let offset = gated.entry.offset;
         let read = self.apply_record(gated);
+        self.status.note_read(offset, self.keys.len());
         if let (Some(reads), Some((id, verdict))) = (self.reads.as_mut(), read) {
             reads.insert(id, verdict);
         }

@@ -22,6 +22,7 @@ use super::{AppState, MAX_BODY_BYTES};
 use crate::cluster::{DEADLINE_MS, FORWARDED_BY};
 use crate::commands;
 use crate::error::ApiError;
+use crate::metrics::CommandOutcome;
 use crate::owner::{CommandRequest, NoAnswer, Outcome, RequestMeta, Status, reply_channel};
 
 /// `POST /v1/{collection}/{id}/{command}`.
@@ -35,6 +36,47 @@ pub(super) async fn handle(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let spec = commands::find(&collection, &command)?;
+    let handled = execute(
+        &state,
+        principal,
+        spec,
+        (collection, id, command),
+        headers,
+        body,
+        started,
+    )
+    .await;
+    let outcome = match &handled {
+        Ok(Handled::Here(outcome)) if outcome.replayed => CommandOutcome::Replayed,
+        Ok(Handled::Here(_)) => CommandOutcome::Accepted,
+        Ok(Handled::Forwarded(_)) => CommandOutcome::Forwarded,
+        Err(e) => CommandOutcome::of_error(e),
+    };
+    state.telemetry.commands.command(spec.command_type, outcome);
+    Ok(match handled? {
+        Handled::Here(outcome) => respond(outcome),
+        Handled::Forwarded(response) => response,
+    })
+}
+
+/// How a command was answered.
+enum Handled {
+    /// By this instance's owner of its partition.
+    Here(Outcome),
+    /// By the instance that owns its partition: its response.
+    Forwarded(Response),
+}
+
+/// Parses, routes and dispatches a command of `spec`.
+async fn execute(
+    state: &AppState,
+    principal: Principal,
+    spec: &'static commands::CommandSpec,
+    (collection, id, command): (String, String, String),
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    started: Instant,
+) -> Result<Handled, ApiError> {
     commands::validate_id(&collection, &id)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -98,7 +140,7 @@ pub(super) async fn handle(
         || ApiError::Unavailable("the partition's owner did not answer in time; retry".into());
     loop {
         let routed = route(
-            &state,
+            state,
             stream_type,
             &at,
             forwarded,
@@ -120,10 +162,10 @@ pub(super) async fn handle(
             .forward(&url, &path, &headers, body.clone(), left)
             .await?;
         let Some(moved_to) = answer.not_owner else {
-            return Ok(answer.response);
+            return Ok(Handled::Forwarded(answer.response));
         };
         if moved_from.is_some() {
-            return Ok(answer.response);
+            return Ok(Handled::Forwarded(answer.response));
         }
         match moved_to {
             // It handed the partition over moments ago, and says to whom.
@@ -142,7 +184,7 @@ pub(super) async fn handle(
         moved_from = Some(url);
     }
     let dispatch = Dispatch {
-        state: &state,
+        state,
         stream_id: id,
         partition,
         command: parsed.into_any(),
@@ -154,7 +196,7 @@ pub(super) async fn handle(
             ApiError::internal("routing a command", &"no aggregate for its stream type")
         })?
         .await?;
-    Ok(respond(outcome))
+    Ok(Handled::Here(outcome))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

@@ -76,6 +76,28 @@ fn standings(state: &AppState) -> Vec<(String, i32, Standing)> {
         .collect()
 }
 
+/// Partitions no instance serves, as this instance sees the group: neither its own owner
+/// nor another member that says it serves the partition (in the `/owned` each member
+/// publishes). Every instance sees the same, whichever is asked.
+pub(crate) fn unserved_partitions(state: &AppState) -> usize {
+    let here = state.owners.statuses();
+    state
+        .every_partition()
+        .into_iter()
+        .filter(|(_, at)| {
+            let serving_here = here.iter().any(|s| {
+                s.topic == at.topic && s.partition == at.partition && s.get() == Status::Serving
+            });
+            let serving_elsewhere = state.cluster.as_ref().is_some_and(|cluster| {
+                cluster
+                    .served_by(at)
+                    .is_some_and(|url| url != cluster.url())
+            });
+            !serving_here && !serving_elsewhere
+        })
+        .count()
+}
+
 /// `GET /readyz`: 200 when this instance takes commands for every partition: it serves
 /// each one it owns, and knows which instance owns each of the others; 503 with the
 /// partitions it cannot take commands for otherwise.

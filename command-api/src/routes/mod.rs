@@ -3,6 +3,7 @@
 mod command;
 mod health;
 pub mod openapi;
+pub(crate) use health::unserved_partitions;
 #[cfg(test)]
 mod tests;
 
@@ -16,8 +17,11 @@ use keel_http::{Edge, Role};
 
 use crate::cluster::Cluster;
 use crate::error::ApiError;
+use crate::metrics::{CommandMetrics, PartitionCollector};
 pub use crate::owners::Owners;
+use keel_http::metrics::HttpMetrics;
 use keel_schemas::TopicPartition;
+use keel_telemetry::metrics::Metrics;
 use std::collections::HashMap;
 
 /// Largest command body accepted.
@@ -39,12 +43,39 @@ pub struct AppState {
     pub partitions: i32,
     /// How long a request waits for its command to be read back.
     pub request_timeout: Duration,
+    /// The metrics the handlers record, and those `/metrics` serves.
+    pub telemetry: Telemetry,
+}
+
+/// The command API's metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Telemetry {
+    /// Commands by type and outcome, their phases, flight sizes; shared with the owners.
+    pub commands: CommandMetrics,
+    /// Requests by route, method and status.
+    pub http: HttpMetrics,
+    /// Everything `/metrics` serves, once [`AppState::exporting`] has registered it.
+    pub exported: Option<Arc<Metrics>>,
 }
 
 impl AppState {
     /// The topic of `stream_type`.
     pub fn topic(&self, stream_type: &str) -> String {
         self.topics.get(stream_type).cloned().unwrap_or_default()
+    }
+
+    /// The same state, its metrics registered for `/metrics`: the commands', the HTTP
+    /// requests', `edge`'s refusals, where each partition stands, and the process's own.
+    pub fn exporting(mut self, edge: &Edge) -> Self {
+        let mut metrics = Metrics::new();
+        let keel = metrics.keel();
+        self.telemetry.commands.register(keel);
+        self.telemetry.http.register(keel);
+        edge.register_metrics(keel);
+        // A clone exporting nothing: the collector holds no reference to the registry.
+        PartitionCollector::register(keel, self.clone());
+        self.telemetry.exported = Some(metrics.shared());
+        self
     }
 
     /// Every partition of every aggregate's topic.
@@ -69,8 +100,15 @@ pub fn topics(prefix: &str) -> Arc<HashMap<&'static str, String>> {
 }
 
 /// The command API's routes: `/v1` behind `edge` (a token with `commands:write`, rate and
-/// concurrency limits, a timeout); health, readiness and the OpenAPI document open.
+/// concurrency limits, a timeout); health, readiness and the OpenAPI document open, and
+/// `/metrics` too unless `KEEL_METRICS_ROLE` names a role (and when the state exports
+/// metrics). Every request is counted by route, method and status.
 pub fn app(state: AppState, edge: &Edge) -> Router {
+    let metrics = match &state.telemetry.exported {
+        Some(exported) => edge.metrics_route(Arc::clone(exported)),
+        None => Router::new(),
+    };
+    let http = state.telemetry.http.clone();
     let commands = Router::new().route("/v1/{collection}/{id}/{command}", post(command::handle));
     let admin = Router::new().route("/v1/partitions", get(health::partitions));
     // Between instances: checked by its signature, not a token; limited like the rest.
@@ -79,6 +117,7 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         .merge(edge.limit(edge.guard(commands, Role::CommandsWrite)))
         .merge(edge.limit(edge.guard(admin, Role::Admin)))
         .merge(edge.limit(handoff))
+        .merge(metrics)
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/owned", get(health::owned))
@@ -93,5 +132,9 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(keel_http::edge::problem_answers))
+        .layer(axum::middleware::from_fn_with_state(
+            http,
+            keel_http::metrics::track,
+        ))
         .with_state(state)
 }

@@ -115,6 +115,7 @@ pub fn document() -> Value {
         keel_http::openapi::open(&mut item["get"]);
         paths.insert(path.into(), item);
     }
+    paths.insert("/metrics".into(), keel_http::openapi::metrics_path());
     let mut partitions = json!({"get": {
         "summary": "Every partition's owner as this instance sees it, and the group",
         "description": "Each partition with the URL of the instance that owns it; for this instance's own, the writer, epoch and state (starting, serving, recovering, lost). The group: its state, members and their partition counts.",
@@ -187,12 +188,14 @@ mod tests {
             topics: super::super::topics("t"),
             partitions: 1,
             request_timeout: Duration::from_secs(1),
+            telemetry: Default::default(),
         };
         let open = keel_http::EdgeSettings::from_vars(|n| (n == "KEEL_AUTH").then(|| "off".into()));
         let edge = keel_http::Edge::new(&open.unwrap(), "test").unwrap();
+        let state = state.exporting(&edge);
         let doc = document();
         let paths = doc["paths"].as_object().unwrap();
-        assert_eq!(paths.len(), CATALOGUE.len() + 5);
+        assert_eq!(paths.len(), CATALOGUE.len() + 6);
         for (path, item) in paths {
             let (method, uri, body) = if item.get("post").is_some() {
                 ("POST", path.replace("{id}", "x-1"), r#"{"not_a_field": 1}"#)

@@ -52,6 +52,7 @@ async fn api() -> Api {
         snapshot_every: None,
         snapshot_turns: Arc::new(tokio::sync::Semaphore::new(1)),
         flush_pipeline: crate::owner::DEFAULT_FLIGHTS,
+        metrics: crate::metrics::CommandMetrics::default(),
     };
     let owners = Owners::start_all(&settings, |stream_type, partition| {
         Ok(MemoryLog::new(
@@ -74,11 +75,16 @@ async fn api() -> Api {
         topics: super::topics("t"),
         partitions: settings.partitions,
         request_timeout: Duration::from_secs(5),
+        telemetry: super::Telemetry {
+            commands: settings.metrics.clone(),
+            ..Default::default()
+        },
     };
     let edge_settings =
         EdgeSettings::from_vars(|name| (name == "KEEL_AUTH_HS256_SECRET").then(|| SECRET.into()))
             .unwrap();
     let edge = Edge::new(&edge_settings, "command-api").unwrap();
+    let state = state.exporting(&edge);
     Api {
         router: app(state, &edge),
         token: keel_http::testing::token(SECRET.as_bytes(), "alice", &[Role::CommandsWrite]),
@@ -536,7 +542,7 @@ async fn every_role_against_every_route() {
         p.replace("{id}", "role-1")
     })
     .await;
-    let operations = crate::commands::CATALOGUE.len() + 5;
+    let operations = crate::commands::CATALOGUE.len() + 6;
     assert_eq!(sent, operations * (Role::ALL.len() + 2));
 }
 
@@ -580,4 +586,133 @@ async fn the_partitions_route_shows_every_partition_and_its_owner() {
         )
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+/// The value of `series` (its name and labels as exposed) in a scrape, 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+impl Api {
+    /// `GET /metrics` without a token: the scrape's text.
+    async fn scrape(&self) -> String {
+        let response = self
+            .router
+            .clone()
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()["content-type"],
+            keel_telemetry::metrics::CONTENT_TYPE
+        );
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+}
+
+/// Each command is counted once by its type and outcome; the phases and flights it went
+/// through are timed; each partition shows its owner's state, epoch, last offset and keys;
+/// refused tokens are counted by reason; and `/metrics` needs no token.
+#[tokio::test]
+async fn metrics_count_commands_by_outcome_and_show_every_partition() {
+    let api = api().await;
+    let register = json!({"name": "Mug", "price": eur(1299)});
+    let keyed = [("idempotency-key", "k-1")];
+    let r = api
+        .post_with("/v1/products/MUG-1/register", register.clone(), &keyed)
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = api
+        .post_with("/v1/products/MUG-1/register", register.clone(), &keyed)
+        .await;
+    assert_eq!(r.headers["idempotent-replayed"], "true");
+    let r = api.post("/v1/products/MUG-1/register", register).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = api
+        .post_with(
+            "/v1/products/MUG-1/restock",
+            json!({"quantity": 1}),
+            &[("if-match", "\"9\"")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    let r = api
+        .post("/v1/products/MUG-1/restock", json!({"quantity": -1}))
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = api
+        .post("/v1/products/NONE/restock", json!({"quantity": 1}))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let anonymous = api
+        .send(
+            Request::post("/v1/products/MUG-1/restock")
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"quantity": 1}"#))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+
+    let text = api.scrape().await;
+    let commands = |command: &str, outcome: &str| {
+        sample(
+            &text,
+            &format!(r#"keel_commands_total{{command="{command}",outcome="{outcome}"}}"#),
+        )
+    };
+    assert_eq!(commands("RegisterProduct", "accepted"), 1.0, "{text}");
+    assert_eq!(commands("RegisterProduct", "replayed"), 1.0);
+    assert_eq!(commands("RegisterProduct", "conflict"), 1.0);
+    assert_eq!(commands("Restock", "precondition_failed"), 1.0, "{text}");
+    assert_eq!(commands("Restock", "invalid"), 1.0);
+    assert_eq!(commands("Restock", "not_found"), 1.0);
+    // Refused at the edge: no command was decided.
+    assert_eq!(
+        sample(&text, r#"keel_auth_failures_total{reason="missing"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"keel_http_requests_total{route="/v1/{collection}/{id}/{command}",method="POST",status="401"}"#
+        ),
+        1.0
+    );
+    // Queued once per command the owner took on; one flight appended the registration.
+    assert!(
+        sample(
+            &text,
+            r#"keel_command_phase_duration_seconds_count{phase="queue"}"#
+        ) >= 4.0
+    );
+    for phase in ["decide", "append", "read_back"] {
+        let series = format!(r#"keel_command_phase_duration_seconds_count{{phase="{phase}"}}"#);
+        assert!(sample(&text, &series) >= 1.0, "{series} in {text}");
+    }
+    assert_eq!(sample(&text, "keel_command_flush_commits_count"), 1.0);
+    // Two partitions of each of three topics, every one served here.
+    assert_eq!(sample(&text, "keel_partitions"), 6.0);
+    assert_eq!(sample(&text, "keel_partitions_unserved"), 0.0);
+    let states = text
+        .lines()
+        .filter(|l| l.starts_with("keel_partition_owner_state{") && l.ends_with(" 1"))
+        .count();
+    assert_eq!(states, 6, "{text}");
+    let at = keel_kafka::partition_for(b"MUG-1", 2);
+    let partition = format!(r#"{{topic="t.product.events",partition="{at}"}}"#);
+    assert!(sample(&text, &format!("keel_partition_owner_epoch{partition}")) >= 1.0);
+    // The fence, the registration and its receipt-free replay: at least two records.
+    assert!(sample(&text, &format!("keel_partition_last_offset{partition}")) >= 1.0);
+    assert_eq!(
+        sample(&text, &format!("keel_idempotency_keys{partition}")),
+        1.0
+    );
+    assert!(sample(&text, "process_resident_memory_bytes") > 0.0);
 }
