@@ -43,6 +43,19 @@ pub enum CommandOutcome {
 }
 
 impl CommandOutcome {
+    /// Every outcome.
+    pub const ALL: [Self; 9] = [
+        Self::Accepted,
+        Self::Replayed,
+        Self::Conflict,
+        Self::PreconditionFailed,
+        Self::Invalid,
+        Self::NotFound,
+        Self::Unavailable,
+        Self::Forwarded,
+        Self::Error,
+    ];
+
     /// The label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -154,8 +167,23 @@ impl Default for CommandMetrics {
 
 impl CommandMetrics {
     /// Registers the families in `registry` (the process's `keel_` registry).
+    /// Every command type of the catalogue starts at zero with each outcome a client can
+    /// cause, and every phase is present, so rates over them have data from the start.
     pub fn register(&self, registry: &mut Registry) {
         let metrics = self;
+        for spec in crate::commands::CATALOGUE {
+            for outcome in CommandOutcome::ALL {
+                metrics.commands.get_or_create(&CommandLabels {
+                    command: spec.command_type,
+                    outcome: outcome.as_str(),
+                });
+            }
+        }
+        for phase in [Phase::Queue, Phase::Decide, Phase::Append, Phase::ReadBack] {
+            metrics.phases.get_or_create(&PhaseLabels {
+                phase: phase.as_str(),
+            });
+        }
         registry.register(
             "commands",
             "Commands answered by this instance's owners, by command type and outcome",

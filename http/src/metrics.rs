@@ -103,8 +103,15 @@ pub struct EdgeMetrics {
 }
 
 impl EdgeMetrics {
-    /// Registers `auth_failures_total` and `http_rate_limited_total` in `registry`.
+    /// Registers `auth_failures_total` and `http_rate_limited_total` in `registry`, every
+    /// reason and limit from zero (so a rate over them has data before the first refusal).
     pub fn register(&self, registry: &mut Registry) {
+        for reason in ["missing", "expired", "invalid", "forbidden"] {
+            self.auth_failures.get_or_create(&ReasonLabels { reason });
+        }
+        for limit in ["subject", "refused_tokens", "in_flight"] {
+            self.limited.get_or_create(&LimitLabels { limit });
+        }
         registry.register(
             "auth_failures",
             "Requests refused by authentication (401: missing, expired, invalid) or by \

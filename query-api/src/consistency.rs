@@ -259,7 +259,8 @@ pub fn position_token(read: &Positions) -> Option<String> {
 
 /// Waits until `projection` (reading `stream_types`) has passed every position of `token`
 /// on its topics, woken by the projector's notifications; 503 when `wait` runs out.
-/// Returns the projection's checkpoints as last read.
+/// Returns the projection's checkpoints as last read. A wait for a token is recorded in
+/// `metrics`, with its timeout if it runs out.
 pub async fn wait_for(
     pool: &PgPool,
     cache: &CheckpointCache,
@@ -268,8 +269,10 @@ pub async fn wait_for(
     stream_types: &[&str],
     token: Option<&ConsistencyToken>,
     wait: Duration,
+    metrics: &crate::metrics::QueryMetrics,
 ) -> Result<Checkpoints, ApiError> {
-    let deadline = tokio::time::Instant::now() + wait;
+    let started = tokio::time::Instant::now();
+    let deadline = started + wait;
     loop {
         let seq = *changes.borrow_and_update();
         let read = cache.read(pool, projection, seq).await?;
@@ -284,12 +287,16 @@ pub async fn wait_for(
             })
         });
         if passed {
+            if token.is_some() {
+                metrics.waited(projection, started.elapsed(), false);
+            }
             return Ok(read);
         }
         match tokio::time::timeout_at(deadline, changes.changed()).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(_) => {
+                metrics.waited(projection, started.elapsed(), true);
                 return Err(ApiError::Unavailable(format!(
                     "the {projection} view has not reached the consistency token within {} ms; retry",
                     wait.as_millis()

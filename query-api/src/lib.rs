@@ -7,6 +7,7 @@
 pub mod consistency;
 pub mod error;
 pub mod latency;
+pub mod metrics;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -91,7 +92,7 @@ impl Application {
             .with_context(|| format!("binding {}", settings.addr))?;
         Ok(Self {
             listener,
-            state: routes::AppState::new(pool),
+            state: routes::AppState::new(pool).exporting(&edge),
             edge,
             edge_settings: settings.edge,
         })

@@ -53,6 +53,21 @@ pub struct AppState {
     pub topics: consistency::TopicCache,
     /// The latencies of the reads served in the current window (published for rebuild pacing).
     pub latencies: crate::latency::Latencies,
+    /// What `/metrics` serves.
+    pub telemetry: Telemetry,
+}
+
+/// The query API's metrics: consistency waits, HTTP requests, and, once
+/// [`AppState::exporting`] has registered them with the edge's refusals and the process's
+/// own, the registry `/metrics` serves.
+#[derive(Clone, Debug, Default)]
+pub struct Telemetry {
+    /// Consistency waits and their timeouts.
+    pub queries: crate::metrics::QueryMetrics,
+    /// Requests by route template, method and status.
+    pub http: keel_http::metrics::HttpMetrics,
+    /// Everything `/metrics` serves.
+    pub exported: Option<Arc<keel_telemetry::metrics::Metrics>>,
 }
 
 impl AppState {
@@ -72,14 +87,35 @@ impl AppState {
             checkpoints: consistency::CheckpointCache::default(),
             topics: consistency::TopicCache::default(),
             latencies,
+            telemetry: Telemetry::default(),
         }
+    }
+
+    /// The same state, its metrics registered for `/metrics`: the consistency waits', the
+    /// HTTP requests', `edge`'s refusals, and the process's own.
+    pub fn exporting(mut self, edge: &Edge) -> Self {
+        let mut metrics = keel_telemetry::metrics::Metrics::new();
+        let keel = metrics.keel();
+        let projections: Vec<&str> = keel_views::PROJECTIONS.iter().map(|p| p.name).collect();
+        self.telemetry.queries.register(keel, &projections);
+        self.telemetry.http.register(keel);
+        edge.register_metrics(keel);
+        self.telemetry.exported = Some(metrics.shared());
+        self
     }
 }
 
 /// The query API's routes: `/v1` behind `edge`, each group open to one role (views
 /// `queries:read`, the audit trail `audit:read`, projection status `admin`); health,
-/// readiness and the OpenAPI document open.
+/// readiness and the OpenAPI document open, and `/metrics` too unless `KEEL_METRICS_ROLE`
+/// names a role (and when the state exports metrics). Every request is counted by route,
+/// method and status.
 pub fn app(state: AppState, edge: &Edge) -> Router {
+    let metrics = match &state.telemetry.exported {
+        Some(exported) => edge.metrics_route(Arc::clone(exported)),
+        None => Router::new(),
+    };
+    let http = state.telemetry.http.clone();
     let views = Router::new()
         .route("/v1/orders", get(views::list_orders))
         .route("/v1/orders/{id}", get(views::order))
@@ -102,12 +138,17 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         .merge(edge.guard(admin, Role::Admin));
     Router::new()
         .merge(edge.limit(guarded))
+        .merge(metrics)
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|| async { ApiError::NotFound("no such resource".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(keel_http::edge::problem_answers))
+        .layer(axum::middleware::from_fn_with_state(
+            http,
+            keel_http::metrics::track,
+        ))
         .with_state(state)
 }
 
@@ -188,6 +229,7 @@ where
         stream_types,
         token.as_ref(),
         wait,
+        &state.telemetry.queries,
     )
     .await?;
     let held_back =
@@ -353,7 +395,7 @@ pub(crate) fn router_without_database(vars: impl Fn(&str) -> Option<String>) -> 
         .expect("a lazy pool");
     let settings = keel_http::EdgeSettings::from_vars(vars).expect("edge settings");
     let edge = Edge::new(&settings, "test").expect("an edge");
-    app(AppState::new(pool), &edge)
+    app(AppState::new(pool).exporting(&edge), &edge)
 }
 
 /// A documented path template with a value in each parameter; for the in-process tests.
@@ -445,5 +487,57 @@ mod tests {
                 ),
             }
         }
+    }
+
+    /// `/metrics` needs no token (unless a role is named), and counts each request by its
+    /// route template (never the id in the path), method and status, and each refused token
+    /// by its reason.
+    #[tokio::test]
+    async fn metrics_are_open_and_count_requests_by_route_template() {
+        let secret = "a-secret-of-at-least-thirty-two-bytes!!";
+        let router =
+            router_without_database(|n| (n == "KEEL_AUTH_HS256_SECRET").then(|| secret.into()));
+        let send = |uri: &str, bearer: Option<String>| {
+            let mut request = Request::get(uri);
+            if let Some(t) = bearer {
+                request = request.header("authorization", format!("Bearer {t}"));
+            }
+            router.clone().oneshot(request.body(Body::empty()).unwrap())
+        };
+        let reader = keel_http::testing::token(secret.as_bytes(), "r", &[Role::QueriesRead]);
+        for id in ["o-1", "o-2", "o-3"] {
+            let r = send(&format!("/v1/orders/{id}"), Some(reader.clone()))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let r = send("/v1/orders/o-1", None).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let r = send("/v1/projections", Some(reader)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let r = send("/metrics", None).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        for line in [
+            r#"keel_http_requests_total{route="/v1/orders/{id}",method="GET",status="503"} 3"#,
+            r#"keel_http_requests_total{route="/v1/orders/{id}",method="GET",status="401"} 1"#,
+            r#"keel_auth_failures_total{reason="missing"} 1"#,
+            r#"keel_auth_failures_total{reason="forbidden"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        assert!(!text.contains("o-1"), "no id in a label: {text}");
+        // Every projection's waits and timeouts from zero, before any wait.
+        for p in keel_views::PROJECTIONS {
+            let line = format!(
+                r#"keel_consistency_wait_timeouts_total{{projection="{}"}} 0"#,
+                p.name
+            );
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        assert!(text.contains("process_open_fds"));
     }
 }

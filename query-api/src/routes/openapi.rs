@@ -185,7 +185,8 @@ pub fn document() -> Value {
             "/v1/projections": projections(),
             "/healthz": open("the process is alive", false),
             "/readyz": open("the database answers and the views exist", true),
-            "/openapi.json": open("this document", false)
+            "/openapi.json": open("this document", false),
+            "/metrics": keel_http::openapi::metrics_path()
         },
         "components": {"securitySchemes": keel_http::openapi::security_schemes(), "schemas": {"Problem": {"type": "object", "properties": {
             "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
