@@ -173,14 +173,14 @@ impl CommandMetrics {
         let metrics = self;
         for spec in crate::commands::CATALOGUE {
             for outcome in CommandOutcome::ALL {
-                metrics.commands.get_or_create(&CommandLabels {
+                let _ = metrics.commands.get_or_create(&CommandLabels {
                     command: spec.command_type,
                     outcome: outcome.as_str(),
                 });
             }
         }
         for phase in [Phase::Queue, Phase::Decide, Phase::Append, Phase::ReadBack] {
-            metrics.phases.get_or_create(&PhaseLabels {
+            let _ = metrics.phases.get_or_create(&PhaseLabels {
                 phase: phase.as_str(),
             });
         }

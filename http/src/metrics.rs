@@ -107,10 +107,10 @@ impl EdgeMetrics {
     /// reason and limit from zero (so a rate over them has data before the first refusal).
     pub fn register(&self, registry: &mut Registry) {
         for reason in ["missing", "expired", "invalid", "forbidden"] {
-            self.auth_failures.get_or_create(&ReasonLabels { reason });
+            let _ = self.auth_failures.get_or_create(&ReasonLabels { reason });
         }
         for limit in ["subject", "refused_tokens", "in_flight"] {
-            self.limited.get_or_create(&LimitLabels { limit });
+            let _ = self.limited.get_or_create(&LimitLabels { limit });
         }
         registry.register(
             "auth_failures",
@@ -135,7 +135,7 @@ impl EdgeMetrics {
 
     /// Counts a request turned away by `limit`.
     pub(crate) fn limited(&self, limit: &'static str) {
-        self.limited.get_or_create(&LimitLabels { limit }).inc();
+        let _ = self.limited.get_or_create(&LimitLabels { limit }).inc();
     }
 }
 

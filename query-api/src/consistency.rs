@@ -260,17 +260,16 @@ pub fn position_token(read: &Positions) -> Option<String> {
 /// Waits until `projection` (reading `stream_types`) has passed every position of `token`
 /// on its topics, woken by the projector's notifications; 503 when `wait` runs out.
 /// Returns the projection's checkpoints as last read. A wait for a token is recorded in
-/// `metrics`, with its timeout if it runs out.
+/// the state's metrics, with its timeout if it runs out.
 pub async fn wait_for(
-    pool: &PgPool,
-    cache: &CheckpointCache,
-    mut changes: watch::Receiver<u64>,
+    state: &crate::routes::AppState,
     projection: &str,
     stream_types: &[&str],
     token: Option<&ConsistencyToken>,
     wait: Duration,
-    metrics: &crate::metrics::QueryMetrics,
 ) -> Result<Checkpoints, ApiError> {
+    let (pool, cache, metrics) = (&state.pool, &state.checkpoints, &state.telemetry.queries);
+    let mut changes = state.changes.clone();
     let started = tokio::time::Instant::now();
     let deadline = started + wait;
     loop {

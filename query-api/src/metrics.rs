@@ -50,8 +50,8 @@ impl QueryMetrics {
             let labels = ProjectionLabels {
                 projection: (*projection).to_owned(),
             };
-            self.waits.get_or_create(&labels);
-            self.timeouts.get_or_create(&labels);
+            let _ = self.waits.get_or_create(&labels);
+            let _ = self.timeouts.get_or_create(&labels);
         }
         registry.register_with_unit(
             "consistency_wait_duration",
@@ -77,7 +77,7 @@ impl QueryMetrics {
             .get_or_create(&labels)
             .observe(waited.as_secs_f64());
         if timed_out {
-            self.timeouts.get_or_create(&labels).inc();
+            let _ = self.timeouts.get_or_create(&labels).inc();
         }
     }
 }

@@ -221,17 +221,7 @@ where
         consistency::check_token(&state.pool, &state.topics, &state.changes, token).await?;
     }
     let stream_types = state.projections.get(projection).copied().unwrap_or(&[]);
-    let read = consistency::wait_for(
-        &state.pool,
-        &state.checkpoints,
-        state.changes.clone(),
-        projection,
-        stream_types,
-        token.as_ref(),
-        wait,
-        &state.telemetry.queries,
-    )
-    .await?;
+    let read = consistency::wait_for(state, projection, stream_types, token.as_ref(), wait).await?;
     let held_back =
         consistency::check_held_back(&state.pool, &read, projection, stream, token.as_ref())
             .await?;
