@@ -19,7 +19,8 @@ as_root() {
 # build; PostgreSQL for the views and the broker's durable log; the openssl tool, with
 # which the security tests make their certificates and keys.
 ensure_packages() {
-    local wanted=(build-essential pkg-config zlib1g-dev libssl-dev postgresql postgresql-client curl openssl)
+    # prometheus: the server and promtool, for the tests of the alerting rules and dashboard.
+    local wanted=(build-essential pkg-config zlib1g-dev libssl-dev postgresql postgresql-client curl openssl prometheus)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -3,7 +3,7 @@
 #   PostgreSQL on 127.0.0.1:5432 (started if it is not running)
 #   the broker on 127.0.0.1:9092, its log kept durably in PostgreSQL database keel_log
 #   the topics, the command API on 127.0.0.1:8080, the projector (views in database keel)
-#   and the query API on 127.0.0.1:8081
+#   and the query API on 127.0.0.1:8081; /metrics on each (the projector's on 127.0.0.1:8082)
 # INSTANCES=N starts N command-api instances sharing the partitions (the first on 8080, the
 # others on 8090, 8091, ...); each takes any command and forwards it to its partition's owner.
 cd "$(dirname "$0")/.."
@@ -53,7 +53,7 @@ case "$instances" in
     '' | *[!0-9]* | 0) echo "INSTANCES must be a number from 1 up, not '$instances'" >&2; exit 1 ;;
 esac
 command_port() { if [ "$1" -eq 1 ]; then echo 8080; else echo $((8088 + $1)); fi; }
-ports="8081"
+ports="8081 8082"
 for i in $(seq 1 "$instances"); do ports="$ports $(command_port "$i")"; done
 for port in $ports; do
     if port_open "$port"; then
@@ -74,7 +74,7 @@ done
 for _ in $(seq 1 240); do [ -s "$trusted" ] && break; sleep 0.25; done
 [ -s "$trusted" ] || { echo "no trusted keys at $trusted; see .keel/logs/command-api.log" >&2; exit 1; }
 
-say "starting the projector (log: .keel/logs/projector.log)"
+say "starting the projector, its /metrics and probes on 127.0.0.1:8082 (log: .keel/logs/projector.log)"
 supervise projector "$bin/projector" run
 
 say "starting query-api on 127.0.0.1:8081 (log: .keel/logs/query-api.log)"

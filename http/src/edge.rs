@@ -112,9 +112,16 @@ impl Edge {
         &self,
         metrics: Arc<keel_telemetry::metrics::Metrics>,
     ) -> Router<S> {
-        let route = Router::new()
-            .route("/metrics", axum::routing::get(crate::metrics::serve))
-            .with_state(metrics);
+        self.guarded_metrics(
+            Router::new()
+                .route("/metrics", axum::routing::get(crate::metrics::serve))
+                .with_state(metrics),
+        )
+    }
+
+    /// `route` (a `/metrics` of its own) behind `KEEL_METRICS_ROLE` and limited like the
+    /// `/v1` routes when a role is named; as it is otherwise.
+    pub fn guarded_metrics<S: Clone + Send + Sync + 'static>(&self, route: Router<S>) -> Router<S> {
         match self.inner.metrics_role {
             Some(role) => self.limit(self.guard(route, role)),
             None => route,

@@ -220,6 +220,7 @@ impl<'j> Applier<'j> {
     /// Puts the records through the gate and applies their events in one transaction that
     /// also advances the checkpoints.
     async fn apply_batch(&mut self, batch: &[Decoded]) -> anyhow::Result<Flow> {
+        let started = std::time::Instant::now();
         let on_error = self.job.options.on_error;
         let mut events = Vec::new();
         let mut dead = Vec::new();
@@ -286,6 +287,12 @@ impl<'j> Applier<'j> {
             .map_err(ApplyError)?;
         self.save(&mut tx, &dead, stopped).await?;
         tx.commit().await?;
+        self.job.options.metrics.batch(
+            self.job.name(),
+            self.mode == Mode::Rebuild,
+            events.len(),
+            started.elapsed(),
+        );
         self.events += events.len() as u64;
         self.checkpoints.committed();
         Ok(if stopped {

@@ -52,6 +52,8 @@ pub struct RunOptions {
     pub claim_timeout: Duration,
     /// The key policy the gate applies.
     pub policy: Arc<TrustedKeys>,
+    /// What the batches applied count into (`/metrics`).
+    pub metrics: crate::metrics::ProjectorMetrics,
 }
 
 /// One projection, its database, its log and its options.

@@ -48,6 +48,11 @@ enum Command {
         /// retry` or `discard`), stop the projection, or record it, count it and go on.
         #[arg(long, value_enum, default_value = "park")]
         on_error: OnError,
+        /// Where to serve `/metrics`, `/healthz` and `/readyz` (port 0: any free port, as
+        /// logged). `/metrics` is open unless KEEL_METRICS_ROLE names a role, read with
+        /// the APIs' KEEL_AUTH_* settings.
+        #[arg(long, env = "KEEL_PROJECTOR_ADDR", default_value = projector::http::DEFAULT_ADDR)]
+        addr: std::net::SocketAddr,
     },
     /// Rebuilds projections blue/green: builds the next generation beside the live one from
     /// offset 0, with progress, then swaps it in atomically while queries keep being served.
@@ -185,7 +190,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Run {
             projections,
             on_error,
-        } => run(&settings, &projections, on_error).await,
+            addr,
+        } => run(&settings, &projections, on_error, addr).await,
         Command::Rebuild {
             projections,
             all,
@@ -230,15 +236,45 @@ fn check_names(names: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow::Result<()> {
+async fn run(
+    settings: &Settings,
+    only: &[String],
+    on_error: OnError,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
     check_names(only)?;
+    // `/metrics` behind a role: the APIs' authentication settings, read from the
+    // environment like theirs.
+    let edge = match std::env::var_os("KEEL_METRICS_ROLE") {
+        Some(_) => {
+            let settings = keel_http::EdgeSettings::from_vars(|n| std::env::var(n).ok())?;
+            let edge = keel_http::Edge::new(&settings, "projector")?;
+            Some((edge, settings))
+        }
+        None => None,
+    };
+    // Serving from the start: probes see the process alive while it connects.
+    let applied = projector::metrics::ProjectorMetrics::default();
+    let observed = projector::http::Observed::new(&applied);
+    let listener = projector::http::bind(addr).await?;
+    let router = projector::http::router(observed.clone(), edge.as_ref().map(|(e, _)| e));
+    tracing::info!(addr = %listener.local_addr()?, "projector listening");
+    let _listening = keel_kafka::AbortOnDrop(tokio::spawn(async move {
+        let settings = edge.as_ref().map(|(_, s)| s);
+        if let Err(e) =
+            projector::http::serve(listener, router, settings, std::future::pending()).await
+        {
+            tracing::error!(error = %format!("{e:#}"), "the projector's HTTP listener stopped");
+        }
+    }));
     let all = views::all();
     let topics = ensure_topics(&settings.kafka, &keel_domain::STREAM_TYPES)
         .await
         .context("ensuring the topics")?;
     let pool = db::connect_sharing(&settings.database.database_url, settings.claim_timeout).await?;
     record_topics(&pool, &topics, settings.kafka.partitions).await?;
-    let options = settings.run_options(on_error)?;
+    let mut options = settings.run_options(on_error)?;
+    options.metrics = applied;
     let jobs: Vec<Job> = all
         .into_iter()
         .filter(|p| only.is_empty() || only.iter().any(|n| n == p.name()))
@@ -263,10 +299,11 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
             .map(|job| (job.name(), job.projection.version())),
     );
     let leaving = membership.leaving();
+    let membership_id = membership.id();
     // Rebuilds asked for through PostgreSQL, carried out by this process.
     let requests = keel_kafka::AbortOnDrop(tokio::spawn(projector::requests::serve(
         pool.clone(),
-        membership.id(),
+        membership_id,
         jobs.clone(),
     )));
     let mut tasks = JoinSet::new();
@@ -278,6 +315,7 @@ async fn run(settings: &Settings, only: &[String], on_error: OnError) -> anyhow:
         tasks.spawn(async move { runner.run().await });
     }
     let membership = keel_kafka::AbortOnDrop(tokio::spawn(membership.run()));
+    observed.started(pool.clone(), membership_id);
     let shutdown = keel_telemetry::shutdown_signal();
     tokio::pin!(shutdown);
     let ended = loop {

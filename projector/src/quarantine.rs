@@ -200,6 +200,7 @@ mod tests {
                 rebuild_pace: crate::pace::Pace::Adaptive,
                 claim_timeout: std::time::Duration::from_secs(10),
                 policy,
+                metrics: Default::default(),
             },
         );
         let (membership, mut assignments) = Membership::new(
@@ -361,6 +362,7 @@ mod tests {
                     rebuild_pace: crate::pace::Pace::Off,
                     claim_timeout: std::time::Duration::from_secs(10),
                     policy: Arc::clone(&policy),
+                    metrics: Default::default(),
                 },
             )
         };

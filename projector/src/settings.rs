@@ -113,6 +113,7 @@ impl Settings {
             rebuild_pace: self.rebuild_pace,
             claim_timeout: self.claim_timeout,
             policy: std::sync::Arc::new(self.trusted_keys()?),
+            metrics: crate::metrics::ProjectorMetrics::default(),
         })
     }
 

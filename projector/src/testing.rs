@@ -50,6 +50,7 @@ pub(crate) fn job(
             rebuild_pace: crate::pace::Pace::Off,
             claim_timeout: std::time::Duration::from_secs(10),
             policy,
+            metrics: Default::default(),
         },
     )
 }

@@ -279,6 +279,8 @@ impl CommandApiConfig {
             // Load tests send thousands of requests a second as one subject: no rate limit
             // unless a test sets one in `extra_env`.
             ("KEEL_RATE_LIMIT_RPS", "0".into()),
+            // `projector run`'s listener on a free port: several run side by side.
+            ("KEEL_PROJECTOR_ADDR", "127.0.0.1:0".into()),
         ];
         env.extend(self.extra_env.iter().cloned());
         env
@@ -314,7 +316,7 @@ impl Service {
         env.push(("KEEL_DATABASE_URL", database_url.to_owned()));
         let mut all = vec!["run"];
         all.extend_from_slice(args);
-        Self::start("projector", &all, &env, None).await
+        Self::start("projector", &all, &env, Some("projector listening")).await
     }
 
     /// Starts query-api on a free port against `database_url`, with `config`'s token
@@ -581,7 +583,9 @@ impl Stack {
     ) -> anyhow::Result<Service> {
         let mut env = self.projector_env();
         env.extend_from_slice(extra);
-        Service::start("projector", args, &env, None).await
+        // `run` serves /metrics, /healthz and /readyz: its address is known once it listens.
+        let listening = (args.first() == Some(&"run")).then_some("projector listening");
+        Service::start("projector", args, &env, listening).await
     }
 
     /// Runs a projector command to its end: exit status, standard output, standard error.

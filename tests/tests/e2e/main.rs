@@ -9,6 +9,8 @@ mod contract;
 mod fuzz;
 mod kafka_log;
 mod make_up;
+mod observability;
+mod prometheus;
 mod read_path;
 mod read_scale;
 mod rebuild;
