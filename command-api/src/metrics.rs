@@ -36,7 +36,8 @@ pub enum CommandOutcome {
     NotFound,
     /// No owner could take it now (503): retry.
     Unavailable,
-    /// Sent on to the instance that owns its partition, which counts it.
+    /// Sent on to the instance that owns its partition, which counts it again by how it
+    /// ended there: leave it out of rates of commands.
     Forwarded,
     /// A fault of ours (500).
     Error,
@@ -192,7 +193,9 @@ impl CommandMetrics {
         registry.register_with_unit(
             "command_phase_duration",
             "Time commands spend in each phase of the write path: queue (per command), \
-             decide, append and read_back (per flight)",
+             decide, append (until the owner takes the broker's acknowledgement, which \
+             for a flight pipelined behind another follows the one ahead's read-back) and \
+             read_back (per flight)",
             Unit::Seconds,
             metrics.phases.clone(),
         );

@@ -39,14 +39,18 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// The listener's state: its metrics are `applied` (which the runners count into) and
-    /// the projections' status, read on each scrape once the runners run.
-    pub fn new(applied: &ProjectorMetrics) -> Self {
+    /// The listener's state: its metrics are `applied` (which the runners count into), the
+    /// projections' status, read on each scrape once the runners run, and, when `/metrics`
+    /// is behind `edge`, its refusals.
+    pub fn new(applied: &ProjectorMetrics, edge: Option<&keel_http::Edge>) -> Self {
         let mut metrics = Metrics::new();
         let snapshot = StatusSnapshot::default();
         let names: Vec<&str> = keel_views::PROJECTIONS.iter().map(|p| p.name).collect();
         applied.register(metrics.keel(), &names);
         snapshot.register(metrics.keel());
+        if let Some(edge) = edge {
+            edge.register_metrics(metrics.keel());
+        }
         Self {
             running: Arc::default(),
             snapshot,
@@ -54,7 +58,8 @@ impl Observed {
         }
     }
 
-    /// The runners have started, as the process `process` of the group, over `pool`.
+    /// The runners have started, as the process `process` of the group; `pool` (a small one
+    /// of its own, beside the batches') reads the status and the heartbeat.
     pub fn started(&self, pool: PgPool, process: Uuid) {
         let _ = self.running.set((pool, process));
     }
@@ -110,15 +115,21 @@ pub async fn serve(
 
 /// `GET /metrics`: this process's counters and every projection's status, read now.
 async fn metrics(State(observed): State<Observed>) -> Response {
-    if let Some((pool, _)) = observed.running.get() {
-        observed.snapshot.refresh(pool).await;
-    }
+    let text = match observed.running.get() {
+        Some((pool, _)) => {
+            observed
+                .snapshot
+                .scrape(pool, || observed.metrics.encode())
+                .await
+        }
+        None => observed.metrics.encode(),
+    };
     (
         [(
             axum::http::header::CONTENT_TYPE,
             keel_telemetry::metrics::CONTENT_TYPE,
         )],
-        observed.metrics.encode(),
+        text,
     )
         .into_response()
 }
@@ -189,7 +200,7 @@ mod tests {
     async fn the_listener_probes_and_exports_what_the_projector_does() {
         let (_db, pool) = crate::testing::database("http").await;
         let applied = ProjectorMetrics::default();
-        let observed = Observed::new(&applied);
+        let observed = Observed::new(&applied, None);
         let router = router(observed.clone(), None);
 
         assert_eq!(get(&router, "/healthz").await.0, StatusCode::OK);

@@ -255,7 +255,7 @@ async fn run(
     };
     // Serving from the start: probes see the process alive while it connects.
     let applied = projector::metrics::ProjectorMetrics::default();
-    let observed = projector::http::Observed::new(&applied);
+    let observed = projector::http::Observed::new(&applied, edge.as_ref().map(|(e, _)| e));
     let listener = projector::http::bind(addr).await?;
     let router = projector::http::router(observed.clone(), edge.as_ref().map(|(e, _)| e));
     tracing::info!(addr = %listener.local_addr()?, "projector listening");
@@ -315,7 +315,13 @@ async fn run(
         tasks.spawn(async move { runner.run().await });
     }
     let membership = keel_kafka::AbortOnDrop(tokio::spawn(membership.run()));
-    observed.started(pool.clone(), membership_id);
+    // Scrapes and probes read through a pool of their own, never holding up a batch.
+    let observing = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy(&settings.database.database_url)
+        .context("KEEL_DATABASE_URL is not a PostgreSQL URL")?;
+    observed.started(observing, membership_id);
     let shutdown = keel_telemetry::shutdown_signal();
     tokio::pin!(shutdown);
     let ended = loop {

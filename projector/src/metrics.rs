@@ -8,7 +8,7 @@
 //! Every label is bounded: a projection, a mode, a topic and partition; never a stream.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_views::status::ProjectionStatus;
 use prometheus_client::collector::Collector;
@@ -105,31 +105,62 @@ impl ProjectorMetrics {
     }
 }
 
-/// Every projection's status as last read for a scrape: [`StatusCollector::refresh`] reads
-/// it (asynchronously, before the registry encodes), the collector encodes it.
+/// Every projection's status as last read for a scrape: [`StatusSnapshot::scrape`] reads
+/// it (at most once a second, one scrape at a time) before the registry encodes it.
 #[derive(Clone, Debug, Default)]
-pub struct StatusSnapshot(Arc<Mutex<Vec<ProjectionStatus>>>);
+pub struct StatusSnapshot {
+    last: Arc<Mutex<Read>>,
+    /// Held across a scrape's read and encoding: concurrent scrapes wait for one read.
+    scraping: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The last read of the status.
+#[derive(Debug, Default)]
+struct Read {
+    statuses: Vec<ProjectionStatus>,
+    at: Option<Instant>,
+    /// Whether that read succeeded.
+    up: bool,
+}
 
 /// How long a scrape waits for the status before it answers without it.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+/// A read this recent serves the next scrape too.
+const STATUS_FRESH: Duration = Duration::from_secs(1);
 
 impl StatusSnapshot {
-    /// Reads every projection's status from `pool`; on a failure (or after
-    /// [`STATUS_TIMEOUT`]) the scrape goes without the status rather than show stale lag.
-    pub async fn refresh(&self, pool: &PgPool) {
-        let read = tokio::time::timeout(STATUS_TIMEOUT, keel_views::status::read(pool)).await;
-        let statuses = match read {
-            Ok(Ok(statuses)) => statuses,
-            Ok(Err(e)) => {
-                warn!(error = %e, "reading the projections' status for /metrics failed");
-                Vec::new()
-            }
-            Err(_) => {
-                warn!("reading the projections' status for /metrics timed out");
-                Vec::new()
-            }
-        };
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = statuses;
+    /// Reads every projection's status from `pool` (unless a read under a second old
+    /// stands), then `encode`s, one scrape at a time. A read that fails or takes longer than
+    /// [`STATUS_TIMEOUT`] leaves the status out (not stale) and `keel_projection_status_up`
+    /// at 0.
+    pub async fn scrape<T>(&self, pool: &PgPool, encode: impl FnOnce() -> T) -> T {
+        let _one = self.scraping.lock().await;
+        let fresh = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .at
+            .is_some_and(|at| at.elapsed() < STATUS_FRESH);
+        if !fresh {
+            let read = tokio::time::timeout(STATUS_TIMEOUT, keel_views::status::read(pool)).await;
+            let (statuses, up) = match read {
+                Ok(Ok(statuses)) => (statuses, true),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "reading the projections' status for /metrics failed");
+                    (Vec::new(), false)
+                }
+                Err(_) => {
+                    warn!("reading the projections' status for /metrics timed out");
+                    (Vec::new(), false)
+                }
+            };
+            *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Read {
+                statuses,
+                at: Some(Instant::now()),
+                up,
+            };
+        }
+        encode()
     }
 
     /// Registers the status gauges in `registry`, read from this snapshot.
@@ -183,8 +214,17 @@ const PROJECTION_GAUGES: [(&str, &str, ProjectionValue); 7] = [
     ),
     (
         "projection_rebuilding",
-        "1 while a rebuild of the projection is building its next generation",
-        |s| Some(if s.rebuild.is_some() { 1.0 } else { 0.0 }),
+        "1 while a rebuild of the projection is building its next generation (not once it \
+         stopped on a dead letter)",
+        |s| {
+            Some(
+                if s.rebuild.as_ref().is_some_and(|r| r.state == "building") {
+                    1.0
+                } else {
+                    0.0
+                },
+            )
+        },
     ),
     (
         "projection_rebuild_records_done",
@@ -253,12 +293,24 @@ fn encode_gauge(
 
 impl Collector for StatusCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let statuses = self
-            .snapshot
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let (statuses, up) = {
+            let last = self
+                .snapshot
+                .last
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Before the first read (the runners have not started): no verdict either way.
+            (last.statuses.clone(), last.at.map(|_| last.up))
+        };
+        if let Some(up) = up {
+            ConstGauge::new(i64::from(up)).encode(encoder.encode_descriptor(
+                "projection_status_up",
+                "1 when this scrape read the projections' status from PostgreSQL, 0 when the \
+                 read failed or timed out (the status gauges are then left out)",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
         for (name, help, value) in PROJECTION_GAUGES {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for status in &statuses {

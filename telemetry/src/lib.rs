@@ -106,6 +106,9 @@ mod tests {
         assert_eq!(LogFormat::parse(Some("text"), false), Ok(LogFormat::Text));
         assert_eq!(LogFormat::parse(Some(" JSON "), true), Ok(LogFormat::Json));
         let error = LogFormat::parse(Some("yaml"), false).unwrap_err();
-        assert!(error.contains("KEEL_LOG_FORMAT \"yaml\" must be json or text"), "{error}");
+        assert!(
+            error.contains("KEEL_LOG_FORMAT \"yaml\" must be json or text"),
+            "{error}"
+        );
     }
 }

@@ -36,6 +36,7 @@ pub(super) async fn handle(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let spec = commands::find(&collection, &command)?;
+    let headers_forwarded = headers.contains_key(FORWARDED_BY);
     let handled = execute(
         &state,
         principal,
@@ -47,12 +48,16 @@ pub(super) async fn handle(
     )
     .await;
     let outcome = match &handled {
-        Ok(Handled::Here(outcome)) if outcome.replayed => CommandOutcome::Replayed,
-        Ok(Handled::Here(_)) => CommandOutcome::Accepted,
-        Ok(Handled::Forwarded(_)) => CommandOutcome::Forwarded,
-        Err(e) => CommandOutcome::of_error(e),
+        Ok(Handled::Here(outcome)) if outcome.replayed => Some(CommandOutcome::Replayed),
+        Ok(Handled::Here(_)) => Some(CommandOutcome::Accepted),
+        Ok(Handled::Forwarded(_)) => Some(CommandOutcome::Forwarded),
+        // Forwarded here by an instance that routes it again: that instance counts it.
+        Err(ApiError::NotOwner { .. }) if headers_forwarded => None,
+        Err(e) => Some(CommandOutcome::of_error(e)),
     };
-    state.telemetry.commands.command(spec.command_type, outcome);
+    if let Some(outcome) = outcome {
+        state.telemetry.commands.command(spec.command_type, outcome);
+    }
     Ok(match handled? {
         Handled::Here(outcome) => respond(outcome),
         Handled::Forwarded(response) => response,

@@ -274,7 +274,7 @@ async fn prometheus_scrapes_the_stack_and_every_alert_and_dashboard_query_return
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap().clone())
         .collect();
-    assert_eq!(rules.len(), 9, "{rules:?}");
+    assert_eq!(rules.len(), 10, "{rules:?}");
     let names = prometheus.api("label/__name__/values", &[]).await;
     let exported: Vec<&str> = names
         .as_array()
