@@ -257,8 +257,10 @@ async fn every_documented_metric_moves_when_what_it_counts_happens() {
     let parked = format!(
         r#"keel_projection_parked_streams{{projection="orders",topic="{order_topic}",partition="{poisoned}"}}"#
     );
+    // Both rows of its transaction (the status is read query by query, not as one snapshot).
     until(projector, "the poisoned stream is parked", |s| {
         s.get(&parked) >= 1.0
+            && s.get(r#"keel_projection_dead_letters{projection="orders"}"#) >= 1.0
     })
     .await;
 
@@ -376,7 +378,12 @@ async fn every_documented_metric_moves_when_what_it_counts_happens() {
             ));
         }
     }
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{}\n{}",
+        wrong.join("\n"),
+        stack.projection("orders").await
+    );
 
     // The projector stops: a read's token is not reached in time, and the timeout counted.
     let query_before = scrape(&stack.query).await;
@@ -430,8 +437,9 @@ async fn every_documented_metric_moves_when_what_it_counts_happens() {
     let paced = [("KEEL_REBUILD_PACE", "300".to_owned())];
     stack.projector = Some(stack.projector_process(&["run"], &paced).await.unwrap());
     let projector = stack.projector.as_ref().unwrap();
-    let (status, _) = stack.get("/v1/orders?limit=1", Some(&token)).await;
-    assert_eq!(status, StatusCode::OK);
+    // One order (a list would be refused: the token covers the parked stream's partition).
+    let (status, order) = stack.get("/v1/orders/L-1499", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
     until(projector, "the orders projection caught up", |s| {
         s.sum("keel_projection_lag_records", &orders_only) == 0.0
             && s.sum("keel_projection_partition_held", &orders_only) == f64::from(n)

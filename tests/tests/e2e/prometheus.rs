@@ -206,7 +206,11 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn prometheus_scrapes_the_stack_and_every_alert_and_dashboard_query_returns_data() {
-    let stack = Stack::start("prometheus", 2).await;
+    let mut stack = Stack::start("prometheus", 2).await;
+    // Rebuilds paced, so that one is scraped while it runs.
+    let paced = [("KEEL_REBUILD_PACE", "100".to_owned())];
+    stack.projector.take().unwrap().stop().await.unwrap();
+    stack.projector = Some(stack.projector_process(&["run"], &paced).await.unwrap());
     let projector = stack.projector.as_ref().unwrap();
     let prometheus = Prometheus::start(&[
         ("keel-command-api", stack.command.addr.unwrap()),
@@ -257,6 +261,24 @@ async fn prometheus_scrapes_the_stack_and_every_alert_and_dashboard_query_return
         )
         .await
         .unwrap();
+
+    // A rebuild of some hundreds of orders, at a hundred events a second in each process.
+    let orders = (0..600).map(|i| {
+        (
+            format!("/v1/orders/PB-{i}/place"),
+            json!({"customer_id": "c", "lines": [{"sku": "PR-1", "quantity": 1, "unit_price": eur(100)}]}),
+        )
+    });
+    let token = stack.post_many(orders, 16, StatusCode::CREATED).await;
+    let (status, _) = stack.get("/v1/orders/PB-599", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK);
+    let _rebuild = stack
+        .projector_process(&["rebuild", "orders"], &paced)
+        .await
+        .unwrap();
+    prometheus
+        .until_data(r#"keel_projection_rebuild_progress_ratio{projection="orders"}"#)
+        .await;
 
     // Every job up, and scraped often enough for a rate.
     let up = prometheus
