@@ -95,6 +95,8 @@ const ROUTES: &[(Api, &str, &str, Option<Role>)] = &[
     (Api::Command, "GET", "/owned", None),
     (Api::Command, "GET", "/v1/partitions", Some(Role::Admin)),
     (Api::Command, "GET", "/openapi.json", None),
+    // Open unless KEEL_METRICS_ROLE names a role (the stack names none).
+    (Api::Command, "GET", "/metrics", None),
     (Api::Query, "GET", "/v1/orders", Some(Role::QueriesRead)),
     (
         Api::Query,
@@ -144,6 +146,7 @@ const ROUTES: &[(Api, &str, &str, Option<Role>)] = &[
     (Api::Query, "GET", "/healthz", None),
     (Api::Query, "GET", "/readyz", None),
     (Api::Query, "GET", "/openapi.json", None),
+    (Api::Query, "GET", "/metrics", None),
 ];
 
 #[tokio::test]
