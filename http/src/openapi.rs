@@ -64,12 +64,12 @@ pub fn open(operation: &mut Value) {
 /// The `/metrics` path item of both documents: open by default, like `/healthz`.
 pub fn metrics_path() -> Value {
     let mut item = json!({"get": {
-        "summary": "The process's metrics, in the OpenMetrics text format Prometheus scrapes",
+        "summary": "The process's metrics, in the Prometheus text format",
         "description": "Every `keel_` metric of the process and the standard `process_` ones \
                         (CPU, memory, open descriptors), for Prometheus to scrape. Open unless \
                         KEEL_METRICS_ROLE names the role a token needs to read it.",
         "responses": {"200": {"description": "the metrics", "content": {
-            "application/openmetrics-text": {"schema": {"type": "string"}}
+            "text/plain": {"schema": {"type": "string"}}
         }}}
     }});
     open(&mut item["get"]);
