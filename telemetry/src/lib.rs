@@ -5,6 +5,7 @@
 use std::io::IsTerminal;
 
 pub mod metrics;
+pub mod trace;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,0 +1,268 @@
+//! Traces: OpenTelemetry spans, exported over OTLP/HTTP (protobuf) to
+//! `KEEL_OTLP_ENDPOINT` when it is set. Off by default, and then free: no layer is
+//! installed, spans stay `tracing`'s, and nothing is encoded or sent.
+//!
+//! The exporter is Keel's own, on the `reqwest` client the services already link: the SDK's
+//! batch processor runs it on a thread of its own, and each export is sent on the Tokio
+//! runtime that installed it.
+
+use std::time::Duration;
+
+use opentelemetry::trace::{
+    SpanContext, TraceContextExt, TraceFlags, TraceState, TracerProvider as _,
+};
+use opentelemetry::{Context, SpanId, TraceId};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use prost::Message;
+
+/// How long one export may take before it is given up.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends batches of spans to an OTLP/HTTP collector as protobuf.
+#[derive(Debug)]
+struct OtlpHttp {
+    client: reqwest::Client,
+    /// `<endpoint>/v1/traces`.
+    url: String,
+    /// The runtime the requests are sent on.
+    runtime: tokio::runtime::Handle,
+    resource: ResourceAttributesWithSchema,
+}
+
+impl SpanExporter for OtlpHttp {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let request = ExportTraceServiceRequest {
+            resource_spans: group_spans_by_resource_and_scope(batch, &self.resource),
+        };
+        let (client, url, body) = (
+            self.client.clone(),
+            self.url.clone(),
+            request.encode_to_vec(),
+        );
+        // Built on the runtime too: the request's timeout needs its timer.
+        let sent = self.runtime.spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/x-protobuf")
+                .timeout(EXPORT_TIMEOUT)
+                .body(body)
+                .send()
+                .await
+        });
+        async move {
+            match sent.await {
+                Ok(Ok(response)) if response.status().is_success() => Ok(()),
+                Ok(Ok(response)) => Err(OTelSdkError::InternalFailure(format!(
+                    "the OTLP collector answered {}",
+                    response.status()
+                ))),
+                Ok(Err(e)) => Err(OTelSdkError::InternalFailure(format!(
+                    "sending spans to the OTLP collector: {e}"
+                ))),
+                Err(e) => Err(OTelSdkError::InternalFailure(format!(
+                    "the export task failed: {e}"
+                ))),
+            }
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.resource = resource.into();
+    }
+}
+
+/// A tracer provider exporting `service`'s spans to the OTLP/HTTP collector at `endpoint`
+/// (`http://host:4318`), sent on `runtime`.
+pub fn provider(
+    endpoint: &str,
+    service: &'static str,
+    runtime: tokio::runtime::Handle,
+) -> SdkTracerProvider {
+    let exporter = OtlpHttp {
+        client: reqwest::Client::new(),
+        url: format!("{}/v1/traces", endpoint.trim_end_matches('/')),
+        runtime,
+        resource: (&Resource::builder_empty().build()).into(),
+    };
+    SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name(service).build())
+        .build()
+}
+
+/// The `tracing` layer that makes spans OpenTelemetry spans of `provider`.
+pub fn layer<S>(
+    provider: &SdkTracerProvider,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer().with_tracer(provider.tracer("keel"))
+}
+
+/// A W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) as a remote span context;
+/// `None` when it is malformed or names the invalid trace or span.
+pub fn parse_traceparent(text: &str) -> Option<SpanContext> {
+    let mut parts = text.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let context = SpanContext::new(
+        TraceId::from_hex(trace).ok()?,
+        SpanId::from_hex(span).ok()?,
+        TraceFlags::new(u8::from_str_radix(flags, 16).ok()?),
+        true,
+        TraceState::default(),
+    );
+    context.is_valid().then_some(context)
+}
+
+/// `context`'s span as a W3C `traceparent`, when it is valid.
+pub fn traceparent(context: &Context) -> Option<String> {
+    let span = context.span();
+    let span = span.span_context();
+    span.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            span.trace_id(),
+            span.span_id(),
+            span.trace_flags().to_u8()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_read_strictly_and_written_back_alike() {
+        let text = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let context = parse_traceparent(text).unwrap();
+        assert_eq!(
+            context.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(context.is_sampled() && context.is_remote());
+        let cx = Context::new().with_remote_span_context(context);
+        assert_eq!(traceparent(&cx).as_deref(), Some(text));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(parse_traceparent(bad).is_none(), "{bad:?}");
+        }
+        assert_eq!(traceparent(&Context::new()), None);
+    }
+}
+
+#[cfg(test)]
+mod export_tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use opentelemetry::trace::{Span as _, Tracer as _};
+
+    use super::*;
+
+    /// Spans reach an OTLP/HTTP receiver as protobuf, with the service's name, and the
+    /// receiver decodes them with the reference types.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_are_exported_as_otlp_protobuf() {
+        let received: Arc<Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
+        let app = axum::Router::new()
+            .route(
+                "/v1/traces",
+                axum::routing::post(
+                    |State(received): State<Arc<Mutex<Vec<ExportTraceServiceRequest>>>>,
+                     body: Bytes| async move {
+                        received
+                            .lock()
+                            .unwrap()
+                            .push(ExportTraceServiceRequest::decode(body).unwrap());
+                    },
+                ),
+            )
+            .with_state(Arc::clone(&received));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let provider = provider(
+            &format!("http://{addr}/"),
+            "keel-test",
+            tokio::runtime::Handle::current(),
+        );
+        let tracer = provider.tracer("keel");
+        let parent =
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let cx = Context::new().with_remote_span_context(parent);
+        let mut span = tracer.start_with_context("decide", &cx);
+        span.end();
+        let flushing = provider.clone();
+        tokio::task::spawn_blocking(move || flushing.force_flush())
+            .await
+            .unwrap()
+            .unwrap();
+
+        let received = received.lock().unwrap();
+        let spans: Vec<_> = received
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .collect();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].name, "decide");
+        assert_eq!(
+            hex::encode(&spans[0].trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(hex::encode(&spans[0].parent_span_id), "00f067aa0ba902b7");
+        let service = received[0].resource_spans[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .attributes
+            .iter()
+            .find(|a| a.key == "service.name")
+            .unwrap();
+        assert_eq!(
+            format!("{:?}", service.value),
+            format!(
+                "{:?}",
+                Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                    value: Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                            "keel-test".into()
+                        )
+                    )
+                })
+            )
+        );
+    }
+}
