@@ -65,7 +65,13 @@ pub struct Runner {
 
 impl Runner {
     /// A runner of `job` on the partitions `assignment` gives it.
+    ///
+    /// The runner stands by until it has prepared its generation: its process claims none
+    /// of the projection's partitions before it knows its code may run them (a process of
+    /// older code would otherwise take them at its first heartbeat and hold them from the
+    /// processes of the newer code until its runner found out).
     pub fn new(job: Job, assignment: Assignment) -> Self {
+        assignment.standing_by.store(true, Ordering::Relaxed);
         Self { job, assignment }
     }
 
