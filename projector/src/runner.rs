@@ -245,6 +245,9 @@ impl Runner {
             .into()),
             Built::Same => Ok(Some(live)),
             Built::Older => {
+                // Its code may run the projection: it takes part again, claiming units and
+                // helping fill the rebuild (its own, or the one it waits for) meanwhile.
+                self.stand_by(false);
                 info!(
                     generation = live.generation,
                     stored = live.code_version,
