@@ -143,13 +143,18 @@ impl EdgeMetrics {
 pub async fn serve(
     State(metrics): State<std::sync::Arc<keel_telemetry::metrics::Metrics>>,
 ) -> Response {
+    exposition(metrics.encode())
+}
+
+/// `text`, an encoded scrape, as the answer to `GET /metrics`.
+pub fn exposition(text: String) -> Response {
     use axum::response::IntoResponse;
     (
         [(
             axum::http::header::CONTENT_TYPE,
             keel_telemetry::metrics::CONTENT_TYPE,
         )],
-        metrics.encode(),
+        text,
     )
         .into_response()
 }

@@ -14,7 +14,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json, Response};
+use axum::response::{Json, Response};
 use axum::routing::get;
 use keel_telemetry::metrics::Metrics;
 use serde_json::json;
@@ -124,14 +124,7 @@ async fn metrics(State(observed): State<Observed>) -> Response {
         }
         None => observed.metrics.encode(),
     };
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            keel_telemetry::metrics::CONTENT_TYPE,
-        )],
-        text,
-    )
-        .into_response()
+    keel_http::metrics::exposition(text)
 }
 
 /// `GET /healthz`: the process is alive.
