@@ -71,6 +71,15 @@ pub(crate) async fn scrape(service: &Service) -> Scrape {
     )
 }
 
+/// One scrape of each process: command API, query API, projector (in [`Proc`]'s order).
+async fn scrape_all(stack: &Stack) -> [Scrape; 3] {
+    [
+        scrape(&stack.command).await,
+        scrape(&stack.query).await,
+        scrape(stack.projector.as_ref().unwrap()).await,
+    ]
+}
+
 /// Scrapes `service` until `check` holds of a scrape (up to 60 s), and returns it.
 async fn until(service: &Service, what: &str, check: impl Fn(&Scrape) -> bool) -> Scrape {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -122,11 +131,7 @@ async fn every_documented_metric_moves_when_what_it_counts_happens() {
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let projector = stack.projector.as_ref().unwrap();
-    let before = [
-        scrape(&stack.command).await,
-        scrape(&stack.query).await,
-        scrape(projector).await,
-    ];
+    let before = scrape_all(&stack).await;
 
     // The write path's outcomes.
     let keyed = |key: &str| {
@@ -264,11 +269,7 @@ async fn every_documented_metric_moves_when_what_it_counts_happens() {
     })
     .await;
 
-    let after = [
-        scrape(&stack.command).await,
-        scrape(&stack.query).await,
-        scrape(projector).await,
-    ];
+    let after = scrape_all(&stack).await;
     let product_topic = settings.topic("product");
     let mug_partition = partition_for(b"MUG-1", n);
     let mug_at = format!(r#"topic="{product_topic}",partition="{mug_partition}""#);
@@ -494,21 +495,13 @@ async fn ten_thousand_streams_add_no_series() {
     for service in [&stack.command, &stack.query, projector] {
         scrape(service).await;
     }
-    let before = [
-        scrape(&stack.command).await.len(),
-        scrape(&stack.query).await.len(),
-        scrape(projector).await.len(),
-    ];
+    let before = scrape_all(&stack).await.map(|s| s.len());
     let token = stack
         .post_many((20..10_000).map(register), 64, StatusCode::CREATED)
         .await;
     let (status, _) = stack.get("/v1/products/C-9999", Some(&token)).await;
     assert_eq!(status, StatusCode::OK);
-    let after = [
-        scrape(&stack.command).await,
-        scrape(&stack.query).await,
-        scrape(projector).await,
-    ];
+    let after = scrape_all(&stack).await;
     assert_eq!(
         after.iter().map(Scrape::len).collect::<Vec<_>>(),
         before.to_vec(),
