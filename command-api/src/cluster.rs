@@ -651,7 +651,15 @@ impl Cluster {
             .header(FORWARDED_BY, &self.instance)
             .header(DEADLINE_MS, within.as_millis().to_string())
             .body(body);
+        // Traced, the owner's request span is a child of this one.
+        let traceparent = keel_telemetry::trace::current_traceparent();
         for name in FORWARDED_REQUEST_HEADERS {
+            if name == "traceparent"
+                && let Some(current) = &traceparent
+            {
+                request = request.header(name, current);
+                continue;
+            }
             for value in headers.get_all(name) {
                 request = request.header(name, value);
             }

@@ -175,7 +175,9 @@ fn method_label(method: &Method) -> &'static str {
 
 /// The middleware that records every request: add it with
 /// `router.layer(axum::middleware::from_fn_with_state(metrics, track))`, which runs it
-/// after routing, where the matched template is known.
+/// after routing, where the matched template is known. When traces are exported, the
+/// request is also a server span (`POST /v1/orders/{id}/{command}`), the child of the
+/// caller's `traceparent` when it sent one.
 pub async fn track(State(metrics): State<HttpMetrics>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
@@ -183,8 +185,60 @@ pub async fn track(State(metrics): State<HttpMetrics>, request: Request, next: N
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let method = method_label(request.method());
     let started = Instant::now();
-    let response = next.run(request).await;
+    let response = if keel_telemetry::trace::enabled() {
+        traced(&route, method, request, next).await
+    } else {
+        let response = next.run(request).await;
+        access(&route, method, response.status().as_u16(), started);
+        response
+    };
     metrics.record(route, method, &response, started);
+    response
+}
+
+/// The access log line of a request, at `debug` under the target `keel_http::access`
+/// (`RUST_LOG=info,keel_http::access=debug` writes them).
+fn access(route: &str, method: &'static str, status: u16, started: Instant) {
+    tracing::debug!(
+        target: "keel_http::access",
+        route,
+        method,
+        status,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "answered"
+    );
+}
+
+/// Runs `request` inside its server span.
+async fn traced(route: &str, method: &'static str, request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    use tracing::field::Empty;
+
+    let span = tracing::info_span!(
+        target: "keel_trace",
+        "http.request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    let traceparent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    keel_telemetry::trace::adopt(&span, traceparent);
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    span.in_scope(|| access(route, method, status.as_u16(), started));
     response
 }
 

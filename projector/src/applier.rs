@@ -13,6 +13,7 @@ use crate::decode::Decoded;
 use crate::generation::{self, BatchReport, GenerationChanged, Mode};
 use crate::hold::Hold;
 use crate::job::{Job, OnError};
+use crate::projection::ProjectedEvent;
 use crate::{BoxFuture, generation::live};
 
 mod settle;
@@ -221,6 +222,7 @@ impl<'j> Applier<'j> {
     /// also advances the checkpoints.
     async fn apply_batch(&mut self, batch: &[Decoded]) -> anyhow::Result<Flow> {
         let started = std::time::Instant::now();
+        let began = std::time::SystemTime::now();
         let on_error = self.job.options.on_error;
         let mut events = Vec::new();
         let mut dead = Vec::new();
@@ -293,6 +295,9 @@ impl<'j> Applier<'j> {
             events.len(),
             started.elapsed(),
         );
+        if self.mode == Mode::Live {
+            trace_commits(self.job.name(), &events, began);
+        }
         self.events += events.len() as u64;
         self.checkpoints.committed();
         Ok(if stopped {
@@ -373,6 +378,51 @@ impl<'j> Applier<'j> {
 /// The dead letter of a record that failed with `error`, as `on_error` handles it: with
 /// [`OnError::Park`] its stream is parked on it (or, already parked, holds it back too);
 /// a record that names no stream is skipped, since no stream's view waits for it.
+/// Records the application of each commit among `events` that carries a trace context as
+/// a span of its command's trace, from `began` (the batch's start) to now (its
+/// transaction committed: from then on the view shows it), when traces are exported. One
+/// batch holds the commits of many commands: each gets its own span, in its own trace,
+/// and the spans of one batch share its `keel.batch.id`.
+fn trace_commits(projection: &str, events: &[ProjectedEvent], began: std::time::SystemTime) {
+    use keel_telemetry::trace::{KeyValue, SpanKind, enabled, span_under};
+    if !enabled() {
+        return;
+    }
+    let (batch, committed) = (
+        uuid::Uuid::now_v7().to_string(),
+        std::time::SystemTime::now(),
+    );
+    let mut last = None;
+    for event in events {
+        let commit = &event.commit;
+        if last == Some(commit.commit_id) {
+            continue;
+        }
+        last = Some(commit.commit_id);
+        let Some(traceparent) = &commit.command.traceparent else {
+            continue;
+        };
+        span_under(
+            "projection.apply",
+            SpanKind::Consumer,
+            traceparent,
+            (began, committed),
+            vec![
+                KeyValue::new("keel.projection", projection.to_owned()),
+                KeyValue::new("keel.batch.id", batch.clone()),
+                KeyValue::new("keel.commit.id", commit.commit_id.to_string()),
+                KeyValue::new("keel.stream", commit.stream.to_string()),
+                KeyValue::new("messaging.destination.name", event.topic.clone()),
+                KeyValue::new(
+                    "messaging.destination.partition.id",
+                    event.partition.to_string(),
+                ),
+                KeyValue::new("messaging.kafka.offset", event.offset),
+            ],
+        );
+    }
+}
+
 fn dead_letter_of(
     decoded: &Decoded,
     error: String,

@@ -181,10 +181,20 @@ struct RequestArgs {
 async fn main() -> anyhow::Result<()> {
     let cli: Cli = keel_telemetry::parse_args();
     // `run` is a service and logs its work; the other commands are tools that print theirs.
-    keel_telemetry::init(match cli.command {
-        Command::Run { .. } => "projector=info,keel_kafka=info",
-        _ => "projector=warn,keel_kafka=warn",
-    });
+    let telemetry = keel_telemetry::init(
+        match cli.command {
+            Command::Run { .. } => "projector=info,keel_kafka=info",
+            _ => "projector=warn,keel_kafka=warn",
+        },
+        "keel-projector",
+    );
+    let ran = execute(cli).await;
+    telemetry.shutdown().await;
+    ran
+}
+
+/// Carries out the command line.
+async fn execute(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::from_args(cli.settings)?;
     match cli.command {
         Command::Run {

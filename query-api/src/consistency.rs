@@ -271,7 +271,25 @@ pub async fn wait_for(
     let (pool, cache, metrics) = (&state.pool, &state.checkpoints, &state.telemetry.queries);
     let mut changes = state.changes.clone();
     let started = tokio::time::Instant::now();
+    let began = std::time::SystemTime::now();
     let deadline = started + wait;
+    // The wait, as a span of the request's trace when traces are exported.
+    let traced = |timed_out: bool| {
+        use keel_telemetry::trace::{KeyValue, SpanKind, current_context, enabled, span_at};
+        if !enabled() {
+            return;
+        }
+        span_at(
+            "consistency.wait",
+            SpanKind::Internal,
+            &current_context(),
+            (began, std::time::SystemTime::now()),
+            vec![
+                KeyValue::new("keel.projection", projection.to_owned()),
+                KeyValue::new("keel.timed_out", timed_out),
+            ],
+        );
+    };
     loop {
         let seq = *changes.borrow_and_update();
         let read = cache.read(pool, projection, seq).await?;
@@ -288,6 +306,7 @@ pub async fn wait_for(
         if passed {
             if token.is_some() {
                 metrics.waited(projection, started.elapsed(), false);
+                traced(false);
             }
             return Ok(read);
         }
@@ -296,6 +315,7 @@ pub async fn wait_for(
             Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(_) => {
                 metrics.waited(projection, started.elapsed(), true);
+                traced(true);
                 return Err(ApiError::Unavailable(format!(
                     "the {projection} view has not reached the consistency token within {} ms; retry",
                     wait.as_millis()

@@ -9,10 +9,15 @@ use query_api::{Application, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    keel_telemetry::init("query_api=info");
-    let settings = Settings::load()?;
-    Application::build(settings)
-        .await?
-        .run_until_stopped()
-        .await
+    let telemetry = keel_telemetry::init("query_api=info", "keel-query-api");
+    let ran = async {
+        let settings = Settings::load()?;
+        Application::build(settings)
+            .await?
+            .run_until_stopped()
+            .await
+    }
+    .await;
+    telemetry.shutdown().await;
+    ran
 }

@@ -122,6 +122,13 @@ pub struct CommandMeta {
     /// so a retry with the same key and another body is told apart, also after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_digest: Option<String>,
+    /// The W3C trace context the command ran in (the caller's, or the one the command API
+    /// started), so the work the commit causes later, such as applying it to the views,
+    /// joins the command's trace. Covered by the hash: a reader of older code, which does
+    /// not know the field, cannot recompute the hash of a record that has it, so readers
+    /// are upgraded before writers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// One accepted command: every event it produced, atomically, in one record.
@@ -543,6 +550,31 @@ mod tests {
             !relinked.hash_is_valid(),
             "prev_hash is covered by the hash"
         );
+    }
+
+    /// A commit's trace context is covered by its hash, and a commit without one is
+    /// written as before the field existed (so its hash is the same).
+    #[test]
+    fn the_trace_context_is_covered_by_the_hash_and_absent_when_there_is_none() {
+        let plain = commit(None, 0);
+        let raw: Value =
+            serde_json::from_slice(&LogRecord::Commit(plain.clone()).encode()).unwrap();
+        assert!(raw["command"].get("traceparent").is_none(), "{raw}");
+        let mut traced = plain.clone();
+        traced.command.traceparent =
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        assert!(!traced.hash_is_valid(), "the trace context is hashed");
+        traced.hash = traced.compute_hash();
+        let back = LogRecord::decode(&LogRecord::Commit(traced.clone()).encode()).unwrap();
+        let LogRecord::Commit(back) = back else {
+            panic!("not a commit")
+        };
+        assert!(back.hash_is_valid());
+        assert_eq!(back.command.traceparent, traced.command.traceparent);
+        let mut moved = back.clone();
+        moved.command.traceparent =
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01".into());
+        assert!(!moved.hash_is_valid());
     }
 
     /// What a fence's signature signs, pinned: a fence of the rules before claims (as

@@ -34,6 +34,7 @@ pub fn commit(writer: &Writer, stream: StreamRef, expected_version: u64) -> Comm
             correlation_id: "corr".into(),
             causation_id: None,
             request_digest: None,
+            traceparent: None,
         },
         writer: writer.clone(),
         prev_hash: None,

@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal;
 
+mod log;
 pub mod metrics;
 pub mod trace;
 
@@ -33,28 +34,82 @@ impl LogFormat {
     }
 }
 
+/// What [`init`] set up that needs an orderly end: the trace exporter, when traces are
+/// exported. Call [`Telemetry::shutdown`] before the process exits, so the last spans
+/// are sent.
+#[must_use = "shut it down before exiting, or the last spans are lost"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sends the spans not yet exported and stops the exporter.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            // The batch exporter blocks while it sends; the sends run on this runtime.
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
+    }
+}
+
 /// Installs the global `tracing` subscriber: `RUST_LOG` if set, else `default_filter`;
 /// written as `KEEL_LOG_FORMAT` says (JSON lines, or text on a terminal, when unset).
-/// Exits with a message on a `KEEL_LOG_FORMAT` that is neither.
-pub fn init(default_filter: &str) {
+/// With `KEEL_OTLP_ENDPOINT` set, Keel's spans are also exported there over OTLP/HTTP as
+/// `service`'s, and every log line written inside one carries its trace and span ids.
+/// Call it from within the Tokio runtime the process runs on. Exits with a message on a
+/// `KEEL_LOG_FORMAT` or `KEEL_OTLP_ENDPOINT` it cannot use.
+pub fn init(default_filter: &str, service: &'static str) -> Telemetry {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let fail = |message: String| -> ! {
+        eprintln!("error: {message}");
+        std::process::exit(2);
+    };
     let format = std::env::var("KEEL_LOG_FORMAT").ok();
-    let format = match LogFormat::parse(format.as_deref(), std::io::stderr().is_terminal()) {
-        Ok(format) => format,
-        Err(message) => {
-            eprintln!("error: {message}");
-            std::process::exit(2);
-        }
-    };
-    let filter =
+    let format = LogFormat::parse(format.as_deref(), std::io::stderr().is_terminal())
+        .unwrap_or_else(|message| fail(message));
+    let endpoint = std::env::var("KEEL_OTLP_ENDPOINT").ok();
+    let endpoint = trace::parse_endpoint(endpoint.as_deref()).unwrap_or_else(|m| fail(m));
+    let mut filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let provider = endpoint.map(|endpoint| {
+        let runtime = tokio::runtime::Handle::try_current().unwrap_or_else(|_| {
+            fail("traces are exported from within the Tokio runtime: call init there".into())
+        });
+        trace::provider(&endpoint, service, runtime)
+    });
+    if provider.is_some()
+        && let Ok(directive) = trace::DIRECTIVE.parse()
+    {
+        // Keel's own spans are exported whatever the log level says.
+        filter = filter.add_directive(directive);
+    }
+    let otel = provider.as_ref().map(trace::layer);
+    let ids = provider.as_ref().map(|_| log::TraceIds);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(ids);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // A second call (tests) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let installed = match format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry
+            .with(fmt.json().event_format(log::JsonWithIds(
+                tracing_subscriber::fmt::format().json().flatten_event(true),
+            )))
+            .try_init(),
     };
+    match provider {
+        Some(provider) if installed.is_ok() => {
+            trace::enable(&provider);
+            Telemetry {
+                provider: Some(provider),
+            }
+        }
+        _ => Telemetry { provider: None },
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM: the signal for a graceful shutdown.

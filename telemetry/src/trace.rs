@@ -2,16 +2,26 @@
 //! `KEEL_OTLP_ENDPOINT` when it is set. Off by default, and then free: no layer is
 //! installed, spans stay `tracing`'s, and nothing is encoded or sent.
 //!
+//! Keel's spans have the target `keel_trace` ([`DIRECTIVE`] enables them when traces are
+//! exported, whatever the log level) and record their `trace_id` and `span_id` as fields,
+//! so log lines written inside them carry both. The write path's phases and the
+//! projector's application of a commit run apart from the request that caused them, and
+//! are recorded afterwards with their own times ([`span_under`]).
+//!
 //! The exporter is Keel's own, on the `reqwest` client the services already link: the SDK's
 //! batch processor runs it on a thread of its own, and each export is sent on the Tokio
 //! runtime that installed it.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
+pub use opentelemetry::trace::SpanKind;
 use opentelemetry::trace::{
-    SpanContext, TraceContextExt, TraceFlags, TraceState, TracerProvider as _,
+    Span as _, SpanContext, TraceContextExt, TraceFlags, TraceState, Tracer as _,
+    TracerProvider as _,
 };
-use opentelemetry::{Context, SpanId, TraceId};
+pub use opentelemetry::{Context, KeyValue};
+use opentelemetry::{SpanId, TraceId};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
 use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
@@ -19,6 +29,134 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use prost::Message;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// The target of Keel's spans.
+pub const TARGET: &str = "keel_trace";
+
+/// The filter directive that enables Keel's spans.
+pub const DIRECTIVE: &str = "keel_trace=info";
+
+/// Whether spans are exported: set once, by [`crate::init`].
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// True when spans are exported (`KEEL_OTLP_ENDPOINT` is set): only then are Keel's spans
+/// made, so traces cost nothing when they are off.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Makes `provider` the one [`span_under`] records with, and turns Keel's spans on.
+pub(crate) fn enable(provider: &SdkTracerProvider) {
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// `KEEL_OTLP_ENDPOINT`'s value: the collector's base URL (`http://host:4318`), or `None`
+/// when unset or empty (traces off).
+pub fn parse_endpoint(value: Option<&str>) -> Result<Option<String>, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(url) => match reqwest::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => {
+                Ok(Some(url.trim_end_matches('/').to_owned()))
+            }
+            _ => Err(format!(
+                "KEEL_OTLP_ENDPOINT {url:?} must be an http:// or https:// URL of an OTLP/HTTP \
+                 collector, such as http://127.0.0.1:4318"
+            )),
+        },
+    }
+}
+
+/// Gives `span` (one of Keel's, not yet entered) the parent a W3C `traceparent` names, if
+/// it names one, and records its `trace_id` and `span_id` fields. Does nothing when
+/// traces are off or the span is disabled.
+pub fn adopt(span: &tracing::Span, traceparent: Option<&str>) {
+    if !enabled() || span.is_disabled() {
+        return;
+    }
+    if let Some(parent) = traceparent.and_then(parse_traceparent) {
+        let _ = span.set_parent(Context::new().with_remote_span_context(parent));
+    }
+    record_ids(span);
+}
+
+/// Records `span`'s `trace_id` and `span_id` fields from its OpenTelemetry context.
+pub fn record_ids(span: &tracing::Span) {
+    if !enabled() || span.is_disabled() {
+        return;
+    }
+    let context = span.context();
+    let otel = context.span();
+    let ids = otel.span_context();
+    if ids.is_valid() {
+        span.record("trace_id", tracing::field::display(ids.trace_id()));
+        span.record("span_id", tracing::field::display(ids.span_id()));
+    }
+}
+
+/// The trace context of the current span as a W3C `traceparent`: `None` when traces are
+/// off or no span is being traced.
+pub fn current_traceparent() -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    traceparent(&tracing::Span::current().context())
+}
+
+/// The current span's OpenTelemetry context (empty when traces are off).
+pub fn current_context() -> Context {
+    if !enabled() {
+        return Context::new();
+    }
+    tracing::Span::current().context()
+}
+
+/// Records a finished span `name` of `kind`, from `start` to `end`, as a child of
+/// `parent`, with `attributes`. Nothing is recorded when traces are off or the parent is
+/// not sampled.
+pub fn span_at(
+    name: &'static str,
+    kind: SpanKind,
+    parent: &Context,
+    (start, end): (SystemTime, SystemTime),
+    attributes: Vec<KeyValue>,
+) {
+    if !enabled() || !parent.span().span_context().is_sampled() {
+        return;
+    }
+    let tracer = opentelemetry::global::tracer("keel");
+    let mut span = tracer
+        .span_builder(name)
+        .with_kind(kind)
+        .with_start_time(start)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, parent);
+    span.end_with_timestamp(end.max(start));
+}
+
+/// [`span_at`] under the span a W3C `traceparent` names; nothing when it names none.
+pub fn span_under(
+    name: &'static str,
+    kind: SpanKind,
+    traceparent: &str,
+    times: (SystemTime, SystemTime),
+    attributes: Vec<KeyValue>,
+) {
+    if !enabled() {
+        return;
+    }
+    if let Some(parent) = parse_traceparent(traceparent) {
+        span_at(
+            name,
+            kind,
+            &Context::new().with_remote_span_context(parent),
+            times,
+            attributes,
+        );
+    }
+}
 
 /// How long one export may take before it is given up.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -176,6 +314,33 @@ mod tests {
             assert!(parse_traceparent(bad).is_none(), "{bad:?}");
         }
         assert_eq!(traceparent(&Context::new()), None);
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_an_http_url_or_unset() {
+        assert_eq!(parse_endpoint(None), Ok(None));
+        assert_eq!(parse_endpoint(Some(" ")), Ok(None));
+        assert_eq!(
+            parse_endpoint(Some("http://collector:4318/")),
+            Ok(Some("http://collector:4318".into()))
+        );
+        for bad in ["collector:4318", "grpc://collector:4317", "http://"] {
+            let error = parse_endpoint(Some(bad)).unwrap_err();
+            assert!(error.contains("KEEL_OTLP_ENDPOINT"), "{error}");
+        }
+    }
+
+    /// Off (no provider installed), Keel makes no spans and reads no context.
+    #[test]
+    fn with_traces_off_nothing_is_traced() {
+        assert!(!enabled());
+        assert_eq!(current_traceparent(), None);
+        let span = tracing::info_span!("http.request", trace_id = tracing::field::Empty);
+        adopt(
+            &span,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        assert!(!current_context().span().span_context().is_valid());
     }
 }
 

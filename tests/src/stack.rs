@@ -408,10 +408,30 @@ impl Stack {
             .unwrap_or_else(|e| panic!("starting the stack: {e:#}"))
     }
 
+    /// Starts every part, each ready, every process with `env` added to its environment.
+    pub async fn start_with_env(
+        name: &str,
+        partitions: i32,
+        env: Vec<(&'static str, String)>,
+    ) -> Self {
+        Self::try_start_with(name, partitions, env)
+            .await
+            .unwrap_or_else(|e| panic!("starting the stack: {e:#}"))
+    }
+
     async fn try_start(name: &str, partitions: i32) -> anyhow::Result<Self> {
+        Self::try_start_with(name, partitions, Vec::new()).await
+    }
+
+    async fn try_start_with(
+        name: &str,
+        partitions: i32,
+        env: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Self> {
         let broker = Broker::start().await?;
-        let config =
+        let mut config =
             CommandApiConfig::new(&broker, &crate::unique_prefix(name), partitions, "cmd-a");
+        config.extra_env = env;
         let db = TestDatabase::new(name);
         let command = Service::command_api_ready(&config).await?;
         let projector = Some(Service::projector(&config, &db.url(), &[]).await?);

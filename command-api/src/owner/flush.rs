@@ -22,7 +22,7 @@
 //!   another. A command whose key the flight ahead holds waits for that flight's answer.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -36,7 +36,7 @@ use tracing::{error, instrument, warn};
 use uuid::Uuid;
 
 use super::log::{Append, PartitionLog};
-use super::outcome::{Answered, CommandRequest, Outcome, OwnerError, Reply, RequestMeta};
+use super::outcome::{Answered, CommandRequest, Outcome, OwnerError, Reply, RequestMeta, Timeline};
 use super::receipt::{self, Recorded};
 use crate::metrics::{CommandMetrics, Phase};
 
@@ -105,6 +105,8 @@ struct Flight<A: Aggregate> {
     last: bool,
     /// When its commits were handed to the producer, if it has any.
     appending: Option<Instant>,
+    /// When it ran through each phase, for the traces of its commands.
+    timeline: Timeline,
 }
 
 impl<A: Aggregate> Flight<A> {
@@ -117,6 +119,9 @@ impl<A: Aggregate> Flight<A> {
         let acks = self.appended.take()?.await;
         if let Some(appending) = self.appending {
             metrics.phase(Phase::Append, appending.elapsed().as_secs_f64());
+        }
+        if let Some((from, _)) = self.timeline.append {
+            self.timeline.append = Some((from, SystemTime::now()));
         }
         Some(acks)
     }
@@ -237,10 +242,11 @@ where
                 return None;
             }
         };
-        let deciding = Instant::now();
+        let (deciding, decide_from) = (Instant::now(), SystemTime::now());
         let mut flight = self.decide(batch, ahead, writer, last);
         self.metrics
             .phase(Phase::Decide, deciding.elapsed().as_secs_f64());
+        flight.timeline.decide = Some((decide_from, SystemTime::now()));
         let records: Vec<LogRecord> = flight
             .pending
             .iter()
@@ -256,6 +262,8 @@ where
             self.metrics.flight(records.len());
             flight.appended = Some(self.log.append(&inputs).boxed());
             flight.appending = Some(Instant::now());
+            let now = SystemTime::now();
+            flight.timeline.append = Some((now, now));
         }
         Some(flight)
     }
@@ -419,6 +427,7 @@ where
             doomed: false,
             last,
             appending: None,
+            timeline: Timeline::default(),
         }
     }
 
@@ -433,6 +442,9 @@ where
         again: &mut Vec<CommandRequest<A>>,
     ) -> bool {
         let landing = Instant::now();
+        let mut flight = flight;
+        let now = SystemTime::now();
+        flight.timeline.read_back = Some((now, now));
         let accepted = self.land_flight(flight, acks, again).await;
         self.metrics
             .phase(Phase::ReadBack, landing.elapsed().as_secs_f64());
@@ -452,10 +464,10 @@ where
             .map(|p| (p.record.stream.id.clone(), p.record.commit_id))
             .collect();
         let current = match acks {
-            Some(_) if flight.doomed => self.answer_commits(flight.pending, true),
+            Some(_) if flight.doomed => self.answer_commits(flight.pending, true, flight.timeline),
             Some(acks) => {
                 self.read_back(&acks).await;
-                self.answer_commits(flight.pending, false)
+                self.answer_commits(flight.pending, false, flight.timeline)
             }
             None if flight.doomed => false,
             None => self.confirm_current().await,
@@ -621,7 +633,13 @@ where
     /// accepted it and every commit ahead of it (in this flight and the one before it,
     /// which was `doomed` if it was not wholly accepted); `503` from the first one that was
     /// not. True when every commit was accepted, so the state read covers the whole flight.
-    fn answer_commits(&mut self, pending: Vec<Pending>, doomed: bool) -> bool {
+    fn answer_commits(&mut self, pending: Vec<Pending>, doomed: bool, timeline: Timeline) -> bool {
+        let timeline = Timeline {
+            read_back: timeline
+                .read_back
+                .map(|(from, _)| (from, SystemTime::now())),
+            ..timeline
+        };
         // An owner that stopped serving while it read back (a fence of rules it cannot
         // judge) acknowledges nothing more.
         let mut failed = doomed || self.status.get() == Status::Lost;
@@ -665,7 +683,7 @@ where
                     }),
                     Err(e) => Err(e.clone()),
                 };
-                let _ = reply.send(answer);
+                let _ = reply.send_timed(answer, timeline);
             }
         }
         !failed
@@ -753,5 +771,6 @@ fn command_meta(meta: &RequestMeta, id: Uuid) -> CommandMeta {
         correlation_id: meta.correlation_id.clone(),
         causation_id: meta.causation_id.clone(),
         request_digest: meta.request_digest.clone(),
+        traceparent: meta.traceparent.clone(),
     }
 }

@@ -34,7 +34,7 @@ pub use log::{Append, KafkaPartition, PartitionLog};
 pub use memory::{Appended, MemoryLog};
 pub use outcome::{
     Answer, Answered, CommandRequest, EventSummary, NoAnswer, Outcome, OwnerError, Reply,
-    RequestMeta, reply_channel,
+    RequestMeta, Timeline, reply_channel,
 };
 pub use snapshot::{Manifest, SNAPSHOT_FORMAT, StoredSnapshot};
 pub use task::{AskPredecessor, DEFAULT_FLIGHTS, PartitionOwner, Status, StatusCell, Stop};

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use keel_domain::{Aggregate, DomainError};
 use keel_schemas::{Position, StreamRef};
@@ -48,6 +48,18 @@ pub struct CommandRequest<A: Aggregate> {
 /// What the owner answers a command.
 pub type Answered = Result<Outcome, OwnerError>;
 
+/// When a command went through the owner's phases, for its trace: told with the answer
+/// of a command whose commit was appended (the phases are its flight's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeline {
+    /// Deciding its flight.
+    pub decide: Option<(SystemTime, SystemTime)>,
+    /// From handing the flight's commits to the producer to their acknowledgement.
+    pub append: Option<(SystemTime, SystemTime)>,
+    /// Reading the flight back, to the answer.
+    pub read_back: Option<(SystemTime, SystemTime)>,
+}
+
 /// The caller waits for the answer.
 const WAITING: u8 = 0;
 /// The owner took the command on: it may be appended, and the caller waits for its
@@ -60,7 +72,7 @@ const ABANDONED: u8 = 2;
 /// before deciding it; a caller that gave up first can never see it appended.
 #[derive(Debug)]
 pub struct Reply {
-    sender: oneshot::Sender<Answered>,
+    sender: oneshot::Sender<(Answered, Timeline)>,
     state: Arc<AtomicU8>,
     /// When the command was sent to the owner.
     sent: std::time::Instant,
@@ -69,7 +81,7 @@ pub struct Reply {
 /// The caller's end of a command's answer.
 #[derive(Debug)]
 pub struct Answer {
-    receiver: oneshot::Receiver<Answered>,
+    receiver: oneshot::Receiver<(Answered, Timeline)>,
     state: Arc<AtomicU8>,
 }
 
@@ -119,7 +131,12 @@ impl Reply {
 
     /// Sends the answer: false if nobody waits for it any more.
     pub fn send(self, answer: Answered) -> bool {
-        self.sender.send(answer).is_ok()
+        self.send_timed(answer, Timeline::default())
+    }
+
+    /// Sends the answer with when its phases ran.
+    pub fn send_timed(self, answer: Answered, timeline: Timeline) -> bool {
+        self.sender.send((answer, timeline)).is_ok()
     }
 }
 
@@ -127,7 +144,15 @@ impl Answer {
     /// Waits for the answer for up to `patience` while the command waits in the owner's
     /// queue; once the owner has taken it on, waits for the owner's answer, which follows
     /// the read-back of its commit.
-    pub async fn wait(mut self, patience: Duration) -> Result<Answered, NoAnswer> {
+    pub async fn wait(self, patience: Duration) -> Result<Answered, NoAnswer> {
+        self.wait_timed(patience).await.map(|(answer, _)| answer)
+    }
+
+    /// [`Answer::wait`], with when the command's phases ran.
+    pub async fn wait_timed(
+        mut self,
+        patience: Duration,
+    ) -> Result<(Answered, Timeline), NoAnswer> {
         if let Ok(answer) = tokio::time::timeout(patience, &mut self.receiver).await {
             return answer.map_err(|_| NoAnswer::OwnerGone);
         }

@@ -13,7 +13,7 @@ use keel_kafka::partition_for;
 use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken, TopicPartition, canonical_json};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tracing::instrument;
 use uuid::Uuid;
@@ -23,7 +23,9 @@ use crate::cluster::{DEADLINE_MS, FORWARDED_BY};
 use crate::commands;
 use crate::error::ApiError;
 use crate::metrics::CommandOutcome;
-use crate::owner::{CommandRequest, NoAnswer, Outcome, RequestMeta, Status, reply_channel};
+use crate::owner::{
+    CommandRequest, NoAnswer, Outcome, RequestMeta, Status, Timeline, reply_channel,
+};
 
 /// `POST /v1/{collection}/{id}/{command}`.
 #[instrument(skip(state, principal, headers, body), fields(collection = %collection, id = %id, command = %command))]
@@ -127,7 +129,15 @@ async fn execute(
         correlation_id: header_text(&headers, "x-correlation-id")?
             .unwrap_or_else(|| Uuid::now_v7().to_string()),
         causation_id: header_text(&headers, "x-causation-id")?,
-        traceparent: header_text(&headers, "traceparent")?,
+        // The trace context the command runs in, recorded in its commit: this request's
+        // span when traces are exported, else the caller's as it sent it.
+        traceparent: match keel_telemetry::trace::current_traceparent() {
+            Some(current) => {
+                header_text(&headers, "traceparent")?;
+                Some(current)
+            }
+            None => header_text(&headers, "traceparent")?,
+        },
     };
     let stream_type = commands::stream_type(&collection).ok_or_else(|| {
         ApiError::internal("routing a command", &"a parsed command has no stream type")
@@ -397,6 +407,7 @@ async fn dispatch<A: ShopAggregate>(
         ApiError::Unavailable("this partition's owner stopped here; retry".into())
     })?;
     let (reply, answer) = reply_channel();
+    let sent = SystemTime::now();
     owner
         .try_send(CommandRequest {
             stream_id,
@@ -412,8 +423,11 @@ async fn dispatch<A: ShopAggregate>(
         })?;
     // The request timeout covers the wait in the owner's queue: a command the owner has
     // taken on is answered after its read-back, and one it has not is never appended.
-    match answer.wait(patience).await {
-        Ok(result) => result.map_err(ApiError::from),
+    match answer.wait_timed(patience).await {
+        Ok((result, timeline)) => {
+            trace_phases(sent, &timeline);
+            result.map_err(ApiError::from)
+        }
         Err(NoAnswer::OwnerGone) => Err(ApiError::Unavailable(
             "the partition's owner stopped; retry with the same Idempotency-Key".into(),
         )),
@@ -421,6 +435,52 @@ async fn dispatch<A: ShopAggregate>(
             "the partition's owner did not take the command in time; it was not appended: retry"
                 .into(),
         )),
+    }
+}
+
+/// Records the phases a command went through in the owner, from when it was `sent` there,
+/// as spans of the current one (its request's), when traces are exported.
+fn trace_phases(sent: SystemTime, timeline: &Timeline) {
+    use keel_telemetry::trace::{SpanKind, span_at};
+
+    let Some(decide) = timeline.decide else {
+        return;
+    };
+    if !keel_telemetry::trace::enabled() {
+        return;
+    }
+    let parent = keel_telemetry::trace::current_context();
+    span_at(
+        "command.queue",
+        SpanKind::Internal,
+        &parent,
+        (sent, decide.0),
+        Vec::new(),
+    );
+    span_at(
+        "command.decide",
+        SpanKind::Internal,
+        &parent,
+        decide,
+        Vec::new(),
+    );
+    if let Some(append) = timeline.append {
+        span_at(
+            "command.append",
+            SpanKind::Producer,
+            &parent,
+            append,
+            Vec::new(),
+        );
+    }
+    if let Some(read_back) = timeline.read_back {
+        span_at(
+            "command.read_back",
+            SpanKind::Internal,
+            &parent,
+            read_back,
+            Vec::new(),
+        );
     }
 }
 

@@ -16,4 +16,5 @@ mod read_scale;
 mod rebuild;
 mod schemathesis;
 mod security;
+mod traces;
 mod write_path;

@@ -646,6 +646,7 @@ fn restock_commit(
             correlation_id: format!("rival-{}", w.now_ms()),
             causation_id: None,
             request_digest: None,
+            traceparent: None,
         },
         writer,
         last_hash,

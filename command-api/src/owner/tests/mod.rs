@@ -328,6 +328,58 @@ async fn the_owner_decides_appends_and_acknowledges_what_the_log_accepted() {
     assert_eq!(log.entries().len(), 3);
 }
 
+/// An appended command's answer tells when its flight was decided, appended and read
+/// back, in that order, for its trace; its commit records the trace context it ran in,
+/// under the commit's hash and signature (the gate takes it). A command that appends
+/// nothing has no phases to tell.
+#[tokio::test]
+async fn an_appended_command_is_answered_with_its_phases_and_its_commit_keeps_its_trace() {
+    let log = MemoryLog::new(TOPIC, 0);
+    let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut traced = meta("RegisterProduct", None, None);
+    traced.traceparent = Some(traceparent.into());
+    let before = std::time::SystemTime::now();
+    let (answer, timeline) = queue(&owner, "p-1", register(), traced)
+        .wait_timed(TIMEOUT)
+        .await
+        .expect("answered in time");
+    assert_eq!(answer.map(|o| o.version), Ok(1));
+    let decide = timeline.decide.expect("decided");
+    let append = timeline.append.expect("appended");
+    let read_back = timeline.read_back.expect("read back");
+    assert!(before <= decide.0 && decide.0 <= decide.1, "{timeline:?}");
+    assert!(decide.1 <= append.0 && append.0 <= append.1, "{timeline:?}");
+    assert!(
+        append.1 <= read_back.1 && read_back.0 <= read_back.1,
+        "{timeline:?}"
+    );
+
+    let (unchanged, timeline) = queue(
+        &owner,
+        "p-1",
+        register(),
+        meta("RegisterProduct", None, None),
+    )
+    .wait_timed(TIMEOUT)
+    .await
+    .expect("answered in time");
+    assert!(unchanged.is_err());
+    assert_eq!(timeline, Timeline::default());
+
+    let mut gate = PartitionGate::new(policy(), &here());
+    let commits: Vec<_> = log
+        .entries()
+        .into_iter()
+        .filter_map(|entry| match gate.read(entry).accepted() {
+            Some(LogRecord::Commit(commit)) => Some(commit.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(commits.len(), 1);
+    assert_eq!(commits[0].command.traceparent.as_deref(), Some(traceparent));
+}
+
 #[tokio::test]
 async fn a_group_commit_decides_each_command_on_the_ones_ahead_of_it() {
     let log = MemoryLog::new(TOPIC, 0);
