@@ -17,7 +17,7 @@ use crate::{Options, Plots, ms, step};
 const PARTITIONS: i32 = 8;
 
 /// Starts a command API on `broker` and creates the workload's streams through it.
-async fn ready_api(
+pub(crate) async fn ready_api(
     broker: &Broker,
     name: &str,
     streams: usize,

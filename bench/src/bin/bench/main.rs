@@ -15,7 +15,7 @@
 //!   the results (`BENCHMARKS.md`); the file is created when missing;
 //! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams, 1,000 take-over
 //!   streams) to check the harness;
-//! * `--only commands,ryw,projections,sharing,readpath,startup,scale`: some of the scenarios,
+//! * `--only commands,ryw,observability,projections,sharing,readpath,startup,scale`: some of the scenarios,
 //!   printed only (for profiling).
 //!
 //! Scenarios, in order: commands (64 and 256 clients, and on durable storage),
@@ -26,6 +26,7 @@
 //! (commands/s with 1 to 3, handoffs, a failover, take-over with and without a snapshot).
 
 mod commands;
+mod observability;
 mod order_log;
 mod projections;
 mod readpath;
@@ -56,13 +57,14 @@ const USAGE: &str =
   --markdown FILE  the file whose bench:begin/bench:end block gets the results (BENCHMARKS.md)
   --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams,
                    1000 take-over streams)
-  --only GROUPS    some of commands,ryw,projections,sharing,readpath,startup,scale (all by default); for profiling: the
+  --only GROUPS    some of commands,ryw,observability,projections,sharing,readpath,startup,scale (all by default); for profiling: the
                    report and the Markdown are written only by a run of them all";
 
 /// The scenario groups, in the order they run.
-const GROUPS: [&str; 7] = [
+const GROUPS: [&str; 8] = [
     "commands",
     "ryw",
+    "observability",
     "projections",
     "sharing",
     "readpath",
@@ -211,6 +213,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
         && let Err(e) = ryw::run(&options, &mut report, &mut plots).await
     {
         failed(&mut report, "read-your-writes", &e);
+    }
+    if wanted("observability")
+        && let Err(e) = observability::run(&options, &mut report).await
+    {
+        failed(&mut report, "observability", &e);
     }
     if wanted("projections")
         && let Err(e) = projections::run(&options, &mut report, &mut plots).await
