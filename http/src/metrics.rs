@@ -185,7 +185,8 @@ pub async fn track(State(metrics): State<HttpMetrics>, request: Request, next: N
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let method = method_label(request.method());
     let started = Instant::now();
-    let response = if keel_telemetry::trace::enabled() {
+    // The API's routes are traced; probes and scrapes are not.
+    let response = if keel_telemetry::trace::enabled() && route.starts_with("/v1/") {
         traced(&route, method, request, next).await
     } else {
         let response = next.run(request).await;
@@ -232,7 +233,10 @@ async fn traced(route: &str, method: &'static str, request: Request, next: Next)
         .and_then(|v| v.to_str().ok());
     keel_telemetry::trace::adopt(&span, traceparent);
     let started = Instant::now();
-    let response = next.run(request).instrument(span.clone()).await;
+    let context = keel_telemetry::trace::context_of(&span);
+    let response =
+        keel_telemetry::trace::in_request(context, next.run(request).instrument(span.clone()))
+            .await;
     let status = response.status();
     span.record("http.response.status_code", status.as_u16());
     if status.is_server_error() {

@@ -375,9 +375,6 @@ impl<'j> Applier<'j> {
     }
 }
 
-/// The dead letter of a record that failed with `error`, as `on_error` handles it: with
-/// [`OnError::Park`] its stream is parked on it (or, already parked, holds it back too);
-/// a record that names no stream is skipped, since no stream's view waits for it.
 /// Records the application of each commit among `events` that carries a trace context as
 /// a span of its command's trace, from `began` (the batch's start) to now (its
 /// transaction committed: from then on the view shows it), when traces are exported. One
@@ -423,6 +420,9 @@ fn trace_commits(projection: &str, events: &[ProjectedEvent], began: std::time::
     }
 }
 
+/// The dead letter of a record that failed with `error`, as `on_error` handles it: with
+/// [`OnError::Park`] its stream is parked on it (or, already parked, holds it back too);
+/// a record that names no stream is skipped, since no stream's view waits for it.
 fn dead_letter_of(
     decoded: &Decoded,
     error: String,

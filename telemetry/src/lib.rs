@@ -85,7 +85,15 @@ pub fn init(default_filter: &str, service: &'static str) -> Telemetry {
         // Keel's own spans are exported whatever the log level says.
         filter = filter.add_directive(directive);
     }
-    let otel = provider.as_ref().map(trace::layer);
+    // Only Keel's own spans are exported (not every span the log level enables, such as
+    // an owner's, which lives as long as the owner).
+    let otel = provider.as_ref().map(|provider| {
+        use tracing_subscriber::Layer as _;
+        trace::layer(provider).with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target(trace::TARGET, tracing::Level::INFO),
+        )
+    });
     let ids = provider.as_ref().map(|_| log::TraceIds);
     let registry = tracing_subscriber::registry()
         .with(filter)

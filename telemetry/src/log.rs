@@ -89,6 +89,9 @@ where
                 Some((ids.trace_id.clone()?, ids.span_id.clone()?))
             })
         });
+        // Ids as Keel records them: hex, nothing to escape.
+        let hex = |id: &str| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit());
+        let ids = ids.filter(|(trace, span)| hex(trace) && hex(span));
         let Some((trace_id, span_id)) = ids else {
             return self.0.format_event(ctx, writer, event);
         };

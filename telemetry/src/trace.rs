@@ -96,21 +96,41 @@ pub fn record_ids(span: &tracing::Span) {
     }
 }
 
-/// The trace context of the current span as a W3C `traceparent`: `None` when traces are
-/// off or no span is being traced.
-pub fn current_traceparent() -> Option<String> {
-    if !enabled() {
-        return None;
-    }
-    traceparent(&tracing::Span::current().context())
+tokio::task_local! {
+    /// The context of the request the task serves.
+    static REQUEST: Context;
 }
 
-/// The current span's OpenTelemetry context (empty when traces are off).
+/// `span`'s OpenTelemetry context (empty when traces are off).
+pub fn context_of(span: &tracing::Span) -> Context {
+    if !enabled() || span.is_disabled() {
+        return Context::new();
+    }
+    span.context()
+}
+
+/// Runs `serving` (a request's handling) with `context` as its request's trace context,
+/// which [`current_context`] answers inside it.
+pub async fn in_request<F: std::future::Future>(context: Context, serving: F) -> F::Output {
+    REQUEST.scope(context, serving).await
+}
+
+/// The trace context of the request being served (its server span's), as
+/// [`in_request`] set it: empty when traces are off or outside a request.
 pub fn current_context() -> Context {
     if !enabled() {
         return Context::new();
     }
-    tracing::Span::current().context()
+    REQUEST.try_with(Clone::clone).unwrap_or_default()
+}
+
+/// [`current_context`] as a W3C `traceparent`: `None` when traces are off or outside a
+/// traced request.
+pub fn current_traceparent() -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    traceparent(&current_context())
 }
 
 /// Records a finished span `name` of `kind`, from `start` to `end`, as a child of
@@ -126,13 +146,15 @@ pub fn span_at(
     if !enabled() || !parent.span().span_context().is_sampled() {
         return;
     }
-    let tracer = opentelemetry::global::tracer("keel");
+    static TRACER: std::sync::OnceLock<opentelemetry::global::BoxedTracer> =
+        std::sync::OnceLock::new();
+    let tracer = TRACER.get_or_init(|| opentelemetry::global::tracer("keel"));
     let mut span = tracer
         .span_builder(name)
         .with_kind(kind)
         .with_start_time(start)
         .with_attributes(attributes)
-        .start_with_context(&tracer, parent);
+        .start_with_context(tracer, parent);
     span.end_with_timestamp(end.max(start));
 }
 

@@ -771,6 +771,6 @@ fn command_meta(meta: &RequestMeta, id: Uuid) -> CommandMeta {
         correlation_id: meta.correlation_id.clone(),
         causation_id: meta.causation_id.clone(),
         request_digest: meta.request_digest.clone(),
-        traceparent: meta.traceparent.clone(),
+        traceparent: meta.recorded_trace.clone(),
     }
 }

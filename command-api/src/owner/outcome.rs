@@ -28,8 +28,12 @@ pub struct RequestMeta {
     pub correlation_id: String,
     /// What caused it, if the client said.
     pub causation_id: Option<String>,
-    /// The W3C trace context to put on the record.
+    /// The W3C trace context to put on the record's `traceparent` header.
     pub traceparent: Option<String>,
+    /// The trace context to record in the commit itself (`command.traceparent`, under its
+    /// hash): the command API's span of the request, set only when traces are exported,
+    /// so a deployment that does not trace writes commits as builds before the field did.
+    pub recorded_trace: Option<String>,
 }
 
 /// A command for the owner of its stream's partition.

@@ -119,6 +119,7 @@ async fn execute(
         hasher.update(canonical_json(&json));
         hex::encode(hasher.finalize())
     });
+    let recorded_trace = keel_telemetry::trace::current_traceparent();
     let meta = RequestMeta {
         command_type: spec.command_type,
         idempotency_key,
@@ -129,15 +130,12 @@ async fn execute(
         correlation_id: header_text(&headers, "x-correlation-id")?
             .unwrap_or_else(|| Uuid::now_v7().to_string()),
         causation_id: header_text(&headers, "x-causation-id")?,
-        // The trace context the command runs in, recorded in its commit: this request's
-        // span when traces are exported, else the caller's as it sent it.
-        traceparent: match keel_telemetry::trace::current_traceparent() {
-            Some(current) => {
-                header_text(&headers, "traceparent")?;
-                Some(current)
-            }
-            None => header_text(&headers, "traceparent")?,
-        },
+        // On the record's header: this request's span when traces are exported, else
+        // the caller's as it sent it. In the commit: only the request's span.
+        traceparent: recorded_trace
+            .clone()
+            .or(header_text(&headers, "traceparent")?),
+        recorded_trace,
     };
     let stream_type = commands::stream_type(&collection).ok_or_else(|| {
         ApiError::internal("routing a command", &"a parsed command has no stream type")

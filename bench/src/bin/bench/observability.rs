@@ -153,7 +153,10 @@ fn rows(report: &mut Report, scenario: &str, keel: &LoadResult, name: &str, base
 /// every process exporting its traces.
 async fn reads(options: &Options, report: &mut Report, sink: &str) -> anyhow::Result<()> {
     let mut measured = Vec::new();
-    for (name, env) in [("traces off", Vec::new()), ("traces exported", traced(sink))] {
+    for (name, env) in [
+        ("traces off", Vec::new()),
+        ("traces exported", traced(sink)),
+    ] {
         step(&format!("observability: the whole stack, {name}"));
         let stack = Stack::start_with_env("bench-obs", 8, env).await;
         let (command, query) = (stack.command.url(""), stack.query.url(""));
@@ -161,8 +164,8 @@ async fn reads(options: &Options, report: &mut Report, sink: &str) -> anyhow::Re
             "observability: read-your-writes, {CLIENTS} clients for {} s, {name}",
             options.seconds
         ));
-        let ryw = crate::ryw::samples(&stack.client, &command, &query, "obs", options.seconds)
-            .await?;
+        let ryw =
+            crate::ryw::samples(&stack.client, &command, &query, "obs", options.seconds).await?;
         step(&format!(
             "observability: reads by id, {CLIENTS} clients for {} s, {name}",
             options.seconds
@@ -171,8 +174,8 @@ async fn reads(options: &Options, report: &mut Report, sink: &str) -> anyhow::Re
         measured.push((ryw, reads));
     }
     let p = |v: &[Duration], q: f64| ms(keel_bench::percentile(v, q));
-    let [(ryw_off, reads_off), (ryw_on, reads_on)] = <[_; 2]>::try_from(measured)
-        .map_err(|_| anyhow::anyhow!("two stacks were measured"))?;
+    let [(ryw_off, reads_off), (ryw_on, reads_on)] =
+        <[_; 2]>::try_from(measured).map_err(|_| anyhow::anyhow!("two stacks were measured"))?;
     for (scenario, on, off) in [
         ("Read-your-writes, traces exported", &ryw_on, &ryw_off),
         ("Reads by id, traces exported", &reads_on, &reads_off),
@@ -216,7 +219,11 @@ async fn read_by_id(
                 n += 1;
                 let started = Instant::now();
                 let read = client.get(format!("{query}/v1/orders/{id}")).send().await?;
-                anyhow::ensure!(read.status().is_success(), "reading {id}: {}", read.status());
+                anyhow::ensure!(
+                    read.status().is_success(),
+                    "reading {id}: {}",
+                    read.status()
+                );
                 read.bytes().await?;
                 samples.push(started.elapsed());
             }

@@ -62,6 +62,7 @@ fn meta(command_type: &'static str, key: Option<&str>, if_match: Option<u64>) ->
         correlation_id: "corr-1".into(),
         causation_id: None,
         traceparent: None,
+        recorded_trace: None,
     }
 }
 
@@ -338,7 +339,7 @@ async fn an_appended_command_is_answered_with_its_phases_and_its_commit_keeps_it
     let (owner, _) = serving_owner(log.handle(), "cmd-a").await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let mut traced = meta("RegisterProduct", None, None);
-    traced.traceparent = Some(traceparent.into());
+    traced.recorded_trace = Some(traceparent.into());
     let before = std::time::SystemTime::now();
     let (answer, timeline) = queue(&owner, "p-1", register(), traced)
         .wait_timed(TIMEOUT)
