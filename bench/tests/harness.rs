@@ -115,6 +115,28 @@ fn the_harness_reports_every_scenario_beside_its_baseline() {
         2
     );
     assert_eq!(with_target("Read-your-writes"), 1);
+    // The cost of observability: each figure beside the same with it off.
+    for (scenario, rows_of_it) in [
+        ("Commands, 64 clients, traces exported", 3),
+        ("Commands, 64 clients, /metrics scraped", 3),
+        ("Read-your-writes, traces exported", 2),
+        ("Reads by id, traces exported", 3),
+    ] {
+        let beside: Vec<_> = rows
+            .iter()
+            .filter(|r| {
+                r["scenario"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(scenario))
+            })
+            .filter(|r| {
+                r["baseline"][0]
+                    .as_str()
+                    .is_some_and(|b| b.starts_with("traces off") || b.starts_with("not scraped"))
+            })
+            .collect();
+        assert_eq!(beside.len(), rows_of_it, "{scenario}: {rows:#?}");
+    }
     assert_eq!(with_target("Projector memory"), 1);
     for row in rows {
         let keel = row["keel"].as_f64().expect("a figure");

@@ -23,6 +23,8 @@ const SECRET: &str = "an-in-process-test-secret-of-32-bytes";
 struct Api {
     router: Router,
     token: String,
+    /// Every partition's log.
+    logs: Arc<std::sync::Mutex<Vec<MemoryLog>>>,
 }
 
 struct Reply {
@@ -54,11 +56,11 @@ async fn api() -> Api {
         flush_pipeline: crate::owner::DEFAULT_FLIGHTS,
         metrics: crate::metrics::CommandMetrics::default(),
     };
+    let logs: Arc<std::sync::Mutex<Vec<MemoryLog>>> = Arc::default();
     let owners = Owners::start_all(&settings, |stream_type, partition| {
-        Ok(MemoryLog::new(
-            &format!("t.{stream_type}.events"),
-            partition,
-        ))
+        let log = MemoryLog::new(&format!("t.{stream_type}.events"), partition);
+        logs.lock().unwrap().push(log.handle());
+        Ok(log)
     })
     .unwrap();
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -88,6 +90,7 @@ async fn api() -> Api {
     Api {
         router: app(state, &edge),
         token: keel_http::testing::token(SECRET.as_bytes(), "alice", &[Role::CommandsWrite]),
+        logs,
     }
 }
 
@@ -329,6 +332,42 @@ async fn an_order_is_placed_paid_in_parts_shipped_and_a_paid_one_cancelled_with_
         )
         .await;
     assert_eq!(event_types(&r), ["OrderCancelled", "RefundIssued"]);
+}
+
+/// With traces off, the caller's `traceparent` goes on the record's header as sent, and
+/// the commit itself records none: its hashed form is the one builds before the field
+/// wrote, so they still read it.
+#[tokio::test]
+async fn with_traces_off_the_callers_traceparent_is_a_header_and_not_in_the_commit() {
+    let api = api().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let reply = api
+        .post_with(
+            "/v1/products/MUG-1/register",
+            json!({"name": "Mug", "price": eur(1299)}),
+            &[("traceparent", traceparent)],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    let commits: Vec<_> = api
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|log| log.entries())
+        .filter_map(
+            |entry| match keel_schemas::LogRecord::decode(&entry.payload) {
+                Ok(keel_schemas::LogRecord::Commit(commit)) => Some((entry, commit)),
+                _ => None,
+            },
+        )
+        .collect();
+    assert_eq!(commits.len(), 1);
+    let (entry, commit) = &commits[0];
+    assert_eq!(entry.header("traceparent"), Some(traceparent));
+    assert_eq!(commit.command.traceparent, None);
+    let raw: Value = serde_json::from_slice(&entry.payload).unwrap();
+    assert!(raw["command"].get("traceparent").is_none(), "{raw}");
 }
 
 #[tokio::test]
