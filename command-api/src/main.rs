@@ -9,15 +9,16 @@ use command_api::{Application, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let telemetry = keel_telemetry::init("command_api=info,keel_kafka=info", "keel-command-api");
-    let ran = async {
-        let settings = Settings::load()?;
-        Application::build(settings)
-            .await?
-            .run_until_stopped()
-            .await
-    }
-    .await;
-    telemetry.shutdown().await;
-    ran
+    keel_telemetry::running(
+        "command_api=info,keel_kafka=info",
+        "keel-command-api",
+        async {
+            let settings = Settings::load()?;
+            Application::build(settings)
+                .await?
+                .run_until_stopped()
+                .await
+        },
+    )
+    .await
 }

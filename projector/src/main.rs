@@ -181,16 +181,11 @@ struct RequestArgs {
 async fn main() -> anyhow::Result<()> {
     let cli: Cli = keel_telemetry::parse_args();
     // `run` is a service and logs its work; the other commands are tools that print theirs.
-    let telemetry = keel_telemetry::init(
-        match cli.command {
-            Command::Run { .. } => "projector=info,keel_kafka=info",
-            _ => "projector=warn,keel_kafka=warn",
-        },
-        "keel-projector",
-    );
-    let ran = execute(cli).await;
-    telemetry.shutdown().await;
-    ran
+    let filter = match cli.command {
+        Command::Run { .. } => "projector=info,keel_kafka=info",
+        _ => "projector=warn,keel_kafka=warn",
+    };
+    keel_telemetry::running(filter, "keel-projector", execute(cli)).await
 }
 
 /// Carries out the command line.

@@ -9,15 +9,12 @@ use query_api::{Application, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let telemetry = keel_telemetry::init("query_api=info", "keel-query-api");
-    let ran = async {
+    keel_telemetry::running("query_api=info", "keel-query-api", async {
         let settings = Settings::load()?;
         Application::build(settings)
             .await?
             .run_until_stopped()
             .await
-    }
-    .await;
-    telemetry.shutdown().await;
-    ran
+    })
+    .await
 }

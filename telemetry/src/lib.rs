@@ -120,6 +120,19 @@ pub fn init(default_filter: &str, service: &'static str) -> Telemetry {
     }
 }
 
+/// The body of a Keel binary's `main`: [`init`], then `work`, then the exporter's
+/// [`Telemetry::shutdown`] whatever `work` returned, so its last spans are sent.
+pub async fn running<T>(
+    default_filter: &str,
+    service: &'static str,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let telemetry = init(default_filter, service);
+    let done = work.await;
+    telemetry.shutdown().await;
+    done
+}
+
 /// Resolves on Ctrl-C or SIGTERM: the signal for a graceful shutdown.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
