@@ -187,7 +187,7 @@ pub async fn track(State(metrics): State<HttpMetrics>, request: Request, next: N
     let started = Instant::now();
     // The API's routes are traced; probes and scrapes are not.
     let response = if keel_telemetry::trace::enabled() && route.starts_with("/v1/") {
-        traced(&route, method, request, next).await
+        traced(&route, method, started, request, next).await
     } else {
         let response = next.run(request).await;
         access(&route, method, response.status().as_u16(), started);
@@ -211,7 +211,13 @@ fn access(route: &str, method: &'static str, status: u16, started: Instant) {
 }
 
 /// Runs `request` inside its server span.
-async fn traced(route: &str, method: &'static str, request: Request, next: Next) -> Response {
+async fn traced(
+    route: &str,
+    method: &'static str,
+    started: Instant,
+    request: Request,
+    next: Next,
+) -> Response {
     use tracing::Instrument as _;
     use tracing::field::Empty;
 
@@ -232,7 +238,6 @@ async fn traced(route: &str, method: &'static str, request: Request, next: Next)
         .get("traceparent")
         .and_then(|v| v.to_str().ok());
     keel_telemetry::trace::adopt(&span, traceparent);
-    let started = Instant::now();
     let context = keel_telemetry::trace::context_of(&span);
     let response =
         keel_telemetry::trace::in_request(context, next.run(request).instrument(span.clone()))

@@ -448,37 +448,16 @@ fn trace_phases(sent: SystemTime, timeline: &Timeline) {
         return;
     }
     let parent = keel_telemetry::trace::current_context();
-    span_at(
-        "command.queue",
-        SpanKind::Internal,
-        &parent,
-        (sent, decide.0),
-        Vec::new(),
-    );
-    span_at(
-        "command.decide",
-        SpanKind::Internal,
-        &parent,
-        decide,
-        Vec::new(),
-    );
-    if let Some(append) = timeline.append {
-        span_at(
-            "command.append",
-            SpanKind::Producer,
-            &parent,
-            append,
-            Vec::new(),
-        );
-    }
-    if let Some(read_back) = timeline.read_back {
-        span_at(
-            "command.read_back",
-            SpanKind::Internal,
-            &parent,
-            read_back,
-            Vec::new(),
-        );
+    let phases = [
+        ("command.queue", SpanKind::Internal, Some((sent, decide.0))),
+        ("command.decide", SpanKind::Internal, Some(decide)),
+        ("command.append", SpanKind::Producer, timeline.append),
+        ("command.read_back", SpanKind::Internal, timeline.read_back),
+    ];
+    for (name, kind, times) in phases {
+        if let Some(times) = times {
+            span_at(name, kind, &parent, times, Vec::new());
+        }
     }
 }
 

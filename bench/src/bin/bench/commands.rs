@@ -36,14 +36,21 @@ pub(crate) async fn ready_api(
     Ok((api, config, workload))
 }
 
-fn latency_rows(report: &mut Report, scenario: &str, keel: &LoadResult, http: &LoadResult) {
+/// p50 and p99 rows of `keel` beside `baseline`'s, which is called `name`.
+pub(crate) fn latency_rows(
+    report: &mut Report,
+    scenario: &str,
+    keel: &LoadResult,
+    name: &str,
+    baseline: &LoadResult,
+) {
     for (label, p) in [("p50 ms", 0.5), ("p99 ms", 0.99)] {
         report.rows.push(Row::beside(
             scenario,
             label,
             ms(keel.percentile(p)),
-            &format!("B_http {label}"),
-            ms(http.percentile(p)),
+            &format!("{name} {label}"),
+            ms(baseline.percentile(p)),
         ));
     }
 }
@@ -97,7 +104,7 @@ pub(crate) async fn run(
             )
             .at_least(0.3),
         );
-        latency_rows(report, &scenario, &keel, &baseline);
+        latency_rows(report, &scenario, &keel, "B_http", &baseline);
         if keel.errors > 0 {
             report.notes.push(format!(
                 "{scenario}: {} commands were not accepted (non-2xx or transport error).",

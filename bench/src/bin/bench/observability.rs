@@ -14,7 +14,7 @@ use keel_bench::report::{Report, Row};
 use keel_tests::{Broker, Stack};
 
 use crate::ryw::CLIENTS;
-use crate::{Options, ms, step};
+use crate::{Options, step};
 
 /// An OTLP/HTTP sink on a free port that takes every export and counts its bytes: its
 /// base URL and the count.
@@ -174,15 +174,7 @@ fn rows(report: &mut Report, scenario: &str, keel: &LoadResult, name: &str, base
         &format!("{name} commands/s"),
         baseline.rate(),
     ));
-    for (label, p) in [("p50 ms", 0.5), ("p99 ms", 0.99)] {
-        report.rows.push(Row::beside(
-            scenario,
-            label,
-            ms(keel.percentile(p)),
-            &format!("{name} {label}"),
-            ms(baseline.percentile(p)),
-        ));
-    }
+    crate::commands::latency_rows(report, scenario, keel, name, baseline);
 }
 
 /// Read-your-writes and reads by id on a whole stack with traces off, then on one with
@@ -209,22 +201,13 @@ async fn reads(options: &Options, report: &mut Report, sink: &str) -> anyhow::Re
         let reads = read_by_id(&stack.client, &query, options.seconds).await?;
         measured.push((ryw, reads));
     }
-    let p = |v: &[Duration], q: f64| ms(keel_bench::percentile(v, q));
     let [(ryw_off, reads_off), (ryw_on, reads_on)] =
         <[_; 2]>::try_from(measured).map_err(|_| anyhow::anyhow!("two stacks were measured"))?;
     for (scenario, on, off) in [
         ("Read-your-writes, traces exported", &ryw_on, &ryw_off),
         ("Reads by id, traces exported", &reads_on, &reads_off),
     ] {
-        for (label, q) in [("p50 ms", 0.5), ("p99 ms", 0.99)] {
-            report.rows.push(Row::beside(
-                scenario,
-                label,
-                p(on, q),
-                &format!("traces off {label}"),
-                p(off, q),
-            ));
-        }
+        crate::readpath::rows(report, scenario, on, "traces off", off);
     }
     report.rows.push(Row::beside(
         "Reads by id, traces exported",

@@ -20,8 +20,8 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
     replica(options, report).await
 }
 
-/// Adds p50 and p99 rows of `samples` beside `baseline`'s.
-fn rows(
+/// Adds p50 and p99 rows of `samples` beside `baseline`'s, which is called `name`.
+pub(crate) fn rows(
     report: &mut Report,
     scenario: &str,
     samples: &[Duration],
