@@ -311,6 +311,15 @@ async fn run(
         membership_id,
         jobs.clone(),
     )));
+    // Verifications of one stream asked for through PostgreSQL, carried out by any process.
+    let verifications = keel_kafka::AbortOnDrop(tokio::spawn(
+        projector::requests::serve_verifications(
+            pool.clone(),
+            membership_id,
+            settings.kafka.clone(),
+            std::sync::Arc::clone(&options.policy),
+        ),
+    ));
     let mut tasks = JoinSet::new();
     for job in jobs {
         let assignment = assignments
@@ -345,6 +354,7 @@ async fn run(
     // once instead of after the claim timeout.
     tasks.shutdown().await;
     drop(requests);
+    drop(verifications);
     drop(membership);
     pool.close().await;
     if let Err(e) = leaving.leave().await {

@@ -46,23 +46,17 @@ pub async fn request(
             "a discard needs a reason (--reason), which is recorded with the discarded records"
         );
     }
-    let row: Option<(i64, String, i32)> = sqlx::query_as(
-        "INSERT INTO keel_stream_requests (projection, generation, topic, partition, stream_type, stream_id,
-             action, reason, actor)
-         SELECT s.projection, s.generation, s.topic, s.partition, s.stream_type, s.stream_id, $4, $5, $6
-         FROM keel_parked_streams s JOIN keel_projections p ON p.name = s.projection AND p.generation = s.generation
-         WHERE s.projection = $1 AND s.stream_type = $2 AND s.stream_id = $3
-         RETURNING id, topic, partition",
+    let row = keel_views::requests::stream(
+        pool,
+        projection,
+        (&stream.stream_type, &stream.id),
+        action.as_str(),
+        reason,
+        actor,
     )
-    .bind(projection)
-    .bind(&stream.stream_type)
-    .bind(&stream.id)
-    .bind(action.as_str())
-    .bind(reason)
-    .bind(actor)
-    .fetch_optional(pool)
     .await
-    .context("recording the request")?;
+    .context("recording the request")?
+    .map(|r| (r.id, r.topic, r.partition));
     let (id, topic, partition) = row.with_context(|| {
         format!("the {projection} projection does not hold back {stream}: it is not parked")
     })?;
@@ -93,16 +87,13 @@ pub async fn wait(
     let started = Instant::now();
     let mut told = Instant::now();
     loop {
-        let row: Option<(Option<bool>, Option<String>)> = sqlx::query_as(
-            "SELECT ok, outcome FROM keel_stream_requests WHERE id = $1 AND done_at IS NOT NULL",
-        )
-        .bind(requested.id)
-        .fetch_optional(pool)
-        .await?;
-        if let Some((ok, outcome)) = row {
+        let request = keel_views::requests::stream_request(pool, requested.id)
+            .await
+            .context("reading the request")?;
+        if let Some(request) = request.filter(|r| r.done_at.is_some()) {
             return Ok(Some(Done {
-                ok: ok.unwrap_or(false),
-                outcome: outcome.unwrap_or_default(),
+                ok: request.ok.unwrap_or(false),
+                outcome: request.outcome.unwrap_or_default(),
             }));
         }
         if started.elapsed() >= wait {

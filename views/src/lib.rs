@@ -6,6 +6,7 @@
 
 mod catalogue;
 pub mod positions;
+pub mod requests;
 pub mod status;
 
 pub use catalogue::{
