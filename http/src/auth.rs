@@ -49,7 +49,8 @@ pub enum Role {
     QueriesRead,
     /// `audit:read`: read the audit trail.
     AuditRead,
-    /// `admin`: projection status (rebuilds run from the projector's command line).
+    /// `admin`: projection status, the partitions' owners, and the requests for rebuilds,
+    /// retries, discards and verifications.
     Admin,
 }
 

@@ -48,6 +48,8 @@ struct Inner {
     /// The role `/metrics` needs, if any.
     metrics_role: Option<Role>,
     metrics: EdgeMetrics,
+    /// The origins whose pages may read the routes opened to other origins.
+    cors_origins: Vec<String>,
 }
 
 impl Edge {
@@ -83,6 +85,7 @@ impl Edge {
                 timeout: settings.timeout,
                 metrics_role: settings.metrics_role,
                 metrics: EdgeMetrics::default(),
+                cors_origins: settings.cors_origins.clone(),
             }),
         })
     }
@@ -126,6 +129,19 @@ impl Edge {
             Some(role) => self.limit(self.guard(route, role)),
             None => route,
         }
+    }
+
+    /// `router`, whose `GET` answers at `paths` the pages of the origins `KEEL_CORS_ORIGINS`
+    /// names may read (preflights answered before any other layer); as it is when it names
+    /// none.
+    pub fn cross_origin(&self, router: Router, paths: &[&'static str]) -> Router {
+        if self.inner.cors_origins.is_empty() {
+            return router;
+        }
+        router.layer(middleware::from_fn_with_state(
+            crate::cors::Cors::new(&self.inner.cors_origins, paths),
+            crate::cors::cors,
+        ))
     }
 
     /// `router` with the cap on requests in flight and the timeout.
@@ -511,6 +527,7 @@ mod tests {
             header_timeout: Duration::from_secs(5),
             tls: None,
             metrics_role: Some(Role::Admin),
+            cors_origins: Vec::new(),
         };
         let edge = Edge::new(&settings, "test").unwrap();
         let mut metrics = keel_telemetry::metrics::Metrics::new();

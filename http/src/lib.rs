@@ -3,6 +3,7 @@
 //! timeouts, TLS, and the request metrics.
 
 pub mod auth;
+pub mod cors;
 pub mod edge;
 mod keys;
 pub mod metrics;

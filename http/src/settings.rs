@@ -32,6 +32,8 @@ pub struct EdgeSettings {
     /// `KEEL_METRICS_ROLE`: the role a token needs to read `/metrics`; `None` (the
     /// default): open, like `/healthz`.
     pub metrics_role: Option<crate::Role>,
+    /// The origins whose pages may read the routes the API opens to other origins.
+    pub cors_origins: Vec<String>,
 }
 
 /// A PEM certificate chain and its private key.
@@ -140,6 +142,11 @@ pub struct EdgeArgs {
     /// The role a token needs to read /metrics (default: open, like /healthz).
     #[arg(long, env = "KEEL_METRICS_ROLE", value_name = "ROLE")]
     pub metrics_role: Option<String>,
+    /// Origins (comma-separated `scheme://host[:port]`) whose pages may read the routes this
+    /// API opens to other origins (the command API: `/v1/partitions` and `/metrics`, for the
+    /// console). Default: none.
+    #[arg(long, env = "KEEL_CORS_ORIGINS", value_name = "ORIGINS")]
+    pub cors_origins: Option<String>,
 }
 
 impl EdgeArgs {
@@ -161,6 +168,7 @@ impl EdgeArgs {
             "KEEL_TLS_CERT" => self.tls_cert.clone(),
             "KEEL_TLS_KEY" => self.tls_key.clone(),
             "KEEL_METRICS_ROLE" => self.metrics_role.clone(),
+            "KEEL_CORS_ORIGINS" => self.cors_origins.clone(),
             _ => None,
         })
     }
@@ -212,9 +220,14 @@ impl EdgeSettings {
                 ),
             },
         };
+        let cors_origins = match var("KEEL_CORS_ORIGINS") {
+            Some(text) => crate::cors::parse_origins(&text)?,
+            None => Vec::new(),
+        };
         Ok(Self {
             auth,
             metrics_role,
+            cors_origins,
             rate_per_sec,
             burst,
             max_in_flight,

@@ -102,7 +102,8 @@ pub fn topics(prefix: &str) -> Arc<HashMap<&'static str, String>> {
 /// The command API's routes: `/v1` behind `edge` (a token with `commands:write`, rate and
 /// concurrency limits, a timeout); health, readiness and the OpenAPI document open, and
 /// `/metrics` too unless `KEEL_METRICS_ROLE` names a role (and when the state exports
-/// metrics). Every request is counted by route, method and status.
+/// metrics). Every request is counted by route, method and status. The pages of the
+/// origins `KEEL_CORS_ORIGINS` names may read `/v1/partitions` and `/metrics`.
 pub fn app(state: AppState, edge: &Edge) -> Router {
     let metrics = match &state.telemetry.exported {
         Some(exported) => edge.metrics_route(Arc::clone(exported)),
@@ -113,7 +114,7 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
     let admin = Router::new().route("/v1/partitions", get(health::partitions));
     // Between instances: checked by its signature, not a token; limited like the rest.
     let handoff = Router::new().route("/handoff", post(health::handoff));
-    Router::new()
+    let app = Router::new()
         .merge(edge.limit(edge.guard(commands, Role::CommandsWrite)))
         .merge(edge.limit(edge.guard(admin, Role::Admin)))
         .merge(edge.limit(handoff))
@@ -136,5 +137,7 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
             http,
             keel_http::metrics::track,
         ))
-        .with_state(state)
+        .with_state(state);
+    // The console (served by the query API) reads the partitions and the command counts.
+    edge.cross_origin(app, &["/v1/partitions", "/metrics"])
 }
