@@ -20,7 +20,9 @@ as_root() {
 # which the security tests make their certificates and keys.
 ensure_packages() {
     # prometheus: the server and promtool, for the tests of the alerting rules and dashboard.
-    local wanted=(build-essential pkg-config zlib1g-dev libssl-dev postgresql postgresql-client curl openssl prometheus)
+    # chromium and chromium-driver: the console's browser tests drive it headless.
+    local wanted=(build-essential pkg-config zlib1g-dev libssl-dev postgresql postgresql-client curl openssl prometheus
+        chromium chromium-driver)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -114,6 +116,30 @@ ensure_schemathesis() {
         python3 -m venv --clear "$SCHEMATHESIS_VENV"
     fi
     "$SCHEMATHESIS_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+}
+
+# axe-core, pinned (MPL-2.0), beside the build cache (outside the clone): the console's
+# browser tests run its accessibility checks in the page. Fetched from the npm registry and
+# checked against its digest; the tests find it through KEEL_AXE_JS, or at this path.
+AXE_VERSION=4.14.1
+AXE_SHA256=e6b0ce02b84d892e2e33e403485e7f3d6c29e2be6df65daf44d89ba564139745
+AXE_JS="$HOME/.cargo/keel-axe/axe-core-$AXE_VERSION/axe.min.js"
+
+ensure_axe() {
+    [ -s "$AXE_JS" ] && return 0
+    say "fetching axe-core $AXE_VERSION for the console's accessibility checks (one-off)"
+    local dir tgz
+    dir=$(dirname "$AXE_JS")
+    tgz=$(mktemp)
+    curl -sSfL -o "$tgz" "https://registry.npmjs.org/axe-core/-/axe-core-$AXE_VERSION.tgz"
+    if ! echo "$AXE_SHA256  $tgz" | sha256sum -c --quiet -; then
+        rm -f "$tgz"
+        echo "axe-core $AXE_VERSION does not match its pinned digest" >&2
+        exit 1
+    fi
+    mkdir -p "$dir"
+    tar xzf "$tgz" -C "$dir" --strip-components=1 package/axe.min.js package/LICENSE
+    rm -f "$tgz"
 }
 
 # The development token secret: made once into .keel/auth.secret (mode 0600, ignored by

@@ -9,6 +9,8 @@ ensure_postgres
 ensure_broker
 ensure_schemathesis
 export KEEL_SCHEMATHESIS="$SCHEMATHESIS_VENV/bin/st"
+ensure_axe
+export KEEL_AXE_JS="$AXE_JS"
 say "building the services (the end-to-end tests start them)"
 cargo build --workspace --bins --locked
 say "running every test"

@@ -62,6 +62,11 @@ for port in $ports; do
     fi
 done
 
+# The console (served by the query API on 8081) reads the partitions and the command
+# counts from the command API: its origin is allowed there, and named to the console.
+export KEEL_CORS_ORIGINS="${KEEL_CORS_ORIGINS:-http://127.0.0.1:8081,http://localhost:8081}"
+export KEEL_CONSOLE_COMMAND_API="${KEEL_CONSOLE_COMMAND_API:-http://127.0.0.1:8080}"
+
 # The command API first: on a first run it makes the signing key and the trusted keys
 # file, which the projector's gate needs.
 say "starting command-api on 127.0.0.1:8080 (log: .keel/logs/command-api.log)"
@@ -85,6 +90,7 @@ if [ "$instances" -gt 1 ]; then
 else
     say "Keel is up: commands on http://127.0.0.1:8080, queries on http://127.0.0.1:8081. Ctrl-C stops it."
 fi
+say "the console: http://127.0.0.1:8081/console (sign in with a token from 'make -s token')"
 [ -n "${KEEL_AUTH_HS256_SECRET_FILE:-}" ] &&
     say "every /v1 route needs a token: TOKEN=\$(make -s token ROLE=all SUB=you), then curl -H \"Authorization: Bearer \$TOKEN\""
 say "a service that exits is started again (said here, logs capped at ${KEEL_LOG_MAX_MB:-20} MB in .keel/logs)"

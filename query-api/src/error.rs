@@ -19,6 +19,12 @@ pub enum ApiError {
     /// 404: no such resource.
     #[error("{0}")]
     NotFound(String),
+    /// 409: the request conflicts with one already waiting.
+    #[error("{0}")]
+    Conflict(String),
+    /// 415: a body in another media type than JSON.
+    #[error("{0}")]
+    Unsupported(String),
     /// 405: the route exists for another method.
     #[error("this route does not take that method")]
     MethodNotAllowed,
@@ -29,6 +35,10 @@ pub enum ApiError {
     /// retry helps (no `Retry-After`) until an operator retries or discards the stream.
     #[error("{0}")]
     HeldBack(String),
+    /// 503: a request could not be recorded because the database role may only read; no
+    /// retry helps (no `Retry-After`) until it is granted what the problem names.
+    #[error("{0}")]
+    Unwritable(String),
     /// 500: a fault of ours; the detail goes to the log, the client gets a request id.
     /// Made by [`ApiError::internal`], which logs.
     #[error("internal error {0}")]
@@ -55,8 +65,12 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) | ApiError::HeldBack(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::HeldBack(_) | ApiError::Unwritable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -65,9 +79,12 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => "bad-request",
             ApiError::NotFound(_) => "not-found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unsupported(_) => "unsupported-media-type",
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::HeldBack(_) => "held-back",
+            ApiError::Unwritable(_) => "read-only",
             ApiError::Internal(_) => "internal",
         }
     }

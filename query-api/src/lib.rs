@@ -36,6 +36,11 @@ pub struct Cli {
     /// Authentication, limits and TLS.
     #[command(flatten)]
     pub edge: EdgeArgs,
+    /// The command API's origin as a browser reaches it (`http://127.0.0.1:8080`), for the
+    /// console's write path panel; that API must name this one's origin in its
+    /// `KEEL_CORS_ORIGINS`.
+    #[arg(long, env = "KEEL_CONSOLE_COMMAND_API", value_name = "ORIGIN")]
+    pub console_command_api: Option<String>,
 }
 
 /// The query API's settings.
@@ -47,6 +52,8 @@ pub struct Settings {
     pub database: DatabaseArgs,
     /// Authentication, limits and TLS.
     pub edge: EdgeSettings,
+    /// The console's settings.
+    pub console: routes::console::ConsoleSettings,
 }
 
 impl Settings {
@@ -61,6 +68,7 @@ impl Settings {
             addr: cli.addr,
             database: cli.database,
             edge: cli.edge.settings().context("reading the HTTP settings")?,
+            console: routes::console::ConsoleSettings::new(cli.console_command_api.as_deref())?,
         })
     }
 }
@@ -92,7 +100,10 @@ impl Application {
             .with_context(|| format!("binding {}", settings.addr))?;
         Ok(Self {
             listener,
-            state: routes::AppState::new(pool).exporting(&edge),
+            state: routes::AppState {
+                console: settings.console,
+                ..routes::AppState::new(pool).exporting(&edge)
+            },
             edge,
             edge_settings: settings.edge,
         })

@@ -288,10 +288,13 @@ impl CommandApiConfig {
 }
 
 impl Service {
-    /// Starts command-api on a free port and waits until it listens.
+    /// Starts command-api on a free port (unless `config`'s extra environment names one)
+    /// and waits until it listens.
     pub async fn command_api(config: &CommandApiConfig) -> anyhow::Result<Self> {
-        let mut env = config.env();
-        env.push(("KEEL_COMMAND_ADDR", "127.0.0.1:0".into()));
+        // A free port unless the test's extra environment names one (it comes later, and
+        // the last value of a variable wins).
+        let mut env = vec![("KEEL_COMMAND_ADDR", "127.0.0.1:0".into())];
+        env.extend(config.env());
         env.push(("KEEL_INSTANCE", config.instance.clone()));
         let mut api = Self::start("command-api", &[], &env, Some("command API listening")).await?;
         api.client = config.auth.full_client();
@@ -319,11 +322,11 @@ impl Service {
         Self::start("projector", &all, &env, Some("projector listening")).await
     }
 
-    /// Starts query-api on a free port against `database_url`, with `config`'s token
-    /// secret and extra environment.
+    /// Starts query-api on a free port (unless `config`'s extra environment names one)
+    /// against `database_url`, with `config`'s token secret and extra environment.
     pub async fn query_api(config: &CommandApiConfig, database_url: &str) -> anyhow::Result<Self> {
-        let mut env = config.env();
-        env.push(("KEEL_QUERY_ADDR", "127.0.0.1:0".to_owned()));
+        let mut env = vec![("KEEL_QUERY_ADDR", "127.0.0.1:0".to_owned())];
+        env.extend(config.env());
         env.push(("KEEL_DATABASE_URL", database_url.to_owned()));
         let mut api = Self::start("query-api", &[], &env, Some("query API listening")).await?;
         api.client = config.auth.full_client();

@@ -37,7 +37,7 @@ const ENTRY: &str = r#"jsonb_build_object(
 /// What [`ENTRY`] reads from: each audit row, and that row as JSON once.
 const ENTRIES: &str = "audit_log a CROSS JOIN LATERAL to_jsonb(a) AS j(doc)";
 
-fn stream_type(value: &str) -> Result<&'static str, ApiError> {
+pub(super) fn stream_type(value: &str) -> Result<&'static str, ApiError> {
     keel_domain::STREAM_TYPES
         .iter()
         .find(|t| **t == value)

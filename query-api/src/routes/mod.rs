@@ -1,6 +1,8 @@
 //! The HTTP routes.
 
+mod admin;
 mod audit;
+pub mod console;
 mod health;
 pub mod openapi;
 mod projections;
@@ -11,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keel_http::{Edge, Role};
@@ -55,6 +58,8 @@ pub struct AppState {
     pub latencies: crate::latency::Latencies,
     /// What `/metrics` serves.
     pub telemetry: Telemetry,
+    /// Where the console's page finds the command API.
+    pub console: console::ConsoleSettings,
 }
 
 /// The query API's metrics: consistency waits, HTTP requests, and, once
@@ -88,6 +93,7 @@ impl AppState {
             topics: consistency::TopicCache::default(),
             latencies,
             telemetry: Telemetry::default(),
+            console: console::ConsoleSettings::default(),
         }
     }
 
@@ -106,8 +112,10 @@ impl AppState {
 }
 
 /// The query API's routes: `/v1` behind `edge`, each group open to one role (views
-/// `queries:read`, the audit trail `audit:read`, projection status `admin`); health,
-/// readiness and the OpenAPI document open, and `/metrics` too unless `KEEL_METRICS_ROLE`
+/// `queries:read`, the audit trail `audit:read`, projection status and the requests for
+/// rebuilds, retries, discards and verifications `admin`); health,
+/// readiness, the OpenAPI document and the console's files open (the page signs in to
+/// the `/v1` routes), and `/metrics` too unless `KEEL_METRICS_ROLE`
 /// names a role (and when the state exports metrics). Every request is counted by route,
 /// method and status.
 pub fn app(state: AppState, edge: &Edge) -> Router {
@@ -131,7 +139,31 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
             get(audit::stream_state),
         )
         .route("/v1/audit/events", get(audit::search));
-    let admin = Router::new().route("/v1/projections", get(projections::list));
+    let admin = Router::new()
+        .route("/v1/projections", get(projections::list))
+        .route("/v1/projections/{name}/rebuild", post(admin::rebuild))
+        .route(
+            "/v1/projections/rebuild-requests/{request}",
+            get(admin::rebuild_request),
+        )
+        .route(
+            "/v1/projections/{name}/parked/{type}/{id}/retry",
+            post(admin::retry),
+        )
+        .route(
+            "/v1/projections/{name}/parked/{type}/{id}/discard",
+            post(admin::discard),
+        )
+        .route(
+            "/v1/projections/stream-requests/{request}",
+            get(admin::stream_request),
+        )
+        .route("/v1/audit/streams/{type}/{id}/verify", post(admin::verify))
+        .route(
+            "/v1/audit/verify-requests/{request}",
+            get(admin::verify_request),
+        )
+        .layer(DefaultBodyLimit::max(admin::MAX_BODY));
     let guarded = edge
         .guard(views, Role::QueriesRead)
         .merge(edge.guard(audit, Role::AuditRead))
@@ -142,6 +174,10 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         .route("/healthz", get(health::alive))
         .route("/readyz", get(health::ready))
         .route("/openapi.json", get(openapi::serve))
+        .route("/console", get(console::page))
+        .route("/console/", get(console::page))
+        .route("/console/settings.json", get(console::settings))
+        .route("/console/{*file}", get(console::file))
         .fallback(|| async { ApiError::NotFound("no such resource".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(keel_http::edge::problem_answers))
@@ -395,6 +431,8 @@ pub(crate) fn concrete(template: &str) -> String {
         .replace("{type}", "order")
         .replace("{id}", "x-1")
         .replace("{sku}", "X-1")
+        .replace("{name}", "orders")
+        .replace("{request}", "1")
 }
 
 #[cfg(test)]

@@ -87,6 +87,62 @@ fn projections() -> Value {
     item
 }
 
+fn problem(description: &str) -> Value {
+    json!({"description": description,
+           "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+}
+
+/// A request id in a path: a whole number from 1.
+fn request_param() -> Value {
+    json!({"name": "request", "in": "path", "required": true,
+           "schema": {"type": "integer", "minimum": 1, "maximum": i64::MAX}})
+}
+
+/// The name of a projection in a path.
+fn projection_param() -> Value {
+    let names: Vec<&str> = keel_views::PROJECTIONS.iter().map(|p| p.name).collect();
+    json!({"name": "name", "in": "path", "required": true, "schema": enumerated(&names)})
+}
+
+/// An admin route that records a request for a projector process to carry out: 202 with
+/// where to follow it.
+fn request_work(summary: &str, params: Value, body: Value, not_found: &str) -> Value {
+    // A body is needed where its object has required fields; otherwise none means `{}`.
+    let required = body["required"].as_array().is_some_and(|r| !r.is_empty());
+    let mut item = json!({"post": {
+    "summary": summary,
+    "parameters": params,
+    "requestBody": {"required": required, "content": {"application/json": {"schema": body}}},
+    "responses": {
+        "202": {"description": "recorded, with its actor (the token's subject); a running `projector run` process carries it out. Follow it at Location",
+                "headers": {"Location": {"schema": {"type": "string"}, "description": "where the request's state is served"}},
+                "content": {"application/json": {"schema": {"type": "object", "required": ["id", "state"]}}}},
+        "400": problem("a body that is not the documented object"),
+        "404": problem(not_found),
+        "409": problem("a rebuild of the same generation is already waiting with another keep_old"),
+        "413": problem("a body larger than 16 KiB"),
+        "415": problem("a body that is not application/json"),
+        "503": problem("the database is not reachable, or the query API's database role may not record requests (no Retry-After: the problem names the grants it needs)")
+    }}});
+    keel_http::openapi::secure(&mut item["post"], Role::Admin);
+    item
+}
+
+/// How a request stands: served until it is deleted with its generation.
+fn request_state(summary: &str) -> Value {
+    let mut item = json!({"get": {
+    "summary": summary,
+    "parameters": [request_param()],
+    "responses": {
+        "200": {"description": "the request: state (waiting, running, done or failed), actor, times, and once done whether it succeeded and its outcome",
+                "content": {"application/json": {"schema": {"type": "object", "required": ["id", "state"]}}}},
+        "404": problem("no such request"),
+        "503": problem("the database is not reachable")
+    }}});
+    keel_http::openapi::secure(&mut item["get"], Role::Admin);
+    item
+}
+
 /// The OpenAPI 3.1 document of the query API.
 pub fn document() -> Value {
     let page = || {
@@ -183,6 +239,35 @@ pub fn document() -> Value {
                 "a stream's state as of a version or a time, folded with the domain's own evolve", json!(as_of), true, Role::AuditRead),
             "/v1/audit/events": get("search the audit log, in recorded order", json!(search), true, Role::AuditRead),
             "/v1/projections": projections(),
+            "/v1/projections/{name}/rebuild": request_work(
+                "rebuild a projection blue/green: a projector process running it builds a new generation from the log and swaps it in. Asking again while the same rebuild waits answers with the waiting request",
+                json!([projection_param()]),
+                json!({"type": "object", "additionalProperties": false, "properties": {
+                    "keep_old": {"type": "boolean", "default": false,
+                                 "description": "keep the replaced generation's tables after the swap"}}}),
+                "no such projection"),
+            "/v1/projections/rebuild-requests/{request}": request_state("a rebuild request (the rebuild's progress is in GET /v1/projections)"),
+            "/v1/projections/{name}/parked/{type}/{id}/retry": request_work(
+                "apply a parked stream's held-back records again, in order, once, with the code running now",
+                json!([projection_param(), stream()[0].clone(), path_param("id")]),
+                json!({"type": "object", "additionalProperties": false}),
+                "no such projection, or it does not hold back the stream"),
+            "/v1/projections/{name}/parked/{type}/{id}/discard": request_work(
+                "drop a parked stream's held-back records from the view, recording the reason",
+                json!([projection_param(), stream()[0].clone(), path_param("id")]),
+                json!({"type": "object", "additionalProperties": false, "required": ["reason"], "properties": {
+                    "reason": {"type": "string", "minLength": 1, "maxLength": super::admin::MAX_REASON,
+                               "pattern": "^[^\\u0000]*[^\\u0000 \\t\\r\\n][^\\u0000]*$",
+                               "description": "why, recorded with the discarded records: not only blanks"}}}),
+                "no such projection, or it does not hold back the stream"),
+            "/v1/projections/stream-requests/{request}": request_state("a retry or discard request and what came of it"),
+            "/v1/audit/streams/{type}/{id}/verify": request_work(
+                "verify one stream against the log: versions, hash chain, hashes, signatures, and that the topic holds every commit the audit log has seen",
+                json!([stream()[0].clone(), {"name": "id", "in": "path", "required": true,
+                        "schema": {"type": "string", "minLength": 1, "pattern": "^[^\\u0000]*$"}}]),
+                json!({"type": "object", "additionalProperties": false}),
+                "no such stream type"),
+            "/v1/audit/verify-requests/{request}": request_state("a verify request and, once done, its report (as `projector verify --json` prints it)"),
             "/healthz": open("the process is alive", false),
             "/readyz": open("the database answers and the views exist", true),
             "/openapi.json": open("this document", false),

@@ -140,25 +140,65 @@ async fn every_operation_answers_as_documented() {
         ("keel-consistency-token", token.encode()),
         ("keel-consistency-timeout", "30000".to_owned()),
     ];
-    for (method, path) in queries.operations() {
+    // The admin routes that record requests first, so the reads of those requests find
+    // them: a rebuild and a verification are recorded (202); the stream they would retry or
+    // discard is not parked (404), so no stream request exists either.
+    let mut operations = queries.operations();
+    operations.sort_by_key(|(method, path)| (method != "POST", path.clone()));
+    let mut recorded: std::collections::HashMap<&str, String> = Default::default();
+    for (method, path) in operations {
+        let kind = ["rebuild-requests", "stream-requests", "verify-requests"]
+            .into_iter()
+            .find(|k| path.contains(k));
         let concrete = path
             .replace("{type}", "order")
             .replace("{id}", "C-1")
-            .replace("{sku}", "C-1");
+            .replace("{sku}", "C-1")
+            .replace("{name}", "orders")
+            .replace(
+                "{request}",
+                kind.and_then(|k| recorded.get(k))
+                    .map_or("1", String::as_str),
+            );
         let concrete = if concrete.ends_with("/state") {
             format!("{concrete}?version=1")
         } else {
             concrete
         };
+        let body = (method == "POST").then(|| {
+            if path.ends_with("/discard") {
+                json!({"reason": "the contract test"})
+            } else {
+                json!({})
+            }
+        });
         let (status, answer) = call(
             &stack,
             &queries,
             &query_base,
             (&method, &concrete),
             &wait,
-            None,
+            body,
         )
         .await;
-        assert_eq!(status, 200, "{method} {concrete}: {answer}");
+        let expected = if path.ends_with("/retry")
+            || path.ends_with("/discard")
+            || kind == Some("stream-requests")
+        {
+            404
+        } else if method == "POST" {
+            202
+        } else {
+            200
+        };
+        assert_eq!(status, expected, "{method} {concrete}: {answer}");
+        if status == 202 {
+            let kind = if path.ends_with("/verify") {
+                "verify-requests"
+            } else {
+                "rebuild-requests"
+            };
+            recorded.insert(kind, answer["id"].to_string());
+        }
     }
 }

@@ -2,9 +2,11 @@
 //! broker of its own, a PostgreSQL database of its own and the real service binaries, with
 //! random topic prefixes, so they run side by side.
 
+mod admin;
 mod audit;
 mod cli;
 mod command_api;
+mod console;
 mod contract;
 mod fuzz;
 mod kafka_log;
