@@ -120,7 +120,10 @@ mod tests {
     use super::*;
 
     fn router() -> Router {
-        let cors = Cors::new(&["http://console.test:8081".to_owned()], &["/v1/partitions"]);
+        let cors = Cors::new(
+            &["http://console.test:8081".to_owned()],
+            &["/v1/partitions"],
+        );
         Router::new()
             .route("/v1/partitions", get(|| async { "partitions" }))
             .route("/v1/other", get(|| async { "other" }))
@@ -168,7 +171,8 @@ mod tests {
         ] {
             let r = send(method, path, &[("origin", origin)]).await;
             assert!(
-                !r.headers().contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+                !r.headers()
+                    .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
                 "{method} {path} from {origin}"
             );
         }

@@ -312,14 +312,13 @@ async fn run(
         jobs.clone(),
     )));
     // Verifications of one stream asked for through PostgreSQL, carried out by any process.
-    let verifications = keel_kafka::AbortOnDrop(tokio::spawn(
-        projector::requests::serve_verifications(
+    let verifications =
+        keel_kafka::AbortOnDrop(tokio::spawn(projector::requests::serve_verifications(
             pool.clone(),
             membership_id,
             settings.kafka.clone(),
             std::sync::Arc::clone(&options.policy),
-        ),
-    ));
+        )));
     let mut tasks = JoinSet::new();
     for job in jobs {
         let assignment = assignments

@@ -421,7 +421,15 @@ mod tests {
             .await
             .unwrap();
         assert!(second.created && second.request.generation == Some(2));
-        record(&pool, "keel_rebuild_requests", second.request.id, true, "swapped", None).await;
+        record(
+            &pool,
+            "keel_rebuild_requests",
+            second.request.id,
+            true,
+            "swapped",
+            None,
+        )
+        .await;
         let third = keel_views::requests::rebuild(&pool, "orders", false, "ops")
             .await
             .unwrap();
@@ -457,10 +465,21 @@ mod tests {
             .unwrap();
         assert!(take_verification(&pool, dead).await.unwrap().is_none());
         let taken = take_verification(&pool, alive).await.unwrap().unwrap();
-        assert_eq!(taken, (asked.id, "order".into(), "o-1".into(), "ada".into()));
+        assert_eq!(
+            taken,
+            (asked.id, "order".into(), "o-1".into(), "ada".into())
+        );
         assert!(take_verification(&pool, alive).await.unwrap().is_none());
         let report = serde_json::json!({"commits": 3});
-        record(&pool, "keel_verify_requests", asked.id, true, "3 commits verified", Some(&report)).await;
+        record(
+            &pool,
+            "keel_verify_requests",
+            asked.id,
+            true,
+            "3 commits verified",
+            Some(&report),
+        )
+        .await;
         let done = keel_views::requests::verify_request(&pool, asked.id)
             .await
             .unwrap()

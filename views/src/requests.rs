@@ -60,7 +60,8 @@ pub struct RebuildAsked {
     pub created: bool,
 }
 
-const REBUILD_COLUMNS: &str = "id, projection, keep_old, generation, actor, requested_at, taken_at, done_at, ok, outcome";
+const REBUILD_COLUMNS: &str =
+    "id, projection, keep_old, generation, actor, requested_at, taken_at, done_at, ok, outcome";
 
 /// Records a request by `actor` to rebuild `projection`, replacing its live generation
 /// (generation 1 for a projection never run yet); or returns the request already waiting to
@@ -112,7 +113,10 @@ pub async fn rebuild(
 }
 
 /// The rebuild request `id`, if there is one.
-pub async fn rebuild_request(pool: &PgPool, id: i64) -> Result<Option<RebuildRequest>, sqlx::Error> {
+pub async fn rebuild_request(
+    pool: &PgPool,
+    id: i64,
+) -> Result<Option<RebuildRequest>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {REBUILD_COLUMNS} FROM keel_rebuild_requests WHERE id = $1"
     ))
