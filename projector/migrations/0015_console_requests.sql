@@ -1,12 +1,17 @@
 -- Asking twice for the same rebuild rebuilds once: at most one waiting request per
 -- projection and the generation it replaces. Recording a request while one waits returns
 -- the waiting one. Requests an older build recorded twice are closed first, keeping the
--- oldest.
+-- one a process has taken (else the oldest); the table is locked against writers until
+-- the index exists, so that a process of the older build cannot record another between
+-- the two.
+LOCK TABLE keel_rebuild_requests IN SHARE ROW EXCLUSIVE MODE;
+
 UPDATE keel_rebuild_requests r
 SET done_at = now(), ok = true,
     outcome = 'the same rebuild was already requested (request ' || f.id || ')'
-FROM (SELECT projection, generation, min(id) AS id FROM keel_rebuild_requests
-      WHERE done_at IS NULL GROUP BY projection, generation) f
+FROM (SELECT DISTINCT ON (projection, generation) projection, generation, id
+      FROM keel_rebuild_requests WHERE done_at IS NULL
+      ORDER BY projection, generation, taken_by IS NULL, id) f
 WHERE r.done_at IS NULL AND r.projection = f.projection
   AND r.generation IS NOT DISTINCT FROM f.generation AND r.id <> f.id;
 

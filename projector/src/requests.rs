@@ -26,7 +26,9 @@ use crate::rebuild::{RebuildOptions, Replaced, rebuild};
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// Records a request to rebuild `projection` by `actor` (or finds the one already waiting
-/// to replace the same generation); its id.
+/// to replace the same generation); its id. Refused when the waiting one was asked with
+/// the other `keep_old`: joining it would keep or drop the old generation against this
+/// caller's word.
 pub async fn request(
     pool: &PgPool,
     projection: &str,
@@ -36,7 +38,18 @@ pub async fn request(
     let asked = keel_views::requests::rebuild(pool, projection, keep_old, actor)
         .await
         .context("recording the rebuild request")?;
-    Ok(asked.request.id)
+    let waiting = asked.request;
+    if !asked.created {
+        anyhow::ensure!(
+            waiting.keep_old == keep_old,
+            "request {} by {} already waits to rebuild {projection} with keep_old {}: wait for              it to finish, then ask again",
+            waiting.id,
+            waiting.actor,
+            waiting.keep_old
+        );
+        info!(request = waiting.id, actor = %waiting.actor, "the same rebuild already waits: following it");
+    }
+    Ok(waiting.id)
 }
 
 /// A request's outcome, once it has one: whether it succeeded and what it says.
@@ -191,14 +204,27 @@ pub async fn serve_verifications(
             id: stream_id,
         };
         info!(request = id, %stream, %actor, "verifying on request");
-        let (ok, outcome, report) =
-            match crate::verify::verify(&kafka, &trusted, Some(&stream), Some(&pool)).await {
-                Ok(report) => {
-                    let (ok, outcome) = verified(&stream, &report);
-                    (ok, outcome, serde_json::to_value(&report).ok())
-                }
-                Err(e) => (false, format!("{e:#}"), None),
-            };
+        // In a task of its own: a verification that panics fails its request, and this
+        // loop goes on serving the others.
+        let run = {
+            let (kafka, trusted, pool, stream) = (
+                kafka.clone(),
+                Arc::clone(&trusted),
+                pool.clone(),
+                stream.clone(),
+            );
+            tokio::spawn(async move {
+                crate::verify::verify(&kafka, &trusted, Some(&stream), Some(&pool)).await
+            })
+        };
+        let (ok, outcome, report) = match run.await {
+            Ok(Ok(report)) => {
+                let (ok, outcome) = verified(&stream, &report);
+                (ok, outcome, serde_json::to_value(&report).ok())
+            }
+            Ok(Err(e)) => (false, format!("{e:#}"), None),
+            Err(e) => (false, format!("the verification stopped: {e}"), None),
+        };
         record(
             &pool,
             "keel_verify_requests",
@@ -219,6 +245,13 @@ fn verified(stream: &StreamRef, report: &crate::verify::VerifyReport) -> (bool, 
     } else {
         ""
     };
+    if report.commits == 0 && violations == 0 {
+        // Nothing was verified: a mistyped id must not read as a clean stream.
+        return (
+            false,
+            format!("{stream}: no commit of this stream in the log, so nothing was verified"),
+        );
+    }
     if violations == 0 {
         return (
             true,
@@ -267,8 +300,9 @@ async fn take_verification(
     .await?)
 }
 
-/// Takes the oldest waiting request on `projections` that this process's heartbeat names
-/// (one taken by a process whose heartbeat expired counts as waiting).
+/// Takes the oldest waiting request on `projections` that this process's live heartbeat
+/// names (one taken by a process whose heartbeat expired counts as waiting). A process
+/// paused past its heartbeat takes nothing: another may already have taken its requests.
 async fn take(
     pool: &PgPool,
     process: Uuid,
@@ -282,7 +316,7 @@ async fn take(
                -- Only projections this process's heartbeat names: not one it stands by
                -- for (newer code built it), which a process of that code rebuilds.
                AND q.projection = ANY(SELECT unnest(m.projections) FROM keel_projector_processes m
-                                      WHERE m.id = $1)
+                                      WHERE m.id = $1 AND m.expires_at > now())
                AND (q.taken_by IS NULL OR NOT EXISTS (
                         SELECT 1 FROM keel_projector_processes p
                         WHERE p.id = q.taken_by AND p.expires_at > now()))
@@ -332,6 +366,10 @@ mod tests {
         .await
         .unwrap();
         let other = request(&pool, "customers", false, "ops").await.unwrap();
+        assert!(
+            take(&pool, dead, &["orders"]).await.unwrap().is_none(),
+            "a process paused past its heartbeat takes nothing"
+        );
         let taken = take(&pool, alive, &["orders"]).await.unwrap().unwrap();
         assert_eq!((taken.0, taken.2), (first, false), "the oldest first");
         let taken = take(&pool, alive, &["orders"]).await.unwrap().unwrap();
@@ -434,6 +472,13 @@ mod tests {
             .await
             .unwrap();
         assert!(third.created, "once done, asking again rebuilds again");
+        // The command line joins a waiting request only when it asks the same.
+        assert_eq!(
+            request(&pool, "orders", false, "bo").await.unwrap(),
+            third.request.id
+        );
+        let refused = request(&pool, "orders", true, "bo").await.unwrap_err();
+        assert!(format!("{refused}").contains("keep_old false"), "{refused}");
         assert_eq!(
             outcome(&pool, second.request.id).await.unwrap(),
             Some((true, "swapped".to_owned()))
@@ -487,5 +532,73 @@ mod tests {
         assert_eq!(done.state(), "done");
         assert_eq!(done.report.unwrap().0, report);
         pool.close().await;
+    }
+
+    /// A database an older build recorded the same rebuild twice in: the migration keeps
+    /// the request a process has taken, closes the other pointing at it, and from then on
+    /// a second waiting request cannot be recorded.
+    #[tokio::test]
+    async fn the_migration_keeps_one_waiting_rebuild_request() {
+        let db = keel_tests::TestDatabase::created("rebuild-dedupe-migration")
+            .await
+            .unwrap();
+        let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+        let mut older = sqlx::migrate!("./migrations");
+        older.migrations = older
+            .migrations
+            .iter()
+            .filter(|m| m.version < 15)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        older.run(&pool).await.unwrap();
+        let taker = Uuid::new_v4();
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO keel_rebuild_requests (projection, keep_old, actor, generation, taken_by)
+             VALUES ('orders', false, 'a', 1, NULL), ('orders', false, 'b', 1, $1),
+                    ('orders', false, 'c', 1, NULL), ('customers', false, 'd', 1, NULL)
+             RETURNING id",
+        )
+        .bind(taker)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        sqlx::migrate!("./migrations").run(&pool).await.unwrap();
+        let waiting: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM keel_rebuild_requests WHERE done_at IS NULL ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(waiting, vec![ids[1], ids[3]], "the taken one is kept");
+        let closed: String =
+            sqlx::query_scalar("SELECT outcome FROM keel_rebuild_requests WHERE id = $1")
+                .bind(ids[0])
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert!(closed.contains(&format!("request {}", ids[1])), "{closed}");
+        let again = keel_views::requests::rebuild(&pool, "orders", false, "e")
+            .await
+            .unwrap();
+        assert!(!again.created && again.request.id == ids[1]);
+        pool.close().await;
+    }
+
+    /// A stream the log holds no commit of is not reported verified.
+    #[test]
+    fn verifying_a_stream_with_no_commits_fails() {
+        let stream = StreamRef {
+            stream_type: "order".into(),
+            id: "typo".into(),
+        };
+        let empty = crate::verify::VerifyReport::default();
+        let (ok, outcome) = verified(&stream, &empty);
+        assert!(!ok && outcome.contains("no commit"), "{outcome}");
+        let clean = crate::verify::VerifyReport {
+            commits: 2,
+            ..Default::default()
+        };
+        assert!(verified(&stream, &clean).0);
     }
 }
