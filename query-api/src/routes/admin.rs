@@ -25,13 +25,13 @@ pub(super) const MAX_REASON: usize = 1000;
 /// The longest part of a rejected body echoed back in a problem.
 const MAX_ECHO: usize = 200;
 
-/// `body` read as a JSON object into `T` (an empty body is `T`'s default). Refused: a body
-/// that is not `application/json` (415), or not an object of `T`'s fields (400, naming what
-/// is wrong).
+/// `body` read as a JSON object into `T` (an empty body is `T`'s default). Refused: a
+/// request not declared `application/json`, even with an empty body (415), or a body that
+/// is not an object of `T`'s fields (400, naming what is wrong). The declared type is what
+/// makes a browser ask first (a CORS preflight, which this API does not answer), so that no
+/// other web page can send these requests from an operator's browser, whose token it
+/// cannot read but whose network (and an API with authentication off) it could use.
 fn body<T: DeserializeOwned + Default>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -39,8 +39,11 @@ fn body<T: DeserializeOwned + Default>(headers: &HeaderMap, body: &Bytes) -> Res
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     if !json {
         return Err(ApiError::Unsupported(
-            "send the body as application/json (or send none)".into(),
+            "send a JSON object as application/json (`{}` where nothing needs saying)".into(),
         ));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
     }
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::bad("body", echo(&e.to_string())))?;
@@ -72,12 +75,22 @@ fn request_id(text: &str) -> Result<i64, ApiError> {
 }
 
 /// A failure to record a request: the database role the query API connects as may only
-/// read (a read replica, or a role without the grants), which no retry mends.
+/// read (a read replica, or a role without the grants), or the database was not migrated
+/// for requests yet; no retry mends either.
 fn recording(e: sqlx::Error, grants: &str) -> ApiError {
     match &e {
         sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("25006" | "42501")) => {
             ApiError::Unwritable(format!(
                 "the query API's database role cannot record this request ({}): it needs {grants}",
+                db.message()
+            ))
+        }
+        // No table for the requests, or not the index a rebuild request is recorded against:
+        // the projector's migrations have not run on this database yet.
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01" | "42P10")) => {
+            ApiError::Unwritable(format!(
+                "this database has no place for the request yet ({}): start this version's \
+                 `projector run` once, which migrates it",
                 db.message()
             ))
         }
@@ -328,8 +341,14 @@ mod tests {
         };
         let none = HeaderMap::new();
         let read = |h: &HeaderMap, b: &'static str| body::<RebuildBody>(h, &Bytes::from(b));
-        assert!(!read(&none, "").unwrap().keep_old);
-        assert!(!read(&none, " \n").unwrap().keep_old);
+        let declared = json("application/json");
+        assert!(!read(&declared, "").unwrap().keep_old);
+        assert!(!read(&declared, " \n").unwrap().keep_old);
+        assert!(!read(&declared, "{}").unwrap().keep_old);
+        assert!(
+            matches!(read(&none, ""), Err(ApiError::Unsupported(_))),
+            "an empty body undeclared is a request any page could send"
+        );
         assert!(
             read(
                 &json("application/json; charset=utf-8"),

@@ -94,11 +94,13 @@ impl ConsoleSettings {
             None => None,
             Some(text) => {
                 let origin = text.trim_end_matches('/');
-                let mut origins = keel_http::cors::parse_origins(origin).map_err(|_| {
+                let wrong = || {
                     anyhow::anyhow!(
                         "KEEL_CONSOLE_COMMAND_API {text:?} is not the command API's origin, like http://127.0.0.1:8080"
                     )
-                })?;
+                };
+                let mut origins = keel_http::cors::parse_origins(origin).map_err(|_| wrong())?;
+                anyhow::ensure!(origins.len() == 1, wrong());
                 origins.pop()
             }
         };
@@ -232,6 +234,7 @@ mod tests {
                 .contains("connect-src 'self' http://127.0.0.1:8080;")
         );
         assert!(ConsoleSettings::new(Some("127.0.0.1:8080")).is_err());
+        assert!(ConsoleSettings::new(Some("http://a:1,http://b:2")).is_err());
         assert!(ConsoleSettings::new(Some("http://x/v1")).is_err());
         assert_eq!(ConsoleSettings::new(Some(" ")).unwrap().command_api, None);
     }

@@ -107,12 +107,10 @@ fn projection_param() -> Value {
 /// An admin route that records a request for a projector process to carry out: 202 with
 /// where to follow it.
 fn request_work(summary: &str, params: Value, body: Value, not_found: &str) -> Value {
-    // A body is needed where its object has required fields; otherwise none means `{}`.
-    let required = body["required"].as_array().is_some_and(|r| !r.is_empty());
     let mut item = json!({"post": {
     "summary": summary,
     "parameters": params,
-    "requestBody": {"required": required, "content": {"application/json": {"schema": body}}},
+    "requestBody": {"required": true, "content": {"application/json": {"schema": body}}},
     "responses": {
         "202": {"description": "recorded, with its actor (the token's subject); a running `projector run` process carries it out. Follow it at Location",
                 "headers": {"Location": {"schema": {"type": "string"}, "description": "where the request's state is served"}},
@@ -121,7 +119,7 @@ fn request_work(summary: &str, params: Value, body: Value, not_found: &str) -> V
         "404": problem(not_found),
         "409": problem("a rebuild of the same generation is already waiting with another keep_old"),
         "413": problem("a body larger than 16 KiB"),
-        "415": problem("a body that is not application/json"),
+        "415": problem("a request not declared application/json (send `{}` where nothing needs saying)"),
         "503": problem("the database is not reachable, or the query API's database role may not record requests (no Retry-After: the problem names the grants it needs)")
     }}});
     keel_http::openapi::secure(&mut item["post"], Role::Admin);

@@ -12,7 +12,7 @@ use keel_kafka::{LogProducer, partition_for};
 use keel_tests::{Stack, eur, send_raw};
 use serde_json::{Value, json};
 
-/// POSTs `path` on the query API as `subject` with `roles`, with `body` as JSON (none when
+/// POSTs `path` on the query API as `subject` with `roles`, with `body` as JSON (`{}` when
 /// `None`): status, `Location` and body.
 async fn post(
     stack: &Stack,
@@ -20,18 +20,18 @@ async fn post(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Option<String>, Value) {
-    let mut headers = vec![(
-        "authorization",
-        format!("Bearer {}", stack.config.auth.token(subject, roles)),
-    )];
-    if body.is_some() {
-        headers.push(("content-type", "application/json".to_owned()));
-    }
+    let headers = [
+        (
+            "authorization",
+            format!("Bearer {}", stack.config.auth.token(subject, roles)),
+        ),
+        ("content-type", "application/json".to_owned()),
+    ];
     let reply = send_raw(
         "POST",
         &stack.query.url(path),
         &headers,
-        body.map(|b| b.to_string().into_bytes()),
+        Some(body.unwrap_or_else(|| json!({})).to_string().into_bytes()),
     )
     .await
     .unwrap();
@@ -104,6 +104,20 @@ async fn rebuilds_verifications_retries_and_discards_asked_through_the_query_api
             ("content-type", "text/plain".to_owned()),
         ],
         Some(b"keep_old".to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status.as_u16(), 415, "{}", reply.text());
+    // Not even empty and undeclared: another web page could send that from a browser
+    // without asking first (and, with authentication off, without a token).
+    let reply = send_raw(
+        "POST",
+        &stack.query.url("/v1/projections/orders/rebuild"),
+        &[(
+            "authorization",
+            format!("Bearer {}", stack.config.auth.token("ops-ada", ADMIN)),
+        )],
+        None,
     )
     .await
     .unwrap();
