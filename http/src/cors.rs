@@ -40,7 +40,15 @@ pub async fn cors(State(cors): State<Cors>, request: Request, next: Next) -> Res
     let path = request.uri().path().to_owned();
     let origin = cors.allowed(request.headers(), &path).cloned();
     let Some(origin) = origin else {
-        return next.run(request).await;
+        let mut response = next.run(request).await;
+        // Whether the answer is readable depends on the origin on these paths: a cache
+        // must not serve one origin's answer to another.
+        if !cors.origins.is_empty() && cors.paths.contains(&path.as_str()) {
+            response
+                .headers_mut()
+                .append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+        return response;
     };
     if request.method() == Method::OPTIONS
         && request
@@ -103,7 +111,8 @@ pub fn parse_origins(text: &str) -> anyhow::Result<Vec<String>> {
                 "KEEL_CORS_ORIGINS: {origin:?} is not an origin like https://console.example.com:8443 \
                  (scheme, host and port only; no path, no wildcard)"
             );
-            Ok(origin.to_owned())
+            // Browsers send scheme and host in lower case.
+            Ok(origin.to_ascii_lowercase())
         })
         .collect()
 }
@@ -176,6 +185,12 @@ mod tests {
                 "{method} {path} from {origin}"
             );
         }
+        // Every answer on an opened path varies by origin, readable or not (and without
+        // one), so that no cache hands one origin's answer to another.
+        for headers in [&allowed[..], &[("origin", "http://evil.test")], &[]] {
+            let r = send("GET", "/v1/partitions", headers).await;
+            assert_eq!(r.headers()[header::VARY], "Origin", "{headers:?}");
+        }
         let post = send(
             "OPTIONS",
             "/v1/partitions",
@@ -192,7 +207,7 @@ mod tests {
     #[test]
     fn origins_are_scheme_host_and_port() {
         assert_eq!(
-            parse_origins(" http://a.test:1, https://b.test ").unwrap(),
+            parse_origins(" http://a.test:1, https://B.Test ").unwrap(),
             ["http://a.test:1", "https://b.test"]
         );
         assert!(parse_origins("").unwrap().is_empty());

@@ -81,7 +81,7 @@ export const audit = {
       replace(this.search,
         table(`Events (page ${cursors.length + 1})`, [
           ['Recorded', (e) => time(e.recorded_at)],
-          ['Stream', (e) => h('a', { href: `#audit/${e.stream_type}/${e.stream_id}` }, `${e.stream_type}/${e.stream_id}`)],
+          ['Stream', (e) => h('a', { href: `#audit/${encodeURIComponent(e.stream_type)}/${encodeURIComponent(e.stream_id)}` }, `${e.stream_type}/${e.stream_id}`)],
           ['Version', (e) => String(e.version), 'num'],
           ['Event', (e) => e.event_type],
           ['Actor', (e) => e.actor],
@@ -199,7 +199,7 @@ export const audit = {
     replace(box, h('p', { role: 'status' }, 'Verification asked for…'));
     try {
       const path = `/v1/audit/streams/${encodeURIComponent(type)}/${encodeURIComponent(id)}/verify`;
-      const { headers } = await call(path, { method: 'POST' });
+      const { headers } = await call(path, { method: 'POST', body: {} });
       const done = await follow(headers.get('location'), (r) => replace(box, h('p', { role: 'status' }, `Verification ${r.id}: ${r.state}`)));
       const findings = done.report ? done.report.findings : [];
       replace(box, h('div', { class: done.ok ? 'verified' : 'refused', role: 'status' },

@@ -43,7 +43,11 @@ async function tick() {
 
 function route() {
   showWho();
-  const name = (location.hash.slice(1).split('/')[0]) || 'projections';
+  // The fragment's segments, each decoded on its own (a stream id may hold `/` or `%`).
+  const segments = location.hash.slice(1).split('/').map((s) => {
+    try { return decodeURIComponent(s); } catch { return s; }
+  });
+  const name = segments[0] || 'projections';
   const panel = PANELS[name] ?? PANELS.projections;
   document.querySelectorAll('#tabs a').forEach((a) => {
     if (a.dataset.panel === name) a.setAttribute('aria-current', 'page');
@@ -60,7 +64,7 @@ function route() {
     return;
   }
   current = panel;
-  const args = decodeURIComponent(location.hash.slice(1)).split('/').slice(1);
+  const args = segments.slice(1);
   replace(container);
   panel.mount(container, args);
   tick();
