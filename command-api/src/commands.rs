@@ -126,6 +126,20 @@ pub static CATALOGUE: &[CommandSpec] = &[
     },
     CommandSpec {
         collection: "products",
+        name: "take-reserved-stock",
+        command_type: "TakeReservedStock",
+        creates: false,
+        schema: || object(&["order_id"], json!({"order_id": id_schema()})),
+    },
+    CommandSpec {
+        collection: "products",
+        name: "return-taken-stock",
+        command_type: "ReturnTakenStock",
+        creates: false,
+        schema: || object(&["order_id"], json!({"order_id": id_schema()})),
+    },
+    CommandSpec {
+        collection: "products",
         name: "discontinue",
         command_type: "Discontinue",
         creates: false,
@@ -199,6 +213,27 @@ pub static CATALOGUE: &[CommandSpec] = &[
         collection: "orders",
         name: "cancel",
         command_type: "CancelOrder",
+        creates: false,
+        schema: || object(&["reason"], json!({"reason": text_schema()})),
+    },
+    CommandSpec {
+        collection: "orders",
+        name: "confirm-reservation",
+        command_type: "ConfirmReservation",
+        creates: false,
+        schema: || object(&[], json!({})),
+    },
+    CommandSpec {
+        collection: "orders",
+        name: "mark-ready-to-ship",
+        command_type: "MarkReadyToShip",
+        creates: false,
+        schema: || object(&[], json!({})),
+    },
+    CommandSpec {
+        collection: "orders",
+        name: "cancel-unpaid",
+        command_type: "CancelUnpaidOrder",
         creates: false,
         schema: || object(&["reason"], json!({"reason": text_schema()})),
     },
@@ -302,6 +337,7 @@ struct ReserveDto {
     order_id: String,
     quantity: u64,
 }
+/// A body naming only an order: releasing, taking or returning its stock.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReleaseDto {
@@ -469,6 +505,19 @@ pub fn parse(spec: &CommandSpec, body: &Value) -> Result<ParsedCommand, ApiError
                 })
             })?)
         }
+        "TakeReservedStock" | "ReturnTakenStock" => {
+            let d: ReleaseDto = dto(body)?;
+            let order_id = f.take(OrderId::parse(d.order_id));
+            let take = spec.command_type == "TakeReservedStock";
+            P(f.finish(|| {
+                let order_id = order_id?;
+                Some(if take {
+                    PC::TakeReservedStock { order_id }
+                } else {
+                    PC::ReturnTakenStock { order_id }
+                })
+            })?)
+        }
         "Discontinue" => {
             let _: EmptyDto = dto(body)?;
             P(PC::Discontinue)
@@ -535,10 +584,26 @@ pub fn parse(spec: &CommandSpec, body: &Value) -> Result<ParsedCommand, ApiError
                 })
             })?)
         }
-        "CancelOrder" => {
+        "CancelOrder" | "CancelUnpaidOrder" => {
             let d: CancelDto = dto(body)?;
             let reason = f.text("reason", d.reason);
-            O(f.finish(|| Some(OC::CancelOrder { reason: reason? }))?)
+            let unpaid = spec.command_type == "CancelUnpaidOrder";
+            O(f.finish(|| {
+                let reason = reason?;
+                Some(if unpaid {
+                    OC::CancelUnpaidOrder { reason }
+                } else {
+                    OC::CancelOrder { reason }
+                })
+            })?)
+        }
+        "ConfirmReservation" => {
+            let _: EmptyDto = dto(body)?;
+            O(OC::ConfirmReservation)
+        }
+        "MarkReadyToShip" => {
+            let _: EmptyDto = dto(body)?;
+            O(OC::MarkReadyToShip)
         }
         other => {
             return Err(ApiError::NotFound {

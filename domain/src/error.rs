@@ -75,6 +75,19 @@ pub enum DomainError {
         requested: u64,
     },
 
+    /// The order holds no reservation of this product to take out of stock.
+    #[error("order {order_id} has no units of this product reserved")]
+    NothingReserved {
+        /// The order.
+        order_id: String,
+    },
+    /// No units of this product were taken out of stock for the order.
+    #[error("no units of this product were taken out of stock for order {order_id}")]
+    NothingTaken {
+        /// The order.
+        order_id: String,
+    },
+
     /// The customer is already registered under this id.
     #[error("customer is already registered")]
     CustomerAlreadyRegistered,
@@ -119,6 +132,12 @@ pub enum DomainError {
     /// The order has been cancelled.
     #[error("order is cancelled")]
     OrderCancelled,
+    /// The order is fully paid: only its customer may cancel it now.
+    #[error("order is already paid")]
+    OrderAlreadyPaid,
+    /// The order's stock is not reserved yet, so it cannot be taken out for packing.
+    #[error("order's stock is not reserved")]
+    StockNotReserved,
 }
 
 impl DomainError {
@@ -131,6 +150,8 @@ impl DomainError {
             Self::ProductDiscontinued => "product_discontinued",
             Self::InsufficientStock { .. } => "insufficient_stock",
             Self::ReservationConflict { .. } => "reservation_conflict",
+            Self::NothingReserved { .. } => "nothing_reserved",
+            Self::NothingTaken { .. } => "nothing_taken",
             Self::CustomerAlreadyRegistered => "customer_already_registered",
             Self::CustomerNotRegistered => "customer_not_registered",
             Self::OrderAlreadyPlaced => "order_already_placed",
@@ -141,6 +162,8 @@ impl DomainError {
             Self::OrderNotPaid => "order_not_paid",
             Self::OrderAlreadyShipped => "order_already_shipped",
             Self::OrderCancelled => "order_cancelled",
+            Self::OrderAlreadyPaid => "order_already_paid",
+            Self::StockNotReserved => "stock_not_reserved",
         }
     }
 

@@ -53,6 +53,20 @@ pub enum OrderCommand {
         /// Why.
         reason: Text,
     },
+    /// Records that every line's stock is reserved for the order (the fulfilment process
+    /// sends it). Confirming again changes nothing.
+    ConfirmReservation,
+    /// Records that a paid order's reserved stock left the shelves for packing. Marking
+    /// again changes nothing.
+    MarkReadyToShip,
+    /// Cancels an order that is not fully paid (a payment deadline passed, or its stock
+    /// could not be reserved): refused once it is paid, so a process lagging behind a
+    /// payment cannot cancel a paid order. What was paid of it is refunded; an order
+    /// already cancelled counts as done.
+    CancelUnpaidOrder {
+        /// Why.
+        reason: Text,
+    },
 }
 
 /// Events of an order.
@@ -97,6 +111,10 @@ pub enum OrderEvent {
         /// Amount refunded.
         amount: Money,
     },
+    /// Every line's stock is reserved for the order.
+    OrderStockReserved {},
+    /// The paid order's reserved stock was taken out for packing: it may ship.
+    OrderReadyToShip {},
 }
 
 impl DomainEvent for OrderEvent {
@@ -108,6 +126,8 @@ impl DomainEvent for OrderEvent {
             Self::OrderShipped { .. } => "OrderShipped",
             Self::OrderCancelled { .. } => "OrderCancelled",
             Self::RefundIssued { .. } => "RefundIssued",
+            Self::OrderStockReserved {} => "OrderStockReserved",
+            Self::OrderReadyToShip {} => "OrderReadyToShip",
         }
     }
 
@@ -148,6 +168,31 @@ impl OrderStatus {
     }
 }
 
+/// Where an order's stock is, as the fulfilment process moves it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fulfilment {
+    /// Not every line's stock is reserved (every order placed before the process ran
+    /// stays here).
+    #[default]
+    Reserving,
+    /// Every line's stock is reserved.
+    Reserved,
+    /// Paid, and the reserved stock taken out for packing.
+    ReadyToShip,
+}
+
+impl Fulfilment {
+    /// The step as its wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserving => "reserving",
+            Self::Reserved => "reserved",
+            Self::ReadyToShip => "ready_to_ship",
+        }
+    }
+}
+
 /// A placed order's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderState {
@@ -165,6 +210,9 @@ pub struct OrderState {
     pub payment_refs: BTreeSet<String>,
     /// Where the order is.
     pub status: OrderStatus,
+    /// Where its stock is.
+    #[serde(default)]
+    pub fulfilment: Fulfilment,
 }
 
 /// An order: not yet placed, or placed with its state.
@@ -232,6 +280,8 @@ impl Aggregate for Order {
         ("OrderShipped", 1),
         ("OrderCancelled", 1),
         ("RefundIssued", 1),
+        ("OrderStockReserved", 1),
+        ("OrderReadyToShip", 1),
     ];
     type Command = OrderCommand;
     type Event = OrderEvent;
@@ -322,6 +372,33 @@ impl Aggregate for Order {
                     Ok(events)
                 }
             },
+            C::ConfirmReservation => match (state.status, state.fulfilment) {
+                (OrderStatus::Cancelled, _) => Err(DomainError::OrderCancelled),
+                (_, Fulfilment::Reserving) if state.status != OrderStatus::Shipped => {
+                    Ok(vec![E::OrderStockReserved {}])
+                }
+                _ => Ok(vec![]),
+            },
+            C::MarkReadyToShip => match (state.status, state.fulfilment) {
+                (OrderStatus::Cancelled, _) => Err(DomainError::OrderCancelled),
+                (OrderStatus::Shipped, _) | (_, Fulfilment::ReadyToShip) => Ok(vec![]),
+                (OrderStatus::Placed, _) => Err(DomainError::OrderNotPaid),
+                (OrderStatus::Paid, Fulfilment::Reserving) => Err(DomainError::StockNotReserved),
+                (OrderStatus::Paid, Fulfilment::Reserved) => Ok(vec![E::OrderReadyToShip {}]),
+            },
+            C::CancelUnpaidOrder { reason } => match state.status {
+                OrderStatus::Cancelled => Ok(vec![]),
+                OrderStatus::Paid | OrderStatus::Shipped => Err(DomainError::OrderAlreadyPaid),
+                OrderStatus::Placed => {
+                    let mut events = vec![E::OrderCancelled {
+                        reason: reason.clone(),
+                    }];
+                    if state.paid.is_positive() {
+                        events.push(E::RefundIssued { amount: state.paid });
+                    }
+                    Ok(events)
+                }
+            },
         }
     }
 
@@ -343,6 +420,7 @@ impl Aggregate for Order {
                 refunded: Money::zero(total.currency()),
                 payment_refs: BTreeSet::new(),
                 status: OrderStatus::Placed,
+                fulfilment: Fulfilment::Reserving,
             }),
             (Order::Unplaced, _) => Order::Unplaced,
             (Order::Placed(mut s), event) => {
@@ -361,6 +439,8 @@ impl Aggregate for Order {
                     E::RefundIssued { amount } => {
                         s.refunded = s.refunded.checked_add(*amount).unwrap_or(s.refunded);
                     }
+                    E::OrderStockReserved {} => s.fulfilment = Fulfilment::Reserved,
+                    E::OrderReadyToShip {} => s.fulfilment = Fulfilment::ReadyToShip,
                 }
                 Order::Placed(s)
             }
@@ -643,5 +723,127 @@ mod tests {
         given::<Order>([])
             .when(cancel())
             .then_err(DomainError::OrderNotPlaced);
+    }
+
+    fn reserved() -> E {
+        E::OrderStockReserved {}
+    }
+
+    fn step(order: &Order) -> (OrderStatus, Fulfilment) {
+        match order {
+            Order::Placed(s) => (s.status, s.fulfilment),
+            Order::Unplaced => panic!("placed"),
+        }
+    }
+
+    #[test]
+    fn reserved_then_paid_becomes_ready_to_ship_once() {
+        let order = given::<Order>([placed()])
+            .when(C::ConfirmReservation)
+            .then([reserved()]);
+        assert_eq!(step(&order), (OrderStatus::Placed, Fulfilment::Reserved));
+        given::<Order>([placed(), reserved()])
+            .when(C::ConfirmReservation)
+            .then([]);
+        given::<Order>([placed(), reserved()])
+            .when(C::MarkReadyToShip)
+            .then_err(DomainError::OrderNotPaid);
+        let mut history = paid();
+        history.insert(1, reserved());
+        let order = given::<Order>(history.clone())
+            .when(C::MarkReadyToShip)
+            .then([E::OrderReadyToShip {}]);
+        assert_eq!(step(&order), (OrderStatus::Paid, Fulfilment::ReadyToShip));
+        history.push(E::OrderReadyToShip {});
+        given::<Order>(history.clone())
+            .when(C::MarkReadyToShip)
+            .then([]);
+        given::<Order>(history).when(C::ConfirmReservation).then([]);
+    }
+
+    /// A payment that arrives before every line is reserved: the order is paid, and
+    /// ready to ship only once its stock is reserved.
+    #[test]
+    fn paid_before_reserved_waits_for_the_reservation() {
+        given::<Order>(paid())
+            .when(C::MarkReadyToShip)
+            .then_err(DomainError::StockNotReserved);
+        let order = given::<Order>(paid())
+            .when(C::ConfirmReservation)
+            .then([reserved()]);
+        assert_eq!(step(&order), (OrderStatus::Paid, Fulfilment::Reserved));
+        let mut history = paid();
+        history.push(reserved());
+        given::<Order>(history)
+            .when(C::MarkReadyToShip)
+            .then([E::OrderReadyToShip {}]);
+    }
+
+    fn deadline() -> C {
+        C::CancelUnpaidOrder {
+            reason: text("not paid within 30 minutes"),
+        }
+    }
+
+    /// The process cancels an unpaid order (refunding what was paid of it), never a paid
+    /// one, and an order already cancelled counts as done.
+    #[test]
+    fn only_an_unpaid_order_is_cancelled_by_the_process() {
+        given::<Order>([placed(), reserved()])
+            .when(deadline())
+            .then([E::OrderCancelled {
+                reason: text("not paid within 30 minutes"),
+            }]);
+        given::<Order>([
+            placed(),
+            E::PaymentRecorded {
+                amount: eur(1000),
+                payment_ref: text("p-1"),
+            },
+        ])
+        .when(deadline())
+        .then([
+            E::OrderCancelled {
+                reason: text("not paid within 30 minutes"),
+            },
+            E::RefundIssued { amount: eur(1000) },
+        ]);
+        given::<Order>(paid())
+            .when(deadline())
+            .then_err(DomainError::OrderAlreadyPaid);
+        given::<Order>([placed(), E::OrderCancelled { reason: text("x") }])
+            .when(deadline())
+            .then([]);
+        given::<Order>([placed(), E::OrderCancelled { reason: text("x") }])
+            .when(C::ConfirmReservation)
+            .then_err(DomainError::OrderCancelled);
+        given::<Order>([])
+            .when(deadline())
+            .then_err(DomainError::OrderNotPlaced);
+    }
+
+    /// A customer may still cancel an order whose stock was taken out: it is refunded in
+    /// full (the process returns the stock to the shelves).
+    #[test]
+    fn a_customer_cancels_an_order_ready_to_ship() {
+        let mut history = paid();
+        history.push(reserved());
+        history.push(E::OrderReadyToShip {});
+        given::<Order>(history).when(cancel()).then([
+            E::OrderCancelled {
+                reason: text("changed my mind"),
+            },
+            E::RefundIssued { amount: eur(4598) },
+        ]);
+    }
+
+    #[test]
+    fn a_snapshot_from_before_fulfilment_reads_back_as_reserving() {
+        let now = Order::fold(&[placed()]);
+        let mut old = serde_json::to_value(&now).unwrap();
+        assert!(old.as_object_mut().unwrap().remove("fulfilment").is_some());
+        let order: Order = serde_json::from_value(old).unwrap();
+        assert_eq!(order, now);
+        assert_eq!(step(&order), (OrderStatus::Placed, Fulfilment::Reserving));
     }
 }

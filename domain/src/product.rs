@@ -1,6 +1,6 @@
 //! The product aggregate (id = SKU): catalogue entry, price and stock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,18 @@ pub enum ProductCommand {
     /// Releases an order's reservation. Releasing what is not reserved changes nothing.
     ReleaseStock {
         /// The order whose units are released.
+        order_id: OrderId,
+    },
+    /// Takes an order's reserved units out of the stock on hand (the order is paid and
+    /// goes to be packed). Taking them again changes nothing.
+    TakeReservedStock {
+        /// The order whose reserved units are taken.
+        order_id: OrderId,
+    },
+    /// Puts the units taken out for an order back into the stock on hand (the order was
+    /// cancelled after they were taken). Returning them again changes nothing.
+    ReturnTakenStock {
+        /// The order whose units come back.
         order_id: OrderId,
     },
     /// Takes the product out of the catalogue for good.
@@ -81,6 +93,20 @@ pub enum ProductEvent {
     },
     /// The product was discontinued.
     ProductDiscontinued {},
+    /// An order's reserved units left the stock on hand.
+    ReservedStockTaken {
+        /// The order.
+        order_id: OrderId,
+        /// Units taken.
+        quantity: Quantity,
+    },
+    /// The units taken out for an order came back into the stock on hand.
+    TakenStockReturned {
+        /// The order.
+        order_id: OrderId,
+        /// Units returned.
+        quantity: Quantity,
+    },
 }
 
 impl DomainEvent for ProductEvent {
@@ -92,6 +118,8 @@ impl DomainEvent for ProductEvent {
             Self::StockReserved { .. } => "StockReserved",
             Self::StockReleased { .. } => "StockReleased",
             Self::ProductDiscontinued {} => "ProductDiscontinued",
+            Self::ReservedStockTaken { .. } => "ReservedStockTaken",
+            Self::TakenStockReturned { .. } => "TakenStockReturned",
         }
     }
 
@@ -111,6 +139,13 @@ pub struct ProductState {
     pub on_hand: u64,
     /// Units held per order.
     pub reservations: BTreeMap<OrderId, u64>,
+    /// Units taken out of stock per order (reserved, then taken when the order was paid):
+    /// an order here reserves nothing again.
+    #[serde(default)]
+    pub taken: BTreeMap<OrderId, u64>,
+    /// Orders whose taken units came back into stock: they are not returned twice.
+    #[serde(default)]
+    pub returned: BTreeSet<OrderId>,
     /// True once discontinued.
     pub discontinued: bool,
 }
@@ -155,6 +190,8 @@ impl Aggregate for Product {
         ("StockReserved", 1),
         ("StockReleased", 1),
         ("ProductDiscontinued", 1),
+        ("ReservedStockTaken", 1),
+        ("TakenStockReturned", 1),
     ];
     type Command = ProductCommand;
     type Event = ProductEvent;
@@ -188,6 +225,41 @@ impl Aggregate for Product {
                 })
                 .into_iter()
                 .collect()),
+            // Taking and returning stock finish what a reservation started, so a product
+            // discontinued meanwhile still takes them.
+            C::TakeReservedStock { order_id } => {
+                if let Some(&held) = state.reservations.get(order_id) {
+                    let quantity = Quantity::parse("quantity", held).map_err(DomainError::from)?;
+                    return Ok(vec![E::ReservedStockTaken {
+                        order_id: order_id.clone(),
+                        quantity,
+                    }]);
+                }
+                if state.taken.contains_key(order_id) {
+                    return Ok(vec![]);
+                }
+                Err(DomainError::NothingReserved {
+                    order_id: order_id.to_string(),
+                })
+            }
+            C::ReturnTakenStock { order_id } => {
+                if state.returned.contains(order_id) {
+                    return Ok(vec![]);
+                }
+                let Some(&taken) = state.taken.get(order_id) else {
+                    return Err(DomainError::NothingTaken {
+                        order_id: order_id.to_string(),
+                    });
+                };
+                let quantity = Quantity::parse("quantity", taken).map_err(DomainError::from)?;
+                Ok(vec![E::TakenStockReturned {
+                    order_id: order_id.clone(),
+                    quantity,
+                }])
+            }
+            // The order's units were taken out already: reserving them again would hold
+            // them twice.
+            C::ReserveStock { order_id, .. } if state.taken.contains_key(order_id) => Ok(vec![]),
             _ if state.discontinued => Err(DomainError::ProductDiscontinued),
             C::ChangePrice { price } => {
                 positive_price(*price)?;
@@ -233,6 +305,8 @@ impl Aggregate for Product {
                 price: *price,
                 on_hand: 0,
                 reservations: BTreeMap::new(),
+                taken: BTreeMap::new(),
+                returned: BTreeSet::new(),
                 discontinued: false,
             }),
             (Product::Unregistered, _) => Product::Unregistered,
@@ -250,6 +324,15 @@ impl Aggregate for Product {
                         s.reservations.remove(order_id);
                     }
                     E::ProductDiscontinued {} => s.discontinued = true,
+                    E::ReservedStockTaken { order_id, quantity } => {
+                        s.reservations.remove(order_id);
+                        s.on_hand = s.on_hand.saturating_sub(quantity.get());
+                        s.taken.insert(order_id.clone(), quantity.get());
+                    }
+                    E::TakenStockReturned { order_id, quantity } => {
+                        s.on_hand = s.on_hand.saturating_add(quantity.get());
+                        s.returned.insert(order_id.clone());
+                    }
                 }
                 Product::Registered(s)
             }
@@ -323,6 +406,12 @@ mod tests {
                 quantity: q(1),
             },
             C::ReleaseStock {
+                order_id: order("o-1"),
+            },
+            C::TakeReservedStock {
+                order_id: order("o-1"),
+            },
+            C::ReturnTakenStock {
                 order_id: order("o-1"),
             },
             C::Discontinue,
@@ -477,6 +566,133 @@ mod tests {
                 order_id: order("o-1"),
                 quantity: q(1),
             }]);
+    }
+
+    fn reserved_3_of_5() -> Vec<E> {
+        vec![
+            registered(),
+            E::ProductRestocked { quantity: q(5) },
+            E::StockReserved {
+                order_id: order("o-1"),
+                quantity: q(3),
+            },
+        ]
+    }
+
+    fn taken(quantity: u64) -> E {
+        E::ReservedStockTaken {
+            order_id: order("o-1"),
+            quantity: q(quantity),
+        }
+    }
+
+    #[test]
+    fn taking_reserved_stock_leaves_stock_on_hand_once() {
+        let product = given::<Product>(reserved_3_of_5())
+            .when(C::TakeReservedStock {
+                order_id: order("o-1"),
+            })
+            .then([taken(3)]);
+        let Product::Registered(state) = &product else {
+            panic!("registered")
+        };
+        assert_eq!(
+            (state.on_hand, state.reserved(), state.available()),
+            (2, 0, 2)
+        );
+        let mut history = reserved_3_of_5();
+        history.push(taken(3));
+        given::<Product>(history.clone())
+            .when(C::TakeReservedStock {
+                order_id: order("o-1"),
+            })
+            .then([]);
+        // Reserving again for an order whose units were taken holds nothing twice.
+        given::<Product>(history)
+            .when(C::ReserveStock {
+                order_id: order("o-1"),
+                quantity: q(3),
+            })
+            .then([]);
+    }
+
+    #[test]
+    fn taking_what_was_never_reserved_is_refused() {
+        given::<Product>(reserved_3_of_5())
+            .when(C::TakeReservedStock {
+                order_id: order("o-2"),
+            })
+            .then_err(DomainError::NothingReserved {
+                order_id: "o-2".into(),
+            });
+        let mut released = reserved_3_of_5();
+        released.push(E::StockReleased {
+            order_id: order("o-1"),
+            quantity: q(3),
+        });
+        given::<Product>(released)
+            .when(C::TakeReservedStock {
+                order_id: order("o-1"),
+            })
+            .then_err(DomainError::NothingReserved {
+                order_id: "o-1".into(),
+            });
+    }
+
+    #[test]
+    fn taken_stock_comes_back_once_and_a_discontinued_product_still_settles() {
+        let mut history = reserved_3_of_5();
+        history.push(E::ProductDiscontinued {});
+        let product = given::<Product>(history.clone())
+            .when(C::TakeReservedStock {
+                order_id: order("o-1"),
+            })
+            .then([taken(3)]);
+        assert!(matches!(&product, Product::Registered(s) if s.on_hand == 2));
+        history.push(taken(3));
+        given::<Product>(history.clone())
+            .when(C::ReleaseStock {
+                order_id: order("o-1"),
+            })
+            .then([]);
+        given::<Product>(history.clone())
+            .when(C::ReturnTakenStock {
+                order_id: order("o-1"),
+            })
+            .then([E::TakenStockReturned {
+                order_id: order("o-1"),
+                quantity: q(3),
+            }]);
+        history.push(E::TakenStockReturned {
+            order_id: order("o-1"),
+            quantity: q(3),
+        });
+        let Product::Registered(state) = Product::fold(&history) else {
+            panic!("registered")
+        };
+        assert_eq!((state.on_hand, state.reserved()), (5, 0));
+        given::<Product>(history)
+            .when(C::ReturnTakenStock {
+                order_id: order("o-1"),
+            })
+            .then([]);
+        given::<Product>(reserved_3_of_5())
+            .when(C::ReturnTakenStock {
+                order_id: order("o-1"),
+            })
+            .then_err(DomainError::NothingTaken {
+                order_id: "o-1".into(),
+            });
+    }
+
+    #[test]
+    fn a_snapshot_from_before_stock_was_taken_reads_back() {
+        let now = Product::fold(&reserved_3_of_5());
+        let mut old = serde_json::to_value(&now).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        assert!(fields.remove("taken").is_some() && fields.remove("returned").is_some());
+        let product: Product = serde_json::from_value(old).unwrap();
+        assert_eq!(product, now);
     }
 
     #[test]

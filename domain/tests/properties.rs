@@ -8,7 +8,7 @@ use keel_domain::customer::{Customer, CustomerCommand};
 use keel_domain::ids::{CustomerId, Email, OrderId, Quantity, Sku, Text};
 use keel_domain::money::{Currency, Money};
 use keel_domain::order::{Order, OrderCommand, OrderEvent, OrderLine, OrderStatus};
-use keel_domain::product::{Product, ProductCommand};
+use keel_domain::product::{Product, ProductCommand, ProductEvent};
 use keel_domain::{Aggregate, DomainEvent};
 use proptest::prelude::*;
 
@@ -34,6 +34,8 @@ fn product_command() -> impl Strategy<Value = ProductCommand> {
         4 => (order_id(), quantity(15))
             .prop_map(|(order_id, quantity)| ProductCommand::ReserveStock { order_id, quantity }),
         3 => order_id().prop_map(|order_id| ProductCommand::ReleaseStock { order_id }),
+        3 => order_id().prop_map(|order_id| ProductCommand::TakeReservedStock { order_id }),
+        2 => order_id().prop_map(|order_id| ProductCommand::ReturnTakenStock { order_id }),
         1 => Just(ProductCommand::Discontinue),
     ]
 }
@@ -62,6 +64,9 @@ fn order_command() -> impl Strategy<Value = OrderCommand> {
             .prop_map(|(amount, payment_ref)| OrderCommand::RecordPayment { amount, payment_ref }),
         1 => (text(), text()).prop_map(|(carrier, tracking)| OrderCommand::ShipOrder { carrier, tracking }),
         1 => text().prop_map(|reason| OrderCommand::CancelOrder { reason }),
+        2 => Just(OrderCommand::ConfirmReservation),
+        2 => Just(OrderCommand::MarkReadyToShip),
+        1 => text().prop_map(|reason| OrderCommand::CancelUnpaidOrder { reason }),
     ]
 }
 
@@ -105,9 +110,23 @@ proptest! {
     fn product_history_refolds_and_stock_never_goes_negative(
         commands in proptest::collection::vec(product_command(), 1..60)
     ) {
-        let (state, history) = run::<Product>(&commands, |s, _| {
+        let (state, history) = run::<Product>(&commands, |s, history| {
             if let Product::Registered(p) = s {
                 assert!(p.reserved() <= p.on_hand, "reserved {} > on hand {}", p.reserved(), p.on_hand);
+            }
+            // An order's units leave the shelves at most once, and come back at most once,
+            // only after they left.
+            let mut taken = std::collections::BTreeMap::new();
+            for e in history {
+                match e {
+                    ProductEvent::ReservedStockTaken { order_id, .. } => {
+                        assert!(taken.insert(order_id.clone(), false).is_none(), "{order_id} taken twice");
+                    }
+                    ProductEvent::TakenStockReturned { order_id, .. } => {
+                        assert_eq!(taken.insert(order_id.clone(), true), Some(false), "{order_id} returned twice or untaken");
+                    }
+                    _ => {}
+                }
             }
         });
         refold(&state, &history);
@@ -138,6 +157,17 @@ proptest! {
             }
             if matches!(o.status, OrderStatus::Paid | OrderStatus::Shipped) {
                 assert_eq!(o.paid, o.total);
+            }
+            // Ready to ship once, and only once paid and its stock reserved.
+            let ready: Vec<usize> = history.iter().enumerate()
+                .filter(|(_, e)| matches!(e, OrderEvent::OrderReadyToShip {}))
+                .map(|(i, _)| i)
+                .collect();
+            assert!(ready.len() <= 1, "ready to ship twice");
+            if let Some(&at) = ready.first() {
+                assert!(history[..at].iter().any(|e| matches!(e, OrderEvent::OrderPaid { .. })));
+                assert!(history[..at].iter().any(|e| matches!(e, OrderEvent::OrderStockReserved {})));
+                assert!(cancelled.is_none_or(|c| c > at), "a cancelled order became ready to ship");
             }
         });
         refold(&state, &history);

@@ -228,6 +228,36 @@ async fn product_commands_answer_with_their_versions_and_rules() {
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(r.body["rule"], "insufficient_stock");
+    // Reserved units taken out of stock once, then returned once.
+    let r = api
+        .post(
+            "/v1/products/MUG-1/reserve-stock",
+            json!({"order_id": "o-3", "quantity": 2}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    for (command, events) in [
+        ("take-reserved-stock", json!(["ReservedStockTaken"])),
+        ("take-reserved-stock", json!([])),
+        ("return-taken-stock", json!(["TakenStockReturned"])),
+        ("return-taken-stock", json!([])),
+    ] {
+        let r = api
+            .post(
+                &format!("/v1/products/MUG-1/{command}"),
+                json!({"order_id": "o-3"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{command}: {:?}", r.body);
+        assert_eq!(json!(event_types(&r)), events, "{command}");
+    }
+    let r = api
+        .post(
+            "/v1/products/MUG-1/take-reserved-stock",
+            json!({"order_id": "o-9"}),
+        )
+        .await;
+    assert_eq!(r.body["rule"], "nothing_reserved");
     // A command without a body needs no content type.
     let r = api
         .raw("/v1/products/MUG-1/discontinue", None, "", &[])

@@ -132,6 +132,62 @@ mod tests {
         pool.close().await;
     }
 
+    /// `event` of product `sku` at `offset`.
+    fn product_event(sku: &str, offset: i64, value: serde_json::Value) -> ProjectedEvent {
+        let event: keel_domain::product::ProductEvent = serde_json::from_value(value).unwrap();
+        let payload = serde_json::to_value(&event).unwrap()["payload"].clone();
+        let commit = testing::commit(&testing::writer("w", 1), testing::stream("product", sku), 0)
+            .event("Test", 1, payload)
+            .build();
+        ProjectedEvent {
+            topic: "product".into(),
+            partition: 0,
+            offset,
+            index: 0,
+            commit: Arc::new(commit),
+            event: AnyEvent::Product(event),
+        }
+    }
+
+    /// Stock reserved, taken out for a paid order, and returned after it was cancelled:
+    /// the view's stock on hand and reserved follow.
+    #[tokio::test]
+    async fn the_products_view_follows_stock_taken_out_and_returned() {
+        let (_db, pool) = crate::testing::database("products-stock").await;
+        let order = |kind: &str, quantity: u64| json!({"type": kind, "payload": {"order_id": "o-1", "quantity": quantity}});
+        let events = [
+            json!({"type": "ProductRegistered", "payload": {"name": "Mug",
+                   "price": {"amount_minor": 1299, "currency": "EUR"}}}),
+            json!({"type": "ProductRestocked", "payload": {"quantity": 5}}),
+            order("StockReserved", 3),
+            order("ReservedStockTaken", 3),
+            order("TakenStockReturned", 3),
+        ];
+        let mut tx = pool.begin().await.unwrap();
+        let products = super::Products;
+        crate::projection::Projection::create(&products, &mut tx, 1)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for (offset, e) in events.into_iter().enumerate() {
+            let batch = [product_event("MUG-1", offset as i64, e)];
+            crate::projection::Projection::apply(&products, &mut tx, 1, &batch)
+                .await
+                .unwrap();
+            let row: (i64, i64) = sqlx::query_as(&format!(
+                "SELECT on_hand, reserved FROM {} WHERE sku = 'MUG-1'",
+                table("products", 1)
+            ))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+            seen.push(row);
+        }
+        assert_eq!(seen, [(0, 0), (5, 0), (5, 3), (2, 0), (5, 0)]);
+        tx.rollback().await.unwrap();
+        pool.close().await;
+    }
+
     #[test]
     fn every_projection_of_the_read_contract_is_implemented_once() {
         let names: Vec<&str> = super::all().iter().map(|p| p.name()).collect();

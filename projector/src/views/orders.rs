@@ -141,6 +141,9 @@ impl Projection for Orders {
                     OrderEvent::RefundIssued { amount } => {
                         row.refunded_minor += amount.amount_minor()
                     }
+                    // The fulfilment step is not a column of this view yet: the order's
+                    // audit trail and state show it.
+                    OrderEvent::OrderStockReserved {} | OrderEvent::OrderReadyToShip {} => {}
                 }
                 row.updated_at = at;
                 row.version = e.version();

@@ -106,6 +106,13 @@ impl Projection for Products {
                     ProductEvent::StockReleased { order_id, .. } => {
                         reservations.remove(order_id.as_str());
                     }
+                    ProductEvent::ReservedStockTaken { order_id, quantity } => {
+                        reservations.remove(order_id.as_str());
+                        row.on_hand -= quantity.get() as i64;
+                    }
+                    ProductEvent::TakenStockReturned { quantity, .. } => {
+                        row.on_hand += quantity.get() as i64
+                    }
                     ProductEvent::ProductDiscontinued {} => {
                         row.status = keel_views::PRODUCT_DISCONTINUED.into()
                     }

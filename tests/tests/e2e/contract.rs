@@ -16,6 +16,8 @@ fn body(command: &str) -> Value {
         "/v1/products/{id}/restock" => json!({"quantity": 10}),
         "/v1/products/{id}/reserve-stock" => json!({"order_id": "C-1", "quantity": 2}),
         "/v1/products/{id}/release-stock" => json!({"order_id": "C-1"}),
+        "/v1/products/{id}/take-reserved-stock" => json!({"order_id": "C-1"}),
+        "/v1/products/{id}/return-taken-stock" => json!({"order_id": "C-1"}),
         "/v1/products/{id}/discontinue" => json!({}),
         "/v1/customers/{id}/register" => json!({"email": "c@example.com", "name": "Cleo"}),
         "/v1/customers/{id}/change-email" => json!({"email": "cleo@example.com"}),
@@ -24,6 +26,8 @@ fn body(command: &str) -> Value {
         "/v1/orders/{id}/pay" => json!({"amount": eur(2598), "payment_ref": "pay-1"}),
         "/v1/orders/{id}/ship" => json!({"carrier": "DHL", "tracking": "JD01"}),
         "/v1/orders/{id}/cancel" => json!({"reason": "changed my mind"}),
+        "/v1/orders/{id}/cancel-unpaid" => json!({"reason": "not paid in time"}),
+        "/v1/orders/{id}/confirm-reservation" | "/v1/orders/{id}/mark-ready-to-ship" => json!({}),
         other => panic!("no body for {other}: add one"),
     }
 }
@@ -70,8 +74,9 @@ async fn every_operation_answers_as_documented() {
     let commands = Contract::fetch(&stack.command).await.unwrap();
     let queries = Contract::fetch(&stack.query).await.unwrap();
 
-    // Every command, in an order that lets each succeed: register, change, then the order's
-    // life; the product is discontinued and the order cancelled last.
+    // Every command, in an order that lets each succeed: register, change, reserve, take
+    // and return stock, then the order's life; the product is discontinued and the order
+    // cancelled last.
     let mut operations = commands.operations();
     let rank = |path: &str| {
         [
@@ -79,9 +84,13 @@ async fn every_operation_answers_as_documented() {
             "change",
             "restock",
             "reserve",
+            "take",
+            "return",
             "release",
             "place",
+            "confirm",
             "pay",
+            "mark",
             "ship",
             "discontinue",
             "cancel",
@@ -99,7 +108,8 @@ async fn every_operation_answers_as_documented() {
             assert_eq!(status, 200, "{method} {path}");
             continue;
         }
-        let (concrete, id) = if path.contains("/orders/") && path.ends_with("cancel") {
+        let cancels = path.rsplit('/').next().unwrap().starts_with("cancel");
+        let (concrete, id) = if path.contains("/orders/") && cancels {
             // Cancelling the shipped order would break a rule: cancel a second order.
             (path.replace("{id}", "C-2"), "C-2")
         } else {

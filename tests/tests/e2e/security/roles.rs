@@ -51,6 +51,18 @@ const ROUTES: &[(Api, &str, &str, Option<Role>)] = &[
     (
         Api::Command,
         "POST",
+        "/v1/products/{id}/take-reserved-stock",
+        Some(Role::CommandsWrite),
+    ),
+    (
+        Api::Command,
+        "POST",
+        "/v1/products/{id}/return-taken-stock",
+        Some(Role::CommandsWrite),
+    ),
+    (
+        Api::Command,
+        "POST",
         "/v1/products/{id}/discontinue",
         Some(Role::CommandsWrite),
     ),
@@ -88,6 +100,24 @@ const ROUTES: &[(Api, &str, &str, Option<Role>)] = &[
         Api::Command,
         "POST",
         "/v1/orders/{id}/cancel",
+        Some(Role::CommandsWrite),
+    ),
+    (
+        Api::Command,
+        "POST",
+        "/v1/orders/{id}/confirm-reservation",
+        Some(Role::CommandsWrite),
+    ),
+    (
+        Api::Command,
+        "POST",
+        "/v1/orders/{id}/mark-ready-to-ship",
+        Some(Role::CommandsWrite),
+    ),
+    (
+        Api::Command,
+        "POST",
+        "/v1/orders/{id}/cancel-unpaid",
         Some(Role::CommandsWrite),
     ),
     (Api::Command, "GET", "/healthz", None),
