@@ -7,6 +7,7 @@
 mod aggregate;
 pub mod customer;
 mod error;
+pub mod fulfilment;
 pub mod ids;
 pub mod money;
 pub mod order;
