@@ -87,9 +87,12 @@ pub async fn wait(
     let started = Instant::now();
     let mut told = Instant::now();
     loop {
-        let request = keel_views::requests::stream_request(pool, requested.id)
-            .await
-            .context("reading the request")?;
+        let request = keel_views::requests::request::<keel_views::requests::StreamRequest>(
+            pool,
+            requested.id,
+        )
+        .await
+        .context("reading the request")?;
         if let Some(request) = request.filter(|r| r.done_at.is_some()) {
             return Ok(Some(Done {
                 ok: request.ok.unwrap_or(false),

@@ -54,7 +54,7 @@ pub async fn request(
 
 /// A request's outcome, once it has one: whether it succeeded and what it says.
 pub async fn outcome(pool: &PgPool, id: i64) -> anyhow::Result<Option<(bool, String)>> {
-    let request = keel_views::requests::rebuild_request(pool, id)
+    let request = keel_views::requests::request::<keel_views::requests::RebuildRequest>(pool, id)
         .await
         .context("reading the rebuild request")?;
     Ok(request
@@ -525,10 +525,11 @@ mod tests {
             Some(&report),
         )
         .await;
-        let done = keel_views::requests::verify_request(&pool, asked.id)
-            .await
-            .unwrap()
-            .unwrap();
+        let done =
+            keel_views::requests::request::<keel_views::requests::VerifyRequest>(&pool, asked.id)
+                .await
+                .unwrap()
+                .unwrap();
         assert_eq!(done.state(), "done");
         assert_eq!(done.report.unwrap().0, report);
         pool.close().await;

@@ -7,6 +7,31 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
+use sqlx::postgres::PgRow;
+
+/// A kind of request, kept in a table of its own.
+pub trait Request: Serialize + for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin {
+    /// What it asks for, as a word: `rebuild`, `stream`, `verify`.
+    const KIND: &'static str;
+    /// Its table.
+    const TABLE: &'static str;
+    /// The columns it is read from.
+    const COLUMNS: &'static str;
+    /// `waiting`, `running`, `done` or `failed`.
+    fn state(&self) -> &'static str;
+}
+
+/// The request `id` of kind `R`, if there is one.
+pub async fn request<R: Request>(pool: &PgPool, id: i64) -> Result<Option<R>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {} FROM {} WHERE id = $1",
+        R::COLUMNS,
+        R::TABLE
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
 
 /// Where a request stands.
 fn state(taken: bool, done: bool, ok: Option<bool>) -> &'static str {
@@ -112,17 +137,13 @@ pub async fn rebuild(
     )))
 }
 
-/// The rebuild request `id`, if there is one.
-pub async fn rebuild_request(
-    pool: &PgPool,
-    id: i64,
-) -> Result<Option<RebuildRequest>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {REBUILD_COLUMNS} FROM keel_rebuild_requests WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(pool)
-    .await
+impl Request for RebuildRequest {
+    const KIND: &'static str = "rebuild";
+    const TABLE: &'static str = "keel_rebuild_requests";
+    const COLUMNS: &'static str = REBUILD_COLUMNS;
+    fn state(&self) -> &'static str {
+        RebuildRequest::state(self)
+    }
 }
 
 /// A request to retry or discard a parked stream.
@@ -199,14 +220,13 @@ pub async fn stream(
     .await
 }
 
-/// The stream request `id`, if there is one.
-pub async fn stream_request(pool: &PgPool, id: i64) -> Result<Option<StreamRequest>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {STREAM_COLUMNS} FROM keel_stream_requests WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(pool)
-    .await
+impl Request for StreamRequest {
+    const KIND: &'static str = "stream";
+    const TABLE: &'static str = "keel_stream_requests";
+    const COLUMNS: &'static str = STREAM_COLUMNS;
+    fn state(&self) -> &'static str {
+        StreamRequest::state(self)
+    }
 }
 
 /// A request to verify one stream against the log: its chain, versions, hashes and
@@ -263,12 +283,11 @@ pub async fn verify(
     .await
 }
 
-/// The verify request `id`, if there is one.
-pub async fn verify_request(pool: &PgPool, id: i64) -> Result<Option<VerifyRequest>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {VERIFY_COLUMNS} FROM keel_verify_requests WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(pool)
-    .await
+impl Request for VerifyRequest {
+    const KIND: &'static str = "verify";
+    const TABLE: &'static str = "keel_verify_requests";
+    const COLUMNS: &'static str = VERIFY_COLUMNS;
+    fn state(&self) -> &'static str {
+        VerifyRequest::state(self)
+    }
 }

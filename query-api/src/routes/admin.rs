@@ -9,6 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keel_http::Principal;
+use keel_views::requests::Request;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -169,19 +170,6 @@ pub(super) async fn rebuild(
     Ok(accepted(location, with_state(&request, request.state())?))
 }
 
-/// `GET /v1/projections/rebuild-requests/{id}`: a rebuild request and where it stands (the
-/// rebuild's progress is in `GET /v1/projections`).
-pub(super) async fn rebuild_request(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
-    let id = request_id(&id)?;
-    let request = keel_views::requests::rebuild_request(&state.pool, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no rebuild request {id}")))?;
-    Ok(axum::Json(with_state(&request, request.state())?))
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RetryBody {}
@@ -272,19 +260,6 @@ async fn parked(
     Ok(accepted(location, with_state(&request, request.state())?))
 }
 
-/// `GET /v1/projections/stream-requests/{id}`: a retry or discard request and what came of
-/// it.
-pub(super) async fn stream_request(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
-    let id = request_id(&id)?;
-    let request = keel_views::requests::stream_request(&state.pool, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no stream request {id}")))?;
-    Ok(axum::Json(with_state(&request, request.state())?))
-}
-
 /// `POST /v1/audit/streams/{type}/{id}/verify`: asks a projector process to verify the
 /// stream against the log, as `projector verify --stream` does.
 pub(super) async fn verify(
@@ -314,15 +289,18 @@ pub(super) async fn verify(
     Ok(accepted(location, with_state(&request, request.state())?))
 }
 
-/// `GET /v1/audit/verify-requests/{id}`: a verify request and, once done, its report.
-pub(super) async fn verify_request(
+/// `GET /v1/projections/rebuild-requests/{id}`, `…/stream-requests/{id}` and
+/// `/v1/audit/verify-requests/{id}`: a request of kind `R` and where it stands (a
+/// rebuild's progress is in `GET /v1/projections`; a verification's report is here once
+/// done).
+pub(super) async fn requested<R: Request>(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let id = request_id(&id)?;
-    let request = keel_views::requests::verify_request(&state.pool, id)
+    let request = keel_views::requests::request::<R>(&state.pool, id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no verify request {id}")))?;
+        .ok_or_else(|| ApiError::NotFound(format!("no {} request {id}", R::KIND)))?;
     Ok(axum::Json(with_state(&request, request.state())?))
 }
 

@@ -21,6 +21,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keel_http::{Edge, Role};
 use keel_schemas::{CONSISTENCY_TOKEN_HEADER, ConsistencyToken};
+use keel_views::requests::{RebuildRequest, StreamRequest, VerifyRequest};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -144,7 +145,7 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         .route("/v1/projections/{name}/rebuild", post(admin::rebuild))
         .route(
             "/v1/projections/rebuild-requests/{request}",
-            get(admin::rebuild_request),
+            get(admin::requested::<RebuildRequest>),
         )
         .route(
             "/v1/projections/{name}/parked/{type}/{id}/retry",
@@ -156,12 +157,12 @@ pub fn app(state: AppState, edge: &Edge) -> Router {
         )
         .route(
             "/v1/projections/stream-requests/{request}",
-            get(admin::stream_request),
+            get(admin::requested::<StreamRequest>),
         )
         .route("/v1/audit/streams/{type}/{id}/verify", post(admin::verify))
         .route(
             "/v1/audit/verify-requests/{request}",
-            get(admin::verify_request),
+            get(admin::requested::<VerifyRequest>),
         )
         .layer(DefaultBodyLimit::max(admin::MAX_BODY));
     let guarded = edge
