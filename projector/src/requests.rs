@@ -333,7 +333,29 @@ async fn take(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
+    use keel_views::requests::Request;
+
     use super::*;
+
+    /// Heartbeats of processes running `projections` (a PostgreSQL array literal): alive
+    /// for another minute, or expired a second ago.
+    async fn heartbeats(pool: &PgPool, projections: &str, processes: &[(Uuid, bool)]) {
+        for &(id, alive) in processes {
+            let expires = if alive {
+                "now() + interval '1 minute'"
+            } else {
+                "now() - interval '1 second'"
+            };
+            sqlx::query(&format!(
+                "INSERT INTO keel_projector_processes (id, name, projections, expires_at)
+                 VALUES ($1, 'p', '{projections}', {expires})"
+            ))
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+    }
 
     /// The oldest waiting request is taken once; one whose taker is alive is not taken
     /// again, and one whose taker's heartbeat expired is.
@@ -341,20 +363,12 @@ mod tests {
     async fn a_request_is_taken_once_and_again_only_after_its_taker_died() {
         let (_db, pool) = crate::testing::database("rebuild-requests").await;
         let (alive, dead, me) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        for (id, expires) in [
-            (alive, "now() + interval '1 minute'"),
-            (me, "now() + interval '1 minute'"),
-            (dead, "now() - interval '1 second'"),
-        ] {
-            sqlx::query(&format!(
-                "INSERT INTO keel_projector_processes (id, name, projections, expires_at)
-                 VALUES ($1, 'p', '{{orders,customers}}', {expires})"
-            ))
-            .bind(id)
-            .execute(&pool)
-            .await
-            .unwrap();
-        }
+        heartbeats(
+            &pool,
+            "{orders,customers}",
+            &[(alive, true), (me, true), (dead, false)],
+        )
+        .await;
         let first = request(&pool, "orders", false, "ops").await.unwrap();
         // A second waiting request for the same projection can only be for another
         // generation (asking twice for one generation records one request).
@@ -492,19 +506,7 @@ mod tests {
     async fn a_verify_request_is_taken_by_one_live_process() {
         let (_db, pool) = crate::testing::database("verify-requests").await;
         let (alive, dead) = (Uuid::new_v4(), Uuid::new_v4());
-        for (id, expires) in [
-            (alive, "now() + interval '1 minute'"),
-            (dead, "now() - interval '1 second'"),
-        ] {
-            sqlx::query(&format!(
-                "INSERT INTO keel_projector_processes (id, name, projections, expires_at)
-                 VALUES ($1, 'p', '{{}}', {expires})"
-            ))
-            .bind(id)
-            .execute(&pool)
-            .await
-            .unwrap();
-        }
+        heartbeats(&pool, "{}", &[(alive, true), (dead, false)]).await;
         let asked = keel_views::requests::verify(&pool, ("order", "o-1"), "ada")
             .await
             .unwrap();

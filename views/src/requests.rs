@@ -68,13 +68,6 @@ pub struct RebuildRequest {
     pub outcome: Option<String>,
 }
 
-impl RebuildRequest {
-    /// `waiting`, `running`, `done` or `failed`.
-    pub fn state(&self) -> &'static str {
-        state(self.taken_at.is_some(), self.done_at.is_some(), self.ok)
-    }
-}
-
 /// A rebuild request as recorded: a new one, or the one already waiting for the same
 /// projection and generation (asking twice rebuilds once).
 #[derive(Clone, Debug)]
@@ -142,7 +135,7 @@ impl Request for RebuildRequest {
     const TABLE: &'static str = "keel_rebuild_requests";
     const COLUMNS: &'static str = REBUILD_COLUMNS;
     fn state(&self) -> &'static str {
-        RebuildRequest::state(self)
+        state(self.taken_at.is_some(), self.done_at.is_some(), self.ok)
     }
 }
 
@@ -181,14 +174,6 @@ pub struct StreamRequest {
     pub outcome: Option<String>,
 }
 
-impl StreamRequest {
-    /// `waiting` (until the process holding its partition carries it out; `running` once it
-    /// has settled some records), `done` or `failed`.
-    pub fn state(&self) -> &'static str {
-        state(self.settled > 0, self.done_at.is_some(), self.ok)
-    }
-}
-
 const STREAM_COLUMNS: &str = "id, projection, generation, topic, partition, stream_type, stream_id, action, reason, actor, requested_at, done_at, settled, ok, outcome";
 
 /// Records a request by `actor` to `action` (`retry` or `discard`, with a `reason`) the
@@ -224,8 +209,10 @@ impl Request for StreamRequest {
     const KIND: &'static str = "stream";
     const TABLE: &'static str = "keel_stream_requests";
     const COLUMNS: &'static str = STREAM_COLUMNS;
+    /// `waiting` until the process holding its partition carries it out (`running` once it
+    /// has settled some records), then `done` or `failed`.
     fn state(&self) -> &'static str {
-        StreamRequest::state(self)
+        state(self.settled > 0, self.done_at.is_some(), self.ok)
     }
 }
 
@@ -255,14 +242,6 @@ pub struct VerifyRequest {
     pub report: Option<sqlx::types::Json<serde_json::Value>>,
 }
 
-impl VerifyRequest {
-    /// `waiting`, `running`, `done` (the stream verified) or `failed` (a violation, or it
-    /// could not be run: `outcome` says which).
-    pub fn state(&self) -> &'static str {
-        state(self.taken_at.is_some(), self.done_at.is_some(), self.ok)
-    }
-}
-
 const VERIFY_COLUMNS: &str =
     "id, stream_type, stream_id, actor, requested_at, taken_at, done_at, ok, outcome, report";
 
@@ -287,7 +266,9 @@ impl Request for VerifyRequest {
     const KIND: &'static str = "verify";
     const TABLE: &'static str = "keel_verify_requests";
     const COLUMNS: &'static str = VERIFY_COLUMNS;
+    /// `done` when the stream verified; `failed` for a violation, or when it could not be
+    /// run (`outcome` says which).
     fn state(&self) -> &'static str {
-        VerifyRequest::state(self)
+        state(self.taken_at.is_some(), self.done_at.is_some(), self.ok)
     }
 }

@@ -1,6 +1,6 @@
 // What a panel shows when the token cannot use it.
 import { claims, holds } from './api.js';
-import { h } from './dom.js';
+import { h, replace } from './dom.js';
 
 /** Null when the token holds `role`; else a polite refusal naming the role. */
 export function refusal(role, what) {
@@ -18,4 +18,13 @@ export function refusedBy(error, role) {
   if (error.status === 401) return 'The API did not accept this token (missing, expired or not trusted): sign in again.';
   if (error.status === 403) return `The API refused this token: it needs the ${role} role.`;
   return null;
+}
+
+/** Mounts a panel titled `title` that needs `role` into `container`: `panel.body` to fill
+ *  (saying "Loading…" until then) and `panel.active`, or the refusal in its place. */
+export function mountGuarded(panel, container, role, title) {
+  const refused = refusal(role, `The ${title.toLowerCase()} panel`);
+  panel.body = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
+  replace(container, h('h2', {}, title), refused ?? panel.body);
+  panel.active = !refused;
 }

@@ -3,7 +3,7 @@
 import { call, follow } from './api.js';
 import { History, lineChart } from './chart.js';
 import { badge, describe, h, num, replace, seconds, stats, table, time } from './dom.js';
-import { refusal, refusedBy } from './guard.js';
+import { mountGuarded, refusedBy } from './guard.js';
 
 // Shared by both panels, kept while the tab is open.
 const history = new History(90);
@@ -165,10 +165,7 @@ function projectionCard(p) {
 
 export const projections = {
   mount(container) {
-    const refused = refusal('admin', 'The projections panel');
-    this.body = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
-    replace(container, h('h2', {}, 'Projections'), refused ?? this.body);
-    this.active = !refused;
+    mountGuarded(this, container, 'admin', 'Projections');
   },
   async refresh() {
     if (!this.active) return;
@@ -185,10 +182,7 @@ export const projections = {
 
 export const rebuilds = {
   mount(container) {
-    const refused = refusal('admin', 'The rebuilds panel');
-    this.body = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
-    replace(container, h('h2', {}, 'Rebuilds'), refused ?? this.body);
-    this.active = !refused;
+    mountGuarded(this, container, 'admin', 'Rebuilds');
   },
   async refresh() {
     if (!this.active) return;

@@ -4,7 +4,7 @@
 import { call, commandApi } from './api.js';
 import { History, lineChart } from './chart.js';
 import { badge, describe, h, num, replace, stats, table } from './dom.js';
-import { refusal, refusedBy } from './guard.js';
+import { mountGuarded, refusedBy } from './guard.js';
 
 const history = new History(90);
 let previous = null;
@@ -30,10 +30,7 @@ function statusBadge(s) {
 
 export const writePath = {
   mount(container) {
-    const refused = refusal('admin', 'The write path panel');
-    this.body = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
-    replace(container, h('h2', {}, 'Write path'), refused ?? this.body);
-    this.active = !refused;
+    mountGuarded(this, container, 'admin', 'Write path');
   },
   async refresh() {
     if (!this.active) return;
