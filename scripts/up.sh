@@ -3,6 +3,7 @@
 #   PostgreSQL on 127.0.0.1:5432 (started if it is not running)
 #   the broker on 127.0.0.1:9092, its log kept durably in PostgreSQL database keel_log
 #   the topics, the command API on 127.0.0.1:8080, the projector (views in database keel)
+#   the order fulfilment process (a second projector process, /metrics on 127.0.0.1:8083)
 #   and the query API on 127.0.0.1:8081; /metrics on each (the projector's on 127.0.0.1:8082)
 # INSTANCES=N starts N command-api instances sharing the partitions (the first on 8080, the
 # others on 8090, 8091, ...); each takes any command and forwards it to its partition's owner.
@@ -53,7 +54,7 @@ case "$instances" in
     '' | *[!0-9]* | 0) echo "INSTANCES must be a number from 1 up, not '$instances'" >&2; exit 1 ;;
 esac
 command_port() { if [ "$1" -eq 1 ]; then echo 8080; else echo $((8088 + $1)); fi; }
-ports="8081 8082"
+ports="8081 8082 8083"
 for i in $(seq 1 "$instances"); do ports="$ports $(command_port "$i")"; done
 for port in $ports; do
     if port_open "$port"; then
@@ -81,6 +82,18 @@ for _ in $(seq 1 240); do [ -s "$trusted" ] && break; sleep 0.25; done
 
 say "starting the projector, its /metrics and probes on 127.0.0.1:8082 (log: .keel/logs/projector.log)"
 supervise projector "$bin/projector" run
+
+# The order fulfilment process: a projector process of its own that sends commands to the
+# command API as its own identity (subject svc-fulfilment, role commands:write). Here its
+# token is a development one made with .keel/auth.secret; in production it is issued by the
+# identity provider and given as KEEL_FULFILMENT_TOKEN_FILE. The process never reads a secret.
+if [ -n "${KEEL_AUTH_HS256_SECRET_FILE:-}" ] && [ -z "${KEEL_FULFILMENT_TOKEN_FILE:-}" ]; then
+    (umask 077 && "$bin/keel-token" --roles commands:write --sub svc-fulfilment --ttl 2592000 >.keel/fulfilment.token)
+    export KEEL_FULFILMENT_TOKEN_FILE="$PWD/.keel/fulfilment.token"
+fi
+say "starting the order fulfilment process, its /metrics and probes on 127.0.0.1:8083 (log: .keel/logs/fulfilment.log)"
+supervise fulfilment env KEEL_FULFILMENT_COMMAND_API="${KEEL_FULFILMENT_COMMAND_API:-http://127.0.0.1:8080}" \
+    "$bin/projector" run --process fulfilment --addr 127.0.0.1:8083
 
 say "starting query-api on 127.0.0.1:8081 (log: .keel/logs/query-api.log)"
 supervise query-api "$bin/query-api"

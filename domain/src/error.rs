@@ -138,6 +138,10 @@ pub enum DomainError {
     /// The order's stock is not reserved yet, so it cannot be taken out for packing.
     #[error("order's stock is not reserved")]
     StockNotReserved,
+    /// The order is paid but the fulfilment process has not marked it ready to ship (its
+    /// stock is not yet taken out for it).
+    #[error("order is not ready to ship: its stock is not taken out for it yet")]
+    OrderNotReadyToShip,
 }
 
 impl DomainError {
@@ -164,6 +168,7 @@ impl DomainError {
             Self::OrderCancelled => "order_cancelled",
             Self::OrderAlreadyPaid => "order_already_paid",
             Self::StockNotReserved => "stock_not_reserved",
+            Self::OrderNotReadyToShip => "order_not_ready_to_ship",
         }
     }
 

@@ -351,10 +351,13 @@ impl Aggregate for Order {
                 Ok(events)
             }
             C::ShipOrder { carrier, tracking } => match state.status {
-                OrderStatus::Paid => Ok(vec![E::OrderShipped {
-                    carrier: carrier.clone(),
-                    tracking: tracking.clone(),
-                }]),
+                OrderStatus::Paid if state.fulfilment == Fulfilment::ReadyToShip => {
+                    Ok(vec![E::OrderShipped {
+                        carrier: carrier.clone(),
+                        tracking: tracking.clone(),
+                    }])
+                }
+                OrderStatus::Paid => Err(DomainError::OrderNotReadyToShip),
                 OrderStatus::Placed => Err(DomainError::OrderNotPaid),
                 OrderStatus::Shipped => Err(DomainError::OrderAlreadyShipped),
                 OrderStatus::Cancelled => Err(DomainError::OrderCancelled),
@@ -648,12 +651,28 @@ mod tests {
             .then_err(DomainError::OrderCancelled);
     }
 
+    /// Paid, its stock reserved and taken out: ready to ship.
+    fn ready() -> Vec<E> {
+        let mut ready = paid();
+        ready.extend([E::OrderStockReserved {}, E::OrderReadyToShip {}]);
+        ready
+    }
+
     #[test]
-    fn ship_only_when_paid() {
+    fn ship_only_when_paid_and_ready() {
         given::<Order>([placed()])
             .when(ship())
             .then_err(DomainError::OrderNotPaid);
-        given::<Order>(paid()).when(ship()).then([E::OrderShipped {
+        // Paid, but the fulfilment process has not taken its stock out yet.
+        given::<Order>(paid())
+            .when(ship())
+            .then_err(DomainError::OrderNotReadyToShip);
+        let mut reserved = paid();
+        reserved.push(E::OrderStockReserved {});
+        given::<Order>(reserved)
+            .when(ship())
+            .then_err(DomainError::OrderNotReadyToShip);
+        given::<Order>(ready()).when(ship()).then([E::OrderShipped {
             carrier: text("DHL"),
             tracking: text("JD01"),
         }]);
@@ -661,7 +680,7 @@ mod tests {
 
     #[test]
     fn ship_twice_or_after_cancel_is_refused() {
-        let mut shipped = paid();
+        let mut shipped = ready();
         shipped.push(E::OrderShipped {
             carrier: text("DHL"),
             tracking: text("JD01"),

@@ -152,6 +152,10 @@ proptest! {
                     history[..at].iter().any(|e| matches!(e, OrderEvent::OrderPaid { .. })),
                     "shipped an unpaid order"
                 );
+                assert!(
+                    history[..at].iter().any(|e| matches!(e, OrderEvent::OrderReadyToShip {})),
+                    "shipped an order its fulfilment did not mark ready"
+                );
                 assert!(cancelled.is_none(), "a shipped order was cancelled, or a cancelled one shipped");
                 assert_eq!(o.status, OrderStatus::Shipped);
             }

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`projection`] | the trait a view implements, and the events it receives |
 //! | [`views`] | the shop's projections |
+//! | [`fulfilment`] | the order fulfilment process: its state beside a projection's, the commands it sends |
 //! | [`units`] | partitions shared among projector processes: heartbeats, claims, shares |
 //! | [`runner`] | one projection's loop on this process's share: the live generation, prefetched batches |
 //! | `applier` | the batch transaction: proof of the units held, gate, apply, checkpoint, dead letters, report |
@@ -32,6 +33,7 @@ mod checkpoint;
 pub mod db;
 mod dead_letter;
 mod decode;
+pub mod fulfilment;
 mod generation;
 mod helper;
 mod hold;

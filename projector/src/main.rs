@@ -17,7 +17,7 @@ use projector::rebuild::{Progress, RebuildOptions};
 use projector::runner::Runner;
 use projector::units::Membership;
 use projector::{
-    Job, OnError, Settings, SettingsArgs, db, quarantine, report, status, verify, views,
+    Job, OnError, Settings, SettingsArgs, db, fulfilment, quarantine, report, status, verify, views,
 };
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -43,6 +43,12 @@ enum Command {
         /// Run only these projections (repeatable); all of them by default.
         #[arg(long = "projection", value_name = "NAME")]
         projections: Vec<String>,
+        /// Run this process manager too (repeatable): `fulfilment`, the order fulfilment
+        /// process. Given without `--projection`, only the process managers run.
+        #[arg(long = "process", value_name = "NAME", value_parser = ["fulfilment"])]
+        processes: Vec<String>,
+        #[command(flatten)]
+        fulfilment: FulfilmentArgs,
         /// What to do with a record that cannot be decoded or applied: park its stream
         /// (hold the stream back, in order, while the others flow on, until `dead-letters
         /// retry` or `discard`), stop the projection, or record it, count it and go on.
@@ -124,6 +130,53 @@ enum Command {
     Topics,
 }
 
+/// How the fulfilment process runs (with `--process fulfilment`).
+#[derive(clap::Args)]
+struct FulfilmentArgs {
+    /// How long after it was placed an order must be paid in full before the fulfilment
+    /// process cancels it: `30m`, `90s`, `500ms`, `2h`.
+    #[arg(long, env = "KEEL_PAYMENT_DEADLINE", default_value = "30m", value_parser = parse_duration)]
+    payment_deadline: Duration,
+    /// The command API the fulfilment process sends its commands to.
+    #[arg(
+        long,
+        env = "KEEL_FULFILMENT_COMMAND_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    fulfilment_command_api: String,
+    /// A file holding the fulfilment process's bearer token (its own service identity,
+    /// with the `commands:write` role; read again for each batch of commands, so it can be
+    /// rotated). Without it the process sends no token (a command API without auth).
+    #[arg(long, env = "KEEL_FULFILMENT_TOKEN_FILE", value_name = "PATH")]
+    fulfilment_token_file: Option<std::path::PathBuf>,
+    /// Most fulfilment commands in flight at once.
+    #[arg(long, env = "KEEL_FULFILMENT_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    fulfilment_concurrency: u64,
+}
+
+/// A duration as `<number><unit>`, the unit one of `ms`, `s`, `m`, `h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let millis = match unit {
+        "ms" => Some(number),
+        "s" => number.checked_mul(1_000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    millis
+        .filter(|m| *m > 0)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} must be above zero and at most a few years"))
+}
+
 #[derive(Subcommand)]
 enum DeadLetters {
     /// Lists the parked streams with their error and the records they hold back.
@@ -194,9 +247,17 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             projections,
+            processes,
+            fulfilment,
             on_error,
             addr,
-        } => run(&settings, &projections, on_error, addr).await,
+        } => {
+            let fulfilment = processes
+                .iter()
+                .any(|p| p == "fulfilment")
+                .then_some(fulfilment);
+            run(&settings, &projections, fulfilment, on_error, addr).await
+        }
         Command::Rebuild {
             projections,
             all,
@@ -244,6 +305,7 @@ fn check_names(names: &[String]) -> anyhow::Result<()> {
 async fn run(
     settings: &Settings,
     only: &[String],
+    fulfilment: Option<FulfilmentArgs>,
     on_error: OnError,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
@@ -280,9 +342,23 @@ async fn run(
     record_topics(&pool, &topics, settings.kafka.partitions).await?;
     let mut options = settings.run_options(on_error)?;
     options.metrics = applied;
-    let jobs: Vec<Job> = all
+    // The process managers asked for, alone unless projections were named too.
+    let projections_too = fulfilment.is_none() || !only.is_empty();
+    let mut chosen: Vec<std::sync::Arc<dyn projector::projection::Projection>> = all
         .into_iter()
-        .filter(|p| only.is_empty() || only.iter().any(|n| n == p.name()))
+        .filter(|p| projections_too && (only.is_empty() || only.iter().any(|n| n == p.name())))
+        .collect();
+    if let Some(args) = &fulfilment {
+        // Where it starts acting, before it reads anything: the log's end on first run.
+        fulfilment::record_starts(&pool, &settings.kafka)
+            .await
+            .context("recording where the fulfilment process starts")?;
+        chosen.push(std::sync::Arc::new(fulfilment::Fulfilment {
+            payment_deadline: args.payment_deadline,
+        }));
+    }
+    let jobs: Vec<Job> = chosen
+        .into_iter()
         .map(|projection| {
             Job::new(
                 projection,
@@ -320,10 +396,23 @@ async fn run(
             std::sync::Arc::clone(&options.policy),
         )));
     let mut tasks = JoinSet::new();
+    let mut senders = Vec::new();
     for job in jobs {
         let assignment = assignments
             .remove(job.name())
             .context("every projection has its assignment")?;
+        if let (fulfilment::NAME, Some(args)) = (job.name(), &fulfilment) {
+            // The commands it decides, sent on the partitions it holds.
+            let settings = fulfilment::sender::SenderSettings {
+                command_api: args.fulfilment_command_api.clone(),
+                token_file: args.fulfilment_token_file.clone(),
+                concurrency: args.fulfilment_concurrency as usize,
+                timeout: Duration::from_secs(30),
+            };
+            senders.push(keel_kafka::AbortOnDrop(tokio::spawn(
+                fulfilment::sender::run(pool.clone(), settings, membership_id, assignment.held()),
+            )));
+        }
         let runner = Runner::new(job, assignment);
         tasks.spawn(async move { runner.run().await });
     }
@@ -352,6 +441,7 @@ async fn run(
     // The runners stop (a batch in flight rolls back), then the others take the units at
     // once instead of after the claim timeout.
     tasks.shutdown().await;
+    drop(senders);
     drop(requests);
     drop(verifications);
     drop(membership);

@@ -118,6 +118,8 @@ pub struct StatusSnapshot {
 #[derive(Debug, Default)]
 struct Read {
     statuses: Vec<ProjectionStatus>,
+    /// The fulfilment process's open orders, when it runs on this database.
+    fulfilment: Option<crate::fulfilment::Gauges>,
     at: Option<Instant>,
     /// Whether that read succeeded.
     up: bool,
@@ -154,8 +156,22 @@ impl StatusSnapshot {
                     (Vec::new(), false)
                 }
             };
+            let fulfilment = match tokio::time::timeout(
+                STATUS_TIMEOUT,
+                crate::fulfilment::gauges(pool),
+            )
+            .await
+            {
+                Ok(Ok(gauges)) => gauges,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "reading the fulfilment process's orders for /metrics failed");
+                    None
+                }
+                Err(_) => None,
+            };
             *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Read {
                 statuses,
+                fulfilment,
                 at: Some(Instant::now()),
                 up,
             };
@@ -293,15 +309,22 @@ fn encode_gauge(
 
 impl Collector for StatusCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (statuses, up) = {
+        let (statuses, up, fulfilment) = {
             let last = self
                 .snapshot
                 .last
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             // Before the first read (the runners have not started): no verdict either way.
-            (last.statuses.clone(), last.at.map(|_| last.up))
+            (
+                last.statuses.clone(),
+                last.at.map(|_| last.up),
+                last.fulfilment.clone(),
+            )
         };
+        if let Some(gauges) = fulfilment {
+            gauges.encode(&mut encoder)?;
+        }
         if let Some(up) = up {
             ConstGauge::new(i64::from(up)).encode(encoder.encode_descriptor(
                 "projection_status_up",

@@ -61,7 +61,7 @@ pub(crate) fn help_tag(projection: &str, code_version: i32) -> String {
 
 /// A partition of a projection this process holds, with the claim it holds it under.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Unit {
+pub struct Unit {
     /// The partition.
     pub(crate) at: TopicPartition,
     /// The unit's claim count when this process claimed it: a batch proves the row still
@@ -92,6 +92,14 @@ pub struct Assignment {
     /// membership then lets go of the projection's units and claims none, so that
     /// processes of the newer code take them.
     pub(crate) standing_by: Arc<AtomicBool>,
+}
+
+impl Assignment {
+    /// A watch of the units this process holds, for a task beside the runner that acts on
+    /// them (and proves each in its own transactions).
+    pub fn held(&self) -> watch::Receiver<Vec<Unit>> {
+        self.units.clone()
+    }
 }
 
 /// This process among the projector processes sharing the projections.

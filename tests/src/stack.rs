@@ -632,6 +632,58 @@ impl Stack {
         ))
     }
 
+    /// Starts the order fulfilment process (`projector run --process fulfilment`) with its
+    /// own token (subject `svc-fulfilment`, role `commands:write`, in a file beside the
+    /// stack's keys), `payment_deadline` and `extra` environment, and waits until it has
+    /// recorded where it starts on every partition.
+    pub async fn fulfilment_process(
+        &self,
+        payment_deadline: &str,
+        extra: &[(&'static str, String)],
+    ) -> anyhow::Result<Service> {
+        let token_file = self.config.keys_dir.join("fulfilment.token");
+        std::fs::write(
+            &token_file,
+            self.config
+                .auth
+                .token("svc-fulfilment", &[keel_http::Role::CommandsWrite]),
+        )?;
+        let mut env = vec![
+            ("KEEL_FULFILMENT_COMMAND_API", self.command.url("")),
+            (
+                "KEEL_FULFILMENT_TOKEN_FILE",
+                token_file.display().to_string(),
+            ),
+            ("KEEL_PAYMENT_DEADLINE", payment_deadline.to_owned()),
+        ];
+        env.extend_from_slice(extra);
+        let process = self
+            .projector_process(
+                &["run", "--process", "fulfilment", "--addr", "127.0.0.1:0"],
+                &env,
+            )
+            .await?;
+        let pool = self.pool().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let starts: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM keel_process_starts WHERE process = 'fulfilment'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+            if starts == i64::from(self.config.partitions) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the fulfilment process recorded {starts} start positions in 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pool.close().await;
+        Ok(process)
+    }
+
     fn projector_env(&self) -> Vec<(&'static str, String)> {
         let mut env = self.config.env();
         env.push(("KEEL_DATABASE_URL", self.db.url()));

@@ -18,7 +18,8 @@ pub struct ProjectionSpec {
 /// Orders: summary, status, totals.
 pub const ORDERS: ProjectionSpec = ProjectionSpec {
     name: "orders",
-    version: 1,
+    // 2: the fulfilment column.
+    version: 2,
     stream_types: &["order"],
     tables: &["orders"],
 };
@@ -74,6 +75,21 @@ pub const PROJECTIONS: &[ProjectionSpec] = &[
     FLAGGED_PAYMENTS,
     AUDIT_LOG,
 ];
+
+/// Order fulfilment: a process manager, not a view. It reads the log through the gate like
+/// a projection and shares its partitions like one, but its tables hold what the commands
+/// it sent answered (one row per order it follows, and the commands still to send), so it
+/// is never rebuilt: the projector runs it only when asked (`projector run --process
+/// fulfilment`), and `rebuild` does not know it.
+pub const FULFILMENT: ProjectionSpec = ProjectionSpec {
+    name: "fulfilment",
+    version: 1,
+    stream_types: &["order"],
+    tables: &["fulfilment", "fulfilment_outbox"],
+};
+
+/// Every process manager.
+pub const PROCESSES: &[ProjectionSpec] = &[FULFILMENT];
 
 /// The projection named `name`.
 pub fn find(name: &str) -> Option<&'static ProjectionSpec> {

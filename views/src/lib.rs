@@ -10,8 +10,8 @@ pub mod requests;
 pub mod status;
 
 pub use catalogue::{
-    AUDIT_LOG, CUSTOMERS, DAILY_SALES, FLAGGED_PAYMENTS, ORDERS, PRODUCTS, PROJECTIONS,
-    ProjectionSpec, find,
+    AUDIT_LOG, CUSTOMERS, DAILY_SALES, FLAGGED_PAYMENTS, FULFILMENT, ORDERS, PROCESSES, PRODUCTS,
+    PROJECTIONS, ProjectionSpec, find,
 };
 
 /// A product's status in the `products` view while it can be sold.

@@ -338,6 +338,13 @@ async fn an_order_is_placed_paid_in_parts_shipped_and_a_paid_one_cancelled_with_
         "a payment that reaches the total also pays the order"
     );
     assert_eq!(event_types(&r), ["PaymentRecorded", "OrderPaid"]);
+    // Paid is not enough: the fulfilment process marks it ready once its stock is taken.
+    let r = api.post("/v1/orders/o-1/ship", ship.clone()).await;
+    assert_eq!(r.body["rule"], "order_not_ready_to_ship");
+    for step in ["confirm-reservation", "mark-ready-to-ship"] {
+        let r = api.post(&format!("/v1/orders/o-1/{step}"), json!({})).await;
+        assert_eq!(r.status, StatusCode::OK, "{step}: {:?}", r.body);
+    }
     let r = api.post("/v1/orders/o-1/ship", ship).await;
     assert_eq!(r.status, StatusCode::OK);
     let r = api

@@ -9,8 +9,14 @@ use sqlx::PgConnection;
 
 use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
 
-/// Orders: summary, status, totals, amount paid, lines, timestamps, version.
+/// Orders: summary, status, totals, amount paid, lines, timestamps, version, and where the
+/// fulfilment process brought them.
 pub struct Orders;
+
+/// `fulfilment` once the order's stock is reserved.
+const FULFILMENT_RESERVED: &str = "reserved";
+/// `fulfilment` once its stock is taken out and it may ship.
+const FULFILMENT_READY: &str = "ready_to_ship";
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 struct Row {
@@ -28,6 +34,7 @@ struct Row {
     placed_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     version: i64,
+    fulfilment: Option<String>,
 }
 
 #[async_trait]
@@ -44,7 +51,7 @@ impl Projection for Orders {
                 currency text NOT NULL, total_minor bigint NOT NULL, paid_minor bigint NOT NULL,
                 refunded_minor bigint NOT NULL, item_count bigint NOT NULL, lines jsonb NOT NULL,
                 carrier text, tracking text, placed_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
-                version bigint NOT NULL);"#
+                version bigint NOT NULL, fulfilment text);"#
         ))
         .await
     }
@@ -119,6 +126,7 @@ impl Projection for Orders {
                         placed_at: at,
                         updated_at: at,
                         version: e.version(),
+                        fulfilment: None,
                     },
                 );
             } else if let Some(row) = rows.get_mut(id) {
@@ -141,9 +149,14 @@ impl Projection for Orders {
                     OrderEvent::RefundIssued { amount } => {
                         row.refunded_minor += amount.amount_minor()
                     }
-                    // The fulfilment step is not a column of this view yet: the order's
-                    // audit trail and state show it.
-                    OrderEvent::OrderStockReserved {} | OrderEvent::OrderReadyToShip {} => {}
+                    // Where the fulfilment process has brought the order (none for an
+                    // order it never reserved: placed before it ran, or cancelled first).
+                    OrderEvent::OrderStockReserved {} => {
+                        row.fulfilment = Some(FULFILMENT_RESERVED.to_owned())
+                    }
+                    OrderEvent::OrderReadyToShip {} => {
+                        row.fulfilment = Some(FULFILMENT_READY.to_owned())
+                    }
                 }
                 row.updated_at = at;
                 row.version = e.version();
@@ -161,12 +174,13 @@ impl Projection for Orders {
         sqlx::query(&format!(
             r#"INSERT INTO {t} SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
                 $6::bigint[], $7::bigint[], $8::bigint[], $9::jsonb[], $10::text[], $11::text[], $12::timestamptz[],
-                $13::timestamptz[], $14::bigint[])
+                $13::timestamptz[], $14::bigint[], $15::text[])
             ON CONFLICT (order_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, status = EXCLUDED.status,
                 currency = EXCLUDED.currency, total_minor = EXCLUDED.total_minor, paid_minor = EXCLUDED.paid_minor,
                 refunded_minor = EXCLUDED.refunded_minor, item_count = EXCLUDED.item_count, lines = EXCLUDED.lines,
                 carrier = EXCLUDED.carrier, tracking = EXCLUDED.tracking, placed_at = EXCLUDED.placed_at,
-                updated_at = EXCLUDED.updated_at, version = EXCLUDED.version"#
+                updated_at = EXCLUDED.updated_at, version = EXCLUDED.version,
+                fulfilment = EXCLUDED.fulfilment"#
         ))
         .bind(rows.iter().map(|r| r.order_id.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.customer_id.clone()).collect::<Vec<_>>())
@@ -182,6 +196,7 @@ impl Projection for Orders {
         .bind(rows.iter().map(|r| r.placed_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.fulfilment.clone()).collect::<Vec<_>>())
         .execute(db)
         .await?;
         Ok(())

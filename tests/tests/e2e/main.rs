@@ -8,6 +8,7 @@ mod cli;
 mod command_api;
 mod console;
 mod contract;
+mod fulfilment;
 mod fuzz;
 mod kafka_log;
 mod make_up;

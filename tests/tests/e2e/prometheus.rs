@@ -288,6 +288,9 @@ async fn prometheus_scrapes_the_stack_and_every_alert_and_dashboard_query_return
     let ups = prometheus.query(r#"up{job=~"keel-.*"}"#).await;
     assert!(ups.iter().all(|s| s["value"][1] == "1"), "{ups:?}");
 
+    // The fulfilment process, whose orders every projector process exports.
+    let _fulfilment = stack.fulfilment_process("30m", &[]).await.unwrap();
+
     // Each rule loaded, evaluated without error, and its measure returns data.
     let rules = prometheus.api("rules", &[("type", "alert")]).await;
     let rules: Vec<Value> = rules["groups"]
@@ -296,7 +299,7 @@ async fn prometheus_scrapes_the_stack_and_every_alert_and_dashboard_query_return
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap().clone())
         .collect();
-    assert_eq!(rules.len(), 10, "{rules:?}");
+    assert_eq!(rules.len(), 12, "{rules:?}");
     let names = prometheus.api("label/__name__/values", &[]).await;
     let exported: Vec<&str> = names
         .as_array()

@@ -694,6 +694,13 @@ async fn the_whole_stack_through_http_with_pagination_over_a_thousand_orders() {
         .await;
     assert_eq!(s, StatusCode::OK, "{paid}");
     token = token.merge(&t.unwrap());
+    // What the fulfilment process would send once the stock is taken out.
+    for step in ["confirm-reservation", "mark-ready-to-ship"] {
+        let (s, body, _) = stack
+            .post(&format!("/v1/orders/big-1/{step}"), json!({}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{step}: {body}");
+    }
     let (_, _, t) = stack
         .post(
             "/v1/orders/big-1/ship",

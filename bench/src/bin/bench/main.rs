@@ -15,7 +15,7 @@
 //!   the results (`BENCHMARKS.md`); the file is created when missing;
 //! * `--quick`: a small run (20,000 events, 2 s loads, 1,000 streams, 1,000 take-over
 //!   streams) to check the harness;
-//! * `--only commands,ryw,observability,projections,sharing,readpath,startup,scale`: some of the scenarios,
+//! * `--only commands,ryw,observability,projections,sharing,readpath,startup,scale,fulfilment`: some of the scenarios,
 //!   printed only (for profiling).
 //!
 //! Scenarios, in order: commands (64 and 256 clients, and on durable storage),
@@ -23,9 +23,11 @@
 //! rebuild (paced and unpaced), catch-up with 1 to 3 projector processes and a killed
 //! one's partitions moving, healthy streams beside a parked one, read-your-writes on a hot
 //! standby, the command API's memory per stream, and the write path on several instances
-//! (commands/s with 1 to 3, handoffs, a failover, take-over with and without a snapshot).
+//! (commands/s with 1 to 3, handoffs, a failover, take-over with and without a snapshot),
+//! and order fulfilment (from an order placed to awaiting payment, and orders/s).
 
 mod commands;
+mod fulfilment;
 mod observability;
 mod order_log;
 mod projections;
@@ -57,11 +59,11 @@ const USAGE: &str =
   --markdown FILE  the file whose bench:begin/bench:end block gets the results (BENCHMARKS.md)
   --quick          a small run to check the harness (20000 events, 2 s loads, 1000 streams,
                    1000 take-over streams)
-  --only GROUPS    some of commands,ryw,observability,projections,sharing,readpath,startup,scale (all by default); for profiling: the
+  --only GROUPS    some of commands,ryw,observability,projections,sharing,readpath,startup,scale,fulfilment (all by default); for profiling: the
                    report and the Markdown are written only by a run of them all";
 
 /// The scenario groups, in the order they run.
-const GROUPS: [&str; 8] = [
+const GROUPS: [&str; 9] = [
     "commands",
     "ryw",
     "observability",
@@ -70,6 +72,7 @@ const GROUPS: [&str; 8] = [
     "readpath",
     "startup",
     "scale",
+    "fulfilment",
 ];
 
 /// What a run measures, from the command line.
@@ -243,6 +246,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
         && let Err(e) = scale::run(&options, &mut report).await
     {
         failed(&mut report, "scale-out", &e);
+    }
+    if wanted("fulfilment")
+        && let Err(e) = fulfilment::run(&options, &mut report).await
+    {
+        failed(&mut report, "fulfilment", &e);
     }
     if options.only.is_some() {
         println!("{}", report.markdown(&options.out.display().to_string()));

@@ -1,0 +1,382 @@
+//! Sends what the fulfilment process decided, fires its deadlines, and feeds the products'
+//! answers back in: for the partitions of `order` this process holds, and only while it
+//! holds them.
+//!
+//! Each command goes to the command API as the process's own identity (a bearer token read
+//! from a file, so it can be rotated), with its idempotency key and the causing event's id
+//! as causation. Its answer is settled in a transaction that first proves the unit is
+//! still held ([`Hold`]), then deletes the outbox row and, for a product's answer, moves
+//! the order's process on (adding what that sends). A process that stalls and loses its
+//! share sends at most what it had already read, again: the same keys, so the command API
+//! replays them, and each command is idempotent in the domain besides. It settles nothing
+//! after losing its share.
+//!
+//! Answers: 2xx accepted (or replayed); 404, 409 and 422 are the domain's refusals (the
+//! product unknown, out of stock, the order already paid), settled as such; anything else
+//! (the API down, 429, 5xx, a token refused) is tried again later, backing off to 30 s.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use keel_schemas::TopicPartition;
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::{NAME, RESERVE, Store, TAKE, sku};
+use crate::hold::Hold;
+use crate::projection::table;
+use crate::units::Unit;
+
+/// How the process reaches the command API.
+#[derive(Clone, Debug)]
+pub struct SenderSettings {
+    /// The command API's base URL (`http://127.0.0.1:8080`).
+    pub command_api: String,
+    /// A file holding the process's bearer token; none when the API runs without auth.
+    pub token_file: Option<PathBuf>,
+    /// Most commands in flight at once.
+    pub concurrency: usize,
+    /// How long a command may take before it is tried again.
+    pub timeout: Duration,
+}
+
+/// How long the sender rests when it has nothing to send.
+const IDLE: Duration = Duration::from_millis(25);
+/// How often it looks for orders past their payment deadline.
+const DEADLINE_SCAN: Duration = Duration::from_millis(500);
+/// The longest pause before a command is tried again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the command API said.
+#[derive(Debug)]
+enum Answer {
+    /// Accepted (or replayed).
+    Accepted,
+    /// Refused by the domain: the rule's detail.
+    Refused(String),
+    /// Not answered, or not in a way that settles it: try again later.
+    Retry(String),
+}
+
+/// One command from the outbox.
+#[derive(Debug, sqlx::FromRow)]
+struct Outgoing {
+    key: String,
+    order_id: String,
+    topic: String,
+    partition: i32,
+    path: String,
+    body: Value,
+    causation_id: String,
+    correlation_id: Option<String>,
+    product_answer: Option<String>,
+    sku: Option<String>,
+    attempts: i32,
+}
+
+/// Sends the process's commands on the units `units` holds until the task is dropped.
+pub async fn run(
+    pool: PgPool,
+    settings: SenderSettings,
+    process: Uuid,
+    units: watch::Receiver<Vec<Unit>>,
+) {
+    let sender = match Sender::new(pool, settings, process) {
+        Ok(sender) => sender,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "the fulfilment process cannot send commands");
+            return;
+        }
+    };
+    let mut last_scan = tokio::time::Instant::now() - DEADLINE_SCAN;
+    loop {
+        let held = units.borrow().clone();
+        if held.is_empty() {
+            tokio::time::sleep(IDLE * 4).await;
+            continue;
+        }
+        if last_scan.elapsed() >= DEADLINE_SCAN {
+            last_scan = tokio::time::Instant::now();
+            if let Err(e) = sender.fire_deadlines(&held).await {
+                warn!(error = %format!("{e:#}"), "firing the payment deadlines failed");
+            }
+        }
+        match sender.send_some(&held).await {
+            Ok(0) => tokio::time::sleep(IDLE).await,
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "sending the fulfilment commands failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// What sends the commands of one process.
+pub(crate) struct Sender {
+    pool: PgPool,
+    settings: SenderSettings,
+    process: Uuid,
+    client: reqwest::Client,
+}
+
+impl Sender {
+    /// A sender for `process`, the holder its transactions prove.
+    pub(crate) fn new(
+        pool: PgPool,
+        settings: SenderSettings,
+        process: Uuid,
+    ) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .build()
+            .context("making the HTTP client")?;
+        Ok(Self {
+            pool,
+            settings,
+            process,
+            client,
+        })
+    }
+
+    /// The hold of the unit of `at`, when this process holds it.
+    fn hold(&self, held: &[Unit], at: &TopicPartition) -> Option<Hold> {
+        held.iter()
+            .find(|u| &u.at == at)
+            .map(|u| Hold::units(NAME, self.process, vec![u.clone()]))
+    }
+
+    /// The live generation of the process's tables.
+    async fn generation(&self) -> anyhow::Result<Option<i32>> {
+        Ok(
+            sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
+                .bind(NAME)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Sends the commands due on the units held, and settles their answers: how many.
+    pub(crate) async fn send_some(&self, held: &[Unit]) -> anyhow::Result<usize> {
+        let Some(generation) = self.generation().await? else {
+            return Ok(0);
+        };
+        let outgoing: Vec<Outgoing> = sqlx::query_as(&format!(
+            "SELECT key, order_id, topic, partition, path, body, causation_id, correlation_id,
+                    product_answer, sku, attempts
+             FROM {} WHERE (topic, partition) IN (SELECT * FROM UNNEST($1::text[], $2::int[]))
+               AND next_at <= now() ORDER BY seq LIMIT $3",
+            table("fulfilment_outbox", generation)
+        ))
+        .bind(held.iter().map(|u| u.at.topic.clone()).collect::<Vec<_>>())
+        .bind(held.iter().map(|u| u.at.partition).collect::<Vec<_>>())
+        .bind(self.settings.concurrency as i64)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading the outbox")?;
+        if outgoing.is_empty() {
+            return Ok(0);
+        }
+        let token = self.token().await?;
+        let answers =
+            futures::future::join_all(outgoing.iter().map(|o| self.post(o, token.as_deref())))
+                .await;
+        let count = outgoing.len();
+        for (out, answer) in outgoing.into_iter().zip(answers) {
+            let at = TopicPartition::new(out.topic.clone(), out.partition);
+            let Some(hold) = self.hold(held, &at) else {
+                continue;
+            };
+            self.settle(generation, &hold, out, answer).await?;
+        }
+        Ok(count)
+    }
+
+    /// The process's token, read again each time (it may be rotated).
+    async fn token(&self) -> anyhow::Result<Option<String>> {
+        let Some(file) = &self.settings.token_file else {
+            return Ok(None);
+        };
+        let token = tokio::fs::read_to_string(file)
+            .await
+            .with_context(|| format!("reading the fulfilment token file {}", file.display()))?;
+        Ok(Some(token.trim().to_owned()))
+    }
+
+    async fn post(&self, out: &Outgoing, token: Option<&str>) -> Answer {
+        let url = format!(
+            "{}{}",
+            self.settings.command_api.trim_end_matches('/'),
+            out.path
+        );
+        let mut request = self
+            .client
+            .post(&url)
+            .header("idempotency-key", &out.key)
+            .header("x-causation-id", &out.causation_id)
+            .json(&out.body);
+        if let Some(correlation) = &out.correlation_id {
+            request = request.header("x-correlation-id", correlation);
+        }
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return Answer::Retry(format!("{url}: {e}")),
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Answer::Accepted;
+        }
+        let problem: Value = response.json().await.unwrap_or(Value::Null);
+        let detail = problem["detail"]
+            .as_str()
+            .or(problem["title"].as_str())
+            .unwrap_or("refused")
+            .to_owned();
+        match status.as_u16() {
+            404 | 409 | 422 => Answer::Refused(detail),
+            400 | 413 | 415 => {
+                tracing::error!(%url, %status, %detail, "the command API refused a fulfilment command as malformed");
+                Answer::Refused(detail)
+            }
+            401 | 403 => {
+                tracing::error!(%status, %detail, "the command API refused the fulfilment process's token (KEEL_FULFILMENT_TOKEN_FILE)");
+                Answer::Retry(format!("{status}: {detail}"))
+            }
+            _ => Answer::Retry(format!("{status}: {detail}")),
+        }
+    }
+
+    /// Settles one command's answer under the proof that its unit is still held.
+    async fn settle(
+        &self,
+        generation: i32,
+        hold: &Hold,
+        out: Outgoing,
+        answer: Answer,
+    ) -> anyhow::Result<()> {
+        let outbox = table("fulfilment_outbox", generation);
+        let mut tx = self.pool.begin().await?;
+        if let Err(e) = hold.prove(&mut tx).await {
+            debug!(error = %e, key = out.key, "not settling: the unit moved");
+            return Ok(());
+        }
+        if let Answer::Retry(error) = &answer {
+            let backoff = Duration::from_millis(200)
+                .saturating_mul(2u32.saturating_pow(out.attempts.clamp(0, 16) as u32))
+                .min(MAX_BACKOFF);
+            warn!(key = out.key, attempts = out.attempts + 1, %error, "a fulfilment command will be sent again");
+            sqlx::query(&format!(
+                "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2,
+                    next_at = now() + make_interval(secs => $3) WHERE key = $1"
+            ))
+            .bind(&out.key)
+            .bind(error)
+            .bind(backoff.as_secs_f64())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(());
+        }
+        // The order's row first, then the outbox's, in the order every transaction of the
+        // process takes them (a batch locks the orders' rows before it adds commands).
+        let answered = match (
+            out.product_answer.as_deref(),
+            out.sku.as_deref().and_then(sku),
+        ) {
+            (Some(kind), Some(sku)) => Some((
+                kind,
+                sku,
+                Store::load(&mut tx, generation, std::slice::from_ref(&out.order_id)).await?,
+            )),
+            _ => None,
+        };
+        let deleted = sqlx::query(&format!("DELETE FROM {outbox} WHERE key = $1"))
+            .bind(&out.key)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            // Settled already (by this process before it lost the unit and got it back).
+            return Ok(());
+        }
+        let result = match answer {
+            Answer::Accepted => Ok(()),
+            Answer::Refused(detail) => {
+                info!(key = out.key, %detail, "a fulfilment command was refused");
+                Err(detail)
+            }
+            Answer::Retry(_) => unreachable!("handled above"),
+        };
+        if let Some((kind, sku, mut store)) = answered
+            && let Some(row) = store.rows.get_mut(&out.order_id)
+        {
+            let sends = match (kind, result) {
+                (RESERVE, answer) => row.process.reserve_answered(&sku, answer),
+                (TAKE, Ok(())) => row.process.taken(&sku),
+                (TAKE, Err(detail)) => {
+                    warn!(order = out.order_id, %sku, %detail, "taking reserved stock was refused");
+                    vec![]
+                }
+                _ => vec![],
+            };
+            store.send(&out.order_id, sends);
+            store.save(&mut tx, Utc::now()).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Cancels the orders of the units held whose payment deadline passed.
+    pub(crate) async fn fire_deadlines(&self, held: &[Unit]) -> anyhow::Result<()> {
+        let Some(generation) = self.generation().await? else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        let due: Vec<(String, String, i32)> = sqlx::query_as(&format!(
+            "SELECT order_id, topic, partition FROM {}
+             WHERE (topic, partition) IN (SELECT * FROM UNNEST($1::text[], $2::int[]))
+               AND NOT deadline_fired AND step IN ('reserving', 'confirming', 'awaiting_payment')
+               AND payment_due <= $3 ORDER BY payment_due LIMIT 500",
+            table("fulfilment", generation)
+        ))
+        .bind(held.iter().map(|u| u.at.topic.clone()).collect::<Vec<_>>())
+        .bind(held.iter().map(|u| u.at.partition).collect::<Vec<_>>())
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        for (order_id, topic, partition) in due {
+            let Some(hold) = self.hold(held, &TopicPartition::new(topic, partition)) else {
+                continue;
+            };
+            let mut tx = self.pool.begin().await?;
+            if hold.prove(&mut tx).await.is_err() {
+                continue;
+            }
+            let mut store =
+                Store::load(&mut tx, generation, std::slice::from_ref(&order_id)).await?;
+            let Some(row) = store.rows.get(&order_id) else {
+                continue;
+            };
+            let sends = row.process.due(now.timestamp_millis());
+            if !sends.is_empty() {
+                info!(
+                    order = order_id,
+                    "the payment deadline passed: cancelling the order"
+                );
+            }
+            store.fired(&order_id);
+            store.send(&order_id, sends);
+            store.save(&mut tx, now).await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+}
