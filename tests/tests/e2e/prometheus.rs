@@ -290,6 +290,9 @@ async fn prometheus_scrapes_the_stack_and_every_alert_and_dashboard_query_return
 
     // The fulfilment process, whose orders every projector process exports.
     let _fulfilment = stack.fulfilment_process("30m", &[]).await.unwrap();
+    prometheus
+        .until_data(r#"keel_fulfilment_orders{job="keel-projector"}"#)
+        .await;
 
     // Each rule loaded, evaluated without error, and its measure returns data.
     let rules = prometheus.api("rules", &[("type", "alert")]).await;
