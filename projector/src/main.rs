@@ -150,7 +150,7 @@ struct FulfilmentArgs {
     #[arg(long, env = "KEEL_FULFILMENT_TOKEN_FILE", value_name = "PATH")]
     fulfilment_token_file: Option<std::path::PathBuf>,
     /// Most fulfilment commands in flight at once.
-    #[arg(long, env = "KEEL_FULFILMENT_CONCURRENCY", default_value_t = 64,
+    #[arg(long, env = "KEEL_FULFILMENT_CONCURRENCY", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     fulfilment_concurrency: u64,
 }

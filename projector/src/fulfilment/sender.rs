@@ -187,7 +187,32 @@ impl Sender {
             futures::future::join_all(outgoing.iter().map(|o| self.post(o, token.as_deref())))
                 .await;
         let count = outgoing.len();
-        for (out, answer) in outgoing.into_iter().zip(answers) {
+        let mut answered: Vec<(Outgoing, Answer)> = outgoing.into_iter().zip(answers).collect();
+        // Orders' rows locked in one order (the key's), as a batch locks them.
+        answered.sort_by(|a, b| a.0.order_id.cmp(&b.0.order_id));
+        // All in one transaction under one proof of the units they are on; when a unit
+        // moved meanwhile, each on its own, so the others are still settled.
+        let mut units: Vec<Unit> = held
+            .iter()
+            .filter(|u| {
+                answered
+                    .iter()
+                    .any(|(o, _)| o.topic == u.at.topic && o.partition == u.at.partition)
+            })
+            .cloned()
+            .collect();
+        units.sort();
+        let all = Hold::units(NAME, self.process, units);
+        let mut tx = self.pool.begin().await?;
+        if all.prove(&mut tx).await.is_ok() {
+            for (out, answer) in answered {
+                self.settle_in(&mut tx, generation, out, answer).await?;
+            }
+            tx.commit().await?;
+            return Ok(count);
+        }
+        tx.rollback().await?;
+        for (out, answer) in answered {
             let at = TopicPartition::new(out.topic.clone(), out.partition);
             let Some(hold) = self.hold(held, &at) else {
                 continue;
@@ -262,12 +287,25 @@ impl Sender {
         out: Outgoing,
         answer: Answer,
     ) -> anyhow::Result<()> {
-        let outbox = table("fulfilment_outbox", generation);
         let mut tx = self.pool.begin().await?;
         if let Err(e) = hold.prove(&mut tx).await {
             debug!(error = %e, key = out.key, "not settling: the unit moved");
             return Ok(());
         }
+        self.settle_in(&mut tx, generation, out, answer).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Settles one command's answer in `tx`, which has proved its unit is held.
+    async fn settle_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        generation: i32,
+        out: Outgoing,
+        answer: Answer,
+    ) -> anyhow::Result<()> {
+        let outbox = table("fulfilment_outbox", generation);
         if let Answer::Retry(error) = &answer {
             let backoff = Duration::from_millis(200)
                 .saturating_mul(2u32.saturating_pow(out.attempts.clamp(0, 16) as u32))
@@ -282,7 +320,6 @@ impl Sender {
             .bind(backoff.as_secs_f64())
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
             return Ok(());
         }
         // The order's row first, then the outbox's, in the order every transaction of the
@@ -294,7 +331,7 @@ impl Sender {
             (Some(kind), Some(sku)) => Some((
                 kind,
                 sku,
-                Store::load(&mut tx, generation, std::slice::from_ref(&out.order_id)).await?,
+                Store::load(&mut *tx, generation, std::slice::from_ref(&out.order_id)).await?,
             )),
             _ => None,
         };
@@ -328,9 +365,8 @@ impl Sender {
                 _ => vec![],
             };
             store.send(&out.order_id, sends);
-            store.save(&mut tx, Utc::now()).await?;
+            store.save(&mut *tx, Utc::now()).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 
