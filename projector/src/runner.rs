@@ -49,6 +49,18 @@ struct NewerCode {
     code: (i32, i32),
 }
 
+/// A process manager's live generation was built by older code (or gate rules) than this
+/// projector's, and it is never rebuilt: (code version, gate rules) of each.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the process manager's state was built by older code (code version {}, gate rules {}) than this projector's ({}, {}); a process manager is never rebuilt from the log: migrate its state, or run the code that built it",
+    live.0, live.1, code.0, code.1
+)]
+struct NotRebuilt {
+    live: (i32, i32),
+    code: (i32, i32),
+}
+
 /// Why [`Runner::run_live`] returned.
 enum Exit {
     /// A dead letter stopped the projection (in `stop` mode) on this process.
@@ -111,7 +123,10 @@ impl Runner {
                     // Rebuilt first: prepared again.
                     Ok(None) => continue,
                     // Its partitions are left to processes of the newer code meanwhile.
-                    Err(e) if e.downcast_ref::<NewerCode>().is_some() => {
+                    Err(e)
+                        if e.downcast_ref::<NewerCode>().is_some()
+                            || e.downcast_ref::<NotRebuilt>().is_some() =>
+                    {
                         error!(error = %e, "standing by");
                         self.stand_by(true);
                         tokio::time::sleep(NEWER_CODE_PAUSE).await;
@@ -244,6 +259,16 @@ impl Runner {
             }
             .into()),
             Built::Same => Ok(Some(live)),
+            // A process manager's tables hold what its commands were answered, which the
+            // log does not: it is never rebuilt from the log. Its partitions are left to
+            // processes of the code that built it until its state is migrated.
+            Built::Older if keel_views::PROCESSES.iter().any(|p| p.name == job.name()) => {
+                Err(NotRebuilt {
+                    live: (live.code_version, live.gate_rules),
+                    code: (job.projection.version(), GATE_RULES),
+                }
+                .into())
+            }
             Built::Older => {
                 // Its code may run the projection: it takes part again, claiming units and
                 // helping fill the rebuild (its own, or the one it waits for) meanwhile.

@@ -11,9 +11,11 @@
 //! replays them, and each command is idempotent in the domain besides. It settles nothing
 //! after losing its share.
 //!
-//! Answers: 2xx accepted (or replayed); 404, 409 and 422 are the domain's refusals (the
-//! product unknown, out of stock, the order already paid), settled as such; anything else
-//! (the API down, 429, 5xx, a token refused) is tried again later, backing off to 30 s.
+//! Answers: 2xx accepted (or replayed); 404 and 409 naming a domain rule, and 422 invalid
+//! fields, are the domain's refusals (the product unknown, out of stock, the order already
+//! paid), settled as such; anything else (the API down, 429, 5xx, a token refused, an
+//! unknown route, an idempotency key reused under another subject) is tried again later,
+//! backing off to 30 s, and logged.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -205,6 +207,7 @@ impl Sender {
         let all = Hold::units(NAME, self.process, units);
         let mut tx = self.pool.begin().await?;
         if all.prove(&mut tx).await.is_ok() {
+            crate::generation::enter_live(&mut tx, NAME, generation).await?;
             for (out, answer) in answered {
                 self.settle_in(&mut tx, generation, out, answer).await?;
             }
@@ -265,11 +268,20 @@ impl Sender {
             .or(problem["title"].as_str())
             .unwrap_or("refused")
             .to_owned();
+        let kind = problem["type"].as_str().unwrap_or_default();
+        let rule = problem["rule"].as_str();
         match status.as_u16() {
-            404 | 409 | 422 => Answer::Refused(detail),
-            400 | 413 | 415 => {
-                tracing::error!(%url, %status, %detail, "the command API refused a fulfilment command as malformed");
-                Answer::Refused(detail)
+            // The domain's refusals: a rule broken, a stream that does not exist (both
+            // name the rule), fields the domain finds invalid.
+            404 | 409 if rule.is_some() => Answer::Refused(detail),
+            422 if kind.ends_with("/invalid-fields") => Answer::Refused(detail),
+            // Anything else is not an answer about the order: a route that does not exist
+            // (a wrong KEEL_FULFILMENT_COMMAND_API), an idempotency key reused under
+            // another subject (the token changed identity), a malformed command. Kept in
+            // the outbox and tried again, loudly, rather than cancelling orders over it.
+            404 | 400 | 413 | 415 | 422 => {
+                tracing::error!(%url, %status, problem = kind, %detail, "the command API did not take a fulfilment command: it stays in the outbox");
+                Answer::Retry(format!("{status} {kind}: {detail}"))
             }
             401 | 403 => {
                 tracing::error!(%status, %detail, "the command API refused the fulfilment process's token (KEEL_FULFILMENT_TOKEN_FILE)");
@@ -292,6 +304,7 @@ impl Sender {
             debug!(error = %e, key = out.key, "not settling: the unit moved");
             return Ok(());
         }
+        crate::generation::enter_live(&mut tx, NAME, generation).await?;
         self.settle_in(&mut tx, generation, out, answer).await?;
         tx.commit().await?;
         Ok(())
@@ -396,6 +409,7 @@ impl Sender {
             if hold.prove(&mut tx).await.is_err() {
                 continue;
             }
+            crate::generation::enter_live(&mut tx, NAME, generation).await?;
             let mut store =
                 Store::load(&mut tx, generation, std::slice::from_ref(&order_id)).await?;
             let Some(row) = store.rows.get(&order_id) else {
@@ -408,7 +422,14 @@ impl Sender {
                     "the payment deadline passed: cancelling the order"
                 );
             }
-            store.fired(&order_id);
+            // Done with the deadline once it sent the cancellation, or the order was paid
+            // or cancelled first; not when the state's deadline is still ahead.
+            if !sends.is_empty()
+                || row.process.paid_event.is_some()
+                || row.process.cancelled_event.is_some()
+            {
+                store.fired(&order_id);
+            }
             store.send(&order_id, sends);
             store.save(&mut tx, now).await?;
             tx.commit().await?;

@@ -134,6 +134,20 @@ async fn command_api() -> (String, Seen) {
             header("x-causation-id"),
             header("authorization"),
         ));
+        if uri.path().starts_with("/v1/products/NOWHERE") {
+            // No such route (a proxy's prefix missing, say): no rule named.
+            return (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"detail": "no such route", "type": "/problems/not-found"})),
+            );
+        }
+        if uri.path() == "/v1/products/REUSED/reserve-stock" {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(json!({"detail": "the key was used for another request",
+                    "type": "/problems/idempotency-key-reused"})),
+            );
+        }
         if uri.path() == "/v1/products/B/reserve-stock" {
             return (
                 StatusCode::CONFLICT,
@@ -310,5 +324,33 @@ async fn the_deadline_fires_once_while_held() {
     let sent = outbox(&pool).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert!(sent[0].0.ends_with(":deadline") && sent[0].1 == "/v1/orders/o-1/cancel-unpaid");
+    pool.close().await;
+}
+
+/// A 404 that names no domain rule (an unknown route) and a 422 for a key reused under
+/// another subject are not answers about the order: the commands stay in the outbox, to be
+/// sent again later, and the order is not cancelled.
+#[tokio::test]
+async fn answers_that_are_not_the_domains_are_tried_again() {
+    let process = Uuid::new_v4();
+    let (_db, pool) = prepared("fulfil-retry", process).await;
+    let (api, _) = command_api().await;
+    apply(&pool, &[placed("o-1", 7, &[("NOWHERE", 1), ("REUSED", 1)])]).await;
+    let sender = sender(&pool, process, &api, None);
+    assert_eq!(sender.send_some(&held()).await.unwrap(), 2);
+    let kept: Vec<(String, i32, Option<String>)> =
+        sqlx::query_as("SELECT path, attempts, last_error FROM fulfilment_outbox_g1 ORDER BY path")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(
+        kept.iter()
+            .all(|(_, attempts, error)| *attempts == 1 && error.is_some()),
+        "{kept:?}"
+    );
+    assert_eq!(step(&pool, "o-1").await.as_deref(), Some("reserving"));
+    // Not due again before its backoff.
+    assert_eq!(sender.send_some(&held()).await.unwrap(), 0);
     pool.close().await;
 }
