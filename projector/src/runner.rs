@@ -17,6 +17,7 @@ use crate::generation::{Built, GenerationChanged, Live, Mode, ProjectionStopped,
 use crate::hold::{Hold, LostHold};
 use crate::job::Job;
 use crate::prefetch::{BatchSize, Prefetch};
+use crate::projection::Projection;
 use crate::rebuild::{AlreadyRebuilt, ParkedInRebuild, Progress, RebuildOptions, rebuild};
 use crate::units::{Assignment, Unit};
 
@@ -37,28 +38,40 @@ const REQUESTS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a runner that found a unit held by another waits for its share to be told again.
 const LOST_UNIT_WAIT: Duration = Duration::from_secs(2);
 
-/// The live generation was built by newer code than this projector's: (projection code
-/// version, gate rules) of each.
+/// This projector's code may not run the live generation: built by newer code, or (a
+/// process manager's, never rebuilt from the log) by older code. The runner stands by.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the live generation was built by newer code (code version {}, gate rules {}) than this projector's ({}, {})",
+    "{why}: the live generation was built by code version {}, gate rules {}; this projector's are {}, {}",
     live.0, live.1, code.0, code.1
 )]
-struct NewerCode {
+struct CannotRun {
+    why: &'static str,
+    /// (projection code version, gate rules) of the live generation, and of this code.
     live: (i32, i32),
     code: (i32, i32),
 }
 
-/// A process manager's live generation was built by older code (or gate rules) than this
-/// projector's, and it is never rebuilt: (code version, gate rules) of each.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the process manager's state was built by older code (code version {}, gate rules {}) than this projector's ({}, {}); a process manager is never rebuilt from the log: migrate its state, or run the code that built it",
-    live.0, live.1, code.0, code.1
-)]
-struct NotRebuilt {
-    live: (i32, i32),
-    code: (i32, i32),
+impl CannotRun {
+    fn new(why: &'static str, live: &Live, projection: &dyn Projection) -> Self {
+        Self {
+            why,
+            live: (live.code_version, live.gate_rules),
+            code: (projection.version(), GATE_RULES),
+        }
+    }
+}
+
+/// Why a projector stands by a live generation of newer code.
+const NEWER_CODE: &str = "built by newer code than this projector's";
+/// Why a projector stands by a process manager's state built by older code.
+const NOT_REBUILT: &str = "a process manager's state is never rebuilt from the log, and older code built it: \
+     migrate its state, or run the code that built it";
+
+/// Whether `name` is a process manager's: its tables hold what its commands were
+/// answered, which the log does not, so it is never rebuilt from the log.
+fn is_process_manager(name: &str) -> bool {
+    keel_views::PROCESSES.iter().any(|p| p.name == name)
 }
 
 /// Why [`Runner::run_live`] returned.
@@ -123,10 +136,7 @@ impl Runner {
                     // Rebuilt first: prepared again.
                     Ok(None) => continue,
                     // Its partitions are left to processes of the newer code meanwhile.
-                    Err(e)
-                        if e.downcast_ref::<NewerCode>().is_some()
-                            || e.downcast_ref::<NotRebuilt>().is_some() =>
-                    {
+                    Err(e) if e.downcast_ref::<CannotRun>().is_some() => {
                         error!(error = %e, "standing by");
                         self.stand_by(true);
                         tokio::time::sleep(NEWER_CODE_PAUSE).await;
@@ -225,21 +235,25 @@ impl Runner {
     }
 
     /// The live generation, prepared; `None` once it was rebuilt because it was built by
-    /// older code (prepare it again). Fails with [`NewerCode`] when newer code built it.
+    /// older code (prepare it again). Fails with [`CannotRun`] when this code may not run it.
     async fn prepared(&self) -> anyhow::Result<Option<Live>> {
         let job = &self.job;
         // Looked at first: preparing takes the projection's lock exclusive (holding every
         // live batch back) and points its views, which code older than the live
         // generation's must not do.
         // (A failed look is left to the prepare below, which retries.)
-        if let Ok(Some(live)) = peek(&job.pool, job.name()).await
-            && live.built(job.projection.as_ref()) == Built::Newer
-        {
-            return Err(NewerCode {
-                live: (live.code_version, live.gate_rules),
-                code: (job.projection.version(), GATE_RULES),
+        // A process manager's tables built by older code are not this code's to prepare
+        // either.
+        if let Ok(Some(live)) = peek(&job.pool, job.name()).await {
+            match live.built(job.projection.as_ref()) {
+                Built::Newer => {
+                    return Err(CannotRun::new(NEWER_CODE, &live, job.projection.as_ref()).into());
+                }
+                Built::Older if is_process_manager(job.name()) => {
+                    return Err(CannotRun::new(NOT_REBUILT, &live, job.projection.as_ref()).into());
+                }
+                _ => {}
             }
-            .into());
         }
         let live = loop {
             match prepare(&job.pool, job.projection.as_ref()).await {
@@ -253,21 +267,13 @@ impl Runner {
         match live.built(job.projection.as_ref()) {
             // A newer build rebuilt this projection: this older one must not undo it,
             // nor keep the projection from the newer one.
-            Built::Newer => Err(NewerCode {
-                live: (live.code_version, live.gate_rules),
-                code: (job.projection.version(), GATE_RULES),
-            }
-            .into()),
+            Built::Newer => Err(CannotRun::new(NEWER_CODE, &live, job.projection.as_ref()).into()),
             Built::Same => Ok(Some(live)),
             // A process manager's tables hold what its commands were answered, which the
             // log does not: it is never rebuilt from the log. Its partitions are left to
             // processes of the code that built it until its state is migrated.
-            Built::Older if keel_views::PROCESSES.iter().any(|p| p.name == job.name()) => {
-                Err(NotRebuilt {
-                    live: (live.code_version, live.gate_rules),
-                    code: (job.projection.version(), GATE_RULES),
-                }
-                .into())
+            Built::Older if is_process_manager(job.name()) => {
+                Err(CannotRun::new(NOT_REBUILT, &live, job.projection.as_ref()).into())
             }
             Built::Older => {
                 // Its code may run the projection: it takes part again, claiming units and
@@ -395,22 +401,18 @@ mod tests {
     use super::*;
     use crate::units::Membership;
 
-    /// A runner whose code is older than the live generation's stands by, and its process
-    /// holds none of the projection's partitions, so processes of the newer code take them.
-    #[tokio::test]
-    async fn a_runner_of_older_code_stands_by_and_holds_none_of_its_partitions() {
-        let (_db, pool) = crate::testing::database("older-code").await;
-        let orders = crate::testing::orders();
-        crate::testing::live_by_newer_code(&pool, orders.as_ref()).await;
-        let job = crate::testing::offline_job(orders, &pool);
+    /// Runs `job` alone beside its membership and checks, tick after tick, that its
+    /// process holds none of the projection's partitions while the membership runs.
+    async fn holds_none_of_its_partitions(pool: &sqlx::PgPool, job: Job) {
+        let name = job.name();
         let (membership, mut assignments) = Membership::new(
             pool.clone(),
             Duration::from_millis(400),
-            [(job.name(), job.partitions())],
+            [(name, job.partitions())],
         );
         let process = membership.id();
         let _membership = AbortOnDrop(tokio::spawn(membership.run()));
-        let runner = Runner::new(job, assignments.remove("orders").unwrap());
+        let runner = Runner::new(job, assignments.remove(name).unwrap());
         let _runner = AbortOnDrop(tokio::spawn(runner.run()));
         // The only process, it would hold every partition; standing by, it holds none,
         // tick after tick.
@@ -419,23 +421,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let (units, held): (i64, Option<i64>) = sqlx::query_as(
                 "SELECT count(*), sum((holder IS NOT DISTINCT FROM $1)::int)::bigint FROM keel_units
-                 WHERE projection = 'orders'",
+                 WHERE projection = $2",
             )
             .bind(process)
-            .fetch_one(&pool)
+            .bind(name)
+            .fetch_one(pool)
             .await
             .unwrap();
             let alive: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM keel_projector_processes WHERE id = $1 AND expires_at > now()",
             )
             .bind(process)
-            .fetch_one(&pool)
+            .fetch_one(pool)
             .await
             .unwrap();
             assert_eq!(
                 held.unwrap_or(0),
                 0,
-                "the process of older code holds none of the projection's partitions"
+                "the process standing by holds none of {name}'s partitions"
             );
             if units > 0 && alive == 1 {
                 ticks += 1;
@@ -445,6 +448,55 @@ mod tests {
             }
         }
         assert_eq!(ticks, 10, "the membership ran");
+    }
+
+    /// A runner whose code is older than the live generation's stands by, and its process
+    /// holds none of the projection's partitions, so processes of the newer code take them.
+    #[tokio::test]
+    async fn a_runner_of_older_code_stands_by_and_holds_none_of_its_partitions() {
+        let (_db, pool) = crate::testing::database("older-code").await;
+        let orders = crate::testing::orders();
+        crate::testing::live_by_newer_code(&pool, orders.as_ref()).await;
+        let job = crate::testing::offline_job(orders, &pool);
+        holds_none_of_its_partitions(&pool, job).await;
+        pool.close().await;
+    }
+
+    /// A process manager's state built under older gate rules (or older code) is never
+    /// rebuilt from the log, which does not hold the answers to its commands: the runner
+    /// stands by, holds none of its partitions, and leaves the live generation alone.
+    #[tokio::test]
+    async fn a_process_manager_built_by_older_code_stands_by_and_is_never_rebuilt() {
+        let (_db, pool) = crate::testing::database("older-process").await;
+        let fulfilment: Arc<dyn Projection> = Arc::new(crate::fulfilment::Fulfilment {
+            payment_deadline: Duration::from_secs(60),
+        });
+        let live = prepare(&pool, fulfilment.as_ref()).await.unwrap();
+        sqlx::query("UPDATE keel_projections SET gate_rules = gate_rules - 1 WHERE name = $1")
+            .bind(fulfilment.name())
+            .execute(&pool)
+            .await
+            .unwrap();
+        let job = crate::testing::offline_job(Arc::clone(&fulfilment), &pool);
+        holds_none_of_its_partitions(&pool, job).await;
+        let (generation, rules): (i32, i32) =
+            sqlx::query_as("SELECT generation, gate_rules FROM keel_projections WHERE name = $1")
+                .bind(fulfilment.name())
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            (generation, rules),
+            (live.generation, live.gate_rules - 1),
+            "the live generation is the one older code built"
+        );
+        let next = crate::projection::table("fulfilment", live.generation + 1);
+        let rebuilding: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&next)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(!rebuilding, "no rebuild began: {next} exists");
         pool.close().await;
     }
 }
