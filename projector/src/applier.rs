@@ -43,7 +43,12 @@ impl<'j> Applier<'j> {
     /// live ([`generation::enter_live`]), all before it writes a row.
     async fn begin(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let mut tx = self.job.pool.begin().await?;
-        self.hold.prove(&mut tx).await?;
+        if let Err(e) = self.hold.prove(&mut tx).await {
+            // The proof share-locked the unit rows it read: let go of them now, not when the
+            // pool next tests the connection, since a claim skips a unit whose row is locked.
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
         if self.mode == Mode::Live {
             generation::enter_live(&mut tx, self.job.name(), self.generation).await?;
         }

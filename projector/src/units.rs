@@ -709,6 +709,15 @@ mod tests {
             panic!("A applies nothing more");
         };
         assert!(refused.downcast_ref::<LostHold>().is_some(), "{refused:#}");
+        // The refused batch let go of the unit's row before it answered: a claim, which
+        // skips a locked row, finds it free at once.
+        let free: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM keel_units FOR UPDATE SKIP LOCKED) r",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(free, 1, "the refused batch still locks the unit's row");
         let ids: Vec<String> = sqlx::query_scalar("SELECT order_id FROM orders ORDER BY 1")
             .fetch_all(&pool)
             .await
