@@ -48,7 +48,7 @@ enum Command {
         #[arg(long = "process", value_name = "NAME", value_parser = ["fulfilment"])]
         processes: Vec<String>,
         #[command(flatten)]
-        fulfilment: FulfilmentArgs,
+        fulfilment: fulfilment::FulfilmentArgs,
         /// What to do with a record that cannot be decoded or applied: park its stream
         /// (hold the stream back, in order, while the others flow on, until `dead-letters
         /// retry` or `discard`), stop the projection, or record it, count it and go on.
@@ -128,53 +128,6 @@ enum Command {
     /// Creates the topics that are missing (KEEL_PARTITIONS partitions, infinite retention),
     /// checks the existing ones, and prints each topic's partitions and record counts.
     Topics,
-}
-
-/// How the fulfilment process runs (with `--process fulfilment`).
-#[derive(clap::Args)]
-struct FulfilmentArgs {
-    /// How long after it was placed an order must be paid in full before the fulfilment
-    /// process cancels it: `30m`, `90s`, `500ms`, `2h`.
-    #[arg(long, env = "KEEL_PAYMENT_DEADLINE", default_value = "30m", value_parser = parse_duration)]
-    payment_deadline: Duration,
-    /// The command API the fulfilment process sends its commands to.
-    #[arg(
-        long,
-        env = "KEEL_FULFILMENT_COMMAND_API",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    fulfilment_command_api: String,
-    /// A file holding the fulfilment process's bearer token (its own service identity,
-    /// with the `commands:write` role; read again for each batch of commands, so it can be
-    /// rotated). Without it the process sends no token (a command API without auth).
-    #[arg(long, env = "KEEL_FULFILMENT_TOKEN_FILE", value_name = "PATH")]
-    fulfilment_token_file: Option<std::path::PathBuf>,
-    /// Most fulfilment commands in flight at once.
-    #[arg(long, env = "KEEL_FULFILMENT_CONCURRENCY", default_value_t = 256,
-          value_parser = clap::value_parser!(u64).range(1..=1024))]
-    fulfilment_concurrency: u64,
-}
-
-/// A duration as `<number><unit>`, the unit one of `ms`, `s`, `m`, `h`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit (ms, s, m or h)"))?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
-    let millis = match unit {
-        "ms" => Some(number),
-        "s" => number.checked_mul(1_000),
-        "m" => number.checked_mul(60_000),
-        "h" => number.checked_mul(3_600_000),
-        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
-    };
-    millis
-        .filter(|m| *m > 0)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("{text:?} must be above zero and at most a few years"))
 }
 
 #[derive(Subcommand)]
@@ -305,7 +258,7 @@ fn check_names(names: &[String]) -> anyhow::Result<()> {
 async fn run(
     settings: &Settings,
     only: &[String],
-    fulfilment: Option<FulfilmentArgs>,
+    fulfilment: Option<fulfilment::FulfilmentArgs>,
     on_error: OnError,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
@@ -353,9 +306,7 @@ async fn run(
         fulfilment::record_starts(&pool, &settings.kafka)
             .await
             .context("recording where the fulfilment process starts")?;
-        chosen.push(std::sync::Arc::new(fulfilment::Fulfilment {
-            payment_deadline: args.payment_deadline,
-        }));
+        chosen.push(std::sync::Arc::new(args.projection()));
     }
     let jobs: Vec<Job> = chosen
         .into_iter()
@@ -403,15 +354,7 @@ async fn run(
             .context("every projection has its assignment")?;
         if let (fulfilment::NAME, Some(args)) = (job.name(), &fulfilment) {
             // The commands it decides, sent on the partitions it holds.
-            let settings = fulfilment::sender::SenderSettings {
-                command_api: args.fulfilment_command_api.clone(),
-                token_file: args.fulfilment_token_file.clone(),
-                concurrency: args.fulfilment_concurrency as usize,
-                timeout: Duration::from_secs(30),
-            };
-            senders.push(keel_kafka::AbortOnDrop(tokio::spawn(
-                fulfilment::sender::run(pool.clone(), settings, membership_id, assignment.held()),
-            )));
+            senders.push(args.spawn_sender(pool.clone(), membership_id, assignment.held()));
         }
         let runner = Runner::new(job, assignment);
         tasks.spawn(async move { runner.run().await });

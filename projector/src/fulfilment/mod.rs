@@ -17,6 +17,7 @@
 //! from the command API: a reservation accepted or refused, stock taken.
 
 pub mod sender;
+mod settings;
 #[cfg(test)]
 mod tests;
 
@@ -36,6 +37,8 @@ use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
 use crate::projection::{AnyEvent, ProjectedEvent, Projection, execute_script, table};
+
+pub use settings::{FulfilmentArgs, parse_duration};
 
 /// The process's name: its units, checkpoints and start positions are recorded under it.
 pub const NAME: &str = "fulfilment";
@@ -143,9 +146,10 @@ impl Projection for Fulfilment {
                 let Ok(order_id) = OrderId::parse(id) else {
                     continue;
                 };
-                let due = e.recorded_at()
-                    + chrono::Duration::from_std(self.payment_deadline)
-                        .unwrap_or(chrono::Duration::MAX);
+                let due = chrono::Duration::from_std(self.payment_deadline)
+                    .ok()
+                    .and_then(|d| e.recorded_at().checked_add_signed(d))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
                 let (process, sends) =
                     Process::placed(order_id, &event_id, lines, due.timestamp_millis());
                 store.placed(
@@ -214,32 +218,33 @@ async fn starts(
 /// to record a partition's start decides it.
 pub async fn record_starts(pool: &PgPool, kafka: &KafkaSettings) -> anyhow::Result<()> {
     let topic = kafka.topic("order");
-    let recorded: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM keel_process_starts WHERE process = $1 AND topic = $2",
+    let recorded: Vec<i32> = sqlx::query_scalar(
+        "SELECT partition FROM keel_process_starts WHERE process = $1 AND topic = $2",
     )
     .bind(NAME)
     .bind(&topic)
-    .fetch_one(pool)
+    .fetch_all(pool)
     .await?;
-    if recorded >= i64::from(kafka.partitions) {
-        return Ok(());
-    }
-    let partitions: Vec<TopicPartition> = (0..kafka.partitions)
+    let missing: Vec<TopicPartition> = (0..kafka.partitions)
+        .filter(|p| !recorded.contains(p))
         .map(|p| TopicPartition::new(topic.clone(), p))
         .collect();
-    let ends = keel_kafka::end_offsets(kafka, &partitions).await?;
-    for (at, end) in ends {
-        sqlx::query(
-            "INSERT INTO keel_process_starts (process, topic, partition, start_offset)
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(NAME)
-        .bind(&at.topic)
-        .bind(at.partition)
-        .bind(end)
-        .execute(pool)
-        .await?;
+    if missing.is_empty() {
+        return Ok(());
     }
+    let ends = keel_kafka::end_offsets(kafka, &missing).await?;
+    // In one statement: a first run that stops halfway records none.
+    sqlx::query(
+        "INSERT INTO keel_process_starts (process, topic, partition, start_offset)
+         SELECT $1, $2, p, s FROM UNNEST($3::int[], $4::bigint[]) AS u(p, s)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(NAME)
+    .bind(&topic)
+    .bind(ends.iter().map(|(at, _)| at.partition).collect::<Vec<_>>())
+    .bind(ends.iter().map(|(_, end)| *end).collect::<Vec<_>>())
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -256,19 +261,33 @@ pub(crate) struct Row {
     touched: bool,
 }
 
-/// A command to send, as the outbox holds it.
+/// A command to send, as the outbox holds it: written by a batch or a settlement, read
+/// by the [`sender`].
+#[derive(Debug, sqlx::FromRow)]
 struct Outgoing {
+    /// Its idempotency key, derived from the event that caused it.
     key: String,
     order_id: String,
+    /// The order's partition: the unit whose holder sends it.
     topic: String,
     partition: i32,
     path: String,
     body: Value,
     causation_id: String,
     correlation_id: Option<String>,
-    /// For a product's reservation or take: which answer the process waits for.
-    product_answer: Option<&'static str>,
+    /// For a product's reservation or take: which answer the process waits for
+    /// ([`RESERVE`], [`TAKE`]).
+    product_answer: Option<String>,
     sku: Option<String>,
+    /// Times sent without an answer that settles it (0 when written).
+    attempts: i32,
+}
+
+impl Outgoing {
+    /// The partition of the order it is for.
+    fn at(&self) -> TopicPartition {
+        TopicPartition::new(self.topic.clone(), self.partition)
+    }
 }
 
 /// The rows of the orders a transaction touches, locked, and the commands it adds.
@@ -298,7 +317,7 @@ impl Store {
         let loaded: Vec<Loaded> = sqlx::query_as(&format!(
             "SELECT order_id, state, topic, partition, correlation_id, placed_at, payment_due,
                     deadline_fired
-             FROM {} WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+             FROM {} WHERE order_id = ANY($1) ORDER BY order_id COLLATE \"C\" FOR UPDATE",
             table("fulfilment", generation)
         ))
         .bind(ids)
@@ -378,8 +397,9 @@ impl Store {
                 body,
                 causation_id: cause(dispatch.key()).to_owned(),
                 correlation_id: row.correlation_id.clone(),
-                product_answer,
+                product_answer: product_answer.map(str::to_owned),
                 sku,
+                attempts: 0,
             });
         }
     }
@@ -436,7 +456,7 @@ impl Store {
             .bind(&out.body)
             .bind(&out.causation_id)
             .bind(&out.correlation_id)
-            .bind(out.product_answer)
+            .bind(&out.product_answer)
             .bind(&out.sku)
             .execute(&mut *db)
             .await?;

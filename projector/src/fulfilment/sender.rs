@@ -6,10 +6,11 @@
 //! from a file, so it can be rotated), with its idempotency key and the causing event's id
 //! as causation. Its answer is settled in a transaction that first proves the unit is
 //! still held ([`Hold`]), then deletes the outbox row and, for a product's answer, moves
-//! the order's process on (adding what that sends). A process that stalls and loses its
-//! share sends at most what it had already read, again: the same keys, so the command API
-//! replays them, and each command is idempotent in the domain besides. It settles nothing
-//! after losing its share.
+//! the order's process on (adding what that sends). The outbox is read under the same
+//! proof, so a process that stalls and loses its share sends at most the round it had
+//! already read, again: the same keys, which the command API replays (for 24 h), and the
+//! products' and orders' commands change nothing when repeated in the state they leave
+//! (a reservation held, an order cancelled). It settles nothing after losing its share.
 //!
 //! Answers: 2xx accepted (or replayed); 404 and 409 naming a domain rule, and 422 invalid
 //! fields, are the domain's refusals (the product unknown, out of stock, the order already
@@ -29,7 +30,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::{NAME, RESERVE, Store, TAKE, sku};
+use super::{NAME, Outgoing, RESERVE, Store, TAKE, sku};
 use crate::hold::Hold;
 use crate::projection::table;
 use crate::units::Unit;
@@ -63,22 +64,6 @@ enum Answer {
     Refused(String),
     /// Not answered, or not in a way that settles it: try again later.
     Retry(String),
-}
-
-/// One command from the outbox.
-#[derive(Debug, sqlx::FromRow)]
-struct Outgoing {
-    key: String,
-    order_id: String,
-    topic: String,
-    partition: i32,
-    path: String,
-    body: Value,
-    causation_id: String,
-    correlation_id: Option<String>,
-    product_answer: Option<String>,
-    sku: Option<String>,
-    attempts: i32,
 }
 
 /// Sends the process's commands on the units `units` holds until the task is dropped.
@@ -146,21 +131,31 @@ impl Sender {
         })
     }
 
-    /// The hold of the unit of `at`, when this process holds it.
-    fn hold(&self, held: &[Unit], at: &TopicPartition) -> Option<Hold> {
-        held.iter()
-            .find(|u| &u.at == at)
-            .map(|u| Hold::units(NAME, self.process, vec![u.clone()]))
+    /// One proof of the units of `held` on the partitions `on`: none when it holds none
+    /// of them.
+    fn hold(&self, held: &[Unit], on: &[TopicPartition]) -> Option<Hold> {
+        let mut units: Vec<Unit> = held
+            .iter()
+            .filter(|u| on.contains(&u.at))
+            .cloned()
+            .collect();
+        units.sort();
+        units.dedup();
+        (!units.is_empty()).then(|| Hold::units(NAME, self.process, units))
     }
 
-    /// The live generation of the process's tables.
+    /// The live generation of the process's tables, when this code built it: a process of
+    /// other code sends nothing (its runner stands by).
     async fn generation(&self) -> anyhow::Result<Option<i32>> {
-        Ok(
-            sqlx::query_scalar("SELECT generation FROM keel_projections WHERE name = $1")
-                .bind(NAME)
-                .fetch_optional(&self.pool)
-                .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT generation FROM keel_projections
+             WHERE name = $1 AND code_version = $2 AND gate_rules = $3",
         )
+        .bind(NAME)
+        .bind(keel_views::FULFILMENT.version)
+        .bind(keel_kafka::GATE_RULES)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Sends the commands due on the units held, and settles their answers: how many.
@@ -168,6 +163,18 @@ impl Sender {
         let Some(generation) = self.generation().await? else {
             return Ok(0);
         };
+        let partitions: Vec<TopicPartition> = held.iter().map(|u| u.at.clone()).collect();
+        let Some(holding) = self.hold(held, &partitions) else {
+            return Ok(0);
+        };
+        // Read under the proof that the units are still held: a process that lost them
+        // (paused past its claims) sends nothing their new holder decided.
+        let mut tx = self.pool.begin().await?;
+        if let Err(e) = holding.prove(&mut tx).await {
+            tx.rollback().await?;
+            debug!(error = %e, "not sending: a unit moved");
+            return Ok(0);
+        }
         let outgoing: Vec<Outgoing> = sqlx::query_as(&format!(
             "SELECT key, order_id, topic, partition, path, body, causation_id, correlation_id,
                     product_answer, sku, attempts
@@ -175,12 +182,18 @@ impl Sender {
                AND next_at <= now() ORDER BY seq LIMIT $3",
             table("fulfilment_outbox", generation)
         ))
-        .bind(held.iter().map(|u| u.at.topic.clone()).collect::<Vec<_>>())
-        .bind(held.iter().map(|u| u.at.partition).collect::<Vec<_>>())
+        .bind(
+            partitions
+                .iter()
+                .map(|at| at.topic.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(partitions.iter().map(|at| at.partition).collect::<Vec<_>>())
         .bind(self.settings.concurrency as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .context("reading the outbox")?;
+        tx.rollback().await?;
         if outgoing.is_empty() {
             return Ok(0);
         }
@@ -190,39 +203,54 @@ impl Sender {
                 .await;
         let count = outgoing.len();
         let mut answered: Vec<(Outgoing, Answer)> = outgoing.into_iter().zip(answers).collect();
-        // Orders' rows locked in one order (the key's), as a batch locks them.
+        // Orders' rows locked in one order (their ids' bytes, as `Store::load` locks them).
         answered.sort_by(|a, b| a.0.order_id.cmp(&b.0.order_id));
-        // All in one transaction under one proof of the units they are on; when a unit
-        // moved meanwhile, each on its own, so the others are still settled.
-        let mut units: Vec<Unit> = held
-            .iter()
-            .filter(|u| {
-                answered
-                    .iter()
-                    .any(|(o, _)| o.topic == u.at.topic && o.partition == u.at.partition)
-            })
-            .cloned()
-            .collect();
-        units.sort();
-        let all = Hold::units(NAME, self.process, units);
+        // All in one transaction under one proof of the units they are on.
+        let on: Vec<TopicPartition> = answered.iter().map(|(o, _)| o.at()).collect();
+        let Some(all) = self.hold(held, &on) else {
+            return Ok(0);
+        };
         let mut tx = self.pool.begin().await?;
-        if all.prove(&mut tx).await.is_ok() {
-            crate::generation::enter_live(&mut tx, NAME, generation).await?;
-            for (out, answer) in answered {
-                self.settle_in(&mut tx, generation, out, answer).await?;
+        match self
+            .settle_round(&mut tx, &all, generation, &answered)
+            .await
+        {
+            Ok(()) => {
+                tx.commit().await?;
+                return Ok(count);
             }
-            tx.commit().await?;
-            return Ok(count);
+            Err(e) => {
+                tx.rollback().await?;
+                debug!(error = %format!("{e:#}"), "settling the round at once failed: each answer on its own");
+            }
         }
-        tx.rollback().await?;
-        for (out, answer) in answered {
-            let at = TopicPartition::new(out.topic.clone(), out.partition);
-            let Some(hold) = self.hold(held, &at) else {
+        // When a unit moved meanwhile (or one answer could not be settled), each on its
+        // own, so the others still are.
+        for (out, answer) in &answered {
+            let Some(hold) = self.hold(held, &[out.at()]) else {
                 continue;
             };
-            self.settle(generation, &hold, out, answer).await?;
+            if let Err(e) = self.settle(generation, &hold, out, answer).await {
+                warn!(key = out.key, error = %format!("{e:#}"), "settling a fulfilment command's answer failed: it is sent again");
+            }
         }
         Ok(count)
+    }
+
+    /// Settles every answer of a round in `tx`, under one proof of `all`.
+    async fn settle_round(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        all: &Hold,
+        generation: i32,
+        answered: &[(Outgoing, Answer)],
+    ) -> anyhow::Result<()> {
+        all.prove(&mut *tx).await?;
+        crate::generation::enter_live(&mut *tx, NAME, generation).await?;
+        for (out, answer) in answered {
+            self.settle_in(&mut *tx, generation, out, answer).await?;
+        }
+        Ok(())
     }
 
     /// The process's token, read again each time (it may be rotated).
@@ -296,12 +324,13 @@ impl Sender {
         &self,
         generation: i32,
         hold: &Hold,
-        out: Outgoing,
-        answer: Answer,
+        out: &Outgoing,
+        answer: &Answer,
     ) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         if let Err(e) = hold.prove(&mut tx).await {
             debug!(error = %e, key = out.key, "not settling: the unit moved");
+            tx.rollback().await?;
             return Ok(());
         }
         crate::generation::enter_live(&mut tx, NAME, generation).await?;
@@ -315,11 +344,11 @@ impl Sender {
         &self,
         tx: &mut sqlx::PgConnection,
         generation: i32,
-        out: Outgoing,
-        answer: Answer,
+        out: &Outgoing,
+        answer: &Answer,
     ) -> anyhow::Result<()> {
         let outbox = table("fulfilment_outbox", generation);
-        if let Answer::Retry(error) = &answer {
+        if let Answer::Retry(error) = answer {
             let backoff = Duration::from_millis(200)
                 .saturating_mul(2u32.saturating_pow(out.attempts.clamp(0, 16) as u32))
                 .min(MAX_BACKOFF);
@@ -361,7 +390,7 @@ impl Sender {
             Answer::Accepted => Ok(()),
             Answer::Refused(detail) => {
                 info!(key = out.key, %detail, "a fulfilment command was refused");
-                Err(detail)
+                Err(detail.clone())
             }
             Answer::Retry(_) => unreachable!("handled above"),
         };
@@ -402,11 +431,12 @@ impl Sender {
         .fetch_all(&self.pool)
         .await?;
         for (order_id, topic, partition) in due {
-            let Some(hold) = self.hold(held, &TopicPartition::new(topic, partition)) else {
+            let Some(hold) = self.hold(held, &[TopicPartition::new(topic, partition)]) else {
                 continue;
             };
             let mut tx = self.pool.begin().await?;
             if hold.prove(&mut tx).await.is_err() {
+                tx.rollback().await?;
                 continue;
             }
             crate::generation::enter_live(&mut tx, NAME, generation).await?;

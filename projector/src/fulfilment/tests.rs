@@ -44,7 +44,7 @@ fn placed(id: &str, offset: i64, lines: &[(&str, u64)]) -> ProjectedEvent {
 }
 
 /// A database with the process's tables (generation 1), its start on partition 0 at
-/// offset 5, and partition 0 held by `process` under claim 1.
+/// offset 5 and on partition 1 at 0, and both partitions held by `process` under claim 1.
 async fn prepared(test: &str, process: Uuid) -> (keel_tests::TestDatabase, PgPool) {
     let (db, pool) = crate::testing::database(test).await;
     let mut conn = pool.acquire().await.unwrap();
@@ -52,13 +52,19 @@ async fn prepared(test: &str, process: Uuid) -> (keel_tests::TestDatabase, PgPoo
         payment_deadline: Duration::from_secs(3600),
     };
     fulfilment.create(&mut conn, 1).await.unwrap();
-    sqlx::query("INSERT INTO keel_projections (name, generation, code_version) VALUES ($1, 1, 1)")
-        .bind(NAME)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
     sqlx::query(
-        "INSERT INTO keel_process_starts (process, topic, partition, start_offset) VALUES ($1, $2, 0, 5)",
+        "INSERT INTO keel_projections (name, generation, code_version, gate_rules)
+         VALUES ($1, 1, $2, $3)",
+    )
+    .bind(NAME)
+    .bind(keel_views::FULFILMENT.version)
+    .bind(keel_kafka::GATE_RULES)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO keel_process_starts (process, topic, partition, start_offset)
+         VALUES ($1, $2, 0, 5), ($1, $2, 1, 0)",
     )
     .bind(NAME)
     .bind(TOPIC)
@@ -67,7 +73,7 @@ async fn prepared(test: &str, process: Uuid) -> (keel_tests::TestDatabase, PgPoo
     .unwrap();
     sqlx::query(
         "INSERT INTO keel_units (kind, projection, topic, partition, holder, claims)
-         VALUES ('run', $1, $2, 0, $3, 1)",
+         VALUES ('run', $1, $2, 0, $3, 1), ('run', $1, $2, 1, $3, 1)",
     )
     .bind(NAME)
     .bind(TOPIC)
@@ -80,10 +86,22 @@ async fn prepared(test: &str, process: Uuid) -> (keel_tests::TestDatabase, PgPoo
 }
 
 fn held() -> Vec<Unit> {
-    vec![Unit {
-        at: TopicPartition::new(TOPIC.to_owned(), 0),
-        claim: 1,
-    }]
+    (0..2)
+        .map(|p| Unit {
+            at: TopicPartition::new(TOPIC.to_owned(), p),
+            claim: 1,
+        })
+        .collect()
+}
+
+/// Another process takes partition `partition`'s unit (this one stalled past its claim).
+async fn taken(pool: &PgPool, partition: i32) {
+    sqlx::query("UPDATE keel_units SET holder = $1, claims = claims + 1 WHERE partition = $2")
+        .bind(Uuid::new_v4())
+        .bind(partition)
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 async fn apply(pool: &PgPool, events: &[ProjectedEvent]) {
@@ -116,12 +134,24 @@ type Seen = Arc<Mutex<Vec<(String, String, String, String)>>>;
 /// A command API that accepts everything but product `B`'s reservations, which it refuses
 /// as out of stock.
 async fn command_api() -> (String, Seen) {
+    command_api_moving(None).await
+}
+
+/// [`command_api`], which also, given the database, lets another process take partition
+/// 0's unit while it answers a reservation of product `MOVE`: the unit moves between the
+/// sending and the settling.
+async fn command_api_moving(db: Option<PgPool>) -> (String, Seen) {
     let seen: Seen = Arc::default();
     async fn handle(
-        State(seen): State<Seen>,
+        State((seen, db)): State<(Seen, Option<PgPool>)>,
         uri: Uri,
         headers: HeaderMap,
     ) -> (StatusCode, axum::Json<Value>) {
+        if uri.path() == "/v1/products/MOVE/reserve-stock"
+            && let Some(db) = &db
+        {
+            taken(db, 0).await;
+        }
         let header = |n: &str| {
             headers
                 .get(n)
@@ -161,7 +191,7 @@ async fn command_api() -> (String, Seen) {
     }
     let app = Router::new()
         .route("/{*path}", post(handle))
-        .with_state(Arc::clone(&seen));
+        .with_state((Arc::clone(&seen), db));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -259,14 +289,11 @@ async fn answers_are_settled_only_while_the_unit_is_held() {
         "line 2 (B) could not be reserved: insufficient stock: requested 1, available 0"
     );
 
-    // Another process takes the unit (this one stalled past its claim): this one's send is
-    // a replay at most, and it settles nothing.
-    sqlx::query("UPDATE keel_units SET holder = $1, claims = claims + 1")
-        .bind(Uuid::new_v4())
-        .execute(&pool)
-        .await
-        .unwrap();
-    sender.send_some(&held()).await.unwrap();
+    // Another process takes the unit (this one stalled past its claim): this one reads
+    // nothing more to send, and settles nothing.
+    taken(&pool, 0).await;
+    assert_eq!(sender.send_some(&held()).await.unwrap(), 0);
+    assert_eq!(seen.lock().unwrap().len(), 2, "sent without the unit");
     assert_eq!(outbox(&pool).await, sent, "settled without the unit");
     let state: Value = sqlx::query_scalar("SELECT state FROM fulfilment_g1")
         .fetch_one(&pool)
@@ -320,10 +347,24 @@ async fn the_deadline_fires_once_while_held() {
         .await
         .unwrap();
     sender.fire_deadlines(&held()).await.unwrap();
-    sender.fire_deadlines(&held()).await.unwrap();
     let sent = outbox(&pool).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert!(sent[0].0.ends_with(":deadline") && sent[0].1 == "/v1/orders/o-1/cancel-unpaid");
+    // Both done with: o-1's fired, o-2 paid first.
+    let fired: Vec<(String, bool)> =
+        sqlx::query_as("SELECT order_id, deadline_fired FROM fulfilment_g1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(fired, [("o-1".into(), true), ("o-2".into(), true)]);
+    // The cancellation sent and settled (its row gone): the next scans add nothing.
+    sqlx::query("DELETE FROM fulfilment_outbox_g1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sender.fire_deadlines(&held()).await.unwrap();
+    sender.fire_deadlines(&held()).await.unwrap();
+    assert!(outbox(&pool).await.is_empty(), "the deadline fired twice");
     pool.close().await;
 }
 
@@ -352,5 +393,38 @@ async fn answers_that_are_not_the_domains_are_tried_again() {
     assert_eq!(step(&pool, "o-1").await.as_deref(), Some("reserving"));
     // Not due again before its backoff.
     assert_eq!(sender.send_some(&held()).await.unwrap(), 0);
+    pool.close().await;
+}
+
+/// A unit that moves while a round's answers are on their way: the round's one proof
+/// fails, and each answer is settled on its own, those of the units still held and no
+/// other.
+#[tokio::test]
+async fn a_round_whose_unit_moved_settles_the_answers_of_the_units_still_held() {
+    let process = Uuid::new_v4();
+    let (_db, pool) = prepared("fulfil-moved", process).await;
+    let (api, seen) = command_api_moving(Some(pool.clone())).await;
+    let mut on_one = placed("o-2", 3, &[("A", 1)]);
+    on_one.partition = 1;
+    apply(&pool, &[placed("o-1", 7, &[("MOVE", 1)]), on_one]).await;
+    let sender = sender(&pool, process, &api, None);
+    assert_eq!(sender.send_some(&held()).await.unwrap(), 2);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    // o-2 (partition 1, still held): its reservation settled, the order confirmed next.
+    assert_eq!(step(&pool, "o-2").await.as_deref(), Some("confirming"));
+    // o-1 (partition 0, taken meanwhile): left for the new holder, as it was.
+    assert_eq!(step(&pool, "o-1").await.as_deref(), Some("reserving"));
+    let left: Vec<String> = outbox(&pool)
+        .await
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect();
+    assert_eq!(
+        left,
+        [
+            "/v1/products/MOVE/reserve-stock",
+            "/v1/orders/o-2/confirm-reservation"
+        ]
+    );
     pool.close().await;
 }
