@@ -61,6 +61,8 @@ pub struct AppState {
     pub telemetry: Telemetry,
     /// Where the console's page finds the command API.
     pub console: console::ConsoleSettings,
+    /// Whether the fulfilment process's table is there to read orders' steps from.
+    pub fulfilment: views::FulfilmentSeen,
 }
 
 /// The query API's metrics: consistency waits, HTTP requests, and, once
@@ -95,6 +97,7 @@ impl AppState {
             latencies,
             telemetry: Telemetry::default(),
             console: console::ConsoleSettings::default(),
+            fulfilment: views::FulfilmentSeen::default(),
         }
     }
 

@@ -37,7 +37,7 @@ pub(super) async fn order(
 ) -> Result<Response, ApiError> {
     serve(&state, &headers, "orders", Some(("order", &id)), async {
         let plain = "SELECT to_jsonb(o)::text FROM orders o WHERE order_id = $1";
-        if !fulfilment_runs(&state).await? {
+        if !state.fulfilment.runs(&state.pool).await? {
             return one(&state, plain, &id, "order").await;
         }
         // With where the fulfilment process is with it, when it follows it.
@@ -47,9 +47,10 @@ pub(super) async fn order(
                      FROM fulfilment f WHERE f.order_id = o.order_id)))::text
                  FROM orders o WHERE order_id = $1";
         match one(&state, with_process, &id, "order").await {
-            // A table missing (this database has no fulfilment after all).
+            // Unavailable: the table may be gone (a database restored without it), so it
+            // is looked up again; meanwhile the order is served without it.
             Err(ApiError::Unavailable(_)) => {
-                FULFILMENT_SEEN.store(false, std::sync::atomic::Ordering::Relaxed);
+                state.fulfilment.forget();
                 one(&state, plain, &id, "order").await
             }
             other => other,
@@ -58,28 +59,42 @@ pub(super) async fn order(
     .await
 }
 
-/// Whether the fulfilment table was seen (a database without it resets it).
-static FULFILMENT_SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Whether the fulfilment process has run on the views' database (its table exists):
+/// once seen, for good (until a read of it fails); until then looked up at most once
+/// every ten seconds.
+#[derive(Clone, Debug, Default)]
+pub struct FulfilmentSeen(
+    std::sync::Arc<(std::sync::atomic::AtomicBool, std::sync::atomic::AtomicI64)>,
+);
 
-/// Whether the fulfilment process has run on this database (its table exists): once seen,
-/// for good; until then looked up at most once every ten seconds.
-async fn fulfilment_runs(state: &AppState) -> Result<bool, ApiError> {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    static LOOKED_AT: AtomicI64 = AtomicI64::new(i64::MIN);
-    if FULFILMENT_SEEN.load(Ordering::Relaxed) {
-        return Ok(true);
+impl FulfilmentSeen {
+    /// How long a lookup that found no table stands.
+    const LOOK_AGAIN_MS: i64 = 10_000;
+
+    async fn runs(&self, pool: &sqlx::PgPool) -> Result<bool, ApiError> {
+        use std::sync::atomic::Ordering;
+        let (seen, looked) = &*self.0;
+        if seen.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        if now - looked.load(Ordering::Relaxed) < Self::LOOK_AGAIN_MS {
+            return Ok(false);
+        }
+        looked.store(now, Ordering::Relaxed);
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('fulfilment') IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+        seen.store(exists, Ordering::Relaxed);
+        Ok(exists)
     }
-    let now = chrono::Utc::now().timestamp_millis();
-    let looked = LOOKED_AT.load(Ordering::Relaxed);
-    if looked != i64::MIN && now - looked < 10_000 {
-        return Ok(false);
+
+    /// Looks the table up again at the next read.
+    fn forget(&self) {
+        use std::sync::atomic::Ordering;
+        self.0.0.store(false, Ordering::Relaxed);
+        self.0.1.store(0, Ordering::Relaxed);
     }
-    LOOKED_AT.store(now, Ordering::Relaxed);
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('fulfilment') IS NOT NULL")
-        .fetch_one(&state.pool)
-        .await?;
-    FULFILMENT_SEEN.store(exists, Ordering::Relaxed);
-    Ok(exists)
 }
 
 /// `GET /v1/products/{sku}`.
