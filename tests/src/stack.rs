@@ -192,6 +192,27 @@ impl Service {
         Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
     }
 
+    /// Pauses the process with SIGSTOP for `pause`, then continues it with SIGCONT: a
+    /// process that stalls (a long GC pause, a VM frozen) and wakes up as if nothing
+    /// happened.
+    pub async fn pause(&self, pause: Duration) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .id()
+            .context("the process has exited")?
+            .to_string();
+        let signal = |signal: &str| -> anyhow::Result<()> {
+            let status = std::process::Command::new("kill")
+                .args([signal, &pid])
+                .status()?;
+            anyhow::ensure!(status.success(), "kill {signal} {pid}: {status}");
+            Ok(())
+        };
+        signal("-STOP")?;
+        tokio::time::sleep(pause).await;
+        signal("-CONT")
+    }
+
     /// Kills the process with SIGKILL: no shutdown at all.
     pub async fn kill(mut self) -> anyhow::Result<()> {
         self.child.kill().await?;

@@ -202,20 +202,9 @@ impl Processes {
             1 => ("projector", &self.projector, PAUSE),
             _ => ("query-api", &self.query, PAUSE),
         };
-        let pid = service.as_ref().and_then(Service::pid).unwrap().to_string();
-        signal("-STOP", &pid);
-        tokio::time::sleep(pause).await;
-        signal("-CONT", &pid);
+        service.as_ref().unwrap().pause(pause).await.unwrap();
         name
     }
-}
-
-fn signal(signal: &str, pid: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, pid])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {signal} {pid}");
 }
 
 /// Files removed when dropped.
