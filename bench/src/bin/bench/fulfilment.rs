@@ -1,9 +1,13 @@
-//! Scenario: order fulfilment. Clients place orders of two lines as fast as they are
-//! answered while the fulfilment process reserves their stock; measured per order, from
-//! `OrderPlaced` (its commit's time) to "awaiting payment" (every line reserved and the
-//! order's confirmation read back from the log), beside B_cmd, the clients' own
-//! `place` round trip; and the orders per second the process brings to "awaiting payment",
-//! beside the orders per second the clients placed.
+//! Scenario: order fulfilment, in two phases on one stack.
+//!
+//! * **Capacity.** Clients place orders of two lines as fast as they are answered while
+//!   the fulfilment process reserves their stock: the orders per second it brings to
+//!   "awaiting payment" (every line reserved and the order's confirmation read back from
+//!   the log), beside the orders per second the clients placed. Placing outruns the
+//!   process, so its times are mostly queueing.
+//! * **Latency.** The clients place orders at a fixed pace, half the capacity measured:
+//!   each order's time from `OrderPlaced` (its commit's time) to "awaiting payment",
+//!   beside B_cmd, the clients' own `place` round trip.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +15,7 @@ use anyhow::Context;
 use keel_bench::report::{Report, Row};
 use keel_tests::{Stack, eur};
 use serde_json::json;
+use sqlx::PgPool;
 
 use crate::{Options, ms, step};
 
@@ -18,6 +23,8 @@ use crate::{Options, ms, step};
 const CLIENTS: usize = 16;
 /// Products the orders draw from (stock enough for every order).
 const PRODUCTS: usize = 20;
+/// The paced phase's load, as a share of the capacity measured.
+const PACED_SHARE: f64 = 0.5;
 
 /// Runs the scenario and adds its rows.
 pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
@@ -35,19 +42,107 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
             anyhow::ensure!(status.is_success(), "{command} F-{p}: {status} {body}");
         }
     }
+    let pool = stack.pool().await;
+    let seconds = Duration::from_secs(options.seconds);
+
     step(&format!(
-        "fulfilment: {CLIENTS} clients placing orders for {} s",
+        "fulfilment: {CLIENTS} clients placing orders as fast as answered for {} s",
         options.seconds
     ));
+    let (round_trips, placing) = place(&stack, "C", seconds, None).await?;
+    let placed = round_trips.len();
+    wait_awaiting_payment(&pool, "C", placed, options).await?;
+    let span: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM max(step_since) - min(placed_at))::float8 FROM fulfilment
+         WHERE order_id LIKE 'C-%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .context("the span of the orders")?;
+    let sustained = placed as f64 / span.max(0.001);
+    report.rows.push(Row::beside(
+        &format!("Fulfilment, {CLIENTS} clients unpaced ({placed} orders of 2 lines)"),
+        "orders/s brought to awaiting payment",
+        sustained,
+        "orders/s placed",
+        placed as f64 / placing.as_secs_f64(),
+    ));
+
+    let rate = (sustained * PACED_SHARE).max(1.0);
+    step(&format!(
+        "fulfilment: placing {rate:.0} orders/s (half of that) for {} s",
+        options.seconds
+    ));
+    let (mut round_trips, _) = place(&stack, "P", seconds, Some(rate)).await?;
+    round_trips.sort();
+    wait_awaiting_payment(&pool, "P", round_trips.len(), options).await?;
+    let latencies: Vec<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM step_since - placed_at)::float8 FROM fulfilment
+         WHERE order_id LIKE 'P-%' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await?;
+    pool.close().await;
+    let latencies: Vec<Duration> = latencies
+        .into_iter()
+        .map(|s| Duration::from_secs_f64(s.max(0.0)))
+        .collect();
+    let p = |v: &[Duration], q: f64| ms(keel_bench::percentile(v, q));
+    let scenario = format!(
+        "Fulfilment, {rate:.0} orders/s paced ({} orders of 2 lines)",
+        latencies.len()
+    );
+    report.rows.push(Row::beside(
+        &scenario,
+        "OrderPlaced → awaiting payment p50 ms",
+        p(&latencies, 0.5),
+        "B_cmd place p50",
+        p(&round_trips, 0.5),
+    ));
+    report.rows.push(Row::beside(
+        &scenario,
+        "OrderPlaced → awaiting payment p99 ms",
+        p(&latencies, 0.99),
+        "B_cmd place p99",
+        p(&round_trips, 0.99),
+    ));
+    Ok(())
+}
+
+/// Places orders `<prefix>-<client>-<n>` from [`CLIENTS`] clients for `seconds`: as fast
+/// as answered, or `rate` orders/s in all. Returns each `place` round trip and how long
+/// the placing took.
+async fn place(
+    stack: &Stack,
+    prefix: &'static str,
+    seconds: Duration,
+    rate: Option<f64>,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(options.seconds);
+    let deadline = started + seconds;
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
         let (client, url) = (stack.client.clone(), stack.command.url(""));
+        // Each client's share of the pace, its first order offset so the clients interleave.
+        let mut pace = rate.map(|r| {
+            let every = Duration::from_secs_f64(CLIENTS as f64 / r);
+            let mut ticks = tokio::time::interval_at(
+                tokio::time::Instant::now() + every.mul_f64(c as f64 / CLIENTS as f64),
+                every,
+            );
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         tasks.spawn(async move {
             let mut round_trips = Vec::new();
             let mut n = 0usize;
-            while Instant::now() < deadline {
+            loop {
+                if let Some(pace) = &mut pace {
+                    pace.tick().await;
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
                 n += 1;
                 let lines = json!([
                     {"sku": format!("F-{}", (c + n) % PRODUCTS), "quantity": 1, "unit_price": eur(500)},
@@ -55,7 +150,7 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
                 ]);
                 let sent = Instant::now();
                 let answer = client
-                    .post(format!("{url}/v1/orders/F-{c}-{n}/place"))
+                    .post(format!("{url}/v1/orders/{prefix}-{c}-{n}/place"))
                     .json(&json!({"customer_id": format!("c-{c}"), "lines": lines}))
                     .send()
                     .await?;
@@ -71,22 +166,30 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
         round_trips.extend(done??);
     }
     let placing = started.elapsed();
-    round_trips.sort();
-    let placed = round_trips.len();
-    anyhow::ensure!(placed > 0, "no order placed");
+    anyhow::ensure!(!round_trips.is_empty(), "no order placed");
+    Ok((round_trips, placing))
+}
 
+/// Waits until the `placed` orders `<prefix>-…` await payment.
+async fn wait_awaiting_payment(
+    pool: &PgPool,
+    prefix: &str,
+    placed: usize,
+    options: &Options,
+) -> anyhow::Result<()> {
     step(&format!(
         "fulfilment: waiting for {placed} orders to await payment"
     ));
-    let pool = stack.pool().await;
     let wait_until = Instant::now() + Duration::from_secs(120 + options.seconds * 4);
     loop {
-        let waiting: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM fulfilment WHERE step = 'awaiting_payment'")
-                .fetch_one(&pool)
-                .await?;
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM fulfilment WHERE step = 'awaiting_payment' AND order_id LIKE $1",
+        )
+        .bind(format!("{prefix}-%"))
+        .fetch_one(pool)
+        .await?;
         if waiting as usize >= placed {
-            break;
+            return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < wait_until,
@@ -94,47 +197,4 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Each order's time from its OrderPlaced commit to awaiting payment, and the span from
-    // the first order placed to the last one brought there.
-    let latencies: Vec<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM step_since - placed_at)::float8 FROM fulfilment
-         WHERE step = 'awaiting_payment' ORDER BY 1",
-    )
-    .fetch_all(&pool)
-    .await?;
-    let span: f64 = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM max(step_since) - min(placed_at))::float8 FROM fulfilment",
-    )
-    .fetch_one(&pool)
-    .await
-    .context("the span of the orders")?;
-    pool.close().await;
-    let latencies: Vec<Duration> = latencies
-        .into_iter()
-        .map(|s| Duration::from_secs_f64(s.max(0.0)))
-        .collect();
-    let p = |v: &[Duration], q: f64| ms(keel_bench::percentile(v, q));
-    let scenario = format!("Fulfilment, {CLIENTS} clients ({placed} orders of 2 lines)");
-    report.rows.push(Row::beside(
-        &scenario,
-        "OrderPlaced → awaiting payment p50 ms",
-        p(&latencies, 0.5),
-        "B_cmd place p50",
-        p(&round_trips, 0.5),
-    ));
-    report.rows.push(Row::beside(
-        &scenario,
-        "OrderPlaced → awaiting payment p99 ms",
-        p(&latencies, 0.99),
-        "B_cmd place p99",
-        p(&round_trips, 0.99),
-    ));
-    report.rows.push(Row::beside(
-        &scenario,
-        "orders/s brought to awaiting payment",
-        placed as f64 / span.max(0.001),
-        "orders/s placed",
-        placed as f64 / placing.as_secs_f64(),
-    ));
-    Ok(())
 }
