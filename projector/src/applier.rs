@@ -49,8 +49,11 @@ impl<'j> Applier<'j> {
             let _ = tx.rollback().await;
             return Err(e);
         }
-        if self.mode == Mode::Live {
-            generation::enter_live(&mut tx, self.job.name(), self.generation).await?;
+        if self.mode == Mode::Live
+            && let Err(e) = generation::enter_live(&mut tx, self.job.name(), self.generation).await
+        {
+            let _ = tx.rollback().await;
+            return Err(e);
         }
         Ok(tx)
     }

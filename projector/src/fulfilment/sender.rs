@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::{NAME, Outgoing, RESERVE, Store, TAKE, sku};
-use crate::hold::Hold;
+use crate::hold::{Hold, LostHold};
 use crate::projection::table;
 use crate::units::Unit;
 
@@ -167,33 +167,24 @@ impl Sender {
         let Some(holding) = self.hold(held, &partitions) else {
             return Ok(0);
         };
+        // Looked at without a lock first: an idle poll holds no unit row up.
+        if self.due(None, generation, &partitions).await?.is_empty() {
+            return Ok(0);
+        }
         // Read under the proof that the units are still held: a process that lost them
         // (paused past its claims) sends nothing their new holder decided.
         let mut tx = self.pool.begin().await?;
         if let Err(e) = holding.prove(&mut tx).await {
-            tx.rollback().await?;
-            debug!(error = %e, "not sending: a unit moved");
-            return Ok(0);
+            let _ = tx.rollback().await;
+            if e.downcast_ref::<LostHold>().is_some() {
+                debug!(error = %e, "not sending: a unit moved");
+                return Ok(0);
+            }
+            return Err(e);
         }
-        let outgoing: Vec<Outgoing> = sqlx::query_as(&format!(
-            "SELECT key, order_id, topic, partition, path, body, causation_id, correlation_id,
-                    product_answer, sku, attempts
-             FROM {} WHERE (topic, partition) IN (SELECT * FROM UNNEST($1::text[], $2::int[]))
-               AND next_at <= now() ORDER BY seq LIMIT $3",
-            table("fulfilment_outbox", generation)
-        ))
-        .bind(
-            partitions
-                .iter()
-                .map(|at| at.topic.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(partitions.iter().map(|at| at.partition).collect::<Vec<_>>())
-        .bind(self.settings.concurrency as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .context("reading the outbox")?;
-        tx.rollback().await?;
+        let outgoing = self.due(Some(&mut tx), generation, &partitions).await;
+        let _ = tx.rollback().await;
+        let outgoing = outgoing?;
         if outgoing.is_empty() {
             return Ok(0);
         }
@@ -220,21 +211,60 @@ impl Sender {
                 return Ok(count);
             }
             Err(e) => {
-                tx.rollback().await?;
+                let _ = tx.rollback().await;
                 debug!(error = %format!("{e:#}"), "settling the round at once failed: each answer on its own");
             }
         }
         // When a unit moved meanwhile (or one answer could not be settled), each on its
-        // own, so the others still are.
+        // own, so the others still are. One that cannot be settled is sent again later,
+        // backing off like an unanswered one.
         for (out, answer) in &answered {
             let Some(hold) = self.hold(held, &[out.at()]) else {
                 continue;
             };
             if let Err(e) = self.settle(generation, &hold, out, answer).await {
-                warn!(key = out.key, error = %format!("{e:#}"), "settling a fulfilment command's answer failed: it is sent again");
+                let error = format!("settling its answer failed: {e:#}");
+                warn!(key = out.key, %error, "a fulfilment command's answer was not settled: it is sent again");
+                if let Err(e) = self
+                    .settle(generation, &hold, out, &Answer::Retry(error))
+                    .await
+                {
+                    warn!(key = out.key, error = %format!("{e:#}"), "putting a fulfilment command off failed");
+                }
             }
         }
         Ok(count)
+    }
+
+    /// The outbox's commands due on `partitions`, oldest first, at most a round's: read in
+    /// `tx` (which proved the units) or, without one, unlocked.
+    async fn due(
+        &self,
+        tx: Option<&mut sqlx::PgConnection>,
+        generation: i32,
+        partitions: &[TopicPartition],
+    ) -> anyhow::Result<Vec<Outgoing>> {
+        let sql = format!(
+            "SELECT key, order_id, topic, partition, path, body, causation_id, correlation_id,
+                    product_answer, sku, attempts
+             FROM {} WHERE (topic, partition) IN (SELECT * FROM UNNEST($1::text[], $2::int[]))
+               AND next_at <= now() ORDER BY seq LIMIT $3",
+            table("fulfilment_outbox", generation)
+        );
+        let query = sqlx::query_as(&sql)
+            .bind(
+                partitions
+                    .iter()
+                    .map(|at| at.topic.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(partitions.iter().map(|at| at.partition).collect::<Vec<_>>())
+            .bind(self.settings.concurrency as i64);
+        let due = match tx {
+            Some(tx) => query.fetch_all(tx).await,
+            None => query.fetch_all(&self.pool).await,
+        };
+        due.context("reading the outbox")
     }
 
     /// Settles every answer of a round in `tx`, under one proof of `all`.
@@ -364,8 +394,10 @@ impl Sender {
             .await?;
             return Ok(());
         }
-        // The order's row first, then the outbox's, in the order every transaction of the
-        // process takes them (a batch locks the orders' rows before it adds commands).
+        // For a product's answer, the order's row before its outbox row, as a batch locks
+        // the orders' rows before it adds commands. (A retry, and an answer that moves no
+        // order on, lock only their outbox rows, which no batch ever locks: a batch only
+        // inserts keys derived from new events.)
         let answered = match (
             out.product_answer.as_deref(),
             out.sku.as_deref().and_then(sku),
@@ -443,6 +475,7 @@ impl Sender {
             let mut store =
                 Store::load(&mut tx, generation, std::slice::from_ref(&order_id)).await?;
             let Some(row) = store.rows.get(&order_id) else {
+                tx.rollback().await?;
                 continue;
             };
             let sends = row.process.due(now.timestamp_millis());

@@ -73,8 +73,15 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
         "fulfilment: placing {rate:.0} orders/s (half of that) for {} s",
         options.seconds
     ));
-    let (mut round_trips, _) = place(&stack, "P", seconds, Some(rate)).await?;
+    let (mut round_trips, paced) = place(&stack, "P", seconds, Some(rate)).await?;
     round_trips.sort();
+    // The pace reached (a client whose answers come slower than its pace falls behind).
+    let reached = round_trips.len() as f64 / paced.as_secs_f64();
+    if reached < rate * 0.95 {
+        step(&format!(
+            "fulfilment: the clients placed only {reached:.0} of {rate:.0} orders/s"
+        ));
+    }
     wait_awaiting_payment(&pool, "P", round_trips.len(), options).await?;
     let latencies: Vec<f64> = sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM step_since - placed_at)::float8 FROM fulfilment
@@ -89,7 +96,7 @@ pub(crate) async fn run(options: &Options, report: &mut Report) -> anyhow::Resul
         .collect();
     let p = |v: &[Duration], q: f64| ms(keel_bench::percentile(v, q));
     let scenario = format!(
-        "Fulfilment, {rate:.0} orders/s paced ({} orders of 2 lines)",
+        "Fulfilment, {reached:.0} orders/s paced ({} orders of 2 lines)",
         latencies.len()
     );
     report.rows.push(Row::beside(
