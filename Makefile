@@ -27,7 +27,7 @@ chaos:
 lint:
 	./scripts/lint.sh
 
-## Every benchmark beside its baselines (release build, then about 25 minutes); writes
+## Every benchmark beside its baselines (release build, then 25 to 50 minutes); writes
 ## BENCHMARKS.md and docs/bench/.
 bench:
 	./scripts/bench.sh
